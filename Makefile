@@ -1,0 +1,50 @@
+# vislang: every command a new user needs. `make demo` trains + evaluates; `make test` runs the test suite.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.vislang-installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: help install demo test lint bench clean fashion-mnist openclipart
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/\t/'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[assets,bench,dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)  ## create .venv with pinned dependencies
+
+fashion-mnist:  ## install the Fashion-MNIST Debian package (as root), or say how
+	@if [ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q dataset-fashion-mnist; \
+	else echo "Fashion-MNIST is missing. Run: sudo apt-get install dataset-fashion-mnist"; exit 1; fi
+
+openclipart:  ## install the OpenClipart Debian packages (as root), or say how
+	@if [ -d /usr/share/openclipart/png ] && [ -d /usr/share/openclipart/svg ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q openclipart-png openclipart-svg; \
+	else echo "OpenClipart is missing. Run: sudo apt-get install openclipart-png openclipart-svg"; exit 1; fi
+
+demo: $(STAMP) fashion-mnist  ## train + evaluate the default model on Fashion-MNIST, write runs/demo/report.html
+	$(VENV)/bin/vislang demo --out runs/demo
+
+test: $(STAMP)  ## run the test suite (what CI runs)
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m pytest -q -m "not slow and not gpu"
+
+lint: $(STAMP)
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff format --check src tests benchmarks
+
+bench: $(STAMP) fashion-mnist  ## throughput against OpenCLIP on the same config and data
+	$(PY) benchmarks/train_throughput.py
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

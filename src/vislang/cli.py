@@ -1,0 +1,251 @@
+"""`vislang` command line: each subcommand parses its options and calls one plain function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a stray hub call must fail at once, never hang
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+
+
+def _config_path(spec: str | None) -> str | None:
+    """A config file path, or the name of a packaged one (demo, tiny)."""
+    if spec is None or Path(spec).is_file():
+        return spec
+    packaged = PACKAGED_CONFIGS / f"{spec}.yaml"
+    if packaged.is_file():
+        return str(packaged)
+    raise SystemExit(f"error: config {spec!r} not found; give a YAML path or one of {_packaged_names()}")
+
+
+def _packaged_names() -> list[str]:
+    return sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml"))
+
+
+def _overrides(extra: list[str]) -> list[str]:
+    """Turn leftover ``--a.b=1``, ``--a.b 1`` and ``a.b=1`` tokens into ``a.b=1`` strings (dashes → underscores)."""
+    out, i = [], 0
+    while i < len(extra):
+        tok = extra[i]
+        if tok.startswith("--") and "=" not in tok:
+            if i + 1 >= len(extra) or extra[i + 1].startswith("--"):
+                raise SystemExit(f"error: option {tok} needs a value: {tok}=VALUE")
+            tok, i = f"{tok}={extra[i + 1]}", i + 1
+        key, _, value = tok.lstrip("-").partition("=")
+        if not _:
+            raise SystemExit(f"error: unexpected argument {tok!r}; overrides look like --optim.lr=1e-3")
+        out.append(f"{key.replace('-', '_')}={value}")
+        i += 1
+    return out
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from .train import load_train_config, train
+
+    cfg = load_train_config(_config_path(args.config), _overrides(extra))
+    model_dir = train(cfg, resume=args.resume)
+    print(f"model: {model_dir}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
+    from .evaluation.run import evaluate_model_dir
+
+    results = evaluate_model_dir(
+        args.model,
+        data=args.data,
+        split=args.split,
+        out_dir=args.out,
+        train_split=None if args.no_probe else args.train_split,
+        max_images=args.max_images,
+        device=args.device,
+    )
+    print(json.dumps(results.get("headline", results), indent=2))
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
+    from .train.config import DataConfig
+    from .train.data import load_prepared
+
+    size, channels = args.image_size, args.channels
+    if args.model:
+        from .factory import get_model_config
+
+        v = get_model_config(args.model).vision
+        size, channels = v.image_size, v.channels
+    dc = DataConfig(train=args.src, cache_dir=args.cache_dir, img_key=args.img_key, caption_key=args.caption_key)
+    ds = load_prepared(args.src, args.split, size, channels, dc)
+    print(f"prepared {len(ds)} pairs ({size}x{size}x{channels}) at {ds.root}")
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace, extra: list[str]) -> int:
+    from .embed_cli import embed_to_file
+
+    out = embed_to_file(args.model, args.out, images=args.images, texts=args.texts, texts_file=args.texts_file,
+                        batch_size=args.batch_size, device=args.device)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_zero_shot(args: argparse.Namespace, extra: list[str]) -> int:
+    from .evaluation.run import zero_shot_image
+
+    labels = [s.strip() for s in args.labels.split(",") if s.strip()]
+    ranked = zero_shot_image(args.model, args.image, labels, templates=args.template)
+    if args.json:
+        print(json.dumps([{"label": lab, "probability": p} for lab, p in ranked], indent=2))
+    else:
+        for lab, p in ranked:
+            print(f"{p:7.2%}  {lab}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
+    from .report import write_report
+
+    print(f"report: {write_report(args.run_dir)}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.out, _overrides(extra), fresh=args.fresh)
+
+
+def cmd_models(args: argparse.Namespace, extra: list[str]) -> int:
+    from .factory import get_model_config, list_models
+
+    for name in list_models():
+        c = get_model_config(name)
+        print(f"{name:24s} image: {c.vision.arch} {c.vision.image_size}px x{c.vision.channels}  text: {c.text.arch}")
+    return 0
+
+
+EXAMPLES = {
+    "train": """
+        examples:
+          vislang train --config demo                       # the packaged Fashion-MNIST run
+          vislang train --config my.yaml --epochs=3 --optim.lr=1e-3 --model.vision.width=48
+          vislang train --config my.yaml --resume            # continue from runs/.../checkpoints/last.pt
+          torchrun --nproc-per-node 2 -m vislang.cli train --config my.yaml
+        Any field of the run config can be overridden as --a.b=value; see src/vislang/train/config.py.""",
+    "eval": """
+        examples:
+          vislang eval --model runs/demo/model --data fashion-mnist
+          vislang eval --model runs/x/model --data pairs.csv --split all --no-probe""",
+    "prepare": """
+        Decodes and resizes a dataset once into memory-mapped arrays (re-used by every run that needs that size).
+        examples:
+          vislang prepare fashion-mnist --split train --model fmnist-cnn
+          vislang prepare my_pairs.csv --img-key path --caption-key text --image-size 64 --channels 3""",
+    "embed": """
+        examples:
+          vislang embed --model runs/demo/model --images photos/ -o image_emb.npy
+          vislang embed --model runs/demo/model --texts "a red shoe" "a bag" -o text_emb.parquet""",
+    "zero-shot": """
+        example:
+          vislang zero-shot shoe.png --labels "sneaker,sandal,ankle boot" --model runs/demo/model""",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vislang",
+        description="Train, evaluate and use vision-language models on your own images and texts, offline.",
+        epilog="Start with `vislang demo` (or `make demo`), then `vislang <command> --help`.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help_: str, fn) -> argparse.ArgumentParser:
+        sp = sub.add_parser(
+            name,
+            help=help_,
+            description=help_,
+            epilog=textwrap.dedent(EXAMPLES.get(name, "")),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        sp.set_defaults(fn=fn)
+        return sp
+
+    sp = add("train", "train a dual encoder (CLIP / SigLIP) from a YAML config plus --key=value overrides", cmd_train)
+    sp.add_argument("--config", help=f"YAML/JSON run config, or a packaged one: {', '.join(_packaged_names())}")
+    sp.add_argument("--resume", action="store_true", help="continue the run in out_dir from its last checkpoint")
+
+    sp = add("eval", "zero-shot accuracy, retrieval Recall@K and a linear probe of a trained model", cmd_eval)
+    sp.add_argument("--model", required=True, help="model directory (e.g. runs/demo/model)")
+    sp.add_argument("--data", default="fashion-mnist", help="dataset name or path (default: fashion-mnist)")
+    sp.add_argument("--split", default="test", help="evaluation split (default: test)")
+    sp.add_argument("--train-split", default="train", help="split that fits the linear probe (default: train)")
+    sp.add_argument("--no-probe", action="store_true", help="skip the linear probe")
+    sp.add_argument("--max-images", type=int, default=None, help="evaluate on the first N images only")
+    sp.add_argument("--out", default=None, help="where results.json and PNGs go (default: MODEL/../eval)")
+    sp.add_argument("--device", default="cpu")
+
+    sp = add("prepare", "decode + resize a dataset once into memory-mapped arrays", cmd_prepare)
+    sp.add_argument("src", help="fashion-mnist | shapes | openclipart | .csv/.tsv/.jsonl/.json | folder | shards")
+    sp.add_argument("--split", default="train")
+    sp.add_argument("--model", help="take image size and channels from this model name/directory")
+    sp.add_argument("--image-size", type=int, default=64)
+    sp.add_argument("--channels", type=int, default=3, choices=[1, 3])
+    sp.add_argument("--img-key", default="filepath", help="CSV/JSONL column with image paths")
+    sp.add_argument("--caption-key", default="caption", help="CSV/JSONL column with captions")
+    sp.add_argument("--cache-dir", default=".cache/vislang/prepared")
+
+    sp = add("embed", "embed images or texts with a trained model into .npy or .parquet", cmd_embed)
+    sp.add_argument("--model", required=True, help="model directory")
+    g = sp.add_mutually_exclusive_group(required=True)
+    g.add_argument("--images", nargs="+", help="image files or folders")
+    g.add_argument("--texts", nargs="+", help="texts to embed")
+    g.add_argument("--texts-file", help="a file with one text per line")
+    sp.add_argument("-o", "--out", required=True, help="output file: .npy or .parquet (parquet keeps the names)")
+    sp.add_argument("--batch-size", type=int, default=256)
+    sp.add_argument("--device", default="cpu")
+
+    sp = add("zero-shot", "rank candidate labels for one image", cmd_zero_shot)
+    sp.add_argument("image", help="an image file")
+    sp.add_argument("--labels", required=True, help="comma-separated candidate labels")
+    sp.add_argument("--model", required=True, help="model directory")
+    sp.add_argument("--template", action="append", help="prompt template(s) with {} (default: a few photo prompts)")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+
+    sp = add("report", "write report.html (with PNG plots) for a run directory", cmd_report)
+    sp.add_argument("run_dir", help="a run directory (e.g. runs/demo)")
+
+    sp = add("demo", "train + evaluate the default model on Fashion-MNIST and write an HTML report", cmd_demo)
+    sp.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
+    sp.add_argument("--fresh", action="store_true", help="delete an existing run in --out first")
+
+    add("models", "list the built-in model configs", cmd_models)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command not in ("train", "demo"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    try:
+        return args.fn(args, extra) or 0
+    except KeyboardInterrupt:
+        print("interrupted; a run resumes from its last checkpoint with --resume", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
+        if os.environ.get("VISLANG_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

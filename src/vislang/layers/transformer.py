@@ -1,0 +1,122 @@
+"""Pre-norm Transformer blocks on ``F.scaled_dot_product_attention``.
+
+One block type serves the text encoder (self-attention, causal or not), and later the fusion layers and the caption
+decoder (self-attention plus cross-attention to image tokens), so all of them share the fused attention kernels and
+the same key-padding conventions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(F.gelu(self.fc1(x))))
+
+
+class Attention(nn.Module):
+    """Multi-head attention; ``context`` given → cross-attention (queries from x, keys/values from context)."""
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0, context_dim: int | None = None) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"width {dim} is not divisible by heads {heads}; pick heads that divide the width")
+        self.heads = heads
+        self.dropout = dropout
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(context_dim or dim, 2 * dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        B, T, D = x.shape
+        ctx = x if context is None else context
+        q = self.q(x).view(B, T, self.heads, D // self.heads).transpose(1, 2)  # (B, h, T, hd)
+        k, v = self.kv(ctx).view(B, ctx.shape[1], 2, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, h, S, hd)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
+        )  # (B, h, T, hd)
+        return self.out(y.transpose(1, 2).reshape(B, T, D))
+
+
+class Block(nn.Module):
+    """Pre-norm block: self-attention, optional cross-attention to ``context``, MLP."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        dropout: float = 0.0,
+        cross_attention: bool = False,
+        context_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, dropout)
+        self.cross = None
+        if cross_attention:
+            self.ln_cross = nn.LayerNorm(dim)
+            self.cross = Attention(dim, heads, dropout, context_dim=context_dim)
+        self.ln2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), attn_mask=attn_mask, is_causal=is_causal)
+        if self.cross is not None and context is not None:
+            x = x + self.cross(self.ln_cross(x), context=context, attn_mask=context_mask)
+        return x + self.mlp(self.ln2(x))
+
+
+class Transformer(nn.Module):
+    """A stack of ``Block``s with optional gradient checkpointing."""
+
+    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0, **block_kw) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, dropout, **block_kw) for _ in range(depth))
+        self.grad_checkpointing = False
+
+    def forward(self, x: torch.Tensor, **kw) -> torch.Tensor:
+        for blk in self.blocks:
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(lambda t, b=blk: b(t, **kw), x, use_reentrant=False)
+            else:
+                x = blk(x, **kw)
+        return x
+
+
+def padding_mask(key_valid: torch.Tensor, causal: bool, dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention mask (B, 1, T, T) from a (B, T) bool mask of valid keys, optionally causal.
+
+    Padded keys get -inf so they never receive attention; rows of padded queries still see themselves, which keeps
+    softmax finite (their outputs are ignored by pooling anyway).
+    """
+    B, T = key_valid.shape
+    allowed = key_valid[:, None, None, :].expand(B, 1, T, T)  # (B, 1, T, T)
+    if causal:
+        allowed = allowed & torch.ones(T, T, dtype=torch.bool, device=key_valid.device).tril()
+    allowed = allowed | torch.eye(T, dtype=torch.bool, device=key_valid.device)
+    mask = torch.zeros(B, 1, T, T, dtype=dtype, device=key_valid.device)
+    return mask.masked_fill(~allowed, float("-inf"))

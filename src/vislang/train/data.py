@@ -1,0 +1,82 @@
+"""Datasets for training: prepared (memory-mapped) images plus captions tokenized by the run's tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..data import PreparedDataset, open_dataset, prepare, prepared_dir_for
+from .config import DataConfig
+
+
+def load_prepared(
+    spec: str, split: str, image_size: int, channels: int, cfg: DataConfig, progress: bool = True
+) -> PreparedDataset:
+    """The prepared copy of a dataset split, made on first use and reused by every later run."""
+    out = prepared_dir_for(Path(cfg.cache_dir), spec, split, image_size, channels, "")
+    if not (out / "meta.json").is_file():
+        kw: dict[str, Any] = dict(cfg.options)
+        if spec.endswith((".csv", ".tsv", ".jsonl")):
+            kw.update(img_key=cfg.img_key, caption_key=cfg.caption_key)
+        if cfg.image_dir:
+            kw["image_dir"] = cfg.image_dir
+        ds = open_dataset(spec, split=split, **kw)
+        prepare(ds, out, image_size=image_size, channels=channels, tokenize=None, progress=progress)
+    return PreparedDataset(out)
+
+
+class TokenizedPairs:
+    """A prepared dataset (images) + token ids for its captions; ``get_batch`` is one vectorised slice."""
+
+    def __init__(self, images: PreparedDataset, tokens: np.ndarray, limit: int | None = None) -> None:
+        self.images = images
+        self.tokens = torch.from_numpy(np.ascontiguousarray(tokens))
+        self.n = min(len(images), limit) if limit else len(images)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def get_batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
+        batch = self.images.get_batch(indices)
+        batch["tokens"] = self.tokens[torch.as_tensor(indices)]
+        return batch
+
+
+class _BatchView(torch.utils.data.Dataset):
+    """Lets a DataLoader (with workers) fetch whole batches by index arrays."""
+
+    def __init__(self, data: TokenizedPairs, batches: list[np.ndarray]) -> None:
+        self.data, self.batches = data, batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return self.data.get_batch(self.batches[i])
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, rank: int = 0, world: int = 1) -> list[np.ndarray]:
+    """This rank's batches for an epoch: a permutation fixed by (seed, epoch), so a resumed run sees the same order.
+
+    Incomplete last batches are dropped (contrastive losses want full batches); with several ranks each takes
+    every world-th sample of the permutation.
+    """
+    perm = np.random.default_rng([seed, epoch]).permutation(n)
+    per_step = batch_size * world
+    steps = n // per_step
+    perm = perm[: steps * per_step].reshape(steps, world, batch_size)  # (steps, world, B)
+    return [np.sort(perm[s, rank]) for s in range(steps)]
+
+
+def batch_loader(data: TokenizedPairs, batches: list[np.ndarray], num_workers: int) -> torch.utils.data.DataLoader:
+    return torch.utils.data.DataLoader(
+        _BatchView(data, batches),
+        batch_size=None,
+        shuffle=False,
+        num_workers=num_workers,
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers else None,
+    )

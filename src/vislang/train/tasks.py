@@ -1,0 +1,57 @@
+"""Tasks: where a model meets its loss. The loop calls ``task(batch)`` and never knows which task it runs."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..data.transforms import normalize
+from ..losses import ClipLoss, SigLipLoss
+
+
+def unique_rows(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct token rows and, for each input row, the index of its distinct row."""
+    uniq, inverse = torch.unique(tokens, dim=0, return_inverse=True)
+    return uniq, inverse
+
+
+class ContrastiveTask(nn.Module):
+    """Image–text contrastive pretraining (CLIP softmax or SigLIP sigmoid loss).
+
+    With ``dedupe_text`` each distinct caption in a batch is encoded once and its embedding reused: the loss and the
+    gradients are identical, and datasets whose captions repeat (class templates, alt-texts) train much faster.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss: str = "clip",
+        dedupe_text: bool = True,
+        local_loss: bool = False,
+        gather_with_grad: bool = True,
+    ) -> None:
+        super().__init__()
+        self.model = model  # possibly DDP-wrapped
+        core = getattr(model, "module", model)
+        self.mean, self.std = core.cfg.vision.mean, core.cfg.vision.std
+        if loss == "clip":
+            self.loss = ClipLoss(local_loss=local_loss, gather_with_grad=gather_with_grad)
+        elif loss == "siglip":
+            if core.logit_bias is None:
+                raise ValueError("loss=siglip needs a logit bias: set --model.init_logit_bias=-10")
+            self.loss = SigLipLoss(gather_with_grad=gather_with_grad)
+        else:
+            raise ValueError(f"unknown loss {loss!r}; choose clip or siglip")
+        self.dedupe_text = dedupe_text
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        images = normalize(batch["image"], self.mean, self.std)  # (B, C, H, W) float
+        tokens = batch["tokens"]  # (B, T)
+        if self.dedupe_text:
+            uniq, inverse = unique_rows(tokens)
+            out = self.model(images, uniq)
+            out["text_features"] = out["text_features"][inverse]  # (B, E)
+        else:
+            out = self.model(images, tokens)
+        loss = self.loss(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"))
+        return loss, {"logit_scale": float(out["logit_scale"].detach())}
