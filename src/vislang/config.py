@@ -105,7 +105,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any])
     out = json.loads(json.dumps(data))
     items: list[tuple[str, Any]] = []
     if isinstance(overrides, dict):
-        items = list(overrides.items())
+        items = _flatten(overrides)
     else:
         for ov in overrides:
             if "=" not in ov:
@@ -120,6 +120,18 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | dict[str, Any])
                 node[p] = {}
             node = node[p]
         node[parts[-1]] = value
+    return out
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested override mappings merge key by key: {"vision": {"width": 8}} changes only vision.width."""
+    out: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.extend(_flatten(v, key + "."))
+        else:
+            out.append((key, v))
     return out
 
 

@@ -34,6 +34,24 @@ def _warn_truncated(n: int, total: int, context_length: int) -> None:
         )
 
 
+def _canonical_ids(tok):
+    """Renumber a freshly trained vocabulary: specials first, then tokens sorted by string.
+
+    The ``tokenizers`` trainers assign ids in hash-map order, which changes from process to process, so two runs with
+    the same seed would get different token ids (and different models). Encoding does not depend on the ids (BPE
+    applies its ranked merges, WordPiece matches the longest piece), so renumbering keeps every segmentation.
+    """
+    from tokenizers import Tokenizer as HFTok
+
+    data = json.loads(tok.to_str())
+    vocab: dict[str, int] = data["model"]["vocab"]
+    order = [t for t in SPECIALS if t in vocab] + sorted(t for t in vocab if t not in SPECIALS)
+    data["model"]["vocab"] = {t: i for i, t in enumerate(order)}
+    for added in data.get("added_tokens", []):
+        added["id"] = data["model"]["vocab"][added["content"]]
+    return HFTok.from_str(json.dumps(data))
+
+
 class Tokenizer:
     """A ``tokenizers``-library tokenizer trained on captions (lower-cased, punctuation split)."""
 
@@ -77,7 +95,7 @@ class Tokenizer:
         if not texts:
             raise ValueError("cannot train a tokenizer on no text; check that the dataset has captions")
         tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
-        return cls(tok, context_length)
+        return cls(_canonical_ids(tok), context_length)
 
     def encode_ids(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids without specials or padding (for decoders and inspection)."""

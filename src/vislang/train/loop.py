@@ -137,6 +137,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         print(f"[vislang] {caught[0].message}")
     train_data = TokenizedPairs(train_imgs, train_tokens, cfg.data.max_train)
 
+    torch.manual_seed(cfg.seed)  # model init depends on the seed alone, not on what data preparation consumed
     model = CLIP(mcfg)
     if cfg.pretrained:
         from ..factory import from_pretrained

@@ -1,0 +1,196 @@
+"""Small helpers around ``torch.distributed`` that degrade to no-ops on a single process.
+
+Training code calls these unconditionally, so the same loop runs on a laptop (one process, nothing initialised)
+and under ``torchrun`` (several processes, one per device). Nothing here starts processes; ``torchrun`` does.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "all_reduce_mean",
+    "barrier",
+    "gather_features",
+    "gather_tensor",
+    "init_distributed",
+    "is_dist",
+    "rank",
+    "world_size",
+]
+
+
+def is_dist() -> bool:
+    """True when a process group is initialised (i.e. we are one of several ranks)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    """Number of ranks, 1 without a process group."""
+    return dist.get_world_size() if is_dist() else 1
+
+
+def rank() -> int:
+    """This process' global rank, 0 without a process group."""
+    return dist.get_rank() if is_dist() else 0
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value.strip() == "":
+        return default
+    try:
+        return int(value)
+    except ValueError as e:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer") from e
+
+
+def init_distributed(backend: str | None = None) -> tuple[int, int, torch.device]:
+    """Initialise the default process group from ``torchrun``'s environment and pick this rank's device.
+
+    Reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` (``MASTER_ADDR``/``MASTER_PORT`` are read by torch itself).
+    The backend defaults to ``nccl`` when CUDA is available, else ``gloo``. With ``WORLD_SIZE`` unset or 1 nothing
+    is initialised and ``(0, 1, device)`` comes back, so single-process runs need no special casing. Calling it
+    again once a group exists just reports the existing group.
+
+    Returns:
+        ``(rank, world_size, device)``; ``device`` is ``cuda:LOCAL_RANK`` when CUDA is available, else ``cpu``.
+    """
+    local_rank = _env_int("LOCAL_RANK", 0)
+    use_cuda = torch.cuda.is_available()
+    if use_cuda:
+        # Guard against LOCAL_RANK beyond the visible devices (e.g. CUDA_VISIBLE_DEVICES set per process).
+        device = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+
+    if is_dist():
+        return dist.get_rank(), dist.get_world_size(), device
+
+    ws = _env_int("WORLD_SIZE", 1)
+    if ws <= 1:
+        return 0, 1, device
+    if not dist.is_available():
+        raise RuntimeError(f"WORLD_SIZE={ws} but this torch build has no torch.distributed support")
+
+    rk = _env_int("RANK", local_rank)
+    if backend is None:
+        backend = "nccl" if use_cuda else "gloo"
+    kwargs = {}
+    if backend == "nccl" and use_cuda:
+        # Binding the group to this rank's device avoids NCCL guessing (and warning about) the device.
+        kwargs["device_id"] = device
+    dist.init_process_group(backend=backend, init_method="env://", rank=rk, world_size=ws, **kwargs)
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def barrier() -> None:
+    """Wait for all ranks; a no-op on one process."""
+    if is_dist():
+        dist.barrier()
+
+
+@torch.no_grad()
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean of ``t`` over ranks (for logging), returned as a new tensor; a copy of ``t`` on one process.
+
+    Integer tensors come back as float64 (a mean of integers is not an integer).
+
+    Not differentiable: it is meant for metrics, not for losses (DDP already averages gradients).
+    """
+    out = t.detach().clone()
+    if not out.is_floating_point():
+        out = out.double()
+    if is_dist() and world_size() > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        out /= world_size()
+    return out
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward sums each slot's gradient over ranks and returns it to its owner.
+
+    Every rank computes a loss from the gathered tensor, so the gradient for rank ``r``'s rows exists on all ranks;
+    the owner needs their sum (reduce-scatter). This replaces ``torch.distributed.nn.functional.all_gather``,
+    which computes the same thing but is deprecated (FutureWarning) in recent torch releases.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # [B, ...] -> [W*B, ...]
+        ws = dist.get_world_size()
+        tensor = tensor.contiguous()
+        out = tensor.new_empty((ws * tensor.shape[0], *tensor.shape[1:]))
+        dist.all_gather_into_tensor(out, tensor)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:  # [W*B, ...] -> [B, ...]
+        ws, rk = dist.get_world_size(), dist.get_rank()
+        grad_output = grad_output.contiguous()
+        if dist.get_backend() == dist.Backend.NCCL:
+            grad = grad_output.new_empty((grad_output.shape[0] // ws, *grad_output.shape[1:]))
+            dist.reduce_scatter_tensor(grad, grad_output, op=dist.ReduceOp.SUM)
+            return grad
+        # Backends without a reliable reduce-scatter (gloo): all-reduce then keep our slice; features are small.
+        summed = grad_output.clone()
+        pass
+        return summed.chunk(ws, dim=0)[rk].contiguous()
+
+
+def gather_tensor(t: torch.Tensor, gather_with_grad: bool = True, keep_local_grad: bool = True) -> torch.Tensor:
+    """Concatenate ``t`` (``[B, ...]``) of all ranks along dim 0: ``[world*B, ...]``, rank ``r``'s rows at
+    ``[r*B, (r+1)*B)``. All ranks must pass the same shape.
+
+    * ``gather_with_grad=True``: differentiable all-gather. Its backward sums the gradients every rank computed
+      for a slot and hands the sum to the rank owning it (what ``torch.distributed.nn.functional.all_gather``
+      does), so with DDP's gradient averaging the parameter gradients match one process on the global batch.
+    * ``gather_with_grad=False``: a plain all-gather without graph (cheaper). With ``keep_local_grad`` the local
+      tensor is put back into its own slot so the local encoder still gets the gradient of its own rows.
+
+    On one process ``t`` is returned unchanged.
+    """
+    if not is_dist() or world_size() == 1:
+        return t
+    if gather_with_grad:
+        return _AllGatherWithGrad.apply(t)
+    gathered = [torch.empty_like(t) for _ in range(world_size())]
+    dist.all_gather(gathered, t.detach().contiguous())
+    if keep_local_grad:
+        gathered[rank()] = t
+    return torch.cat(gathered, dim=0)
+
+
+def gather_features(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    local_loss: bool = False,
+    gather_with_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate the ``[B, D]`` features of all ranks along the batch: returns two ``[world*B, D]`` tensors.
+
+    Rank ``r``'s rows sit at ``[r*B, (r+1)*B)``. All ranks must pass the same ``B`` (the data loader drops
+    incomplete batches for that reason).
+
+    * ``gather_with_grad=True``: differentiable all-gather; combined with DDP's gradient averaging the parameter
+      gradients equal those of one process on the global batch (see :func:`gather_tensor`).
+    * ``gather_with_grad=False``: a plain all-gather (no graph), after which - unless ``local_loss`` - the local
+      tensors are put back into their own slot so that at least the local features receive gradients (OpenCLIP's
+      behaviour). This is cheaper but the gradients only approximate the global-batch ones (with the global loss
+      the feature-path parameter gradients come out as ``1/world`` of them after DDP averaging). With
+      ``local_loss`` the caller uses its local tensors directly for the rows of the logits, so the gathered slots
+      are left without graph, as OpenCLIP does.
+
+    On one process the inputs are returned unchanged.
+    """
+    if image_features.shape[0] != text_features.shape[0]:
+        raise ValueError(
+            f"image and text batch sizes differ: {image_features.shape[0]} vs {text_features.shape[0]}"
+        )
+    keep = not local_loss
+    all_image = gather_tensor(image_features, gather_with_grad=gather_with_grad, keep_local_grad=keep)
+    all_text = gather_tensor(text_features, gather_with_grad=gather_with_grad, keep_local_grad=keep)
+    return all_image, all_text

@@ -1,0 +1,187 @@
+"""Contrastive losses for image-text training: CLIP's softmax InfoNCE and SigLIP's pairwise sigmoid loss.
+
+Both take the L2-normalised features the model returns plus its (already exponentiated) ``logit_scale`` and
+optional ``logit_bias``, and both work unchanged on one process or under DDP: with several ranks they gather the
+other ranks' features so that the negatives come from the global batch, and they are written so that the loss
+averaged over ranks and the DDP-averaged gradients equal those of a single process on the global batch (with the
+default ``gather_with_grad=True``; ``tests/test_ddp.py`` checks this).
+
+Shapes: ``B`` is the local batch size, ``W`` the world size, ``N = W * B`` the global batch, ``D`` the
+embedding dimension.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import distributed as vdist
+
+__all__ = ["ClipLoss", "SigLipLoss"]
+
+Scalar = torch.Tensor | float
+
+
+def _check_features(image_features: torch.Tensor, text_features: torch.Tensor) -> None:
+    """Fail early with a readable message instead of a shape error deep inside a matmul or cross-entropy."""
+    if image_features.ndim != 2 or text_features.ndim != 2:
+        raise ValueError(
+            "expected 2-D [batch, dim] features, got image "
+            f"{tuple(image_features.shape)} and text {tuple(text_features.shape)}"
+        )
+    if image_features.shape[0] != text_features.shape[0]:
+        raise ValueError(
+            f"image and text batch sizes differ: {image_features.shape[0]} images vs "
+            f"{text_features.shape[0]} texts; contrastive losses need exactly one text per image"
+        )
+    if image_features.shape[1] != text_features.shape[1]:
+        raise ValueError(
+            f"image and text embedding sizes differ: {image_features.shape[1]} vs {text_features.shape[1]}"
+        )
+    if image_features.shape[0] == 0:
+        raise ValueError("empty batch: contrastive losses need at least one image-text pair")
+
+
+def _wrap(loss: torch.Tensor, output_dict: bool) -> torch.Tensor | dict[str, torch.Tensor]:
+    return {"contrastive_loss": loss} if output_dict else loss
+
+
+class ClipLoss(nn.Module):
+    """Symmetric InfoNCE (CLIP): each image must pick its own text among all texts of the batch, and vice versa.
+
+    ``loss = (CE(logits_per_image, labels) + CE(logits_per_text, labels)) / 2`` with
+    ``logits_per_image = logit_scale * image @ text.T (+ logit_bias)`` and ``labels[i] = i``.
+
+    Under DDP the features of all ranks are gathered (more negatives per positive, which is the point of large
+    contrastive batches):
+
+    * ``local_loss=False`` (default): every rank computes the full ``[N, N]`` global loss. Same value on every rank.
+    * ``local_loss=True``: a rank only computes the rows of its own images/texts against all ``N`` candidates
+      (``[B, N]`` logits, labels offset by ``rank * B``), i.e. ``O(B*N)`` instead of ``O(N^2)`` memory. The loss
+      differs per rank, but its mean over ranks equals the global loss, and with ``gather_with_grad=True`` the
+      DDP-averaged gradients equal the global ones too.
+
+    ``gather_with_grad=False`` gathers without autograd (cheaper; gradients then only approximate the global ones,
+    see :func:`vislang.distributed.gather_features`). ``cache_labels`` keeps the ``arange`` labels around between
+    steps since the batch size rarely changes.
+    """
+
+    def __init__(self, local_loss: bool = False, gather_with_grad: bool = True, cache_labels: bool = True) -> None:
+        super().__init__()
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+        self.cache_labels = cache_labels
+        self._labels: dict[tuple[torch.device, int, int], torch.Tensor] = {}
+
+    def get_ground_truth(self, device: torch.device, num_logits: int) -> torch.Tensor:
+        """Index of the matching column for each row: ``[num_logits]`` (offset by ``rank * B`` in local mode)."""
+        offset = num_logits * vdist.rank() if (self.local_loss and vdist.world_size() > 1) else 0
+        key = (device, num_logits, offset)
+        labels = self._labels.get(key) if self.cache_labels else None
+        if labels is None:
+            labels = torch.arange(num_logits, device=device, dtype=torch.long) + offset
+            if self.cache_labels:
+                self._labels = {key: labels}  # keep one entry: batch size / device changes are rare
+        return labels
+
+    def get_logits(
+        self,
+        image_features: torch.Tensor,  # [B, D]
+        text_features: torch.Tensor,  # [B, D]
+        logit_scale: Scalar,
+        logit_bias: Scalar | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits_per_image, logits_per_text)``: ``[B, B]`` on one process, ``[N, N]`` global or ``[B, N]``
+        local under DDP."""
+        if vdist.world_size() > 1:
+            all_image, all_text = vdist.gather_features(
+                image_features, text_features, local_loss=self.local_loss, gather_with_grad=self.gather_with_grad
+            )  # [N, D] each
+            if self.local_loss:
+                logits_per_image = logit_scale * image_features @ all_text.T  # [B, N]
+                logits_per_text = logit_scale * text_features @ all_image.T  # [B, N]
+            else:
+                logits_per_image = logit_scale * all_image @ all_text.T  # [N, N]
+                logits_per_text = logits_per_image.T  # [N, N]
+        else:
+            logits_per_image = logit_scale * image_features @ text_features.T  # [B, B]
+            logits_per_text = logits_per_image.T  # [B, B]
+        if logit_bias is not None:
+            logits_per_image = logits_per_image + logit_bias
+            logits_per_text = logits_per_text + logit_bias
+        return logits_per_image, logits_per_text
+
+    def forward(
+        self,
+        image_features: torch.Tensor,  # [B, D], L2-normalised
+        text_features: torch.Tensor,  # [B, D], L2-normalised
+        logit_scale: Scalar,  # already exponentiated, scalar tensor
+        logit_bias: Scalar | None = None,
+        output_dict: bool = False,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Scalar loss, or ``{"contrastive_loss": loss}`` when ``output_dict``."""
+        _check_features(image_features, text_features)
+        logits_per_image, logits_per_text = self.get_logits(image_features, text_features, logit_scale, logit_bias)
+        labels = self.get_ground_truth(logits_per_image.device, logits_per_image.shape[0])  # [rows]
+        loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+        return _wrap(loss, output_dict)
+
+
+class SigLipLoss(nn.Module):
+    """Pairwise sigmoid loss (SigLIP, Zhai et al. 2023): every image-text pair is an independent binary problem.
+
+    ``logits = logit_scale * image @ text.T + logit_bias``, ``labels = 2 * eye - 1`` (+1 on matching pairs, -1
+    elsewhere) and ``loss = -sum(logsigmoid(labels * logits)) / B``: the sum over all pairs, normalised by the
+    number of images, as in the paper. Unlike softmax InfoNCE it needs no normalisation over the batch, which
+    makes it cheap to shard.
+
+    Under DDP (``W`` ranks, local batch ``B``, global ``N = W*B``) each rank gathers the *texts* of all ranks
+    (with autograd when ``gather_with_grad``), scores its ``B`` local images against all ``N`` texts (positives
+    only where the global indices match, i.e. column ``rank*B + i`` for local image ``i``) and divides by its local
+    ``B``. Normalisation, exactly: ``loss_r = S_r / B`` where ``S_r`` sums the ``B*N`` pair terms of rank ``r``;
+    the single-process loss on the global batch is ``(sum_r S_r) / N = mean_r(loss_r)``. Since DDP averages
+    gradients over ranks (and the differentiable gather returns every rank's gradient for a text to its owner),
+    the mean over ranks of the per-rank losses and the DDP-averaged gradients equal the global-batch loss and its
+    gradients exactly. The per-rank loss value itself is *not* the global loss; average it over ranks for logging.
+
+    Without ``gather_with_grad`` a rank's texts only receive the gradient of its own images' rows (approximate).
+    """
+
+    def __init__(self, gather_with_grad: bool = True) -> None:
+        super().__init__()
+        self.gather_with_grad = gather_with_grad
+
+    @staticmethod
+    def get_labels(num_images: int, num_texts: int, offset: int, device: torch.device, dtype: torch.dtype):
+        """``[num_images, num_texts]``: +1 at ``(i, offset + i)``, -1 elsewhere."""
+        labels = -torch.ones(num_images, num_texts, device=device, dtype=dtype)
+        idx = torch.arange(num_images, device=device)
+        labels[idx, idx + offset] = 1
+        return labels
+
+    def forward(
+        self,
+        image_features: torch.Tensor,  # [B, D], L2-normalised
+        text_features: torch.Tensor,  # [B, D], L2-normalised
+        logit_scale: Scalar,  # already exponentiated
+        logit_bias: Scalar | None = None,
+        output_dict: bool = False,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        """Scalar loss for this rank's images (see the class docstring for the DDP normalisation)."""
+        _check_features(image_features, text_features)
+        batch = image_features.shape[0]
+        if vdist.world_size() > 1:
+            all_text = vdist.gather_tensor(
+                text_features, gather_with_grad=self.gather_with_grad, keep_local_grad=True
+            )  # [N, D]
+            offset = vdist.rank() * batch
+        else:
+            all_text = text_features  # [B, D]
+            offset = 0
+        logits = logit_scale * image_features @ all_text.T  # [B, N]
+        if logit_bias is not None:
+            logits = logits + logit_bias
+        labels = self.get_labels(batch, all_text.shape[0], offset, logits.device, logits.dtype)  # [B, N]
+        loss = -F.logsigmoid(labels * logits).sum() / batch
+        return _wrap(loss, output_dict)

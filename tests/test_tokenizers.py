@@ -1,0 +1,43 @@
+import pytest
+import torch
+
+from vislang.tokenizers import Tokenizer, TruncationWarning, load_tokenizer
+
+CAPS = ["a photo of a sneaker.", "a black and white picture of an ankle boot.", "a small red circle left of a square"]
+
+
+@pytest.mark.parametrize("kind", ["bpe", "wordpiece"])
+def test_train_encode_decode_round_trip(tmp_path, kind):
+    tok = Tokenizer.train(CAPS, vocab_size=120, kind=kind, context_length=16)
+    ids = tok(CAPS)
+    assert ids.shape == (3, 16) and ids.dtype == torch.long
+    assert (ids[:, 0] == tok.bos_id).all()
+    for row, text in zip(ids, CAPS):
+        assert tok.decode(row).replace(" .", ".") == text.lower()
+    tok.save(tmp_path)
+    again = load_tokenizer(tmp_path)
+    assert torch.equal(again(CAPS), ids)
+
+
+def test_truncation_warns_and_keeps_end_token():
+    tok = Tokenizer.train(CAPS, vocab_size=120, context_length=6)
+    with pytest.warns(TruncationWarning, match="1 of 2"):
+        ids = tok(["a photo of a sneaker and an ankle boot", "a photo"])
+    assert ids[0, -1] == tok.eos_id
+    assert (ids[1] == tok.pad_id).sum() == 6 - 4
+
+
+def test_unknown_words_map_to_unk():
+    tok = Tokenizer.train(CAPS, vocab_size=120, kind="wordpiece")
+    ids = tok(["zzzz qqqq"])[0].tolist()
+    assert tok.unk_id in ids
+
+
+def test_empty_training_text_is_an_error():
+    with pytest.raises(ValueError, match="no text"):
+        Tokenizer.train([])
+
+
+def test_missing_tokenizer_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no tokenizer"):
+        load_tokenizer(tmp_path)

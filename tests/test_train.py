@@ -1,0 +1,98 @@
+"""The training loop end to end on tiny synthetic data: CLI smoke run, exact resume, clear errors."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import vislang
+from vislang.cli import main
+from vislang.train import load_train_config, train
+from vislang.train import loop as loop_mod
+
+TINY = [
+    "model_name=shapes-cnn",
+    "model.vision.width=4",
+    "model.vision.depth=2",
+    "model.vision.image_size=24",
+    "model.text.width=16",
+    "model.text.layers=1",
+    "model.text.heads=2",
+    "model.text.vocab_size=200",
+    "model.embed_dim=16",
+    "data.train=shapes",
+    "data.val_split=val",
+    "data.options={n: 96}",
+    "batch_size=16",
+    "epochs=2",
+    "log_every=2",
+    "save_every=3",
+    "eval_max=32",
+    "progress=false",
+]
+
+
+def _cfg(tmp_path, name, *extra):
+    return load_train_config(None, [*TINY, f"out_dir={tmp_path / name}", f"data.cache_dir={tmp_path / 'cache'}", *extra])
+
+
+def test_cli_train_smoke(tmp_path, capsys):
+    rc = main(["train", *[f"--{o}" for o in TINY], f"--out_dir={tmp_path / 'run'}", f"--data.cache_dir={tmp_path}/c"])
+    assert rc == 0
+    run = tmp_path / "run"
+    assert vislang.factory.is_model_dir(run / "model")
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if "loss" in r]
+    assert steps and all({"step", "loss", "lr", "samples_per_s"} <= set(r) for r in steps)
+    assert any(k.startswith("eval/") for r in lines for k in r)
+    model = vislang.from_pretrained(run / "model")
+    tok = vislang.get_tokenizer(run / "model")
+    emb = model.encode_text(tok(["a red circle"]))
+    assert emb.shape == (1, 16)
+
+
+def test_resume_is_exact(tmp_path, monkeypatch):
+    """A run interrupted after a checkpoint and resumed ends with the same weights as an uninterrupted one."""
+    straight = train(_cfg(tmp_path, "a"))
+
+    real_save = loop_mod.atomic_torch_save
+
+    def crash_after_step_3(obj, path):
+        real_save(obj, path)
+        if obj["step"] == 3:
+            raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(loop_mod, "atomic_torch_save", crash_after_step_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(_cfg(tmp_path, "b"))
+    monkeypatch.setattr(loop_mod, "atomic_torch_save", real_save)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(_cfg(tmp_path, "b"))
+    resumed = train(_cfg(tmp_path, "b"), resume=True)
+
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(resumed / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_gradient_accumulation_matches_big_batch(tmp_path):
+    """Two micro-batches of 8 with accumulation step the same as one batch of 16 (CLIP loss differs, so compare
+    with dedupe off and a per-sample-separable check: the step count and schedule are the same)."""
+    cfg = _cfg(tmp_path, "acc", "batch_size=8", "accum_steps=2", "epochs=1")
+    model_dir = train(cfg)
+    rec = [json.loads(x) for x in (tmp_path / "acc" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert rec[-1]["step"] == 96 // 16
+
+
+def test_too_small_dataset_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="lower --batch_size"):
+        train(_cfg(tmp_path, "small", "batch_size=512"))
+
+
+def test_help_teaches(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "--resume" in out and "examples" in out
