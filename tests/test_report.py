@@ -16,8 +16,14 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def write_metrics(run, n_steps=30):
     lines = [
-        {"step": s, "epoch": s / 10, "loss": 2.5 - s / 20, "lr": 1e-3 * min(1, s / 5), "samples_per_s": 400.0 + s,
-         "logit_scale": 14.0 + s / 10}
+        {
+            "step": s,
+            "epoch": s / 10,
+            "loss": 2.5 - s / 20,
+            "lr": 1e-3 * min(1, s / 5),
+            "samples_per_s": 400.0 + s,
+            "logit_scale": 14.0 + s / 10,
+        }
         for s in range(1, n_steps + 1)
     ]
     lines.insert(10, {"step": 10, "eval/zero_shot_top1": 0.41})
@@ -36,14 +42,32 @@ def test_full_report_has_headline_figures_tables_and_config(tmp_path):
     (run / "eval").mkdir(parents=True)
     write_metrics(run)
     results = {
-        "headline": {"zero_shot_top1": 0.8123, "zero_shot_top5": 0.991, "zero_shot_chance": 0.1,
-                     "text_to_image_R@1": 0.4567, "text_to_image_chance_R@1": 0.0123, "linear_probe_accuracy": 0.877},
-        "zero_shot": {"top1": 0.8123, "top5": 0.991, "chance": 0.1,
-                      "per_class": {"sneaker": {"precision": 0.9, "recall": 0.8, "f1": 0.847, "support": 1000},
-                                    "ankle <boot>": {"precision": 0.7, "recall": 0.6, "f1": 0.646, "support": 1000}},
-                      "confusion": [[800, 200], [400, 600]]},
-        "retrieval": {"text_to_image_R@1": 0.4567, "text_to_image_chance_R@1": 0.0123, "image_to_text_R@1": 0.3,
-                      "image_to_text_chance_R@1": 0.01, "unique_captions": 100, "images_per_caption": 100.0},
+        "headline": {
+            "zero_shot_top1": 0.8123,
+            "zero_shot_top5": 0.991,
+            "zero_shot_chance": 0.1,
+            "text_to_image_R@1": 0.4567,
+            "text_to_image_chance_R@1": 0.0123,
+            "linear_probe_accuracy": 0.877,
+        },
+        "zero_shot": {
+            "top1": 0.8123,
+            "top5": 0.991,
+            "chance": 0.1,
+            "per_class": {
+                "sneaker": {"precision": 0.9, "recall": 0.8, "f1": 0.847, "support": 1000},
+                "ankle <boot>": {"precision": 0.7, "recall": 0.6, "f1": 0.646, "support": 1000},
+            },
+            "confusion": [[800, 200], [400, 600]],
+        },
+        "retrieval": {
+            "text_to_image_R@1": 0.4567,
+            "text_to_image_chance_R@1": 0.0123,
+            "image_to_text_R@1": 0.3,
+            "image_to_text_chance_R@1": 0.01,
+            "unique_captions": 100,
+            "images_per_caption": 100.0,
+        },
         "linear_probe": {"accuracy": 0.877, "C": 0.1, "n_train": 20000, "n_test": 10000, "converged": True},
         "custom": {"nested": {"bleu": 0.25}},
     }
@@ -115,8 +139,15 @@ def test_evaluate_run_then_report(tmp_path, tiny_model_cfg):
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (40, v.channels, v.image_size, v.image_size), dtype=torch.uint8, generator=g)
     ds = TinyPrepared(images, labels, classnames, captions)
-    results = evaluate_run(model, tokenizer, ds, tmp_path / "eval", train_dataset=ds, probe_max_train=None,
-                           gallery_queries=["a red star", "something else"])
+    results = evaluate_run(
+        model,
+        tokenizer,
+        ds,
+        tmp_path / "eval",
+        train_dataset=ds,
+        probe_max_train=None,
+        gallery_queries=["a red star", "something else"],
+    )
     assert results["retrieval"]["images_per_caption"] == 1.0 and results["retrieval"]["n_texts"] == 40
     assert "precision_at_k" not in results["gallery"]  # "something else" names no class: no right/wrong frames
     page = write_report(tmp_path).read_text()

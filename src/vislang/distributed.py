@@ -137,7 +137,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
             return grad
         # Backends without a reliable reduce-scatter (gloo): all-reduce then keep our slice; features are small.
         summed = grad_output.clone()
-        pass
+        dist.all_reduce(summed, op=dist.ReduceOp.SUM)
         return summed.chunk(ws, dim=0)[rk].contiguous()
 
 
@@ -187,9 +187,7 @@ def gather_features(
     On one process the inputs are returned unchanged.
     """
     if image_features.shape[0] != text_features.shape[0]:
-        raise ValueError(
-            f"image and text batch sizes differ: {image_features.shape[0]} vs {text_features.shape[0]}"
-        )
+        raise ValueError(f"image and text batch sizes differ: {image_features.shape[0]} vs {text_features.shape[0]}")
     keep = not local_loss
     all_image = gather_tensor(image_features, gather_with_grad=gather_with_grad, keep_local_grad=keep)
     all_text = gather_tensor(text_features, gather_with_grad=gather_with_grad, keep_local_grad=keep)

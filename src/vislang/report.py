@@ -253,7 +253,9 @@ def evaluate_run(
     if not classnames or labels is None:
         results["skipped"]["zero_shot"] = "the test set has no class names or labels"
     else:
-        zs = zero_shot_eval(model, tokenizer, test_dataset, classnames, templates, device, batch_size, labels, image_emb)
+        zs = zero_shot_eval(
+            model, tokenizer, test_dataset, classnames, templates, device, batch_size, labels, image_emb
+        )
         results["zero_shot"] = zero_shot_section(zs, out)
     timing["zero_shot"] = time.perf_counter() - t
 
@@ -408,8 +410,8 @@ def headline_html(headline: dict[str, Any], records: list[dict[str, Any]]) -> st
     if not cards:
         periodic = last_eval(records)
         for key, value in periodic.items():
-            shown = pct(value) if 0 <= value <= 1 else fmt(value)
-            cards.append(card(shown, key, '<div class="c">last periodic eval</div>'))
+            text = pct(value) if 0 <= value <= 1 else fmt(value)
+            cards.append(card(text, key, '<div class="c">last periodic eval</div>'))
     for key, value in training_summary(records).items():
         cards.append(card(fmt(value), key))
     if not cards:

@@ -109,9 +109,7 @@ def plot_curves(metrics_jsonl_path: str | os.PathLike, path: str | os.PathLike) 
     return _save(fig, path)
 
 
-def plot_confusion(
-    cm: np.ndarray, classnames: Sequence[str], path: str | os.PathLike, normalize: bool = True
-) -> Path:
+def plot_confusion(cm: np.ndarray, classnames: Sequence[str], path: str | os.PathLike, normalize: bool = True) -> Path:
     """Confusion matrix heat map (rows = true class); cells show row-normalised rates, or counts.
 
     Row normalisation makes classes of different sizes comparable: the diagonal is each class's recall.

@@ -97,9 +97,7 @@ def classification_metrics(
     preds = top[:, 0]
     y_true, y_pred = target.numpy(), preds.numpy()
     classes = np.arange(num_classes)
-    precision, recall, f1, support = precision_recall_fscore_support(
-        y_true, y_pred, labels=classes, zero_division=0
-    )
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=classes, zero_division=0)
     present = support > 0
     return {
         "top1": float(correct[:, 0].float().mean()),
