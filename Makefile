@@ -33,7 +33,7 @@ openclipart:  ## install the OpenClipart Debian packages (as root), or say how
 	else echo "OpenClipart is missing. Run: sudo apt-get install openclipart-png openclipart-svg"; exit 1; fi
 
 demo: $(STAMP) fashion-mnist  ## train + evaluate the default model on Fashion-MNIST, write runs/demo/report.html
-	$(VENV)/bin/vislang demo --out runs/demo
+	$(VENV)/bin/vislang demo --out runs/demo $(DEMO_ARGS)
 
 test: $(STAMP)  ## run the test suite (what CI runs)
 	$(PY) -m ruff check src tests benchmarks

@@ -153,7 +153,9 @@ class SigLipLoss(nn.Module):
         self.gather_with_grad = gather_with_grad
 
     @staticmethod
-    def get_labels(num_images: int, num_texts: int, offset: int, device: torch.device, dtype: torch.dtype):
+    def get_labels(
+        num_images: int, num_texts: int, offset: int, device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor:
         """``[num_images, num_texts]``: +1 at ``(i, offset + i)``, -1 elsewhere."""
         labels = -torch.ones(num_images, num_texts, device=device, dtype=dtype)
         idx = torch.arange(num_images, device=device)
