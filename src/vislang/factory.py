@@ -162,7 +162,9 @@ def save_pretrained(model: CLIP, directory: str | os.PathLike, tokenizer=None, e
     if cfg.text.arch == "hf":
         text_dir = tmp / "text_encoder"
         model.text.model.config.save_pretrained(str(text_dir))
-        cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, hf_path="text_encoder", hf_load_weights=False))
+        cfg = dataclasses.replace(
+            cfg, text=dataclasses.replace(cfg.text, hf_path="text_encoder", hf_load_weights=False)
+        )
     if cfg.vision.pretrained:  # the weights now live in model.safetensors
         cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, pretrained=None))
     meta = {"model_type": MODEL_TYPE, "vislang_version": __version__, "model": to_dict(cfg), **(extra or {})}

@@ -74,8 +74,10 @@ def embed_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 1024, 
     if not texts or any(not t.strip() for t in texts):
         raise ValueError("empty text given; every text to embed needs at least one word")
     model.eval().to(device)
-    out = [model.encode_text(tokenizer(texts[i : i + batch_size]).to(device)).float().cpu()
-           for i in range(0, len(texts), batch_size)]
+    out = [
+        model.encode_text(tokenizer(texts[i : i + batch_size]).to(device)).float().cpu()
+        for i in range(0, len(texts), batch_size)
+    ]
     return torch.cat(out).numpy()
 
 

@@ -81,11 +81,17 @@ class Tokenizer:
             tok = HFTok(models.BPE(unk_token="[UNK]", end_of_word_suffix="</w>"))
             tok.decoder = decoders.BPEDecoder(suffix="</w>")
             trainer = trainers.BpeTrainer(
-                vocab_size=vocab_size, special_tokens=SPECIALS, min_frequency=1, show_progress=False, end_of_word_suffix="</w>"
+                vocab_size=vocab_size,
+                special_tokens=SPECIALS,
+                min_frequency=1,
+                show_progress=False,
+                end_of_word_suffix="</w>",
             )
         elif kind == "wordpiece":
             tok = HFTok(models.WordPiece(unk_token="[UNK]"))
-            trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, min_frequency=1, show_progress=False)
+            trainer = trainers.WordPieceTrainer(
+                vocab_size=vocab_size, special_tokens=SPECIALS, min_frequency=1, show_progress=False
+            )
             tok.decoder = decoders.WordPiece()
         else:
             raise ValueError(f"unknown tokenizer kind {kind!r}; use 'bpe' or 'wordpiece'")

@@ -16,6 +16,7 @@ from the memmaps at once, which is what the trainer uses.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import hashlib
@@ -503,6 +504,15 @@ class PreparedDataset(Dataset):
         if self.tokens is not None:
             batch["tokens"] = torch.from_numpy(self.tokens[idx].astype(np.int64))
         return batch
+
+    def head(self, n: int) -> PreparedDataset:
+        """A view of the first ``n`` items (no copy): quick evaluations and smoke runs."""
+        view = copy.copy(self)
+        view.n = min(int(n), self.n)
+        view.labels = self.labels[: view.n]
+        view._captions = self.captions[: view.n]
+        view._open()
+        return view
 
     def __repr__(self) -> str:
         return (

@@ -22,8 +22,9 @@ def quick_eval(model, tokenizer, dataset: Any, max_images: int, device: torch.de
         from .embed import embed_images
 
         emb = embed_images(model, dataset, 512, device, indices=idx)
-        zs = zero_shot_eval(model, tokenizer, dataset, classnames, templates_for(dataset), device,
-                            labels=labels[:n], image_emb=emb)
+        zs = zero_shot_eval(
+            model, tokenizer, dataset, classnames, templates_for(dataset), device, labels=labels[:n], image_emb=emb
+        )
         return {"zero_shot_top1": float(zs["top1"])}
     caps = getattr(dataset, "captions", None)
     if caps:

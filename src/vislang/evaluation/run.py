@@ -33,7 +33,6 @@ def evaluate_model_dir(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Zero-shot, retrieval and linear probe for a model directory; writes results.json + PNGs to ``out_dir``."""
-    import numpy as np
 
     from ..factory import from_pretrained, get_tokenizer
     from ..report import evaluate_run
@@ -46,7 +45,7 @@ def evaluate_model_dir(
     dc = DataConfig(train=data, cache_dir=cache_dir)
     test = load_prepared(data, split, v.image_size, v.channels, dc, progress)
     if max_images:
-        test = test.subset(np.arange(min(max_images, len(test)))) if hasattr(test, "subset") else test
+        test = test.head(max_images)
     train = None
     if train_split:
         try:
@@ -54,8 +53,16 @@ def evaluate_model_dir(
         except (ValueError, FileNotFoundError) as e:
             print(f"[vislang] no linear probe: {e}")
     out = Path(out_dir) if out_dir else Path(model_dir).parent / "eval"
-    return evaluate_run(model, tokenizer, test, out, templates=templates_for(test), train_dataset=train,
-                        device=device, progress=progress)
+    return evaluate_run(
+        model,
+        tokenizer,
+        test,
+        out,
+        templates=templates_for(test),
+        train_dataset=train,
+        device=device,
+        progress=progress,
+    )
 
 
 def zero_shot_image(
@@ -69,7 +76,12 @@ def zero_shot_image(
     if len(labels) < 2:
         raise ValueError("give at least two candidate labels, e.g. --labels 'sneaker,sandal'")
     model, _, preprocess = create_model_and_transforms(model_dir)
-    probs = zero_shot_predict(model, get_tokenizer(model_dir), preprocess(open_image(image)), labels,
-                              tuple(templates) if templates else DEFAULT_TEMPLATES)[0]
+    probs = zero_shot_predict(
+        model,
+        get_tokenizer(model_dir),
+        preprocess(open_image(image)),
+        labels,
+        tuple(templates) if templates else DEFAULT_TEMPLATES,
+    )[0]
     order = probs.argsort(descending=True).tolist()
     return [(labels[i], float(probs[i])) for i in order]

@@ -47,7 +47,9 @@ class Attention(nn.Module):
         B, T, D = x.shape
         ctx = x if context is None else context
         q = self.q(x).view(B, T, self.heads, D // self.heads).transpose(1, 2)  # (B, h, T, hd)
-        k, v = self.kv(ctx).view(B, ctx.shape[1], 2, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # (B, h, S, hd)
+        k, v = (
+            self.kv(ctx).view(B, ctx.shape[1], 2, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        )  # (B, h, S, hd)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0, is_causal=is_causal
         )  # (B, h, T, hd)
@@ -93,7 +95,9 @@ class Block(nn.Module):
 class Transformer(nn.Module):
     """A stack of ``Block``s with optional gradient checkpointing."""
 
-    def __init__(self, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0, **block_kw) -> None:
+    def __init__(
+        self, dim: int, depth: int, heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0, **block_kw
+    ) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, dropout, **block_kw) for _ in range(depth))
         self.grad_checkpointing = False

@@ -11,14 +11,18 @@ from ..config import apply_overrides, from_dict, load_file
 
 @dataclass(frozen=True)
 class DataConfig:
-    train: str = "fashion-mnist"  # dataset: fashion-mnist | shapes | openclipart | a .csv/.tsv/.jsonl/.json, folder, shards
+    train: str = (
+        "fashion-mnist"  # dataset: fashion-mnist | shapes | openclipart | a .csv/.tsv/.jsonl/.json, folder, shards
+    )
     val: str | None = None  # evaluation dataset; None = the same source as train
     train_split: str = "train"
     val_split: str = "test"
     img_key: str = "filepath"  # CSV/JSONL column with the image path (OpenCLIP's --csv-img-key)
     caption_key: str = "caption"  # CSV/JSONL column with the caption (OpenCLIP's --csv-caption-key)
     image_dir: str | None = None  # COCO captions: the folder of images
-    cache_dir: str = ".cache/vislang/prepared"  # decoded, resized images as memory-mapped arrays (see `vislang prepare`)
+    cache_dir: str = (
+        ".cache/vislang/prepared"  # decoded, resized images as memory-mapped arrays (see `vislang prepare`)
+    )
     max_train: int | None = None  # use only the first N training pairs (smoke runs, quick experiments)
     max_val: int | None = None  # evaluate on only the first N pairs
     num_workers: int = 0  # DataLoader worker processes; 0 suits memory-mapped small images
@@ -63,7 +67,9 @@ class TrainConfig:
     progress: bool = True  # show a progress bar
 
 
-def load_train_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> TrainConfig:
+def load_train_config(
+    path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None
+) -> TrainConfig:
     """Read a YAML/JSON run config (or the defaults) and apply ``key.sub=value`` overrides."""
     data = load_file(path) if path else {}
     if overrides:

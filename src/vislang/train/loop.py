@@ -10,7 +10,6 @@ Run layout (``cfg.out_dir``)::
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import math
 import time
@@ -155,11 +154,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     optimizer = build_optimizer(core, cfg.optim)
     amp, scaler = autocast_for(cfg.precision, device)
 
-    steps_per_epoch = len(train_data) // (cfg.batch_size * world * cfg.accum_steps)
+    per_step = cfg.batch_size * world * cfg.accum_steps
+    steps_per_epoch = len(train_data) // per_step
     if steps_per_epoch == 0:
         raise ValueError(
-            f"the training set has {len(train_data)} pairs, fewer than one step's {cfg.batch_size * world * cfg.accum_steps}"
-            "; lower --batch_size"
+            f"the training set has {len(train_data)} pairs, fewer than one step's {per_step}; lower --batch_size"
         )
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     step, epoch, batch_in_epoch = 0, 0, 0
