@@ -84,12 +84,12 @@ def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
         size, channels = v.image_size, v.channels
     dc = DataConfig(train=args.src, cache_dir=args.cache_dir, img_key=args.img_key, caption_key=args.caption_key)
     ds = load_prepared(args.src, args.split, size, channels, dc)
-    print(f"prepared {len(ds)} pairs ({size}x{size}x{channels}) at {ds.root}")
+    print(f"prepared {len(ds)} pairs ({size}x{size}x{channels}) at {ds.path}")
     return 0
 
 
 def cmd_embed(args: argparse.Namespace, extra: list[str]) -> int:
-    from .embed_cli import embed_to_file
+    from .inference import embed_to_file
 
     out = embed_to_file(
         args.model,

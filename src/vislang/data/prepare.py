@@ -442,10 +442,11 @@ class PreparedDataset(Dataset):
 
     def _open(self) -> None:
         """Open the memmaps (also after unpickling in a DataLoader worker)."""
-        shape = (self.n, self.image_size, self.image_size, self.channels)
-        self.images = open_raw(self.path / IMAGES_FILE, np.uint8, shape)
+        rows = getattr(self, "_head_of", self.n)
+        shape = (rows, self.image_size, self.image_size, self.channels)
+        self.images = open_raw(self.path / IMAGES_FILE, np.uint8, shape)[: self.n]
         self.tokens = (
-            open_raw(self.path / TOKENS_FILE, np.int32, (self.n, int(self.context_length)))
+            open_raw(self.path / TOKENS_FILE, np.int32, (rows, int(self.context_length)))[: self.n]
             if self.context_length
             else None
         )
@@ -511,7 +512,9 @@ class PreparedDataset(Dataset):
         view.n = min(int(n), self.n)
         view.labels = self.labels[: view.n]
         view._captions = self.captions[: view.n]
-        view._open()
+        view.images = self.images[: view.n]
+        view.tokens = None if self.tokens is None else self.tokens[: view.n]
+        view._head_of = self.n  # the files hold more rows than this view shows
         return view
 
     def __repr__(self) -> str:
