@@ -45,13 +45,13 @@ import math
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -116,7 +116,12 @@ def load_data(workdir: Path, limit: int | None, mcfg: ModelConfig) -> tuple[Toke
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a truncated caption would make the two models see different texts
         tokens = tokenizer(captions).numpy().astype("int32")
-    return TokenizedPairs(images, tokens), fit_config_to_tokenizer(mcfg, tokenizer), tokenizer.eos_id, len(set(captions))
+    return (
+        TokenizedPairs(images, tokens),
+        fit_config_to_tokenizer(mcfg, tokenizer),
+        tokenizer.eos_id,
+        len(set(captions)),
+    )
 
 
 def batch_stream(data: TokenizedPairs, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -178,24 +183,6 @@ def openclip_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 
 
 # ------------------------------------------------------------------------------------------------------ the steps
-@dataclass
-class Row:
-    """One trained model, its step function and what it measured."""
-
-    name: str
-    model: nn.Module
-    step_fn: object  # (batch) -> loss float
-    batches: Iterator[dict[str, torch.Tensor]]
-    seconds: list[float] = field(default_factory=list)  # per repeat
-    losses: list[float] = field(default_factory=list)
-
-    def run(self, steps: int) -> float:
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            self.losses.append(self.step_fn(next(self.batches)))
-        return time.perf_counter() - t0
-
-
 class VislangStep:
     """One optimizer step exactly as ``vislang.train.loop.train`` runs it on the CPU (accum_steps=1, fp32)."""
 
@@ -256,112 +243,179 @@ class OpenClipStep:
         return total_loss.item()
 
 
+# --------------------------------------------------------------------------------------------------------- timing
+@dataclass
+class Row:
+    """One trained model with its step function, its own batch stream, and what it measured."""
+
+    name: str
+    model: nn.Module
+    step: Callable[[dict[str, torch.Tensor]], float]  # one optimizer step on a batch → loss
+    batches: Iterator[dict[str, torch.Tensor]]
+    times: list[float] = field(default_factory=list)  # wall-clock seconds of each timed step
+    losses: list[float] = field(default_factory=list)
+
+    def run(self, steps: int, timed: bool = True) -> float:
+        """Train ``steps`` steps, each timed from reading its batch to the end of the optimizer step."""
+        total = 0.0
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            self.losses.append(self.step(next(self.batches)))
+            dt = time.perf_counter() - t0
+            total += dt
+            if timed:
+                self.times.append(dt)
+        return total
+
+
+def build_rows(data: TokenizedPairs, mcfg: ModelConfig, eos_id: int, batch_size: int, total_steps: int) -> list[Row]:
+    """vislang, vislang without caption dedupe (same initial weights) and OpenCLIP, each with its own optimizer."""
+    optim = OptimConfig()
+    torch.manual_seed(SEED)
+    vislang = CLIP(mcfg)
+    nodedupe = copy.deepcopy(vislang)
+    torch.manual_seed(SEED)
+    openclip = build_openclip(mcfg, eos_id)
+    return [
+        Row("vislang", vislang, VislangStep(vislang, optim, True, total_steps), batch_stream(data, batch_size)),
+        Row(
+            "vislang dedupe_text=False",
+            nodedupe,
+            VislangStep(nodedupe, optim, False, total_steps),
+            batch_stream(data, batch_size),
+        ),
+        Row("openclip", openclip, OpenClipStep(openclip, mcfg, optim, total_steps), batch_stream(data, batch_size)),
+    ]
+
+
+def warm_up(rows: list[Row], steps: int) -> float:
+    """Untimed steps for every row; the mean seconds of one settled step (each row's last warmup step)."""
+    return statistics.fmean([(row.run(steps - 1, timed=False), row.run(1, timed=False))[1] for row in rows])
+
+
+def summarize(rows: list[Row], batch_size: int) -> dict[str, dict[str, Any]]:
+    """pairs/s per row from the median step time (robust to stalls) and from the total time (plain throughput)."""
+    return {
+        row.name: {
+            "pairs_per_s": batch_size / statistics.median(row.times),
+            "pairs_per_s_total": batch_size * len(row.times) / sum(row.times),
+            "median_step_s": statistics.median(row.times),
+            "min_step_s": min(row.times),
+            "step_times_s": row.times,
+            "loss_first": row.losses[0],
+            "loss_last": row.losses[-1],
+        }
+        for row in rows
+    }
+
+
 # ----------------------------------------------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--steps", type=int, default=None, help="timed steps per row and repeat (default 15; smoke 2)")
-    p.add_argument("--batch-size", type=int, default=None, help="pairs per step (default 256; smoke 32)")
-    p.add_argument("--repeats", type=int, default=None, help="alternating rounds over the rows (default 4; smoke 1)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed steps per row first (default 3; smoke 1)")
-    p.add_argument("--max-pairs", type=int, default=None, help="use the first N training pairs (default all; smoke 2048)")
-    p.add_argument("--smoke", action="store_true", help="tiny run that only checks that everything works")
-    p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, help="timed steps per row in each round (default 2; smoke 2)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        help="rounds; each runs --steps steps of every row in turn (default: enough for --seconds; smoke 1)",
+    )
+    p.add_argument("--seconds", type=float, default=60.0, help="timed seconds per row when --repeats is not given")
+    p.add_argument("--batch-size", type=int, help="pairs per step (default 256; smoke 32)")
+    p.add_argument("--warmup", type=int, help="untimed steps per row before timing (default 3; smoke 1)")
+    p.add_argument("--max-pairs", type=int, help="train on the first N pairs only (default all 60,000; smoke 2048)")
+    p.add_argument("--threads", type=int, help="torch threads (default torch's own choice; smoke 1)")
+    p.add_argument("--smoke", action="store_true", help="a few tiny steps that only check that everything runs")
+    p.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = p.parse_args(argv)
-    defaults = dict(steps=2, batch_size=32, repeats=1, warmup=1, max_pairs=2048) if args.smoke else {}
-    defaults = {**dict(steps=15, batch_size=256, repeats=4, warmup=3, max_pairs=None), **defaults}
+    defaults = dict(steps=2, repeats=None, batch_size=256, warmup=3, max_pairs=None, threads=None)
+    if args.smoke:
+        defaults.update(repeats=1, batch_size=32, warmup=1, max_pairs=2048, threads=1)
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
+    for k in ("steps", "repeats", "batch_size", "warmup", "max_pairs", "threads"):
+        if getattr(args, k) is not None and getattr(args, k) < 1:
+            p.error(f"--{k.replace('_', '-')} must be at least 1")
     return args
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import open_clip
     import timm
 
     mcfg = get_model_config(MODEL_NAME)
-    optim_cfg = OptimConfig()
-    total_steps = args.warmup + args.steps * args.repeats
+    optim = OptimConfig()
     with tempfile.TemporaryDirectory(prefix="vislang-bench-") as tmp:
         data, mcfg, eos_id, n_texts = load_data(Path(tmp), args.max_pairs, mcfg)
-
-        torch.manual_seed(SEED)
-        vl_model = CLIP(mcfg)
-        vl_nodedupe = copy.deepcopy(vl_model)
-        torch.manual_seed(SEED)
-        oc_model = build_openclip(mcfg, eos_id)
-        rows = [
-            Row("vislang", vl_model, VislangStep(vl_model, optim_cfg, True, total_steps), batch_stream(data, args.batch_size)),
-            Row(
-                "vislang dedupe_text=False",
-                vl_nodedupe,
-                VislangStep(vl_nodedupe, optim_cfg, False, total_steps),
-                batch_stream(data, args.batch_size),
-            ),
-            Row("openclip", oc_model, OpenClipStep(oc_model, mcfg, optim_cfg, total_steps), batch_stream(data, args.batch_size)),
-        ]
+        if len(data) < args.batch_size:
+            raise SystemExit(f"--batch-size {args.batch_size} is larger than the {len(data)} pairs; lower it")
+        schedule_steps = 10_000  # the lr schedules' length: it changes the lr values, not the work per step
+        rows = build_rows(data, mcfg, eos_id, args.batch_size, schedule_steps)
+        n_vislang, n_openclip = param_count(rows[0].model), param_count(rows[-1].model)
 
         v, t, kw = mcfg.vision, mcfg.text, mcfg.vision.timm_kwargs
-        n_vl, n_oc = param_count(vl_model), param_count(oc_model)
-        print("train_throughput: CLIP training, vislang vs OpenCLIP, same config and data, CPU fp32")
+        print("train_throughput: CLIP training, vislang vs OpenCLIP, same model config and data, CPU fp32")
         print(
             f"torch {torch.__version__}, open_clip {open_clip.__version__}, timm {timm.__version__}, "
-            f"python {platform.python_version()}; {torch.get_num_threads()} torch threads; CPU: {cpu_model()} "
-            f"({os.cpu_count()} logical)"
+            f"python {platform.python_version()}; torch threads {torch.get_num_threads()}; "
+            f"CPU: {cpu_model()} ({os.cpu_count()} logical)"
         )
         print(
-            f"model {MODEL_NAME}: ViT {v.image_size}px/{v.channels}ch patch {kw['patch_size']} width {kw['embed_dim']} "
-            f"depth {kw['depth']} heads {kw['num_heads']} | text ctx {t.context_length} width {t.width} "
-            f"layers {t.layers} heads {t.heads} vocab {t.vocab_size} | embed {mcfg.embed_dim}"
+            f"model {MODEL_NAME}: ViT {v.image_size}px/{v.channels}ch patch {kw['patch_size']} width "
+            f"{kw['embed_dim']} depth {kw['depth']} heads {kw['num_heads']} | text ctx {t.context_length} width "
+            f"{t.width} layers {t.layers} heads {t.heads} vocab {t.vocab_size} | embed {mcfg.embed_dim}"
         )
-        print(f"params: vislang {n_vl:,}  openclip {n_oc:,}  ({100 * (n_vl - n_oc) / n_oc:+.2f}%)")
+        print(
+            f"params: vislang {n_vislang:,}  openclip {n_openclip:,}  "
+            f"({100 * (n_vislang - n_openclip) / n_openclip:+.2f}%)"
+        )
         print(
             f"data: Fashion-MNIST train, {len(data):,} pairs, {n_texts} distinct captions; batch {args.batch_size}; "
-            f"lr {optim_cfg.lr} AdamW, grad clip {optim_cfg.grad_clip}"
+            f"AdamW lr {optim.lr}, grad clip {optim.grad_clip}",
+            flush=True,
         )
-        print(f"timing: {args.warmup} warmup steps per row, then {args.repeats} rounds x {args.steps} steps, rows alternating")
-        sys.stdout.flush()
 
-        for row in rows:
-            row.run(args.warmup)
-        for r in range(args.repeats):
-            for row in rows:
-                row.seconds.append(row.run(args.steps))
-            rates = "  ".join(f"{row.name} {args.steps * args.batch_size / row.seconds[-1]:7.1f}" for row in rows)
-            print(f"round {r + 1}: pairs/s  {rates}", flush=True)
+        step_s = warm_up(rows, args.warmup)
+        repeats = args.repeats or max(3, round(args.seconds / (step_s * args.steps)))
+        print(
+            f"timing: {args.warmup} warmup steps per row (~{step_s:.2f} s/step), then {repeats} rounds of "
+            f"{args.steps} steps per row, rows in turn (A B C A B C ...)",
+            flush=True,
+        )
+        for r in range(repeats):
+            took = [row.run(args.steps) for row in rows]
+            rates = "  ".join(f"{row.name} {args.steps * args.batch_size / s:.1f}" for row, s in zip(rows, took))
+            print(f"round {r + 1}/{repeats} pairs/s: {rates}", flush=True)
 
-    timed = args.steps * args.repeats
-    results = {
-        row.name: {
-            "pairs_per_s": timed * args.batch_size / sum(row.seconds),
-            "s_per_step": sum(row.seconds) / timed,
-            "round_pairs_per_s": [args.steps * args.batch_size / s for s in row.seconds],
-            "loss_first": row.losses[0],
-            "loss_last": statistics.fmean(row.losses[-min(5, len(row.losses)) :]),
-        }
-        for row in rows
-    }
-    oc = results["openclip"]["pairs_per_s"]
-    ratio = results["vislang"]["pairs_per_s"] / oc
-    ratio_nodedupe = results["vislang dedupe_text=False"]["pairs_per_s"] / oc
-    print(f"{'row':28s} {'pairs/s':>9s} {'s/step':>8s} {'loss first→last':>17s}")
+    results = summarize(rows, args.batch_size)
+    vis, nodedupe, oc = (results[row.name] for row in rows)
+    ratio = vis["pairs_per_s"] / oc["pairs_per_s"]
+    ratio_total = vis["pairs_per_s_total"] / oc["pairs_per_s_total"]
+    ratio_nodedupe = nodedupe["pairs_per_s"] / oc["pairs_per_s"]
+
+    print(f"{'row':27s} {'pairs/s':>8s} {'(total)':>8s} {'median s/step':>14s}  loss first -> last")
     for name, res in results.items():
-        loss = f"{res['loss_first']:.3f}→{res['loss_last']:.3f}"
-        print(f"{name:28s} {res['pairs_per_s']:9.1f} {res['s_per_step']:8.3f} {loss:>17s}")
+        print(
+            f"{name:27s} {res['pairs_per_s']:8.1f} {res['pairs_per_s_total']:8.1f} {res['median_step_s']:14.3f}  "
+            f"{res['loss_first']:.3f} -> {res['loss_last']:.3f}"
+        )
+    print("pairs/s = batch / median step time; (total) = all timed pairs / all timed seconds")
+    print(f"ratio from total time vislang/openclip = {ratio_total:.2f}")
     print(f"ratio vislang(dedupe_text=False)/openclip = {ratio_nodedupe:.2f}")
     print(f"ratio vislang/openclip = {ratio:.2f}")
 
     report = {
         "benchmark": "train_throughput",
         "model": MODEL_NAME,
-        "params": {"vislang": n_vl, "openclip": n_oc},
-        "batch_size": args.batch_size,
-        "steps": args.steps,
-        "repeats": args.repeats,
-        "warmup": args.warmup,
+        "params": {"vislang": n_vislang, "openclip": n_openclip},
         "pairs": len(data),
         "distinct_captions": n_texts,
+        "batch_size": args.batch_size,
+        "warmup": args.warmup,
+        "steps_per_round": args.steps,
+        "repeats": repeats,
         "torch": torch.__version__,
         "open_clip": open_clip.__version__,
         "timm": timm.__version__,
@@ -370,11 +424,12 @@ def main(argv: list[str] | None = None) -> dict:
         "smoke": args.smoke,
         "results": results,
         "ratio": ratio,
+        "ratio_total_time": ratio_total,
         "ratio_no_dedupe": ratio_nodedupe,
     }
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2))
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 

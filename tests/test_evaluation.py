@@ -100,7 +100,7 @@ class FakePrepared:
 
 def oracle_zero_shot_setup(templates: list[str]):
     """6 classes with one-hot text embeddings (same for every template) and 8 images with hand-set class scores."""
-    classnames = ["cat", "dog", "owl", "fox", "elk", "bee"]
+    classnames = ["cat", "dog", "pig", "fox", "yak", "bee"]
     vocab = [t.format(c) for c in classnames for t in templates]
     text_table = torch.stack([F.one_hot(torch.tensor(i // len(templates)), 6).float() for i in range(len(vocab))])
     scores = torch.tensor(
@@ -202,6 +202,8 @@ def test_zero_shot_eval_skips_unknown_labels_and_rejects_unlabelled():
     out = zero_shot_eval(model, tokenizer, dataset, templates=["a {}."])
     assert out["n"] == 7
     assert out["top5"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="rows but there are 8 labels"):
+        zero_shot_eval(model, tokenizer, dataset, templates=["a {}."], image_emb=torch.zeros(3, 6))
     dataset.labels[:] = -1
     with pytest.raises(ValueError, match="no labelled items"):
         zero_shot_eval(model, tokenizer, dataset, templates=["a {}."])

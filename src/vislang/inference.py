@@ -16,7 +16,6 @@ from PIL import Image, UnidentifiedImageError
 from .factory import create_model_and_transforms, get_tokenizer
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "{}")
 
 
 def list_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
@@ -68,17 +67,14 @@ def embed_images(model, preprocess, paths: Sequence[Path], batch_size: int = 256
     return torch.cat(feats).numpy(), kept
 
 
-@torch.inference_mode()
 def embed_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 1024, device: str = "cpu") -> np.ndarray:
-    texts = [t for t in texts]
+    """Normalised text embeddings; empty texts are refused (they would all map to the same vector)."""
+    from .evaluation.embed import embed_texts as _embed
+
+    texts = list(texts)
     if not texts or any(not t.strip() for t in texts):
         raise ValueError("empty text given; every text to embed needs at least one word")
-    model.eval().to(device)
-    out = [
-        model.encode_text(tokenizer(texts[i : i + batch_size]).to(device)).float().cpu()
-        for i in range(0, len(texts), batch_size)
-    ]
-    return torch.cat(out).numpy()
+    return _embed(model, tokenizer, texts, batch_size, device).numpy()
 
 
 def embed_to_file(

@@ -283,7 +283,7 @@ def evaluate_run(
         results["skipped"]["linear_probe"] = "the training or test set has no labels"
     else:
         results["linear_probe"] = probe_eval(
-            model, train_dataset, test_dataset, device, batch_size, probe_max_train, test_feats=test_feats
+            model, train_dataset, test_dataset, device, batch_size, probe_max_train, test_feats, progress=progress
         )
     timing["linear_probe"] = time.perf_counter() - t
 

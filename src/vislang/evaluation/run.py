@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-DEFAULT_TEMPLATES = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "{}")
+from .zero_shot import DEFAULT_TEMPLATES
 
 
 def templates_for(dataset: Any) -> tuple[str, ...]:

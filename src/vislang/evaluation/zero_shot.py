@@ -17,14 +17,18 @@ from torch import nn
 
 from .embed import ImageSource, embed_images, embed_texts, eval_mode, resolve_device
 
-DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
+DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "{}")
 
 Template = str | Callable[[str], str]
 
 
 def fill_template(template: Template, classname: str) -> str:
     """A prompt from a template: ``"a photo of a {}."`` style format strings or callables (OpenCLIP accepts both)."""
-    return template(classname) if callable(template) else template.format(classname)
+    if callable(template):
+        return template(classname)
+    from ..data.fashion_mnist import format_caption
+
+    return format_caption(template, classname)  # "a {}" + "ankle boot" → "an ankle boot"
 
 
 def zero_shot_classifier(
@@ -153,6 +157,10 @@ def zero_shot_eval(
         raise ValueError("the dataset has no labelled items (all labels are -1), so zero-shot accuracy is undefined")
     if labels[known].max() >= len(classnames):
         raise ValueError(f"labels go up to {labels[known].max()} but only {len(classnames)} class names were given")
+    if image_emb is not None and image_emb.shape[0] != len(labels):
+        raise ValueError(
+            f"image_emb has {image_emb.shape[0]} rows but there are {len(labels)} labels; pass matching ones"
+        )
     classifier = zero_shot_classifier(model, tokenizer, classnames, templates, device)  # (E, K)
     if image_emb is None:
         image_emb = embed_images(model, dataset, batch_size, device, indices=known)
