@@ -27,7 +27,7 @@ Usage::
     python examples/shapes_holdout.py                     # train runs/shapes (≈5 min), then evaluate
     python examples/shapes_holdout.py --eval-only         # evaluate an existing runs/shapes/model
     python examples/shapes_holdout.py --epochs=2          # any run-config override, as for `vislang train`
-    python examples/shapes_holdout.py --smoke             # seconds: a tiny model on 256 scenes (used by tests)
+    python examples/shapes_holdout.py --smoke             # seconds: a tiny model on 128 scenes (used by tests)
 
 The table is printed and written to ``<out_dir>/holdout.json`` (``runs/shapes/holdout.json``).
 """
@@ -70,7 +70,7 @@ SMOKE_OVERRIDES = {
         "vision": {"width": 8, "depth": 2},
         "text": {"width": 32, "layers": 1, "heads": 2, "vocab_size": 300},
     },
-    "data": {"max_train": 256, "options": {"n": 256}},
+    "data": {"max_train": 128, "options": {"n": 128}},
     "epochs": 1,
     "time_budget_min": None,
     "batch_size": 32,
@@ -200,7 +200,7 @@ def evaluate(model_dir: Path, n_eval: int, per_pair: int) -> dict:
         m = retrieval_metrics(emb[q.gallery], text_emb, q.relevant, KS)
         rows[q.name] = {
             "description": q.description,
-            "queries": len(q.texts),
+            "queries": m["n_texts"],  # queries with at least one relevant image in the gallery
             "gallery": int(images[q.gallery].shape[0]),
             "relevant_per_query": float(np.mean([len(r) for r in q.relevant])),
             **{f"R@{k}": m[f"text_to_image_R@{k}"] for k in KS},
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(CONFIG), help="run config (default: the packaged shapes.yaml)")
     p.add_argument("--eval-only", action="store_true", help="evaluate <out_dir>/model without training")
-    p.add_argument("--smoke", action="store_true", help="a tiny model on 256 scenes in a temporary folder")
+    p.add_argument("--smoke", action="store_true", help="a tiny model on 128 scenes in a temporary folder")
     p.add_argument("--n-eval", type=int, default=1000, help="scenes of the test and holdout splits evaluated")
     p.add_argument("--per-pair", type=int, default=20, help="single-object gallery images per colour–shape pair")
     args, extra = p.parse_known_args(argv)
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
                 "data": {**SMOKE_OVERRIDES["data"], "cache_dir": str(smoke_dir / "cache")},
             },
         )
-        args.n_eval, args.per_pair = 64, 3
+        args.n_eval, args.per_pair = 48, 3
     else:
         cfg = load_train_config(args.config, overrides)
     out = Path(cfg.out_dir)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -173,16 +174,11 @@ def save_pretrained(model: CLIP, directory: str | os.PathLike, tokenizer=None, e
     save_file(state, str(tmp / "model.safetensors"))
     if tokenizer is not None:
         tokenizer.save(tmp)
-    if d.exists():
+    if d.exists():  # swap: the old directory is removed only once the new one is in place
         old = d.with_name(f".{d.name}.old")
-        if old.exists():
-            import shutil
-
-            shutil.rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)
         d.rename(old)
         tmp.rename(d)
-        import shutil
-
         shutil.rmtree(old)
     else:
         tmp.rename(d)

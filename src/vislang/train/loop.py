@@ -197,6 +197,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             ckpt_path,
         )
 
+    from ..data.prepare import summarize_skips
+
+    skip_note = f"{len(train_data)} pairs; at preparation " + summarize_skips(train_imgs.meta.get("skipped", {}))
     bar = tqdm(total=total_steps, initial=step, disable=not (cfg.progress and main), desc="train", unit="step")
     budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min else None
     t_start = time.time()
@@ -277,6 +280,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                 break
         if batch_in_epoch >= len(batches):  # the epoch ran to its end (not cut by the step limit)
             epoch, batch_in_epoch = epoch + 1, 0
+            if main:
+                print(f"[vislang] epoch {epoch} done at step {step}: {skip_note}")
             if not cfg.eval_every and step < total_steps:
                 _periodic_eval(core, tokenizer, val_imgs, cfg, step, log, device, main)
                 model.train()
