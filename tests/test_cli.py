@@ -5,26 +5,16 @@ import json
 import numpy as np
 import pytest
 
+from _tiny import TINY as BASE
 from vislang.cli import main
 from vislang.data import ShapesDataset
 from vislang.train import load_train_config, train
 
 TINY = [
-    "model_name=shapes-cnn",
-    "model.vision.width=4",
-    "model.vision.depth=2",
-    "model.vision.image_size=24",
-    "model.text.width=16",
-    "model.text.layers=1",
-    "model.text.heads=2",
-    "model.text.vocab_size=200",
-    "model.embed_dim=16",
-    "data.train=shapes",
-    "data.val_split=val",
+    *BASE,
     "data.options={n: 64}",
     "batch_size=16",
     "epochs=1",
-    "progress=false",
 ]
 
 

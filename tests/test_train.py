@@ -7,29 +7,19 @@ import torch
 from safetensors.torch import load_file
 
 import vislang
+from _tiny import TINY as BASE
 from vislang.cli import main
 from vislang.train import load_train_config, train
 from vislang.train import loop as loop_mod
 
 TINY = [
-    "model_name=shapes-cnn",
-    "model.vision.width=4",
-    "model.vision.depth=2",
-    "model.vision.image_size=24",
-    "model.text.width=16",
-    "model.text.layers=1",
-    "model.text.heads=2",
-    "model.text.vocab_size=200",
-    "model.embed_dim=16",
-    "data.train=shapes",
-    "data.val_split=val",
+    *BASE,
     "data.options={n: 96}",
     "batch_size=16",
     "epochs=2",
     "log_every=2",
     "save_every=3",
     "eval_max=32",
-    "progress=false",
 ]
 
 
