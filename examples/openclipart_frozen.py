@@ -333,7 +333,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if args.smoke:
-        args.max_items = args.max_items or 16
+        args.max_items = args.max_items or 8
         args.epochs, args.eval_every, args.train_batch, args.workers, args.no_cache = 3, 1, 8, 0, True
         args.no_progress = True
     return args

@@ -153,3 +153,16 @@ def test_missing_dataset_names_the_fix(tmp_path, capsys):
 def test_unknown_override_is_named(capsys):
     assert main(["train", "--optim.lrr=1"]) == 2
     assert "lrr" in capsys.readouterr().err
+
+
+def test_prepare_with_tokenizer(run, capsys):
+    args = ["prepare", "shapes", "--split", "val", "--image-size", "16", "--channels", "3"]
+    assert main([*args, "--cache-dir", str(run["cache"]), "--tokenizer", str(run["model"])]) == 0
+    out = capsys.readouterr().out
+    assert "tokens" in out
+    from vislang.data import PreparedDataset
+    from vislang.tokenizers import load_tokenizer
+
+    ds = PreparedDataset(out.strip().rsplit(" at ", 1)[1])
+    tok = load_tokenizer(run["model"])
+    assert np.array_equal(ds.tokens[:5], tok(ds.captions[:5]).numpy())

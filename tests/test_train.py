@@ -87,3 +87,13 @@ def test_help_teaches(capsys):
         main(["train", "--help"])
     out = capsys.readouterr().out
     assert "--resume" in out and "examples" in out
+
+
+def test_prepared_cache_keys_on_reader_options(tmp_path):
+    """A different `data.options` (here the number of scenes) must not reuse a stale prepared copy."""
+    from vislang.train.config import DataConfig
+    from vislang.train.data import load_prepared
+
+    a = load_prepared("shapes", "val", 16, 3, DataConfig(cache_dir=str(tmp_path), options={"n": 10}), False)
+    b = load_prepared("shapes", "val", 16, 3, DataConfig(cache_dir=str(tmp_path), options={"n": 12}), False)
+    assert (len(a), len(b)) == (10, 12) and a.path != b.path

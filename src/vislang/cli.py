@@ -83,8 +83,22 @@ def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
         v = get_model_config(args.model).vision
         size, channels = v.image_size, v.channels
     dc = DataConfig(train=args.src, cache_dir=args.cache_dir, img_key=args.img_key, caption_key=args.caption_key)
-    ds = load_prepared(args.src, args.split, size, channels, dc)
-    print(f"prepared {len(ds)} pairs ({size}x{size}x{channels}) at {ds.path}")
+    tokenizer = None
+    if args.tokenizer:
+        from .tokenizers import load_tokenizer
+
+        tokenizer = load_tokenizer(args.tokenizer)
+    ds = load_prepared(
+        args.src,
+        args.split,
+        size,
+        channels,
+        dc,
+        tokenizer=tokenizer,
+        tokenizer_id=str(Path(args.tokenizer).resolve()) if args.tokenizer else "",
+    )
+    tokens = f", tokens {ds.tokens.shape[1]} per caption" if ds.tokens is not None else ""
+    print(f"prepared {len(ds)} pairs ({size}x{size}x{channels}{tokens}) at {ds.path}")
     return 0
 
 
@@ -208,6 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--img-key", default="filepath", help="CSV/JSONL column with image paths")
     sp.add_argument("--caption-key", default="caption", help="CSV/JSONL column with captions")
     sp.add_argument("--cache-dir", default=".cache/vislang/prepared")
+    sp.add_argument("--tokenizer", help="also tokenize the captions with this tokenizer (or model) directory")
 
     sp = add("embed", "embed images or texts with a trained model into .npy or .parquet", cmd_embed)
     sp.add_argument("--model", required=True, help="model directory")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -12,19 +13,42 @@ from ..data import PreparedDataset, open_dataset, prepare, prepared_dir_for
 from .config import DataConfig
 
 
+def _source_key(spec: str, kw: dict[str, Any]) -> str:
+    """What identifies the prepared copy besides size: reader options, and a file source's size and mtime, so an
+    edited CSV or a different ``n`` gets a fresh copy instead of a stale one."""
+    key: dict[str, Any] = {"options": kw}
+    p = Path(spec)
+    if p.exists():
+        st = p.stat()
+        key["file"] = [st.st_size, int(st.st_mtime)]
+    return json.dumps(key, sort_keys=True, default=str)
+
+
 def load_prepared(
-    spec: str, split: str, image_size: int, channels: int, cfg: DataConfig, progress: bool = True
+    spec: str,
+    split: str,
+    image_size: int,
+    channels: int,
+    cfg: DataConfig,
+    progress: bool = True,
+    tokenizer: Any = None,
+    tokenizer_id: str = "",
 ) -> PreparedDataset:
-    """The prepared copy of a dataset split, made on first use and reused by every later run."""
-    out = prepared_dir_for(Path(cfg.cache_dir), spec, split, image_size, channels, "")
+    """The prepared copy of a dataset split, made on first use and reused by every later run.
+
+    With ``tokenizer`` the captions are tokenized into the copy too (``vislang prepare --tokenizer``); the trainer
+    leaves it out and tokenizes in memory, so one image cache serves every tokenizer.
+    """
+    kw: dict[str, Any] = dict(cfg.options)
+    if spec.endswith((".csv", ".tsv", ".jsonl")):
+        kw.update(img_key=cfg.img_key, caption_key=cfg.caption_key)
+    if cfg.image_dir:
+        kw["image_dir"] = cfg.image_dir
+    out = prepared_dir_for(Path(cfg.cache_dir), spec, split, image_size, channels, tokenizer_id + _source_key(spec, kw))
     if not (out / "meta.json").is_file():
-        kw: dict[str, Any] = dict(cfg.options)
-        if spec.endswith((".csv", ".tsv", ".jsonl")):
-            kw.update(img_key=cfg.img_key, caption_key=cfg.caption_key)
-        if cfg.image_dir:
-            kw["image_dir"] = cfg.image_dir
         ds = open_dataset(spec, split=split, **kw)
-        prepare(ds, out, image_size=image_size, channels=channels, tokenize=None, progress=progress)
+        tokenize = (lambda texts: tokenizer(texts).numpy()) if tokenizer is not None else None
+        prepare(ds, out, image_size=image_size, channels=channels, tokenize=tokenize, progress=progress)
     return PreparedDataset(out)
 
 

@@ -1,0 +1,80 @@
+"""The benchmarks under benchmarks/ run (in --smoke mode) and compare like with like."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from vislang.factory import fit_config_to_tokenizer, get_model_config
+from vislang.models import CLIP
+from vislang.tokenizers import Tokenizer
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+FMNIST_TRAIN = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+
+
+def load_benchmark(name: str):
+    """A benchmark script as a module (benchmarks/ is not a package); registered so its dataclasses resolve."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def test_openclip_twin_matches_vislang_model() -> None:
+    """The OpenCLIP model of train_throughput is the same size, reads 1 channel and pools at vislang's end token."""
+    pytest.importorskip("open_clip")
+    from open_clip.transformer import text_global_pool
+
+    tt = load_benchmark("train_throughput")
+    captions = ["a photo of a sneaker.", "a picture of a pair of trousers, a fashion item.", "a bag."]
+    tokenizer = Tokenizer.train(captions, vocab_size=200, context_length=24)
+    mcfg = fit_config_to_tokenizer(get_model_config(tt.MODEL_NAME), tokenizer)
+    openclip, vislang = tt.build_openclip(mcfg, tokenizer.eos_id), CLIP(mcfg)
+    n_oc, n_vl = tt.param_count(openclip), tt.param_count(vislang)
+    assert abs(n_vl - n_oc) / n_oc < 0.01, (n_vl, n_oc)
+
+    ids = tokenizer(captions)  # (B, T), [EOS] is not the highest id
+    end = (ids != tokenizer.pad_id).sum(1) - 1  # vislang's end-token index
+    positions = torch.arange(ids.shape[1], dtype=torch.float32).expand(*ids.shape).unsqueeze(-1)  # (B, T, 1)
+    pooled = text_global_pool(positions, ids, openclip.text_pool_type, eos_token_id=openclip.text_eos_id)
+    assert pooled.squeeze(-1).long().tolist() == end.tolist()
+
+    images = torch.randn(len(captions), mcfg.vision.channels, mcfg.vision.image_size, mcfg.vision.image_size)
+    out = openclip(images, ids)
+    assert out["image_features"].shape == out["text_features"].shape == (len(captions), mcfg.embed_dim)
+
+
+def test_train_throughput_smoke(tmp_path: Path) -> None:
+    pytest.importorskip("open_clip")
+    if not FMNIST_TRAIN.is_file():
+        pytest.skip(f"Fashion-MNIST is not installed ({FMNIST_TRAIN}); apt-get install dataset-fashion-mnist")
+    out_json = tmp_path / "result.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "train_throughput.py"), "--smoke", "--json", str(out_json)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, f"train_throughput failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    lines = proc.stdout.splitlines()
+    assert any(re.fullmatch(r"ratio vislang/openclip = \d+\.\d\d", line) for line in lines), proc.stdout
+    assert any(line.startswith("params: vislang ") for line in lines), proc.stdout
+    report = json.loads(out_json.read_text())
+    assert set(report["results"]) == {"vislang", "vislang dedupe_text=False", "openclip"}
+    assert report["ratio"] > 0 and report["torch_threads"] == 1
+    assert all(r["pairs_per_s"] > 0 for r in report["results"].values())
+    assert list(tmp_path.iterdir()) == [out_json]  # the prepared data lived in a temporary folder
