@@ -24,14 +24,19 @@ Two details make the OpenCLIP model the same model:
   ``<end_of_text>`` has the highest id). vislang's BPE puts ``[EOS]`` at id 3, so the OpenCLIP text tower is built
   with ``pool_type="eos"`` and ``eos_id=tokenizer.eos_id``: it pools at the first end token, as vislang does.
 
-Rows are timed in alternation (A B C, A B C, ...) after warmup steps, so a change of load on the machine hits every
-row; the third row is vislang with ``dedupe_text=False`` to show what the caption dedupe contributes (Fashion-MNIST
-captions come from 10 templates x 10 classes, so a batch of 256 holds at most 100 distinct texts).
+Rows are timed in turn (A B C, A B C, ...) after warmup steps, a few steps per round, so a change of load on the
+machine hits every row. Each step is timed on its own; a row's pairs/s is the batch size over its median step time,
+which a shared machine's occasional stalls do not move, and the ratio of those is the headline ``ratio`` line (the
+plain total-time throughput and its ratio are printed too). The middle row is vislang with ``dedupe_text=False``, to
+show what the caption dedupe contributes: Fashion-MNIST captions come from 10 templates x 10 classes, so a batch of
+256 holds at most 100 distinct texts; the two vislang rows start from the same weights and see the same batches, so
+their losses agree and only the time differs.
 
 Usage::
 
-    python benchmarks/train_throughput.py                  # ~3 minutes on 2 cores
-    python benchmarks/train_throughput.py --smoke          # seconds: checks that everything runs
+    python benchmarks/train_throughput.py                  # ~60 s of timed steps per row, ~4 minutes in all
+    python benchmarks/train_throughput.py --threads 1      # on a machine shared with other jobs (see README)
+    python benchmarks/train_throughput.py --smoke          # seconds: only checks that everything runs
     python benchmarks/train_throughput.py --json out.json  # also write the results
 """
 
@@ -290,7 +295,11 @@ def build_rows(data: TokenizedPairs, mcfg: ModelConfig, eos_id: int, batch_size:
 
 def warm_up(rows: list[Row], steps: int) -> float:
     """Untimed steps for every row; the mean seconds of one settled step (each row's last warmup step)."""
-    return statistics.fmean([(row.run(steps - 1, timed=False), row.run(1, timed=False))[1] for row in rows])
+    last = []
+    for row in rows:
+        row.run(steps - 1, timed=False)
+        last.append(row.run(1, timed=False))
+    return statistics.fmean(last)
 
 
 def summarize(rows: list[Row], batch_size: int) -> dict[str, dict[str, Any]]:
