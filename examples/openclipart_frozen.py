@@ -295,7 +295,7 @@ def check_saved_model(model_dir: Path, model: vislang.CLIP, aux: dict, test_data
 
 def table(results: dict[str, dict]) -> list[str]:
     """Rows of R@k (%) for each model and for chance, both directions."""
-    head = f"{'':34s}{'text→image R@1/5/10 (%)':>26s}   {'image→text R@1/5/10 (%)':>26s}"
+    head = f"{'':42s}{'text→image R@1/5/10 (%)':>26s}   {'image→text R@1/5/10 (%)':>26s}"
     lines = [head]
 
     def cells(r: dict, direction: str, chance: bool) -> str:
@@ -303,13 +303,13 @@ def table(results: dict[str, dict]) -> list[str]:
         return "".join(f"{100 * r[key + str(k)]:8.1f}" for k in KS)
 
     for name, r in results.items():
-        lines.append(f"{name:34s}  {cells(r, 'text_to_image', False)}   {cells(r, 'image_to_text', False)}")
+        lines.append(f"{name:42s}  {cells(r, 'text_to_image', False)}   {cells(r, 'image_to_text', False)}")
     any_r = next(iter(results.values()))
     lines.append(
-        f"{'chance (random ranking)':34s}  {cells(any_r, 'text_to_image', True)}   "
+        f"{'chance (random ranking)':42s}  {cells(any_r, 'text_to_image', True)}   "
         f"{cells(any_r, 'image_to_text', True)}"
     )
-    lines.append(f"{'k/N':34s}  " + "".join(f"{100 * any_r[f'k_over_N@{k}']:8.1f}" for k in KS))
+    lines.append(f"{'k/N':42s}  " + "".join(f"{100 * any_r[f'k_over_N@{k}']:8.1f}" for k in KS))
     return lines
 
 
@@ -372,7 +372,11 @@ def main(argv: list[str] | None = None) -> int:
 
     test = results["pretrained towers (frozen)"]["test"]
     print(f"\nOpenClipart test split: {test['n_images']} images, {test['n_texts']} distinct captions as text queries")
-    lines = table({name: r["test"] for name, r in results.items()})
+    rows = {name: r["test"] for name, r in results.items()}
+    rows["pretrained towers, untrained projections"] = results["pretrained towers (frozen)"][
+        "test_untrained_projections"
+    ]
+    lines = table(rows)
     print("\n".join(lines))
     summary = {
         "model": MODEL_NAME,

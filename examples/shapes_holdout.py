@@ -262,8 +262,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-only", action="store_true", help="evaluate <out_dir>/model without training")
     p.add_argument("--smoke", action="store_true", help="a tiny model on 128 scenes in a temporary folder")
     p.add_argument("--n-eval", type=int, default=1000, help="scenes of the test and holdout splits evaluated")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 can be faster on a busy machine)")
     p.add_argument("--per-pair", type=int, default=20, help="single-object gallery images per colour–shape pair")
     args, extra = p.parse_known_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     bad = [tok for tok in extra if not (tok.startswith("--") and "=" in tok)]
     if bad:
         raise SystemExit(f"unexpected arguments {bad}: run-config overrides look like --optim.lr=1e-3")
@@ -296,7 +299,13 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"no model at {model_dir}: run without --eval-only first")
 
     result = evaluate(model_dir, args.n_eval, args.per_pair)
-    result["run"] = {"out_dir": str(out), "config": args.config, "overrides": overrides, "train_seconds": train_s}
+    result["run"] = {
+        "out_dir": str(out),
+        "config": args.config,
+        "overrides": overrides,
+        "train_seconds": train_s,
+        "threads": torch.get_num_threads(),
+    }
     print(f"\nShapes, held-out pairs {', '.join(' '.join(p) for p in result['holdout_pairs'])}; text→image (%):")
     print("\n".join(table(result)))
     (out / "holdout.json").write_text(json.dumps(result, indent=2))
