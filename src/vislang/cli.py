@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -14,6 +15,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+# Modules that add subcommands (each defines ``register(add)``, ``add(name, help, fn) -> ArgumentParser``).
+COMMAND_MODULES = ("vislang.index.commands", "vislang.serve.commands", "vislang.compress.commands")
 
 
 def _config_path(spec: str | None) -> str | None:
@@ -249,6 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--fresh", action="store_true", help="delete an existing run in --out first")
 
     add("models", "list the built-in model configs", cmd_models)
+    for name in COMMAND_MODULES:  # other homes register their own subcommands: register(add) -> None
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        module.register(add)
     return p
 
 
