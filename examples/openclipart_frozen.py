@@ -4,7 +4,8 @@ The built-in ``effnet-lite0-minilm`` model is an ImageNet EfficientNet-Lite0 ima
 text tower, both frozen (``lock_image``/``lock_text``), joined by two linear projections into a 256-d space. Only
 ``image_proj``, ``text_proj`` and ``logit_scale`` train, so the towers' pooled features are computed once per image
 and caption, cached under ``.cache/vislang/features/``, and the projections are fitted on the cached features with
-the CLIP loss (``vislang.losses.ClipLoss``): hundreds of epochs take seconds instead of hours.
+the CLIP loss (``vislang.losses.ClipLoss``): an epoch takes a second or two instead of minutes. The projections
+overfit 6.5k pairs within about ten epochs, so 20 epochs with early stopping are plenty.
 
 The same pipeline is run twice:
 
@@ -321,8 +322,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache-dir", type=Path, default=FEATURE_CACHE, help="where tower features are cached")
     p.add_argument("--no-cache", action="store_true", help="always extract features, never read or write the cache")
     p.add_argument("--root", default="/usr/share/openclipart", help="OpenClipart folder (png/ and svg/)")
-    p.add_argument("--epochs", type=int, default=200, help="epochs of projection training on the cached features")
-    p.add_argument("--eval-every", type=int, default=5, help="epochs between early-stopping evaluations")
+    p.add_argument("--epochs", type=int, default=20, help="epochs of projection training on the cached features")
+    p.add_argument("--eval-every", type=int, default=2, help="epochs between early-stopping evaluations")
     p.add_argument("--train-batch", type=int, default=512, help="pairs per contrastive batch")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--weight-decay", type=float, default=0.1)

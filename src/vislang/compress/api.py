@@ -1,0 +1,124 @@
+"""``compress_model_dir``: one model directory in, one compressed model directory out, with what it cost.
+
+Every output is a model directory (``config.json`` + ``model.safetensors`` + tokenizer) whose config records
+``"compression": {"method": ..., "source": ..., ...}``; pruned and distilled ones are plain fp32 models that
+``from_pretrained`` loads as is, quantised ones load through :func:`vislang.compress.load_model` (or
+``from_pretrained`` once it delegates int8 directories to :func:`vislang.compress.load_quantized`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+METHODS = ("dynamic-int8", "static-int8", "prune", "distill")
+
+
+def compress_model_dir(
+    model_dir: str | os.PathLike,
+    method: str,
+    out_dir: str | os.PathLike,
+    data: str = "fashion-mnist",
+    data_options: dict[str, Any] | None = None,
+    sparsity: float = 0.5,
+    prune_kind: str = "unstructured",
+    steps: int | None = None,
+    lr: float | None = None,
+    batch_size: int = 256,
+    student: list[str] | dict[str, Any] | None = None,
+    calibration_images: int = 512,  # static-int8, once implemented
+    max_pairs: int | None = None,
+    cache_dir: str = ".cache/vislang/prepared",
+    seed: int = 0,
+    log_every: int = 0,
+) -> dict[str, Any]:
+    """Compress ``model_dir`` with ``method`` into ``out_dir``; returns a summary (also stored in the config).
+
+    Args:
+        method: ``dynamic-int8``, ``static-int8`` (calibrated on ``calibration_images`` training images), ``prune``
+            (to ``sparsity`` of kind ``prune_kind``, then ``steps`` of fine-tuning) or ``distill`` (a student
+            configured by ``student`` overrides, trained ``steps`` steps).
+        data: the training data of the fine-tune, the distillation and the calibration.
+        data_options: keyword arguments of its reader (``{"n": 64}`` for a small ``shapes`` set).
+        steps: fine-tune / distillation steps (default 200 / 600; 0 = no fine-tune after pruning).
+        lr: learning rate (default 2e-4 fine-tune, 2e-3 distillation).
+        max_pairs: use only the first N training pairs (smoke runs).
+    """
+    from ..factory import get_tokenizer, save_pretrained
+    from .quantize import QUANTISED_METHODS, load_model, read_meta
+
+    if method not in METHODS:
+        raise ValueError(f"unknown compression method {method!r}; choose one of {', '.join(METHODS)}")
+    src, out = Path(model_dir), Path(out_dir)
+    meta = read_meta(src)
+    done = (meta.get("compression") or {}).get("method")
+    if done in QUANTISED_METHODS:
+        raise ValueError(f"{src} is already {done}-quantised; compress the fp32 model it was made from instead")
+    if out.resolve() == src.resolve():
+        raise ValueError(f"the output directory {out} is the input model; choose another -o")
+    if method == "prune":
+        from .prune import check_sparsity
+
+        check_sparsity(sparsity)
+    model = load_model(src)
+    tokenizer = get_tokenizer(src)
+    info: dict[str, Any] = {"method": method, "source": str(src)}
+    t0 = time.time()
+    if method == "dynamic-int8":
+        from .quantize import quantize_dynamic, save_quantized
+
+        q = quantize_dynamic(model)
+        info["modules"] = q._compression["modules"]
+        save_quantized(q, out, tokenizer, extra={"compression_info": _clean(info)})
+    elif method == "static-int8":
+        raise ValueError(
+            "static-int8 (calibrated int8 convolutions) is not implemented yet; use --method dynamic-int8, which "
+            "quantises the Linear layers (the text tower and projections)"
+        )
+    elif method == "prune":
+        from .finetune import contrastive_loss_fn, run_steps, training_pairs
+        from .prune import make_permanent, prune_model, sparsity_of
+
+        prune_model(model, sparsity, prune_kind)
+        info.update(kind=prune_kind, target_sparsity=sparsity, sparsity_before_finetune=sparsity_of(model))
+        steps = 200 if steps is None else steps
+        if steps:
+            pairs = training_pairs(data, model, tokenizer, cache_dir, max_pairs, options=data_options)
+            losses = run_steps(
+                model, contrastive_loss_fn(model), pairs, steps, lr or 2e-4, batch_size, seed, log_every=log_every
+            )
+            info.update(finetune_steps=steps, finetune_data=data, first_loss=losses[0], last_loss=losses[-1])
+        make_permanent(model)
+        info["sparsity"] = sparsity_of(model)
+        save_pretrained(model.eval(), out, tokenizer, extra={"compression": info})
+    else:
+        from .distill import distill, param_count, student_config
+        from .finetune import training_pairs
+
+        cfg = student_config(model.cfg, student)
+        pairs = training_pairs(data, model, tokenizer, cache_dir, max_pairs, options=data_options)
+        steps = 600 if steps is None else steps
+        st, losses = distill(model, cfg, pairs, steps, lr or 2e-3, batch_size, seed=seed, log_every=log_every)
+        info.update(
+            steps=steps,
+            data=data,
+            teacher_params=param_count(model),
+            student_params=param_count(st),
+            first_loss=sum(losses[:10]) / len(losses[:10]),
+            last_loss=sum(losses[-10:]) / len(losses[-10:]),
+        )
+        save_pretrained(st.eval(), out, tokenizer, extra={"compression": info})
+    info["seconds"] = round(time.time() - t0, 1)
+    cfg_file = out / "config.json"
+    stored = json.loads(cfg_file.read_text())
+    stored.setdefault("compression", {}).update(_clean(info))
+    stored.pop("compression_info", None)
+    cfg_file.write_text(json.dumps(stored, indent=2))
+    return info
+
+
+def _clean(info: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in info.items() if v is not None}

@@ -1,0 +1,100 @@
+"""`vislang compress`, `vislang export` and `vislang compare`: thin parsers over the compress and export packages."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .api import METHODS
+
+
+def cmd_compress(args: argparse.Namespace, extra: list[str]) -> int:
+    from .api import compress_model_dir
+
+    info = compress_model_dir(
+        args.model_dir,
+        args.method,
+        args.out,
+        data=args.data,
+        sparsity=args.sparsity,
+        prune_kind=args.prune_kind,
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        student=args.student,
+        calibration_images=args.calibration_images,
+        max_pairs=args.max_pairs,
+        cache_dir=args.cache_dir,
+        log_every=args.log_every,
+    )
+    print(json.dumps({k: v for k, v in info.items() if k != "modules"}, indent=2))
+    print(f"model: {args.out}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
+    from ..export.onnx import export_onnx
+
+    report = export_onnx(args.model_dir, args.onnx, check=not args.no_check, tol=args.tol)
+    if "image_max_abs_diff" in report:
+        print(f"image tower: max abs diff vs PyTorch {report['image_max_abs_diff']:.2e}")
+        print(f"text tower:  max abs diff vs PyTorch {report['text_max_abs_diff']:.2e}")
+    print(f"onnx: {report['out_dir']}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
+    from pathlib import Path
+
+    from .compare import compare_models, markdown_table
+
+    out = args.out or str(Path(args.models[0]).parent / "compare")
+    rows = compare_models(
+        args.models,
+        data=None if args.data == "none" else args.data,
+        max_images=args.max_images,
+        batch_size=args.batch_size,
+        rounds=args.rounds,
+        out_dir=out,
+        cache_dir=args.cache_dir,
+    )
+    print(markdown_table(rows))
+    print(f"wrote {out}/compare.md, compare.png, compare.json")
+    return 0
+
+
+def register(add) -> None:
+    sp = add("compress", "int8-quantise, prune or distil a model directory into a smaller one", cmd_compress)
+    sp.add_argument("model_dir", help="a model directory (e.g. runs/demo/model)")
+    sp.add_argument("--method", required=True, choices=METHODS)
+    sp.add_argument("-o", "--out", required=True, help="output model directory")
+    sp.add_argument("--data", default="fashion-mnist", help="training data for fine-tune / distillation / calibration")
+    sp.add_argument("--sparsity", type=float, default=0.5, help="prune: fraction of weights set to zero, in (0, 1)")
+    sp.add_argument("--prune-kind", default="unstructured", choices=["unstructured", "structured"])
+    sp.add_argument(
+        "--steps", type=int, default=None, help="fine-tune (prune, default 200) or distillation steps (600)"
+    )
+    sp.add_argument("--lr", type=float, default=None)
+    sp.add_argument("--batch-size", type=int, default=256)
+    sp.add_argument(
+        "--student", action="append", metavar="KEY=VALUE", help="distill: student config overrides (text.layers=1)"
+    )
+    sp.add_argument("--calibration-images", type=int, default=512, help="static-int8: training images to calibrate")
+    sp.add_argument("--max-pairs", type=int, default=None, help="use only the first N training pairs")
+    sp.add_argument("--cache-dir", default=".cache/vislang/prepared")
+    sp.add_argument("--log-every", type=int, default=50)
+
+    sp = add("export", "export a model's image and text towers to ONNX, checked against PyTorch", cmd_export)
+    sp.add_argument("model_dir", help="a model directory")
+    sp.add_argument("--onnx", required=True, metavar="OUT_DIR", help="where the .onnx files, config and tokenizer go")
+    sp.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-PyTorch parity check")
+    sp.add_argument("--tol", type=float, default=1e-4, help="max abs difference allowed by the check")
+
+    sp = add("compare", "size, parameters, images/s, texts/s and accuracy of several models in one table", cmd_compare)
+    sp.add_argument("models", nargs="+", help="model directories or ONNX exports; ratios are against the first")
+    sp.add_argument("--data", default="fashion-mnist", help="evaluation data ('none' = speed and size only)")
+    sp.add_argument("--max-images", type=int, default=None)
+    sp.add_argument("--batch-size", type=int, default=256)
+    sp.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    sp.add_argument("--out", default=None, help="where compare.md/.png/.json go (default: FIRST/../compare)")
+    sp.add_argument("--cache-dir", default=".cache/vislang/prepared")

@@ -1,0 +1,240 @@
+"""Export a dual encoder's two towers to ONNX and run them with onnxruntime behind ``encode_image``/``encode_text``.
+
+An export directory holds ``image_encoder.onnx`` (images (B, C, H, W) float → unnormalised embeddings (B, E)),
+``text_encoder.onnx`` (token ids (B, T) int64 → (B, E)), the model's ``config.json`` with an ``onnx`` section (file
+names, logit scale, the parity check's max abs differences) and the tokenizer, so it is self-contained like a model
+directory. The batch axis is dynamic; the text length is the model's context length, which the tokenizer pads to.
+``onnx``, ``onnxruntime`` and ``onnxscript`` (the ``deploy`` extra) are imported only when used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMAGE_FILE = "image_encoder.onnx"
+TEXT_FILE = "text_encoder.onnx"
+PARITY_TOL = 1e-4  # fp32 ONNX Runtime vs eager PyTorch, max abs difference of unnormalised embeddings
+
+
+def _require(module: str):
+    try:
+        return __import__(module)
+    except ImportError as e:
+        raise RuntimeError(
+            f"ONNX export needs {module!r}: pip install onnx onnxruntime onnxscript (the vislang 'deploy' extra)"
+        ) from e
+
+
+class _ImageEncoder(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, E)
+        return self.model.encode_image(images, normalize=False)
+
+
+class _TextEncoder(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) -> (B, E)
+        return self.model.encode_text(ids, normalize=False)
+
+
+def is_onnx_dir(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return p.is_dir() and all((p / f).is_file() for f in ("config.json", IMAGE_FILE, TEXT_FILE))
+
+
+def example_inputs(cfg, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed random images (B, C, H, W) and token ids (B, T) with end tokens and padding at varied positions."""
+    g = torch.Generator().manual_seed(seed)
+    v, t = cfg.vision, cfg.text
+    images = torch.randn(batch, v.channels, v.image_size, v.image_size, generator=g)
+    ids = torch.randint(1, t.vocab_size, (batch, t.context_length), generator=g)
+    ids[ids == t.pad_id] = (t.pad_id + 1) % t.vocab_size
+    lengths = torch.randint(2, t.context_length + 1, (batch,), generator=g)
+    ids[torch.arange(t.context_length)[None, :] >= lengths[:, None]] = t.pad_id  # (B, T) padded after each text
+    return images, ids
+
+
+def _export(module: nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str) -> None:
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module.eval(),
+            (example,),
+            str(path),
+            input_names=[input_name],
+            output_names=[output_name],
+            dynamic_shapes=({0: batch},),
+            dynamo=True,
+            verbose=False,
+            external_data=False,
+        )
+
+
+def export_onnx(
+    model_dir: str | os.PathLike, out_dir: str | os.PathLike, check: bool = True, tol: float = PARITY_TOL
+) -> dict[str, Any]:
+    """Write both towers of a model directory as ONNX to ``out_dir`` and check them against PyTorch.
+
+    The check runs onnxruntime and the eager model on the same fixed inputs at two batch sizes (so the dynamic batch
+    axis is exercised) and fails if the max abs difference exceeds ``tol``.
+
+    Returns:
+        ``{"out_dir", "image_max_abs_diff", "text_max_abs_diff", "batch_sizes"}``.
+    """
+    _require("onnx"), _require("onnxscript")
+    from ..compress.quantize import load_model
+    from ..factory import get_tokenizer
+
+    src, out = Path(model_dir), Path(out_dir)
+    meta = json.loads((src / "config.json").read_text()) if (src / "config.json").is_file() else {}
+    model = load_model(src)
+    if meta.get("compression", {}).get("method", "").endswith("int8"):
+        raise ValueError(
+            f"{src} is an int8-quantised torch model, which ONNX export does not support; export the fp32 model "
+            "it came from (quantise the ONNX model with onnxruntime.quantization if needed)"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    images, ids = example_inputs(model.cfg, 2)
+    try:
+        _export(_ImageEncoder(model), images, out / IMAGE_FILE, "images", "image_embeds")
+        _export(_TextEncoder(model), ids, out / TEXT_FILE, "input_ids", "text_embeds")
+    except Exception as e:  # the exporter's own errors are long; say which model could not be exported first
+        raise RuntimeError(f"ONNX export of {src} failed ({type(e).__name__}: {str(e)[:300]})") from e
+    get_tokenizer(src).save(out)
+    meta["onnx"] = {
+        "image": IMAGE_FILE,
+        "text": TEXT_FILE,
+        "logit_scale": float(model.get_logit_scale().detach()),
+        "logit_bias": float(model.logit_bias.detach()) if model.logit_bias is not None else None,
+        "source": str(src),
+    }
+    report: dict[str, Any] = {"out_dir": str(out)}
+    if check:
+        report.update(check_parity(model, out, tol))
+        meta["onnx"]["max_abs_diff"] = {"image": report["image_max_abs_diff"], "text": report["text_max_abs_diff"]}
+    (out / "config.json").write_text(json.dumps(meta, indent=2))
+    return report
+
+
+@torch.inference_mode()
+def check_parity(
+    model: nn.Module, onnx_dir: str | os.PathLike, tol: float = PARITY_TOL, batch_sizes: tuple[int, ...] = (1, 7)
+) -> dict[str, Any]:
+    """Max abs difference between onnxruntime and eager PyTorch (unnormalised embeddings); raises above ``tol``."""
+    ort = _require("onnxruntime")
+    d = Path(onnx_dir)
+    sessions = {
+        k: ort.InferenceSession(str(d / f), providers=["CPUExecutionProvider"])
+        for k, f in (("image", IMAGE_FILE), ("text", TEXT_FILE))
+    }
+    diffs = {"image": 0.0, "text": 0.0}
+    model.eval()
+    for i, b in enumerate(batch_sizes):
+        images, ids = example_inputs(model.cfg, b, seed=100 + i)
+        for key, x, ref in (
+            ("image", images, model.encode_image(images, normalize=False)),
+            ("text", ids, model.encode_text(ids, normalize=False)),
+        ):
+            sess = sessions[key]
+            got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]  # (B, E)
+            diffs[key] = max(diffs[key], float(np.abs(got - ref.numpy()).max()))
+    for key, diff in diffs.items():
+        if not diff <= tol:
+            raise RuntimeError(f"the ONNX {key} tower differs from PyTorch by {diff:.2e} (> {tol:.0e}); do not use it")
+    return {"image_max_abs_diff": diffs["image"], "text_max_abs_diff": diffs["text"], "batch_sizes": batch_sizes}
+
+
+class OnnxCLIP(nn.Module):
+    """An ONNX export directory run by onnxruntime, with the dual encoder's names (``encode_image``, ``encode_text``,
+    ``get_logit_scale``, ``forward``, ``cfg``), so ``vislang.evaluation.embed`` and zero-shot code take it as a model.
+
+    It has no parameters (its device is the CPU); inputs are moved to the CPU and outputs come back as float tensors.
+
+    Args:
+        directory: written by :func:`export_onnx`.
+        threads: onnxruntime intra-op threads; default ``torch.get_num_threads()`` so both back ends use the same.
+        providers: onnxruntime execution providers; default the CPU.
+    """
+
+    def __init__(self, directory: str | os.PathLike, threads: int | None = None, providers: list[str] | None = None):
+        super().__init__()
+        ort = _require("onnxruntime")
+        from ..config import from_dict
+        from ..models.clip import ModelConfig
+
+        d = Path(directory)
+        if not is_onnx_dir(d):
+            raise FileNotFoundError(
+                f"{d} is not an ONNX export (needs config.json, {IMAGE_FILE}, {TEXT_FILE}); "
+                "make one with `vislang export MODEL_DIR --onnx OUT_DIR`"
+            )
+        self.meta = json.loads((d / "config.json").read_text())
+        self.cfg = from_dict(ModelConfig, self.meta["model"], "model")
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or torch.get_num_threads()
+        opts.inter_op_num_threads = 1
+        providers = providers or ["CPUExecutionProvider"]
+        self.image_session = ort.InferenceSession(str(d / IMAGE_FILE), opts, providers=providers)
+        self.text_session = ort.InferenceSession(str(d / TEXT_FILE), opts, providers=providers)
+        self.logit_scale = torch.tensor(self.meta["onnx"]["logit_scale"])
+        bias = self.meta["onnx"].get("logit_bias")
+        self.logit_bias = torch.tensor(bias) if bias is not None else None
+
+    @staticmethod
+    def _run(session, x: torch.Tensor, normalize: bool) -> torch.Tensor:
+        out = torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.detach().cpu().numpy()})[0])
+        return F.normalize(out, dim=-1) if normalize else out  # (B, E)
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return self._run(self.image_session, images.float(), normalize)
+
+    def encode_text(self, ids: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return self._run(self.text_session, ids.long(), normalize)
+
+    def get_logit_scale(self) -> torch.Tensor:
+        return self.logit_scale
+
+    def forward(self, images: torch.Tensor | None = None, text: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        out = {"logit_scale": self.logit_scale}
+        if images is not None:
+            out["image_features"] = self.encode_image(images)
+        if text is not None:
+            out["text_features"] = self.encode_text(text)
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias
+        return out
+
+
+def load_embedding_model(path: str | os.PathLike, backend: str = "auto"):
+    """``(model, preprocess)`` for embedding: a torch model directory or an ONNX export run by onnxruntime.
+
+    ``backend``: ``"torch"``, ``"onnx"``, or ``"auto"`` (ONNX when ``path`` is an export directory). This is what
+    ``vislang embed --backend`` selects; the tokenizer of either kind of directory loads with ``get_tokenizer(path)``.
+    """
+    from ..factory import image_transforms
+
+    if backend not in ("auto", "torch", "onnx"):
+        raise ValueError(f"unknown back end {backend!r}; choose torch, onnx or auto")
+    if backend == "onnx" or (backend == "auto" and is_onnx_dir(path)):
+        model = OnnxCLIP(path)
+    else:
+        from ..compress.quantize import load_model
+
+        model = load_model(path)
+    return model, image_transforms(model.cfg)[1]

@@ -1,0 +1,364 @@
+"""Fill an index from a source of images: a folder, a CSV/TSV or JSONL of paths, or WebDataset tar shards.
+
+A build reads the source in order, skips every item whose key is already indexed, embeds the rest in batches and
+commits every ``commit_every`` batches as one transaction. An interrupted build therefore resumes by running it
+again: committed items are skipped, the uncommitted tail is embedded again, and nothing is lost or indexed twice.
+``add`` is the same operation on an existing index; ``remove`` takes ids, files or folders.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import os
+import tarfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ..inference import IMAGE_EXTS, list_images, open_image
+from .base import HEADER, Index, create_index, open_index
+
+IMG_COLUMNS = ("filepath", "path", "image", "file", "filename", "img")  # tried in order when img_key is not given
+CAPTION_COLUMNS = ("caption", "text", "title", "label")
+SHARD_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
+SHARD_CAPTION_EXTS = ("txt", "caption")
+
+
+@dataclass
+class SourceItem:
+    """One image of a source: where to read it and the key that identifies it across builds."""
+
+    key: str  # unique: the resolved file path, or "shard.tar#sample"
+    path: str  # the file holding the image
+    caption: str = ""
+    offset: int | None = None  # byte offset of the image inside `path` (a tar member); None = the whole file
+    size: int | None = None  # length in bytes when `offset` is set
+
+    def metadata(self) -> dict[str, Any]:
+        return {"key": self.key, "path": self.path, "caption": self.caption, "offset": self.offset, "size": self.size}
+
+
+def read_item_image(path: str | os.PathLike, offset: int | None = None, size: int | None = None) -> Image.Image:
+    """The image of an item: a whole file, or ``size`` bytes at ``offset`` of a tar shard. ValueError if unreadable."""
+    if offset is None:
+        return open_image(path)
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read(size)
+    return open_image(io.BytesIO(data))
+
+
+def read_item_bytes(path: str | os.PathLike, offset: int | None = None, size: int | None = None) -> bytes:
+    """The raw bytes of an item's image (what ``/v1/images/{id}`` sends)."""
+    with open(path, "rb") as f:
+        if offset is None:
+            return f.read()
+        f.seek(offset)
+        return f.read(size)
+
+
+# ------------------------------------------------------------------------------------------------------- sources
+
+
+def is_shard_spec(src: str) -> bool:
+    from ..data.readers import looks_like_shards
+
+    return looks_like_shards(src)
+
+
+def folder_items(root: Path) -> Iterator[SourceItem]:
+    """Images under a folder (recursive, sorted); a same-named ``.txt`` file is the caption."""
+    for p in list_images([root]):
+        text = p.with_suffix(".txt")
+        caption = text.read_text(encoding="utf-8", errors="replace").strip() if text.is_file() else ""
+        key = str(p.resolve())
+        yield SourceItem(key, key, caption)
+
+
+def pick_column(header: Sequence[str], wanted: str | None, candidates: Sequence[str], what: str, path: Path) -> str:
+    if wanted is not None:
+        if wanted not in header:
+            raise ValueError(f"{path}: no column {wanted!r} for the {what}; the file has {list(header)}")
+        return wanted
+    for c in candidates:
+        if c in header:
+            return c
+    if what == "caption":
+        return ""
+    raise ValueError(f"{path}: no image column (tried {list(candidates)}) among {list(header)}; pass --img-key NAME")
+
+
+def table_items(path: Path, img_key: str | None = None, caption_key: str | None = None) -> Iterator[SourceItem]:
+    """Rows of a CSV/TSV (header row) or JSONL file; relative image paths resolve against the file's folder."""
+    from ..data.readers import SkipCounter, csv_separator, jsonl_rows
+
+    if path.suffix.lower() == ".jsonl":
+        rows = (row for _, row in jsonl_rows(path, SkipCounter()))
+        first = next(rows, None)
+        if first is not None:
+            yield from rows_to_items(path, [first], img_key, caption_key, list(first))
+            yield from rows_to_items(path, rows, img_key, caption_key, list(first))
+        return
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheet exports start with a BOM
+        reader = csv.DictReader(f, delimiter=csv_separator(path, None))
+        yield from rows_to_items(path, reader, img_key, caption_key, reader.fieldnames or [])
+
+
+def rows_to_items(
+    path: Path, rows, img_key: str | None, caption_key: str | None, header: Sequence[str]
+) -> Iterator[SourceItem]:
+    img = pick_column(header, img_key, IMG_COLUMNS, "image", path)
+    cap = pick_column(header, caption_key, CAPTION_COLUMNS, "caption", path)
+    for row in rows:
+        value = row.get(img)
+        if not isinstance(value, str) or not value.strip():
+            continue
+        file = str((path.parent / os.path.expanduser(value.strip())).resolve())
+        caption = row.get(cap) if cap else ""
+        if isinstance(caption, list):  # JSONL rows may list several captions: the first describes the image
+            caption = caption[0] if caption else ""
+        yield SourceItem(file, file, " ".join(str(caption or "").split()))
+
+
+def shard_items(shards: Sequence[str]) -> Iterator[SourceItem]:
+    """The images of uncompressed tar shards, as byte ranges (so search results can be served without unpacking)."""
+    from ..data.readers import sample_key
+
+    for shard in shards:
+        shard_path = str(Path(shard).resolve())
+        try:
+            tar = tarfile.open(shard_path, mode="r:")
+        except tarfile.ReadError as e:
+            raise ValueError(
+                f"{shard} is not an uncompressed tar file; index plain .tar shards (as img2dataset writes)"
+            ) from e
+        with tar:
+            samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+            order: list[str] = []
+            for member in tar.getmembers():
+                if not member.isfile():
+                    continue
+                key, ext = sample_key(member.name)
+                if key not in samples:
+                    samples[key] = {}
+                    order.append(key)
+                samples[key][ext] = member
+            for key in order:
+                members = samples[key]
+                image = next((members[e] for e in SHARD_IMAGE_EXTS if e in members), None)
+                if image is None:
+                    continue
+                caption_member = next((members[e] for e in SHARD_CAPTION_EXTS if e in members), None)
+                caption = ""
+                if caption_member is not None:
+                    raw = tar.extractfile(caption_member)
+                    caption = " ".join(raw.read().decode("utf-8", errors="replace").split()) if raw else ""
+                yield SourceItem(f"{shard_path}#{key}", shard_path, caption, image.offset_data, image.size)
+
+
+def open_source(src: str, img_key: str | None = None, caption_key: str | None = None) -> Iterator[SourceItem]:
+    """The items of a source spec (see the module docstring)."""
+    if is_shard_spec(src):
+        from ..data.readers import check_shards_exist, expand_urls
+
+        shards = expand_urls(src)
+        check_shards_exist(shards)
+        return shard_items(shards)
+    path = Path(os.path.expanduser(src))
+    if path.is_dir():
+        return folder_items(path)
+    if path.is_file() and path.suffix.lower() in (".csv", ".tsv", ".jsonl"):
+        return table_items(path, img_key, caption_key)
+    if path.is_file() and path.suffix.lower() in IMAGE_EXTS:
+        key = str(path.resolve())
+        return iter([SourceItem(key, key)])
+    if not path.exists():
+        raise FileNotFoundError(f"{src} does not exist; give a folder of images, a .csv/.tsv/.jsonl, or .tar shards")
+    raise ValueError(f"don't know how to index {src}: give a folder of images, a .csv/.tsv/.jsonl, or .tar shards")
+
+
+# ------------------------------------------------------------------------------------------------------- build
+
+
+def load_embedder(model_dir: str | os.PathLike, device: str = "cpu"):
+    """(model, eval preprocess) of a model directory."""
+    from ..factory import create_model_and_transforms
+
+    model, _, preprocess = create_model_and_transforms(model_dir, device=device)
+    return model.eval(), preprocess
+
+
+def open_or_create(
+    index_dir: str | os.PathLike, model_dir: str | os.PathLike | None, backend: str = "faiss", **options: Any
+) -> tuple[Index, str]:
+    """Open the index in ``index_dir`` (checking it was built with ``model_dir``) or create it.
+
+    Returns:
+        The index and the model directory to embed with.
+    """
+    d = Path(index_dir)
+    if (d / HEADER).is_file():
+        index = open_index(d)
+        recorded = index.header.get("model")
+        if model_dir is not None and recorded and Path(model_dir).resolve() != Path(recorded):
+            index.close()
+            raise ValueError(
+                f"{d} was built with the model {recorded}, not {model_dir}: vectors of two models cannot be mixed; "
+                "use a new --index directory"
+            )
+        model = str(model_dir or recorded)
+        if not model or model == "None":
+            raise ValueError(f"{d} records no model; pass --model DIR")
+        return index, model
+    if model_dir is None:
+        raise ValueError(f"{d} holds no index yet; pass --model DIR to build one")
+    from ..factory import get_model_config
+
+    dim = get_model_config(model_dir).embed_dim
+    return create_index(d, dim, backend=backend, model=str(Path(model_dir).resolve()), **options), str(model_dir)
+
+
+def build_index(
+    src: str,
+    index_dir: str | os.PathLike,
+    model_dir: str | os.PathLike | None = None,
+    batch_size: int = 64,
+    commit_every: int = 8,
+    device: str = "cpu",
+    progress: bool = True,
+    img_key: str | None = None,
+    caption_key: str | None = None,
+    backend: str = "faiss",
+    **options: Any,
+) -> dict[str, Any]:
+    """Embed a source's images into an index, creating it if needed, resuming or adding if it exists.
+
+    Args:
+        src: folder, .csv/.tsv/.jsonl, or tar shard spec.
+        index_dir: the index directory.
+        model_dir: the model; default the one the index was built with.
+        batch_size: images per forward pass.
+        commit_every: batches per transaction (a crash loses at most this many batches of work).
+        device: where the model runs.
+        progress: show a progress bar.
+        img_key: CSV/JSONL image column (default: the first of filepath, path, image, file, filename, img).
+        caption_key: CSV/JSONL caption column (default: caption, text or title when present).
+        backend: ``faiss`` or ``pgvector`` for a new index.
+        **options: back-end options for a new index (e.g. ``kind``, ``exact_max``).
+
+    Returns:
+        Counts: ``added``, ``already`` (indexed before), ``duplicates`` (repeated in the source), ``unreadable``,
+        and ``size`` (of the index afterwards).
+    """
+    if batch_size < 1 or commit_every < 1:
+        raise ValueError("batch_size and commit_every must be at least 1")
+    items = open_source(src, img_key, caption_key)
+    first = next(items, None)  # errors about the source come before anything is created
+    if first is None:
+        raise ValueError(f"{src} holds no images to index")
+    items = itertools.chain([first], items)
+    index, model_path = open_or_create(index_dir, model_dir, backend, **options)
+    counts = {"added": 0, "already": 0, "duplicates": 0, "unreadable": 0}
+    try:
+        model, preprocess = load_embedder(model_path, device)
+        if model.cfg.embed_dim != index.dim:
+            raise ValueError(f"the model embeds into {model.cfg.embed_dim} dims but {index_dir} holds {index.dim}")
+        index.set_state("build", {"source": src, "status": "running"})
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(desc="indexing", unit="img")
+        seen: set[str] = set()
+        pending_vecs: list[np.ndarray] = []
+        pending_meta: list[dict[str, Any]] = []
+        batches = 0
+
+        def commit() -> None:
+            if pending_meta:
+                index.add(np.concatenate(pending_vecs), pending_meta)
+                counts["added"] += len(pending_meta)
+                pending_vecs.clear()
+                pending_meta.clear()
+
+        for batch in batched(items, batch_size):
+            fresh = []
+            for it in batch:
+                if it.key in seen:
+                    counts["duplicates"] += 1
+                else:
+                    seen.add(it.key)
+                    fresh.append(it)
+            done = index.ids_for_keys([it.key for it in fresh])
+            counts["already"] += len(done)
+            todo = [it for it in fresh if it.key not in done]
+            vecs, kept = embed_items(model, preprocess, todo, device)
+            counts["unreadable"] += len(todo) - len(kept)
+            if kept:
+                pending_vecs.append(vecs)
+                pending_meta.extend(it.metadata() for it in kept)
+            batches += 1
+            if batches % commit_every == 0:
+                commit()
+            if bar is not None:
+                bar.update(len(batch))
+        commit()
+        if bar is not None:
+            bar.close()
+        index.set_state("build", {"source": src, "status": "complete", **counts})
+        counts["size"] = len(index)
+    finally:
+        index.close()
+    if counts["unreadable"]:
+        print(f"[vislang] skipped {counts['unreadable']} unreadable image(s)")
+    return counts
+
+
+def batched(items: Iterator[SourceItem], n: int) -> Iterator[list[SourceItem]]:
+    batch: list[SourceItem] = []
+    for it in items:
+        batch.append(it)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def embed_items(model, preprocess, items: Sequence[SourceItem], device: str = "cpu") -> tuple[np.ndarray, list]:
+    """Normalised embeddings (N, E) of the readable items, and those items; unreadable ones are left out."""
+    import torch
+
+    from ..evaluation.embed import embed_images
+
+    tensors, kept = [], []
+    for it in items:
+        try:
+            tensors.append(preprocess(read_item_image(it.path, it.offset, it.size)))
+            kept.append(it)
+        except (ValueError, FileNotFoundError, OSError):
+            continue
+    if not tensors:
+        return np.zeros((0, model.cfg.embed_dim), np.float32), []
+    emb = embed_images(model, torch.stack(tensors), batch_size=len(tensors), device=device)  # (N, E)
+    return emb.numpy(), kept
+
+
+def remove_from_index(index_dir: str | os.PathLike, targets: Sequence[str]) -> int:
+    """Remove items named by id, by image file, or by every image under a folder (or in a CSV/JSONL/shards)."""
+    ids: list[int] = []
+    keys: list[str] = []
+    for t in targets:
+        if t.isdigit():
+            ids.append(int(t))
+        else:
+            keys.extend(it.key for it in open_source(t))
+    with open_index(index_dir) as index:
+        ids.extend(index.ids_for_keys(keys).values())
+        return index.remove(ids)

@@ -1,0 +1,129 @@
+"""`vislang index build|add|remove|info` and `vislang search`: parse options, call the index functions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import textwrap
+
+
+def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
+    from .build import build_index, remove_from_index
+
+    if args.action in ("build", "add"):
+        if args.action == "add":
+            from .base import read_header
+
+            read_header(args.index)  # `add` never creates: a typo in --index must not start a new index
+        options = {}
+        if args.action == "build":
+            options = {"backend": args.backend, "kind": args.kind, "exact_max": args.exact_max}
+            if args.backend != "faiss":
+                options = {"backend": args.backend}
+        counts = build_index(
+            args.src,
+            args.index,
+            model_dir=args.model,
+            batch_size=args.batch_size,
+            commit_every=args.commit_every,
+            device=args.device,
+            progress=not args.no_progress,
+            img_key=args.img_key,
+            caption_key=args.caption_key,
+            **options,
+        )
+        print(
+            f"indexed {counts['added']} new image(s) ({counts['already']} already there, {counts['duplicates']} "
+            f"repeated, {counts['unreadable']} unreadable); {args.index} holds {counts['size']}"
+        )
+        return 0
+    if args.action == "remove":
+        n = remove_from_index(args.index, args.targets)
+        print(f"removed {n} item(s) from {args.index}")
+        return 0
+    from .base import open_index
+
+    with open_index(args.index) as index:
+        print(json.dumps(index.info(), indent=2))
+    return 0
+
+
+def cmd_search(args: argparse.Namespace, extra: list[str]) -> int:
+    from .search import Searcher
+
+    if (args.text is None) == (args.image is None):
+        raise ValueError("give a query text or --image PATH (one of the two)")
+    if not 1 <= args.k <= 10_000:
+        raise ValueError(f"-k must be between 1 and 10000, got {args.k}")
+    searcher = Searcher(args.index, args.model, device=args.device)
+    try:
+        hits = (
+            searcher.search_text(args.text, args.k)
+            if args.text is not None
+            else searcher.search_image(args.image, args.k)
+        )
+    finally:
+        searcher.close()
+    if args.json:
+        print(json.dumps([{k: h[k] for k in ("id", "score", "path", "caption", "key")} for h in hits], indent=2))
+    else:
+        for h in hits:
+            caption = f"  {h['caption']}" if h["caption"] else ""
+            print(f"{h['score']:.4f}  {h['id']:>6}  {h['key']}{caption}")
+    return 0
+
+
+INDEX_EPILOG = """
+    examples:
+      vislang index build photos/ --model runs/demo/model --index photos.index
+      vislang index build pairs.csv --model runs/demo/model --index pairs.index --img-key path
+      vislang index build 'shards/{00000..00009}.tar' --model runs/demo/model --index web.index
+      vislang index add more_photos/ --index photos.index
+      vislang index remove --index photos.index 17 photos/old/
+      vislang index info --index photos.index
+    An interrupted build continues where it stopped when run again."""
+
+SEARCH_EPILOG = """
+    examples:
+      vislang search "a red circle" --index photos.index -k 5
+      vislang search --image query.png --index photos.index --json"""
+
+
+def register(add) -> None:
+    """Add the `index` and `search` subcommands (``add(name, help, fn) -> ArgumentParser``)."""
+    sp = add("index", "build, extend, shrink or describe an embedding index of images", cmd_index)
+    sp.epilog = textwrap.dedent(INDEX_EPILOG)
+    actions = sp.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, help_ in (
+        ("build", "embed a folder / CSV / JSONL / tar shards into a new (or interrupted) index"),
+        ("add", "embed more images into an existing index"),
+    ):
+        a = actions.add_parser(name, help=help_, description=help_)
+        a.add_argument("src", help="folder of images, .csv/.tsv/.jsonl of paths (+ captions), or .tar shard pattern")
+        a.add_argument("--index", required=True, help="index directory")
+        a.add_argument("--model", required=(name == "build"), help="model directory (add: the index's own)")
+        a.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+        a.add_argument("--commit-every", type=int, default=8, help="batches per committed transaction (default 8)")
+        a.add_argument("--img-key", help="CSV/JSONL column of image paths (default: filepath, path, image, ...)")
+        a.add_argument("--caption-key", help="CSV/JSONL column of captions (default: caption, text, title)")
+        a.add_argument("--device", default="cpu")
+        a.add_argument("--no-progress", action="store_true", help="no progress bar")
+        if name == "build":
+            a.add_argument("--backend", default="faiss", choices=["faiss", "pgvector"], help="default: faiss")
+            a.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw"], help="FAISS index type")
+            a.add_argument("--exact-max", type=int, default=100_000, help="auto: exact search up to this many")
+    a = actions.add_parser("remove", help="remove items by id, image file or folder")
+    a.add_argument("targets", nargs="+", help="ids, image files, folders, or a CSV/JSONL/shards of what to remove")
+    a.add_argument("--index", required=True, help="index directory")
+    a = actions.add_parser("info", help="size, embedding size, back end and build state as JSON")
+    a.add_argument("--index", required=True, help="index directory")
+
+    sp = add("search", "search an index by text or by image", cmd_search)
+    sp.epilog = textwrap.dedent(SEARCH_EPILOG)
+    sp.add_argument("text", nargs="?", help="query text")
+    sp.add_argument("--image", help="query image file instead of a text")
+    sp.add_argument("--index", required=True, help="index directory")
+    sp.add_argument("--model", help="model directory (default: the one that built the index)")
+    sp.add_argument("-k", type=int, default=10, help="number of results (default 10)")
+    sp.add_argument("--json", action="store_true", help="print JSON")
+    sp.add_argument("--device", default="cpu")

@@ -1,0 +1,310 @@
+"""The embedded back end: FAISS for search, one SQLite file for metadata and the vectors themselves.
+
+SQLite is the record: every ``add``/``remove`` is one SQLite transaction that also bumps a version number. The FAISS
+index is derived from it and saved as ``vectors-v{version}.faiss`` (temporary file, then ``os.replace``); when the
+saved file is missing or older than the database (a crash, or another process wrote to the index) it is rebuilt from
+the stored vectors on open. So a crash can never leave vectors without metadata, or the other way round, and a
+resumed build sees exactly the items that were committed. The price is storing each vector twice on disk.
+
+Search is exact (``IndexFlatIP``) up to ``exact_max`` vectors and approximate above (HNSW, which needs no training
+and takes additions one by one), both inside ``IndexIDMap2`` so ids are the index's own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .base import Index, atomic_write_bytes, normalize_rows
+
+DB_NAME = "meta.sqlite"
+KINDS = ("auto", "flat", "hnsw")
+_CHUNK = 500  # ids per "IN (...)" query, under SQLite's variable limit
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS items (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    key TEXT NOT NULL UNIQUE,      -- the item's source identity: a resolved file path, or shard#sample
+    path TEXT NOT NULL,            -- the file to read the image from
+    caption TEXT NOT NULL DEFAULT '',
+    offset INTEGER,                -- byte offset of the image inside `path` (a tar member); NULL = the whole file
+    size INTEGER,                  -- its length in bytes when `offset` is set
+    vector BLOB NOT NULL           -- float32 (dim,), normalised
+);
+CREATE TABLE IF NOT EXISTS state (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+def chunks(seq: Sequence[Any], n: int = _CHUNK) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(seq), n):
+        yield seq[i : i + n]
+
+
+class FaissIndex(Index):
+    """FAISS + SQLite index in one directory.
+
+    Args:
+        directory: the index directory (holds ``index.json``, ``meta.sqlite`` and ``vectors-v*.faiss``).
+        dim: embedding size.
+        kind: ``auto`` (exact up to ``exact_max`` vectors, HNSW above), ``flat`` (always exact) or ``hnsw``.
+        exact_max: the largest index searched exactly in ``auto`` mode.
+        hnsw_m: HNSW neighbours per node (more = better recall, more memory).
+        ef_construction: HNSW build-time beam width.
+        ef_search: HNSW search-time beam width (raised to k when k is larger).
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        dim: int,
+        kind: str = "auto",
+        exact_max: int = 100_000,
+        hnsw_m: int = 32,
+        ef_construction: int = 80,
+        ef_search: int = 128,
+    ) -> None:
+        import faiss
+
+        if kind not in KINDS:
+            raise ValueError(f"unknown FAISS index kind {kind!r}; use one of {list(KINDS)}")
+        self.faiss = faiss
+        self.directory = Path(directory)
+        self.dim = int(dim)
+        self.kind, self.exact_max = kind, int(exact_max)
+        self.hnsw_m, self.ef_construction, self.ef_search = hnsw_m, ef_construction, ef_search
+        self._lock = threading.RLock()
+        # autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT) in _write
+        self.db = sqlite3.connect(self.directory / DB_NAME, check_same_thread=False, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")  # readers (a server) are not blocked by a build writing
+        self.db.executescript(SCHEMA)
+        self._version = -1
+        self._dirty = False
+        self.refresh()
+
+    # --- FAISS side ---------------------------------------------------------------------------------------------
+    def _kind_for(self, n: int) -> str:
+        return "flat" if self.kind == "flat" or (self.kind == "auto" and n <= self.exact_max) else "hnsw"
+
+    def _new_faiss(self, n: int):
+        faiss = self.faiss
+        if self._kind_for(n) == "flat":
+            inner = faiss.IndexFlatIP(self.dim)
+        else:
+            inner = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+            inner.hnsw.efConstruction = self.ef_construction
+            inner.hnsw.efSearch = self.ef_search
+        return faiss.IndexIDMap2(inner)
+
+    @property
+    def current_kind(self) -> str:
+        """``flat`` or ``hnsw``: what the FAISS index in memory is now."""
+        return self._kind_of(self._faiss)
+
+    def _kind_of(self, index) -> str:
+        return "hnsw" if isinstance(self.faiss.downcast_index(index.index), self.faiss.IndexHNSW) else "flat"
+
+    def _faiss_path(self, version: int) -> Path:
+        return self.directory / f"vectors-v{version}.faiss"
+
+    def _rebuild(self) -> None:
+        """Build the FAISS index from the vectors stored in SQLite."""
+        rows = self.db.execute("SELECT id, vector FROM items ORDER BY id").fetchall()
+        index = self._new_faiss(len(rows))
+        if rows:
+            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))  # (N,)
+            vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), self.dim)
+            index.add_with_ids(vecs, ids)
+        self._faiss = index
+
+    def refresh(self) -> bool:
+        """Catch up with writes made by another process (or a crash); True when the FAISS index was reloaded."""
+        with self._lock:
+            version = self._db_version()
+            if version == self._version:
+                return False
+            path = self._faiss_path(version)
+            n = self.db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
+            loaded = None
+            if path.is_file():
+                try:
+                    loaded = self.faiss.read_index(str(path))
+                except RuntimeError:
+                    loaded = None  # unreadable: rebuilt below
+            if loaded is not None and loaded.ntotal == n and loaded.d == self.dim:
+                self._faiss, self._dirty = loaded, False
+            else:
+                self._rebuild()
+                self._dirty = True
+            self._version = version
+            return True
+
+    def save(self) -> None:
+        """Write the FAISS index for the current version (atomically) and delete older ones."""
+        with self._lock:
+            if not self._dirty:
+                return
+            data = self.faiss.serialize_index(self._faiss)  # uint8 array
+            atomic_write_bytes(self._faiss_path(self._version), data.tobytes())
+            for old in self.directory.glob("vectors-v*.faiss"):
+                if old.name != self._faiss_path(self._version).name:
+                    old.unlink(missing_ok=True)
+            self._dirty = False
+
+    def close(self) -> None:
+        with self._lock:
+            self.save()
+            self.db.close()
+
+    # --- SQLite side --------------------------------------------------------------------------------------------
+    def _db_version(self) -> int:
+        row = self.db.execute("SELECT value FROM state WHERE name = 'version'").fetchone()
+        return int(json.loads(row[0])) if row else 0
+
+    def _bump_version(self) -> None:
+        self._version = self._db_version() + 1
+        self.db.execute("INSERT OR REPLACE INTO state VALUES ('version', ?)", (json.dumps(self._version),))
+
+    def get_state(self, name: str, default: Any = None) -> Any:
+        with self._lock:
+            row = self.db.execute("SELECT value FROM state WHERE name = ?", (name,)).fetchone()
+        return json.loads(row[0]) if row else default
+
+    def set_state(self, name: str, value: Any) -> None:
+        with self._lock:
+            self.db.execute("INSERT OR REPLACE INTO state VALUES (?, ?)", (name, json.dumps(value)))
+
+    # --- the interface ------------------------------------------------------------------------------------------
+    def add(
+        self, vectors: np.ndarray, metadata: Sequence[dict[str, Any]], ids: Sequence[int] | None = None
+    ) -> np.ndarray:
+        vecs = normalize_rows(vectors)  # (N, dim)
+        self.check_batch(vecs, metadata, ids)
+        if len(vecs) == 0:
+            return np.zeros(0, dtype=np.int64)
+        with self._lock:
+            self.refresh()  # another process may have written since
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                if ids is None:
+                    row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'items'").fetchone()
+                    start = (row[0] if row else 0) + 1
+                    ids = range(start, start + len(vecs))
+                new_ids = np.asarray(ids, dtype=np.int64)
+                self.db.executemany(
+                    "INSERT INTO items (id, key, path, caption, offset, size, vector) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (int(i), m["key"], str(m["path"]), m.get("caption") or "", m.get("offset"), m.get("size"), v)
+                        for i, m, v in zip(new_ids.tolist(), metadata, (row.tobytes() for row in vecs))
+                    ],
+                )
+                self._bump_version()
+                self.db.execute("COMMIT")
+            except sqlite3.IntegrityError as e:
+                self.db.execute("ROLLBACK")
+                self._version = self._db_version()
+                raise ValueError(f"an id or key of this batch is already in the index ({e})") from e
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                self._version = self._db_version()
+                raise
+            if self._kind_for(len(self)) != self.current_kind:
+                self._rebuild()  # crossed exact_max: switch to HNSW
+            else:
+                self._faiss.add_with_ids(vecs, new_ids)
+            self._dirty = True
+            return new_ids
+
+    def remove(self, ids: Sequence[int]) -> int:
+        wanted = [int(i) for i in ids]
+        with self._lock:
+            self.refresh()
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                found = []
+                for part in chunks(wanted):
+                    q = ",".join("?" * len(part))
+                    found += [r[0] for r in self.db.execute(f"SELECT id FROM items WHERE id IN ({q})", part)]
+                    self.db.execute(f"DELETE FROM items WHERE id IN ({q})", part)
+                if found:
+                    self._bump_version()
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            if not found:
+                return 0
+            if self.current_kind == "flat" and self._kind_for(len(self)) == "flat":
+                self._faiss.remove_ids(np.asarray(found, dtype=np.int64))
+            else:
+                self._rebuild()  # HNSW cannot delete
+            self._dirty = True
+            return len(found)
+
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if k <= 0:
+            raise ValueError(f"k must be at least 1, got {k}")
+        q = normalize_rows(vectors)  # (Q, dim)
+        if q.shape[1] != self.dim:
+            raise ValueError(f"query vectors have size {q.shape[1]}, this index holds size {self.dim}")
+        index = self._faiss
+        if len(q) == 0:
+            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+        if self._kind_of(index) == "hnsw":
+            params = self.faiss.SearchParametersHNSW(efSearch=max(self.ef_search, k))
+            scores, ids = index.search(q, k, params=params)
+        else:
+            scores, ids = index.search(q, k)
+        return scores, ids  # (Q, k), (Q, k)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return int(self.db.execute("SELECT COUNT(*) FROM items").fetchone()[0])
+
+    def get(self, ids: Sequence[int]) -> list[dict[str, Any] | None]:
+        wanted = [int(i) for i in ids]
+        found: dict[int, dict[str, Any]] = {}
+        with self._lock:
+            for part in chunks(wanted):
+                q = ",".join("?" * len(part))
+                sql = f"SELECT id, key, path, caption, offset, size FROM items WHERE id IN ({q})"
+                for r in self.db.execute(sql, part):
+                    found[r[0]] = {"id": r[0], "key": r[1], "path": r[2], "caption": r[3], "offset": r[4], "size": r[5]}
+        return [found.get(i) for i in wanted]
+
+    def vectors(self, ids: Sequence[int]) -> np.ndarray:
+        wanted = [int(i) for i in ids]
+        found: dict[int, bytes] = {}
+        with self._lock:
+            for part in chunks(wanted):
+                q = ",".join("?" * len(part))
+                found.update(self.db.execute(f"SELECT id, vector FROM items WHERE id IN ({q})", part).fetchall())
+        missing = [i for i in wanted if i not in found]
+        if missing:
+            raise KeyError(f"no item with id {missing[0]} in the index")
+        if not wanted:
+            return np.zeros((0, self.dim), np.float32)
+        return np.frombuffer(b"".join(found[i] for i in wanted), dtype=np.float32).reshape(len(wanted), self.dim)
+
+    def ids_for_keys(self, keys: Sequence[str]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        keys = list(keys)
+        with self._lock:
+            for part in chunks(keys):
+                q = ",".join("?" * len(part))
+                out.update((k, i) for k, i in self.db.execute(f"SELECT key, id FROM items WHERE key IN ({q})", part))
+        return out
+
+    def all_ids(self) -> np.ndarray:
+        """Every id, ascending."""
+        with self._lock:
+            return np.array([r[0] for r in self.db.execute("SELECT id FROM items ORDER BY id")], dtype=np.int64)
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "kind": self.current_kind, "version": self._version, "exact_max": self.exact_max}

@@ -1,0 +1,211 @@
+"""The scale-out back end: PostgreSQL with the pgvector extension, one table of items with their vectors.
+
+Several servers can share one database, and the database does the transactions: each ``add``/``remove`` is one
+PostgreSQL transaction. Search orders by pgvector's negative inner product (``<#>``) and uses an HNSW index
+(``vector_ip_ops``) once the planner prefers it. Without a ``uri`` the index runs its own PostgreSQL, the one the
+``pgserver`` package ships, with its data in ``{index}/pgdata``: the same directory-is-the-index experience as FAISS.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .base import Index, normalize_rows
+
+URI_ENV = "VISLANG_PG_URI"
+
+
+def vector_literal(v: np.ndarray) -> str:
+    return "[" + ",".join(f"{x:.8g}" for x in v.tolist()) + "]"
+
+
+class PgVectorIndex(Index):
+    """Items and vectors in a PostgreSQL table.
+
+    Args:
+        directory: the index directory (``index.json``; ``pgdata/`` when the database is embedded).
+        dim: embedding size.
+        uri: a PostgreSQL connection string; default ``$VISLANG_PG_URI``, else an embedded server (``pgserver``).
+        table: the items table (letters, digits and underscores).
+        hnsw: create an HNSW index on the vectors.
+        ef_search: HNSW search beam width (raised to k when k is larger).
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        dim: int,
+        uri: str | None = None,
+        table: str = "vislang_items",
+        hnsw: bool = True,
+        ef_search: int = 100,
+    ) -> None:
+        try:
+            import psycopg
+        except ModuleNotFoundError as e:
+            raise RuntimeError("the pgvector back end needs psycopg: pip install 'psycopg[binary]' pgserver") from e
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,50}", table):
+            raise ValueError(f"table name {table!r} must be letters, digits and underscores")
+        self.directory = Path(directory)
+        self.dim, self.table, self.ef_search = int(dim), table, int(ef_search)
+        self._server = None
+        uri = uri or os.environ.get(URI_ENV)
+        if not uri:
+            try:
+                import pgserver
+            except ModuleNotFoundError as e:
+                raise RuntimeError(
+                    f"no PostgreSQL given (uri option or ${URI_ENV}) and no embedded one: pip install pgserver"
+                ) from e
+            self._server = pgserver.get_server(self.directory / "pgdata", cleanup_mode="stop")
+            uri = self._server.get_uri()
+        self._lock = threading.RLock()
+        self.conn = psycopg.connect(uri, autocommit=True)
+        self.psycopg = psycopg
+        t = self.table
+        with self._lock, self.conn.transaction():
+            self.conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+            self.conn.execute(
+                f"""CREATE TABLE IF NOT EXISTS {t} (
+                    id BIGSERIAL PRIMARY KEY,
+                    key TEXT NOT NULL UNIQUE,
+                    path TEXT NOT NULL,
+                    caption TEXT NOT NULL DEFAULT '',
+                    "offset" BIGINT,
+                    size BIGINT,
+                    embedding vector({self.dim}) NOT NULL)"""
+            )
+            self.conn.execute(f"CREATE TABLE IF NOT EXISTS {t}_state (name TEXT PRIMARY KEY, value JSONB NOT NULL)")
+            if hnsw:
+                self.conn.execute(f"CREATE INDEX IF NOT EXISTS {t}_hnsw ON {t} USING hnsw (embedding vector_ip_ops)")
+
+    def close(self) -> None:
+        with self._lock:
+            if not self.conn.closed:
+                self.conn.close()
+            if self._server is not None:
+                self._server.cleanup()
+                self._server = None
+
+    # --- state --------------------------------------------------------------------------------------------------
+    def get_state(self, name: str, default: Any = None) -> Any:
+        with self._lock:
+            row = self.conn.execute(f"SELECT value FROM {self.table}_state WHERE name = %s", (name,)).fetchone()
+        return row[0] if row else default
+
+    def set_state(self, name: str, value: Any) -> None:
+        with self._lock:
+            self.conn.execute(
+                f"INSERT INTO {self.table}_state VALUES (%s, %s::jsonb) "
+                "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
+                (name, json.dumps(value)),
+            )
+
+    # --- the interface ------------------------------------------------------------------------------------------
+    def add(
+        self, vectors: np.ndarray, metadata: Sequence[dict[str, Any]], ids: Sequence[int] | None = None
+    ) -> np.ndarray:
+        vecs = normalize_rows(vectors)  # (N, dim)
+        self.check_batch(vecs, metadata, ids)
+        if len(vecs) == 0:
+            return np.zeros(0, dtype=np.int64)
+        t = self.table
+        with self._lock:
+            try:
+                with self.conn.transaction():
+                    if ids is None:
+                        seq = f"pg_get_serial_sequence('{t}', 'id')"
+                        rows = self.conn.execute(
+                            f"SELECT nextval({seq}) FROM generate_series(1, %s)", (len(vecs),)
+                        ).fetchall()
+                        ids = [r[0] for r in rows]
+                    new_ids = np.asarray(ids, dtype=np.int64)
+                    with self.conn.cursor() as cur:
+                        cur.executemany(
+                            f'INSERT INTO {t} (id, key, path, caption, "offset", size, embedding) '
+                            "VALUES (%s, %s, %s, %s, %s, %s, %s::vector)",
+                            [
+                                (
+                                    int(i),
+                                    m["key"],
+                                    str(m["path"]),
+                                    m.get("caption") or "",
+                                    m.get("offset"),
+                                    m.get("size"),
+                                    vector_literal(v),
+                                )
+                                for i, m, v in zip(new_ids.tolist(), metadata, vecs)
+                            ],
+                        )
+            except self.psycopg.errors.UniqueViolation as e:
+                raise ValueError(f"an id or key of this batch is already in the index ({e.diag.message_detail})") from e
+        return new_ids
+
+    def remove(self, ids: Sequence[int]) -> int:
+        with self._lock:
+            cur = self.conn.execute(f"DELETE FROM {self.table} WHERE id = ANY(%s)", ([int(i) for i in ids],))
+            return cur.rowcount
+
+    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if k <= 0:
+            raise ValueError(f"k must be at least 1, got {k}")
+        q = normalize_rows(vectors)  # (Q, dim)
+        if q.shape[1] != self.dim:
+            raise ValueError(f"query vectors have size {q.shape[1]}, this index holds size {self.dim}")
+        scores = np.full((len(q), k), -np.inf, dtype=np.float32)  # (Q, k)
+        ids = np.full((len(q), k), -1, dtype=np.int64)  # (Q, k)
+        with self._lock, self.conn.transaction():
+            self.conn.execute(f"SET LOCAL hnsw.ef_search = {max(self.ef_search, min(k, 1000))}")
+            for row, v in enumerate(q):
+                lit = vector_literal(v)
+                hits = self.conn.execute(
+                    f"SELECT id, -(embedding <#> %s::vector) FROM {self.table} ORDER BY embedding <#> %s::vector "
+                    "LIMIT %s",
+                    (lit, lit, k),
+                ).fetchall()
+                for j, (i, s) in enumerate(hits):
+                    ids[row, j], scores[row, j] = i, s
+        return scores, ids
+
+    def __len__(self) -> int:
+        with self._lock:
+            return int(self.conn.execute(f"SELECT COUNT(*) FROM {self.table}").fetchone()[0])
+
+    def get(self, ids: Sequence[int]) -> list[dict[str, Any] | None]:
+        wanted = [int(i) for i in ids]
+        with self._lock:
+            rows = self.conn.execute(
+                f'SELECT id, key, path, caption, "offset", size FROM {self.table} WHERE id = ANY(%s)', (wanted,)
+            ).fetchall()
+        found = {
+            r[0]: {"id": r[0], "key": r[1], "path": r[2], "caption": r[3], "offset": r[4], "size": r[5]} for r in rows
+        }
+        return [found.get(i) for i in wanted]
+
+    def vectors(self, ids: Sequence[int]) -> np.ndarray:
+        wanted = [int(i) for i in ids]
+        with self._lock:
+            rows = self.conn.execute(
+                f"SELECT id, embedding::text FROM {self.table} WHERE id = ANY(%s)", (wanted,)
+            ).fetchall()
+        found = {i: np.asarray(json.loads(text), dtype=np.float32) for i, text in rows}
+        missing = [i for i in wanted if i not in found]
+        if missing:
+            raise KeyError(f"no item with id {missing[0]} in the index")
+        return np.stack([found[i] for i in wanted]) if wanted else np.zeros((0, self.dim), np.float32)
+
+    def ids_for_keys(self, keys: Sequence[str]) -> dict[str, int]:
+        with self._lock:
+            rows = self.conn.execute(f"SELECT key, id FROM {self.table} WHERE key = ANY(%s)", (list(keys),)).fetchall()
+        return dict(rows)
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "table": self.table, "embedded_server": self._server is not None}

@@ -1,0 +1,514 @@
+"""The HTTP API: search, embed and zero-shot classify over an index and its model, plus a search page at ``/``.
+
+A thin layer: each endpoint validates its input, then calls ``vislang.index.Searcher`` or the zero-shot functions in a
+worker thread. What stands between the network and the library is here too: an optional API key, a cap on request
+bodies (checked before anything is read), image checks (real image bytes, a pixel limit against decompression
+bombs), and one JSON error shape, ``{"error": message, "status": code}``, for every failure.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import io
+import json
+import os
+import threading
+import time
+import warnings
+from collections import OrderedDict
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from PIL import Image
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..index.build import read_item_bytes
+from ..index.search import Searcher
+
+OPEN_PATHS = ("/healthz",)  # reachable without the API key
+HTML_PATHS = ("/", "/docs", "/redoc", "/openapi.json")  # a browser asking for these gets a login prompt
+MAX_TEXTS = 256  # texts per /v1/embed request
+MAX_TEXT_CHARS = 2000
+MAX_LABELS = 100
+NOT_YET = {
+    "caption": "captioning",
+    "vqa": "visual question answering",
+    "generate": "text-to-image generation",
+}
+IMAGE_MAGIC = (  # (prefix, media type) of the formats we serve and accept
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+    (b"BM", "image/bmp"),
+    (b"II*\x00", "image/tiff"),
+    (b"MM\x00*", "image/tiff"),
+)
+
+
+class ApiError(HTTPException):
+    """An error answered as ``{"error": detail, "status": code}``."""
+
+
+def sniff_image_type(data: bytes) -> str | None:
+    """The media type of image bytes by their magic number (WebP too), else None."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return next((mt for magic, mt in IMAGE_MAGIC if data.startswith(magic)), None)
+
+
+def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode uploaded bytes: 415 when they are not an image, 400 when it is too large or broken."""
+    if not data:
+        raise ApiError(400, "the uploaded image is empty")
+    if sniff_image_type(data) is None:
+        raise ApiError(415, "the upload is not an image; send a PNG, JPEG, WebP, GIF, BMP or TIFF file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))  # reads the header only
+            w, h = img.size
+            if w * h > max_pixels:  # checked before any pixel is decoded
+                raise ApiError(400, f"image is {w}x{h} pixels, over the limit of {max_pixels}; send a smaller image")
+            img.load()
+    except ApiError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ApiError(400, f"image rejected as a decompression bomb ({e})") from e
+    except Exception as e:  # any decoder failure is the client's file, never a server error
+        raise ApiError(415, f"the upload could not be decoded as an image ({e.__class__.__name__})") from e
+    return img
+
+
+def error(status: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": message, "status": status, **extra}, status_code=status, headers=headers)
+
+
+def key_matches(headers: dict[str, str], api_key: str) -> bool:
+    """Whether a request carries the key: ``Authorization: Bearer KEY``, ``X-API-Key: KEY`` or Basic (password)."""
+    want = api_key.encode()
+    given = headers.get("x-api-key", "")
+    auth = headers.get("authorization", "")
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() == "bearer":
+        given = value.strip()
+    elif scheme.lower() == "basic":
+        try:
+            given = base64.b64decode(value.strip(), validate=True).decode().partition(":")[2]
+        except ValueError:
+            given = ""
+    return hmac.compare_digest(given.encode(), want)
+
+
+class Guard:
+    """ASGI middleware: the API key check, then the body size cap (413 before the body is read, if announced).
+
+    The body is read here in full (it is at most ``max_body`` bytes) and replayed to the app, so a client that sends
+    more than it announced, or announces nothing, is cut off at the cap as well.
+    """
+
+    def __init__(self, app, api_key: str | None, max_body: int) -> None:
+        self.app, self.api_key, self.max_body = app, api_key, max_body
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        path = scope["path"]
+        if self.api_key and path not in OPEN_PATHS and not key_matches(headers, self.api_key):
+            scheme = "Basic" if path in HTML_PATHS and scope["method"] == "GET" else "Bearer"
+            message = "missing or wrong API key: send it as 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
+            return await error(401, message, {"WWW-Authenticate": f'{scheme} realm="vislang"'})(scope, receive, send)
+        length = headers.get("content-length")
+        too_big = error(413, f"request body over the limit of {self.max_body / 2**20:g} MB; send a smaller image")
+        if length is not None:
+            if not length.isdigit():
+                return await error(400, "invalid Content-Length header")(scope, receive, send)
+            if int(length) > self.max_body:
+                return await too_big(scope, receive, send)
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body:
+                return await too_big(scope, receive, send)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body, sent = b"".join(chunks), False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+
+class Service:
+    """The state behind the endpoints: the searcher, limits, a cache of zero-shot classifiers."""
+
+    def __init__(self, searcher: Searcher, max_k: int, max_pixels: int) -> None:
+        self.searcher, self.max_k, self.max_pixels = searcher, max_k, max_pixels
+        self._classifiers: OrderedDict[tuple, Any] = OrderedDict()
+        self._lock = threading.Lock()
+        self._checked = 0.0
+
+    def refresh(self) -> None:
+        """Pick up items another process added or removed (checked at most once a second)."""
+        now = time.monotonic()
+        refresh = getattr(self.searcher.index, "refresh", None)
+        if refresh is not None and now - self._checked > 1.0:
+            self._checked = now
+            refresh()
+
+    def check_k(self, k: Any) -> int:
+        if isinstance(k, str) and k.strip().lstrip("-").isdigit():
+            k = int(k)
+        if isinstance(k, bool) or not isinstance(k, int):
+            raise ApiError(400, f"k must be an integer, got {k!r}")
+        if not 1 <= k <= self.max_k:
+            raise ApiError(400, f"k must be between 1 and {self.max_k}, got {k}")
+        return k
+
+    def check_texts(self, texts: Any, what: str = "text") -> list[str]:
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise ApiError(400, f"'{what}' must be a non-empty string or list of strings")
+        if len(texts) > MAX_TEXTS:
+            raise ApiError(400, f"at most {MAX_TEXTS} texts per request, got {len(texts)}")
+        if any(not t.strip() for t in texts):
+            raise ApiError(400, f"empty {what}: every text needs at least one word")
+        if any(len(t) > MAX_TEXT_CHARS for t in texts):
+            raise ApiError(400, f"a {what} is longer than {MAX_TEXT_CHARS} characters")
+        return texts
+
+    def check_embedding(self, value: Any) -> np.ndarray:
+        dim = self.searcher.index.dim
+        try:
+            vec = np.asarray(value, dtype=np.float32)
+        except (TypeError, ValueError):
+            vec = np.zeros(0, np.float32)
+        if vec.shape != (dim,) or not np.isfinite(vec).all() or not np.any(vec):
+            raise ApiError(400, f"'embedding' must be a list of {dim} finite numbers, not all zero")
+        return vec[None]  # (1, dim)
+
+    def stored_vector(self, image_id: Any) -> np.ndarray:
+        if isinstance(image_id, bool) or not isinstance(image_id, int):
+            raise ApiError(400, f"'image_id' must be an integer, got {image_id!r}")
+        try:
+            return self.searcher.index.vectors([image_id])  # (1, dim)
+        except KeyError:
+            raise ApiError(404, f"no image with id {image_id} in the index") from None
+
+    def results(self, vectors: np.ndarray, k: int) -> list[dict[str, Any]]:
+        self.refresh()
+        hits = self.searcher.search_vectors(vectors, k)[0]
+        return [
+            {
+                "id": h["id"],
+                "score": round(h["score"], 6),
+                "caption": h["caption"],
+                "name": Path(h["key"].rpartition("#")[2] or h["key"]).name,
+                "url": f"/v1/images/{h['id']}",
+            }
+            for h in hits
+        ]
+
+    def classifier(self, labels: tuple[str, ...]):
+        """(E, K) zero-shot weights for ``labels``, cached (a page asks for the same labels again and again)."""
+        from ..evaluation.zero_shot import zero_shot_classifier
+
+        with self._lock:
+            if labels in self._classifiers:
+                self._classifiers.move_to_end(labels)
+                return self._classifiers[labels]
+        weights = zero_shot_classifier(self.searcher.model, self.searcher.tokenizer, list(labels)).numpy()
+        with self._lock:
+            self._classifiers[labels] = weights
+            while len(self._classifiers) > 64:
+                self._classifiers.popitem(last=False)
+        return weights
+
+    def classify(self, image_emb: np.ndarray, labels: list[str]) -> list[dict[str, Any]]:
+        import torch
+
+        from ..evaluation.zero_shot import logit_scale_of
+
+        weights = self.classifier(tuple(labels))  # (E, K)
+        with torch.inference_mode():
+            scale = logit_scale_of(self.searcher.model)
+        logits = scale * (image_emb @ weights)[0]  # (K,)
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        order = np.argsort(-probs)
+        return [{"label": labels[i], "probability": float(probs[i])} for i in order]
+
+
+SEARCH_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "text": {"type": "string", "description": "query text"},
+                    "embedding": {"type": "array", "items": {"type": "number"}, "description": "query vector"},
+                    "image_id": {"type": "integer", "description": "search with an indexed image"},
+                    "k": {"type": "integer", "default": 10, "minimum": 1},
+                },
+            },
+            "example": {"text": "a red circle", "k": 10},
+        },
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {"image": {"type": "string", "format": "binary"}, "k": {"type": "integer"}},
+                "required": ["image"],
+            }
+        },
+    },
+}
+EMBED_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {"type": "object", "properties": {"texts": {"type": "array", "items": {"type": "string"}}}},
+            "example": {"texts": ["a red circle", "a blue square"]},
+        },
+        "multipart/form-data": {
+            "schema": {"type": "object", "properties": {"image": {"type": "string", "format": "binary"}}}
+        },
+    },
+}
+CLASSIFY_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "image_id": {"type": "integer"},
+                    "labels": {"type": "array", "items": {"type": "string"}},
+                },
+            },
+            "example": {"image_id": 1, "labels": ["red circle", "blue square"]},
+        },
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "image": {"type": "string", "format": "binary"},
+                    "labels": {"type": "string", "description": "comma-separated labels"},
+                },
+            }
+        },
+    },
+}
+
+
+async def read_body(request: Request, max_body: int) -> tuple[str, dict[str, Any], bytes | None]:
+    """("json" | "form", fields, uploaded image bytes or None); 415 for any other content type, 400 if malformed."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "application/json":
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ApiError(400, "the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, 'the JSON body must be an object, e.g. {"text": "a red circle", "k": 10}')
+        return "json", body, None
+    if ctype == "multipart/form-data":
+        form = await request.form(max_files=1, max_fields=16, max_part_size=max_body)
+        fields: dict[str, Any] = {}
+        image = None
+        for name, value in form.multi_items():
+            if hasattr(value, "read"):  # an uploaded file
+                if name != "image":
+                    raise ApiError(400, f"unexpected file field {name!r}; upload the image as 'image'")
+                image = await value.read()
+            else:
+                fields[name] = value
+        return "form", fields, image
+    raise ApiError(415, f"unsupported content type {ctype or 'none'!r}; send application/json or multipart/form-data")
+
+
+def create_app(
+    index_dir: str | os.PathLike,
+    model_dir: str | os.PathLike | None = None,
+    api_key: str | None = None,
+    max_upload_mb: float = 10.0,
+    max_k: int = 1000,
+    max_pixels: int = 40_000_000,
+    device: str = "cpu",
+) -> FastAPI:
+    """The FastAPI app serving one index.
+
+    Args:
+        index_dir: the index directory.
+        model_dir: the model; default the one that built the index.
+        api_key: when set, every endpoint but ``/healthz`` needs it.
+        max_upload_mb: the largest request body accepted (413 above).
+        max_k: the most results one search returns.
+        max_pixels: the largest image (width × height) decoded; larger ones are refused as decompression bombs.
+        device: where the model runs.
+    """
+    searcher = Searcher(index_dir, model_dir, device=device)
+    searcher.model  # noqa: B018 -- load now: the first request must not pay for it, nor race to load it twice
+    svc = Service(searcher, max_k, max_pixels)
+    max_body = int(max_upload_mb * 2**20)
+    app = FastAPI(
+        title="vislang",
+        version="1",
+        description="Search images by text or image, embed, and classify zero-shot with a vislang model.",
+    )
+    app.state.service = svc
+    app.add_middleware(Guard, api_key=api_key, max_body=max_body)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error(422, "invalid request", details=json.loads(json.dumps(exc.errors(), default=str)))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        return error(500, f"internal error ({exc.__class__.__name__}); the server log has the details")
+
+    @app.get("/healthz", summary="liveness and index size")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok", "size": len(searcher.index), "dim": searcher.index.dim}
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        html = resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
+        return HTMLResponse(
+            html,
+            headers={
+                "Content-Security-Policy": "default-src 'self'; style-src 'self' "
+                "'unsafe-inline'; script-src 'self' 'unsafe-inline'; img-src 'self' blob:"
+            },
+        )
+
+    @app.post(
+        "/v1/search",
+        summary="search by text, uploaded image, indexed image or embedding",
+        openapi_extra={"requestBody": SEARCH_BODY},
+    )
+    async def search(request: Request) -> dict[str, Any]:
+        kind, fields, image = await read_body(request, max_body)
+        k = svc.check_k(fields.get("k", 10))
+        if kind == "form":
+            if image is None:
+                raise ApiError(400, "multipart search needs an image file in the field 'image'")
+            img = decode_upload(image, svc.max_pixels)
+            query, vec = "image", await run_in_threadpool(searcher.embed_images, [img])
+        else:
+            given = [f for f in ("text", "embedding", "image_id") if fields.get(f) is not None]
+            if len(given) != 1:
+                raise ApiError(400, "give exactly one of 'text', 'embedding' or 'image_id' (or upload an 'image')")
+            query = given[0]
+            if query == "text":
+                text = svc.check_texts(fields["text"])
+                if len(text) != 1:
+                    raise ApiError(400, "search takes one 'text'")
+                vec = await run_in_threadpool(searcher.embed_texts, text)
+            elif query == "embedding":
+                vec = svc.check_embedding(fields["embedding"])
+            else:
+                vec = svc.stored_vector(fields["image_id"])
+        t0 = time.perf_counter()
+        results = await run_in_threadpool(svc.results, vec, k)
+        return {"query": query, "k": k, "results": results, "search_ms": round(1e3 * (time.perf_counter() - t0), 3)}
+
+    @app.post("/v1/embed", summary="embed texts or an uploaded image", openapi_extra={"requestBody": EMBED_BODY})
+    async def embed(request: Request) -> dict[str, Any]:
+        kind, fields, image = await read_body(request, max_body)
+        if kind == "form":
+            if image is None:
+                raise ApiError(400, "multipart embed needs an image file in the field 'image'")
+            vec = await run_in_threadpool(searcher.embed_images, [decode_upload(image, svc.max_pixels)])
+        else:
+            vec = await run_in_threadpool(searcher.embed_texts, svc.check_texts(fields.get("texts"), "texts"))
+        return {"dim": int(vec.shape[1]), "embeddings": vec.round(7).tolist()}
+
+    @app.post(
+        "/v1/classify",
+        summary="zero-shot classification of an uploaded or indexed image",
+        openapi_extra={"requestBody": CLASSIFY_BODY},
+    )
+    async def classify(request: Request) -> dict[str, Any]:
+        kind, fields, image = await read_body(request, max_body)
+        labels = fields.get("labels")
+        if isinstance(labels, str):
+            labels = [s.strip() for s in labels.split(",") if s.strip()]
+        if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) and x.strip() for x in labels):
+            raise ApiError(400, "'labels' must hold at least two non-empty labels, e.g. 'red circle,blue square'")
+        if len(labels) > MAX_LABELS:
+            raise ApiError(400, f"at most {MAX_LABELS} labels, got {len(labels)}")
+        svc.check_texts(labels, "label")
+        if kind == "form":
+            if image is None:
+                raise ApiError(400, "multipart classify needs an image file in the field 'image'")
+            vec = await run_in_threadpool(searcher.embed_images, [decode_upload(image, svc.max_pixels)])
+        else:
+            vec = svc.stored_vector(fields.get("image_id"))
+        return {"labels": await run_in_threadpool(svc.classify, vec, labels)}
+
+    def not_yet(task: str):
+        async def endpoint() -> JSONResponse:
+            return error(
+                501,
+                f"{NOT_YET[task]} is not available yet: this server's model is a dual encoder (CLIP), which can "
+                f"search, embed and classify; /v1/{task} will answer once vislang has {NOT_YET[task]} models",
+            )
+
+        return endpoint
+
+    for task in NOT_YET:
+        app.add_api_route(
+            f"/v1/{task}", not_yet(task), methods=["POST"], summary=f"{NOT_YET[task]} (not yet: 501)", status_code=501
+        )
+
+    @app.get(
+        "/v1/images/{image_id}",
+        summary="the image file of an indexed item",
+        responses={200: {"content": {"image/png": {}, "image/jpeg": {}}}},
+    )
+    async def image_file(image_id: str) -> Response:
+        if not image_id.isdigit() or len(image_id) > 18:  # ids are integers: nothing else reaches the file system
+            raise ApiError(404, f"no image with id {image_id!r}; ids are the integers search returns")
+        item = searcher.index.get([int(image_id)])[0]
+        if item is None:
+            raise ApiError(404, f"no image with id {image_id} in the index")
+        try:
+            data = await run_in_threadpool(read_item_bytes, item["path"], item["offset"], item["size"])
+        except OSError:
+            raise ApiError(404, f"the file of image {image_id} is no longer on disk") from None
+        media = sniff_image_type(data)
+        if media is None:
+            raise ApiError(404, f"image {image_id} is not in a format this server sends")
+        return Response(
+            data,
+            media_type=media,
+            headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age=3600"},
+        )
+
+    return app

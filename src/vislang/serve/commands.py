@@ -1,0 +1,66 @@
+"""`vislang serve`: the HTTP API and search page over an index, with uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+import textwrap
+
+SERVE_EPILOG = """
+    examples:
+      vislang serve --index photos.index                       # http://127.0.0.1:8000/ (docs at /docs)
+      VISLANG_API_KEY=secret vislang serve --index photos.index --host 0.0.0.0 --port 8080
+      curl -s localhost:8000/v1/search -H 'content-type: application/json' -d '{"text": "a red shoe", "k": 5}'
+    Needs the serve extra: pip install 'vislang[serve]'."""
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
+    try:
+        import uvicorn
+
+        from .app import create_app
+    except ModuleNotFoundError as e:
+        raise RuntimeError(f"`vislang serve` needs {e.name}: pip install 'vislang[serve]'") from e
+    api_key = args.api_key or os.environ.get("VISLANG_API_KEY") or None
+    if not is_loopback(args.host) and not api_key:
+        print(
+            f"warning: serving on {args.host} without an API key: anyone who can reach this port can search and read "
+            "the indexed images; set --api-key or VISLANG_API_KEY",
+            file=sys.stderr,
+        )
+    app = create_app(
+        args.index,
+        args.model,
+        api_key=api_key,
+        max_upload_mb=args.max_upload_mb,
+        max_k=args.max_k,
+        device=args.device,
+    )
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def register(add) -> None:
+    """Add the `serve` subcommand (``add(name, help, fn) -> ArgumentParser``)."""
+    sp = add("serve", "serve an index over HTTP: search API, embed, zero-shot classify, and a search page", cmd_serve)
+    sp.epilog = textwrap.dedent(SERVE_EPILOG)
+    sp.add_argument("--index", required=True, help="index directory (from `vislang index build`)")
+    sp.add_argument("--model", help="model directory (default: the one that built the index)")
+    sp.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    sp.add_argument("--port", type=int, default=8000)
+    sp.add_argument("--api-key", help="require this key on every endpoint but /healthz (default: $VISLANG_API_KEY)")
+    sp.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body (default 10 MB)")
+    sp.add_argument("--max-k", type=int, default=1000, help="most results per search (default 1000)")
+    sp.add_argument("--device", default="cpu")
+    sp.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -1,0 +1,82 @@
+"""ONNX export of a tiny model: both towers match PyTorch within 1e-4 (fp32) at any batch size, the onnxruntime
+back end embeds like the torch model, and bad input fails clearly."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip(
+    "onnxruntime", reason="ONNX export needs the 'deploy' extra: pip install onnx onnxruntime onnxscript"
+)
+pytest.importorskip("onnxscript", reason="torch.onnx.export (dynamo) needs onnxscript: pip install onnxscript")
+
+from test_compress_tiny import tiny_model_dir  # noqa: E402
+from vislang.cli import main  # noqa: E402
+from vislang.evaluation.embed import embed_images, embed_texts  # noqa: E402
+from vislang.export import OnnxCLIP, export_onnx, is_onnx_dir, load_embedding_model  # noqa: E402
+from vislang.export.onnx import example_inputs  # noqa: E402
+from vislang.factory import from_pretrained, get_tokenizer  # noqa: E402
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    model_dir = tiny_model_dir(root)
+    report = export_onnx(model_dir, root / "onnx")
+    return model_dir, root / "onnx", report
+
+
+def test_export_parity_and_dynamic_batch(exported):
+    model_dir, onnx_dir, report = exported
+    assert is_onnx_dir(onnx_dir)
+    assert report["image_max_abs_diff"] <= TOL and report["text_max_abs_diff"] <= TOL
+    assert json.loads((onnx_dir / "config.json").read_text())["onnx"]["max_abs_diff"]["text"] <= TOL
+    ref, ort_model = from_pretrained(model_dir), OnnxCLIP(onnx_dir)
+    for batch in (3, 11):  # neither is the batch size the towers were exported with
+        images, ids = example_inputs(ref.cfg, batch, seed=batch)
+        with torch.inference_mode():
+            d_img = ort_model.encode_image(images, normalize=False) - ref.encode_image(images, normalize=False)
+            d_txt = ort_model.encode_text(ids, normalize=False) - ref.encode_text(ids, normalize=False)
+        assert d_img.shape == (batch, ref.cfg.embed_dim) and d_img.abs().max() <= TOL
+        assert d_txt.abs().max() <= TOL
+
+
+def test_onnx_back_end_in_the_embed_path(exported):
+    model_dir, onnx_dir, _ = exported
+    ort_model, preprocess = load_embedding_model(onnx_dir)  # "auto" picks onnxruntime for an export directory
+    assert isinstance(ort_model, OnnxCLIP)
+    ref, _ = load_embedding_model(model_dir)
+    texts = ["a red circle", "two blue squares", "a green triangle above a star"]
+    tok = get_tokenizer(onnx_dir)
+    a, b = embed_texts(ort_model, tok, texts, batch_size=2), embed_texts(ref, get_tokenizer(model_dir), texts)
+    assert torch.allclose(a, b, atol=TOL) and torch.allclose(a.norm(dim=1), torch.ones(3), atol=1e-5)
+    images = torch.randint(0, 256, (5, 3, 24, 24), dtype=torch.uint8)
+    assert torch.allclose(embed_images(ort_model, images, 2), embed_images(ref, images), atol=TOL)
+    from PIL import Image
+
+    x = preprocess(Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)))
+    assert tuple(x.shape) == (3, 24, 24)
+
+
+def test_cli_export_prints_the_diff_and_refuses_bad_input(exported, tmp_path, capsys):
+    model_dir, _, _ = exported
+    assert main(["export", str(model_dir), "--onnx", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    assert "image tower: max abs diff vs PyTorch" in out and "text tower:" in out
+    assert main(["export", str(tmp_path), "--onnx", str(tmp_path / "o2")]) == 2
+    assert "not a vislang model directory" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="not an ONNX export"):
+        OnnxCLIP(model_dir)
+
+
+def test_int8_model_cannot_be_exported(exported, tmp_path):
+    from vislang.compress import compress_model_dir
+
+    model_dir, _, _ = exported
+    compress_model_dir(model_dir, "dynamic-int8", tmp_path / "int8")
+    with pytest.raises(ValueError, match="export the fp32 model"):
+        export_onnx(tmp_path / "int8", tmp_path / "o")

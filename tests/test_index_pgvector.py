@@ -1,0 +1,77 @@
+"""The PostgreSQL + pgvector back end answers like the FAISS one (same interface, same build and search paths)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("psycopg", reason="the pgvector back end needs psycopg (pip install 'psycopg[binary]')")
+pgserver = pytest.importorskip("pgserver", reason="these tests run PostgreSQL from the pgserver package")
+pytest.importorskip("faiss", reason="the comparison needs faiss-cpu")
+
+from test_index import make_tiny_model, meta, unit, write_images  # noqa: E402
+from vislang.index import Searcher, build_index, create_index, open_index  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pg(tmp_path_factory):
+    server = pgserver.get_server(tmp_path_factory.mktemp("pg") / "pgdata", cleanup_mode="stop")
+    yield server.get_uri()
+    server.cleanup()
+
+
+def test_add_search_remove_match_faiss(pg, tmp_path):
+    x, q = unit(300, 8), unit(4, 8, seed=1)
+    pgix = create_index(tmp_path / "pg", 8, backend="pgvector", uri=pg, table="t_match", hnsw=False)
+    fx = create_index(tmp_path / "fx", 8)
+    try:
+        ids_pg, ids_f = pgix.add(x, meta(300)), fx.add(x, meta(300))
+        assert len(pgix) == 300 and ids_pg.tolist() == ids_f.tolist() == list(range(1, 301))
+        s_pg, i_pg = pgix.search(q, 5)
+        s_f, i_f = fx.search(q, 5)
+        assert np.array_equal(i_pg, i_f)  # exact search on both sides
+        np.testing.assert_allclose(s_pg, s_f, atol=1e-5)
+        assert pgix.get([2, 999]) == [
+            {"id": 2, "key": "k1", "path": "/img/1.png", "caption": "c1", "offset": None, "size": None},
+            None,
+        ]
+        np.testing.assert_allclose(pgix.vectors([5])[0], x[4], atol=1e-6)
+        assert pgix.ids_for_keys(["k0", "nope"]) == {"k0": 1}
+        assert pgix.remove([1, 2, 12345]) == 2 and len(pgix) == 298
+        assert 1 not in pgix.search(x[:1], 3)[1]
+        with pytest.raises(ValueError, match="already in the index"):
+            pgix.add(unit(1, 8), meta(1, start=5))
+        new = pgix.add(unit(1, 8), [{"key": "fresh", "path": "/p.png"}])
+        assert new[0] > 300  # ids are never reused
+        pgix.set_state("build", {"status": "complete"})
+        assert pgix.get_state("build") == {"status": "complete"} and pgix.get_state("none", 7) == 7
+        assert pgix.search(q, 1000)[1].shape == (4, 1000)  # padded with -1 past the last hit
+    finally:
+        pgix.close()
+        fx.close()
+    with open_index(tmp_path / "pg") as again:  # reopened from index.json
+        assert len(again) == 299 and again.info()["backend"] == "pgvector"
+
+
+def test_hnsw_recall(pg, tmp_path):
+    x = unit(2000, 16)
+    with create_index(tmp_path / "pg", 16, backend="pgvector", uri=pg, table="t_hnsw") as ix:
+        ids = ix.add(x, meta(2000))
+        _, found = ix.search(x[:40], 1)
+        assert (found[:, 0] == ids[:40]).mean() >= 0.95
+
+
+def test_build_and_search_on_embedded_postgres(tmp_path):
+    model = make_tiny_model(tmp_path)
+    images = write_images(tmp_path / "images", 6)
+    counts = build_index(str(tmp_path / "images"), tmp_path / "ix", model, backend="pgvector", progress=False)
+    assert counts["added"] == 6
+    assert (tmp_path / "ix" / "pgdata").is_dir()  # no uri: the index runs its own PostgreSQL
+    again = build_index(str(tmp_path / "images"), tmp_path / "ix", progress=False)  # resume: nothing to add
+    assert again["added"] == 0 and again["already"] == 6
+    s = Searcher(tmp_path / "ix")
+    try:
+        hit = s.search_image(images[2], k=2)[0]
+        assert hit["path"] == str(images[2].resolve()) and hit["score"] == pytest.approx(1.0, abs=1e-4)
+    finally:
+        s.close()
