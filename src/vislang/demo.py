@@ -9,6 +9,23 @@ from pathlib import Path
 from .cli import PACKAGED_CONFIGS
 
 
+def export_sample_images(folder: Path, n: int = 500) -> Path:
+    """Write the first ``n`` Fashion-MNIST test images as PNGs with same-named .txt captions, so the search commands
+    in the README (`vislang index build runs/demo/images ...`) have a folder of real images to work on."""
+    from PIL import Image
+
+    from .data import FashionMNIST
+
+    ds = FashionMNIST("test")
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(min(n, len(ds))):
+        stem = folder / f"test_{i:05d}"
+        if not stem.with_suffix(".png").exists():
+            Image.fromarray(ds.images[i]).save(stem.with_suffix(".png"))
+            stem.with_suffix(".txt").write_text(ds.caption(i) + "\n")
+    return folder
+
+
 def run_demo(out: str = "runs/demo", overrides: list[str] | None = None, fresh: bool = False) -> int:
     from .evaluation.run import evaluate_model_dir
     from .factory import is_model_dir
@@ -30,6 +47,7 @@ def run_demo(out: str = "runs/demo", overrides: list[str] | None = None, fresh: 
     results = evaluate_model_dir(
         model_dir, data=cfg.data.train, split=cfg.data.val_split, out_dir=run / "eval", train_split=cfg.data.train_split
     )
+    export_sample_images(run / "images", n=500)
     report = write_report(run)
     h = results.get("headline", {})
     print("\n== vislang demo: Fashion-MNIST ==")
