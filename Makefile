@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[assets,bench,serve,dev]'
+	$(PY) -m pip install -q -e '.[assets,bench,serve,deploy,dev]'
 	@touch $(STAMP)
 
 install: $(STAMP)  ## create .venv with pinned dependencies

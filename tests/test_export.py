@@ -80,3 +80,27 @@ def test_int8_model_cannot_be_exported(exported, tmp_path):
     compress_model_dir(model_dir, "dynamic-int8", tmp_path / "int8")
     with pytest.raises(ValueError, match="export the fp32 model"):
         export_onnx(tmp_path / "int8", tmp_path / "o")
+
+
+def test_cli_embed_with_onnx_backend(exported, tmp_path):
+    from vislang.cli import main
+
+    model_dir, onnx_dir, _ = exported
+    assert (
+        main(
+            [
+                "embed",
+                "--model",
+                str(onnx_dir),
+                "--backend",
+                "onnx",
+                "--texts",
+                "a red circle",
+                "-o",
+                str(tmp_path / "o.npy"),
+            ]
+        )
+        == 0
+    )
+    assert main(["embed", "--model", str(model_dir), "--texts", "a red circle", "-o", str(tmp_path / "t.npy")]) == 0
+    assert np.allclose(np.load(tmp_path / "o.npy"), np.load(tmp_path / "t.npy"), atol=TOL)

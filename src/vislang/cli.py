@@ -116,6 +116,7 @@ def cmd_embed(args: argparse.Namespace, extra: list[str]) -> int:
         texts_file=args.texts_file,
         batch_size=args.batch_size,
         device=args.device,
+        backend=args.backend,
     )
     print(f"wrote {out}")
     return 0
@@ -234,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--texts", nargs="+", help="texts to embed")
     g.add_argument("--texts-file", help="a file with one text per line")
     sp.add_argument("-o", "--out", required=True, help="output file: .npy or .parquet (parquet keeps the names)")
+    sp.add_argument(
+        "--backend",
+        default="auto",
+        choices=["auto", "torch", "onnx"],
+        help="onnx = ONNX Runtime on a `vislang export` directory (auto picks by directory)",
+    )
     sp.add_argument("--batch-size", type=int, default=256)
     sp.add_argument("--device", default="cpu")
 

@@ -198,6 +198,10 @@ def from_pretrained(directory: str | os.PathLike, device: str | torch.device = "
     meta = json.loads((d / "config.json").read_text())
     if meta.get("model_type") != MODEL_TYPE:
         raise ValueError(f"{d}/config.json is not a vislang model config (model_type={meta.get('model_type')!r})")
+    if (meta.get("compression") or {}).get("method", "").endswith("int8"):
+        from .compress import load_quantized  # int8 weights need the quantised modules rebuilt first
+
+        return load_quantized(d, device)
     cfg = from_dict(ModelConfig, meta["model"], "model")
     if cfg.text.arch == "hf" and cfg.text.hf_path and not Path(cfg.text.hf_path).is_absolute():
         cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, hf_path=str(d / cfg.text.hf_path)))

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .factory import create_model_and_transforms, get_tokenizer
+from .factory import get_tokenizer
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -85,12 +85,15 @@ def embed_to_file(
     texts_file: str | None = None,
     batch_size: int = 256,
     device: str = "cpu",
+    backend: str = "auto",
 ) -> Path:
     """Embed images or texts and write ``.npy`` (embeddings only) or ``.parquet`` (name/text + embedding)."""
     out_path = Path(out)
     if out_path.suffix not in (".npy", ".parquet"):
         raise ValueError(f"output {out} must end in .npy or .parquet")
-    model, _, preprocess = create_model_and_transforms(model_dir)
+    from .export import load_embedding_model
+
+    model, preprocess = load_embedding_model(model_dir, backend)
     if images:
         paths = list_images(images)
         emb, kept = embed_images(model, preprocess, paths, batch_size, device)
