@@ -92,6 +92,11 @@ def image_transforms(cfg: ModelConfig):
     )
 
 
+def build_model(cfg: ModelConfig) -> CLIP:
+    """The model family a config describes (today the dual encoder; captioning and fusion heads extend it)."""
+    return CLIP(cfg)
+
+
 def create_model(
     name_or_path: str | os.PathLike | ModelConfig,
     pretrained: str | os.PathLike | None = None,
@@ -108,7 +113,7 @@ def create_model(
         if is_model_dir(name_or_path) and pretrained is None:
             return from_pretrained(name_or_path, device=device)
         cfg = get_model_config(name_or_path, overrides)
-    model = CLIP(cfg)
+    model = build_model(cfg)
     if pretrained is not None:
         p = Path(pretrained)
         if is_model_dir(p):
@@ -205,6 +210,6 @@ def from_pretrained(directory: str | os.PathLike, device: str | torch.device = "
     cfg = from_dict(ModelConfig, meta["model"], "model")
     if cfg.text.arch == "hf" and cfg.text.hf_path and not Path(cfg.text.hf_path).is_absolute():
         cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, hf_path=str(d / cfg.text.hf_path)))
-    model = CLIP(cfg)
+    model = build_model(cfg)
     _load_weights(model, d / "model.safetensors")
     return model.to(device).eval()

@@ -47,6 +47,7 @@ class TrainConfig:
     pretrained: str | None = None  # start from this model directory's weights
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    task: str = "contrastive"  # what the run trains: a key of vislang.train.tasks.TASKS (or "gan", its own loop)
     loss: str = "clip"  # "clip" (softmax InfoNCE) or "siglip" (sigmoid)
     local_loss: bool = False  # DDP: local-vs-global logits instead of global-vs-global (less memory)
     gather_with_grad: bool = True  # DDP: gradients flow through the gathered features (exact global-batch loss)

@@ -22,14 +22,14 @@ from tqdm.auto import tqdm
 
 from .. import distributed as dist
 from ..config import to_dict
-from ..factory import build_tokenizer, fit_config_to_tokenizer, get_model_config, save_pretrained
+from ..factory import build_model, build_tokenizer, fit_config_to_tokenizer, get_model_config, save_pretrained
 from ..models.clip import CLIP
 from ..tokenizers import load_tokenizer
 from .checkpoint import atomic_torch_save, load_checkpoint, rng_state, set_rng_state
 from .config import TrainConfig
 from .data import TokenizedPairs, batch_loader, epoch_batches, load_prepared
 from .optim import build_optimizer, lr_at, set_lr
-from .tasks import ContrastiveTask
+from .tasks import build_task
 
 
 def pick_device(name: str) -> torch.device:
@@ -137,7 +137,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     train_data = TokenizedPairs(train_imgs, train_tokens, cfg.data.max_train)
 
     torch.manual_seed(cfg.seed)  # model init depends on the seed alone, not on what data preparation consumed
-    model = CLIP(mcfg)
+    model = build_model(mcfg)
     if cfg.pretrained:
         from ..factory import from_pretrained
 
@@ -150,7 +150,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-    task = ContrastiveTask(model, cfg.loss, cfg.dedupe_text, cfg.local_loss, cfg.gather_with_grad)
+    task = build_task(cfg.task, model, cfg)
     optimizer = build_optimizer(core, cfg.optim)
     amp, scaler = autocast_for(cfg.precision, device)
 

@@ -55,3 +55,18 @@ class ContrastiveTask(nn.Module):
             out = self.model(images, tokens)
         loss = self.loss(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"))
         return loss, {"logit_scale": float(out["logit_scale"].detach())}
+
+
+# Tasks by name: TrainConfig.task picks one. A task is built as TASKS[name](model, cfg) and called on a batch dict
+# (image uint8 (B, C, H, W), tokens (B, T), label (B,)) returning (loss, extra scalar metrics).
+TASKS = {
+    "contrastive": lambda model, cfg: ContrastiveTask(
+        model, cfg.loss, cfg.dedupe_text, cfg.local_loss, cfg.gather_with_grad
+    ),
+}
+
+
+def build_task(name: str, model: nn.Module, cfg) -> nn.Module:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASKS)}")
+    return TASKS[name](model, cfg)
