@@ -16,7 +16,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 # Modules that add subcommands (each defines ``register(add)``, ``add(name, help, fn) -> ArgumentParser``).
-COMMAND_MODULES = ("vislang.index.commands", "vislang.serve.commands", "vislang.compress.commands")
+COMMAND_MODULES = (
+    "vislang.index.commands",
+    "vislang.serve.commands",
+    "vislang.compress.commands",
+    "vislang.caption.commands",
+)
 
 
 def _config_path(spec: str | None) -> str | None:

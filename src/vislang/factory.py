@@ -93,7 +93,11 @@ def image_transforms(cfg: ModelConfig):
 
 
 def build_model(cfg: ModelConfig) -> CLIP:
-    """The model family a config describes (today the dual encoder; captioning and fusion heads extend it)."""
+    """The model family a config describes: the dual encoder, or CoCa when the config has a caption decoder."""
+    if cfg.decoder is not None:
+        from .models.captioner import CoCa
+
+        return CoCa(cfg)
     return CLIP(cfg)
 
 

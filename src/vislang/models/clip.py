@@ -17,6 +17,20 @@ from .towers import TextConfig, VisionConfig, build_text_tower, build_vision_tow
 
 
 @dataclass(frozen=True)
+class DecoderConfig:
+    """The caption decoder of a CoCa model (``models/captioner.py``): multimodal layers over the text tower's output."""
+
+    width: int = 128  # hidden size of the multimodal layers (text tokens are projected to it when it differs)
+    layers: int = 2  # multimodal blocks: causal self-attention, cross-attention to image tokens, MLP
+    heads: int = 4  # attention heads
+    mlp_ratio: float = 4.0  # MLP hidden = width * mlp_ratio
+    dropout: float = 0.0
+    caption_weight: float = 2.0  # task "coca": loss = contrastive + caption_weight * caption (CoCa's 1:2)
+    bos_id: int = 2  # begin token that starts generation ([BOS] of vislang tokenizers)
+    eos_id: int = 3  # end token that stops generation ([EOS] of vislang tokenizers)
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     embed_dim: int = 128  # size of the shared image–text space
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -26,6 +40,7 @@ class ModelConfig:
     init_logit_bias: float | None = None  # SigLIP: -10; None = no bias
     lock_image: bool = False  # freeze the image tower (LiT-style locked-image tuning)
     lock_text: bool = False  # freeze the text tower
+    decoder: DecoderConfig | None = None  # a caption decoder makes the model a CoCa (models/captioner.py)
 
 
 class CLIP(nn.Module):

@@ -57,11 +57,48 @@ class ContrastiveTask(nn.Module):
         return loss, {"logit_scale": float(out["logit_scale"].detach())}
 
 
+def caption_loss(logits: torch.Tensor, tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Next-token cross-entropy of teacher-forced logits (B, T-1, V) against tokens[:, 1:], padding ignored."""
+    target = tokens[:, 1:]  # (B, T-1)
+    return nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=pad_id)
+
+
+class CaptionTask(nn.Module):
+    """Captioning alone (``contrastive=None``), or CoCa: contrastive loss + ``caption_weight`` * caption loss."""
+
+    def __init__(self, model: nn.Module, contrastive: ContrastiveTask | None = None) -> None:
+        super().__init__()
+        self.model = model
+        core = getattr(model, "module", model)
+        if getattr(core.cfg, "decoder", None) is None:
+            raise ValueError("caption tasks need a model with a decoder: set model.decoder (see configs/caption.yaml)")
+        self.mean, self.std = core.cfg.vision.mean, core.cfg.vision.std
+        self.pad_id, self.weight = core.cfg.text.pad_id, core.cfg.decoder.caption_weight
+        self.contrastive = contrastive
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        images = normalize(batch["image"], self.mean, self.std)  # (B, C, H, W) float
+        tokens = batch["tokens"].long()  # (B, T): [BOS] ... [EOS] pad
+        out = self.model(images, tokens)
+        cap = caption_loss(out["caption_logits"], tokens, self.pad_id)
+        if self.contrastive is None:
+            return cap, {"caption_loss": float(cap.detach())}
+        con = self.contrastive.loss(
+            out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias")
+        )
+        extras = {"caption_loss": float(cap.detach()), "contrastive_loss": float(con.detach())}
+        return con + self.weight * cap, {**extras, "logit_scale": float(out["logit_scale"].detach())}
+
+
 # Tasks by name: TrainConfig.task picks one. A task is built as TASKS[name](model, cfg) and called on a batch dict
 # (image uint8 (B, C, H, W), tokens (B, T), label (B,)) returning (loss, extra scalar metrics).
 TASKS = {
     "contrastive": lambda model, cfg: ContrastiveTask(
         model, cfg.loss, cfg.dedupe_text, cfg.local_loss, cfg.gather_with_grad
+    ),
+    "caption": lambda model, cfg: CaptionTask(model),
+    "coca": lambda model, cfg: CaptionTask(
+        model, ContrastiveTask(model, cfg.loss, False, cfg.local_loss, cfg.gather_with_grad)
     ),
 }
 

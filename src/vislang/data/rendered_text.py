@@ -1,0 +1,147 @@
+"""Reading text: words and short phrases rendered with the system's fonts; the caption is the text itself.
+
+Fonts come from Debian packages (fonts-dejavu-core, fonts-liberation: ``/usr/share/fonts``); each item varies font,
+size, colour, rotation and background noise, drawn from its own seed like the shapes world, so item ``i`` is the same
+in every run. ``write_folder`` exports a split as PNG + ``.txt`` pairs, which ``vislang train`` reads as a folder
+dataset (``data.train=DIR``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from torch.utils.data import Dataset
+
+FONT_DIRS = ("/usr/share/fonts/truetype", "/usr/share/fonts/opentype")
+SPLITS = ("train", "val", "test")
+WORDS = tuple(
+    """time year people way day man thing woman life child world school state family student group country problem
+    hand part place case week company system program question work government number night point home water room
+    mother area money story fact month lot right study book eye job word business issue side kind head house service
+    friend father power hour game line end member law car city name team minute idea kid body information back parent
+    face others level office door health person art war history party result change morning reason research girl guy
+    moment air teacher force education red green blue black white yellow orange purple small large open close stop
+    exit push pull enter sale cafe bank hotel taxi bus train park street road north south east west left right up down
+    hello world coffee tea milk bread apple river stone light dark fire snow rain wind cloud star moon sun tree flower
+    garden window paper music piece table chair phone clock key map glass plate shop market price free new old hot
+    cold fast slow""".split()
+)
+
+
+@functools.lru_cache(maxsize=1)
+def system_fonts() -> tuple[str, ...]:
+    """TrueType/OpenType files installed on this machine (sorted for a stable order)."""
+    found = sorted(str(p) for d in FONT_DIRS if Path(d).is_dir() for p in Path(d).rglob("*") if p.suffix in (".ttf", ".otf"))
+    if not found:
+        raise FileNotFoundError(
+            "no system fonts found under /usr/share/fonts; install some: apt-get install fonts-dejavu-core fonts-liberation"
+        )
+    return tuple(f for f in found if "Math" not in f) or tuple(found)  # math fonts draw letters oddly
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderConfig:
+    """How text images vary.
+
+    Attributes:
+        image_size: side of the square images in pixels.
+        max_words: phrases have 1..max_words words.
+        size_range: font size as a fraction of the image side (before fitting the width).
+        max_rotation: rotation in degrees, uniform in ±max_rotation.
+        noise: standard deviation of the Gaussian background noise, in grey levels.
+        min_contrast: smallest luminance difference between text and background colours.
+        vocabulary: words phrases are drawn from.
+        seed: base seed of the world.
+    """
+
+    image_size: int = 64
+    max_words: int = 2
+    size_range: tuple[float, float] = (0.22, 0.4)
+    max_rotation: float = 10.0
+    noise: float = 12.0
+    min_contrast: float = 90.0
+    vocabulary: tuple[str, ...] = WORDS
+    seed: int = 0
+
+
+def _luma(rgb) -> float:
+    return 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2]
+
+
+def render_text(text: str, rng: np.random.Generator, cfg: RenderConfig) -> Image.Image:
+    """One image of ``text``: random font, size, colours, rotation and noise, scaled to fit the square."""
+    fonts = system_fonts()
+    font_path = fonts[int(rng.integers(len(fonts)))]
+    side = cfg.image_size
+    size = int(side * rng.uniform(*cfg.size_range) * 2)  # drawn at 2x, then reduced: smoother glyphs
+    while True:
+        bg = tuple(int(v) for v in rng.integers(0, 256, 3))
+        fg = tuple(int(v) for v in rng.integers(0, 256, 3))
+        if abs(_luma(bg) - _luma(fg)) >= cfg.min_contrast:
+            break
+    font = ImageFont.truetype(font_path, max(8, size))
+    left, top, right, bottom = font.getbbox(text)
+    tile = Image.new("RGBA", (right - left + 8, bottom - top + 8), (0, 0, 0, 0))
+    ImageDraw.Draw(tile).text((4 - left, 4 - top), text, font=font, fill=(*fg, 255))
+    tile = tile.rotate(float(rng.uniform(-cfg.max_rotation, cfg.max_rotation)), expand=True, resample=Image.BICUBIC)
+    big = side * 2
+    scale = min(1.0, 0.92 * big / max(tile.size))  # long phrases shrink to fit
+    if scale < 1.0:
+        tile = tile.resize((max(1, int(tile.width * scale)), max(1, int(tile.height * scale))), Image.LANCZOS)
+    canvas = Image.new("RGB", (big, big), bg)
+    x = int(rng.integers(0, big - tile.width + 1))
+    y = int(rng.integers(0, big - tile.height + 1))
+    canvas.paste(tile, (x, y), tile)
+    img = np.asarray(canvas.reduce(2), dtype=np.float32)
+    img += rng.normal(0.0, cfg.noise, img.shape).astype(np.float32)
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+class RenderedText(Dataset):
+    """Rendered words and phrases as ``(PIL RGB image, text, index)``; item ``i`` depends only on its seed."""
+
+    def __init__(self, split: str = "train", n: int | None = None, cfg: RenderConfig | None = None, seed: int = 0):
+        if split not in SPLITS:
+            raise ValueError(f"rendered-text split must be one of {list(SPLITS)}, got {split!r}")
+        self.split, self.seed = split, seed
+        self.cfg = cfg or RenderConfig()
+        self.n = (20_000 if split == "train" else 1_000) if n is None else int(n)
+        self.image_size, self.channels = self.cfg.image_size, 3
+
+    def __len__(self) -> int:
+        return self.n
+
+    def rng(self, index: int) -> np.random.Generator:
+        if not 0 <= index < self.n:
+            raise IndexError(f"index {index} out of range for {self.n} items")
+        return np.random.default_rng([self.cfg.seed, self.seed, SPLITS.index(self.split), index, 7])
+
+    def caption(self, index: int) -> str:
+        rng = self.rng(index)
+        k = int(rng.integers(1, self.cfg.max_words + 1))
+        return " ".join(self.cfg.vocabulary[int(i)] for i in rng.integers(len(self.cfg.vocabulary), size=k))
+
+    @property
+    def captions(self) -> list[str]:
+        return [self.caption(i) for i in range(self.n)]
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, str, int]:
+        rng = self.rng(index)
+        k = int(rng.integers(1, self.cfg.max_words + 1))
+        text = " ".join(self.cfg.vocabulary[int(i)] for i in rng.integers(len(self.cfg.vocabulary), size=k))
+        return render_text(text, rng, self.cfg), text, index
+
+
+def write_folder(dataset: RenderedText, out_dir: str | Path) -> Path:
+    """Export as ``000000.png`` + ``000000.txt`` pairs: a folder dataset any vislang command reads."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for i in range(len(dataset)):
+        img, text, _ = dataset[i]
+        img.save(out / f"{i:06d}.png")
+        (out / f"{i:06d}.txt").write_text(text, encoding="utf-8")
+    return out

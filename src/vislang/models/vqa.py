@@ -1,0 +1,130 @@
+"""Visual question answering as answer classification: image tower + question tower + fusion + MLP answer head.
+
+Several questions usually share one image, so ``forward`` takes the images once and an ``image_index`` that maps
+each question to its image: the image tower runs once per image, not once per question.
+
+A saved VQA model directory holds ``config.json`` (model_type "vislang-vqa"), ``model.safetensors``, the question
+tokenizer and ``answers.json`` (the answer vocabulary, in class order).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .fusion import FusionConfig, build_fusion
+from .towers import TextConfig, VisionConfig, build_text_tower, build_vision_tower
+
+MODEL_TYPE = "vislang-vqa"
+ANSWERS_FILE = "answers.json"
+
+
+@dataclass(frozen=True)
+class VQAConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
+    num_answers: int = 2  # answer classes; set from the training answer vocabulary
+    head_hidden: int = 256  # hidden width of the answer MLP
+    head_dropout: float = 0.1
+
+
+class VQAModel(nn.Module):
+    def __init__(self, cfg: VQAConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.visual = build_vision_tower(cfg.vision)
+        self.text = build_text_tower(cfg.text)
+        self.fusion = build_fusion(cfg.fusion, self.visual.width, self.text.width)
+        self.head = nn.Sequential(
+            nn.Linear(cfg.fusion.dim, cfg.head_hidden),
+            nn.GELU(),
+            nn.Dropout(cfg.head_dropout),
+            nn.Linear(cfg.head_hidden, cfg.num_answers),
+        )
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Image tokens (B_img, N, Di)."""
+        return self.visual.forward_tokens(images)
+
+    def encode_text(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Question tokens (B, T, Dt) and their validity mask (B, T)."""
+        return self.text.forward_tokens(tokens)
+
+    def fuse(
+        self, images: torch.Tensor, tokens: torch.Tensor, image_index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Fused (B, dim) for B questions; ``image_index`` (B,) picks each question's image (default: one to one)."""
+        img = self.encode_image(images)  # (B_img, N, Di)
+        if image_index is not None:
+            img = img[image_index]  # (B, N, Di)
+        txt, valid = self.encode_text(tokens)  # (B, T, Dt), (B, T)
+        return self.fusion(img, txt, valid)
+
+    def forward(
+        self, images: torch.Tensor, tokens: torch.Tensor, image_index: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        fused = self.fuse(images, tokens, image_index)
+        return {"fused": fused, "logits": self.head(fused)}  # (B, dim), (B, num_answers)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.visual.set_grad_checkpointing(enable)
+        self.text.set_grad_checkpointing(enable)
+
+    def no_weight_decay(self) -> set[str]:
+        return {n for n, p in self.named_parameters() if p.ndim < 2 or "embedding" in n}
+
+
+def num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def save_vqa(model: VQAModel, directory: str | os.PathLike, tokenizer, answers: list[str], extra: dict | None = None):
+    """Write the model directory atomically (temp folder, then rename)."""
+    from safetensors.torch import save_file
+
+    from ..config import to_dict
+
+    if len(answers) != model.cfg.num_answers:
+        raise ValueError(f"{len(answers)} answers for a head of {model.cfg.num_answers} classes")
+    d = Path(directory)
+    d.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.", dir=d.parent))
+    meta = {"model_type": MODEL_TYPE, "model": to_dict(model.cfg), **(extra or {})}
+    (tmp / "config.json").write_text(json.dumps(meta, indent=2))
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+    tokenizer.save(tmp)
+    (tmp / ANSWERS_FILE).write_text(json.dumps(list(answers)))
+    if d.exists():
+        shutil.rmtree(d)
+    tmp.rename(d)
+    return d
+
+
+def load_vqa(directory: str | os.PathLike, device: str | torch.device = "cpu"):
+    """``(model, tokenizer, answers)`` from a directory written by ``save_vqa``."""
+    from safetensors.torch import load_file
+
+    from ..config import from_dict
+    from ..tokenizers import load_tokenizer
+
+    d = Path(directory)
+    if not (d / "config.json").is_file() or not (d / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"{d} is not a VQA model directory (needs config.json, model.safetensors, answers.json); "
+            "train one with `vislang ablate-fusion` or vislang.understand.train_vqa"
+        )
+    meta = json.loads((d / "config.json").read_text())
+    if meta.get("model_type") != MODEL_TYPE:
+        raise ValueError(f"{d} holds a {meta.get('model_type')!r} model, not a VQA model ({MODEL_TYPE!r})")
+    model = VQAModel(from_dict(VQAConfig, meta["model"], "model"))
+    model.load_state_dict(load_file(str(d / "model.safetensors")))
+    answers = json.loads((d / ANSWERS_FILE).read_text())
+    return model.to(device).eval(), load_tokenizer(d), answers

@@ -1,0 +1,9 @@
+"""Multimodal understanding: VQA and image–text matching on fused models, saliency maps, fine-tuning.
+
+The library parts live in ``vislang.models.fusion``/``vqa``/``itm``, ``vislang.data.vqa`` and
+``vislang.evaluation.vqa_metrics``; this package holds the small training loops and the CLI commands built on them.
+"""
+
+from .vqa_train import VQATrainConfig, evaluate_vqa, load_vqa_config, predict_answer, train_vqa
+
+__all__ = ["VQATrainConfig", "evaluate_vqa", "load_vqa_config", "predict_answer", "train_vqa"]

@@ -1,0 +1,246 @@
+"""Train and evaluate a VQA answer classifier: a small loop of its own on image-level batches.
+
+A batch is ``batch_images`` images plus every question about them, so the image tower runs once per image. The
+optimizer and schedule are the trainer's (``train.optim``); the checkpoint is written atomically at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import apply_overrides, from_dict, to_dict
+from ..data.transforms import normalize
+from ..data.vqa import VQASet, answer_targets, answer_vocab, read_vqa_file, shapes_vqa
+from ..evaluation.vqa_metrics import vqa_accuracy
+from ..models.fusion import FUSIONS
+from ..models.vqa import VQAConfig, VQAModel, load_vqa, num_parameters, save_vqa
+from ..tokenizers import Tokenizer
+from ..train.optim import build_optimizer, lr_at, set_lr
+from ..train.config import OptimConfig
+
+CONFIG_DIR = Path(__file__).parent / "model_configs"
+
+
+@dataclass(frozen=True)
+class VQATrainConfig:
+    model: str = "shapes-vqa"  # a VQA config name (understand/model_configs) or a JSON path
+    overrides: tuple[str, ...] = ()  # dotted model overrides: "fusion.kind=gated"
+    data: str = "shapes"  # "shapes" or a JSONL/CSV file of image, question, answer
+    test_data: str | None = None  # file for evaluation (shapes: the test split)
+    image_dir: str | None = None  # where relative image paths of the files resolve (default: the file's folder)
+    n_train: int = 3000  # shapes: training scenes
+    n_test: int = 500  # shapes: test (and holdout) scenes
+    epochs: int = 6
+    batch_images: int = 32  # images per step; all their questions come along
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=50, weight_decay=0.05))
+    time_budget_s: float | None = None  # stop training after this many seconds (a fair budget in ablations)
+    out_dir: str = "runs/vqa"
+    seed: int = 0
+    threads: int | None = None  # torch CPU threads (None: torch's default)
+
+
+def load_vqa_config(name_or_path: str, overrides: tuple[str, ...] | list[str] = ()) -> VQAConfig:
+    p = Path(name_or_path)
+    if (CONFIG_DIR / f"{name_or_path}.json").is_file():
+        data = json.loads((CONFIG_DIR / f"{name_or_path}.json").read_text())
+    elif p.is_file():
+        data = json.loads(p.read_text())
+    else:
+        names = sorted(x.stem for x in CONFIG_DIR.glob("*.json"))
+        raise ValueError(f"unknown VQA model config {name_or_path!r}; use one of {names} or a JSON file")
+    if overrides:
+        data = apply_overrides(data, list(overrides))
+    cfg = from_dict(VQAConfig, data, "model")
+    if cfg.fusion.kind not in FUSIONS:
+        raise ValueError(f"unknown fusion {cfg.fusion.kind!r}; choose one of {list(FUSIONS)}")
+    return cfg
+
+
+def load_sets(cfg: VQATrainConfig, image_size: int, channels: int) -> dict[str, VQASet]:
+    if cfg.data == "shapes":
+        return {
+            "train": shapes_vqa("train", cfg.n_train, image_size, seed=cfg.seed),
+            "test": shapes_vqa("test", cfg.n_test, image_size, seed=cfg.seed),
+            "holdout": shapes_vqa("holdout", cfg.n_test, image_size, seed=cfg.seed),
+        }
+    sets = {"train": read_vqa_file(cfg.data, image_size, channels, cfg.image_dir)}
+    if cfg.test_data:
+        sets["test"] = read_vqa_file(cfg.test_data, image_size, channels, cfg.image_dir)
+    return sets
+
+
+def image_batches(n_images: int, batch: int, rng: np.random.Generator) -> list[np.ndarray]:
+    perm = rng.permutation(n_images)
+    return [np.sort(perm[i : i + batch]) for i in range(0, n_images, batch)]
+
+
+class QuestionIndex:
+    """Which questions belong to which images, so a batch of images gathers its questions in one slice each."""
+
+    def __init__(self, image_index: np.ndarray, n_images: int) -> None:
+        self.order = np.argsort(image_index, kind="stable")
+        self.starts = np.searchsorted(image_index[self.order], np.arange(n_images + 1))
+
+    def questions_of(self, images: np.ndarray) -> np.ndarray:
+        return np.concatenate([self.order[self.starts[i] : self.starts[i + 1]] for i in images])
+
+
+def make_batch(data: VQASet, tokens: torch.Tensor, qindex: QuestionIndex, images: np.ndarray, vcfg) -> dict:
+    """Images (B_img, C, H, W) normalised, question tokens (B_q, T), image_index (B_q,), question ids (B_q,)."""
+    q = qindex.questions_of(images)
+    local = {int(g): i for i, g in enumerate(images)}
+    img = torch.from_numpy(data.images[images]).permute(0, 3, 1, 2)  # (B_img, C, H, W) uint8
+    return {
+        "images": normalize(img, vcfg.mean, vcfg.std),
+        "tokens": tokens[torch.from_numpy(q)],
+        "image_index": torch.tensor([local[int(data.image_index[j])] for j in q], dtype=torch.long),
+        "questions": q,
+    }
+
+
+def vqa_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Soft-target cross-entropy: targets are VQA scores normalised per question (one-hot for one answer)."""
+    t = targets / targets.sum(1, keepdim=True).clamp(min=1e-6)  # (B, A)
+    return -(t * F.log_softmax(logits, dim=-1)).sum(1).mean()
+
+
+@torch.no_grad()
+def predict_set(model: VQAModel, data: VQASet, tokenizer, answers: list[str], batch_images: int = 64) -> list[str]:
+    """The predicted answer of every question of ``data``."""
+    model.eval()
+    tokens = tokenizer(data.questions)
+    qindex = QuestionIndex(data.image_index, len(data.images))
+    preds = np.empty(len(data), dtype=object)
+    for start in range(0, len(data.images), batch_images):
+        imgs = np.arange(start, min(start + batch_images, len(data.images)))
+        b = make_batch(data, tokens, qindex, imgs, model.cfg.vision)
+        if len(b["questions"]) == 0:
+            continue
+        logits = model(b["images"], b["tokens"], b["image_index"])["logits"]
+        for qi, k in zip(b["questions"], logits.argmax(-1).tolist()):
+            preds[qi] = answers[k]
+    return list(preds)
+
+
+def evaluate_vqa(model: VQAModel, data: VQASet, tokenizer, answers: list[str]) -> dict[str, Any]:
+    preds = predict_set(model, data, tokenizer, answers)
+    return vqa_accuracy(preds, data.answers, data.types)
+
+
+def train_vqa(cfg: VQATrainConfig, progress: bool = True) -> dict[str, Any]:
+    """Train, evaluate on the test (and shapes holdout) sets, save the model; returns the results dict."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    mcfg = load_vqa_config(cfg.model, cfg.overrides)
+    t0 = time.perf_counter()
+    sets = load_sets(cfg, mcfg.vision.image_size, mcfg.vision.channels)
+    train_set = sets["train"]
+    answers = answer_vocab(train_set.answers)
+    tokenizer = Tokenizer.train(
+        train_set.questions, vocab_size=mcfg.text.vocab_size, kind=mcfg.text.tokenizer,
+        context_length=mcfg.text.context_length,
+    )
+    text = dataclasses.replace(mcfg.text, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
+    mcfg = dataclasses.replace(mcfg, text=text, num_answers=len(answers))
+    model = VQAModel(mcfg)
+    data_s = time.perf_counter() - t0
+
+    tokens = tokenizer(train_set.questions)
+    targets = torch.from_numpy(answer_targets(train_set.answers, answers))
+    qindex = QuestionIndex(train_set.image_index, len(train_set.images))
+    opt = build_optimizer(model, cfg.optim)
+    steps_per_epoch = math.ceil(len(train_set.images) / cfg.batch_images)
+    total = steps_per_epoch * cfg.epochs
+    rng = np.random.default_rng(cfg.seed)
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "metrics.jsonl", "w")
+    step, t_train, stopped = 0, time.perf_counter(), False
+    model.train()
+    for epoch in range(cfg.epochs):
+        for imgs in image_batches(len(train_set.images), cfg.batch_images, rng):
+            b = make_batch(train_set, tokens, qindex, imgs, mcfg.vision)
+            set_lr(opt, lr_at(step, total, cfg.optim))
+            logits = model(b["images"], b["tokens"], b["image_index"])["logits"]
+            loss = vqa_loss(logits, targets[torch.from_numpy(b["questions"])])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.optim.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            opt.step()
+            step += 1
+            if step % 20 == 0:
+                rec = {"step": step, "epoch": epoch, "loss": float(loss), "time_s": time.perf_counter() - t_train}
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                if progress:
+                    print(json.dumps(rec), flush=True)
+            if cfg.time_budget_s and time.perf_counter() - t_train > cfg.time_budget_s:
+                stopped = True
+                break
+        if stopped:
+            break
+    train_s = time.perf_counter() - t_train
+    log.close()
+
+    results: dict[str, Any] = {
+        "fusion": mcfg.fusion.kind,
+        "parameters": num_parameters(model),
+        "train_time_s": round(train_s, 1),
+        "data_time_s": round(data_s, 1),
+        "steps": step,
+        "train_questions": len(train_set),
+        "answers": len(answers),
+        "skipped_rows": train_set.skips.counts,
+    }
+    for name, data in sets.items():
+        if name != "train":
+            results[name] = evaluate_vqa(model, data, tokenizer, answers)
+    save_vqa(model, out / "model", tokenizer, answers, extra={"train": to_dict(cfg), "results": results})
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+def predict_answer(model_dir: str, image, question: str, top_k: int = 1) -> list[tuple[str, float]]:
+    """``[(answer, probability), ...]`` for one image (path or PIL image) and one question."""
+    from PIL import Image
+
+    from ..data.transforms import pil_to_array
+
+    question = " ".join(str(question).split())
+    if not question:
+        raise ValueError("the question is empty; ask something about the image, e.g. \"what colour is the circle?\"")
+    model, tokenizer, answers = load_vqa(model_dir)
+    n_tokens = len(tokenizer.encode_ids([question])[0]) + 2
+    if n_tokens > tokenizer.context_length:
+        raise ValueError(
+            f"the question has {n_tokens} tokens but the model reads at most {tokenizer.context_length}; ask a "
+            "shorter question"
+        )
+    if not isinstance(image, Image.Image):
+        try:
+            with Image.open(image) as im:
+                im.load()
+                image = im.copy()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no image at {image}; give the path of a PNG or JPEG file") from None
+        except Exception as e:
+            raise ValueError(f"cannot read {image} as an image ({type(e).__name__}); give a PNG or JPEG file") from e
+    v = model.cfg.vision
+    arr = torch.from_numpy(pil_to_array(image, v.image_size, v.channels)).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        logits = model(normalize(arr, v.mean, v.std), tokenizer([question]))["logits"][0]
+    probs = logits.softmax(-1)
+    p, k = probs.topk(min(top_k, len(answers)))
+    return [(answers[i], float(q)) for q, i in zip(p.tolist(), k.tolist())]

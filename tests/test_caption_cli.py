@@ -1,0 +1,111 @@
+"""Caption training through `vislang train`, the `caption` / `caption-eval` / `render-text` commands, bad input."""
+
+import json
+
+import pytest
+
+import vislang
+from _tiny import TINY as BASE
+from vislang.cli import main
+from vislang.models.captioner import CoCa
+
+TINY = [
+    *BASE,
+    "data.options={n: 64}",
+    "batch_size=16",
+    "epochs=1",
+    "log_every=2",
+    "eval_max=16",
+    "model.text.context_length=40",
+    "model.decoder.width=16",
+    "model.decoder.layers=1",
+    "model.decoder.heads=2",
+]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cap")
+    rc = main(["train", "--config", "caption", *[f"--{o}" for o in TINY], f"--out_dir={tmp / 'run'}",
+               f"--data.cache_dir={tmp / 'c'}"])  # fmt: skip
+    assert rc == 0
+    return tmp / "run"
+
+
+def test_train_with_the_caption_config_logs_both_losses_and_saves_coca(run):
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in lines if "loss" in r]
+    assert steps and all({"caption_loss", "contrastive_loss"} <= set(r) for r in steps)
+    assert isinstance(vislang.from_pretrained(run / "model"), CoCa)
+
+
+def test_caption_task_alone_trains(tmp_path):
+    rc = main(["train", "--config", "caption", *[f"--{o}" for o in TINY], "--task=caption",
+               f"--out_dir={tmp_path / 'r'}", f"--data.cache_dir={tmp_path / 'c'}"])  # fmt: skip
+    assert rc == 0
+    rec = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert rec and "contrastive_loss" not in rec[-1] and rec[-1]["loss"] == pytest.approx(rec[-1]["caption_loss"])
+
+
+def test_cli_caption_greedy_beam_and_top_p(run, tmp_path, capsys):
+    from vislang.data.shapes import ShapesDataset
+
+    img = tmp_path / "scene.png"
+    ShapesDataset("val", n=1)[0][0].save(img)
+    for opts in ([], ["--beam", "3"], ["--top-p", "0.9", "--seed", "0"], ["--beam", "2", "--no-cache"]):
+        assert main(["caption", str(img), "--model", str(run / "model"), "--json", *opts]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert len(out) == 1 and out[0]["image"] == str(img) and isinstance(out[0]["caption"], str)
+
+
+@pytest.mark.parametrize("opts", [["--beam", "0"], ["--beam", "-2"], ["--max-length", "0"], ["--max-length", "-1"]])
+def test_cli_rejects_zero_or_negative_lengths_and_beams(run, tmp_path, opts, capsys):
+    with pytest.raises(SystemExit):
+        main(["caption", str(tmp_path / "x.png"), "--model", str(run / "model"), *opts])
+    assert "must be positive" in capsys.readouterr().err
+
+
+def test_cli_bad_images_are_clear_errors(run, tmp_path, capsys):
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    for bad in (text, empty):
+        assert main(["caption", str(bad), "--model", str(run / "model")]) == 2
+        assert "not a readable image" in capsys.readouterr().err
+    folder = tmp_path / "nothing"
+    folder.mkdir()
+    assert main(["caption", str(folder), "--model", str(run / "model")]) == 2
+    assert "no images" in capsys.readouterr().err
+    assert main(["caption", str(text), "--model", str(run / "model"), "--beam", "2", "--top-p", "0.9"]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def test_cli_caption_needs_a_decoder(tmp_path, tiny_model_cfg, capsys):
+    vislang.factory.build_model(tiny_model_cfg).save_pretrained(tmp_path / "clip")
+    img = tmp_path / "a.png"
+    from PIL import Image
+
+    Image.new("RGB", (16, 16)).save(img)
+    assert main(["caption", str(img), "--model", str(tmp_path / "clip")]) == 2
+    assert "caption decoder" in capsys.readouterr().err
+
+
+def test_cli_caption_eval_reports_every_metric_per_method(run, tmp_path, capsys):
+    out = tmp_path / "res.json"
+    assert main(["caption-eval", "--model", str(run / "model"), "--split", "val", "--max-images", "8",
+                 "--no-meteor", "--out", str(out)]) == 0  # fmt: skip
+    res = json.loads(out.read_text())
+    assert set(res["methods"]) == {"greedy", "beam3"}
+    assert {"BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr", "METEOR"} <= set(res["methods"]["beam3"])
+
+
+def test_render_text_writes_a_folder_dataset(tmp_path):
+    from vislang.data import open_dataset
+    from vislang.data.rendered_text import RenderedText
+
+    assert main(["render-text", str(tmp_path / "rt"), "--split", "val", "--n", "6", "--image-size", "32"]) == 0
+    ds = open_dataset(str(tmp_path / "rt"))
+    assert len(ds) == 6 and ds.caption(0) == RenderedText("val", n=6).caption(0)
+    img, text, _ = RenderedText("val", n=6)[3]
+    assert img.size == (64, 64) and text and all(w.isalpha() for w in text.split())
