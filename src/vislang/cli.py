@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "vislang.serve.commands",
     "vislang.compress.commands",
     "vislang.caption.commands",
+    "vislang.understand.commands",
 )
 
 

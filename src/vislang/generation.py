@@ -118,6 +118,7 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, 
     return torch.multinomial(probs, 1, generator=gen).squeeze(1)  # (B,)
 
 
+@torch.no_grad()
 def _greedy(model, state, B: int, max_length: int, bos: int, eos: int, pad: int, sampler=None) -> torch.Tensor:
     device = state.context.device
     seq = torch.full((B, 1), bos, dtype=torch.long, device=device)  # (B, 1 + t)
@@ -133,6 +134,7 @@ def _greedy(model, state, B: int, max_length: int, bos: int, eos: int, pad: int,
     return seq[:, 1:]
 
 
+@torch.no_grad()
 def _beam_search(
     model, state, B: int, max_length: int, W: int, alpha: float, bos: int, eos: int, pad: int
 ) -> torch.Tensor:

@@ -89,7 +89,9 @@ def evaluate_captions(
     elif data == "rendered-text":
         from ..data.rendered_text import RenderConfig, RenderedText
 
-        ds = RenderedText(split if split != "holdout" else "test", n=max_images, cfg=RenderConfig(image_size=v.image_size))
+        ds = RenderedText(
+            split if split != "holdout" else "test", n=max_images, cfg=RenderConfig(image_size=v.image_size)
+        )
         refs = [[ds.caption(i)] for i in range(len(ds))]
     else:
         raise ValueError(f"caption-eval knows the datasets 'shapes' and 'rendered-text', got {data!r}")

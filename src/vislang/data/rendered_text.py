@@ -35,10 +35,13 @@ WORDS = tuple(
 @functools.lru_cache(maxsize=1)
 def system_fonts() -> tuple[str, ...]:
     """TrueType/OpenType files installed on this machine (sorted for a stable order)."""
-    found = sorted(str(p) for d in FONT_DIRS if Path(d).is_dir() for p in Path(d).rglob("*") if p.suffix in (".ttf", ".otf"))
+    found = sorted(
+        str(p) for d in FONT_DIRS if Path(d).is_dir() for p in Path(d).rglob("*") if p.suffix in (".ttf", ".otf")
+    )
     if not found:
         raise FileNotFoundError(
-            "no system fonts found under /usr/share/fonts; install some: apt-get install fonts-dejavu-core fonts-liberation"
+            "no system fonts found under /usr/share/fonts; "
+            "install some: apt-get install fonts-dejavu-core fonts-liberation"
         )
     return tuple(f for f in found if "Math" not in f) or tuple(found)  # math fonts draw letters oddly
 

@@ -72,8 +72,18 @@ class Fusion(nn.Module):
         self.cfg = cfg
         self.dim = cfg.dim
 
-    def pooled(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_valid: torch.Tensor):
-        return image_tokens.mean(dim=1), pool_text(text_tokens, text_valid, self.cfg.text_pool)  # (B, Di), (B, Dt)
+    def pooled(
+        self,
+        image_tokens: torch.Tensor,
+        text_tokens: torch.Tensor,
+        text_valid: torch.Tensor,
+        image_index: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean image token and pooled text, (B, Di) and (B, Dt); ``image_index`` maps each text to its image."""
+        fi = image_tokens.mean(dim=1)  # (B_img, Di)
+        if image_index is not None:
+            fi = fi[image_index]  # (B, Di)
+        return fi, pool_text(text_tokens, text_valid, self.cfg.text_pool)
 
 
 class ConcatFusion(Fusion):
@@ -84,8 +94,14 @@ class ConcatFusion(Fusion):
         self.proj = nn.Linear(image_dim + text_dim, cfg.dim)
         self.norm = nn.LayerNorm(cfg.dim)
 
-    def forward(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_valid: torch.Tensor) -> torch.Tensor:
-        fi, ft = self.pooled(image_tokens, text_tokens, text_valid)
+    def forward(
+        self,
+        image_tokens: torch.Tensor,
+        text_tokens: torch.Tensor,
+        text_valid: torch.Tensor,
+        image_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        fi, ft = self.pooled(image_tokens, text_tokens, text_valid, image_index)
         return self.norm(F.gelu(self.proj(torch.cat([fi, ft], dim=-1))))  # (B, dim)
 
 
@@ -98,8 +114,14 @@ class SumFusion(Fusion):
         self.text_proj = nn.Linear(text_dim, cfg.dim)
         self.norm = nn.LayerNorm(cfg.dim)
 
-    def forward(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_valid: torch.Tensor) -> torch.Tensor:
-        fi, ft = self.pooled(image_tokens, text_tokens, text_valid)
+    def forward(
+        self,
+        image_tokens: torch.Tensor,
+        text_tokens: torch.Tensor,
+        text_valid: torch.Tensor,
+        image_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        fi, ft = self.pooled(image_tokens, text_tokens, text_valid, image_index)
         return self.norm(F.gelu(self.image_proj(fi) + self.text_proj(ft)))  # (B, dim)
 
 
@@ -118,8 +140,14 @@ class GatedFusion(Fusion):
         both = torch.cat([e_i, e_t], dim=-1)  # (B, 2*dim)
         return torch.sigmoid(self.gate_image(both)), torch.sigmoid(self.gate_text(both))  # (B, dim) each
 
-    def forward(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_valid: torch.Tensor) -> torch.Tensor:
-        fi, ft = self.pooled(image_tokens, text_tokens, text_valid)
+    def forward(
+        self,
+        image_tokens: torch.Tensor,
+        text_tokens: torch.Tensor,
+        text_valid: torch.Tensor,
+        image_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        fi, ft = self.pooled(image_tokens, text_tokens, text_valid, image_index)
         e_i, e_t = F.gelu(self.image_proj(fi)), F.gelu(self.text_proj(ft))  # (B, dim) each
         a, b = self.gates(e_i, e_t)
         return self.norm(a * e_i + b * e_t)  # (B, dim)
@@ -127,7 +155,12 @@ class GatedFusion(Fusion):
 
 class CrossAttentionFusion(Fusion):
     """Text tokens attend to image tokens through ``depth`` blocks (self-attention over text, cross-attention to the
-    image, MLP); the fused vector is the masked mean of the text tokens that come out."""
+    image, MLP); the fused vector is the masked mean of the text tokens that come out.
+
+    The blocks are ``layers.transformer.Block(cross_attention=True)``; their cross-attention keys and values are
+    computed once per image and then gathered for each text (``image_index``), since a VQA batch asks about ten
+    questions per image and the key/value projection of the image tokens would otherwise dominate the cost.
+    """
 
     def __init__(self, cfg: FusionConfig, image_dim: int, text_dim: int) -> None:
         super().__init__(cfg, image_dim, text_dim)
@@ -139,45 +172,80 @@ class CrossAttentionFusion(Fusion):
         self.norm = nn.LayerNorm(cfg.dim)
 
     def prepare(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_valid: torch.Tensor):
-        """Projected text (B, T, dim), image with position codes (B, N, dim) and the text self-attention mask."""
-        ctx = self.image_in(image_tokens)  # (B, N, dim)
+        """Projected text (B, T, dim), image with position codes (B_img, N, dim) and the text self-attention mask."""
+        ctx = self.image_in(image_tokens)  # (B_img, N, dim)
         ctx = ctx + sincos_positions(ctx.shape[1], self.dim, ctx.device, ctx.dtype)
         x = self.text_in(text_tokens)  # (B, T, dim)
-        allowed = text_valid[:, None, None, :] | torch.eye(x.shape[1], dtype=torch.bool, device=x.device)  # (B,1,T,T)
+        eye = torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
+        allowed = text_valid[:, None, None, :] | eye  # (B, 1, T, T)
         mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, float("-inf"))
         return x, ctx, mask
 
+    def block(
+        self,
+        blk: Block,
+        x: torch.Tensor,
+        mask: torch.Tensor,
+        ctx: torch.Tensor,
+        image_index: torch.Tensor | None,
+        return_weights: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``blk``'s forward (self-attention, cross-attention, MLP) with keys/values per image, not per text."""
+        x = x + blk.attn(blk.ln1(x), attn_mask=mask)
+        att = blk.cross
+        B, T, D = x.shape
+        h, hd = att.heads, D // att.heads
+        q = att.q(blk.ln_cross(x)).view(B, T, h, hd).transpose(1, 2)  # (B, h, T, hd)
+        k, v = att.kv(ctx).view(ctx.shape[0], ctx.shape[1], 2, h, hd).permute(2, 0, 3, 1, 4)  # (B_img, h, N, hd)
+        if image_index is not None:
+            k, v = k[image_index], v[image_index]  # (B, h, N, hd)
+        weights = None
+        if return_weights:
+            weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hd), dim=-1)  # (B, h, T, N)
+            y = weights @ v
+        else:
+            p = att.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p)  # (B, h, T, hd)
+        x = x + att.out(y.transpose(1, 2).reshape(B, T, D))
+        return x + blk.mlp(blk.ln2(x)), weights
+
     def forward_tokens(
-        self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_valid: torch.Tensor
+        self,
+        image_tokens: torch.Tensor,
+        text_tokens: torch.Tensor,
+        text_valid: torch.Tensor,
+        image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Fused text tokens (B, T, dim)."""
         x, ctx, mask = self.prepare(image_tokens, text_tokens, text_valid)
         for blk in self.blocks:
-            x = blk(x, attn_mask=mask, context=ctx)
+            x, _ = self.block(blk, x, mask, ctx, image_index)
         return self.norm(x)
 
-    def forward(self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_valid: torch.Tensor) -> torch.Tensor:
-        return pool_text(self.forward_tokens(image_tokens, text_tokens, text_valid), text_valid, "mean")  # (B, dim)
+    def forward(
+        self,
+        image_tokens: torch.Tensor,
+        text_tokens: torch.Tensor,
+        text_valid: torch.Tensor,
+        image_index: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        tokens = self.forward_tokens(image_tokens, text_tokens, text_valid, image_index)  # (B, T, dim)
+        return pool_text(tokens, text_valid, "mean")  # (B, dim)
 
     @torch.no_grad()
     def attention_maps(
-        self, image_tokens: torch.Tensor, text_tokens: torch.Tensor, text_valid: torch.Tensor
+        self,
+        image_tokens: torch.Tensor,
+        text_tokens: torch.Tensor,
+        text_valid: torch.Tensor,
+        image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Cross-attention weights (B, depth, heads, T, N): softmax(q·kᵀ/√d) of every block, recomputed from the
-        blocks' own projections (the fused SDPA kernel does not return them)."""
+        """Cross-attention weights (B, depth, heads, T, N) of every block (the SDPA kernel does not return them)."""
         x, ctx, mask = self.prepare(image_tokens, text_tokens, text_valid)
         maps = []
         for blk in self.blocks:
-            x = x + blk.attn(blk.ln1(x), attn_mask=mask)
-            att = blk.cross
-            B, T, D = x.shape
-            h = att.heads
-            q = att.q(blk.ln_cross(x)).view(B, T, h, D // h).transpose(1, 2)  # (B, h, T, hd)
-            k, v = att.kv(ctx).view(B, ctx.shape[1], 2, h, D // h).permute(2, 0, 3, 1, 4)  # (B, h, N, hd)
-            w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D // h), dim=-1)  # (B, h, T, N)
+            x, w = self.block(blk, x, mask, ctx, image_index, return_weights=True)
             maps.append(w)
-            x = x + att.out((w @ v).transpose(1, 2).reshape(B, T, D))
-            x = x + blk.mlp(blk.ln2(x))
         return torch.stack(maps, dim=1)  # (B, depth, h, T, N)
 
 

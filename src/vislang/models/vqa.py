@@ -58,15 +58,14 @@ class VQAModel(nn.Module):
         """Question tokens (B, T, Dt) and their validity mask (B, T)."""
         return self.text.forward_tokens(tokens)
 
-    def fuse(
-        self, images: torch.Tensor, tokens: torch.Tensor, image_index: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def fuse(self, images: torch.Tensor, tokens: torch.Tensor, image_index: torch.Tensor | None = None) -> torch.Tensor:
         """Fused (B, dim) for B questions; ``image_index`` (B,) picks each question's image (default: one to one)."""
         img = self.encode_image(images)  # (B_img, N, Di)
-        if image_index is not None:
-            img = img[image_index]  # (B, N, Di)
-        txt, valid = self.encode_text(tokens)  # (B, T, Dt), (B, T)
-        return self.fusion(img, txt, valid)
+        valid_len = int((tokens != self.cfg.text.pad_id).sum(1).max().clamp(min=1))
+        tokens = tokens[:, :valid_len]  # drop columns that are padding in every row
+        uniq, inverse = torch.unique(tokens, dim=0, return_inverse=True)  # questions repeat across images
+        txt, valid = self.encode_text(uniq)  # (U, T, Dt), (U, T)
+        return self.fusion(img, txt[inverse], valid[inverse], image_index)  # (B, dim)
 
     def forward(
         self, images: torch.Tensor, tokens: torch.Tensor, image_index: torch.Tensor | None = None

@@ -25,8 +25,8 @@ from ..evaluation.vqa_metrics import vqa_accuracy
 from ..models.fusion import FUSIONS
 from ..models.vqa import VQAConfig, VQAModel, load_vqa, num_parameters, save_vqa
 from ..tokenizers import Tokenizer
-from ..train.optim import build_optimizer, lr_at, set_lr
 from ..train.config import OptimConfig
+from ..train.optim import build_optimizer, lr_at, set_lr
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 
@@ -148,7 +148,9 @@ def train_vqa(cfg: VQATrainConfig, progress: bool = True) -> dict[str, Any]:
     train_set = sets["train"]
     answers = answer_vocab(train_set.answers)
     tokenizer = Tokenizer.train(
-        train_set.questions, vocab_size=mcfg.text.vocab_size, kind=mcfg.text.tokenizer,
+        train_set.questions,
+        vocab_size=mcfg.text.vocab_size,
+        kind=mcfg.text.tokenizer,
         context_length=mcfg.text.context_length,
     )
     text = dataclasses.replace(mcfg.text, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
@@ -181,7 +183,12 @@ def train_vqa(cfg: VQATrainConfig, progress: bool = True) -> dict[str, Any]:
             opt.step()
             step += 1
             if step % 20 == 0:
-                rec = {"step": step, "epoch": epoch, "loss": float(loss), "time_s": time.perf_counter() - t_train}
+                rec = {
+                    "step": step,
+                    "epoch": epoch,
+                    "loss": float(loss.detach()),
+                    "time_s": time.perf_counter() - t_train,
+                }
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 if progress:
@@ -220,7 +227,7 @@ def predict_answer(model_dir: str, image, question: str, top_k: int = 1) -> list
 
     question = " ".join(str(question).split())
     if not question:
-        raise ValueError("the question is empty; ask something about the image, e.g. \"what colour is the circle?\"")
+        raise ValueError('the question is empty; ask something about the image, e.g. "what colour is the circle?"')
     model, tokenizer, answers = load_vqa(model_dir)
     n_tokens = len(tokenizer.encode_ids([question])[0]) + 2
     if n_tokens > tokenizer.context_length:
@@ -244,3 +251,27 @@ def predict_answer(model_dir: str, image, question: str, top_k: int = 1) -> list
     probs = logits.softmax(-1)
     p, k = probs.topk(min(top_k, len(answers)))
     return [(answers[i], float(q)) for q, i in zip(p.tolist(), k.tolist())]
+
+
+def check_known_answer(answer: str, answers: list[str]) -> int:
+    """Index of ``answer`` in the training vocabulary; a clear error when training never saw it."""
+    from ..evaluation.vqa_metrics import normalize_answer
+
+    a = normalize_answer(answer)
+    if a not in answers:
+        raise ValueError(
+            f"the answer {answer!r} never appeared in training, so the model cannot give it; it knows "
+            f"{len(answers)} answers, e.g. {', '.join(answers[:8])}"
+        )
+    return answers.index(a)
+
+
+def answer_probability(model_dir: str, image, question: str, answer: str) -> float:
+    """Probability the model gives ``answer``; a clear error for an answer training never saw."""
+    from ..models.vqa import ANSWERS_FILE
+
+    answers = json.loads((Path(model_dir) / ANSWERS_FILE).read_text())
+    check_known_answer(answer, answers)
+    from ..evaluation.vqa_metrics import normalize_answer
+
+    return dict(predict_answer(model_dir, image, question, top_k=len(answers)))[normalize_answer(answer)]
