@@ -36,12 +36,12 @@ demo: $(STAMP) fashion-mnist  ## train + evaluate the default model on Fashion-M
 	$(VENV)/bin/vislang demo --out runs/demo $(DEMO_ARGS)
 
 test: $(STAMP)  ## run the test suite (what CI runs)
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks examples
 	$(PY) -m pytest -q -m "not slow and not gpu"
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
-	$(PY) -m ruff format --check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks examples
+	$(PY) -m ruff format --check src tests benchmarks examples
 
 bench: $(STAMP) fashion-mnist  ## throughput against OpenCLIP on the same config and data
 	$(PY) benchmarks/train_throughput.py

@@ -25,6 +25,7 @@ captions (image→text top-1, chance 1/24), split into images of seen and of hel
 Usage::
 
     python examples/shapes_holdout.py                     # train runs/shapes (≈5 min), then evaluate
+    python examples/shapes_holdout.py --threads 1         # one torch thread: much faster on a busy, shared CPU
     python examples/shapes_holdout.py --eval-only         # evaluate an existing runs/shapes/model
     python examples/shapes_holdout.py --epochs=2          # any run-config override, as for `vislang train`
     python examples/shapes_holdout.py --smoke             # seconds: a tiny model on 128 scenes (used by tests)
@@ -41,6 +42,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,11 +56,10 @@ import vislang  # noqa: E402
 from vislang.data import (  # noqa: E402
     ShapesDataset,
     pil_to_array,
-    prepared_dir_for,  # noqa: E402
     render,
     single_object_caption,
 )
-from vislang.data.shapes import DEFAULT_SIZES, single_object_scene  # noqa: E402
+from vislang.data.shapes import single_object_scene  # noqa: E402
 from vislang.evaluation import dedupe_captions, embed_images, embed_texts, retrieval_metrics  # noqa: E402
 from vislang.train import load_train_config, train  # noqa: E402
 
@@ -149,6 +150,23 @@ def single_object_queries(
     return QuerySet(name, description, texts, relevant, gallery="single")
 
 
+def r_precision(image_emb: torch.Tensor, text_emb: torch.Tensor, relevant: list[np.ndarray]) -> tuple[float, float]:
+    """Mean over queries of the share of relevant images among the top R, R = the query's number of relevant images.
+
+    Stricter than R@1 when a query has many relevant images (the single-object sets): every red triangle of the
+    gallery has to rank above every red square and green triangle. Chance is R / gallery size on average.
+    """
+    sims = text_emb @ image_emb.T  # (Q, N)
+    scores, chance = [], []
+    for q, rel in enumerate(relevant):
+        if len(rel) == 0:
+            continue
+        top = sims[q].topk(len(rel)).indices.numpy()  # (R,)
+        scores.append(np.isin(top, rel).mean())
+        chance.append(len(rel) / image_emb.shape[0])
+    return float(np.mean(scores)), float(np.mean(chance))
+
+
 def pair_classification(
     model, tokenizer, cfg, gallery: list[tuple[str, str, str]], emb: torch.Tensor
 ) -> dict[str, dict[str, float]]:
@@ -168,6 +186,12 @@ def pair_classification(
             "colour_right": float(np.mean([pairs[p][0] == pairs[t][0] for p, t in zip(pred[mask], truth[mask])])),
             "shape_right": float(np.mean([pairs[p][1] == pairs[t][1] for p, t in zip(pred[mask], truth[mask])])),
         }
+    per_pair = {}
+    for c, sh in cfg.holdout:
+        mask = truth == pairs.index((c, sh))
+        guesses = Counter(" ".join(pairs[p]) for p in pred[mask])
+        per_pair[f"{c} {sh}"] = {"top1": float(np.mean(pred[mask] == truth[mask])), "predicted": dict(guesses)}
+    out["held-out pairs"]["per_pair"] = per_pair
     return out
 
 
@@ -198,6 +222,7 @@ def evaluate(model_dir: Path, n_eval: int, per_pair: int) -> dict:
     for q in queries:
         text_emb = embed_texts(model, tokenizer, q.texts)
         m = retrieval_metrics(emb[q.gallery], text_emb, q.relevant, KS)
+        r_prec, r_prec_chance = r_precision(emb[q.gallery], text_emb, q.relevant)
         rows[q.name] = {
             "description": q.description,
             "queries": m["n_texts"],  # queries with at least one relevant image in the gallery
@@ -205,6 +230,8 @@ def evaluate(model_dir: Path, n_eval: int, per_pair: int) -> dict:
             "relevant_per_query": float(np.mean([len(r) for r in q.relevant])),
             **{f"R@{k}": m[f"text_to_image_R@{k}"] for k in KS},
             **{f"chance_R@{k}": m[f"text_to_image_chance_R@{k}"] for k in KS},
+            "R-precision": r_prec,
+            "chance_R-precision": r_prec_chance,
             "image_to_text": {f"R@{k}": m[f"image_to_text_R@{k}"] for k in KS},
         }
     return {
@@ -217,43 +244,23 @@ def evaluate(model_dir: Path, n_eval: int, per_pair: int) -> dict:
 def table(result: dict) -> list[str]:
     """The printed table: text→image R@k (%) and chance per query set, then the pair classification."""
     head = f"{'query set':18s}{'queries':>8s}{'gallery':>8s}{'rel/q':>7s}" + "".join(f"{f'R@{k}':>8s}" for k in KS)
-    head += "".join(f"{f'chance@{k}':>11s}" for k in KS)
+    head += "".join(f"{f'chance@{k}':>11s}" for k in KS) + f"{'R-prec':>8s}{'chance':>8s}"
     lines = [head]
     for name, r in result["queries"].items():
         line = f"{name:18s}{r['queries']:8d}{r['gallery']:8d}{r['relevant_per_query']:7.1f}"
         line += "".join(f"{100 * r[f'R@{k}']:8.1f}" for k in KS)
         line += "".join(f"{100 * r[f'chance_R@{k}']:11.1f}" for k in KS)
+        line += f"{100 * r['R-precision']:8.1f}{100 * r['chance_R-precision']:8.1f}"
         lines.append(line)
     for name, r in result["pair_classification"].items():
         lines.append(
             f"pair top-1, {name}: {100 * r['top1']:.1f}% of {r['n_images']} images (chance {100 * r['chance']:.1f}%; "
             f"colour right {100 * r['colour_right']:.1f}%, shape right {100 * r['shape_right']:.1f}%)"
         )
+    for pair, r in result["pair_classification"]["held-out pairs"]["per_pair"].items():
+        guesses = ", ".join(f"{g} {n}" for g, n in sorted(r["predicted"].items(), key=lambda kv: -kv[1]))
+        lines.append(f"  {pair}: top-1 {100 * r['top1']:.0f}% (predicted: {guesses})")
     return lines
-
-
-def check_prepared_size(cfg) -> None:
-    """Refuse a prepared shapes split whose size differs from what the config asks for.
-
-    The prepared-data cache is keyed by (source, split, image size, channels) but not by ``data.options``, so a split
-    prepared earlier with another ``n`` would silently be reused.
-    """
-    for split in (cfg.data.train_split, cfg.data.val_split):
-        folder = prepared_dir_for(cfg.data.cache_dir, cfg.data.train, split, cfg_image_size(cfg), 3, "")
-        if not (folder / "meta.json").is_file():
-            continue
-        n = json.loads((folder / "meta.json").read_text())["n"]
-        expected = int(cfg.data.options.get("n", DEFAULT_SIZES[split]))
-        if n != expected:
-            raise SystemExit(
-                f"{folder} holds {n} prepared scenes but this run asks for {expected}: delete it, or pass another "
-                "--data.cache_dir"
-            )
-
-
-def cfg_image_size(cfg) -> int:
-    """The image size of the model the run config builds."""
-    return vislang.get_model_config(cfg.model_name, cfg.model).vision.image_size
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,7 +298,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.eval_only:
         if (out / "checkpoints" / "last.pt").exists():
             raise SystemExit(f"{out} already holds a run: pass --eval-only to evaluate it, or --out_dir=another/dir")
-        check_prepared_size(cfg)
         start = time.perf_counter()
         model_dir = train(cfg)
         train_s = time.perf_counter() - start
