@@ -97,3 +97,13 @@ def test_prepared_cache_keys_on_reader_options(tmp_path):
     a = load_prepared("shapes", "val", 16, 3, DataConfig(cache_dir=str(tmp_path), options={"n": 10}), False)
     b = load_prepared("shapes", "val", 16, 3, DataConfig(cache_dir=str(tmp_path), options={"n": 12}), False)
     assert (len(a), len(b)) == (10, 12) and a.path != b.path
+
+
+def test_short_schedule_still_decays():
+    from vislang.train.config import OptimConfig
+    from vislang.train.optim import lr_at
+
+    cfg = OptimConfig(lr=1e-3, warmup_steps=100, min_lr_ratio=0.0)
+    lrs = [lr_at(s, 50, cfg) for s in range(50)]
+    assert max(lrs) == pytest.approx(1e-3) and lrs.index(max(lrs)) == 9  # warmup capped at 50 // 5 = 10 steps
+    assert lrs[-1] < 0.01 * 1e-3

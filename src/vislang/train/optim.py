@@ -26,7 +26,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
     """Learning rate at ``step``: linear warmup to ``cfg.lr``, then cosine decay to ``min_lr_ratio * lr``."""
-    warm = min(cfg.warmup_steps, max(total_steps - 1, 0))
+    # Warmup never takes more than a fifth of the run, so a schedule shrunk by a time budget still decays.
+    warm = min(cfg.warmup_steps, max(total_steps // 5, 1))
     if step < warm:
         return cfg.lr * (step + 1) / warm
     progress = min(1.0, (step - warm) / max(1, total_steps - warm))
