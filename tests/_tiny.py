@@ -13,4 +13,5 @@ TINY = [
     "data.train=shapes",
     "data.val_split=val",
     "progress=false",
+    "threads=1",
 ]

@@ -59,6 +59,7 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     device: str = "auto"  # auto | cpu | cuda | cuda:1
     seed: int = 0
+    threads: int | None = None  # torch CPU threads; None = torch's choice. 1 is faster on a CPU other jobs share
     dedupe_text: bool = True  # encode each distinct caption of a batch once (same gradients, less work)
     log_every: int = 50  # steps between metric lines / progress updates
     eval_every: int = 0  # steps between evaluations; 0 = at the end of each epoch

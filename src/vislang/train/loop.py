@@ -103,6 +103,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if cfg.device != "auto" and world == 1:
         device = pick_device(cfg.device)
     main = rank == 0
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     out = Path(cfg.out_dir)
     ckpt_path = out / "checkpoints" / "last.pt"
     if main:
