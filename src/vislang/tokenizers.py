@@ -18,6 +18,7 @@ import torch
 SPECIALS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "[MASK]"]
 VISLANG_TOKENIZER_FILE = "tokenizer.json"
 VISLANG_TOKENIZER_META = "vislang_tokenizer.json"
+HF_TOKENIZER_SUBDIR = "tokenizer"  # where a Hugging Face tokenizer is saved inside a model directory
 
 
 class TruncationWarning(UserWarning):
@@ -182,9 +183,11 @@ class HFTokenizer:
         return self.backend.decode([int(i) for i in ids], skip_special_tokens=True)
 
     def save(self, directory: str | Path) -> None:
+        """Write the HF files into ``directory/tokenizer/``: beside vislang's own config.json, transformers would
+        read that file as the tokenizer's model config and warn about an unknown model type."""
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        self.backend.save_pretrained(str(d))
+        (d / HF_TOKENIZER_SUBDIR).mkdir(parents=True, exist_ok=True)
+        self.backend.save_pretrained(str(d / HF_TOKENIZER_SUBDIR))
         (d / VISLANG_TOKENIZER_META).write_text(json.dumps({"kind": "hf", "context_length": self.context_length}))
 
 
@@ -196,7 +199,8 @@ def load_tokenizer(directory: str | Path, context_length: int | None = None) -> 
     if meta.get("kind") == "vislang":
         tok = Tokenizer.load(d)
     elif meta.get("kind") == "hf" or (d / "tokenizer_config.json").is_file() or (d / "vocab.txt").is_file():
-        tok = HFTokenizer(d, meta.get("context_length", 64))
+        sub = d / HF_TOKENIZER_SUBDIR
+        tok = HFTokenizer(sub if sub.is_dir() else d, meta.get("context_length", 64))
     else:
         raise FileNotFoundError(
             f"no tokenizer in {d}: expected {VISLANG_TOKENIZER_META} (vislang) or tokenizer_config.json/vocab.txt "
