@@ -86,13 +86,8 @@ class Fusion(nn.Module):
         return fi, pool_text(text_tokens, text_valid, self.cfg.text_pool)
 
 
-class ConcatFusion(Fusion):
-    """F = W·[f_I; f_T] + b (followed by a non-linearity so the head sees interactions)."""
-
-    def __init__(self, cfg: FusionConfig, image_dim: int, text_dim: int) -> None:
-        super().__init__(cfg, image_dim, text_dim)
-        self.proj = nn.Linear(image_dim + text_dim, cfg.dim)
-        self.norm = nn.LayerNorm(cfg.dim)
+class PooledFusion(Fusion):
+    """Fusions of the pooled image and text vectors: subclasses only say how the two combine."""
 
     def forward(
         self,
@@ -102,10 +97,25 @@ class ConcatFusion(Fusion):
         image_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         fi, ft = self.pooled(image_tokens, text_tokens, text_valid, image_index)
+        return self.combine(fi, ft)
+
+    def combine(self, fi: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:  # (B, Di), (B, Dt) -> (B, dim)
+        raise NotImplementedError
+
+
+class ConcatFusion(PooledFusion):
+    """F = W·[f_I; f_T] + b (followed by a non-linearity so the head sees interactions)."""
+
+    def __init__(self, cfg: FusionConfig, image_dim: int, text_dim: int) -> None:
+        super().__init__(cfg, image_dim, text_dim)
+        self.proj = nn.Linear(image_dim + text_dim, cfg.dim)
+        self.norm = nn.LayerNorm(cfg.dim)
+
+    def combine(self, fi: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:
         return self.norm(F.gelu(self.proj(torch.cat([fi, ft], dim=-1))))  # (B, dim)
 
 
-class SumFusion(Fusion):
+class SumFusion(PooledFusion):
     """F = W_I f_I + W_T f_T: each side projected to ``dim`` and added."""
 
     def __init__(self, cfg: FusionConfig, image_dim: int, text_dim: int) -> None:
@@ -114,18 +124,11 @@ class SumFusion(Fusion):
         self.text_proj = nn.Linear(text_dim, cfg.dim)
         self.norm = nn.LayerNorm(cfg.dim)
 
-    def forward(
-        self,
-        image_tokens: torch.Tensor,
-        text_tokens: torch.Tensor,
-        text_valid: torch.Tensor,
-        image_index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        fi, ft = self.pooled(image_tokens, text_tokens, text_valid, image_index)
+    def combine(self, fi: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:
         return self.norm(F.gelu(self.image_proj(fi) + self.text_proj(ft)))  # (B, dim)
 
 
-class GatedFusion(Fusion):
+class GatedFusion(PooledFusion):
     """a = σ(W_a[e_I, e_T]), b = σ(W_b[e_I, e_T]), F = a·e_I + b·e_T (element-wise gates on projected sides)."""
 
     def __init__(self, cfg: FusionConfig, image_dim: int, text_dim: int) -> None:
@@ -140,14 +143,7 @@ class GatedFusion(Fusion):
         both = torch.cat([e_i, e_t], dim=-1)  # (B, 2*dim)
         return torch.sigmoid(self.gate_image(both)), torch.sigmoid(self.gate_text(both))  # (B, dim) each
 
-    def forward(
-        self,
-        image_tokens: torch.Tensor,
-        text_tokens: torch.Tensor,
-        text_valid: torch.Tensor,
-        image_index: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        fi, ft = self.pooled(image_tokens, text_tokens, text_valid, image_index)
+    def combine(self, fi: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:
         e_i, e_t = F.gelu(self.image_proj(fi)), F.gelu(self.text_proj(ft))  # (B, dim) each
         a, b = self.gates(e_i, e_t)
         return self.norm(a * e_i + b * e_t)  # (B, dim)
