@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install demo test lint bench clean fashion-mnist openclipart
+.PHONY: help install demo test lint bench clean fashion-mnist openclipart java
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/\t/'
@@ -31,6 +31,11 @@ openclipart:  ## install the OpenClipart Debian packages (as root), or say how
 	@if [ -d /usr/share/openclipart/png ] && [ -d /usr/share/openclipart/svg ]; then :; \
 	elif [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q openclipart-png openclipart-svg; \
 	else echo "OpenClipart is missing. Run: sudo apt-get install openclipart-png openclipart-svg"; exit 1; fi
+
+java:  ## install a Java runtime for METEOR (caption-eval; pycocoevalcap comes with `make install`), or say how
+	@if command -v java >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q default-jre-headless; \
+	else echo "Java is missing (METEOR needs it; captions are scored without it). Run: sudo apt-get install default-jre-headless"; exit 1; fi
 
 demo: $(STAMP) fashion-mnist  ## train + evaluate the default model on Fashion-MNIST, write runs/demo/report.html
 	$(VENV)/bin/vislang demo --out runs/demo $(DEMO_ARGS)

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dim", type=int, default=256, help="embedding size")
     p.add_argument("--queries", type=int, default=300, help="queries per row")
     p.add_argument("-k", type=int, default=10)
-    p.add_argument("--kind", default="flat", choices=["flat", "hnsw"], help="FAISS index type (default exact)")
+    p.add_argument("--kind", default="flat", choices=["flat", "hnsw", "ivf"], help="FAISS index type (default exact)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 16])
     p.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads in both processes")
     p.add_argument("--smoke", action="store_true", help="tiny sizes: only checks that everything runs")

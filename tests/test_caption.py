@@ -222,3 +222,18 @@ def test_tiny_model_overfits_eight_captions():
     want = [tok.decode(row) for row in batch["tokens"]]  # the captions as the tokenizer spells them back
     assert caption(model, tok, images, max_length=22) == want
     assert caption(model, tok, images, max_length=22, beam=3) == want
+
+
+def test_caption_loss_lives_in_losses_and_ignores_padding():
+    from vislang.losses import caption_loss
+    from vislang.train.tasks import caption_loss as from_tasks
+
+    assert from_tasks is caption_loss  # the old import path keeps working
+    logits = torch.randn(2, 4, 7, generator=torch.Generator().manual_seed(0))
+    tokens = torch.tensor([[2, 5, 6, 3, 0], [2, 4, 3, 0, 0]])  # BOS ... EOS pad
+    logp = logits.log_softmax(-1)
+    targets = [(0, 0, 5), (0, 1, 6), (0, 2, 3), (1, 0, 4), (1, 1, 3)]  # (row, position, next token); pads skipped
+    want = -sum(logp[b, t, k] for b, t, k in targets) / len(targets)
+    assert caption_loss(logits, tokens, pad_id=0).item() == pytest.approx(want.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="expected \\(B, T-1, V\\)"):
+        caption_loss(logits, tokens[:, :4], pad_id=0)

@@ -91,13 +91,76 @@ def test_cli_caption_needs_a_decoder(tmp_path, tiny_model_cfg, capsys):
     assert "caption decoder" in capsys.readouterr().err
 
 
-def test_cli_caption_eval_reports_every_metric_per_method(run, tmp_path, capsys):
-    out = tmp_path / "res.json"
-    assert main(["caption-eval", "--model", str(run / "model"), "--split", "val", "--max-images", "8",
+def test_periodic_eval_logs_greedy_bleu4_and_cider(run):
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in lines if "eval/CIDEr" in r]
+    assert evals and all(0 <= r["eval/BLEU-4"] <= 1 and r["eval/CIDEr"] >= 0 for r in evals)
+    assert "eval/text_to_image_R@1" in evals[-1]  # the contrastive look is still there
+
+
+def test_cli_caption_eval_one_table_per_method_and_held_out_combinations(run, capsys):
+    out = run / "eval" / "captions.json"  # where `vislang report RUN_DIR` looks (the default without --out)
+    assert main(["caption-eval", "--model", str(run / "model"), "--split", "val", "--max-images", "6",
                  "--no-meteor", "--out", str(out)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
     res = json.loads(out.read_text())
-    assert set(res["methods"]) == {"greedy", "beam3"}
-    assert {"BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr", "METEOR"} <= set(res["methods"]["beam3"])
+    assert list(res["subsets"]) == ["val", "holdout"]  # shapes: the held-out colour-shape combinations separately
+    for sub in res["subsets"].values():
+        assert sub["images"] == 6 and list(sub["methods"]) == ["greedy", "beam3", "top_p0.9"]
+        for scores in sub["methods"].values():
+            assert {"BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr"} <= set(scores) and "METEOR" not in scores
+    assert "| val | 6 | beam3 |" in printed and "| holdout | 6 | top_p0.9 |" in printed
+    assert out.with_suffix(".md").read_text().startswith("| subset | images | method | BLEU-1")
+    samples = res["samples"]
+    assert [s["subset"] for s in samples] == ["val"] * 6 + ["holdout"] * 4
+    for s in samples:
+        assert (out.parent / s["image"]).read_bytes()[:4] == b"\x89PNG" and s["references"]
+        assert set(s["captions"]) == {"greedy", "beam3", "top_p0.9"}
+
+    assert main(["report", str(run)]) == 0
+    page = (run / "report.html").read_text()
+    assert "<h2>Captioning</h2>" in page and "held-out colour-shape combinations" in page
+    assert page.count('class="sample"') == 10 and "caption CIDEr" in page
+
+
+def test_cli_caption_eval_nn_baseline_side_by_side(run, tmp_path, capsys):
+    from vislang.data.shapes import ShapesDataset
+
+    folder = tmp_path / "train"
+    folder.mkdir()
+    train = ShapesDataset("train", n=24)
+    for i in range(len(train)):
+        img, cap, _ = train[i]
+        img.save(folder / f"{i:03d}.png")
+        (folder / f"{i:03d}.txt").write_text(cap)
+    out = tmp_path / "nn" / "res.json"
+    assert main(["caption-eval", "--model", str(run / "model"), "--split", "val", "--max-images", "4", "--no-meteor",
+                 "--methods", "greedy", "--nn-baseline", "--nn-train", str(folder), "--cache-dir", str(tmp_path / "c"),
+                 "--out", str(out)]) == 0  # fmt: skip
+    res = json.loads(out.read_text())
+    for sub in res["subsets"].values():
+        assert list(sub["methods"]) == ["greedy", "nn_baseline"]
+        assert sub["methods"]["nn_baseline"]["BLEU-1"] > 0  # a real shapes caption shares words with the references
+    assert any("most similar of 24 training images" in n for n in res["notes"])
+    train_caps = {train.caption(i) for i in range(len(train))}
+    assert all(s["captions"]["nn_baseline"] in train_caps for s in res["samples"])
+    assert "| val | 4 | nn_baseline |" in capsys.readouterr().out
+
+
+def test_cli_caption_eval_bad_input_is_a_clear_error(run, tmp_path, tiny_model_cfg, capsys):
+    model = str(run / "model")
+    assert main(["caption-eval", "--model", model, "--methods", "greedy,beam9", "--no-meteor"]) == 2
+    assert "unknown decoding method" in capsys.readouterr().err
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    assert main(["caption-eval", "--model", model, "--data", str(folder), "--nn-baseline", "--no-meteor"]) == 2
+    assert "needs --nn-train" in capsys.readouterr().err
+    assert main(["caption-eval", "--model", model, "--data", str(tmp_path / "missing.csv"), "--no-meteor",
+                 "--cache-dir", str(tmp_path / "c")]) == 2  # fmt: skip
+    assert "missing.csv" in capsys.readouterr().err
+    vislang.factory.build_model(tiny_model_cfg).save_pretrained(tmp_path / "clip")
+    assert main(["caption-eval", "--model", str(tmp_path / "clip"), "--no-meteor"]) == 2
+    assert "caption decoder" in capsys.readouterr().err
 
 
 def test_render_text_writes_a_folder_dataset(tmp_path):

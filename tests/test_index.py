@@ -121,6 +121,71 @@ def test_auto_switches_to_hnsw_above_exact_max_with_good_recall(tmp_path):
         assert ix.current_kind == "hnsw" and len(ix) == 599
 
 
+def exact_top(q: np.ndarray, x: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    """Brute-force top-k ids (Q, k): the reference an approximate index is measured against."""
+    return ids[np.argsort(-(q @ x.T), axis=1)[:, :k]]
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found.tolist(), truth.tolist())]))
+
+
+def test_ivf_trains_4_sqrt_n_lists_deletes_in_place_and_reloads(tmp_path):
+    x = unit(2000, 16)
+    with create_index(tmp_path / "ix", 16, kind="ivf", nprobe=24) as ix:
+        ids = ix.add(x, meta(2000))
+        info = ix.info()
+        assert ix.current_kind == "ivf" and info["nlist"] == round(4 * 2000**0.5) == 179 and info["nprobe"] == 24
+        _, found = ix.search(x[:100], 10)
+        assert (found[:, 0] == ids[:100]).all()  # a stored vector lies in the list of its nearest centroid
+        assert recall(found, exact_top(x[:100], x, ids, 10)) >= 0.8
+        faiss_before = ix._faiss
+        assert ix.remove([int(ids[0]), int(ids[1])]) == 2
+        assert ix._faiss is faiss_before and ix.current_kind == "ivf"  # IVF deletes in place: no retraining
+        assert not {int(ids[0]), int(ids[1])} & set(ix.search(x[:2], 10)[1].ravel().tolist())
+    with open_index(tmp_path / "ix") as ix:  # the saved IVF file is loaded as is, options from index.json
+        assert ix.refresh() is False and ix.current_kind == "ivf" and ix.nprobe == 24 and len(ix) == 1998
+        assert ix.info()["nlist"] == 179
+        assert np.array_equal(ix.search(x[2:50], 1)[1][:, 0], ids[2:50])
+
+
+def test_ivf_is_retrained_when_the_index_outgrows_its_lists(tmp_path):
+    x = unit(10_000, 16)
+    with create_index(tmp_path / "ix", 16, kind="ivf") as ix:
+        ids = ix.add(x[:2000], meta(2000))
+        first = ix._faiss
+        ids = np.concatenate([ids, ix.add(x[2000:3000], meta(1000, start=2000))])
+        assert ix._faiss is first and ix.info()["nlist"] == 179  # 4·sqrt(3000) = 219 < 2·179: added in place
+        ids = np.concatenate([ids, ix.add(x[3000:], meta(7000, start=3000))])
+        assert ix.info()["nlist"] == 400  # 4·sqrt(10000) = 400 > 2·179: retrained on the stored vectors
+        _, found = ix.search(x[:50], 1)
+        assert np.array_equal(found[:, 0], ids[:50])
+    files = list((tmp_path / "ix").glob("vectors-v*.faiss"))
+    assert len(files) == 1  # saved once, older versions gone
+
+
+def test_auto_switches_to_ivf_when_asked_and_back_to_exact_when_it_shrinks(tmp_path):
+    x = unit(1500, 16)
+    with create_index(tmp_path / "ix", 16, exact_max=1000, ann="ivf") as ix:
+        ids = ix.add(x[:1000], meta(1000))
+        assert ix.current_kind == "flat"
+        ids = np.concatenate([ids, ix.add(x[1000:], meta(500, start=1000))])
+        assert ix.current_kind == "ivf" and ix.info()["nlist"] == round(4 * 1500**0.5)
+        assert ix.remove(ids[:600].tolist()) == 600
+        assert ix.current_kind == "flat"  # 900 left: exact again
+        q = unit(20, 16, seed=3)
+        assert np.array_equal(ix.search(q, 5)[1], exact_top(q, x[600:], ids[600:], 5))
+
+
+def test_bad_faiss_options_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="unknown approximate index 'lsh'"):
+        create_index(tmp_path / "a", 8, ann="lsh")
+    with pytest.raises(ValueError, match="nprobe and nlist must be at least 1"):
+        create_index(tmp_path / "b", 8, kind="ivf", nprobe=0)
+    with pytest.raises(ValueError, match="unknown FAISS index kind 'ivfpq'"):
+        create_index(tmp_path / "c", 8, kind="ivfpq")
+
+
 def test_stale_faiss_file_is_rebuilt_from_sqlite(tmp_path):
     with create_index(tmp_path / "ix", 8) as ix:
         ids = ix.add(unit(10, 8), meta(10))
@@ -275,6 +340,21 @@ def test_cli_index_build_add_info_search_remove(world, tmp_path, capsys):
 
     assert main(["index", "remove", "--index", ix, str(first / "a.png")]) == 0
     assert "removed 1" in capsys.readouterr().out
+
+
+def test_cli_build_with_ivf_options_prints_throughput(world, tmp_path, capsys):
+    from vislang.cli import main
+
+    ix = str(tmp_path / "ix")
+    argv = ["index", "build", str(world["root"] / "images"), "--model", str(world["model"]), "--index", ix]
+    assert main([*argv, "--no-progress", "--kind", "ivf", "--nprobe", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "indexed 12 new image(s)" in out and "images/s)" in out
+    assert main(["index", "info", "--index", ix]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "ivf" and info["nprobe"] == 3 and info["nlist"] == 12  # round(4·sqrt(12)) capped at N
+    assert main(["search", "--image", str(world["images"][5]), "--index", ix, "-k", "1", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["path"] == str(world["images"][5].resolve())
 
 
 def test_cli_errors(world, tmp_path, capsys):

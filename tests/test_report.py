@@ -155,3 +155,50 @@ def test_evaluate_run_then_report(tmp_path, tiny_model_cfg):
     assert f"{100 * top1:.1f}%" in page
     assert len(embedded_pngs(page)) == 3  # confusion, per-class, gallery (no training log here)
     assert "not evaluated" not in page.split("Linear probe")[1].split("</table>")[0]
+
+
+def test_caption_report_shows_metrics_per_method_and_a_sample_grid(tmp_path):
+    from PIL import Image
+
+    run = tmp_path / "cap"
+    (run / "eval" / "caption_samples").mkdir(parents=True)
+    samples = []
+    for i in range(14):
+        name = f"caption_samples/test_{i:02d}.png"
+        Image.new("RGB", (24, 24), (10 * i, 0, 0)).save(run / "eval" / name)
+        samples.append({"subset": "test", "image": name, "references": ["a <red> circle", "a red circle", "one"],
+                        "captions": {"greedy": f"caption {i}", "beam3": "a red circle"}})  # fmt: skip
+    methods = {"greedy": {"BLEU-4": 0.41, "CIDEr": 1.2}, "beam3": {"BLEU-4": 0.52, "CIDEr": 1.63},
+               "nn_baseline": {"BLEU-4": 0.31, "CIDEr": 0.94}}  # fmt: skip
+    captions = {
+        "subsets": {"test": {"about": "held-out images", "images": 100, "methods": methods},
+                    "holdout": {"about": "held-out colour-shape combinations", "images": 50, "methods": methods}},
+        "notes": ["METEOR omitted: no `java` on PATH"],
+        "samples": samples,
+    }  # fmt: skip
+    (run / "eval" / "captions.json").write_text(json.dumps(captions))
+    page = write_report(run).read_text()
+    head = page.split("<h2>Training curves</h2>")[0]
+    assert "caption CIDEr" in head and "1.63" in head and "beam3, test; nearest-neighbour 0.94" in head
+    section = page.split("<h2>Captioning</h2>")[1].split("<h2>")[0]
+    assert section.count("<tr>") == 1 + 6 and "nn_baseline" in section and "METEOR omitted" in section
+    assert section.count('class="sample"') == 12  # a grid of twelve, not every sample
+    assert "caption 11" in section and "caption 12" not in section
+    assert "a &lt;red&gt; circle" in section and "<red>" not in section and "(+1 more)" in section
+    assert len(embedded_pngs(page)) == 12 and all(p[:8] == PNG_MAGIC for p in embedded_pngs(page))
+
+
+def test_caption_run_without_caption_eval_says_how_and_shows_cider_as_a_number(tmp_path):
+    lines = [
+        {"step": 5, "loss": 3.0, "caption_loss": 1.0, "lr": 1e-3},
+        {"step": 5, "eval/CIDEr": 1.7, "eval/BLEU-4": 0.4},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    page = write_report(tmp_path).read_text()
+    assert "170.0%" not in page and ">1.7<" in page and "40.0%" in page  # CIDEr runs 0..10: not a percentage
+    assert "vislang caption-eval --model" in page.split("<h2>Captioning</h2>")[1]
+
+
+def test_dual_encoder_report_has_no_captioning_section(tmp_path):
+    write_metrics(tmp_path)
+    assert "<h2>Captioning</h2>" not in write_report(tmp_path).read_text()

@@ -80,7 +80,19 @@ def png_header_only(width: int, height: int) -> bytes:
 
 def test_healthz_and_page(client):
     r = client.get("/healthz")
-    assert r.json() == {"status": "ok", "size": 10, "dim": 16}
+    assert r.json() == {
+        "status": "ok",
+        "size": 10,
+        "dim": 16,
+        "capabilities": {
+            "search": True,
+            "embed": True,
+            "classify": True,
+            "caption": False,
+            "vqa": False,
+            "generate": False,
+        },
+    }
     page = client.get("/")
     assert page.status_code == 200 and 'id="drop"' in page.text and "/v1/search" in page.text
 
@@ -136,9 +148,13 @@ def test_classify_upload_and_indexed(client, world):
     assert_error(client.post("/v1/classify", json={"image_id": 1, "labels": ["one"]}), 400, "at least two")
 
 
-@pytest.mark.parametrize("task", ["caption", "vqa", "generate"])
-def test_generative_endpoints_answer_501(client, task):
-    assert_error(client.post(f"/v1/{task}", json={"text": "x"}), 501, "not available yet")
+@pytest.mark.parametrize(
+    "task, words",
+    [("caption", "restart it with --caption-model DIR"), ("vqa", "restart it with --vqa-model DIR"),
+     ("generate", "not available yet")],
+)  # fmt: skip
+def test_generative_endpoints_answer_501_without_their_models(client, task, words):
+    assert_error(client.post(f"/v1/{task}", json={"image_id": 1, "question": "x"}), 501, words)
     assert_alive(client)
 
 

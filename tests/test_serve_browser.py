@@ -1,9 +1,11 @@
 """End to end in headless Chromium: the search page at ``/`` searches by text, by chosen file and by dropped file,
-shows scores and images, reports errors, and works behind an API key. Real uvicorn on a free loopback port."""
+shows scores and images, reports errors, works behind an API key, and captions and answers questions per result when
+the server has those models. Real uvicorn on a free loopback port."""
 
 from __future__ import annotations
 
 import base64
+import json
 import socket
 import threading
 import time
@@ -117,6 +119,8 @@ def test_search_page_text_file_and_drop(world, browser):
         assert all(h["caption"] for h in hits)  # captions from the .txt files
         wait_images_loaded(page, 5)
         assert "5 result(s)" in page.text_content("#status")
+        assert page.query_selector(".caption-button") is None  # no captioning model: no caption button
+        assert page.query_selector(".question") is None
 
         target = world["images"][4]
         page.set_input_files("#file", str(target))  # the drop zone's file chooser
@@ -164,3 +168,34 @@ def test_search_page_behind_api_key(world, browser):
         assert len(results(page)) == 8
         wait_images_loaded(page, 8)  # image requests carry the credentials too
         ctx.close()
+
+
+def test_caption_button_and_question_box(world, browser):
+    import httpx
+
+    from test_serve_generative import QUESTIONS, make_tiny_captioner, make_tiny_vqa
+
+    app = create_app(
+        world["index"], caption_model=make_tiny_captioner(world["root"]), vqa_model=make_tiny_vqa(world["root"])
+    )
+    with ServerThread(app) as url:
+        page = browser.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(url + "/")
+        page.fill("#k", "3")
+        page.fill("#q", "a red circle")
+        page.press("#q", "Enter")
+        first = results(page)[0]["id"]
+        want = httpx.post(url + "/v1/caption", json={"image_id": first}, timeout=30).json()["caption"]
+        card = f"#results .result[data-id='{first}']"
+        page.click(f"{card} .caption-button")
+        page.wait_for_function(f'() => document.querySelector("{card} .generated").textContent === {json.dumps(want)}')
+        page.fill(f"{card} .question", QUESTIONS[0])
+        page.press(f"{card} .question", "Enter")
+        page.wait_for_function(
+            f'() => /\\(\\d\\.\\d\\d\\)$/.test(document.querySelector("{card} .generated").textContent)'
+        )
+        answer = httpx.post(url + "/v1/vqa", json={"image_id": first, "question": QUESTIONS[0]}, timeout=30).json()
+        top = answer["answers"][0]
+        assert page.text_content(f"{card} .generated") == f"{top['answer']} ({top['probability']:.2f})"
+        page.close()

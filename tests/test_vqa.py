@@ -137,3 +137,22 @@ def test_cli_vqa_and_bad_inputs(tiny_model, tmp_path, capsys):
         answer_probability(model_dir, tmp_path / "w.png", "what colour is the circle?", "magenta")
     assert main(["vqa", str(tmp_path / "broken.png"), "what?", "--model", str(model_dir)]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_vislang_train_routes_a_vqa_config(tmp_path, capsys):
+    cfg = tmp_path / "vqa.yaml"
+    cfg.write_text(
+        "task: vqa\nn_train: 32\nn_test: 8\nepochs: 1\nbatch_images: 16\n"
+        f"out_dir: {tmp_path / 'run'}\noverrides: {json.dumps(list(TINY))}\n"
+    )
+    gated = json.dumps([*TINY, "fusion.kind=gated"])
+    assert main(["train", "--config", str(cfg), f"--overrides={gated}"]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and "held-out colour-shape pairs" not in out
+    model, _, _ = load_vqa(tmp_path / "run" / "model")
+    assert model.cfg.fusion.kind == "gated"  # the command-line override reached the model
+    with pytest.raises(SystemExit, match="do not resume"):
+        main(["train", "--config", str(cfg), "--resume"])
+    cfg.write_text("task: vqa\nn_train: 32\nbogus_field: 1\n")
+    assert main(["train", "--config", str(cfg)]) != 0
+    assert "unknown key(s) ['bogus_field']" in capsys.readouterr().err

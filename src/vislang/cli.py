@@ -22,6 +22,8 @@ COMMAND_MODULES = (
     "vislang.compress.commands",
     "vislang.caption.commands",
     "vislang.understand.commands",
+    "vislang.generate.commands",
+    "vislang.finetune.commands",
 )
 
 
@@ -57,16 +59,44 @@ def _overrides(extra: list[str]) -> list[str]:
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from .config import load_file
     from .train import load_train_config, train
 
-    cfg = load_train_config(_config_path(args.config), _overrides(extra))
+    path = _config_path(args.config)
+    if path and load_file(path).get("task") == "vqa":  # VQA trains on image-level batches in its own loop
+        return _train_vqa(path, _overrides(extra), args.resume)
+    cfg = load_train_config(path, _overrides(extra))
+    if cfg.task == "gan":  # two optimizers: the GAN has its own loop (vislang.generate.train)
+        from .generate.train import train_gan as train
     model_dir = train(cfg, resume=args.resume)
     print(f"model: {model_dir}")
     return 0
 
 
+def _train_vqa(path: str, overrides: list[str], resume: bool) -> int:
+    from .understand.vqa_train import load_vqa_train_config, train_vqa
+
+    if resume:
+        raise SystemExit("VQA runs are short and do not resume yet; start the run again without --resume")
+    cfg = load_vqa_train_config(path, overrides)
+    results = train_vqa(cfg)
+    for split in ("test", "holdout"):
+        if split in results:
+            per_type = ", ".join(f"{k} {v:.1%}" for k, v in sorted(results[split]["per_type"].items()))
+            print(f"{split} accuracy {results[split]['overall']:.1%} ({per_type})")
+    print(f"model: {Path(cfg.out_dir) / 'model'}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     from .evaluation.run import evaluate_model_dir
+    from .generate.sample import is_gan_dir
+
+    if is_gan_dir(args.model):  # a text-to-image GAN: FID-FM, KID, IS-style, class consistency, CLIP score
+        from .generate.evaluate import evaluate_gan
+
+        print(json.dumps(evaluate_gan(args.model, out_dir=args.out, device=args.device), indent=2))
+        return 0
 
     results = evaluate_model_dir(
         args.model,
@@ -78,6 +108,26 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
         device=args.device,
     )
     print(json.dumps(results.get("headline", results), indent=2))
+    return 0
+
+
+def cmd_rerank_eval(args: argparse.Namespace, extra: list[str]) -> int:
+    from .evaluation.rerank import rerank_model_dir
+
+    results = rerank_model_dir(
+        args.model,
+        data=args.data,
+        splits=args.split.split(","),
+        k=args.k,
+        max_images=args.max_images,
+        device=args.device,
+        cache_dir=args.cache_dir,
+    )
+    text = json.dumps(results, indent=2)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+    print(text)
     return 0
 
 
@@ -170,11 +220,18 @@ EXAMPLES = {
           vislang train --config my.yaml --epochs=3 --optim.lr=1e-3 --model.vision.width=48
           vislang train --config my.yaml --resume            # continue from runs/.../checkpoints/last.pt
           torchrun --nproc-per-node 2 -m vislang.cli train --config my.yaml
-        Any field of the run config can be overridden as --a.b=value; see src/vislang/train/config.py.""",
+        The config's task picks what is trained: contrastive (CLIP/SigLIP, the default), caption and coca
+        (configs caption, caption-text), itm (config itm), vqa (config vqa), gan (configs gan, gan-mlp, gan-shapes).
+        Any field of the run config can be overridden as --a.b=value; see src/vislang/train/config.py
+        (VQA runs: src/vislang/understand/vqa_train.py).""",
     "eval": """
         examples:
           vislang eval --model runs/demo/model --data fashion-mnist
           vislang eval --model runs/x/model --data pairs.csv --split all --no-probe""",
+    "rerank-eval": """
+        examples:
+          vislang train --config itm                         # shapes dual encoder + cross-attention ITM head
+          vislang rerank-eval --model runs/itm/model --data shapes --split test,holdout""",
     "prepare": """
         Decodes and resizes a dataset once into memory-mapped arrays (re-used by every run that needs that size).
         examples:
@@ -209,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         return sp
 
-    sp = add("train", "train a dual encoder (CLIP / SigLIP) from a YAML config plus --key=value overrides", cmd_train)
+    sp = add("train", "train any vislang model from a YAML config (its task: key) plus --key=value overrides", cmd_train)
     sp.add_argument("--config", help=f"YAML/JSON run config, or a packaged one: {', '.join(_packaged_names())}")
     sp.add_argument("--resume", action="store_true", help="continue the run in out_dir from its last checkpoint")
 
@@ -221,6 +278,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-probe", action="store_true", help="skip the linear probe")
     sp.add_argument("--max-images", type=int, default=None, help="evaluate on the first N images only")
     sp.add_argument("--out", default=None, help="where results.json and PNGs go (default: MODEL/../eval)")
+    sp.add_argument("--device", default="cpu")
+
+    sp = add(
+        "rerank-eval",
+        "Recall@K of an ITM model with and without re-ranking the contrastive top-k by its match head",
+        cmd_rerank_eval,
+    )
+    sp.add_argument("--model", required=True, help="ITM model directory (e.g. runs/itm/model)")
+    sp.add_argument("--data", default="shapes", help="dataset name or path (default: shapes)")
+    sp.add_argument("--split", default="test", help="comma-separated splits (shapes: test,holdout)")
+    sp.add_argument("--k", type=int, default=16, help="candidates re-scored per query (default: 16)")
+    sp.add_argument("--max-images", type=int, default=None, help="evaluate on the first N images only")
+    sp.add_argument("--out", default=None, help="also write the results JSON here")
+    sp.add_argument("--cache-dir", default=".cache/vislang/prepared", help="where prepared images are kept")
     sp.add_argument("--device", default="cpu")
 
     sp = add("prepare", "decode + resize a dataset once into memory-mapped arrays", cmd_prepare)

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from .tokenizers import HFTokenizer, Tokenizer, load_tokenizer
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 MODEL_TYPE = "vislang-clip"
+ITM_MODEL_TYPE = "vislang-itm"  # a dual encoder with an image–text matching head (models/itm.py), loaded like one
 __version__ = "0.1.0"
 
 
@@ -93,7 +95,13 @@ def image_transforms(cfg: ModelConfig):
 
 
 def build_model(cfg: ModelConfig) -> CLIP:
-    """The model family a config describes: the dual encoder, or CoCa when the config has a caption decoder."""
+    """The model family a config describes: the dual encoder, CoCa with a caption decoder, ITM with a match head."""
+    if cfg.itm is not None:
+        if cfg.decoder is not None:
+            raise ValueError("a model has a caption decoder (model.decoder) or an ITM head (model.itm), not both")
+        from .models.itm import ITMModel
+
+        return ITMModel(cfg)
     if cfg.decoder is not None:
         from .models.captioner import CoCa
 
@@ -177,7 +185,8 @@ def save_pretrained(model: CLIP, directory: str | os.PathLike, tokenizer=None, e
         )
     if cfg.vision.pretrained:  # the weights now live in model.safetensors
         cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, pretrained=None))
-    meta = {"model_type": MODEL_TYPE, "vislang_version": __version__, "model": to_dict(cfg), **(extra or {})}
+    model_type = ITM_MODEL_TYPE if cfg.itm is not None else MODEL_TYPE
+    meta = {"model_type": model_type, "vislang_version": __version__, "model": to_dict(cfg), **(extra or {})}
     (tmp / "config.json").write_text(json.dumps(meta, indent=2))
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(state, str(tmp / "model.safetensors"))
@@ -194,8 +203,29 @@ def save_pretrained(model: CLIP, directory: str | os.PathLike, tokenizer=None, e
     return d
 
 
+def _load_classifier(directory: Path, device: str | torch.device) -> torch.nn.Module:
+    from .models.classifier import ImageClassifier
+
+    return ImageClassifier.from_pretrained(directory, device)
+
+
+def _load_vqa(directory: Path, device: str | torch.device) -> torch.nn.Module:
+    """The VQA model alone (``models.vqa.load_vqa`` also returns its tokenizer and answers); int8 ones rebuilt."""
+    from .compress.quantize import load_model
+
+    return load_model(directory, device)
+
+
+# Model families saved with their own ``model_type`` (config.json) and loader; the dual encoder / CoCa
+# ("vislang-clip") is loaded below. Loaders import lazily, so adding one costs nothing until it is used.
+MODEL_LOADERS: dict[str, Callable[[Path, str | torch.device], torch.nn.Module]] = {
+    "vislang-classifier": _load_classifier,
+    "vislang-vqa": _load_vqa,
+}
+
+
 def from_pretrained(directory: str | os.PathLike, device: str | torch.device = "cpu") -> CLIP:
-    """Load a model directory written by ``save_pretrained``."""
+    """Load a model directory written by ``save_pretrained`` (or by another family's, per ``MODEL_LOADERS``)."""
     d = Path(directory)
     if not is_model_dir(d):
         if _looks_like_hub_id(str(directory)):
@@ -205,8 +235,14 @@ def from_pretrained(directory: str | os.PathLike, device: str | torch.device = "
             "train one with `vislang train` or save one with model.save_pretrained(dir)"
         )
     meta = json.loads((d / "config.json").read_text())
-    if meta.get("model_type") != MODEL_TYPE:
-        raise ValueError(f"{d}/config.json is not a vislang model config (model_type={meta.get('model_type')!r})")
+    loader = MODEL_LOADERS.get(meta.get("model_type"))
+    if loader is not None:
+        return loader(d, device)
+    if meta.get("model_type") not in (MODEL_TYPE, ITM_MODEL_TYPE):
+        raise ValueError(
+            f"{d}/config.json is not a vislang model config (model_type={meta.get('model_type')!r}; "
+            f"known: {[MODEL_TYPE, ITM_MODEL_TYPE, *MODEL_LOADERS]})"
+        )
     if (meta.get("compression") or {}).get("method", "").endswith("int8"):
         from .compress import load_quantized  # int8 weights need the quantised modules rebuilt first
 

@@ -1,4 +1,5 @@
-"""Contrastive losses for image-text training: CLIP's softmax InfoNCE and SigLIP's pairwise sigmoid loss.
+"""Image-text losses: CLIP's softmax InfoNCE, SigLIP's pairwise sigmoid loss, image–text matching (ITM)
+and the captioning (next-token) loss.
 
 Both take the L2-normalised features the model returns plus its (already exponentiated) ``logit_scale`` and
 optional ``logit_bias``, and both work unchanged on one process or under DDP: with several ranks they gather the
@@ -18,7 +19,7 @@ from torch import nn
 
 from . import distributed as vdist
 
-__all__ = ["ClipLoss", "SigLipLoss"]
+__all__ = ["ClipLoss", "SigLipLoss", "caption_loss", "itm_loss", "sample_hard_negatives"]
 
 Scalar = torch.Tensor | float
 
@@ -187,3 +188,68 @@ class SigLipLoss(nn.Module):
         labels = self.get_labels(batch, all_text.shape[0], offset, logits.device, logits.dtype)  # [B, N]
         loss = -F.logsigmoid(labels * logits).sum() / batch
         return _wrap(loss, output_dict)
+
+
+def sample_hard_negatives(
+    sim: torch.Tensor, positive: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """ALBEF's in-batch hard negatives for ITM: for each image a text, for each text an image, drawn with probability
+    ∝ softmax(similarity) over the candidates that are not positives.
+
+    Sampling (rather than taking the most similar) keeps the negatives hard without always picking the same, possibly
+    mislabelled, one. Positives are given as a mask, not as the diagonal, because a batch can hold the same caption
+    for two images: the other image's identical caption describes this image just as well and must never be drawn as
+    a negative.
+
+    Args:
+        sim: (B_img, B_txt) image–text similarities (logits, e.g. ``logit_scale * image @ text.T``); not
+            differentiated through.
+        positive: (B_img, B_txt) bool, True where the text matches the image (its own caption or an identical one).
+        generator: random source (default: torch's global one).
+
+    Returns:
+        ``neg_text`` (B_img,) and ``neg_image`` (B_txt,) indices; -1 where every candidate is a positive (e.g. all
+        captions of the batch are the same), so the caller leaves that row out.
+    """
+    if sim.ndim != 2 or sim.shape != positive.shape:
+        raise ValueError(
+            f"sim {tuple(sim.shape)} and positive {tuple(positive.shape)} must be the same (B_img, B_txt) shape"
+        )
+    if positive.dtype != torch.bool:
+        raise ValueError(f"positive must be a bool mask, got {positive.dtype}")
+
+    def draw(s: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:  # (R, C) -> (R,)
+        has_neg = ~pos.all(dim=1)  # (R,)
+        logits = s.float().masked_fill(pos, float("-inf"))
+        logits = torch.where(has_neg[:, None], logits, torch.zeros_like(logits))  # no NaN rows in the softmax
+        idx = torch.multinomial(torch.softmax(logits, dim=1), 1, generator=generator).squeeze(1)  # (R,)
+        return torch.where(has_neg, idx, torch.full_like(idx, -1))
+
+    with torch.no_grad():
+        return draw(sim, positive), draw(sim.T, positive.T)
+
+
+def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the match head over (positive, negative-text, negative-image) pairs; label 1 = match.
+
+    Args:
+        logits: (P, 2) no-match / match logits.
+        labels: (P,) 0 or 1.
+    """
+    if logits.ndim != 2 or logits.shape[1] != 2 or labels.shape != logits.shape[:1]:
+        raise ValueError(f"expected (P, 2) logits and (P,) labels, got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    return F.cross_entropy(logits.float(), labels.long())
+
+
+def caption_loss(logits: torch.Tensor, tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """Next-token cross-entropy of teacher-forced logits (B, T-1, V) against ``tokens[:, 1:]``, padding ignored.
+
+    Position t of the logits predicts token t+1, so the first token (the begin token) is never a target. The logits
+    are upcast to float32: under bf16 autocast a 30k-way softmax loses the small probabilities that matter here.
+    """
+    if logits.ndim != 3 or logits.shape[:2] != (tokens.shape[0], tokens.shape[1] - 1):
+        raise ValueError(
+            f"caption logits {tuple(logits.shape)} do not fit tokens {tuple(tokens.shape)}: expected (B, T-1, V)"
+        )
+    target = tokens[:, 1:]  # (B, T-1)
+    return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=pad_id)

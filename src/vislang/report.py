@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .evaluation.caption_metrics import CAPTION_RESULTS, TABLE_METRICS
 from .evaluation.embed import embed_images, embed_images_and_features, embed_texts, image_batch, num_images
 from .evaluation.linear_probe import probe_eval
 from .evaluation.plots import plot_confusion, plot_curves, plot_per_class, read_jsonl, retrieval_gallery
@@ -304,6 +305,10 @@ table{border-collapse:collapse;margin:.5em 0;font-size:.9em} td,th{border:1px so
 th{background:#f5f5f5;text-align:left} td.n{text-align:right;font-variant-numeric:tabular-nums}
 img{max-width:100%;border:1px solid #eee} .missing{color:#999;font-style:italic}
 pre{background:#f7f7f7;padding:.8em;overflow:auto;font-size:.8em}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(250px,1fr));gap:.8em}
+.sample{border:1px solid #ddd;border-radius:8px;padding:.5em;font-size:.82em;overflow-wrap:anywhere}
+.sample img{width:96px;height:96px;image-rendering:pixelated;float:left;margin:0 .6em .3em 0;border:0}
+.sample .m{color:#555} .sample .ref{color:#777;clear:both;padding-top:.2em} .sample .sub{color:#999;font-size:.9em}
 """
 
 
@@ -396,8 +401,34 @@ def card(value_html: str, label: str, note_html: str = "") -> str:
     return f'<div class="card"><div class="v">{value_html}</div><div class="k">{esc(label)}</div>{note_html}</div>'
 
 
-def headline_html(headline: dict[str, Any], records: list[dict[str, Any]]) -> str:
+CAPTION_SCALE_METRICS = ("CIDEr",)  # caption metrics that are not fractions (CIDEr-D runs 0..10): shown as numbers
+CAPTION_CARDS = ("BLEU-4", "CIDEr")  # caption metrics worth a headline card
+
+
+def caption_cards(captions: dict[str, Any] | None) -> list[str]:
+    """Headline cards from ``caption-eval``: BLEU-4 and CIDEr of the first subset's best-CIDEr decoding method."""
+    subsets = (captions or {}).get("subsets")
+    if not isinstance(subsets, dict) or not subsets:
+        return []
+    name, first = next(iter(subsets.items()))
+    methods = {k: m for k, m in (first.get("methods") or {}).items() if isinstance(m, dict) and k != "nn_baseline"}
+    if not methods:
+        return []
+    best = max(methods, key=lambda k: methods[k].get("CIDEr", float("-inf")))
     cards = []
+    for key in CAPTION_CARDS:
+        value = methods[best].get(key)
+        if isinstance(value, (int, float)):
+            base = (first.get("methods") or {}).get("nn_baseline", {}).get(key)
+            note = f"{best}, {name}" + (f"; nearest-neighbour {fmt(base)}" if isinstance(base, (int, float)) else "")
+            cards.append(card(fmt(value), f"caption {key}", f'<div class="c">{esc(note)}</div>'))
+    return cards
+
+
+def headline_html(
+    headline: dict[str, Any], records: list[dict[str, Any]], captions: dict[str, Any] | None = None
+) -> str:
+    cards = caption_cards(captions)
     for key, label in HEADLINE_LABELS.items():
         if isinstance(headline.get(key), (int, float)):
             chance = None
@@ -410,13 +441,14 @@ def headline_html(headline: dict[str, Any], records: list[dict[str, Any]]) -> st
     if not cards:
         periodic = last_eval(records)
         for key, value in periodic.items():
-            text = pct(value) if 0 <= value <= 1 else fmt(value)
+            text = pct(value) if 0 <= value <= 1 and key not in CAPTION_SCALE_METRICS else fmt(value)
             cards.append(card(text, key, '<div class="c">last periodic eval</div>'))
     for key, value in training_summary(records).items():
         cards.append(card(fmt(value), key))
     if not cards:
         return missing("not evaluated and no training log")
-    prefix = "" if headline or last_eval(records) else missing("not evaluated: run `vislang eval` for test numbers")
+    evaluated = headline or last_eval(records) or captions
+    prefix = "" if evaluated else missing("not evaluated: run `vislang eval` for test numbers")
     return prefix + f'<div class="cards">{"".join(cards)}</div>'
 
 
@@ -485,6 +517,48 @@ def probe_html(lp: dict[str, Any] | None) -> str:
     return table(rows, ["metric", "value"])
 
 
+def caption_html(captions: dict[str, Any] | None, why: str | None, eval_dir: Path, samples: int = 12) -> str:
+    """The ``caption-eval`` table (a row per subset and decoding method) and a grid of sample images, each with the
+    caption every method wrote and its references."""
+    if not captions:
+        return missing(f"not evaluated ({why}): run `vislang caption-eval --model RUN_DIR/model`")
+    subsets = captions.get("subsets") or {}
+    rows = [
+        (name, part.get("images"), method, m)
+        for name, part in subsets.items()
+        if isinstance(part, dict)
+        for method, m in (part.get("methods") or {}).items()
+        if isinstance(m, dict)
+    ]
+    cols = [c for c in TABLE_METRICS if any(c in m for *_, m in rows)]
+    about = "; ".join(f"{esc(n)}: {esc(p.get('about', ''))}" for n, p in subsets.items() if isinstance(p, dict))
+    parts = [f"<p>{about}</p>" if about else ""]
+    parts.append(table([[n, k, method, *(m.get(c, "") for c in cols)] for n, k, method, m in rows],
+                       ["subset", "images", "method", *cols]))  # fmt: skip
+    parts += [f"<p>{esc(note)}</p>" for note in captions.get("notes") or []]
+    cards = []
+    for sample in (captions.get("samples") or [])[:samples]:
+        if not isinstance(sample, dict):
+            continue
+        png = eval_dir / str(sample.get("image", ""))
+        img = (
+            f'<img alt="sample" src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode("ascii")}">'
+            if png.is_file() and png.suffix == ".png"
+            else '<span class="missing">image missing</span>'
+        )
+        gen = "".join(
+            f'<div><span class="m">{esc(method)}:</span> {esc(text)}</div>'
+            for method, text in (sample.get("captions") or {}).items()
+        )
+        refs = [str(r) for r in sample.get("references") or []]
+        more = f" (+{len(refs) - 2} more)" if len(refs) > 2 else ""
+        ref = f'<div class="ref">reference: {esc(" | ".join(refs[:2]))}{esc(more)}</div>' if refs else ""
+        cards.append(f'<div class="sample">{img}<div class="sub">{esc(sample.get("subset", ""))}</div>{gen}{ref}</div>')
+    if cards:
+        parts.append(f'<h3>Sample captions</h3><div class="grid">{"".join(cards)}</div>')
+    return "".join(parts)
+
+
 def config_html(run_dir: Path) -> str:
     for name in ("config.yaml", "config.yml", "config.json", "model/config.json"):
         p = run_dir / name
@@ -497,7 +571,8 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     """Write ``run_dir/report.html`` from what the run directory holds; missing parts are marked, never fatal.
 
     Reads ``metrics.jsonl`` (training and periodic-eval lines), ``eval/results.json`` (from :func:`evaluate_run`
-    or any nested dict of metrics), every PNG in ``eval/`` and ``config.yaml``/``config.json``.
+    or any nested dict of metrics), ``eval/captions.json`` (from ``vislang caption-eval``: metrics per decoding
+    method and sample captions), every PNG in ``eval/`` and ``config.yaml``/``config.json``.
 
     Returns:
         The path of the report.
@@ -512,14 +587,18 @@ def write_report(run_dir: str | os.PathLike) -> Path:
     results = results or {}
     headline = results.get("headline") if isinstance(results.get("headline"), dict) else headline_of(results)
     shown: set[str] = set()
+    captions, captions_why = read_json(eval_dir / CAPTION_RESULTS)
+    captioning = captions is not None or any("caption_loss" in r for r in records)
 
     sections = [
-        ("Headline", headline_html(headline, records)),
+        ("Headline", headline_html(headline, records, captions)),
         ("Training curves", curves_html(metrics_path)),
         ("Zero-shot classification", zero_shot_html(results.get("zero_shot"), eval_dir, shown)),
         ("Retrieval", retrieval_html(results.get("retrieval"), results.get("gallery"), eval_dir, shown)),
         ("Linear probe", probe_html(results.get("linear_probe"))),
     ]
+    if captioning:  # caption runs only: a dual encoder's report has no use for an empty captioning section
+        sections.insert(2, ("Captioning", caption_html(captions, captions_why, eval_dir)))
     if results.get("skipped"):
         sections.append(("Skipped", table(list(results["skipped"].items()), ["part", "reason"])))
     numbers = flatten_numbers({k: v for k, v in results.items() if k not in ("headline", "gallery")})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import textwrap
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,12 @@ EXAMPLES = """
       vislang caption photos/ --model runs/caption/model --beam 3        # beam search, width 3
       vislang caption scene.png --model runs/caption/model --top-p 0.9 --temperature 0.8 --seed 0
     Train a captioner first: vislang train --config caption"""
+EVAL_EXAMPLES = """
+    examples:
+      vislang caption-eval --model runs/caption/model                      # shapes: test + held-out combinations
+      vislang caption-eval --model runs/caption-text/model --data rendered-text
+      vislang caption-eval --model runs/oc/model --data openclipart --nn-baseline
+    Then `vislang report runs/caption` shows the table and sample captions."""
 
 
 def _decoding(beam: int = 1, top_p: float | None = None, top_k: int | None = None, temperature: float = 1.0,
@@ -59,6 +65,73 @@ def caption_files(
     return out
 
 
+class _Subset:
+    """One evaluated set of images: references per image, and its uint8 images at any (size, channels)."""
+
+    def __init__(self, name: str, about: str, references: list[list[str]], images: Callable[[int, int], Any]):
+        self.name, self.about, self.references = name, about, references
+        self._images, self._cache = images, {}
+
+    def images(self, size: int, channels: int):
+        if (size, channels) not in self._cache:
+            self._cache[size, channels] = self._images(size, channels)
+        return self._cache[size, channels]
+
+
+def _pil_images(ds) -> Callable[[int, int], torch.Tensor]:
+    def convert(size: int, channels: int) -> torch.Tensor:
+        import numpy as np
+
+        from ..data.transforms import pil_to_array
+
+        arrays = [pil_to_array(ds[i][0], size, channels) for i in range(len(ds))]
+        return torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy())  # (N, C, H, W) uint8
+
+    return convert
+
+
+def _prepared(spec: str, split: str, cache_dir: str, limit: int | None = None) -> Callable[[int, int], Any]:
+    """A prepared (memory-mapped, cached) copy of ``spec``'s ``split`` at the asked size: what training reads."""
+
+    def load(size: int, channels: int):
+        from ..train.config import DataConfig
+        from ..train.data import load_prepared
+
+        ds = load_prepared(spec, split, size, channels, DataConfig(train=spec, cache_dir=cache_dir), progress=False)
+        return ds.head(limit) if limit else ds
+
+    return load
+
+
+def caption_subsets(data: str, split: str, max_images: int | None, size: int, channels: int,
+                    cache_dir: str) -> list[_Subset]:  # fmt: skip
+    """What ``caption-eval`` scores for a dataset: for shapes the held-out images and, separately, the held-out
+    colour–shape combinations (every phrasing of a scene is a reference); for rendered text the text (test words are
+    never seen in training); for anything else (openclipart, a folder, a CSV...) its own caption of each image."""
+    if data == "shapes":
+        from ..data.shapes import ShapesConfig, ShapesDataset
+        from ..evaluation.caption_metrics import shapes_references
+
+        about = {"test": "held-out images", "val": "validation images", "train": "training images",
+                 "holdout": "held-out colour-shape combinations"}  # fmt: skip
+        splits = [split] + (["holdout"] if split != "holdout" else [])
+        subsets = []
+        for sp in splits:
+            ds = ShapesDataset(sp, n=max_images, cfg=ShapesConfig())
+            subsets.append(_Subset(sp, about.get(sp, sp), shapes_references(ds), _pil_images(ds)))
+        return subsets
+    if data == "rendered-text":
+        from ..data.rendered_text import RenderedText
+
+        ds = RenderedText(split if split != "holdout" else "test", n=max_images)  # rendered as `render-text` writes
+        return [_Subset(ds.split, "rendered words", [[ds.caption(i)] for i in range(len(ds))], _pil_images(ds))]
+    load = _prepared(data, split, cache_dir, max_images)
+    first = load(size, channels)
+    sub = _Subset(split, f"{data} {split} split", [[c] for c in first.captions], load)
+    sub._cache[size, channels] = first
+    return [sub]
+
+
 def evaluate_captions(
     model_dir: str | Path,
     data: str = "shapes",
@@ -68,47 +141,133 @@ def evaluate_captions(
     device: str = "cpu",
     out: str | Path | None = None,
     with_meteor: bool = True,
+    methods: Sequence[str] | None = None,
+    nn_baseline: bool = False,
+    nn_model: str | Path | None = None,
+    nn_train: str | None = None,
+    cache_dir: str = ".cache/vislang/prepared",
+    samples: int = 12,
+    batch_size: int = 256,
 ) -> dict[str, Any]:
-    """Caption metrics per decoding method on a held-out split (shapes: every phrasing of a scene is a reference;
-    rendered-text: the text, plus exact match and character error rate)."""
-    import numpy as np
+    """Caption metrics per decoding method (and the nearest-neighbour baseline) on held-out data, in one table.
 
-    from ..data.transforms import pil_to_array
-    from ..evaluation.caption_metrics import DECODING_METHODS, caption_eval, generate_captions, reading_scores
+    Writes ``captions.json``, ``captions.md`` and ``caption_samples/`` (images with their generated and reference
+    captions, which ``vislang report`` shows) into ``out`` (default: ``eval/`` beside the model directory).
+
+    Args:
+        model_dir: a captioning (CoCa) model directory.
+        data: ``shapes``, ``rendered-text``, ``openclipart``, or a dataset file/folder ``vislang train`` reads.
+        split: the held-out split (shapes also scores its ``holdout`` split of unseen colour–shape combinations).
+        methods: names from ``DECODING_METHODS`` (default all: greedy, beam3, top_p0.9).
+        nn_baseline: also score the caption of each image's most similar training image.
+        nn_model: the model whose image embeddings pick that neighbour (default: the captioner itself).
+        nn_train: the dataset the neighbours come from (default: ``data``'s train split).
+        samples: images shown with their captions in the report.
+    """
+    from ..evaluation.caption_metrics import (
+        CAPTION_RESULTS,
+        CAPTION_SAMPLES_DIR,
+        DECODING_METHODS,
+        NN_BASELINE,
+        caption_eval,
+        caption_scores,
+        markdown_table,
+        meteor_unavailable,
+        nearest_neighbour_captions,
+        reading_scores,
+    )
     from ..factory import from_pretrained, get_tokenizer
 
+    names = list(methods or DECODING_METHODS)
+    unknown = [m for m in names if m not in DECODING_METHODS]
+    if unknown:
+        raise ValueError(f"unknown decoding method(s) {unknown}; choose from {list(DECODING_METHODS)}")
     model = from_pretrained(model_dir, device)
+    if getattr(model.cfg, "decoder", None) is None:
+        raise ValueError(f"{model_dir} holds a dual encoder without a caption decoder; train one with --config caption")
     tokenizer = get_tokenizer(model_dir)
     v = model.cfg.vision
-    if data == "shapes":
-        from ..data.shapes import ShapesConfig, ShapesDataset
-        from ..evaluation.caption_metrics import shapes_references
+    reading = data == "rendered-text"
+    subsets = caption_subsets(data, split, max_images, v.image_size, v.channels, cache_dir)
+    notes = []
+    if with_meteor and meteor_unavailable():
+        notes.append(meteor_unavailable())
 
-        ds = ShapesDataset(split, n=max_images, cfg=ShapesConfig())
-        refs = shapes_references(ds)
-    elif data == "rendered-text":
-        from ..data.rendered_text import RenderConfig, RenderedText
+    neighbours = None
+    if nn_baseline:
+        nn = from_pretrained(nn_model, device) if nn_model else model
+        from ..data.readers import NAMED_DATASETS
 
-        ds = RenderedText(
-            split if split != "holdout" else "test", n=max_images, cfg=RenderConfig(image_size=v.image_size)
-        )
-        refs = [[ds.caption(i)] for i in range(len(ds))]
-    else:
-        raise ValueError(f"caption-eval knows the datasets 'shapes' and 'rendered-text', got {data!r}")
-    arrays = [pil_to_array(ds[i][0], v.image_size, v.channels) for i in range(len(ds))]
-    images = torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy())  # (N, C, H, W) uint8
-    methods = {"greedy": DECODING_METHODS["greedy"], "beam3": DECODING_METHODS["beam3"]}
-    results: dict[str, Any] = caption_eval(model, tokenizer, images, refs, methods, max_length, device=device,
-                                           with_meteor=with_meteor)  # fmt: skip
-    if data == "rendered-text":
-        for name, kw in methods.items():
-            preds = generate_captions(model, tokenizer, images, device=device, max_length=max_length, **kw)
-            results[name].update(reading_scores(preds, [r[0] for r in refs]))
-    results = {"data": data, "split": split, "images": len(ds), "methods": results}
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(results, indent=2))
+        if nn_train is None and data not in NAMED_DATASETS:  # a file or folder has no train split of its own
+            raise ValueError(f"--nn-baseline on {data} needs --nn-train SPEC: the dataset the neighbours come from "
+                             "(e.g. a folder written by `render-text --split train`)")  # fmt: skip
+        train_spec = nn_train or data
+        train = _prepared(train_spec, "train", cache_dir)(nn.cfg.vision.image_size, nn.cfg.vision.channels)
+        neighbours = (nn, train, list(train.captions))
+        by = "the captioner" if nn is model else nn_model
+        notes.append(f"{NN_BASELINE}: the caption of the most similar of {len(train)} training images ({train_spec}), "
+                     f"by {by}'s image embedding")  # fmt: skip
+
+    table: dict[str, Any] = {}
+    shown: list[dict[str, Any]] = []
+    out_dir = Path(out).parent if out else Path(model_dir).resolve().parent / "eval"
+    out_json = Path(out) if out else out_dir / CAPTION_RESULTS
+    sample_dir = out_dir / CAPTION_SAMPLES_DIR
+    for sub in subsets:
+        images = sub.images(v.image_size, v.channels)
+        decoding = {m: DECODING_METHODS[m] for m in names}
+        scores, captions = caption_eval(model, tokenizer, images, sub.references, decoding, max_length, batch_size,
+                                        device, with_meteor, reading)  # fmt: skip
+        if neighbours is not None:
+            nn, train, train_caps = neighbours
+            test = sub.images(nn.cfg.vision.image_size, nn.cfg.vision.channels)
+            borrowed, _ = nearest_neighbour_captions(nn, train, train_caps, test, device=device)
+            scores[NN_BASELINE] = caption_scores(borrowed, sub.references, with_meteor)
+            if reading:
+                scores[NN_BASELINE].update(reading_scores(borrowed, [r[0] for r in sub.references]))
+            captions[NN_BASELINE] = borrowed
+        table[sub.name] = {"about": sub.about, "images": len(sub.references), "methods": scores}
+        k = min(samples, len(sub.references)) if sub is subsets[0] else min(samples // 3, len(sub.references))
+        shown += _write_samples(sub, images, captions, k, sample_dir, out_dir)
+
+    results = {
+        "model": str(model_dir),
+        "data": data,
+        "decoding": {m: DECODING_METHODS[m] for m in names},
+        "max_length": max_length,
+        "subsets": table,
+        "notes": notes,
+        "samples": shown,
+    }
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(results, indent=2))
+    out_json.with_suffix(".md").write_text(markdown_table(table, notes) + "\n")
+    results["written"] = str(out_json)
     return results
+
+
+def _write_samples(sub: _Subset, images, captions: dict[str, list[str]], k: int, sample_dir: Path,
+                   out_dir: Path) -> list[dict[str, Any]]:  # fmt: skip
+    """The first ``k`` images of a subset as PNGs, with every method's caption and the references."""
+    from PIL import Image
+
+    from ..evaluation.embed import image_batch
+
+    if k <= 0:
+        return []
+    sample_dir.mkdir(parents=True, exist_ok=True)
+    pixels = image_batch(images, list(range(k))).permute(0, 2, 3, 1).numpy()  # (k, H, W, C) uint8
+    rows = []
+    for i in range(k):
+        path = sample_dir / f"{sub.name}_{i:02d}.png"
+        Image.fromarray(pixels[i].squeeze(-1) if pixels.shape[-1] == 1 else pixels[i]).save(path)
+        rows.append({
+            "subset": sub.name,
+            "image": path.relative_to(out_dir).as_posix(),
+            "references": sub.references[i],
+            "captions": {m: caps[i] for m, caps in captions.items()},
+        })  # fmt: skip
+    return rows
 
 
 def cmd_caption(args: argparse.Namespace, extra: list[str]) -> int:
@@ -124,9 +283,17 @@ def cmd_caption(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_caption_eval(args: argparse.Namespace, extra: list[str]) -> int:
+    from ..evaluation.caption_metrics import markdown_table
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     res = evaluate_captions(args.model, args.data, args.split, args.max_images, args.max_length, args.device,
-                            args.out, with_meteor=not args.no_meteor)  # fmt: skip
-    print(json.dumps({k: {m: v for m, v in r.items() if m != "examples"} for k, r in res["methods"].items()}, indent=2))
+                            args.out, with_meteor=not args.no_meteor, methods=methods, nn_baseline=args.nn_baseline,
+                            nn_model=args.nn_model, nn_train=args.nn_train, cache_dir=args.cache_dir)  # fmt: skip
+    if args.json:
+        print(json.dumps({k: v for k, v in res.items() if k != "samples"}, indent=2))
+    else:
+        print(markdown_table(res["subsets"], res["notes"]))
+        print(f"\nwrote {res['written']} (+ .md, caption_samples/)")
     return 0
 
 
@@ -168,14 +335,23 @@ def register(add) -> None:
 
     sp = add("caption-eval", "BLEU-1..4, METEOR, ROUGE-L, CIDEr per decoding method on a held-out split",
              cmd_caption_eval)  # fmt: skip
+    sp.epilog = textwrap.dedent(EVAL_EXAMPLES)
     sp.add_argument("--model", required=True, help="model directory")
-    sp.add_argument("--data", default="shapes", choices=["shapes", "rendered-text"])
-    sp.add_argument("--split", default="test")
+    sp.add_argument("--data", default="shapes",
+                    help="shapes | rendered-text | openclipart | a dataset file or folder")  # fmt: skip
+    sp.add_argument("--split", default="test", help="held-out split (default test)")
     sp.add_argument("--max-images", type=_positive(int), default=1000)
     sp.add_argument("--max-length", type=_positive(int), default=30)
+    sp.add_argument("--methods", help="comma-separated decoding methods (default greedy,beam3,top_p0.9)")
+    sp.add_argument("--nn-baseline", action="store_true",
+                    help="also score the caption of the most similar training image (side by side)")  # fmt: skip
+    sp.add_argument("--nn-model", help="model directory whose image embedding picks the neighbour (default --model)")
+    sp.add_argument("--nn-train", help="dataset the neighbours come from (default: --data, train split)")
+    sp.add_argument("--cache-dir", default=".cache/vislang/prepared", help="prepared-dataset cache")
     sp.add_argument("--device", default="cpu")
-    sp.add_argument("--out", help="also write the results here as JSON")
-    sp.add_argument("--no-meteor", action="store_true", help="skip METEOR (it starts a Java process)")
+    sp.add_argument("--out", help="results JSON path (default: eval/captions.json beside the model directory)")
+    sp.add_argument("--json", action="store_true", help="print JSON instead of the markdown table")
+    sp.add_argument("--no-meteor", action="store_true", help="skip METEOR (its Java process takes ~10 s to start)")
 
     sp = add("render-text", "write a folder of rendered words (PNG + .txt) for training a text reader",
              cmd_render_text)  # fmt: skip

@@ -1,9 +1,12 @@
 """``compress_model_dir``: one model directory in, one compressed model directory out, with what it cost.
 
 Every output is a model directory (``config.json`` + ``model.safetensors`` + tokenizer) whose config records
-``"compression": {"method": ..., "source": ..., ...}``; pruned and distilled ones are plain fp32 models that
-``from_pretrained`` loads as is, quantised ones load through :func:`vislang.compress.load_model` (or
-``from_pretrained`` once it delegates int8 directories to :func:`vislang.compress.load_quantized`).
+``"compression": {"method": ..., "source": ..., ...}``; pruned and distilled ones are plain fp32 models, quantised
+ones store int8 values that :func:`vislang.compress.load_quantized` rebuilds (``from_pretrained`` hands them to it).
+
+Families and the methods each supports (``SUPPORTED``): a dual encoder all four; a captioner (CoCa) the two int8
+ones, since pruning's fine-tune and distillation train the contrastive objective only and would leave the caption
+decoder behind; a VQA model dynamic int8 (its calibration data would be VQA scenes, not a caption data set).
 """
 
 from __future__ import annotations
@@ -15,6 +18,11 @@ from pathlib import Path
 from typing import Any
 
 METHODS = ("dynamic-int8", "static-int8", "prune", "distill")
+SUPPORTED = {
+    "dual-encoder": METHODS,
+    "captioner": ("dynamic-int8", "static-int8"),
+    "vqa": ("dynamic-int8",),
+}
 
 
 def compress_model_dir(
@@ -29,7 +37,8 @@ def compress_model_dir(
     lr: float | None = None,
     batch_size: int = 256,
     student: list[str] | dict[str, Any] | None = None,
-    calibration_images: int = 512,  # static-int8, once implemented
+    calibration_images: int = 512,
+    keep_fp32: tuple[str, ...] = (),
     max_pairs: int | None = None,
     cache_dir: str = ".cache/vislang/prepared",
     seed: int = 0,
@@ -46,9 +55,10 @@ def compress_model_dir(
         steps: fine-tune / distillation steps (default 200 / 600; 0 = no fine-tune after pruning).
         lr: learning rate (default 2e-4 fine-tune, 2e-3 distillation).
         max_pairs: use only the first N training pairs (smoke runs).
+        keep_fp32: static-int8: FX module names of the CNN tower left in fp32 (``"stages.0.0"``: the first block).
     """
     from ..factory import get_tokenizer, save_pretrained
-    from .quantize import QUANTISED_METHODS, load_model, read_meta
+    from .quantize import QUANTISED_METHODS, load_model, model_family, read_meta
 
     if method not in METHODS:
         raise ValueError(f"unknown compression method {method!r}; choose one of {', '.join(METHODS)}")
@@ -57,6 +67,11 @@ def compress_model_dir(
     done = (meta.get("compression") or {}).get("method")
     if done in QUANTISED_METHODS:
         raise ValueError(f"{src} is already {done}-quantised; compress the fp32 model it was made from instead")
+    family = model_family(meta)
+    if method not in SUPPORTED[family]:
+        raise ValueError(
+            f"{src} is a {family} model, for which {method} is not supported; use one of {', '.join(SUPPORTED[family])}"
+        )
     if out.resolve() == src.resolve():
         raise ValueError(f"the output directory {out} is the input model; choose another -o")
     if method == "prune":
@@ -65,19 +80,31 @@ def compress_model_dir(
         check_sparsity(sparsity)
     model = load_model(src)
     tokenizer = get_tokenizer(src)
-    info: dict[str, Any] = {"method": method, "source": str(src)}
+    answers = json.loads((src / "answers.json").read_text()) if family == "vqa" else None
+    info: dict[str, Any] = {"method": method, "family": family, "source": str(src)}
     t0 = time.time()
     if method == "dynamic-int8":
         from .quantize import quantize_dynamic, save_quantized
 
         q = quantize_dynamic(model)
         info["modules"] = q._compression["modules"]
-        save_quantized(q, out, tokenizer, extra={"compression_info": _clean(info)})
+        save_quantized(q, out, tokenizer, extra={"compression_info": _clean(info)}, answers=answers)
     elif method == "static-int8":
-        raise ValueError(
-            "static-int8 (calibrated int8 convolutions) is not implemented yet; use --method dynamic-int8, which "
-            "quantises the Linear layers (the text tower and projections)"
+        from .quantize import save_quantized
+        from .static import calibration_images as sample
+        from .static import quantize_static
+
+        calib = sample(data, model.cfg.vision, calibration_images, cache_dir, data_options, seed)
+        q = quantize_static(model, calib, keep_fp32=tuple(keep_fp32))
+        info.update(
+            calibration_data=data,
+            calibration_images=int(calib.shape[0]),
+            static=q._compression["static"],
+            keep_fp32=list(keep_fp32),
+            notes=q._compression["notes"],
+            modules=q._compression["modules"],
         )
+        save_quantized(q, out, tokenizer, answers=answers)
     elif method == "prune":
         from .finetune import contrastive_loss_fn, run_steps, training_pairs
         from .prune import make_permanent, prune_model, sparsity_of

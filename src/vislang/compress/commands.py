@@ -23,11 +23,14 @@ def cmd_compress(args: argparse.Namespace, extra: list[str]) -> int:
         batch_size=args.batch_size,
         student=args.student,
         calibration_images=args.calibration_images,
+        keep_fp32=tuple(args.keep_fp32 or ()),
         max_pairs=args.max_pairs,
         cache_dir=args.cache_dir,
         log_every=args.log_every,
     )
     print(json.dumps({k: v for k, v in info.items() if k != "modules"}, indent=2))
+    for note in info.get("notes", []):
+        print(f"note: {note}")
     print(f"model: {args.out}")
     return 0
 
@@ -39,6 +42,9 @@ def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
     if "image_max_abs_diff" in report:
         print(f"image tower: max abs diff vs PyTorch {report['image_max_abs_diff']:.2e}")
         print(f"text tower:  max abs diff vs PyTorch {report['text_max_abs_diff']:.2e}")
+    if "step_max_abs_diff" in report:
+        print(f"caption context: max abs diff vs PyTorch {report['context_max_abs_diff']:.2e}")
+        print(f"decoder step:    max abs diff vs PyTorch {report['step_max_abs_diff']:.2e}")
     print(f"onnx: {report['out_dir']}")
     return 0
 
@@ -57,6 +63,7 @@ def cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
         rounds=args.rounds,
         out_dir=out,
         cache_dir=args.cache_dir,
+        caption_images=args.caption_images,
     )
     print(markdown_table(rows))
     print(f"wrote {out}/compare.md, compare.png, compare.json")
@@ -80,6 +87,12 @@ def register(add) -> None:
         "--student", action="append", metavar="KEY=VALUE", help="distill: student config overrides (text.layers=1)"
     )
     sp.add_argument("--calibration-images", type=int, default=512, help="static-int8: training images to calibrate")
+    sp.add_argument(
+        "--keep-fp32",
+        action="append",
+        metavar="MODULE",
+        help="static-int8: a CNN block left in fp32 (stages.0.0 = the first conv block); repeatable",
+    )
     sp.add_argument("--max-pairs", type=int, default=None, help="use only the first N training pairs")
     sp.add_argument("--cache-dir", default=".cache/vislang/prepared")
     sp.add_argument("--log-every", type=int, default=50)
@@ -96,5 +109,6 @@ def register(add) -> None:
     sp.add_argument("--max-images", type=int, default=None)
     sp.add_argument("--batch-size", type=int, default=256)
     sp.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    sp.add_argument("--caption-images", type=int, default=200, help="captioners: test images for CIDEr (greedy)")
     sp.add_argument("--out", default=None, help="where compare.md/.png/.json go (default: FIRST/../compare)")
     sp.add_argument("--cache-dir", default=".cache/vislang/prepared")

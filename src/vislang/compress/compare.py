@@ -3,6 +3,11 @@
 Speed is measured in one run, in rounds (A B C, A B C, ...) so that a change of load on the machine reaches every
 model, at the same batch size for all; images/s and texts/s are the batch size over the median batch time. Models can
 be any model directory (fp32, pruned, distilled, int8) or an ONNX export (run by onnxruntime).
+
+Task metrics follow the model family: zero-shot top-1 and retrieval for dual encoders and captioners, plus CIDEr-D of
+greedy captions for captioners (on ``caption_images`` test images, every phrasing of a shapes scene a reference), and
+VQA accuracy for VQA models (``data`` = ``shapes`` scenes or a VQA file; images/s and texts/s are then the image and
+question towers).
 """
 
 from __future__ import annotations
@@ -17,20 +22,21 @@ from typing import Any
 import torch
 
 from ..evaluation.embed import embed_images, to_model_input
-from ..models.clip import CLIP
 
 
 def _load(path: Path):
+    """(model, tokenizer, kind, config meta) of a model directory or an ONNX export."""
     from ..export.onnx import OnnxCLIP, is_onnx_dir
     from ..factory import get_tokenizer
     from .quantize import load_model, read_meta
 
     if is_onnx_dir(path):
         model, kind = OnnxCLIP(path), "onnx"
+        meta = json.loads((path / "config.json").read_text())
     else:
         meta = read_meta(path)
         model, kind = load_model(path), (meta.get("compression") or {}).get("method", "fp32")
-    return model, get_tokenizer(path), kind
+    return model, get_tokenizer(path), kind, meta
 
 
 def weight_bytes(path: Path) -> int:
@@ -39,19 +45,27 @@ def weight_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in files)
 
 
-def param_counts(path: Path, cfg) -> tuple[int, int | None]:
-    """(parameters of the architecture, non-zero stored parameter values or None for ONNX)."""
-    names = {n for n, _ in CLIP(cfg).named_parameters()}
-    total = sum(p.numel() for p in CLIP(cfg).parameters())
+def param_counts(path: Path, meta: dict[str, Any]) -> tuple[int, int | None]:
+    """(parameters of the fp32 architecture, non-zero stored weight values or None for ONNX).
+
+    A static int8 tower stores its convolutions with BatchNorm folded in (weights and biases only), so its non-zero
+    count is the folded model's.
+    """
+    from .quantize import build_fp32
+
+    fp32 = build_fp32(meta, path)
+    names = {n for n, _ in fp32.named_parameters()}
+    total = sum(p.numel() for p in fp32.parameters())
     f = path / "model.safetensors"
     if not f.is_file():
         return total, None
     from safetensors import safe_open
 
+    static = tuple(f"{s}." for s in (meta.get("compression") or {}).get("static", []))
     nonzero = 0
     with safe_open(str(f), "pt") as st:
         for k in st.keys():
-            if k in names:
+            if k in names or (static and k.startswith(static) and k.endswith((".weight", ".bias"))):
                 nonzero += int((st.get_tensor(k) != 0).sum())
     return total, nonzero
 
@@ -97,6 +111,65 @@ def task_metrics(model, tokenizer, test, templates, batch_size: int = 256) -> di
     return out
 
 
+@torch.inference_mode()
+def caption_cider(
+    model,
+    tokenizer,
+    data: str,
+    split: str = "test",
+    n: int = 200,
+    cache_dir: str = ".cache/vislang/prepared",
+    data_options: dict[str, Any] | None = None,
+    batch_size: int = 256,
+) -> float:
+    """CIDEr-D of greedy captions of the first ``n`` test images: shapes scenes against all their phrasings, any other
+    data set against its own caption."""
+    import numpy as np
+
+    from ..evaluation.caption_metrics import caption_scores, generate_captions
+
+    v = model.cfg.vision
+    if data == "shapes":
+        from ..data.shapes import ShapesDataset
+        from ..data.transforms import pil_to_array
+        from ..evaluation.caption_metrics import shapes_references
+
+        opts = dict(data_options or {})
+        ds = ShapesDataset(split, n=min(n, opts.pop("n", n)), **opts)
+        refs = shapes_references(ds)
+        arrays = np.stack([pil_to_array(ds[i][0], v.image_size, v.channels) for i in range(len(ds))])
+        images = torch.from_numpy(arrays.transpose(0, 3, 1, 2).copy())  # (N, C, H, W) uint8
+    else:
+        from ..train.config import DataConfig
+        from ..train.data import load_prepared
+
+        dc = DataConfig(train=data, cache_dir=cache_dir, options=dict(data_options or {}))
+        test = load_prepared(data, split, v.image_size, v.channels, dc, progress=False).head(n)
+        images = test.get_batch(np.arange(len(test)))["image"]
+        refs = [[c] for c in test.captions]
+    caps = generate_captions(model, tokenizer, images, batch_size, max_length=model.cfg.text.context_length - 1)
+    return caption_scores(caps, refs, with_meteor=False)["CIDEr"]
+
+
+def vqa_rows(model, tokenizer, answers: list[str], data: str, n: int, batch_size: int):
+    """(VQA metrics, speed inputs) of a VQA model on ``n`` test scenes of shapes or a VQA file."""
+    from ..data.transforms import normalize
+    from ..data.vqa import read_vqa_file, shapes_vqa
+    from ..understand.vqa_train import evaluate_vqa
+
+    v = model.cfg.vision
+    if data == "shapes":
+        test = shapes_vqa("test", n, v.image_size)
+    elif Path(data).is_file():
+        test = read_vqa_file(data, v.image_size, v.channels)
+    else:
+        raise ValueError(f"a VQA model is evaluated on --data shapes or a VQA file (JSONL/CSV), got {data!r}")
+    acc = evaluate_vqa(model, test, tokenizer, answers)
+    k = min(batch_size, len(test.images))
+    x = normalize(torch.from_numpy(test.images[:k]).permute(0, 3, 1, 2), v.mean, v.std)  # (B, C, H, W)
+    return {"vqa_accuracy": acc["overall"]}, (x, tokenizer(test.questions[:batch_size]))
+
+
 def compare_models(
     paths: list[str | os.PathLike],
     data: str | None = "fashion-mnist",
@@ -107,6 +180,7 @@ def compare_models(
     out_dir: str | os.PathLike | None = None,
     cache_dir: str = ".cache/vislang/prepared",
     data_options: dict[str, Any] | None = None,
+    caption_images: int = 200,
 ) -> list[dict[str, Any]]:
     """One row per model: size, parameters, non-zero parameters, images/s, texts/s and task metrics on ``data``.
 
@@ -115,14 +189,32 @@ def compare_models(
     from ..evaluation.run import templates_for
     from ..train.config import DataConfig
     from ..train.data import load_prepared
+    from .quantize import model_family
 
     if len(paths) < 1:
         raise ValueError("give at least one model directory to compare")
     rows, models, inputs = [], [], []
     for p in map(Path, paths):
-        model, tokenizer, kind = _load(p)
+        model, tokenizer, kind, meta = _load(p)
+        family = model_family(meta)
         cfg = model.cfg
-        params, nonzero = param_counts(p, cfg)
+        params, nonzero = param_counts(p, meta)
+        row: dict[str, Any] = {
+            "model": str(p),
+            "kind": kind,
+            "family": family,
+            "size_mb": weight_bytes(p) / 1e6,
+            "params": params,
+            "nonzero_params": nonzero,
+        }
+        if family == "vqa":
+            answers = json.loads((p / "answers.json").read_text())
+            metrics, (x, ids) = vqa_rows(model, tokenizer, answers, data or "shapes", max_images or 300, batch_size)
+            row.update(metrics if data else {})
+            rows.append(row)
+            models.append(model)
+            inputs.append((x, ids))
+            continue
         test = None
         if data:
             v = cfg.vision
@@ -137,15 +229,11 @@ def compare_models(
         else:
             x, texts = torch.randn(batch_size, cfg.vision.channels, cfg.vision.image_size, cfg.vision.image_size), None
         ids = tokenizer(texts or [f"a photo of item {i}" for i in range(x.shape[0])])  # (B, T)
-        row: dict[str, Any] = {
-            "model": str(p),
-            "kind": kind,
-            "size_mb": weight_bytes(p) / 1e6,
-            "params": params,
-            "nonzero_params": nonzero,
-        }
         if test is not None:
             row.update(task_metrics(model, tokenizer, test, templates_for(test), batch_size))
+            if family == "captioner" and hasattr(model, "generate"):  # an ONNX export has the towers only
+                n = min(caption_images, max_images or caption_images)
+                row["cider"] = caption_cider(model, tokenizer, data, split, n, cache_dir, data_options, batch_size)
         rows.append(row)
         models.append(model)
         inputs.append((x, ids))
@@ -177,6 +265,8 @@ COLUMNS = [
     ("texts_per_s", "texts/s", "{:.0f}"),
     ("texts_per_s_ratio", "× txt/s", "{:.2f}"),
     ("zero_shot_top1", "zero-shot top-1", "{:.2%}"),
+    ("cider", "CIDEr", "{:.3f}"),
+    ("vqa_accuracy", "VQA acc.", "{:.2%}"),
     ("text_to_image_R@1", "t→i R@1", "{:.2%}"),
     ("image_to_text_R@1", "i→t R@1", "{:.2%}"),
 ]

@@ -8,6 +8,11 @@ title is a collection name the subject falls back to the description and then to
 
 Metadata sits in the first ~6 KB of every SVG, so only the head of each file is read, and the parsed result is cached
 as JSON (8,121 files parse in well under a second cold, milliseconds warm).
+
+A few PNGs are decompression bombs: 16 of them hold over 89 million pixels (up to 20,990 x 29,700, 2.5 GB as RGBA),
+and decoding one takes seconds and gigabytes. Their size is read from the PNG header (24 bytes) before anything is
+decoded, and those over ``max_pixels`` are skipped at once; the rest are decoded and, when larger than ``max_side``,
+reduced deliberately (premultiplied alpha, box filter) before they go anywhere else.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import html
 import json
 import os
 import re
+import struct
+import warnings
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
@@ -34,6 +41,9 @@ INSTALL_COMMAND = "sudo apt-get install openclipart-png openclipart-svg"
 CACHE_VERSION = 1
 HEAD_BYTES = 16_384  # metadata ends before byte ~5,600 in every packaged file; read more only when it does not
 SPLITS = ("train", "test", "all")
+MAX_PIXELS = 89_478_485  # PIL's own decompression-bomb threshold (Image.MAX_IMAGE_PIXELS); 16 packaged PNGs exceed it
+MAX_SIDE = 1024  # larger images are reduced to this side first: models read 32-224 px, decoding stays cheap after
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # A title shared by this many files is a collection name, not a description of one picture.
 COLLECTION_TITLE_MIN_FILES = 10
 
@@ -216,6 +226,46 @@ def load_metadata(root: Path, pairs: list[tuple[str, str, str | None]], cache_pa
     return files
 
 
+def png_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR chunk, reading 24 bytes and decoding nothing; None if not a PNG."""
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if len(head) < 24 or head[:8] != PNG_MAGIC or head[12:16] != b"IHDR":
+        return None
+    width, height = struct.unpack(">II", head[16:24])
+    return width, height
+
+
+def load_bounded(
+    path: str, caption: str, skips: SkipCounter, max_pixels: int, max_side: int
+) -> tuple[Image.Image, str] | None:
+    """``load_pair``'s (image, caption), or None (counted in ``skips``) if missing, unreadable or over ``max_pixels``.
+
+    The pixel count comes from the header, so a decompression bomb costs a 24-byte read. Images with a side over
+    ``max_side`` are reduced to it with a box filter on premultiplied alpha (``Image.thumbnail``), so transparent
+    edges do not bleed dark fringes into the white background they are later composited on.
+    """
+    try:
+        size = png_size(path)
+    except OSError:
+        skips.count("missing image", path)
+        return None
+    if size is not None and size[0] * size[1] > max_pixels:
+        skips.count(f"image over {max_pixels / 1e6:.0f} megapixels (decompression-bomb guard)", path)
+        return None
+    with warnings.catch_warnings():  # the size was checked above: decoding what remains is deliberate
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        pair = load_pair(path, caption, skips)
+    if pair is None:
+        return None
+    img = pair[0]
+    if max(img.size) > max_side:
+        if img.mode == "P":  # palette images resize with nearest neighbours only; convert to filter properly
+            img = img.convert("RGBA")
+        img.thumbnail((max_side, max_side), Image.Resampling.BOX)
+    return img, pair[1]
+
+
 # ------------------------------------------------------------------------------------------------------ cleaning
 
 
@@ -380,6 +430,8 @@ class OpenClipart(Dataset):
         seed: seed of the split hash.
         cache_path: where parsed metadata is cached; None disables the cache.
         max_keywords: keywords appended after the subject.
+        max_pixels: PNGs with more pixels (read from the header) are skipped without decoding.
+        max_side: larger images are reduced to this side right after decoding.
     """
 
     def __init__(
@@ -390,12 +442,15 @@ class OpenClipart(Dataset):
         seed: int = 0,
         cache_path: str | os.PathLike | None = DEFAULT_CACHE,
         max_keywords: int = 3,
+        max_pixels: int = MAX_PIXELS,
+        max_side: int = MAX_SIDE,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"OpenClipart split must be one of {list(SPLITS)}, got {split!r}")
         self.root = Path(root)
         check_installed(self.root)
         self.split = split
+        self.max_pixels, self.max_side = int(max_pixels), int(max_side)
         self.skips = SkipCounter()
         pairs = list_pairs(self.root)
         cache = Path(os.path.expanduser(cache_path)) if cache_path is not None else None
@@ -427,7 +482,7 @@ class OpenClipart(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Image.Image, str, int] | None:
         png, caption, category = self.items[index]
-        pair = load_pair(png, caption, self.skips)
+        pair = load_bounded(png, caption, self.skips, self.max_pixels, self.max_side)
         return None if pair is None else (pair[0], pair[1], category)
 
     def __repr__(self) -> str:

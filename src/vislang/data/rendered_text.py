@@ -4,12 +4,17 @@ Fonts come from Debian packages (fonts-dejavu-core, fonts-liberation: ``/usr/sha
 size, colour, rotation and background noise, drawn from its own seed like the shapes world, so item ``i`` is the same
 in every run. ``write_folder`` exports a split as PNG + ``.txt`` pairs, which ``vislang train`` reads as a folder
 dataset (``data.train=DIR``).
+
+Words come from ``words.txt`` (8,000 English words shipped with the package). A tenth of them, picked by a stable hash
+of the word, are *held out*: only the ``test`` split draws from them, so test accuracy measures reading letters, not
+recognising whole words seen in training; ``train`` and ``val`` draw from the other nine tenths.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +38,29 @@ WORDS = tuple(
 
 
 @functools.lru_cache(maxsize=1)
+def english_words() -> tuple[str, ...]:
+    """The packaged word list (lower-case, 3-10 letters), in a fixed order."""
+    lines = (Path(__file__).with_name("words.txt")).read_text(encoding="utf-8").splitlines()
+    return tuple(w for w in (x.strip() for x in lines) if w and not w.startswith("#"))
+
+
+def is_heldout_word(word: str, fraction: float = 0.1) -> bool:
+    """Whether ``word`` is held out: decided by a hash of the word itself, so the split never depends on order."""
+    return zlib.crc32(word.encode("utf-8")) % 1000 < int(fraction * 1000)
+
+
+@functools.lru_cache(maxsize=8)
+def split_vocabulary(vocabulary: tuple[str, ...], split: str, fraction: float) -> tuple[str, ...]:
+    """Words a split draws from: held-out words for ``test``, the others for ``train`` and ``val``."""
+    if fraction <= 0:
+        return vocabulary
+    words = tuple(w for w in vocabulary if is_heldout_word(w, fraction) == (split == "test"))
+    if not words:
+        raise ValueError(f"no words left for split {split!r}; use a larger vocabulary or heldout_fraction=0")
+    return words
+
+
+@functools.lru_cache(maxsize=1)
 def system_fonts() -> tuple[str, ...]:
     """TrueType/OpenType files installed on this machine (sorted for a stable order)."""
     found = sorted(
@@ -52,22 +80,25 @@ class RenderConfig:
 
     Attributes:
         image_size: side of the square images in pixels.
-        max_words: phrases have 1..max_words words.
+        max_words: items have 1..max_words words (1: single words, the reading benchmark).
         size_range: font size as a fraction of the image side (before fitting the width).
         max_rotation: rotation in degrees, uniform in ±max_rotation.
         noise: standard deviation of the Gaussian background noise, in grey levels.
         min_contrast: smallest luminance difference between text and background colours.
-        vocabulary: words phrases are drawn from.
+        vocabulary: words items are drawn from (default: the packaged English list; ``WORDS`` is a small
+            everyday list).
+        heldout_fraction: share of the vocabulary only the ``test`` split uses (0: every split shares all words).
         seed: base seed of the world.
     """
 
     image_size: int = 64
-    max_words: int = 2
+    max_words: int = 1
     size_range: tuple[float, float] = (0.22, 0.4)
     max_rotation: float = 10.0
     noise: float = 12.0
     min_contrast: float = 90.0
-    vocabulary: tuple[str, ...] = WORDS
+    vocabulary: tuple[str, ...] = dataclasses.field(default_factory=english_words)
+    heldout_fraction: float = 0.1
     seed: int = 0
 
 
@@ -114,6 +145,7 @@ class RenderedText(Dataset):
         self.cfg = cfg or RenderConfig()
         self.n = (20_000 if split == "train" else 1_000) if n is None else int(n)
         self.image_size, self.channels = self.cfg.image_size, 3
+        self.words = split_vocabulary(tuple(self.cfg.vocabulary), split, self.cfg.heldout_fraction)
 
     def __len__(self) -> int:
         return self.n
@@ -124,9 +156,7 @@ class RenderedText(Dataset):
         return np.random.default_rng([self.cfg.seed, self.seed, SPLITS.index(self.split), index, 7])
 
     def caption(self, index: int) -> str:
-        rng = self.rng(index)
-        k = int(rng.integers(1, self.cfg.max_words + 1))
-        return " ".join(self.cfg.vocabulary[int(i)] for i in rng.integers(len(self.cfg.vocabulary), size=k))
+        return self._text(self.rng(index))
 
     @property
     def captions(self) -> list[str]:
@@ -134,9 +164,14 @@ class RenderedText(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Image.Image, str, int]:
         rng = self.rng(index)
-        k = int(rng.integers(1, self.cfg.max_words + 1))
-        text = " ".join(self.cfg.vocabulary[int(i)] for i in rng.integers(len(self.cfg.vocabulary), size=k))
+        text = self._text(rng)
         return render_text(text, rng, self.cfg), text, index
+
+    def _text(self, rng: np.random.Generator) -> str:
+        """Draw the item's words from ``rng`` (first draws of the item, so caption() and __getitem__ agree)."""
+        words = self.words
+        k = int(rng.integers(1, self.cfg.max_words + 1))
+        return " ".join(words[int(i)] for i in rng.integers(len(words), size=k))
 
 
 def write_folder(dataset: RenderedText, out_dir: str | Path) -> Path:

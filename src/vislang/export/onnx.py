@@ -4,6 +4,11 @@ An export directory holds ``image_encoder.onnx`` (images (B, C, H, W) float → 
 ``text_encoder.onnx`` (token ids (B, T) int64 → (B, E)), the model's ``config.json`` with an ``onnx`` section (file
 names, logit scale, the parity check's max abs differences) and the tokenizer, so it is self-contained like a model
 directory. The batch axis is dynamic; the text length is the model's context length, which the tokenizer pads to.
+
+A captioner (CoCa) adds two files for generation: ``caption_context.onnx`` (images → the decoder's image context
+(B, N, D), computed once per image) and ``decoder_step.onnx`` (context (B, N, D) + prefix ids (B, t) → logits of the
+next token (B, V)), one decoding step without a key/value cache, dynamic in batch and prefix length, so a greedy or
+beam loop around it reproduces ``CoCa.generate(use_cache=False)``.
 ``onnx``, ``onnxruntime`` and ``onnxscript`` (the ``deploy`` extra) are imported only when used.
 """
 
@@ -22,6 +27,8 @@ from torch import nn
 
 IMAGE_FILE = "image_encoder.onnx"
 TEXT_FILE = "text_encoder.onnx"
+CONTEXT_FILE = "caption_context.onnx"
+STEP_FILE = "decoder_step.onnx"
 PARITY_TOL = 1e-4  # fp32 ONNX Runtime vs eager PyTorch, max abs difference of unnormalised embeddings
 
 
@@ -52,6 +59,36 @@ class _TextEncoder(nn.Module):
         return self.model.encode_text(ids, normalize=False)
 
 
+class _CaptionContext(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, N, D)
+        return self.model.decoder.encode_image(self.model.visual.forward_tokens(images))
+
+
+class _DecoderStep(nn.Module):
+    """Logits of the token after ``prefix`` given the image context: ``CoCa.next_logits`` without a cache."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, context: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:  # (B, N, D), (B, t) -> (B, V)
+        txt, _ = self.model.text.forward_tokens(prefix)  # (B, t, Dt)
+        return self.model.decoder(txt, context)[:, -1]
+
+
+def step_inputs(model: nn.Module, batch: int, length: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed images (B, C, H, W) and caption prefixes (B, t) that start with the begin token."""
+    g = torch.Generator().manual_seed(seed)
+    images, _ = example_inputs(model.cfg, batch, seed)
+    prefix = torch.randint(4, model.cfg.text.vocab_size, (batch, length), generator=g)
+    prefix[:, 0] = model.cfg.decoder.bos_id
+    return images, prefix
+
+
 def is_onnx_dir(path: str | os.PathLike) -> bool:
     p = Path(path)
     return p.is_dir() and all((p / f).is_file() for f in ("config.json", IMAGE_FILE, TEXT_FILE))
@@ -69,21 +106,47 @@ def example_inputs(cfg, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.
     return images, ids
 
 
-def _export(module: nn.Module, example: torch.Tensor, path: Path, input_name: str, output_name: str) -> None:
+def _export(
+    module: nn.Module,
+    example: torch.Tensor | tuple[torch.Tensor, ...],
+    path: Path,
+    input_name: str | list[str],
+    output_name: str,
+    dynamic_shapes: tuple | None = None,
+) -> None:
     batch = torch.export.Dim("batch", min=1, max=65536)
+    example = example if isinstance(example, tuple) else (example,)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
             module.eval(),
-            (example,),
+            example,
             str(path),
-            input_names=[input_name],
+            input_names=[input_name] if isinstance(input_name, str) else input_name,
             output_names=[output_name],
-            dynamic_shapes=({0: batch},),
+            dynamic_shapes=dynamic_shapes or ({0: batch},),
             dynamo=True,
             verbose=False,
             external_data=False,
         )
+
+
+def export_decoder(model: nn.Module, out: Path) -> None:
+    """``caption_context.onnx`` and ``decoder_step.onnx`` of a CoCa (see the module docstring)."""
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    length = torch.export.Dim("length", min=1, max=model.cfg.text.context_length)
+    images, prefix = step_inputs(model, 2, 3)
+    with torch.no_grad():
+        context = _CaptionContext(model)(images)  # (B, N, D)
+    _export(_CaptionContext(model), images, out / CONTEXT_FILE, "images", "context")
+    _export(
+        _DecoderStep(model),
+        (context, prefix),
+        out / STEP_FILE,
+        ["context", "prefix"],
+        "logits",
+        dynamic_shapes=({0: batch}, {0: batch, 1: length}),
+    )
 
 
 def export_onnx(
@@ -94,8 +157,12 @@ def export_onnx(
     The check runs onnxruntime and the eager model on the same fixed inputs at two batch sizes (so the dynamic batch
     axis is exercised) and fails if the max abs difference exceeds ``tol``.
 
+    A captioner also gets its decoder step (``decoder_step.onnx``, with ``caption_context.onnx``), checked the same
+    way at two batch sizes and two prefix lengths.
+
     Returns:
-        ``{"out_dir", "image_max_abs_diff", "text_max_abs_diff", "batch_sizes"}``.
+        ``{"out_dir", "image_max_abs_diff", "text_max_abs_diff", "batch_sizes"}``, plus ``"context_max_abs_diff"``
+        and ``"step_max_abs_diff"`` for a captioner.
     """
     _require("onnx"), _require("onnxscript")
     from ..compress.quantize import load_model
@@ -103,17 +170,25 @@ def export_onnx(
 
     src, out = Path(model_dir), Path(out_dir)
     meta = json.loads((src / "config.json").read_text()) if (src / "config.json").is_file() else {}
-    model = load_model(src)
+    if meta.get("model_type") not in (None, "vislang-clip"):
+        raise ValueError(
+            f"{src} holds a {meta.get('model_type')!r} model; ONNX export covers dual encoders and captioners "
+            "(vislang-clip directories)"
+        )
     if meta.get("compression", {}).get("method", "").endswith("int8"):
         raise ValueError(
             f"{src} is an int8-quantised torch model, which ONNX export does not support; export the fp32 model "
             "it came from (quantise the ONNX model with onnxruntime.quantization if needed)"
         )
+    model = load_model(src)
+    captioner = getattr(model, "decoder", None) is not None
     out.mkdir(parents=True, exist_ok=True)
     images, ids = example_inputs(model.cfg, 2)
     try:
         _export(_ImageEncoder(model), images, out / IMAGE_FILE, "images", "image_embeds")
         _export(_TextEncoder(model), ids, out / TEXT_FILE, "input_ids", "text_embeds")
+        if captioner:
+            export_decoder(model, out)
     except Exception as e:  # the exporter's own errors are long; say which model could not be exported first
         raise RuntimeError(f"ONNX export of {src} failed ({type(e).__name__}: {str(e)[:300]})") from e
     get_tokenizer(src).save(out)
@@ -124,10 +199,17 @@ def export_onnx(
         "logit_bias": float(model.logit_bias.detach()) if model.logit_bias is not None else None,
         "source": str(src),
     }
+    if captioner:
+        meta["onnx"].update(context=CONTEXT_FILE, decoder_step=STEP_FILE)
     report: dict[str, Any] = {"out_dir": str(out)}
     if check:
         report.update(check_parity(model, out, tol))
         meta["onnx"]["max_abs_diff"] = {"image": report["image_max_abs_diff"], "text": report["text_max_abs_diff"]}
+        if captioner:
+            report.update(check_decoder_parity(model, out, tol))
+            meta["onnx"]["max_abs_diff"].update(
+                context=report["context_max_abs_diff"], decoder_step=report["step_max_abs_diff"]
+            )
     (out / "config.json").write_text(json.dumps(meta, indent=2))
     return report
 
@@ -158,6 +240,37 @@ def check_parity(
         if not diff <= tol:
             raise RuntimeError(f"the ONNX {key} tower differs from PyTorch by {diff:.2e} (> {tol:.0e}); do not use it")
     return {"image_max_abs_diff": diffs["image"], "text_max_abs_diff": diffs["text"], "batch_sizes": batch_sizes}
+
+
+@torch.inference_mode()
+def check_decoder_parity(
+    model: nn.Module,
+    onnx_dir: str | os.PathLike,
+    tol: float = PARITY_TOL,
+    shapes: tuple[tuple[int, int], ...] = ((1, 1), (5, 7)),
+) -> dict[str, Any]:
+    """Max abs difference of the image context and the next-token logits, onnxruntime vs PyTorch, at (batch, prefix
+    length) ``shapes``; the reference is ``CoCa.next_logits`` without a cache, the path generation takes."""
+    ort = _require("onnxruntime")
+    d = Path(onnx_dir)
+    ctx_sess = ort.InferenceSession(str(d / CONTEXT_FILE), providers=["CPUExecutionProvider"])
+    step_sess = ort.InferenceSession(str(d / STEP_FILE), providers=["CPUExecutionProvider"])
+    diffs = {"context": 0.0, "step": 0.0}
+    model.eval()
+    for i, (b, t) in enumerate(shapes):
+        images, prefix = step_inputs(model, b, t, seed=200 + i)
+        state = model.start_decoding(images, use_cache=False)
+        ref = model.next_logits(state, prefix)  # (B, V)
+        context = ctx_sess.run(None, {"images": images.numpy()})[0]  # (B, N, D)
+        got = step_sess.run(None, {"context": context, "prefix": prefix.numpy()})[0]  # (B, V)
+        diffs["context"] = max(diffs["context"], float(np.abs(context - state.context.numpy()).max()))
+        diffs["step"] = max(diffs["step"], float(np.abs(got - ref.numpy()).max()))
+    for key, diff in diffs.items():
+        if not diff <= tol:
+            raise RuntimeError(
+                f"the ONNX caption {key} differs from PyTorch by {diff:.2e} (> {tol:.0e}); do not use it"
+            )
+    return {"context_max_abs_diff": diffs["context"], "step_max_abs_diff": diffs["step"], "step_shapes": shapes}
 
 
 class OnnxCLIP(nn.Module):

@@ -44,6 +44,11 @@ def normalize_rows(vectors: np.ndarray) -> np.ndarray:
     return x
 
 
+def item_from_row(row: Sequence[Any]) -> dict[str, Any]:
+    """The metadata dict of an ``(id, key, path, caption, offset, size)`` row, as both back ends select it."""
+    return {"id": row[0], "key": row[1], "path": row[2], "caption": row[3], "offset": row[4], "size": row[5]}
+
+
 def read_header(directory: str | os.PathLike) -> dict[str, Any]:
     """The ``index.json`` of an index directory."""
     path = Path(directory) / HEADER
@@ -70,16 +75,32 @@ class Index(ABC):
     directory: Path
     dim: int
 
-    # --- writing ------------------------------------------------------------------------------------------------
-    @abstractmethod
+    # --- writing: validation here, storage in the back ends' _add / _remove ------------------------------------
     def add(
         self, vectors: np.ndarray, metadata: Sequence[dict[str, Any]], ids: Sequence[int] | None = None
     ) -> np.ndarray:
         """Add (N, dim) vectors, one metadata dict each (``key`` and ``path`` required); returns their ids (N,)."""
+        vecs = normalize_rows(vectors)  # (N, dim)
+        self.check_batch(vecs, metadata, ids)
+        if len(vecs) == 0:
+            return np.zeros(0, dtype=np.int64)
+        return self._add(vecs, list(metadata), None if ids is None else [int(i) for i in ids])
 
-    @abstractmethod
     def remove(self, ids: Sequence[int]) -> int:
         """Remove items by id; unknown ids are ignored. Returns how many were removed."""
+        wanted = sorted({int(i) for i in ids})
+        return self._remove(wanted) if wanted else 0
+
+    @abstractmethod
+    def _add(self, vectors: np.ndarray, metadata: list[dict[str, Any]], ids: list[int] | None) -> np.ndarray:
+        """Store a checked, non-empty batch of unit vectors (N, dim) in one transaction; returns the ids (N,).
+
+        A key or id already in the index raises ValueError and stores nothing.
+        """
+
+    @abstractmethod
+    def _remove(self, ids: list[int]) -> int:
+        """Delete the given (distinct, non-empty) ids in one transaction; returns how many existed."""
 
     def save(self) -> None:  # noqa: B027 -- optional hook, not abstract
         """Persist whatever is kept only in memory (a no-op where every write is already durable)."""
@@ -89,9 +110,20 @@ class Index(ABC):
         self.save()
 
     # --- reading ------------------------------------------------------------------------------------------------
-    @abstractmethod
     def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores (Q, k) float32, ids (Q, k) int64), best first; rows are padded with id -1 past the last hit."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+            raise ValueError(f"k must be at least 1, got {k!r}")
+        q = normalize_rows(vectors)  # (Q, dim)
+        if q.shape[1] != self.dim:
+            raise ValueError(f"query vectors have size {q.shape[1]}, this index holds size {self.dim}")
+        if len(q) == 0:
+            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+        return self._search(q, int(k))
+
+    @abstractmethod
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """``search`` on checked, non-empty unit queries (Q, dim) with k >= 1."""
 
     @abstractmethod
     def __len__(self) -> int: ...

@@ -17,9 +17,11 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
             read_header(args.index)  # `add` never creates: a typo in --index must not start a new index
         options = {}
         if args.action == "build":
-            options = {"backend": args.backend, "kind": args.kind, "exact_max": args.exact_max}
-            if args.backend != "faiss":
-                options = {"backend": args.backend}
+            options = {"backend": args.backend}
+            if args.backend == "faiss":
+                options.update(kind=args.kind, exact_max=args.exact_max, ann=args.ann, nprobe=args.nprobe)
+                if args.nlist is not None:
+                    options["nlist"] = args.nlist
         counts = build_index(
             args.src,
             args.index,
@@ -34,7 +36,8 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
         )
         print(
             f"indexed {counts['added']} new image(s) ({counts['already']} already there, {counts['duplicates']} "
-            f"repeated, {counts['unreadable']} unreadable); {args.index} holds {counts['size']}"
+            f"repeated, {counts['unreadable']} unreadable) in {counts['seconds']:.1f} s "
+            f"({counts['added'] / max(counts['seconds'], 1e-9):.1f} images/s); {args.index} holds {counts['size']}"
         )
         return 0
     if args.action == "remove":
@@ -76,6 +79,7 @@ def cmd_search(args: argparse.Namespace, extra: list[str]) -> int:
 INDEX_EPILOG = """
     examples:
       vislang index build photos/ --model runs/demo/model --index photos.index
+      vislang index build photos/ --model runs/demo/model --index big.index --exact-max 50000 --ann ivf
       vislang index build pairs.csv --model runs/demo/model --index pairs.index --img-key path
       vislang index build 'shards/{00000..00009}.tar' --model runs/demo/model --index web.index
       vislang index add more_photos/ --index photos.index
@@ -110,8 +114,12 @@ def register(add) -> None:
         a.add_argument("--no-progress", action="store_true", help="no progress bar")
         if name == "build":
             a.add_argument("--backend", default="faiss", choices=["faiss", "pgvector"], help="default: faiss")
-            a.add_argument("--kind", default="auto", choices=["auto", "flat", "hnsw"], help="FAISS index type")
+            kinds = ["auto", "flat", "hnsw", "ivf"]
+            a.add_argument("--kind", default="auto", choices=kinds, help="FAISS index type (default auto)")
             a.add_argument("--exact-max", type=int, default=100_000, help="auto: exact search up to this many")
+            a.add_argument("--ann", default="hnsw", choices=["hnsw", "ivf"], help="auto: approximate index above it")
+            a.add_argument("--nprobe", type=int, default=16, help="IVF lists scanned per query (default 16)")
+            a.add_argument("--nlist", type=int, help="IVF lists (default round(4*sqrt(N)), retrained as N grows)")
     a = actions.add_parser("remove", help="remove items by id, image file or folder")
     a.add_argument("targets", nargs="+", help="ids, image files, folders, or a CSV/JSONL/shards of what to remove")
     a.add_argument("--index", required=True, help="index directory")

@@ -6,13 +6,19 @@ saved file is missing or older than the database (a crash, or another process wr
 the stored vectors on open. So a crash can never leave vectors without metadata, or the other way round, and a
 resumed build sees exactly the items that were committed. The price is storing each vector twice on disk.
 
-Search is exact (``IndexFlatIP``) up to ``exact_max`` vectors and approximate above (HNSW, which needs no training
-and takes additions one by one), both inside ``IndexIDMap2`` so ids are the index's own.
+Search is exact (``IndexFlatIP``) up to ``exact_max`` vectors and approximate above, with one of two structures
+(``ann``): HNSW, which needs no training and takes additions one by one but cannot delete (a removal rebuilds it),
+or IVF-Flat, whose ``nlist`` ≈ 4·sqrt(N) centroids are trained on the stored vectors, which takes additions and
+deletions in place and is retrained from SQLite when the index has grown enough that its lists are too long (nlist
+below half of 4·sqrt(N)). ``nprobe`` lists are scanned per query. Flat and HNSW sit inside ``IndexIDMap2`` and IVF
+stores ids itself, so ids are always the index's own. Every rebuild happens in memory and is saved like any other
+version: the file on disk is the old index or the new one, never half of each.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
 import threading
@@ -22,10 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from .base import Index, atomic_write_bytes, normalize_rows
+from .base import Index, atomic_write_bytes, item_from_row
 
 DB_NAME = "meta.sqlite"
-KINDS = ("auto", "flat", "hnsw")
+KINDS = ("auto", "flat", "hnsw", "ivf")
+ANNS = ("hnsw", "ivf")  # what ``auto`` switches to above exact_max
+IVF_TRAIN_PER_LIST = 64  # training sample: at most this many stored vectors per IVF list (k-means cost ~ sample)
 _CHUNK = 500  # ids per "IN (...)" query, under SQLite's variable limit
 
 SCHEMA = """
@@ -53,11 +61,15 @@ class FaissIndex(Index):
     Args:
         directory: the index directory (holds ``index.json``, ``meta.sqlite`` and ``vectors-v*.faiss``).
         dim: embedding size.
-        kind: ``auto`` (exact up to ``exact_max`` vectors, HNSW above), ``flat`` (always exact) or ``hnsw``.
+        kind: ``auto`` (exact up to ``exact_max`` vectors, ``ann`` above), ``flat`` (always exact), ``hnsw`` or
+            ``ivf`` (always approximate, once the index holds anything).
         exact_max: the largest index searched exactly in ``auto`` mode.
+        ann: the approximate structure ``auto`` switches to: ``hnsw`` or ``ivf``.
         hnsw_m: HNSW neighbours per node (more = better recall, more memory).
         ef_construction: HNSW build-time beam width.
         ef_search: HNSW search-time beam width (raised to k when k is larger).
+        nlist: IVF lists; default ``round(4 * sqrt(N))`` at each (re)training.
+        nprobe: IVF lists scanned per query (more = better recall, slower).
     """
 
     def __init__(
@@ -66,21 +78,31 @@ class FaissIndex(Index):
         dim: int,
         kind: str = "auto",
         exact_max: int = 100_000,
+        ann: str = "hnsw",
         hnsw_m: int = 32,
         ef_construction: int = 80,
         ef_search: int = 128,
+        nlist: int | None = None,
+        nprobe: int = 16,
     ) -> None:
         import faiss
 
         if kind not in KINDS:
             raise ValueError(f"unknown FAISS index kind {kind!r}; use one of {list(KINDS)}")
+        if ann not in ANNS:
+            raise ValueError(f"unknown approximate index {ann!r}; use one of {list(ANNS)}")
+        if exact_max < 0:
+            raise ValueError(f"exact_max must be 0 or more, got {exact_max}")
+        if nprobe < 1 or (nlist is not None and nlist < 1):
+            raise ValueError(f"nprobe and nlist must be at least 1, got nprobe={nprobe}, nlist={nlist}")
         self.faiss = faiss
         self.directory = Path(directory)
         self.dim = int(dim)
-        self.kind, self.exact_max = kind, int(exact_max)
+        self.kind, self.exact_max, self.ann = kind, int(exact_max), ann
         self.hnsw_m, self.ef_construction, self.ef_search = hnsw_m, ef_construction, ef_search
+        self.nlist, self.nprobe = nlist, int(nprobe)
         self._lock = threading.RLock()
-        # autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT) in _write
+        # autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT) in _add/_remove
         self.db = sqlite3.connect(self.directory / DB_NAME, check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")  # readers (a server) are not blocked by a build writing
         self.db.executescript(SCHEMA)
@@ -90,38 +112,68 @@ class FaissIndex(Index):
 
     # --- FAISS side ---------------------------------------------------------------------------------------------
     def _kind_for(self, n: int) -> str:
-        return "flat" if self.kind == "flat" or (self.kind == "auto" and n <= self.exact_max) else "hnsw"
+        """The structure an index of ``n`` vectors should have (an empty one is always exact: nothing to train)."""
+        if self.kind == "flat" or n == 0 or (self.kind == "auto" and n <= self.exact_max):
+            return "flat"
+        return self.ann if self.kind == "auto" else self.kind
 
-    def _new_faiss(self, n: int):
-        faiss = self.faiss
-        if self._kind_for(n) == "flat":
-            inner = faiss.IndexFlatIP(self.dim)
+    def nlist_for(self, n: int) -> int:
+        """IVF lists for ``n`` vectors: the ``nlist`` option, else round(4·sqrt(n)); never more than n."""
+        return max(1, min(n, self.nlist or round(4 * math.sqrt(n))))
+
+    def _new_faiss(self, vecs: np.ndarray, ids: np.ndarray):
+        """A FAISS index of the kind ``len(vecs)`` calls for, holding ``vecs`` (N, dim) under ``ids`` (N,)."""
+        faiss, n = self.faiss, len(vecs)
+        kind = self._kind_for(n)
+        if kind == "ivf":
+            # index_factory returns the IndexIVFFlat itself (owning its quantizer); a downcast_index copy of the
+            # wrapper would not keep the object alive
+            index = faiss.index_factory(self.dim, f"IVF{self.nlist_for(n)},Flat", faiss.METRIC_INNER_PRODUCT)
+            sample = IVF_TRAIN_PER_LIST * index.nlist
+            train = vecs if n <= sample else vecs[np.random.default_rng(0).choice(n, sample, replace=False)]
+            index.cp.seed = 0  # the same vectors train the same centroids
+            index.cp.min_points_per_centroid = 1  # 4·sqrt(N) lists is by design: no "too few points" warning
+            index.train(train)
+            index.nprobe = self.nprobe
         else:
-            inner = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-            inner.hnsw.efConstruction = self.ef_construction
-            inner.hnsw.efSearch = self.ef_search
-        return faiss.IndexIDMap2(inner)
+            if kind == "flat":
+                inner = faiss.IndexFlatIP(self.dim)
+            else:
+                inner = faiss.IndexHNSWFlat(self.dim, self.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+                inner.hnsw.efConstruction = self.ef_construction
+                inner.hnsw.efSearch = self.ef_search
+            index = faiss.IndexIDMap2(inner)
+        if n:
+            index.add_with_ids(vecs, ids)
+        return index
 
     @property
     def current_kind(self) -> str:
-        """``flat`` or ``hnsw``: what the FAISS index in memory is now."""
+        """``flat``, ``hnsw`` or ``ivf``: what the FAISS index in memory is now."""
         return self._kind_of(self._faiss)
 
     def _kind_of(self, index) -> str:
+        index = self.faiss.downcast_index(index)
+        if isinstance(index, self.faiss.IndexIVF):
+            return "ivf"
         return "hnsw" if isinstance(self.faiss.downcast_index(index.index), self.faiss.IndexHNSW) else "flat"
+
+    def _needs_rebuild(self, n: int) -> bool:
+        """Whether ``n`` items call for another structure, or (IVF) a retraining with more lists."""
+        kind = self._kind_for(n)
+        if kind != self.current_kind:
+            return True
+        return kind == "ivf" and self.faiss.downcast_index(self._faiss).nlist * 2 < self.nlist_for(n)
 
     def _faiss_path(self, version: int) -> Path:
         return self.directory / f"vectors-v{version}.faiss"
 
     def _rebuild(self) -> None:
-        """Build the FAISS index from the vectors stored in SQLite."""
+        """Build (and for IVF, train) the FAISS index from the vectors stored in SQLite."""
         rows = self.db.execute("SELECT id, vector FROM items ORDER BY id").fetchall()
-        index = self._new_faiss(len(rows))
-        if rows:
-            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))  # (N,)
-            vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), self.dim)
-            index.add_with_ids(vecs, ids)
-        self._faiss = index
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))  # (N,)
+        vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), self.dim)
+        self._faiss = self._new_faiss(vecs, ids)
 
     def refresh(self) -> bool:
         """Catch up with writes made by another process (or a crash); True when the FAISS index was reloaded."""
@@ -181,13 +233,7 @@ class FaissIndex(Index):
             self.db.execute("INSERT OR REPLACE INTO state VALUES (?, ?)", (name, json.dumps(value)))
 
     # --- the interface ------------------------------------------------------------------------------------------
-    def add(
-        self, vectors: np.ndarray, metadata: Sequence[dict[str, Any]], ids: Sequence[int] | None = None
-    ) -> np.ndarray:
-        vecs = normalize_rows(vectors)  # (N, dim)
-        self.check_batch(vecs, metadata, ids)
-        if len(vecs) == 0:
-            return np.zeros(0, dtype=np.int64)
+    def _add(self, vectors: np.ndarray, metadata: list[dict[str, Any]], ids: list[int] | None) -> np.ndarray:
         with self._lock:
             self.refresh()  # another process may have written since
             self.db.execute("BEGIN IMMEDIATE")
@@ -195,13 +241,13 @@ class FaissIndex(Index):
                 if ids is None:
                     row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'items'").fetchone()
                     start = (row[0] if row else 0) + 1
-                    ids = range(start, start + len(vecs))
+                    ids = list(range(start, start + len(vectors)))
                 new_ids = np.asarray(ids, dtype=np.int64)
                 self.db.executemany(
                     "INSERT INTO items (id, key, path, caption, offset, size, vector) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     [
                         (int(i), m["key"], str(m["path"]), m.get("caption") or "", m.get("offset"), m.get("size"), v)
-                        for i, m, v in zip(new_ids.tolist(), metadata, (row.tobytes() for row in vecs))
+                        for i, m, v in zip(new_ids.tolist(), metadata, (row.tobytes() for row in vectors))
                     ],
                 )
                 self._bump_version()
@@ -214,21 +260,20 @@ class FaissIndex(Index):
                 self.db.execute("ROLLBACK")
                 self._version = self._db_version()
                 raise
-            if self._kind_for(len(self)) != self.current_kind:
-                self._rebuild()  # crossed exact_max: switch to HNSW
+            if self._needs_rebuild(len(self)):
+                self._rebuild()  # crossed exact_max, or IVF lists grew too long: retrain from SQLite
             else:
-                self._faiss.add_with_ids(vecs, new_ids)
+                self._faiss.add_with_ids(vectors, new_ids)
             self._dirty = True
             return new_ids
 
-    def remove(self, ids: Sequence[int]) -> int:
-        wanted = [int(i) for i in ids]
+    def _remove(self, ids: list[int]) -> int:
         with self._lock:
             self.refresh()
             self.db.execute("BEGIN IMMEDIATE")
             try:
                 found = []
-                for part in chunks(wanted):
+                for part in chunks(ids):
                     q = ",".join("?" * len(part))
                     found += [r[0] for r in self.db.execute(f"SELECT id FROM items WHERE id IN ({q})", part)]
                     self.db.execute(f"DELETE FROM items WHERE id IN ({q})", part)
@@ -240,28 +285,23 @@ class FaissIndex(Index):
                 raise
             if not found:
                 return 0
-            if self.current_kind == "flat" and self._kind_for(len(self)) == "flat":
-                self._faiss.remove_ids(np.asarray(found, dtype=np.int64))
+            if self.current_kind != "hnsw" and not self._needs_rebuild(len(self)):
+                self._faiss.remove_ids(np.asarray(found, dtype=np.int64))  # flat and IVF delete in place
             else:
-                self._rebuild()  # HNSW cannot delete
+                self._rebuild()  # HNSW cannot delete; or the index shrank back under exact_max
             self._dirty = True
             return len(found)
 
-    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if k <= 0:
-            raise ValueError(f"k must be at least 1, got {k}")
-        q = normalize_rows(vectors)  # (Q, dim)
-        if q.shape[1] != self.dim:
-            raise ValueError(f"query vectors have size {q.shape[1]}, this index holds size {self.dim}")
-        index = self._faiss
-        if len(q) == 0:
-            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-        if self._kind_of(index) == "hnsw":
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        index = self._faiss  # one reference: a rebuild or refresh swaps in a new object
+        kind = self._kind_of(index)
+        if kind == "hnsw":
             params = self.faiss.SearchParametersHNSW(efSearch=max(self.ef_search, k))
-            scores, ids = index.search(q, k, params=params)
-        else:
-            scores, ids = index.search(q, k)
-        return scores, ids  # (Q, k), (Q, k)
+            return index.search(queries, k, params=params)  # (Q, k), (Q, k)
+        if kind == "ivf":
+            params = self.faiss.SearchParametersIVF(nprobe=min(self.nprobe, self.faiss.downcast_index(index).nlist))
+            return index.search(queries, k, params=params)
+        return index.search(queries, k)
 
     def __len__(self) -> int:
         with self._lock:
@@ -275,7 +315,7 @@ class FaissIndex(Index):
                 q = ",".join("?" * len(part))
                 sql = f"SELECT id, key, path, caption, offset, size FROM items WHERE id IN ({q})"
                 for r in self.db.execute(sql, part):
-                    found[r[0]] = {"id": r[0], "key": r[1], "path": r[2], "caption": r[3], "offset": r[4], "size": r[5]}
+                    found[r[0]] = item_from_row(r)
         return [found.get(i) for i in wanted]
 
     def vectors(self, ids: Sequence[int]) -> np.ndarray:
@@ -307,4 +347,8 @@ class FaissIndex(Index):
             return np.array([r[0] for r in self.db.execute("SELECT id FROM items ORDER BY id")], dtype=np.int64)
 
     def info(self) -> dict[str, Any]:
-        return {**super().info(), "kind": self.current_kind, "version": self._version, "exact_max": self.exact_max}
+        out = {**super().info(), "kind": self.current_kind, "version": self._version, "exact_max": self.exact_max}
+        out["ann"] = self.ann
+        if out["kind"] == "ivf":
+            out.update(nlist=int(self.faiss.downcast_index(self._faiss).nlist), nprobe=self.nprobe)
+        return out

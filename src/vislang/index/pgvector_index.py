@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Index, normalize_rows
+from .base import Index, item_from_row
 
 URI_ENV = "VISLANG_PG_URI"
 
@@ -110,13 +110,7 @@ class PgVectorIndex(Index):
             )
 
     # --- the interface ------------------------------------------------------------------------------------------
-    def add(
-        self, vectors: np.ndarray, metadata: Sequence[dict[str, Any]], ids: Sequence[int] | None = None
-    ) -> np.ndarray:
-        vecs = normalize_rows(vectors)  # (N, dim)
-        self.check_batch(vecs, metadata, ids)
-        if len(vecs) == 0:
-            return np.zeros(0, dtype=np.int64)
+    def _add(self, vectors: np.ndarray, metadata: list[dict[str, Any]], ids: list[int] | None) -> np.ndarray:
         t = self.table
         with self._lock:
             try:
@@ -124,7 +118,7 @@ class PgVectorIndex(Index):
                     if ids is None:
                         seq = f"pg_get_serial_sequence('{t}', 'id')"
                         rows = self.conn.execute(
-                            f"SELECT nextval({seq}) FROM generate_series(1, %s)", (len(vecs),)
+                            f"SELECT nextval({seq}) FROM generate_series(1, %s)", (len(vectors),)
                         ).fetchall()
                         ids = [r[0] for r in rows]
                     new_ids = np.asarray(ids, dtype=np.int64)
@@ -142,29 +136,23 @@ class PgVectorIndex(Index):
                                     m.get("size"),
                                     vector_literal(v),
                                 )
-                                for i, m, v in zip(new_ids.tolist(), metadata, vecs)
+                                for i, m, v in zip(new_ids.tolist(), metadata, vectors)
                             ],
                         )
             except self.psycopg.errors.UniqueViolation as e:
                 raise ValueError(f"an id or key of this batch is already in the index ({e.diag.message_detail})") from e
         return new_ids
 
-    def remove(self, ids: Sequence[int]) -> int:
+    def _remove(self, ids: list[int]) -> int:
         with self._lock:
-            cur = self.conn.execute(f"DELETE FROM {self.table} WHERE id = ANY(%s)", ([int(i) for i in ids],))
-            return cur.rowcount
+            return self.conn.execute(f"DELETE FROM {self.table} WHERE id = ANY(%s)", (ids,)).rowcount
 
-    def search(self, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if k <= 0:
-            raise ValueError(f"k must be at least 1, got {k}")
-        q = normalize_rows(vectors)  # (Q, dim)
-        if q.shape[1] != self.dim:
-            raise ValueError(f"query vectors have size {q.shape[1]}, this index holds size {self.dim}")
-        scores = np.full((len(q), k), -np.inf, dtype=np.float32)  # (Q, k)
-        ids = np.full((len(q), k), -1, dtype=np.int64)  # (Q, k)
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        scores = np.full((len(queries), k), -np.inf, dtype=np.float32)  # (Q, k)
+        ids = np.full((len(queries), k), -1, dtype=np.int64)  # (Q, k)
         with self._lock, self.conn.transaction():
             self.conn.execute(f"SET LOCAL hnsw.ef_search = {max(self.ef_search, min(k, 1000))}")
-            for row, v in enumerate(q):
+            for row, v in enumerate(queries):
                 lit = vector_literal(v)
                 hits = self.conn.execute(
                     f"SELECT id, -(embedding <#> %s::vector) FROM {self.table} ORDER BY embedding <#> %s::vector "
@@ -185,9 +173,7 @@ class PgVectorIndex(Index):
             rows = self.conn.execute(
                 f'SELECT id, key, path, caption, "offset", size FROM {self.table} WHERE id = ANY(%s)', (wanted,)
             ).fetchall()
-        found = {
-            r[0]: {"id": r[0], "key": r[1], "path": r[2], "caption": r[3], "offset": r[4], "size": r[5]} for r in rows
-        }
+        found = {r[0]: item_from_row(r) for r in rows}
         return [found.get(i) for i in wanted]
 
     def vectors(self, ids: Sequence[int]) -> np.ndarray:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fusion import FusionConfig
 from .towers import TextConfig, VisionConfig, build_text_tower, build_vision_tower
 
 
@@ -31,6 +32,14 @@ class DecoderConfig:
 
 
 @dataclass(frozen=True)
+class ITMConfig:
+    """The image–text matching head of an ALBEF-style model (``models/itm.py``): fusion + binary match classifier."""
+
+    fusion: FusionConfig = field(default_factory=FusionConfig)  # how image and text tokens meet (ALBEF: cross-attn)
+    itm_weight: float = 1.0  # task "itm": loss = contrastive + itm_weight * ITM cross-entropy
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     embed_dim: int = 128  # size of the shared image–text space
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -41,6 +50,7 @@ class ModelConfig:
     lock_image: bool = False  # freeze the image tower (LiT-style locked-image tuning)
     lock_text: bool = False  # freeze the text tower
     decoder: DecoderConfig | None = None  # a caption decoder makes the model a CoCa (models/captioner.py)
+    itm: ITMConfig | None = None  # an image–text matching head makes the model an ITM model (models/itm.py)
 
 
 class CLIP(nn.Module):

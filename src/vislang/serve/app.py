@@ -1,9 +1,11 @@
-"""The HTTP API: search, embed and zero-shot classify over an index and its model, plus a search page at ``/``.
+"""The HTTP API: search, embed and zero-shot classify over an index and its model, caption and answer questions
+when the server is given those models, plus a search page at ``/``.
 
-A thin layer: each endpoint validates its input, then calls ``vislang.index.Searcher`` or the zero-shot functions in a
-worker thread. What stands between the network and the library is here too: an optional API key, a cap on request
-bodies (checked before anything is read), image checks (real image bytes, a pixel limit against decompression
-bombs), and one JSON error shape, ``{"error": message, "status": code}``, for every failure.
+A thin layer: each endpoint validates its input, then calls ``vislang.index.Searcher``, the zero-shot functions or
+the caption / VQA models (``generative.py``) in a worker thread. What stands between the network and the library is
+here too: an optional API key, a cap on request bodies (checked before anything is read), image checks (real image
+bytes, a pixel limit against decompression bombs), and one JSON error shape, ``{"error": message, "status": code}``,
+for every failure.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..index.build import read_item_bytes
+from ..index.build import read_item_bytes, read_item_image
 from ..index.search import Searcher
 
 OPEN_PATHS = ("/healthz",)  # reachable without the API key
@@ -37,10 +39,12 @@ HTML_PATHS = ("/", "/docs", "/redoc", "/openapi.json")  # a browser asking for t
 MAX_TEXTS = 256  # texts per /v1/embed request
 MAX_TEXT_CHARS = 2000
 MAX_LABELS = 100
-NOT_YET = {
-    "caption": "captioning",
-    "vqa": "visual question answering",
-    "generate": "text-to-image generation",
+MAX_CAPTION_TOKENS = 64
+MAX_BEAM = 5
+MAX_ANSWERS = 20  # top_k of /v1/vqa
+TASKS = {  # the optional endpoints: what they do, and the `vislang serve` option that turns each on
+    "caption": ("captioning", "--caption-model DIR (a model trained with `vislang train --config caption`)"),
+    "vqa": ("visual question answering", "--vqa-model DIR (a model from `vislang ablate-fusion` or train_vqa)"),
 }
 IMAGE_MAGIC = (  # (prefix, media type) of the formats we serve and accept
     (b"\x89PNG\r\n\x1a\n", "image/png"),
@@ -85,6 +89,13 @@ def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
     except Exception as e:  # any decoder failure is the client's file, never a server error
         raise ApiError(415, f"the upload could not be decoded as an image ({e.__class__.__name__})") from e
     return img
+
+
+def check_id(image_id: Any) -> int:
+    """An ``image_id`` from a JSON body: an integer (not a numeric string, not a bool)."""
+    if isinstance(image_id, bool) or not isinstance(image_id, int):
+        raise ApiError(400, f"'image_id' must be an integer, got {image_id!r}")
+    return image_id
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
@@ -162,8 +173,9 @@ class Guard:
 class Service:
     """The state behind the endpoints: the searcher, limits, a cache of zero-shot classifiers."""
 
-    def __init__(self, searcher: Searcher, max_k: int, max_pixels: int) -> None:
+    def __init__(self, searcher: Searcher, max_k: int, max_pixels: int, models: dict[str, Any] | None = None) -> None:
         self.searcher, self.max_k, self.max_pixels = searcher, max_k, max_pixels
+        self.models = models or {}  # "caption" -> Captioner, "vqa" -> QuestionAnswerer, when given
         self._classifiers: OrderedDict[tuple, Any] = OrderedDict()
         self._lock = threading.Lock()
         self._checked = 0.0
@@ -175,6 +187,50 @@ class Service:
         if refresh is not None and now - self._checked > 1.0:
             self._checked = now
             refresh()
+
+    def capabilities(self) -> dict[str, bool]:
+        """What this server can do (the page shows caption and question controls only where they work)."""
+        base = {"search": True, "embed": True, "classify": True}
+        return {**base, **{task: task in self.models for task in TASKS}, "generate": False}
+
+    def model_for(self, task: str):
+        """The model of an optional endpoint; 501 naming the option that enables it when the server has none."""
+        if task not in self.models:
+            what, option = TASKS[task]
+            raise ApiError(501, f"{what} is not available: this server was started without a model for it; restart "
+                                f"it with {option}")  # fmt: skip
+        return self.models[task]
+
+    def uploaded_image(self, image: bytes | None, endpoint: str) -> Image.Image:
+        """The decoded image of a multipart request (every upload goes through the same checks)."""
+        if image is None:
+            raise ApiError(400, f"multipart {endpoint} needs an image file in the field 'image'")
+        return decode_upload(image, self.max_pixels)
+
+    def indexed_image(self, image_id: Any) -> Image.Image:
+        """The decoded image of an indexed item (read from disk: call it in a worker thread)."""
+        item = self.searcher.index.get([check_id(image_id)])[0]
+        if item is None:
+            raise ApiError(404, f"no image with id {image_id} in the index")
+        try:
+            return read_item_image(item["path"], item["offset"], item["size"])
+        except (OSError, ValueError):
+            raise ApiError(404, f"the file of image {image_id} is no longer readable on disk") from None
+
+    async def query_image(self, kind: str, fields: dict[str, Any], image: bytes | None, endpoint: str) -> Image.Image:
+        """The image a caption/VQA request is about: an upload (multipart) or ``image_id`` (JSON)."""
+        if kind == "form":
+            return self.uploaded_image(image, endpoint)
+        return await run_in_threadpool(self.indexed_image, fields.get("image_id"))
+
+    def check_int(self, fields: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
+        """An integer option from JSON or a form field (where it arrives as text), within [low, high]."""
+        value = fields.get(name, default)
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ApiError(400, f"'{name}' must be an integer from {low} to {high}, got {value!r}")
+        return value
 
     def check_k(self, k: Any) -> int:
         if isinstance(k, str) and k.strip().lstrip("-").isdigit():
@@ -209,8 +265,7 @@ class Service:
         return vec[None]  # (1, dim)
 
     def stored_vector(self, image_id: Any) -> np.ndarray:
-        if isinstance(image_id, bool) or not isinstance(image_id, int):
-            raise ApiError(400, f"'image_id' must be an integer, got {image_id!r}")
+        image_id = check_id(image_id)
         try:
             return self.searcher.index.vectors([image_id])  # (1, dim)
         except KeyError:
@@ -322,6 +377,49 @@ CLASSIFY_BODY = {
 }
 
 
+CAPTION_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "image_id": {"type": "integer", "description": "caption an indexed image"},
+                    "max_length": {"type": "integer", "default": 20, "minimum": 1, "maximum": MAX_CAPTION_TOKENS},
+                    "beam": {"type": "integer", "default": 1, "minimum": 1, "maximum": MAX_BEAM},
+                },
+            },
+            "example": {"image_id": 1},
+        },
+        "multipart/form-data": {
+            "schema": {"type": "object", "properties": {"image": {"type": "string", "format": "binary"}}}
+        },
+    },
+}
+VQA_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "image_id": {"type": "integer"},
+                    "question": {"type": "string"},
+                    "top_k": {"type": "integer", "default": 1, "minimum": 1, "maximum": MAX_ANSWERS},
+                },
+            },
+            "example": {"image_id": 1, "question": "what colour is the circle?"},
+        },
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {"image": {"type": "string", "format": "binary"}, "question": {"type": "string"}},
+            }
+        },
+    },
+}
+
+
 async def read_body(request: Request, max_body: int) -> tuple[str, dict[str, Any], bytes | None]:
     """("json" | "form", fields, uploaded image bytes or None); 415 for any other content type, 400 if malformed."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -356,6 +454,8 @@ def create_app(
     max_k: int = 1000,
     max_pixels: int = 40_000_000,
     device: str = "cpu",
+    caption_model: str | os.PathLike | None = None,
+    vqa_model: str | os.PathLike | None = None,
 ) -> FastAPI:
     """The FastAPI app serving one index.
 
@@ -366,11 +466,20 @@ def create_app(
         max_upload_mb: the largest request body accepted (413 above).
         max_k: the most results one search returns.
         max_pixels: the largest image (width × height) decoded; larger ones are refused as decompression bombs.
-        device: where the model runs.
+        device: where the models run.
+        caption_model: a captioning (CoCa) model directory: turns on ``/v1/caption`` (else it answers 501).
+        vqa_model: a VQA model directory: turns on ``/v1/vqa`` (else it answers 501).
     """
+    from .generative import Captioner, QuestionAnswerer
+
     searcher = Searcher(index_dir, model_dir, device=device)
     searcher.model  # noqa: B018 -- load now: the first request must not pay for it, nor race to load it twice
-    svc = Service(searcher, max_k, max_pixels)
+    models: dict[str, Any] = {}  # loaded now too, so a wrong directory stops the server before it listens
+    if caption_model is not None:
+        models["caption"] = Captioner(caption_model, device)
+    if vqa_model is not None:
+        models["vqa"] = QuestionAnswerer(vqa_model, device)
+    svc = Service(searcher, max_k, max_pixels, models)
     max_body = int(max_upload_mb * 2**20)
     app = FastAPI(
         title="vislang",
@@ -392,9 +501,14 @@ def create_app(
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         return error(500, f"internal error ({exc.__class__.__name__}); the server log has the details")
 
-    @app.get("/healthz", summary="liveness and index size")
+    @app.get("/healthz", summary="liveness, index size and which endpoints this server can answer")
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok", "size": len(searcher.index), "dim": searcher.index.dim}
+        return {
+            "status": "ok",
+            "size": len(searcher.index),
+            "dim": searcher.index.dim,
+            "capabilities": svc.capabilities(),
+        }
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
@@ -416,9 +530,7 @@ def create_app(
         kind, fields, image = await read_body(request, max_body)
         k = svc.check_k(fields.get("k", 10))
         if kind == "form":
-            if image is None:
-                raise ApiError(400, "multipart search needs an image file in the field 'image'")
-            img = decode_upload(image, svc.max_pixels)
+            img = svc.uploaded_image(image, "search")
             query, vec = "image", await run_in_threadpool(searcher.embed_images, [img])
         else:
             given = [f for f in ("text", "embedding", "image_id") if fields.get(f) is not None]
@@ -442,9 +554,7 @@ def create_app(
     async def embed(request: Request) -> dict[str, Any]:
         kind, fields, image = await read_body(request, max_body)
         if kind == "form":
-            if image is None:
-                raise ApiError(400, "multipart embed needs an image file in the field 'image'")
-            vec = await run_in_threadpool(searcher.embed_images, [decode_upload(image, svc.max_pixels)])
+            vec = await run_in_threadpool(searcher.embed_images, [svc.uploaded_image(image, "embed")])
         else:
             vec = await run_in_threadpool(searcher.embed_texts, svc.check_texts(fields.get("texts"), "texts"))
         return {"dim": int(vec.shape[1]), "embeddings": vec.round(7).tolist()}
@@ -465,26 +575,50 @@ def create_app(
             raise ApiError(400, f"at most {MAX_LABELS} labels, got {len(labels)}")
         svc.check_texts(labels, "label")
         if kind == "form":
-            if image is None:
-                raise ApiError(400, "multipart classify needs an image file in the field 'image'")
-            vec = await run_in_threadpool(searcher.embed_images, [decode_upload(image, svc.max_pixels)])
+            vec = await run_in_threadpool(searcher.embed_images, [svc.uploaded_image(image, "classify")])
         else:
             vec = svc.stored_vector(fields.get("image_id"))
         return {"labels": await run_in_threadpool(svc.classify, vec, labels)}
 
-    def not_yet(task: str):
-        async def endpoint() -> JSONResponse:
-            return error(
-                501,
-                f"{NOT_YET[task]} is not available yet: this server's model is a dual encoder (CLIP), which can "
-                f"search, embed and classify; /v1/{task} will answer once vislang has {NOT_YET[task]} models",
-            )
+    @app.post(
+        "/v1/caption",
+        summary="caption an uploaded or indexed image (needs --caption-model; 501 without)",
+        openapi_extra={"requestBody": CAPTION_BODY},
+    )
+    async def caption(request: Request) -> dict[str, Any]:
+        captioner = svc.model_for("caption")
+        kind, fields, image = await read_body(request, max_body)
+        longest = min(MAX_CAPTION_TOKENS, captioner.max_tokens)
+        max_length = svc.check_int(fields, "max_length", min(20, longest), 1, longest)
+        beam = svc.check_int(fields, "beam", 1, 1, MAX_BEAM)
+        img = await svc.query_image(kind, fields, image, "caption")
+        return {"caption": await run_in_threadpool(captioner, img, max_length, beam)}
 
-        return endpoint
+    @app.post(
+        "/v1/vqa",
+        summary="answer a question about an uploaded or indexed image (needs --vqa-model; 501 without)",
+        openapi_extra={"requestBody": VQA_BODY},
+    )
+    async def vqa(request: Request) -> dict[str, Any]:
+        answerer = svc.model_for("vqa")
+        kind, fields, image = await read_body(request, max_body)
+        question = svc.check_texts(fields.get("question"), "question")
+        if len(question) != 1:
+            raise ApiError(400, "ask one 'question' per request")
+        top_k = svc.check_int(fields, "top_k", 1, 1, MAX_ANSWERS)
+        img = await svc.query_image(kind, fields, image, "vqa")
+        try:
+            answers = await run_in_threadpool(answerer, img, question[0], top_k)
+        except ValueError as e:  # the question does not fit the model (too many tokens)
+            raise ApiError(400, str(e)) from None
+        return {"question": question[0], "answers": answers}
 
-    for task in NOT_YET:
-        app.add_api_route(
-            f"/v1/{task}", not_yet(task), methods=["POST"], summary=f"{NOT_YET[task]} (not yet: 501)", status_code=501
+    @app.post("/v1/generate", summary="text-to-image generation (not yet: 501)", status_code=501)
+    async def generate() -> JSONResponse:
+        return error(
+            501,
+            "text-to-image generation is not available yet: vislang has no generation models to serve; /v1/generate "
+            "will answer once it has",
         )
 
     @app.get(

@@ -12,6 +12,8 @@ SERVE_EPILOG = """
     examples:
       vislang serve --index photos.index                       # http://127.0.0.1:8000/ (docs at /docs)
       VISLANG_API_KEY=secret vislang serve --index photos.index --host 0.0.0.0 --port 8080
+      vislang serve --index photos.index --caption-model runs/caption/model \\
+          --vqa-model runs/ablate-fusion/cross_attention/model       # + /v1/caption, /v1/vqa
       curl -s localhost:8000/v1/search -H 'content-type: application/json' -d '{"text": "a red shoe", "k": 5}'
     Needs the serve extra: pip install 'vislang[serve]'."""
 
@@ -46,6 +48,8 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
         max_upload_mb=args.max_upload_mb,
         max_k=args.max_k,
         device=args.device,
+        caption_model=args.caption_model,
+        vqa_model=args.vqa_model,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
@@ -53,7 +57,11 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
 
 def register(add) -> None:
     """Add the `serve` subcommand (``add(name, help, fn) -> ArgumentParser``)."""
-    sp = add("serve", "serve an index over HTTP: search API, embed, zero-shot classify, and a search page", cmd_serve)
+    sp = add(
+        "serve",
+        "serve an index over HTTP: search API, embed, zero-shot classify, caption and VQA, and a search page",
+        cmd_serve,
+    )
     sp.epilog = textwrap.dedent(SERVE_EPILOG)
     sp.add_argument("--index", required=True, help="index directory (from `vislang index build`)")
     sp.add_argument("--model", help="model directory (default: the one that built the index)")
@@ -62,5 +70,7 @@ def register(add) -> None:
     sp.add_argument("--api-key", help="require this key on every endpoint but /healthz (default: $VISLANG_API_KEY)")
     sp.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body (default 10 MB)")
     sp.add_argument("--max-k", type=int, default=1000, help="most results per search (default 1000)")
+    sp.add_argument("--caption-model", help="captioning (CoCa) model directory: turns on /v1/caption (else 501)")
+    sp.add_argument("--vqa-model", help="VQA model directory: turns on /v1/vqa (else 501)")
     sp.add_argument("--device", default="cpu")
     sp.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

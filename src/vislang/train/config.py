@@ -41,6 +41,24 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class GANConfig:
+    """Settings of a text-conditioned GAN run (``task: gan``; trained by ``vislang.generate.train``)."""
+
+    text_model: str = "runs/acc1/model"  # trained dual encoder whose frozen text tower conditions G and D
+    model: dict[str, Any] = field(default_factory=dict)  # GANModelConfig overrides: --gan.model.arch=mlp
+    loss: str = "hinge"  # hinge | bce (the non-saturating loss of the original GAN)
+    lr_g: float = 2e-4  # generator Adam learning rate (constant)
+    lr_d: float = 2e-4  # discriminator Adam learning rate (constant)
+    betas: tuple[float, float] = (0.0, 0.9)  # Adam betas for both (SN-GAN's choice)
+    matching_aware: float = 1.0  # weight of the "real image + wrong text counts as fake" term; 0 turns it off
+    mismatch_max_cos: float = 0.9  # a rolled caption counts as wrong only if its embedding cosine is below this
+    ema_decay: float = 0.999  # EMA generator used for samples, eval and the saved model; 0 = no EMA copy
+    sample_every: int = 500  # steps between sample grids (samples/step_NNNNNNN.png, fixed noise and prompts)
+    sample_prompts: tuple[str, ...] = ()  # grid rows; () = "a photo of a {class}." per class, else first captions
+    sample_per_prompt: int = 8  # grid columns (one fixed noise vector each)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model_name: str = "fmnist-cnn"  # a built-in config (`vislang.list_models()`), a config .json or a model directory
     model: dict[str, Any] = field(default_factory=dict)  # overrides of the model config: --model.vision.width=48
@@ -67,6 +85,7 @@ class TrainConfig:
     eval_max: int = 2000  # images used by periodic evaluation (the final `vislang eval` uses all)
     out_dir: str = "runs/default"  # checkpoints/, metrics.jsonl, model/, eval/, report.html
     progress: bool = True  # show a progress bar
+    gan: GANConfig | None = None  # task "gan": the GAN's settings (None for every other task)
 
 
 def load_train_config(

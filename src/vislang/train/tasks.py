@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ..data.transforms import normalize
-from ..losses import ClipLoss, SigLipLoss
+from ..losses import ClipLoss, SigLipLoss, caption_loss, itm_loss  # caption_loss: re-exported, it moved there
 
 
 def unique_rows(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,12 +57,6 @@ class ContrastiveTask(nn.Module):
         return loss, {"logit_scale": float(out["logit_scale"].detach())}
 
 
-def caption_loss(logits: torch.Tensor, tokens: torch.Tensor, pad_id: int) -> torch.Tensor:
-    """Next-token cross-entropy of teacher-forced logits (B, T-1, V) against tokens[:, 1:], padding ignored."""
-    target = tokens[:, 1:]  # (B, T-1)
-    return nn.functional.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=pad_id)
-
-
 class CaptionTask(nn.Module):
     """Captioning alone (``contrastive=None``), or CoCa: contrastive loss + ``caption_weight`` * caption loss."""
 
@@ -90,6 +84,35 @@ class CaptionTask(nn.Module):
         return con + self.weight * cap, {**extras, "logit_scale": float(out["logit_scale"].detach())}
 
 
+class ITMTask(nn.Module):
+    """ALBEF's pair of objectives: contrastive loss (ITC) + ``itm_weight`` * image–text matching on hard negatives.
+
+    The model samples the ITM negatives from its own contrastive similarities inside ``forward(..., itm=True)`` (so
+    DDP sees every parameter used in one forward); negatives come from the local batch.
+    """
+
+    def __init__(self, model: nn.Module, contrastive: ContrastiveTask) -> None:
+        super().__init__()
+        self.model = model
+        core = getattr(model, "module", model)
+        if getattr(core.cfg, "itm", None) is None:
+            raise ValueError("task itm needs a model with an ITM head: set model.itm (see configs/itm.yaml)")
+        self.mean, self.std = core.cfg.vision.mean, core.cfg.vision.std
+        self.weight = core.cfg.itm.itm_weight
+        self.contrastive = contrastive
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        images = normalize(batch["image"], self.mean, self.std)  # (B, C, H, W) float
+        out = self.model(images, batch["tokens"].long(), itm=True)
+        con = self.contrastive.loss(
+            out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias")
+        )
+        itm = itm_loss(out["itm_logits"], out["itm_labels"])
+        acc = (out["itm_logits"].detach().argmax(-1) == out["itm_labels"]).float().mean()
+        extras = {"contrastive_loss": float(con.detach()), "itm_loss": float(itm.detach()), "itm_acc": float(acc)}
+        return con + self.weight * itm, {**extras, "logit_scale": float(out["logit_scale"].detach())}
+
+
 # Tasks by name: TrainConfig.task picks one. A task is built as TASKS[name](model, cfg) and called on a batch dict
 # (image uint8 (B, C, H, W), tokens (B, T), label (B,)) returning (loss, extra scalar metrics).
 TASKS = {
@@ -98,6 +121,9 @@ TASKS = {
     ),
     "caption": lambda model, cfg: CaptionTask(model),
     "coca": lambda model, cfg: CaptionTask(
+        model, ContrastiveTask(model, cfg.loss, False, cfg.local_loss, cfg.gather_with_grad)
+    ),
+    "itm": lambda model, cfg: ITMTask(
         model, ContrastiveTask(model, cfg.loss, False, cfg.local_loss, cfg.gather_with_grad)
     ),
 }

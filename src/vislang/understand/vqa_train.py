@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import apply_overrides, from_dict, to_dict
+from ..config import apply_overrides, from_dict, load_file, to_dict
 from ..data.transforms import normalize
 from ..data.vqa import VQASet, answer_targets, answer_vocab, read_vqa_file, shapes_vqa
 from ..evaluation.vqa_metrics import vqa_accuracy
@@ -47,6 +47,23 @@ class VQATrainConfig:
     out_dir: str = "runs/vqa"
     seed: int = 0
     threads: int | None = None  # torch CPU threads (None: torch's default)
+
+
+def load_vqa_train_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> VQATrainConfig:
+    """A VQA run config (YAML/JSON with ``task: vqa``) plus ``key=value`` overrides: what ``vislang train`` reads.
+
+    ``task`` only routes the file here; every other key is a ``VQATrainConfig`` field (``overrides`` lists dotted
+    model-config changes, e.g. ``fusion.kind=gated``).
+    """
+    data = load_file(path) if path else {}
+    if overrides:
+        data = apply_overrides(data, list(overrides))
+    task = data.pop("task", "vqa")
+    if task != "vqa":
+        raise ValueError(f"a VQA run config has task: vqa, got task: {task!r}")
+    if isinstance(data.get("overrides"), list):
+        data["overrides"] = tuple(data["overrides"])
+    return from_dict(VQATrainConfig, data)
 
 
 def load_vqa_config(name_or_path: str, overrides: tuple[str, ...] | list[str] = ()) -> VQAConfig:

@@ -1,0 +1,107 @@
+"""`vislang generate` (text → image grid or interpolation strip) and `vislang generate-eval`: thin layers over
+``generate.sample`` and ``generate.evaluate``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+
+EXAMPLES = """
+    examples:
+      vislang generate "a photo of a sneaker" -n 16 -o grid.png --seed 0 --model runs/gan-fm
+      vislang generate "a photo of a sneaker" --to "a photo of a sandal" --steps 10 -o strip.png --model runs/gan-fm
+      vislang generate "a red circle" "a blue square" -n 8 -o shapes.png --model runs/gan-shapes
+    Train a generator first: vislang train --config gan"""
+
+
+def generate_to_file(
+    model_dir: str,
+    prompts: list[str],
+    out: str,
+    n: int = 16,
+    seed: int | None = None,
+    to: str | None = None,
+    steps: int = 8,
+    scale: int = 2,
+    device: str = "cpu",
+) -> str:
+    """Write a PNG grid (one row of ``n`` per prompt, ``n`` up to 16 per row), or with ``to`` an interpolation strip
+    from ``prompts[0]`` to ``to`` under one fixed noise."""
+    from .sample import TextToImage, check_count, save_grid
+
+    check_count(n)
+    model = TextToImage.from_pretrained(model_dir, device)
+    if to is not None:
+        if len(prompts) != 1:
+            raise ValueError("--to interpolates from one prompt: give exactly one prompt before it")
+        images = model.interpolate(prompts[0], to, steps=steps, seed=0 if seed is None else seed)
+        return str(save_grid(images, out, ncol=steps, scale=scale))
+    images = model.generate(prompts, n=n, seed=seed)
+    return str(save_grid(images, out, ncol=min(n, 16), scale=scale))
+
+
+def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        path = generate_to_file(
+            args.model, args.prompts, args.out, n=args.n, seed=args.seed, to=args.to, steps=args.steps,
+            scale=args.scale, device=args.device,
+        )  # fmt: skip
+    for w in caught:
+        print(f"warning: {w.message}")
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_generate_eval(args: argparse.Namespace, extra: list[str]) -> int:
+    from .evaluate import evaluate_gan, results_table
+
+    if args.out and len(args.model) > 1:
+        raise ValueError("--out takes one model; leave it out to write each run's own eval/ folder")
+    results = {
+        m: evaluate_gan(
+            m,
+            judge=args.judge,
+            out_dir=args.out,
+            n_per_class=args.n_per_class,
+            seed=args.seed,
+            inception_weights=args.inception_weights,
+            device=args.device,
+        )
+        for m in args.model
+    }
+    if len(results) == 1:
+        print(json.dumps(next(iter(results.values())), indent=2))
+    elif all(r.get("data") != "shapes" for r in results.values()):
+        print(results_table(results))
+    else:
+        print(json.dumps(results, indent=2))
+    return 0
+
+
+def register(add) -> None:
+    import textwrap
+
+    sp = add("generate", "text → image with a trained GAN: a PNG grid, or an interpolation strip between prompts",
+             cmd_generate)  # fmt: skip
+    sp.epilog = textwrap.dedent(EXAMPLES)
+    sp.add_argument("prompts", nargs="+", help='what to draw, e.g. "a photo of a sneaker" (several: one row each)')
+    sp.add_argument("--model", default="runs/gan-fm", help="GAN model or run directory (default: runs/gan-fm)")
+    sp.add_argument("-n", type=int, default=16, help="images per prompt (default 16)")
+    sp.add_argument("-o", "--out", default="grid.png", help="output PNG (default grid.png)")
+    sp.add_argument("--seed", type=int, default=None, help="fix the noise: the same seed gives the same images")
+    sp.add_argument("--to", default=None, help="interpolate from the prompt to this one (a strip PNG)")
+    sp.add_argument("--steps", type=int, default=8, help="images in the interpolation strip (default 8)")
+    sp.add_argument("--scale", type=int, default=2, help="upscale the PNG this many times (default 2)")
+    sp.add_argument("--device", default="cpu")
+
+    sp = add("generate-eval", "FID-FM / KID / IS-style / class consistency / CLIP score of a GAN (shapes: colour and "
+             "shape match)", cmd_generate_eval)  # fmt: skip
+    sp.add_argument("--model", required=True, nargs="+", help="GAN model or run directories (several: a table)")
+    sp.add_argument("--judge", default=None, help="fixed classifier directory (default runs/gan-judge/model)")
+    sp.add_argument("--n-per-class", type=int, default=1000, help="generated images per class prompt (default 1000)")
+    sp.add_argument("--inception-weights", default=None, help="local Inception-v3 weights file for the standard FID")
+    sp.add_argument("--out", default=None, help="results folder (default: RUN/eval)")
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--device", default="cpu")

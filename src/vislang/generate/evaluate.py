@@ -1,0 +1,205 @@
+"""Evaluate a trained text-to-image GAN (``vislang eval`` / ``vislang generate-eval`` on a GAN run).
+
+Fashion-MNIST (a dataset with class names): generate ``n_per_class`` images for "a photo of a {class}." per class and
+report class consistency, FID-FM and KID against the test split with the real-vs-real floor (train split against
+test split, same size) beside them, the Inception-Score-style score (generated and real), and the CLIP score of
+generated and real images against the same class prompts. Shapes: single-object prompts judged zero-shot by the
+dual encoder for colour and shape.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .metrics import (
+    attribute_match,
+    class_consistency_from_logits,
+    clip_score,
+    fid_kid_from_features,
+    inception_fid,
+    inception_style_score_from_logits,
+    judge_outputs,
+)
+from .sample import TextToImage, save_grid
+
+DEFAULT_JUDGE = "runs/gan-judge/model"  # a copy of `vislang finetune --model fmnist-cnn --method scratch`, frozen
+
+
+def load_judge(path: str | Path, device: str = "cpu") -> torch.nn.Module:
+    """The fixed classifier whose feature space FID-FM uses."""
+    from ..models.classifier import ImageClassifier
+
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no judge classifier at {p}; train a fixed Fashion-MNIST judge with `vislang finetune --model fmnist-cnn "
+            "--method scratch --out runs/finetune` and pass --judge runs/finetune/scratch/model (or copy it to "
+            f"{DEFAULT_JUDGE})"
+        )
+    return ImageClassifier.from_pretrained(p, device).eval()
+
+
+def _real_split(data: str, split: str, size: int, channels: int, n: int | None, seed: int = 0):
+    """(uint8 images (N, C, H, W), labels, captions) of a prepared split: a fixed random subset of ``n`` items."""
+    from ..train.config import DataConfig
+    from ..train.data import load_prepared
+
+    ds = load_prepared(data, split, size, channels, DataConfig(), progress=False)
+    idx = np.arange(len(ds))
+    if n is not None and n < len(ds):
+        idx = np.sort(np.random.default_rng(seed).choice(len(ds), n, replace=False))
+    batch = ds.get_batch(idx)
+    return batch["image"], batch["label"], [ds.captions[i] for i in idx], ds.classnames
+
+
+def evaluate_classes(
+    model: TextToImage,
+    judge: torch.nn.Module,
+    data: str = "fashion-mnist",
+    split: str = "test",
+    train_split: str = "train",
+    n_per_class: int = 1000,
+    seed: int = 0,
+    inception_weights: str | None = None,
+    n_real: int | None = None,
+) -> dict[str, Any]:
+    """Class-conditional evaluation (datasets with class names): see the module docstring. ``n_real`` limits the real
+    test images (default: the whole split)."""
+    from ..data.fashion_mnist import format_caption
+
+    cfg = model.cfg
+    real, real_labels, _, classnames = _real_split(data, split, cfg.image_size, cfg.channels, n_real, seed)
+    if not classnames:
+        raise ValueError(f"{data} has no class names; class consistency needs a labelled dataset (fashion-mnist)")
+    if len(judge.class_names) != len(classnames):
+        raise ValueError(f"the judge knows {len(judge.class_names)} classes, {data} has {len(classnames)}")
+    prompts = [format_caption("a photo of a {}.", c) for c in classnames]
+    t0 = time.perf_counter()
+    fake = model.generate(prompts, n=n_per_class, seed=seed)  # (K*n, C, H, W), class-major
+    gen_s = time.perf_counter() - t0
+    fake_labels = torch.arange(len(prompts)).repeat_interleave(n_per_class)
+    n = len(fake)
+    pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))[:n]  # as many real as generated
+    other, _, _, _ = _real_split(data, train_split, cfg.image_size, cfg.channels, n, seed)
+    out: dict[str, Any] = {"n_generated": n, "n_real": len(pick), "generation_images_per_s": n / gen_s}
+    real_all_f, real_all_l = judge_outputs(judge, real)  # each image set goes through the judge once
+    real_f, real_l = real_all_f[pick], real_all_l[pick]
+    fake_f, fake_l = judge_outputs(judge, fake)
+    other_f, _ = judge_outputs(judge, other)
+    gen = fid_kid_from_features(real_f, fake_f, seed=seed)
+    floor = fid_kid_from_features(real_f, other_f, seed=seed)
+    out.update({"fid_fm": gen["fid"], "kid_fm": gen["kid"], "kid_fm_std": gen["kid_std"]})
+    out.update({"fid_fm_floor": floor["fid"], "kid_fm_floor": floor["kid"]})
+    out["fid_fm_over_floor"] = gen["fid"] / max(floor["fid"], 1e-12)
+    out.update({f"{k}_generated": v for k, v in inception_style_score_from_logits(fake_l, seed=seed).items()})
+    out.update({f"{k}_real": v for k, v in inception_style_score_from_logits(real_l, seed=seed).items()})
+    cc = class_consistency_from_logits(fake_l, fake_labels)
+    out["class_consistency"] = cc["class_consistency"]
+    out["class_consistency_per_class"] = dict(zip(classnames, cc["per_class"]))
+    out["judge_accuracy_real"] = class_consistency_from_logits(real_all_l, real_labels)["class_consistency"]
+    prompt_emb = model.embed(prompts)  # (K, E)
+    out["clip_score_generated"] = clip_score(model.encoder, fake, prompt_emb[fake_labels])
+    out["clip_score_real"] = clip_score(model.encoder, real, prompt_emb[real_labels])
+    if inception_weights:
+        out["fid_inception"] = inception_fid(real[pick], fake, inception_weights)
+        out["fid_inception_floor"] = inception_fid(real[pick], other, inception_weights)
+    return out
+
+
+def evaluate_shapes(model: TextToImage, n_per_prompt: int = 50, seed: int = 0) -> dict[str, Any]:
+    """Single-object prompts ("a red circle") for every colour–shape pair of the shapes world, judged zero-shot by
+    the dual encoder over all pairs; real single-object scenes of the same pairs give the judge's own accuracy."""
+    from PIL import Image
+
+    from ..data.shapes import ShapesConfig, render, single_object_caption, single_object_scene
+
+    world = ShapesConfig()
+    held = world.holdout_set
+    out: dict[str, Any] = {}
+    for name, pairs in (("seen", world.allowed_combos), ("holdout", sorted(held))):
+        prompts = [single_object_caption(c, s) for c, s in pairs]
+        targets = [p for p in pairs for _ in range(n_per_prompt)]
+        fake = model.generate(prompts, n=n_per_prompt, seed=seed)
+        res = attribute_match(model.encoder, model.tokenizer, fake, world.colors, world.shapes, targets)
+        out[name] = {f"generated_{k}": v for k, v in res.items()}
+        rng = np.random.default_rng(seed)
+        size = model.cfg.image_size
+        real = [
+            np.asarray(render(single_object_scene(rng, world, c, s)).resize((size, size), Image.BILINEAR))
+            for c, s in targets
+        ]
+        real_t = torch.from_numpy(np.stack(real)).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)
+        res = attribute_match(model.encoder, model.tokenizer, real_t, world.colors, world.shapes, targets)
+        out[name].update({f"real_{k}": v for k, v in res.items()})
+        out[name]["prompts"] = len(prompts)
+        out[name]["images"] = len(targets)
+    return out
+
+
+def evaluate_gan(
+    model_dir: str | Path,
+    judge: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    n_per_class: int = 1000,
+    seed: int = 0,
+    inception_weights: str | None = None,
+    device: str = "cpu",
+    n_real: int | None = None,
+) -> dict[str, Any]:
+    """Evaluate a GAN model (or run) directory as its training data calls for; writes ``eval/results.json``."""
+    model = TextToImage.from_pretrained(model_dir, device)
+    data = model.meta.get("data", {}).get("train", "fashion-mnist")
+    out = Path(out_dir) if out_dir else Path(model_dir).resolve().parent / "eval"
+    if Path(model_dir).name != "model" and (Path(model_dir) / "model").is_dir() and not out_dir:
+        out = Path(model_dir) / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    if data == "shapes":
+        results = {"data": "shapes", **evaluate_shapes(model, n_per_prompt=max(1, n_per_class // 20), seed=seed)}
+    else:
+        results = {"data": data, "judge": str(judge or DEFAULT_JUDGE)}
+        results.update(
+            evaluate_classes(
+                model,
+                load_judge(judge or DEFAULT_JUDGE, device),
+                data,
+                n_per_class=n_per_class,
+                seed=seed,
+                inception_weights=inception_weights,
+                n_real=n_real,
+            )
+        )
+    prompts = model.sample_prompts or ["a photo of a sneaker."]
+    save_grid(model.generate(prompts, n=8, seed=seed), out / "samples.png", ncol=8, scale=2)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+TABLE_COLUMNS = (  # (key in results.json, column title, format)
+    ("class_consistency", "class consistency", "{:.1%}"),
+    ("fid_fm", "FID-FM", "{:.2f}"),
+    ("fid_fm_floor", "FID-FM floor (train vs test)", "{:.2f}"),
+    ("fid_fm_over_floor", "FID-FM / floor", "{:.1f}x"),
+    ("kid_fm", "KID-FM", "{:.4f}"),
+    ("kid_fm_floor", "KID-FM floor", "{:.4f}"),
+    ("is_generated", "IS-style (gen)", "{:.2f}"),
+    ("is_real", "IS-style (real)", "{:.2f}"),
+    ("clip_score_generated", "CLIP score (gen)", "{:.3f}"),
+    ("clip_score_real", "CLIP score (real)", "{:.3f}"),
+    ("judge_accuracy_real", "judge acc. (real)", "{:.1%}"),
+)
+
+
+def results_table(results: dict[str, dict[str, Any]]) -> str:
+    """A markdown table, one row per run, of the class-conditional metrics."""
+    head = "| run | " + " | ".join(t for _, t, _ in TABLE_COLUMNS) + " |"
+    lines = [head, "|---|" + "---:|" * len(TABLE_COLUMNS)]
+    for name, r in results.items():
+        cells = [fmt.format(r[k]) if isinstance(r.get(k), (int, float)) else "—" for k, _, fmt in TABLE_COLUMNS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,240 @@
+"""Text-conditioned GANs: a DCGAN-style generator with conditional BatchNorm, a projection discriminator, and the
+plain MLP pair kept as the baseline that the convolutional design has to beat.
+
+Both nets take the condition as a vector ``c`` (B, E): the normalised text embedding of a frozen vislang text tower.
+The generator maps (z, c) to an image in [-1, 1]; the discriminator maps (image, c) to one unbounded score per image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class GANModelConfig:
+    arch: str = "dcgan"  # dcgan (conv + conditional BatchNorm G, projection D) | mlp (the plain baseline)
+    z_dim: int = 64  # noise size
+    cond_dim: int = 128  # text-embedding size (set from the text tower when a run starts)
+    image_size: int = 28  # square side; dcgan needs image_size / 2**k >= 4 for some k >= 1 (28 → 7, 32 → 4)
+    channels: int = 1
+    g_width: int = 32  # generator channels at full resolution (x2 per halving); mlp: hidden size / 2
+    d_width: int = 32  # discriminator channels at full resolution (x2 per halving); mlp: hidden size / 2
+    spectral_norm: bool = True  # spectral normalisation of every discriminator layer (Miyato et al. 2018)
+    projection: bool = True  # D scores <embed(c), h> (Miyato & Koyama 2018); False = concatenate c instead
+
+
+def num_resamples(image_size: int) -> tuple[int, int]:
+    """(halvings, start side): as many ×2 steps as keep the smallest side an integer of at least 4."""
+    k, side = 0, image_size
+    while side % 2 == 0 and side // 2 >= 4:
+        side, k = side // 2, k + 1
+    if k == 0:
+        raise ValueError(f"image_size {image_size} cannot be halved down to a side >= 4; use 28, 32, 64 ...")
+    return k, side
+
+
+def _sn(module: nn.Module, on: bool) -> nn.Module:
+    return nn.utils.parametrizations.spectral_norm(module) if on else module
+
+
+class CondBatchNorm(nn.Module):
+    """BatchNorm whose scale and shift come from the condition (BigGAN / DF-GAN affine fusion): the text steers
+    every layer of the generator, not only its input."""
+
+    def __init__(self, channels: int, cond_dim: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels, affine=False)
+        self.gamma = nn.Linear(cond_dim, channels)
+        self.beta = nn.Linear(cond_dim, channels)
+        nn.init.zeros_(self.gamma.weight), nn.init.zeros_(self.gamma.bias)
+        nn.init.zeros_(self.beta.weight), nn.init.zeros_(self.beta.bias)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        g, b = self.gamma(c)[:, :, None, None], self.beta(c)[:, :, None, None]  # (B, C, 1, 1)
+        return self.bn(x) * (1 + g) + b
+
+
+class UpBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, cond_dim: int) -> None:
+        super().__init__()
+        # A 4×4 stride-2 transposed conv (DCGAN) costs 2.25× less than nearest upsampling + 3×3 conv on a CPU.
+        self.conv = nn.ConvTranspose2d(cin, cout, 4, 2, 1, bias=False)
+        self.norm = CondBatchNorm(cout, cond_dim)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.norm(self.conv(x), c))  # (B, cout, 2H, 2W)
+
+
+class DCGenerator(nn.Module):
+    """(z, c) → image: a linear map to a small (4w, s, s) map, then transposed-conv blocks up to full size."""
+
+    def __init__(self, cfg: GANModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        k, self.start = num_resamples(cfg.image_size)
+        widths = [cfg.g_width * 2 ** min(k - i, 3) for i in range(k + 1)]  # e.g. k=2: [4w, 2w, w]
+        self.fc = nn.Linear(cfg.z_dim + cfg.cond_dim, widths[0] * self.start**2)
+        self.norm0 = CondBatchNorm(widths[0], cfg.cond_dim)
+        self.blocks = nn.ModuleList(UpBlock(widths[i], widths[i + 1], cfg.cond_dim) for i in range(k))
+        self.out = nn.Conv2d(widths[-1], cfg.channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        x = self.fc(torch.cat([z, c], dim=1))  # (B, w0 * s * s)
+        x = x.view(x.shape[0], -1, self.start, self.start)  # (B, w0, s, s)
+        x = F.relu(self.norm0(x, c))
+        for block in self.blocks:
+            x = block(x, c)  # (B, w_i+1, 2H, 2W)
+        return torch.tanh(self.out(x))  # (B, C, H, W) in [-1, 1]
+
+
+class DCDiscriminator(nn.Module):
+    """Image → features h by strided convs; score = w·h + <embed(c), h> (projection) or an MLP over [h, c]."""
+
+    def __init__(self, cfg: GANModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        k, _ = num_resamples(cfg.image_size)
+        widths = [cfg.channels] + [cfg.d_width * 2 ** min(i, 3) for i in range(k + 1)]  # C, w, 2w, 4w ...
+        layers: list[nn.Module] = [_sn(nn.Conv2d(widths[0], widths[1], 3, padding=1), cfg.spectral_norm)]
+        for i in range(1, k + 1):
+            layers += [nn.LeakyReLU(0.2), _sn(nn.Conv2d(widths[i], widths[i + 1], 4, 2, 1), cfg.spectral_norm)]
+        self.convs = nn.Sequential(*layers)
+        width = widths[-1]
+        if cfg.projection:
+            self.head = _sn(nn.Linear(width, 1), cfg.spectral_norm)
+            self.embed = _sn(nn.Linear(cfg.cond_dim, width, bias=False), cfg.spectral_norm)
+        else:
+            self.head = nn.Sequential(
+                _sn(nn.Linear(width + cfg.cond_dim, width), cfg.spectral_norm),
+                nn.LeakyReLU(0.2),
+                _sn(nn.Linear(width, 1), cfg.spectral_norm),
+            )
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return F.leaky_relu(self.convs(x), 0.2).sum(dim=(2, 3))  # (B, W): sum pooling, as SN-GAN
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        h = self.features(x)  # (B, W)
+        if self.cfg.projection:
+            return self.head(h).squeeze(1) + (self.embed(c) * h).sum(dim=1)  # (B,)
+        return self.head(torch.cat([h, c], dim=1)).squeeze(1)
+
+
+class MLPGenerator(nn.Module):
+    """The baseline: [z, c] → three hidden layers → pixels (the conditional GAN of Mirza & Osindero, 2014)."""
+
+    def __init__(self, cfg: GANModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        h = 2 * cfg.g_width * 4  # 256 for g_width 32
+        self.net = nn.Sequential(
+            nn.Linear(cfg.z_dim + cfg.cond_dim, h),
+            nn.LeakyReLU(0.2),
+            nn.Linear(h, 2 * h),
+            nn.LeakyReLU(0.2),
+            nn.Linear(2 * h, 4 * h),
+            nn.LeakyReLU(0.2),
+            nn.Linear(4 * h, cfg.channels * cfg.image_size**2),
+        )
+
+    def forward(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        x = torch.tanh(self.net(torch.cat([z, c], dim=1)))  # (B, C*H*W)
+        return x.view(-1, self.cfg.channels, self.cfg.image_size, self.cfg.image_size)  # (B, C, H, W)
+
+
+class MLPDiscriminator(nn.Module):
+    """The baseline: [flattened image, c] → two hidden layers → score (concatenation, or projection if asked)."""
+
+    def __init__(self, cfg: GANModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        h = 2 * cfg.d_width * 4
+        cin = cfg.channels * cfg.image_size**2 + (0 if cfg.projection else cfg.cond_dim)
+        self.body = nn.Sequential(
+            _sn(nn.Linear(cin, 2 * h), cfg.spectral_norm),
+            nn.LeakyReLU(0.2),
+            _sn(nn.Linear(2 * h, h), cfg.spectral_norm),
+            nn.LeakyReLU(0.2),
+        )
+        self.head = _sn(nn.Linear(h, 1), cfg.spectral_norm)
+        self.embed = _sn(nn.Linear(cfg.cond_dim, h, bias=False), cfg.spectral_norm) if cfg.projection else None
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)  # (B, C*H*W)
+        if self.embed is None:
+            return self.head(self.body(torch.cat([x, c], dim=1))).squeeze(1)  # (B,)
+        h = self.body(x)  # (B, h)
+        return self.head(h).squeeze(1) + (self.embed(c) * h).sum(dim=1)
+
+
+ARCHS = {"dcgan": (DCGenerator, DCDiscriminator), "mlp": (MLPGenerator, MLPDiscriminator)}
+
+
+def build_gan(cfg: GANModelConfig) -> tuple[nn.Module, nn.Module]:
+    """(generator, discriminator) for ``cfg.arch``."""
+    if cfg.arch not in ARCHS:
+        raise ValueError(f"unknown GAN arch {cfg.arch!r}; choose one of {sorted(ARCHS)}")
+    g_cls, d_cls = ARCHS[cfg.arch]
+    return g_cls(cfg), d_cls(cfg)
+
+
+# --- losses ----------------------------------------------------------------------------------------------------------
+def d_real_loss(scores: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
+    """Discriminator loss for scores that should read "real" (hinge: max(0, 1 - s); bce: -log sigmoid(s))."""
+    if kind == "hinge":
+        return F.relu(1 - scores).mean()
+    if kind == "bce":
+        return F.softplus(-scores).mean()
+    raise ValueError(f"unknown GAN loss {kind!r}; choose hinge or bce")
+
+
+def d_fake_loss(scores: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
+    """Discriminator loss for scores that should read "fake" (hinge: max(0, 1 + s); bce: -log(1 - sigmoid(s)))."""
+    if kind == "hinge":
+        return F.relu(1 + scores).mean()
+    if kind == "bce":
+        return F.softplus(scores).mean()
+    raise ValueError(f"unknown GAN loss {kind!r}; choose hinge or bce")
+
+
+def d_loss(
+    real: torch.Tensor, fake: torch.Tensor, mismatch: torch.Tensor | None = None, weight: float = 1.0,
+    kind: str = "hinge",
+) -> torch.Tensor:  # fmt: skip
+    """real term + (fake term + weight · mismatch term) / (1 + weight): with ``mismatch`` the scores of real images
+    under wrong texts, the matching-aware loss of GAN-INT-CLS / DF-GAN; without it the plain GAN loss."""
+    if mismatch is None or mismatch.numel() == 0 or weight <= 0:
+        return d_real_loss(real, kind) + d_fake_loss(fake, kind)
+    return d_real_loss(real, kind) + (d_fake_loss(fake, kind) + weight * d_fake_loss(mismatch, kind)) / (1 + weight)
+
+
+def g_loss(fake: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
+    """Generator loss: hinge's -D, or the non-saturating -log sigmoid(D) of the original GAN."""
+    if kind == "hinge":
+        return -fake.mean()
+    if kind == "bce":
+        return F.softplus(-fake).mean()
+    raise ValueError(f"unknown GAN loss {kind!r}; choose hinge or bce")
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema ← decay·ema + (1-decay)·model for weights; buffers (BatchNorm statistics) are copied."""
+    for pe, p in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(p, 1 - decay)
+    for be, b in zip(ema.buffers(), model.buffers()):
+        be.copy_(b)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats → uint8 (B, C, H, W), as saved to PNG; metrics judge these, never unquantised floats."""
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def from_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, C, H, W) → floats in [-1, 1], the generator's output range."""
+    return images.float() / 127.5 - 1

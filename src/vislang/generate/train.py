@@ -1,0 +1,280 @@
+"""The GAN training loop (``vislang train`` with ``task: gan``): two optimizers, so its own loop, built from the
+library's pieces: prepared data, atomic checkpoints with RNG state, the metrics JSONL writer and a tqdm bar.
+
+Run layout (``cfg.out_dir``)::
+
+    config.yaml        the resolved run config          metrics.jsonl    one JSON line per log_every steps
+    samples/           step_NNNNNNN.png grids: fixed prompts (rows) × fixed noise (columns), from the EMA generator
+    checkpoints/       last.pt (atomic): G, D, EMA G, both optimizers, step, RNG states
+    model/             the final TextToImage directory (generator + the frozen dual encoder)
+
+Each step: one discriminator update on real (image, its text) against fake (G(z, text), text) and, weighted by
+``matching_aware``, (real image, another item's text), the mismatched pair GAN-INT-CLS and DF-GAN count as fake so
+that D judges agreement with the text, not realism alone; then one generator update through the updated D; then the
+EMA update.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from ..config import from_dict, to_dict
+from ..train.checkpoint import atomic_torch_save, load_checkpoint, rng_state, set_rng_state
+from ..train.config import GANConfig, TrainConfig
+from ..train.data import epoch_batches, load_prepared
+from ..train.loop import MetricsLog, pick_device
+from .models import GANModelConfig, build_gan, d_loss, ema_update, from_uint8, g_loss, to_uint8
+from .sample import TextToImage, save_grid
+
+
+@torch.no_grad()
+def embed_texts(encoder: torch.nn.Module, tokenizer, texts: list[str], batch_size: int = 512) -> torch.Tensor:
+    """Normalised text embeddings (N, E) with the frozen tower, in batches."""
+    encoder.eval()
+    dev = next(encoder.parameters()).device
+    parts = [
+        encoder.encode_text(tokenizer(texts[s : s + batch_size]).to(dev), normalize=True).float()
+        for s in range(0, len(texts), batch_size)
+    ]
+    return torch.cat(parts)
+
+
+def default_prompts(gan: GANConfig, classnames: list[str] | None, captions: list[str]) -> list[str]:
+    """Rows of the sample grid: the configured prompts, one class prompt per class, or the first distinct captions."""
+    if gan.sample_prompts:
+        return list(gan.sample_prompts)
+    if classnames:
+        from ..data.fashion_mnist import format_caption
+
+        return [format_caption("a photo of a {}.", c) for c in classnames]
+    return list(dict.fromkeys(captions))[:8]
+
+
+def mismatched(cond: torch.Tensor, max_cos: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices of wrong texts, keep mask): each item takes the text of the item ``shift`` places on; pairs whose
+    texts mean the same (cosine >= ``max_cos``, e.g. two templates of one class) are dropped, not counted as fake."""
+    b = cond.shape[0]
+    shift = int(torch.randint(1, b, (1,), generator=gen))
+    idx = (torch.arange(b) + shift) % b
+    keep = (cond * cond[idx]).sum(1) < max_cos  # (B,)
+    return idx, keep
+
+
+def gan_step(
+    G: torch.nn.Module,
+    D: torch.nn.Module,
+    G_ema: torch.nn.Module,
+    opt_g: torch.optim.Optimizer,
+    opt_d: torch.optim.Optimizer,
+    real: torch.Tensor,
+    c: torch.Tensor,
+    gan: GANConfig,
+    mis_gen: torch.Generator,
+) -> dict[str, float]:
+    """One discriminator update, one generator update through the updated D, one EMA update; returns the stats.
+
+    ``real`` are images in [-1, 1] (B, C, H, W), ``c`` their text embeddings (B, E). Noise comes from torch's global
+    generator (saved in checkpoints), the choice of wrong texts from ``mis_gen``.
+    """
+    b = real.shape[0]
+    fake = G(torch.randn(b, G.cfg.z_dim, device=real.device), c)  # (B, C, H, W)
+    imgs, conds = [real, fake.detach()], [c, c]
+    n_mis = 0
+    if gan.matching_aware > 0:
+        wrong, keep = mismatched(c.cpu(), gan.mismatch_max_cos, mis_gen)
+        keep = keep.to(real.device)
+        imgs.append(real[keep]), conds.append(c[wrong.to(real.device)][keep])
+        n_mis = int(keep.sum())
+    scores = D(torch.cat(imgs), torch.cat(conds))  # (2B + M,): real, fake, real-with-wrong-text
+    s_real, s_fake, s_mis = scores[:b], scores[b : 2 * b], scores[2 * b :]
+    loss_d = d_loss(s_real, s_fake, s_mis, gan.matching_aware, gan.loss)
+    opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    opt_d.step()
+    D.requires_grad_(False)  # the generator's update needs gradients through D, not for D's weights
+    loss_g = g_loss(D(fake, c), gan.loss)
+    opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    opt_g.step()
+    D.requires_grad_(True)
+    if G_ema is not G:
+        ema_update(G_ema, G, gan.ema_decay)
+    stats = {"loss_d": loss_d.item(), "loss_g": loss_g.item(), "d_real": s_real.mean().item()}
+    stats["d_fake"] = s_fake.mean().item()
+    if n_mis:
+        stats["d_mismatch"] = s_mis.mean().item()
+    return stats
+
+
+def train_gan(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Train a text-conditioned GAN as ``cfg`` (``task: gan``) says; returns the saved model directory."""
+    from ..factory import from_pretrained, get_tokenizer
+
+    gan = cfg.gan or GANConfig()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    out = Path(cfg.out_dir)
+    ckpt_path = out / "checkpoints" / "last.pt"
+    out.mkdir(parents=True, exist_ok=True)
+    if not resume and ckpt_path.exists():
+        raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out_dir")
+    if not Path(gan.text_model).is_dir():
+        raise FileNotFoundError(
+            f"gan.text_model {gan.text_model!r} is not a model directory; train a dual encoder first "
+            "(vislang train --config demo) and pass --gan.text_model=runs/NAME/model"
+        )
+    encoder = from_pretrained(gan.text_model, device).eval()
+    for p in encoder.parameters():
+        p.requires_grad_(False)
+    tokenizer = get_tokenizer(gan.text_model)
+    v = encoder.cfg.vision
+    mcfg = from_dict(
+        GANModelConfig,
+        {**gan.model, "cond_dim": encoder.cfg.embed_dim, "image_size": v.image_size, "channels": v.channels},
+        "gan.model",
+    )
+
+    d = cfg.data
+    data = load_prepared(d.train, d.train_split, v.image_size, v.channels, d, cfg.progress)
+    n = min(len(data), d.max_train) if d.max_train else len(data)
+    captions = data.captions[:n]
+    uniq, inverse = np.unique(np.asarray(captions, dtype=object).astype(str), return_inverse=True)
+    print(f"[vislang] embedding {len(uniq)} distinct captions of {n} images with the frozen text tower")
+    cond_table = embed_texts(encoder, tokenizer, list(uniq)).to(device)  # (U, E)
+    cap_index = torch.from_numpy(inverse.astype(np.int64))  # (N,)
+    prompts = default_prompts(gan, data.classnames, captions)
+    prompt_cond = embed_texts(encoder, tokenizer, prompts).to(device)  # (P, E)
+
+    torch.manual_seed(cfg.seed)
+    G, D = build_gan(mcfg)
+    G, D = G.to(device), D.to(device)
+    channels_last = device.type == "cpu" and mcfg.arch == "dcgan"  # ~1.4x faster small convs on a CPU (measured)
+    if channels_last:
+        G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
+    G_ema = copy.deepcopy(G).eval() if gan.ema_decay > 0 else G
+    for p in G_ema.parameters():
+        p.requires_grad_(G_ema is G)
+    opt_g = torch.optim.Adam(G.parameters(), lr=gan.lr_g, betas=gan.betas)
+    opt_d = torch.optim.Adam(D.parameters(), lr=gan.lr_d, betas=gan.betas)
+
+    steps_per_epoch = n // cfg.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"the training set has {n} images, fewer than one batch of {cfg.batch_size}; lower --batch_size"
+        )
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    fixed_z = torch.randn(gan.sample_per_prompt, mcfg.z_dim, generator=torch.Generator().manual_seed(cfg.seed + 1))
+    fixed_z = fixed_z.repeat(len(prompts), 1).to(device)  # (P*K, Z): the same K noises in every row
+    fixed_c = prompt_cond.repeat_interleave(gan.sample_per_prompt, dim=0)  # (P*K, E)
+    mis_gen = torch.Generator().manual_seed(cfg.seed + 2)
+    step, epoch, batch_in_epoch, elapsed_before = 0, 0, 0, 0.0
+    if resume:
+        state = load_checkpoint(ckpt_path)
+        G.load_state_dict(state["G"]), D.load_state_dict(state["D"])
+        if G_ema is not G:
+            G_ema.load_state_dict(state["G_ema"])
+        opt_g.load_state_dict(state["opt_g"]), opt_d.load_state_dict(state["opt_d"])
+        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        total_steps = cfg.max_steps or state["total_steps"]  # --max_steps extends (or ends) a resumed run
+        elapsed_before = state.get("elapsed_s", 0.0)
+        set_rng_state(state["rng"])
+        mis_gen.set_state(state["mis_rng"])
+        print(f"[vislang] resumed {ckpt_path} at step {step}/{total_steps}")
+
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    (out / "gan_model_config.json").write_text(json.dumps(to_dict(mcfg), indent=2))
+    log = MetricsLog(out / "metrics.jsonl", True)
+    t_start = time.time()
+
+    def elapsed() -> float:
+        return elapsed_before + time.time() - t_start
+
+    def save_checkpoint() -> None:
+        atomic_torch_save(
+            {
+                "G": G.state_dict(),
+                "D": D.state_dict(),
+                "G_ema": G_ema.state_dict(),
+                "opt_g": opt_g.state_dict(),
+                "opt_d": opt_d.state_dict(),
+                "step": step,
+                "epoch": epoch,
+                "batch_in_epoch": batch_in_epoch,
+                "total_steps": total_steps,
+                "elapsed_s": elapsed(),
+                "rng": rng_state(),
+                "mis_rng": mis_gen.get_state(),
+                "config": to_dict(cfg),
+            },
+            ckpt_path,
+        )
+
+    def write_samples() -> None:
+        G_ema.eval()
+        with torch.no_grad():
+            imgs = to_uint8(G_ema(fixed_z, fixed_c)).cpu()
+        save_grid(imgs, out / "samples" / f"step_{step:07d}.png", ncol=gan.sample_per_prompt, scale=2)
+        if G_ema is G:
+            G.train()
+
+    bar = tqdm(total=total_steps, initial=step, disable=not cfg.progress, desc="train gan", unit="step")
+    budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min else None
+    sums: dict[str, float] = {}
+    t_log, seen = time.time(), 0
+    G.train(), D.train()
+    while step < total_steps:
+        batches = epoch_batches(n, cfg.batch_size, cfg.seed, epoch)[:steps_per_epoch]
+        for idx in batches[batch_in_epoch:]:
+            real = from_uint8(data.get_batch(idx)["image"]).to(device)  # (B, C, H, W) in [-1, 1]
+            if channels_last:
+                real = real.contiguous(memory_format=torch.channels_last)
+            c = cond_table[cap_index[torch.as_tensor(idx)].to(device)]  # (B, E)
+            stats = gan_step(G, D, G_ema, opt_g, opt_d, real, c, gan, mis_gen)
+            if not (math.isfinite(stats["loss_d"]) and math.isfinite(stats["loss_g"])):
+                raise FloatingPointError(f"GAN losses became non-finite at step {step}; lower --gan.lr_d/--gan.lr_g")
+            b = real.shape[0]
+            step, batch_in_epoch, seen = step + 1, batch_in_epoch + 1, seen + b
+            for k, val in stats.items():
+                sums[k] = sums.get(k, 0.0) + val
+            bar.update(1)
+            if budget_s and elapsed() >= budget_s and step < total_steps:
+                # GAN learning rates are constant, so a time budget simply ends the run when it is spent.
+                total_steps = step
+                print(f"[vislang] time budget {cfg.time_budget_min} min spent: stopping at step {step}")
+            if step % cfg.log_every == 0 or step == total_steps:
+                k = cfg.log_every if step % cfg.log_every == 0 else max(1, step % cfg.log_every)
+                rec = {"step": step, "epoch": round(epoch + batch_in_epoch / len(batches), 4)}
+                rec.update({key: val / k for key, val in sums.items()})  # d_mismatch: mean over steps that had one
+                rec.update(images_per_s=seen / max(time.time() - t_log, 1e-9), elapsed_s=round(elapsed(), 2))
+                log.write(rec)
+                bar.set_postfix(d=f"{rec['loss_d']:.3f}", g=f"{rec['loss_g']:.3f}", ips=f"{rec['images_per_s']:.0f}")
+                sums, t_log, seen = {}, time.time(), 0
+            if gan.sample_every and step % gan.sample_every == 0:
+                write_samples()
+            if step % cfg.save_every == 0:
+                save_checkpoint()
+            if step >= total_steps:
+                break
+        if batch_in_epoch >= len(batches):
+            epoch, batch_in_epoch = epoch + 1, 0
+    bar.close()
+    write_samples()
+    save_checkpoint()
+    model = TextToImage(mcfg, G_ema, encoder, tokenizer, {"sample_prompts": prompts})
+    extra = {
+        "train": {"steps": step, "seconds": round(elapsed(), 1), "data": d.train, "text_model": gan.text_model},
+        "data": {"train": d.train, "train_split": d.train_split, "val_split": d.val_split},
+    }
+    model_dir = model.save_pretrained(out / "model", extra)
+    print(f"[vislang] trained {step} GAN steps in {elapsed():.0f} s; model saved to {model_dir}")
+    return model_dir

@@ -1,0 +1,80 @@
+"""The models behind ``/v1/caption`` and ``/v1/vqa``, loaded once when the server starts.
+
+``vislang caption`` and ``vislang vqa`` load their model per command; a server answers many requests, so here the
+model, tokenizer and preprocessing are kept, and each request only runs the forward passes. The decoding itself is
+the library's: ``vislang.generation.caption`` (what ``vislang caption`` calls) and the VQA model's answer head (what
+``vislang vqa`` reads). Bad questions raise ValueError with a message fit for a 400 answer.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from PIL import Image
+
+
+class Captioner:
+    """A captioning (CoCa) model directory, ready to caption one image at a time.
+
+    Args:
+        model_dir: a model trained with ``vislang train --config caption``.
+        device: where the model runs.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike, device: str = "cpu") -> None:
+        from ..factory import from_pretrained, get_tokenizer, image_transforms
+
+        self.model = from_pretrained(model_dir, device).eval()
+        if getattr(self.model.cfg, "decoder", None) is None:
+            raise ValueError(
+                f"{model_dir} holds a dual encoder without a caption decoder, so it cannot caption; pass a model "
+                "trained with `vislang train --config caption` as --caption-model"
+            )
+        self.tokenizer = get_tokenizer(model_dir)
+        _, self.preprocess = image_transforms(self.model.cfg)
+        self.device = device
+        self.max_tokens = self.model.cfg.text.context_length - 1  # the begin token takes one place of the context
+
+    def __call__(self, image: Image.Image, max_length: int = 20, beam: int = 1) -> str:
+        from ..generation import caption
+
+        x = self.preprocess(image).unsqueeze(0).to(self.device)  # (1, C, H, W) normalised
+        return caption(self.model, self.tokenizer, x, max_length=max_length, beam=beam)[0]
+
+
+class QuestionAnswerer:
+    """A VQA model directory (``vislang ablate-fusion`` or ``train_vqa``), ready to answer one question at a time.
+
+    Args:
+        model_dir: a directory written by ``vislang.models.vqa.save_vqa``.
+        device: where the model runs.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike, device: str = "cpu") -> None:
+        from ..models.vqa import load_vqa
+
+        self.model, self.tokenizer, self.answers = load_vqa(model_dir, device)
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, image: Image.Image, question: str, top_k: int = 1) -> list[dict[str, Any]]:
+        """The ``top_k`` most probable answers, ``[{"answer", "probability"}, ...]``, best first."""
+        from ..data.transforms import normalize, pil_to_array
+
+        question = " ".join(str(question).split())
+        if not question:
+            raise ValueError('the question is empty; ask something about the image, e.g. "what colour is the circle?"')
+        n_tokens = len(self.tokenizer.encode_ids([question])[0]) + 2  # + begin and end tokens
+        if n_tokens > self.tokenizer.context_length:
+            raise ValueError(
+                f"the question has {n_tokens} tokens but the model reads at most {self.tokenizer.context_length}; "
+                "ask a shorter question"
+            )
+        v = self.model.cfg.vision
+        arr = torch.from_numpy(pil_to_array(image, v.image_size, v.channels)).permute(2, 0, 1)[None]  # (1, C, H, W)
+        x = normalize(arr, v.mean, v.std).to(self.device)
+        probs = self.model(x, self.tokenizer([question]).to(self.device))["logits"][0].softmax(-1)  # (A,)
+        p, k = probs.topk(min(top_k, len(self.answers)))
+        return [{"answer": self.answers[i], "probability": float(q)} for q, i in zip(p.tolist(), k.tolist())]

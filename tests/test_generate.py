@@ -1,0 +1,392 @@
+"""Text → image GAN: model shapes, the projection discriminator's use of the text, the metrics (FID against a
+reference and torchmetrics, KID, IS-style, class consistency), reproducible generation, bad input, and a CPU smoke
+run of training (with exact resume), `vislang generate` and the evaluator."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from vislang.generate.metrics import (
+    class_consistency,
+    clip_score,
+    fid_kid,
+    frechet_distance,
+    inception_style_score,
+)
+from vislang.generate.models import GANModelConfig, build_gan, d_loss, from_uint8, num_resamples, to_uint8
+from vislang.generate.sample import TextToImage, check_prompts, is_gan_dir, slerp
+from vislang.generate.train import mismatched
+
+FM_CAPTIONS = [f"a photo of a {c}." for c in ("sneaker", "bag", "coat", "dress", "sandal", "shirt")] + [
+    f"a small photo of a {c}." for c in ("sneaker", "bag", "coat", "dress", "sandal", "shirt")
+]
+
+
+@pytest.fixture(scope="module")
+def text_model_dir(tmp_path_factory) -> Path:
+    """An (untrained) tiny Fashion-MNIST-shaped dual encoder with a tokenizer trained on a few captions."""
+    from vislang.factory import fit_config_to_tokenizer, save_pretrained
+    from vislang.models import CLIP, ModelConfig, TextConfig, VisionConfig
+    from vislang.tokenizers import Tokenizer
+
+    tok = Tokenizer.train(FM_CAPTIONS * 3, vocab_size=120, context_length=24)
+    cfg = ModelConfig(
+        embed_dim=16,
+        vision=VisionConfig(arch="cnn", image_size=28, channels=1, width=4, depth=2, mean=(0.3,), std=(0.35,)),
+        text=TextConfig(arch="transformer", vocab_size=120, context_length=24, width=16, layers=1, heads=2),
+    )
+    torch.manual_seed(0)
+    model = CLIP(fit_config_to_tokenizer(cfg, tok))
+    d = tmp_path_factory.mktemp("text") / "model"
+    save_pretrained(model.eval(), d, tok)
+    return d
+
+
+@pytest.fixture(scope="module")
+def t2i(text_model_dir) -> TextToImage:
+    from vislang.factory import from_pretrained, get_tokenizer
+
+    torch.manual_seed(0)
+    cfg = GANModelConfig(arch="dcgan", z_dim=8, cond_dim=16, image_size=28, channels=1, g_width=4, d_width=4)
+    g, _ = build_gan(cfg)
+    return TextToImage(cfg, g, from_pretrained(text_model_dir), get_tokenizer(text_model_dir), {"sample_prompts": []})
+
+
+# --- models ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["dcgan", "mlp"])
+@pytest.mark.parametrize("size,channels", [(28, 1), (32, 3)])
+def test_generator_and_discriminator_shapes(arch, size, channels):
+    cfg = GANModelConfig(arch=arch, z_dim=8, cond_dim=12, image_size=size, channels=channels, g_width=4, d_width=4)
+    g, d = build_gan(cfg)
+    z, c = torch.randn(5, 8), torch.randn(5, 12)
+    x = g(z, c)
+    assert x.shape == (5, channels, size, size)
+    assert x.min() >= -1 and x.max() <= 1  # tanh range, what to_uint8 expects
+    assert d(x, c).shape == (5,)
+    assert num_resamples(size)[1] >= 4
+
+
+def test_unsupported_size_and_arch_are_clear_errors():
+    with pytest.raises(ValueError, match="image_size 7"):
+        num_resamples(7)
+    with pytest.raises(ValueError, match="unknown GAN arch"):
+        build_gan(GANModelConfig(arch="vae"))
+
+
+@pytest.mark.parametrize("arch", ["dcgan", "mlp"])
+def test_projection_discriminator_uses_the_text(arch):
+    torch.manual_seed(0)
+    cfg = GANModelConfig(arch=arch, z_dim=8, cond_dim=12, g_width=4, d_width=4, projection=True)
+    _, d = build_gan(cfg)
+    d.eval()
+    x = torch.rand(4, 1, 28, 28) * 2 - 1
+    c1, c2 = torch.randn(4, 12), torch.randn(4, 12)
+    assert not torch.allclose(d(x, c1), d(x, c2))  # the score depends on the text
+    # ... and only through the projection <embed(c), h>: without it, the text no longer matters
+    d.embed = nn.Linear(12, d.head.in_features, bias=False)
+    nn.init.zeros_(d.embed.weight)
+    torch.testing.assert_close(d(x, c1), d(x, c2))
+
+
+def test_matching_aware_loss_counts_wrong_text_as_fake():
+    real, fake = torch.full((4,), 2.0), torch.full((4,), -2.0)  # a perfect D on real vs fake: hinge loss 0
+    assert float(d_loss(real, fake)) == 0.0
+    assert float(d_loss(real, fake, mismatch=torch.full((4,), 2.0))) > 0  # wrong text scored "real" is penalised
+    assert float(d_loss(real, fake, mismatch=torch.full((4,), -2.0))) == 0.0
+
+
+def test_mismatched_texts_skip_pairs_that_mean_the_same():
+    c = nn.functional.normalize(torch.tensor([[1.0, 0], [1.0, 0.01], [0, 1.0], [0, 1.0]]), dim=1)
+    for seed in range(5):
+        idx, keep = mismatched(c, 0.9, torch.Generator().manual_seed(seed))
+        assert (idx != torch.arange(4)).all()
+        assert torch.equal(keep, (c * c[idx]).sum(1) < 0.9)
+
+
+def test_uint8_round_trip():
+    x = torch.randint(0, 256, (3, 1, 4, 4), dtype=torch.uint8)
+    assert torch.equal(to_uint8(from_uint8(x)), x)
+
+
+# --- metrics --------------------------------------------------------------------------------------------------------
+class TinyJudge(nn.Module):
+    """The judge interface: features(), forward() logits, class_names; a fixed random projection of the pixels."""
+
+    class_names = ["dark", "bright"]
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(28 * 28, dim)
+        self.num_features = dim + 1
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        edges = (x[..., 1:] - x[..., :-1]).abs().flatten(1).mean(1, keepdim=True)  # high-frequency energy (B, 1)
+        return torch.cat([torch.tanh(self.proj(x.flatten(1))), 10 * edges], dim=1)  # (B, dim + 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.flatten(1).mean(1, keepdim=True)  # mean brightness in [0, 1]
+        return torch.cat([(0.5 - m) * 20, (m - 0.5) * 20], dim=1)
+
+
+def _images(n: int, seed: int, bright: bool | None = None) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 28, 28, generator=g) * 0.5
+    if bright is None:
+        x[: n // 2] += 0.5
+    elif bright:
+        x += 0.5
+    return (x * 255).round().to(torch.uint8)
+
+
+@pytest.mark.filterwarnings("ignore:Metric `Kernel Inception Distance`")
+def test_fid_of_a_set_against_itself_is_zero_and_grows_with_noise():
+    judge = TinyJudge()
+    real = _images(300, 0)
+    assert abs(fid_kid(judge, real, real)["fid"]) < 1e-3
+    fids, kids = [], []
+    for sigma in (10, 40, 90):
+        noisy = real.float() + sigma * torch.randn(real.shape, generator=torch.Generator().manual_seed(1))
+        r = fid_kid(judge, real, noisy.clamp(0, 255).round().to(torch.uint8))
+        fids.append(r["fid"]), kids.append(r["kid"])
+    assert fids[0] > 1e-3 and fids == sorted(fids), fids
+    assert kids == sorted(kids), kids
+
+
+def test_torchmetrics_fid_matches_the_formula():
+    judge = TinyJudge()
+    a, b = _images(200, 0), _images(200, 3, bright=True)
+    with torch.no_grad():
+        fa, fb = (judge.features(x.float() / 255) for x in (a, b))
+    ref = frechet_distance(fa, fb)
+    assert ref > 0.01
+    assert fid_kid(judge, a, b)["fid"] == pytest.approx(ref, rel=1e-3, abs=1e-4)
+
+
+def test_inception_style_score_and_class_consistency():
+    judge = TinyJudge()
+    mixed, dark = _images(200, 0), _images(200, 1, bright=False)
+    assert inception_style_score(judge, mixed, splits=2)["is"] == pytest.approx(2.0, abs=0.05)  # both classes, sure
+    assert inception_style_score(judge, dark, splits=2)["is"] == pytest.approx(1.0, abs=0.05)  # one class only
+    labels = torch.tensor([1] * 100 + [0] * 100)
+    res = class_consistency(judge, mixed, labels)
+    assert res["class_consistency"] == 1.0 and res["per_class"] == [1.0, 1.0]
+    assert class_consistency(judge, mixed, 1 - labels)["class_consistency"] == 0.0
+
+
+def test_fid_needs_two_images():
+    with pytest.raises(ValueError, match="at least 2 images"):
+        fid_kid(TinyJudge(), _images(1, 0), _images(5, 0))
+
+
+def test_clip_score_is_a_mean_cosine(t2i):
+    imgs = _images(6, 0)
+    text = t2i.embed(["a photo of a bag."]).repeat(6, 1)
+    s = clip_score(t2i.encoder, imgs, text)
+    assert -1 <= s <= 1
+    assert s == pytest.approx(-clip_score(t2i.encoder, imgs, -text), abs=1e-5)
+
+
+# --- generation -----------------------------------------------------------------------------------------------------
+def test_generation_with_a_fixed_seed_is_reproducible(t2i):
+    a = t2i.generate(["a photo of a sneaker", "a photo of a bag"], n=3, seed=7)
+    b = t2i.generate(["a photo of a sneaker", "a photo of a bag"], n=3, seed=7)
+    c = t2i.generate(["a photo of a sneaker", "a photo of a bag"], n=3, seed=8)
+    assert a.shape == (6, 1, 28, 28) and a.dtype == torch.uint8
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    more = t2i.generate("a photo of a sneaker", n=5, seed=7)
+    assert torch.equal(more[:3], a[:3])  # the first images of a seed do not depend on -n
+
+
+def test_interpolation_strip_moves_between_prompts(t2i):
+    strip = t2i.interpolate("a photo of a sneaker", "a photo of a bag", steps=5, seed=0)
+    assert strip.shape == (5, 1, 28, 28)
+    first, last = t2i.generate("a photo of a sneaker", n=1, seed=0), t2i.generate("a photo of a bag", n=1, seed=0)
+    assert (strip[0].int() - first[0].int()).abs().max() <= 1  # same noise and (up to rounding) the same condition
+    assert (strip[-1].int() - last[0].int()).abs().max() <= 1
+    a, b = nn.functional.normalize(torch.randn(2, 8), dim=1)
+    path = slerp(a, b, torch.linspace(0, 1, 4))
+    torch.testing.assert_close(path.norm(dim=1), torch.ones(4))
+
+
+def test_bad_prompts_and_counts_are_clear_errors(t2i):
+    with pytest.raises(ValueError, match="empty"):
+        t2i.generate(["   "], n=1)
+    with pytest.raises(ValueError, match="none of the words"):
+        t2i.generate(["zxqv blorptang"], n=1)
+    with pytest.raises(ValueError, match="at least 1"):
+        t2i.generate(["a photo of a bag"], n=0)
+    with pytest.raises(ValueError, match="at most 4096"):
+        t2i.generate(["a photo of a bag"], n=100_000)
+    with pytest.warns(UserWarning, match="never seen"):
+        check_prompts(["a photo of a zxqv"], t2i.tokenizer)
+
+
+def test_save_and_load_round_trip(t2i, tmp_path):
+    d = t2i.save_pretrained(tmp_path / "model", {"data": {"train": "fashion-mnist"}})
+    assert is_gan_dir(d) and is_gan_dir(tmp_path) and not is_gan_dir(tmp_path / "nothing")
+    back = TextToImage.from_pretrained(tmp_path)  # a run directory works too
+    assert torch.equal(back.generate("a photo of a coat", n=2, seed=1), t2i.generate("a photo of a coat", n=2, seed=1))
+    with pytest.raises(ValueError, match="not a text-to-image GAN"):
+        TextToImage.from_pretrained(d / "text_encoder")
+
+
+# --- training, CLI, evaluation (CPU smoke) ----------------------------------------------------------------------------
+def _cfg(text_model_dir, out: Path, steps: int, arch: str = "dcgan"):
+    from vislang.train.config import load_train_config
+
+    return load_train_config(
+        None,
+        [
+            "task=gan",
+            "data.train=fashion-mnist",
+            "data.max_train=256",
+            "batch_size=32",
+            f"max_steps={steps}",
+            "log_every=2",
+            "save_every=3",
+            "progress=false",
+            "threads=1",
+            f"out_dir={out}",
+            f"gan.text_model={text_model_dir}",
+            f"gan.model.arch={arch}",
+            "gan.model.z_dim=8",
+            "gan.model.g_width=4",
+            "gan.model.d_width=4",
+            "gan.sample_every=3",
+            "gan.sample_per_prompt=2",
+            "gan.mismatch_max_cos=1.5",  # an untrained tower embeds every caption alike: keep all wrong pairs
+        ],
+    )
+
+
+def _generator_state(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
+
+
+def test_train_resumes_exactly_and_writes_the_run(text_model_dir, tmp_path):
+    from vislang.generate.train import train_gan
+
+    straight = train_gan(_cfg(text_model_dir, tmp_path / "a", 6))
+    train_gan(_cfg(text_model_dir, tmp_path / "b", 3))
+    resumed = train_gan(_cfg(text_model_dir, tmp_path / "b", 6), resume=True)
+    for k, v in _generator_state(straight).items():
+        torch.testing.assert_close(_generator_state(resumed)[k], v, msg=k)
+    run = tmp_path / "a"
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [2, 4, 6] and all("loss_d" in r and "d_mismatch" in r for r in lines)
+    assert (run / "samples" / "step_0000003.png").is_file() and (run / "checkpoints" / "last.pt").is_file()
+    with pytest.raises(FileExistsError, match="--resume"):
+        train_gan(_cfg(text_model_dir, run, 6))
+
+
+def test_cli_train_generate_and_eval(text_model_dir, tmp_path, monkeypatch):
+    from PIL import Image
+
+    from vislang.cli import main
+
+    run = tmp_path / "run"
+    args = [f"--{o}" for o in _cfg_overrides(text_model_dir, run)]
+    assert main(["train", *args]) == 0
+    grid = tmp_path / "grid.png"
+    assert (
+        main(["generate", "a photo of a sneaker", "-n", "4", "-o", str(grid), "--seed", "0", "--model", str(run)]) == 0
+    )
+    assert Image.open(grid).size == (2 * (4 * 30 + 2), 2 * 32)  # 4 images of 28 px, 2 px gaps, scale 2
+    strip = tmp_path / "strip.png"
+    argv = ["generate", "a photo of a bag", "--to", "a photo of a coat", "--steps", "3", "-o", str(strip)]
+    assert main([*argv, "--model", str(run)]) == 0 and strip.is_file()
+    assert main(["generate", "", "-o", str(grid), "--model", str(run)]) == 2
+    assert main(["generate", "a photo of a bag", "-n", "0", "-o", str(grid), "--model", str(run)]) == 2
+
+    calls = []
+    monkeypatch.setattr("vislang.generate.evaluate.evaluate_gan", lambda m, **kw: calls.append(m) or {"fid_fm": 1.0})
+    assert main(["eval", "--model", str(run)]) == 0 and calls == [str(run)]  # `vislang eval` dispatches a GAN run
+    monkeypatch.undo()
+
+    judge = _tiny_fm_judge(tmp_path / "judge")
+    from vislang.generate.evaluate import evaluate_gan
+
+    res = evaluate_gan(run, judge=judge, n_per_class=3, n_real=100)
+    assert res["n_generated"] == 30 and 0 <= res["class_consistency"] <= 1
+    assert res["fid_fm"] > 0 and res["fid_fm_floor"] >= 0 and "clip_score_real" in res
+    assert (run / "eval" / "results.json").is_file()
+
+
+def _cfg_overrides(text_model_dir, out):
+    cfg_list = [
+        "task=gan",
+        "data.max_train=128",
+        "batch_size=32",
+        "max_steps=2",
+        "progress=false",
+        "threads=1",
+        f"out_dir={out}",
+        f"gan.text_model={text_model_dir}",
+        "gan.model.arch=mlp",
+        "gan.model.z_dim=8",
+        "gan.model.g_width=4",
+        "gan.model.d_width=4",
+        "gan.sample_every=0",
+    ]
+    return cfg_list
+
+
+def _tiny_fm_judge(d: Path) -> Path:
+    from vislang.data.fashion_mnist import FASHION_MNIST_LABELS
+    from vislang.models import VisionConfig
+    from vislang.models.classifier import ClassifierConfig, ImageClassifier
+
+    torch.manual_seed(0)
+    v = VisionConfig(arch="cnn", image_size=28, channels=1, width=4, depth=2, mean=(0.3,), std=(0.35,))
+    ImageClassifier(ClassifierConfig(vision=v, class_names=tuple(FASHION_MNIST_LABELS))).save_pretrained(d)
+    return d
+
+
+def test_missing_text_model_is_a_clear_error(tmp_path):
+    from vislang.generate.train import train_gan
+
+    cfg = _cfg(tmp_path / "nope", tmp_path / "run", 1)
+    with pytest.raises(FileNotFoundError, match="gan.text_model"):
+        train_gan(cfg)
+
+
+def test_packaged_gan_configs_load():
+    from vislang.cli import PACKAGED_CONFIGS
+    from vislang.train.config import load_train_config
+
+    for name in ("gan", "gan-mlp", "gan-shapes"):
+        cfg = load_train_config(PACKAGED_CONFIGS / f"{name}.yaml")
+        assert cfg.task == "gan" and cfg.gan is not None
+        GANModelConfig(**cfg.gan.model)  # every model key is a real field
+    assert load_train_config(None).gan is None  # other runs are unchanged
+
+
+def test_judge_interface_without_preprocess_scales_pixels():
+    judge = TinyJudge()
+    x = _images(4, 0)
+    from vislang.generate.metrics import JudgeFeatures
+
+    torch.testing.assert_close(JudgeFeatures(judge)(x), judge.features(x.float() / 255))
+    assert np.isfinite(frechet_distance(torch.randn(50, 3), torch.randn(50, 3)))
+
+
+def test_gan_throughput_benchmark_smoke(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gan_throughput", Path("benchmarks/gan_throughput.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = bench.main(["--smoke", "--threads", "1", "--json", str(tmp_path / "b.json")])
+    assert [r["arch"] for r in out["rows"]] == ["dcgan", "mlp"]
+    assert all(r["train_images_per_s"] > 0 and r["generate_images_per_s"] > 0 for r in out["rows"])
+    assert json.loads((tmp_path / "b.json").read_text())["ratio"]["train_dcgan_over_mlp"] > 0
