@@ -67,7 +67,7 @@ def test_train_throughput_smoke(tmp_path: Path) -> None:
         env=env,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=300,
     )
     assert proc.returncode == 0, f"train_throughput failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     lines = proc.stdout.splitlines()

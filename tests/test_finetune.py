@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 import vislang
-from vislang.finetune import FinetuneConfig, NoLabelsError, finetune, load_labelled
+from vislang.finetune import FinetuneConfig, NoLabelsError, finetune, load_labelled, run_method
 from vislang.finetune.data import LabelledImages
 from vislang.finetune.run import Splits, augment, fit_probe_head
 from vislang.models.classifier import ClassifierConfig, ImageClassifier
@@ -63,6 +63,10 @@ def test_probe_full_scratch_end_to_end(setup):
     assert results["full"]["trainable_params"] == results["scratch"]["trainable_params"] > 3 * model.visual.width
     assert results["probe"]["test_top1"] >= 0.8  # brightness classes are linearly separable in any CNN's features
     assert "C" in results["full"]["probe"]  # LP-FT: full starts from the probe's head
+
+    # full from a classifier directory continues from its head instead of fitting a probe again
+    again = run_method("full", dataclasses.replace(cfg, model=str(tmp_path / "out" / "probe" / "model")))
+    assert again["probe"] == {"from": str(tmp_path / "out" / "probe" / "model"), "fit_s": 0.0}
 
 
 def test_probe_head_matches_sklearn(setup):

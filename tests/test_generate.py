@@ -316,8 +316,8 @@ def test_cli_train_generate_and_eval(text_model_dir, tmp_path, monkeypatch):
     judge = _tiny_fm_judge(tmp_path / "judge")
     from vislang.generate.evaluate import evaluate_gan
 
-    res = evaluate_gan(run, judge=judge, n_per_class=3, n_real=100)
-    assert res["n_generated"] == 30 and 0 <= res["class_consistency"] <= 1
+    res = evaluate_gan(run, judge=judge, n_per_class=420, n_real=100)  # 4200 images: past the 4096 cap per call
+    assert res["n_generated"] == 4200 and 0 <= res["class_consistency"] <= 1
     assert res["fid_fm"] > 0 and res["fid_fm_floor"] >= 0 and "clip_score_real" in res
     assert (run / "eval" / "results.json").is_file()
 

@@ -151,7 +151,7 @@ def test_classify_upload_and_indexed(client, world):
 @pytest.mark.parametrize(
     "task, words",
     [("caption", "restart it with --caption-model DIR"), ("vqa", "restart it with --vqa-model DIR"),
-     ("generate", "not available yet")],
+     ("generate", "restart it with --generate-model DIR")],
 )  # fmt: skip
 def test_generative_endpoints_answer_501_without_their_models(client, task, words):
     assert_error(client.post(f"/v1/{task}", json={"image_id": 1, "question": "x"}), 501, words)

@@ -199,3 +199,31 @@ def test_caption_button_and_question_box(world, browser):
         top = answer["answers"][0]
         assert page.text_content(f"{card} .generated") == f"{top['answer']} ({top['probability']:.2f})"
         page.close()
+
+
+def test_generate_box(world, browser):
+    from test_serve_generate import PROMPT, make_tiny_gan
+
+    with ServerThread(create_app(world["index"])) as url:  # no GAN: no generate box
+        page = browser.new_page()
+        page.goto(url + "/")
+        page.wait_for_function("() => capabilities.search === true", timeout=TIMEOUT_MS)
+        assert not page.is_visible("#generate-form")
+        page.close()
+    with ServerThread(create_app(world["index"], generate_model=make_tiny_gan(world["root"]))) as url:
+        page = browser.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        page.goto(url + "/")
+        page.wait_for_selector("#generate-form", state="visible")
+        page.fill("#prompt", PROMPT)
+        page.click("#draw")
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('#drawn img')].filter(i => i.complete && i.naturalWidth === 28)"
+            ".length === 8"
+        )
+        assert f'8 image(s) of "{PROMPT}"' in page.text_content("#status")
+        page.fill("#prompt", "zxqv blorptang")  # the library's prompt check, shown as the page's error
+        page.click("#draw")
+        page.wait_for_function("() => document.querySelector('#status').classList.contains('error')")
+        assert "none of the words" in page.text_content("#status")
+        page.close()

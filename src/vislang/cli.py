@@ -88,6 +88,14 @@ def _train_vqa(path: str, overrides: list[str], resume: bool) -> int:
     return 0
 
 
+def cmd_export_images(args: argparse.Namespace, extra: list[str]) -> int:
+    from .data.export import export_images
+
+    out = export_images(args.src, args.out, split=args.split, n=args.n)
+    print(f"wrote {args.n if args.n else 'all'} image(s) with .txt captions to {out}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     from .evaluation.run import evaluate_model_dir
     from .generate.sample import is_gan_dir
@@ -232,6 +240,10 @@ EXAMPLES = {
         examples:
           vislang train --config itm                         # shapes dual encoder + cross-attention ITM head
           vislang rerank-eval --model runs/itm/model --data shapes --split test,holdout""",
+    "export-images": """
+        examples:
+          vislang export-images shapes runs/scenes --n 8      # runs/scenes/000000.png + 000000.txt, ...
+          vislang export-images fashion-mnist runs/fm --n 100 --split train""",
     "prepare": """
         Decodes and resizes a dataset once into memory-mapped arrays (re-used by every run that needs that size).
         examples:
@@ -266,7 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         return sp
 
-    sp = add("train", "train any vislang model from a YAML config (its task: key) plus --key=value overrides", cmd_train)
+    sp = add(
+        "train", "train any vislang model from a YAML config (its task: key) plus --key=value overrides", cmd_train
+    )
     sp.add_argument("--config", help=f"YAML/JSON run config, or a packaged one: {', '.join(_packaged_names())}")
     sp.add_argument("--resume", action="store_true", help="continue the run in out_dir from its last checkpoint")
 
@@ -293,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default=None, help="also write the results JSON here")
     sp.add_argument("--cache-dir", default=".cache/vislang/prepared", help="where prepared images are kept")
     sp.add_argument("--device", default="cpu")
+
+    sp = add("export-images", "write a dataset's images as PNG files with same-named .txt captions", cmd_export_images)
+    sp.add_argument("src", help="fashion-mnist | shapes | openclipart | a file or folder any command reads")
+    sp.add_argument("out", help="output folder")
+    sp.add_argument("--split", default="test", help="split of a named dataset (default test)")
+    sp.add_argument("--n", type=int, default=16, help="how many (default 16; 0 = all)")
 
     sp = add("prepare", "decode + resize a dataset once into memory-mapped arrays", cmd_prepare)
     sp.add_argument("src", help="fashion-mnist | shapes | openclipart | .csv/.tsv/.jsonl/.json | folder | shards")

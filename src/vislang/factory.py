@@ -216,11 +216,19 @@ def _load_vqa(directory: Path, device: str | torch.device) -> torch.nn.Module:
     return load_model(directory, device)
 
 
+def _load_gan(directory: Path, device: str | torch.device) -> torch.nn.Module:
+    """The text-to-image GAN: its generator with the frozen text encoder and tokenizer that condition it."""
+    from .generate.sample import TextToImage
+
+    return TextToImage.from_pretrained(directory, device)
+
+
 # Model families saved with their own ``model_type`` (config.json) and loader; the dual encoder / CoCa
 # ("vislang-clip") is loaded below. Loaders import lazily, so adding one costs nothing until it is used.
 MODEL_LOADERS: dict[str, Callable[[Path, str | torch.device], torch.nn.Module]] = {
     "vislang-classifier": _load_classifier,
     "vislang-vqa": _load_vqa,
+    "vislang-gan": _load_gan,
 }
 
 

@@ -36,10 +36,15 @@ def _decoding(beam: int = 1, top_p: float | None = None, top_k: int | None = Non
     return kw
 
 
+def default_max_length(model) -> int:
+    """Longest caption the model's text context holds (its begin token takes one place)."""
+    return model.cfg.text.context_length - 1
+
+
 def caption_files(
     model_dir: str | Path,
     images: Sequence[str | Path],
-    max_length: int = 20,
+    max_length: int | None = None,
     batch_size: int = 64,
     device: str = "cpu",
     use_cache: bool = True,
@@ -54,6 +59,7 @@ def caption_files(
     if getattr(model.cfg, "decoder", None) is None:
         raise ValueError(f"{model_dir} holds a dual encoder without a caption decoder; train one with --config caption")
     tokenizer = get_tokenizer(model_dir)
+    max_length = max_length or default_max_length(model)
     _, preprocess = image_transforms(model.cfg)
     paths = list_images(images)
     out: list[tuple[str, str]] = []
@@ -137,7 +143,7 @@ def evaluate_captions(
     data: str = "shapes",
     split: str = "test",
     max_images: int | None = 1000,
-    max_length: int = 30,
+    max_length: int | None = None,
     device: str = "cpu",
     out: str | Path | None = None,
     with_meteor: bool = True,
@@ -183,6 +189,7 @@ def evaluate_captions(
     if unknown:
         raise ValueError(f"unknown decoding method(s) {unknown}; choose from {list(DECODING_METHODS)}")
     model = from_pretrained(model_dir, device)
+    max_length = max_length or default_max_length(model)
     if getattr(model.cfg, "decoder", None) is None:
         raise ValueError(f"{model_dir} holds a dual encoder without a caption decoder; train one with --config caption")
     tokenizer = get_tokenizer(model_dir)
@@ -327,7 +334,8 @@ def register(add) -> None:
     sp.add_argument("--top-k", type=_positive(int), help="sample among the k most likely tokens")
     sp.add_argument("--temperature", type=_positive(float), default=1.0, help="sampling temperature (default 1)")
     sp.add_argument("--seed", type=int, help="makes sampling repeatable")
-    sp.add_argument("--max-length", type=_positive(int), default=20, help="most tokens per caption (default 20)")
+    sp.add_argument("--max-length", type=_positive(int), default=None,
+                    help="most tokens per caption (default: what the model's text context holds)")  # fmt: skip
     sp.add_argument("--batch-size", type=_positive(int), default=64)
     sp.add_argument("--no-cache", action="store_true", help="recompute every position each step (slower, same text)")
     sp.add_argument("--device", default="cpu")
@@ -341,7 +349,8 @@ def register(add) -> None:
                     help="shapes | rendered-text | openclipart | a dataset file or folder")  # fmt: skip
     sp.add_argument("--split", default="test", help="held-out split (default test)")
     sp.add_argument("--max-images", type=_positive(int), default=1000)
-    sp.add_argument("--max-length", type=_positive(int), default=30)
+    sp.add_argument("--max-length", type=_positive(int), default=None,
+                    help="most tokens per caption (default: what the model's text context holds)")  # fmt: skip
     sp.add_argument("--methods", help="comma-separated decoding methods (default greedy,beam3,top_p0.9)")
     sp.add_argument("--nn-baseline", action="store_true",
                     help="also score the caption of the most similar training image (side by side)")  # fmt: skip

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data.transforms import normalize
+from ..models.classifier import MODEL_TYPE as CLASSIFIER_TYPE
 from ..models.classifier import ClassifierConfig, ImageClassifier
 from ..models.towers import VisionConfig
 from .data import LabelledImages, load_labelled, split_holdout
@@ -303,6 +304,23 @@ def train_end_to_end(
     return {"peak_lr": ocfg.lr, "steps": step, "epochs": round(step / steps_per_epoch, 3), "history": history}
 
 
+def classifier_head(model_dir: str, class_names: list[str]) -> dict[str, Any] | None:
+    """The linear head of a classifier directory with these classes (full then continues from it, e.g. from a
+    probe's ``OUT/probe/model``, instead of fitting a probe again); None for any other model."""
+    from ..factory import is_model_dir
+
+    if (
+        not is_model_dir(model_dir)
+        or json.loads((Path(model_dir) / "config.json").read_text()).get("model_type") != CLASSIFIER_TYPE
+    ):
+        return None
+    clf = ImageClassifier.from_pretrained(model_dir)
+    if clf.class_names != list(class_names) or clf.cfg.hidden:
+        return None
+    head = clf.head[-1]
+    return {"from": str(model_dir), "fit_s": 0.0, "head_weight": head.weight.detach(), "head_bias": head.bias.detach()}
+
+
 # --- one method, several methods -------------------------------------------------------------------------------------
 def count_trainable(model: ImageClassifier, method: str) -> int:
     params = model.head.parameters() if method == "probe" else model.parameters()
@@ -332,6 +350,8 @@ def run_method(
     model.to(device)
     t0 = time.time()
     info: dict[str, Any] = {}
+    if method == "full" and probe is None:
+        probe = classifier_head(cfg.model, splits.class_names)
     if method == "full" and probe is not None:
         with torch.no_grad():
             model.head[-1].weight.copy_(probe["head_weight"])

@@ -81,7 +81,7 @@ def evaluate_classes(
         raise ValueError(f"the judge knows {len(judge.class_names)} classes, {data} has {len(classnames)}")
     prompts = [format_caption("a photo of a {}.", c) for c in classnames]
     t0 = time.perf_counter()
-    fake = model.generate(prompts, n=n_per_class, seed=seed)  # (K*n, C, H, W), class-major
+    fake = torch.cat([model.generate(p, n=n_per_class, seed=seed + k) for k, p in enumerate(prompts)])  # class-major
     gen_s = time.perf_counter() - t0
     fake_labels = torch.arange(len(prompts)).repeat_interleave(n_per_class)
     n = len(fake)
@@ -125,7 +125,7 @@ def evaluate_shapes(model: TextToImage, n_per_prompt: int = 50, seed: int = 0) -
     for name, pairs in (("seen", world.allowed_combos), ("holdout", sorted(held))):
         prompts = [single_object_caption(c, s) for c, s in pairs]
         targets = [p for p in pairs for _ in range(n_per_prompt)]
-        fake = model.generate(prompts, n=n_per_prompt, seed=seed)
+        fake = torch.cat([model.generate(p, n=n_per_prompt, seed=seed + k) for k, p in enumerate(prompts)])
         res = attribute_match(model.encoder, model.tokenizer, fake, world.colors, world.shapes, targets)
         out[name] = {f"generated_{k}": v for k, v in res.items()}
         rng = np.random.default_rng(seed)
@@ -183,7 +183,7 @@ def evaluate_gan(
 TABLE_COLUMNS = (  # (key in results.json, column title, format)
     ("class_consistency", "class consistency", "{:.1%}"),
     ("fid_fm", "FID-FM", "{:.2f}"),
-    ("fid_fm_floor", "FID-FM floor (train vs test)", "{:.2f}"),
+    ("fid_fm_floor", "FID-FM floor (train vs test)", "{:.4f}"),
     ("fid_fm_over_floor", "FID-FM / floor", "{:.1f}x"),
     ("kid_fm", "KID-FM", "{:.4f}"),
     ("kid_fm_floor", "KID-FM floor", "{:.4f}"),

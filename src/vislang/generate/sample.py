@@ -44,7 +44,7 @@ def known_words(tokenizer) -> set[str] | None:
     return {w for w in words if re.fullmatch(r"[a-z0-9-]+", w)}
 
 
-def check_prompts(prompts: Sequence[str], tokenizer) -> list[str]:
+def check_prompts(prompts: Sequence[str], tokenizer, examples: Sequence[str] = ()) -> list[str]:
     """Stripped prompts; ValueError for an empty one or one with no word the text tower was trained on.
 
     A BPE tokenizer spells any word in pieces, so an unknown word silently becomes a meaningless embedding:
@@ -66,10 +66,10 @@ def check_prompts(prompts: Sequence[str], tokenizer) -> list[str]:
         words = re.findall(r"[a-z0-9-]+", p.lower())
         unknown = [w for w in words if w not in vocab]
         if words and len(unknown) == len(words):
-            examples = ", ".join(sorted(vocab, key=lambda w: (-len(w), w))[:8])
+            hint = "; ".join(repr(e) for e in examples[:3]) or ", ".join(sorted(vocab, key=lambda w: (-len(w), w))[:8])
             raise ValueError(
                 f"none of the words of the prompt {p!r} were in the text model's training captions, so it would "
-                f"condition on noise; use words it knows (e.g. {examples})"
+                f"condition on noise; write it like the training captions, e.g. {hint}"
             )
         if unknown:
             warnings.warn(f"prompt {p!r}: words never seen in training are ignored in meaning: {unknown}", stacklevel=2)
@@ -113,7 +113,7 @@ class TextToImage(nn.Module):
     def embed(self, prompts: Sequence[str], check: bool = True) -> torch.Tensor:
         """Normalised text embeddings (P, E) of the prompts."""
         if check:
-            prompts = check_prompts(prompts, self.tokenizer)
+            prompts = check_prompts(prompts, self.tokenizer, self.sample_prompts)
         ids = self.tokenizer(list(prompts)).to(self.device)
         return self.encoder.encode_text(ids, normalize=True).float()
 

@@ -1,11 +1,11 @@
-"""The HTTP API: search, embed and zero-shot classify over an index and its model, caption and answer questions
-when the server is given those models, plus a search page at ``/``.
+"""The HTTP API: search, embed and zero-shot classify over an index and its model, caption, answer questions and
+draw images from text when the server is given those models, plus a search page at ``/``.
 
 A thin layer: each endpoint validates its input, then calls ``vislang.index.Searcher``, the zero-shot functions or
-the caption / VQA models (``generative.py``) in a worker thread. What stands between the network and the library is
-here too: an optional API key, a cap on request bodies (checked before anything is read), image checks (real image
-bytes, a pixel limit against decompression bombs), and one JSON error shape, ``{"error": message, "status": code}``,
-for every failure.
+the caption / VQA / text-to-image models (``generative.py``) in a worker thread. What stands between the network and
+the library is here too: an optional API key, a cap on request bodies (checked before anything is read), image checks
+(real image bytes, a pixel limit against decompression bombs), and one JSON error shape,
+``{"error": message, "status": code}``, for every failure.
 """
 
 from __future__ import annotations
@@ -42,9 +42,12 @@ MAX_LABELS = 100
 MAX_CAPTION_TOKENS = 64
 MAX_BEAM = 5
 MAX_ANSWERS = 20  # top_k of /v1/vqa
+MAX_GENERATE = 64  # images per /v1/generate request: one grid a person looks at; more is `vislang generate`'s job
+GENERATE_FORMATS = ("png", "json")  # one grid PNG, or each image as base64 PNG in JSON
 TASKS = {  # the optional endpoints: what they do, and the `vislang serve` option that turns each on
     "caption": ("captioning", "--caption-model DIR (a model trained with `vislang train --config caption`)"),
     "vqa": ("visual question answering", "--vqa-model DIR (a model from `vislang ablate-fusion` or train_vqa)"),
+    "generate": ("text-to-image generation", "--generate-model DIR (a GAN run or model: vislang train --config gan)"),
 }
 IMAGE_MAGIC = (  # (prefix, media type) of the formats we serve and accept
     (b"\x89PNG\r\n\x1a\n", "image/png"),
@@ -175,7 +178,7 @@ class Service:
 
     def __init__(self, searcher: Searcher, max_k: int, max_pixels: int, models: dict[str, Any] | None = None) -> None:
         self.searcher, self.max_k, self.max_pixels = searcher, max_k, max_pixels
-        self.models = models or {}  # "caption" -> Captioner, "vqa" -> QuestionAnswerer, when given
+        self.models = models or {}  # "caption" -> Captioner, "vqa" -> QuestionAnswerer, "generate" -> ImageGenerator
         self._classifiers: OrderedDict[tuple, Any] = OrderedDict()
         self._lock = threading.Lock()
         self._checked = 0.0
@@ -189,9 +192,9 @@ class Service:
             refresh()
 
     def capabilities(self) -> dict[str, bool]:
-        """What this server can do (the page shows caption and question controls only where they work)."""
+        """What this server can do (the page shows caption, question and generate controls only where they work)."""
         base = {"search": True, "embed": True, "classify": True}
-        return {**base, **{task: task in self.models for task in TASKS}, "generate": False}
+        return {**base, **{task: task in self.models for task in TASKS}}
 
     def model_for(self, task: str):
         """The model of an optional endpoint; 501 naming the option that enables it when the server has none."""
@@ -418,6 +421,24 @@ VQA_BODY = {
         },
     },
 }
+GENERATE_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "properties": {
+                    "prompt": {"type": "string", "description": "what to draw, worded like the training captions"},
+                    "n": {"type": "integer", "default": 4, "minimum": 1, "maximum": MAX_GENERATE},
+                    "seed": {"type": "integer", "minimum": 0, "description": "the same seed gives the same images"},
+                    "format": {"type": "string", "enum": list(GENERATE_FORMATS), "default": "png"},
+                },
+                "required": ["prompt"],
+            },
+            "example": {"prompt": "a photo of a sneaker.", "n": 8, "seed": 0, "format": "json"},
+        }
+    },
+}
 
 
 async def read_body(request: Request, max_body: int) -> tuple[str, dict[str, Any], bytes | None]:
@@ -456,6 +477,7 @@ def create_app(
     device: str = "cpu",
     caption_model: str | os.PathLike | None = None,
     vqa_model: str | os.PathLike | None = None,
+    generate_model: str | os.PathLike | None = None,
 ) -> FastAPI:
     """The FastAPI app serving one index.
 
@@ -469,8 +491,9 @@ def create_app(
         device: where the models run.
         caption_model: a captioning (CoCa) model directory: turns on ``/v1/caption`` (else it answers 501).
         vqa_model: a VQA model directory: turns on ``/v1/vqa`` (else it answers 501).
+        generate_model: a text-to-image GAN run or model directory: turns on ``/v1/generate`` (else it answers 501).
     """
-    from .generative import Captioner, QuestionAnswerer
+    from .generative import Captioner, ImageGenerator, QuestionAnswerer
 
     searcher = Searcher(index_dir, model_dir, device=device)
     searcher.model  # noqa: B018 -- load now: the first request must not pay for it, nor race to load it twice
@@ -479,6 +502,8 @@ def create_app(
         models["caption"] = Captioner(caption_model, device)
     if vqa_model is not None:
         models["vqa"] = QuestionAnswerer(vqa_model, device)
+    if generate_model is not None:
+        models["generate"] = ImageGenerator(generate_model, device)
     svc = Service(searcher, max_k, max_pixels, models)
     max_body = int(max_upload_mb * 2**20)
     app = FastAPI(
@@ -613,12 +638,45 @@ def create_app(
             raise ApiError(400, str(e)) from None
         return {"question": question[0], "answers": answers}
 
-    @app.post("/v1/generate", summary="text-to-image generation (not yet: 501)", status_code=501)
-    async def generate() -> JSONResponse:
-        return error(
-            501,
-            "text-to-image generation is not available yet: vislang has no generation models to serve; /v1/generate "
-            "will answer once it has",
+    @app.post(
+        "/v1/generate",
+        summary="draw n images of a prompt: one grid PNG or base64 PNGs in JSON (needs --generate-model; 501 without)",
+        openapi_extra={"requestBody": GENERATE_BODY},
+        responses={200: {"content": {"image/png": {}, "application/json": {}}}},
+    )
+    async def generate(request: Request) -> Response:
+        generator = svc.model_for("generate")
+        _, fields, _ = await read_body(request, max_body)
+        prompt = fields.get("prompt")
+        if not isinstance(prompt, str):
+            raise ApiError(400, f"'prompt' must be a string saying what to draw, e.g. \"a photo of a sneaker\"; "
+                                f"got {prompt!r}")  # fmt: skip
+        if len(prompt) > MAX_TEXT_CHARS:
+            raise ApiError(400, f"the prompt is longer than {MAX_TEXT_CHARS} characters; write a shorter one")
+        n = svc.check_int(fields, "n", 4, 1, MAX_GENERATE)
+        seed = None if fields.get("seed") is None else svc.check_int(fields, "seed", 0, 0, 2**63 - 1)
+        fmt = fields.get("format", "png")
+        if fmt not in GENERATE_FORMATS:
+            raise ApiError(400, f"'format' must be 'png' (one grid image) or 'json' (base64 PNGs), got {fmt!r}")
+        try:  # the library's prompt checks: empty, or no word the text tower was trained on
+            images, notes = await run_in_threadpool(generator, prompt, n, seed)
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+        if fmt == "png":
+            data = await run_in_threadpool(generator.grid_png, images)
+            return Response(data, media_type="image/png", headers={"X-Content-Type-Options": "nosniff"})
+        pngs = await run_in_threadpool(lambda: [generator.png(x) for x in images])
+        return JSONResponse(
+            {
+                "prompt": prompt.strip(),
+                "n": n,
+                "seed": seed,
+                "width": int(images.shape[3]),
+                "height": int(images.shape[2]),
+                "media_type": "image/png",
+                "images": [base64.b64encode(p).decode("ascii") for p in pngs],
+                "warnings": notes,
+            }
         )
 
     @app.get(

@@ -14,6 +14,9 @@ SERVE_EPILOG = """
       VISLANG_API_KEY=secret vislang serve --index photos.index --host 0.0.0.0 --port 8080
       vislang serve --index photos.index --caption-model runs/caption/model \\
           --vqa-model runs/ablate-fusion/cross_attention/model       # + /v1/caption, /v1/vqa
+      vislang serve --index photos.index --generate-model runs/gan-fm   # + /v1/generate
+      curl -s localhost:8000/v1/generate -H 'content-type: application/json' \\
+          -d '{"prompt": "a photo of a sneaker.", "n": 16, "seed": 0}' -o grid.png
       curl -s localhost:8000/v1/search -H 'content-type: application/json' -d '{"text": "a red shoe", "k": 5}'
     Needs the serve extra: pip install 'vislang[serve]'."""
 
@@ -50,6 +53,7 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
         device=args.device,
         caption_model=args.caption_model,
         vqa_model=args.vqa_model,
+        generate_model=args.generate_model,
     )
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
@@ -59,7 +63,7 @@ def register(add) -> None:
     """Add the `serve` subcommand (``add(name, help, fn) -> ArgumentParser``)."""
     sp = add(
         "serve",
-        "serve an index over HTTP: search API, embed, zero-shot classify, caption and VQA, and a search page",
+        "serve an index over HTTP: search API, embed, zero-shot classify, caption, VQA, generate, and a search page",
         cmd_serve,
     )
     sp.epilog = textwrap.dedent(SERVE_EPILOG)
@@ -72,5 +76,6 @@ def register(add) -> None:
     sp.add_argument("--max-k", type=int, default=1000, help="most results per search (default 1000)")
     sp.add_argument("--caption-model", help="captioning (CoCa) model directory: turns on /v1/caption (else 501)")
     sp.add_argument("--vqa-model", help="VQA model directory: turns on /v1/vqa (else 501)")
+    sp.add_argument("--generate-model", help="text-to-image GAN run or model folder: turns on /v1/generate (else 501)")
     sp.add_argument("--device", default="cpu")
     sp.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

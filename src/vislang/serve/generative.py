@@ -1,14 +1,20 @@
-"""The models behind ``/v1/caption`` and ``/v1/vqa``, loaded once when the server starts.
+"""The models behind ``/v1/caption``, ``/v1/vqa`` and ``/v1/generate``, loaded once when the server starts.
 
-``vislang caption`` and ``vislang vqa`` load their model per command; a server answers many requests, so here the
-model, tokenizer and preprocessing are kept, and each request only runs the forward passes. The decoding itself is
-the library's: ``vislang.generation.caption`` (what ``vislang caption`` calls) and the VQA model's answer head (what
-``vislang vqa`` reads). Bad questions raise ValueError with a message fit for a 400 answer.
+``vislang caption``, ``vislang vqa`` and ``vislang generate`` load their model per command; a server answers many
+requests, so here the model, tokenizer and preprocessing are kept, and each request only runs the forward passes. The
+work itself is the library's: ``vislang.generation.caption`` (what ``vislang caption`` calls), the VQA model's answer
+head (what ``vislang vqa`` reads), and ``TextToImage.generate`` with its prompt checks and ``save_grid`` (what
+``vislang generate`` calls). Bad questions and prompts raise ValueError with a message fit for a 400 answer.
 """
 
 from __future__ import annotations
 
+import io
 import os
+import tempfile
+import threading
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -78,3 +84,44 @@ class QuestionAnswerer:
         probs = self.model(x, self.tokenizer([question]).to(self.device))["logits"][0].softmax(-1)  # (A,)
         p, k = probs.topk(min(top_k, len(self.answers)))
         return [{"answer": self.answers[i], "probability": float(q)} for q, i in zip(p.tolist(), k.tolist())]
+
+
+class ImageGenerator:
+    """A text-to-image GAN (run or model directory, as ``vislang generate --model`` takes), ready to draw one prompt.
+
+    Requests are served one at a time (a lock): generation is compute-bound, so running two at once only makes both
+    slower, and the warnings of the prompt check (words the text tower never saw) are caught per request.
+
+    Args:
+        model_dir: a GAN model directory or the run directory holding it (``vislang train --config gan``).
+        device: where the model runs.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike, device: str = "cpu") -> None:
+        from ..generate.sample import TextToImage
+
+        self.model = TextToImage.from_pretrained(model_dir, device)
+        self._lock = threading.Lock()
+
+    def __call__(self, prompt: str, n: int, seed: int | None) -> tuple[torch.Tensor, list[str]]:
+        """uint8 images (n, C, H, W) of ``prompt`` and the prompt check's warnings; ValueError for a bad prompt."""
+        with self._lock, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            images = self.model.generate([prompt], n=n, seed=seed)
+        return images, [str(w.message) for w in caught]
+
+    @staticmethod
+    def grid_png(images: torch.Tensor, scale: int = 2) -> bytes:
+        """One PNG grid, laid out and scaled as ``vislang generate -o grid.png`` writes it (so the bytes match)."""
+        from ..generate.sample import save_grid
+
+        with tempfile.TemporaryDirectory(prefix="vislang-grid-") as d:  # save_grid writes files; read it back
+            return save_grid(images, Path(d) / "grid.png", ncol=min(len(images), 16), scale=scale).read_bytes()
+
+    @staticmethod
+    def png(image: torch.Tensor) -> bytes:
+        """One uint8 (C, H, W) image as PNG bytes at its own size."""
+        arr = image.permute(1, 2, 0).numpy()  # (H, W, C)
+        buf = io.BytesIO()
+        Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(buf, format="PNG")
+        return buf.getvalue()
