@@ -384,3 +384,20 @@ def test_cli_errors(world, tmp_path, capsys):
         == 2
     )
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_exact_search_of_a_batch_equals_one_query_at_a_time(tmp_path):
+    import faiss
+
+    rng = np.random.default_rng(3)
+    vecs = rng.normal(size=(400, 16)).astype(np.float32)
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    default = faiss.cvar.distance_compute_blas_threshold
+    with create_index(tmp_path / "ix", 16) as ix:
+        ix.add(vecs, [{"key": f"k{i}", "path": f"p{i}.png"} for i in range(400)])
+        queries = vecs[:9] + 0.01
+        batched = ix.search(queries, 5)  # 9 queries: one matrix product
+        single = [ix.search(q[None], 5) for q in queries]
+    np.testing.assert_array_equal(batched[1], np.concatenate([s[1] for s in single]))
+    np.testing.assert_allclose(batched[0], np.concatenate([s[0] for s in single]), rtol=1e-5)
+    assert faiss.cvar.distance_compute_blas_threshold == default  # FAISS's global is restored

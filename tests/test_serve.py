@@ -169,6 +169,16 @@ def test_image_bytes_and_openapi(client, world):
     assert {"application/json", "multipart/form-data"} <= set(content)
 
 
+def test_docs_page_works_offline(client):
+    page = client.get("/docs")
+    assert page.status_code == 200 and "/docs-assets/swagger-ui-bundle.js" in page.text
+    assert "cdn" not in page.text.lower()  # nothing to fetch from the network
+    for asset, kind in [("swagger-ui-bundle.js", "javascript"), ("swagger-ui.css", "css")]:
+        r = client.get(f"/docs-assets/{asset}")
+        assert r.status_code == 200 and kind in r.headers["content-type"] and len(r.content) > 10_000
+    assert client.get("/redoc").status_code == 404  # ReDoc only loads from a CDN: not offered
+
+
 def test_server_sees_items_added_by_another_process(client, world, tmp_path):
     extra = write_images(tmp_path / "more", 2, split="val")
     build_index(str(tmp_path / "more"), world["index"], progress=False)  # a second writer on the same index

@@ -31,6 +31,8 @@ import numpy as np
 from .base import Index, atomic_write_bytes, item_from_row
 
 DB_NAME = "meta.sqlite"
+BLAS_THRESHOLD = 4  # queries per search from which exact FAISS search uses a matrix product
+_BLAS_SWITCH = threading.Lock()
 KINDS = ("auto", "flat", "hnsw", "ivf")
 ANNS = ("hnsw", "ivf")  # what ``auto`` switches to above exact_max
 IVF_TRAIN_PER_LIST = 64  # training sample: at most this many stored vectors per IVF list (k-means cost ~ sample)
@@ -301,7 +303,25 @@ class FaissIndex(Index):
         if kind == "ivf":
             params = self.faiss.SearchParametersIVF(nprobe=min(self.nprobe, self.faiss.downcast_index(index).nlist))
             return index.search(queries, k, params=params)
-        return index.search(queries, k)
+        return self._exact_search(index, queries, k)
+
+    def _exact_search(self, index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact search; a batch of ``BLAS_THRESHOLD``+ queries runs as one matrix product (BLAS).
+
+        Why: the server batches concurrent queries, and FAISS's default would scan the vectors once per query —
+        measured on 100k x 256-d, one thread: 16 queries 31 ms as a product, 157 ms one by one. A single query stays
+        on FAISS's SIMD scan (9 ms; 19 ms as a product). The switch is a FAISS global, so it is set per call.
+        """
+        if len(queries) < BLAS_THRESHOLD:
+            return index.search(queries, k)
+        cvar = self.faiss.cvar
+        with _BLAS_SWITCH:  # a global of FAISS: set, search, restore, one batch at a time
+            default = cvar.distance_compute_blas_threshold
+            cvar.distance_compute_blas_threshold = BLAS_THRESHOLD
+            try:
+                return index.search(queries, k)
+            finally:
+                cvar.distance_compute_blas_threshold = default
 
     def __len__(self) -> int:
         with self._lock:

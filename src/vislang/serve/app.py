@@ -10,6 +10,7 @@ the library is here too: an optional API key, a cap on request bodies (checked b
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import io
@@ -33,9 +34,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..index.build import read_item_bytes, read_item_image
 from ..index.search import Searcher
+from .batching import SearchBatcher
 
 OPEN_PATHS = ("/healthz",)  # reachable without the API key
-HTML_PATHS = ("/", "/docs", "/redoc", "/openapi.json")  # a browser asking for these gets a login prompt
+HTML_PATHS = ("/", "/docs", "/openapi.json")  # a browser asking for these gets a login prompt
+DOCS_ASSETS = "/docs-assets"  # Swagger UI's own files, served locally so /docs works offline
 MAX_TEXTS = 256  # texts per /v1/embed request
 MAX_TEXT_CHARS = 2000
 MAX_LABELS = 100
@@ -173,6 +176,19 @@ class Guard:
         return await self.app(scope, replay, send)
 
 
+def local_swagger_ui() -> str | None:
+    """The folder of Swagger UI's files from the ``swagger-ui-bundle`` package, or None when it is not installed.
+
+    Why: FastAPI's /docs page loads Swagger UI from a CDN by default, which an offline machine cannot reach; the
+    package ships the same files, so the page renders with no network.
+    """
+    try:
+        import swagger_ui_bundle
+    except ImportError:
+        return None
+    return str(swagger_ui_bundle.swagger_ui_path)
+
+
 class Service:
     """The state behind the endpoints: the searcher, limits, a cache of zero-shot classifiers."""
 
@@ -276,7 +292,11 @@ class Service:
 
     def results(self, vectors: np.ndarray, k: int) -> list[dict[str, Any]]:
         self.refresh()
-        hits = self.searcher.search_vectors(vectors, k)[0]
+        return self.format_hits(self.searcher.search_vectors(vectors, k)[0])
+
+    @staticmethod
+    def format_hits(hits: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The JSON of search results: id, score, caption, file name and the URL of the image."""
         return [
             {
                 "id": h["id"],
@@ -505,13 +525,34 @@ def create_app(
     if generate_model is not None:
         models["generate"] = ImageGenerator(generate_model, device)
     svc = Service(searcher, max_k, max_pixels, models)
+    batcher = SearchBatcher(searcher.embed_texts, searcher.search_vectors, before_batch=svc.refresh)
     max_body = int(max_upload_mb * 2**20)
+    swagger_assets = local_swagger_ui()
     app = FastAPI(
         title="vislang",
         version="1",
         description="Search images by text or image, embed, and classify zero-shot with a vislang model.",
+        docs_url=None if swagger_assets else "/docs",  # with the assets installed, /docs is served from them below
+        redoc_url=None,  # ReDoc's script only comes from a CDN, which offline machines cannot reach
     )
+    if swagger_assets:
+        from fastapi.openapi.docs import get_swagger_ui_html
+        from fastapi.staticfiles import StaticFiles
+
+        app.mount(DOCS_ASSETS, StaticFiles(directory=swagger_assets), name="docs-assets")
+
+        @app.get("/docs", include_in_schema=False)
+        async def docs() -> HTMLResponse:
+            return get_swagger_ui_html(
+                openapi_url="/openapi.json",
+                title="vislang API",
+                swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+                swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+                swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png",
+            )
+
     app.state.service = svc
+    app.state.batcher = batcher
     app.add_middleware(Guard, api_key=api_key, max_body=max_body)
 
     @app.exception_handler(StarletteHTTPException)
@@ -566,13 +607,18 @@ def create_app(
                 text = svc.check_texts(fields["text"])
                 if len(text) != 1:
                     raise ApiError(400, "search takes one 'text'")
-                vec = await run_in_threadpool(searcher.embed_texts, text)
+                t0 = time.perf_counter()  # text: embedded with the other queries waiting, in the batcher
+                hits = await asyncio.wrap_future(batcher.submit(k, text=text[0]))
+                results = svc.format_hits(hits)
+                ms = round(1e3 * (time.perf_counter() - t0), 3)
+                return {"query": query, "k": k, "results": results, "search_ms": ms}
             elif query == "embedding":
                 vec = svc.check_embedding(fields["embedding"])
             else:
                 vec = svc.stored_vector(fields["image_id"])
         t0 = time.perf_counter()
-        results = await run_in_threadpool(svc.results, vec, k)
+        hits = await asyncio.wrap_future(batcher.submit(k, vector=vec[0]))
+        results = svc.format_hits(hits)
         return {"query": query, "k": k, "results": results, "search_ms": round(1e3 * (time.perf_counter() - t0), 3)}
 
     @app.post("/v1/embed", summary="embed texts or an uploaded image", openapi_extra={"requestBody": EMBED_BODY})
