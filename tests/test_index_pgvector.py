@@ -75,3 +75,47 @@ def test_build_and_search_on_embedded_postgres(tmp_path):
         assert hit["path"] == str(images[2].resolve()) and hit["score"] == pytest.approx(1.0, abs=1e-4)
     finally:
         s.close()
+
+
+def test_two_server_processes_share_one_pgvector_index(pg, tmp_path):
+    """Scale-out: two `vislang serve` processes on one PostgreSQL index; an image added by a third writer is found by
+    both (each server re-reads the table on every search, so nothing has to be told)."""
+    import os
+    import subprocess
+    import sys
+
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+    from test_serve_load import bench_helpers
+
+    free_port, wait_healthy = bench_helpers()
+    model = make_tiny_model(tmp_path)
+    write_images(tmp_path / "images", 6)
+    build_index(str(tmp_path / "images"), tmp_path / "ix", model, backend="pgvector", uri=pg, progress=False)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    procs, urls = [], []
+    try:
+        for _ in range(2):
+            port = free_port()
+            cmd = [sys.executable, "-m", "vislang.cli", "serve", "--index", str(tmp_path / "ix"), "--port", str(port)]
+            procs.append(subprocess.Popen(cmd + ["--log-level", "warning"], env=env, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.PIPE))  # fmt: skip
+            urls.append(f"http://127.0.0.1:{port}")
+        for url, proc in zip(urls, procs):
+            wait_healthy(url, proc, seconds=90)
+        more = write_images(tmp_path / "more", 2, split="val")
+        added = build_index(str(tmp_path / "more"), tmp_path / "ix", progress=False)  # a third writer
+        assert added["added"] == 2
+        for url in urls:
+            assert httpx.get(url + "/healthz", timeout=30).json()["size"] == 8
+            with open(more[0], "rb") as f:
+                r = httpx.post(url + "/v1/search", files={"image": ("q.png", f, "image/png")}, data={"k": "1"},
+                               timeout=60)  # fmt: skip
+            assert r.status_code == 200 and r.json()["results"][0]["name"] == more[0].name
+    finally:
+        for proc in procs:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
