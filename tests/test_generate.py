@@ -5,6 +5,7 @@ run of training (with exact resume), `vislang generate` and the evaluator."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -227,6 +228,9 @@ def test_bad_prompts_and_counts_are_clear_errors(t2i):
         t2i.generate(["a photo of a bag"], n=100_000)
     with pytest.warns(UserWarning, match="never seen"):
         check_prompts(["a photo of a zxqv"], t2i.tokenizer)
+    with warnings.catch_warnings():  # "t-shirt" is "t", "-", "shirt" to the tokenizer: known words, no warning
+        warnings.simplefilter("error")
+        check_prompts(["a photo of a t-shirt."], t2i.tokenizer)
 
 
 def test_save_and_load_round_trip(t2i, tmp_path):

@@ -63,7 +63,7 @@ def check_prompts(prompts: Sequence[str], tokenizer, examples: Sequence[str] = (
     if vocab is None:
         return out
     for p in out:
-        words = re.findall(r"[a-z0-9-]+", p.lower())
+        words = re.findall(r"[a-z0-9]+", p.lower())  # hyphens split words, as the tokenizer splits punctuation
         unknown = [w for w in words if w not in vocab]
         if words and len(unknown) == len(words):
             hint = "; ".join(repr(e) for e in examples[:3]) or ", ".join(sorted(vocab, key=lambda w: (-len(w), w))[:8])
