@@ -313,8 +313,10 @@ def test_cli_train_generate_and_eval(text_model_dir, tmp_path, monkeypatch):
     assert main(["generate", "a photo of a bag", "-n", "0", "-o", str(grid), "--model", str(run)]) == 2
 
     calls = []
-    monkeypatch.setattr("vislang.generate.evaluate.evaluate_gan", lambda m, **kw: calls.append(m) or {"fid_fm": 1.0})
-    assert main(["eval", "--model", str(run)]) == 0 and calls == [str(run)]  # `vislang eval` dispatches a GAN run
+    fake = lambda m, **kw: calls.append((m, kw["judge"])) or {"fid_fm": 1.0}  # noqa: E731
+    monkeypatch.setattr("vislang.generate.evaluate.evaluate_gan", fake)
+    assert main(["eval", "--model", str(run)]) == 0 and calls == [(str(run), None)]  # `vislang eval` takes GAN runs
+    assert main(["eval", "--model", str(run), "--judge", "j/model"]) == 0 and calls[-1] == (str(run), "j/model")
     monkeypatch.undo()
 
     judge = _tiny_fm_judge(tmp_path / "judge")

@@ -103,7 +103,7 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     if is_gan_dir(args.model):  # a text-to-image GAN: FID-FM, KID, IS-style, class consistency, CLIP score
         from .generate.evaluate import evaluate_gan
 
-        print(json.dumps(evaluate_gan(args.model, out_dir=args.out, device=args.device), indent=2))
+        print(json.dumps(evaluate_gan(args.model, judge=args.judge, out_dir=args.out, device=args.device), indent=2))
         return 0
 
     results = evaluate_model_dir(
@@ -292,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-probe", action="store_true", help="skip the linear probe")
     sp.add_argument("--max-images", type=int, default=None, help="evaluate on the first N images only")
     sp.add_argument("--out", default=None, help="where results.json and PNGs go (default: MODEL/../eval)")
+    sp.add_argument("--judge", default=None, help="GAN runs: the fixed classifier that scores them (vislang finetune)")
     sp.add_argument("--device", default="cpu")
 
     sp = add(
