@@ -9,8 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from typing import Any
 import torch
 
 from .config import ConfigError, from_dict, to_dict
+from .model_dir import atomic_dir, write_weights
 from .models.clip import CLIP, ModelConfig
 from .pretrained import OfflineError, _looks_like_hub_id
 from .tokenizers import HFTokenizer, Tokenizer, load_tokenizer
@@ -171,36 +170,22 @@ def _load_weights(model: CLIP, file: Path) -> None:
 
 def save_pretrained(model: CLIP, directory: str | os.PathLike, tokenizer=None, extra: dict | None = None) -> Path:
     """Write ``config.json``, ``model.safetensors`` and tokenizer files; atomic (temp dir, then rename)."""
-    from safetensors.torch import save_file
-
-    d = Path(directory)
-    d.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.", dir=d.parent))
-    cfg = model.cfg
-    if cfg.text.arch == "hf":
-        text_dir = tmp / "text_encoder"
-        model.text.model.config.save_pretrained(str(text_dir))
-        cfg = dataclasses.replace(
-            cfg, text=dataclasses.replace(cfg.text, hf_path="text_encoder", hf_load_weights=False)
-        )
-    if cfg.vision.pretrained:  # the weights now live in model.safetensors
-        cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, pretrained=None))
-    model_type = ITM_MODEL_TYPE if cfg.itm is not None else MODEL_TYPE
-    meta = {"model_type": model_type, "vislang_version": __version__, "model": to_dict(cfg), **(extra or {})}
-    (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(tmp / "model.safetensors"))
-    if tokenizer is not None:
-        tokenizer.save(tmp)
-    if d.exists():  # swap: the old directory is removed only once the new one is in place
-        old = d.with_name(f".{d.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        d.rename(old)
-        tmp.rename(d)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(d)
-    return d
+    with atomic_dir(directory) as tmp:
+        cfg = model.cfg
+        if cfg.text.arch == "hf":
+            text_dir = tmp / "text_encoder"
+            model.text.model.config.save_pretrained(str(text_dir))
+            cfg = dataclasses.replace(
+                cfg, text=dataclasses.replace(cfg.text, hf_path="text_encoder", hf_load_weights=False)
+            )
+        if cfg.vision.pretrained:  # the weights now live in model.safetensors
+            cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, pretrained=None))
+        model_type = ITM_MODEL_TYPE if cfg.itm is not None else MODEL_TYPE
+        meta = {"model_type": model_type, "vislang_version": __version__, "model": to_dict(cfg), **(extra or {})}
+        write_weights(tmp, meta, model)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return Path(directory)
 
 
 def _load_classifier(directory: Path, device: str | torch.device) -> torch.nn.Module:

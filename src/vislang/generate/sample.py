@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -157,13 +155,9 @@ class TextToImage(nn.Module):
     # --- model directories ----------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike, extra: dict | None = None) -> Path:
         """Atomic, like ``factory.save_pretrained``: written to a temporary folder that is renamed into place."""
-        from safetensors.torch import save_file
-
         from ..factory import __version__, save_pretrained
+        from ..model_dir import atomic_dir, write_weights
 
-        d = Path(directory)
-        d.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.", dir=d.parent))
         meta = {
             "model_type": MODEL_TYPE,
             "vislang_version": __version__,
@@ -171,19 +165,10 @@ class TextToImage(nn.Module):
             **self.meta,
             **(extra or {}),
         }
-        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-        state = {k: v.detach().contiguous().cpu() for k, v in self.generator.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"))
-        save_pretrained(self.encoder, tmp / "text_encoder", self.tokenizer)
-        if d.exists():  # the old directory goes only once the new one is in place
-            old = d.with_name(f".{d.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            d.rename(old)
-            tmp.rename(d)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(d)
-        return d
+        with atomic_dir(directory) as tmp:
+            write_weights(tmp, meta, self.generator)
+            save_pretrained(self.encoder, tmp / "text_encoder", self.tokenizer)
+        return Path(directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> TextToImage:

@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -136,14 +134,10 @@ class ImageClassifier(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike, extra: dict | None = None) -> Path:
         """Write ``config.json`` (model_type, config, class names) and ``model.safetensors``; atomic, like
         ``factory.save_pretrained``: a temporary folder renamed into place, so a crash never leaves half a model."""
-        from safetensors.torch import save_file
-
         from ..config import to_dict
         from ..factory import __version__
+        from ..model_dir import atomic_dir, write_weights
 
-        d = Path(directory)
-        d.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.", dir=d.parent))
         cfg = self.cfg
         if cfg.vision.pretrained:  # the weights now live in model.safetensors
             from dataclasses import replace
@@ -156,18 +150,9 @@ class ImageClassifier(nn.Module):
             "class_names": self.class_names,
             **(extra or {}),
         }
-        (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"))
-        if d.exists():  # swap: the old directory is removed only once the new one is in place
-            old = d.with_name(f".{d.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            d.rename(old)
-            tmp.rename(d)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(d)
-        return d
+        with atomic_dir(directory) as tmp:
+            write_weights(tmp, meta, self)
+        return Path(directory)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> ImageClassifier:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,24 +85,17 @@ def num_parameters(model: nn.Module) -> int:
 
 def save_vqa(model: VQAModel, directory: str | os.PathLike, tokenizer, answers: list[str], extra: dict | None = None):
     """Write the model directory atomically (temp folder, then rename)."""
-    from safetensors.torch import save_file
-
     from ..config import to_dict
+    from ..model_dir import atomic_dir, write_weights
 
     if len(answers) != model.cfg.num_answers:
         raise ValueError(f"{len(answers)} answers for a head of {model.cfg.num_answers} classes")
-    d = Path(directory)
-    d.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.", dir=d.parent))
     meta = {"model_type": MODEL_TYPE, "model": to_dict(model.cfg), **(extra or {})}
-    (tmp / "config.json").write_text(json.dumps(meta, indent=2))
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-    tokenizer.save(tmp)
-    (tmp / ANSWERS_FILE).write_text(json.dumps(list(answers)))
-    if d.exists():
-        shutil.rmtree(d)
-    tmp.rename(d)
-    return d
+    with atomic_dir(directory) as tmp:
+        write_weights(tmp, meta, model)
+        tokenizer.save(tmp)
+        (tmp / ANSWERS_FILE).write_text(json.dumps(list(answers)))
+    return Path(directory)
 
 
 def load_vqa(directory: str | os.PathLike, device: str | torch.device = "cpu"):

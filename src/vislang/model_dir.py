@@ -1,0 +1,52 @@
+"""Writing model directories atomically: every model family (dual encoder, classifier, VQA, GAN) saves through here.
+
+Why one place: a model directory is written into a temporary sibling folder and renamed into place only when
+complete, so a crash mid-save never leaves half a model and never loses the previous one. Each family used to repeat
+that dance; now each only says what goes into the folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@contextlib.contextmanager
+def atomic_dir(directory: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder beside ``directory``; on success it replaces ``directory``, on error it is removed.
+
+    The old directory is moved aside first and deleted only once the new one is in place.
+    """
+    d = Path(directory)
+    d.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{d.name}.", dir=d.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if d.exists():
+        old = d.with_name(f".{d.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        d.rename(old)
+        tmp.rename(d)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(d)
+
+
+def write_weights(folder: Path, meta: dict[str, Any], module: torch.nn.Module) -> None:
+    """``config.json`` (``meta``) and ``model.safetensors`` (the module's state dict, on the CPU) into ``folder``."""
+    from safetensors.torch import save_file
+
+    (folder / "config.json").write_text(json.dumps(meta, indent=2))
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"))
