@@ -338,127 +338,76 @@ class Service:
         return [{"label": labels[i], "probability": float(probs[i])} for i in order]
 
 
-SEARCH_BODY = {
-    "required": True,
-    "content": {
-        "application/json": {
-            "schema": {
-                "type": "object",
-                "properties": {
-                    "text": {"type": "string", "description": "query text"},
-                    "embedding": {"type": "array", "items": {"type": "number"}, "description": "query vector"},
-                    "image_id": {"type": "integer", "description": "search with an indexed image"},
-                    "k": {"type": "integer", "default": 10, "minimum": 1},
-                },
-            },
-            "example": {"text": "a red circle", "k": 10},
-        },
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "properties": {"image": {"type": "string", "format": "binary"}, "k": {"type": "integer"}},
-                "required": ["image"],
-            }
-        },
-    },
-}
-EMBED_BODY = {
-    "required": True,
-    "content": {
-        "application/json": {
-            "schema": {"type": "object", "properties": {"texts": {"type": "array", "items": {"type": "string"}}}},
-            "example": {"texts": ["a red circle", "a blue square"]},
-        },
-        "multipart/form-data": {
-            "schema": {"type": "object", "properties": {"image": {"type": "string", "format": "binary"}}}
-        },
-    },
-}
-CLASSIFY_BODY = {
-    "required": True,
-    "content": {
-        "application/json": {
-            "schema": {
-                "type": "object",
-                "properties": {
-                    "image_id": {"type": "integer"},
-                    "labels": {"type": "array", "items": {"type": "string"}},
-                },
-            },
-            "example": {"image_id": 1, "labels": ["red circle", "blue square"]},
-        },
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "properties": {
-                    "image": {"type": "string", "format": "binary"},
-                    "labels": {"type": "string", "description": "comma-separated labels"},
-                },
-            }
-        },
-    },
-}
+IMAGE_FILE = {"type": "string", "format": "binary"}  # an uploaded image in a multipart form
 
 
-CAPTION_BODY = {
-    "required": True,
-    "content": {
-        "application/json": {
-            "schema": {
-                "type": "object",
-                "properties": {
-                    "image_id": {"type": "integer", "description": "caption an indexed image"},
-                    "max_length": {"type": "integer", "default": 20, "minimum": 1, "maximum": MAX_CAPTION_TOKENS},
-                    "beam": {"type": "integer", "default": 1, "minimum": 1, "maximum": MAX_BEAM},
-                },
-            },
-            "example": {"image_id": 1},
-        },
-        "multipart/form-data": {
-            "schema": {"type": "object", "properties": {"image": {"type": "string", "format": "binary"}}}
-        },
+def request_body(
+    json_props: dict[str, Any],
+    example: dict[str, Any],
+    form_props: dict[str, Any] | None = None,
+    json_required: list[str] | None = None,
+    form_required: list[str] | None = None,
+) -> dict[str, Any]:
+    """An OpenAPI request body: a JSON object, and a multipart form too where the endpoint takes an upload."""
+
+    def schema(props: dict[str, Any], required: list[str] | None) -> dict[str, Any]:
+        return {"type": "object", "properties": props, **({"required": required} if required else {})}
+
+    content: dict[str, Any] = {"application/json": {"schema": schema(json_props, json_required), "example": example}}
+    if form_props is not None:
+        content["multipart/form-data"] = {"schema": schema(form_props, form_required)}
+    return {"required": True, "content": content}
+
+
+SEARCH_BODY = request_body(
+    {
+        "text": {"type": "string", "description": "query text"},
+        "embedding": {"type": "array", "items": {"type": "number"}, "description": "query vector"},
+        "image_id": {"type": "integer", "description": "search with an indexed image"},
+        "k": {"type": "integer", "default": 10, "minimum": 1},
     },
-}
-VQA_BODY = {
-    "required": True,
-    "content": {
-        "application/json": {
-            "schema": {
-                "type": "object",
-                "properties": {
-                    "image_id": {"type": "integer"},
-                    "question": {"type": "string"},
-                    "top_k": {"type": "integer", "default": 1, "minimum": 1, "maximum": MAX_ANSWERS},
-                },
-            },
-            "example": {"image_id": 1, "question": "what colour is the circle?"},
-        },
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "properties": {"image": {"type": "string", "format": "binary"}, "question": {"type": "string"}},
-            }
-        },
+    {"text": "a red circle", "k": 10},
+    form_props={"image": IMAGE_FILE, "k": {"type": "integer"}},
+    form_required=["image"],
+)
+EMBED_BODY = request_body(
+    {"texts": {"type": "array", "items": {"type": "string"}}},
+    {"texts": ["a red circle", "a blue square"]},
+    form_props={"image": IMAGE_FILE},
+)
+CLASSIFY_BODY = request_body(
+    {"image_id": {"type": "integer"}, "labels": {"type": "array", "items": {"type": "string"}}},
+    {"image_id": 1, "labels": ["red circle", "blue square"]},
+    form_props={"image": IMAGE_FILE, "labels": {"type": "string", "description": "comma-separated labels"}},
+)
+CAPTION_BODY = request_body(
+    {
+        "image_id": {"type": "integer", "description": "caption an indexed image"},
+        "max_length": {"type": "integer", "default": 20, "minimum": 1, "maximum": MAX_CAPTION_TOKENS},
+        "beam": {"type": "integer", "default": 1, "minimum": 1, "maximum": MAX_BEAM},
     },
-}
-GENERATE_BODY = {
-    "required": True,
-    "content": {
-        "application/json": {
-            "schema": {
-                "type": "object",
-                "properties": {
-                    "prompt": {"type": "string", "description": "what to draw, worded like the training captions"},
-                    "n": {"type": "integer", "default": 4, "minimum": 1, "maximum": MAX_GENERATE},
-                    "seed": {"type": "integer", "minimum": 0, "description": "the same seed gives the same images"},
-                    "format": {"type": "string", "enum": list(GENERATE_FORMATS), "default": "png"},
-                },
-                "required": ["prompt"],
-            },
-            "example": {"prompt": "a photo of a sneaker.", "n": 8, "seed": 0, "format": "json"},
-        }
+    {"image_id": 1},
+    form_props={"image": IMAGE_FILE},
+)
+VQA_BODY = request_body(
+    {
+        "image_id": {"type": "integer"},
+        "question": {"type": "string"},
+        "top_k": {"type": "integer", "default": 1, "minimum": 1, "maximum": MAX_ANSWERS},
     },
-}
+    {"image_id": 1, "question": "what colour is the circle?"},
+    form_props={"image": IMAGE_FILE, "question": {"type": "string"}},
+)
+GENERATE_BODY = request_body(
+    {
+        "prompt": {"type": "string", "description": "what to draw, worded like the training captions"},
+        "n": {"type": "integer", "default": 4, "minimum": 1, "maximum": MAX_GENERATE},
+        "seed": {"type": "integer", "minimum": 0, "description": "the same seed gives the same images"},
+        "format": {"type": "string", "enum": list(GENERATE_FORMATS), "default": "png"},
+    },
+    {"prompt": "a photo of a sneaker.", "n": 8, "seed": 0, "format": "json"},
+    json_required=["prompt"],
+)
 
 
 async def read_body(request: Request, max_body: int) -> tuple[str, dict[str, Any], bytes | None]:
