@@ -324,14 +324,9 @@ class OnnxCLIP(nn.Module):
         return self.logit_scale
 
     def forward(self, images: torch.Tensor | None = None, text: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        out = {"logit_scale": self.logit_scale}
-        if images is not None:
-            out["image_features"] = self.encode_image(images)
-        if text is not None:
-            out["text_features"] = self.encode_text(text)
-        if self.logit_bias is not None:
-            out["logit_bias"] = self.logit_bias
-        return out
+        from ..models.clip import dual_encoder_outputs
+
+        return dual_encoder_outputs(self, images, text)
 
 
 def load_embedding_model(path: str | os.PathLike, backend: str = "auto"):

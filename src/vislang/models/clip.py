@@ -53,6 +53,19 @@ class ModelConfig:
     itm: ITMConfig | None = None  # an image–text matching head makes the model an ITM model (models/itm.py)
 
 
+def dual_encoder_outputs(model, images: torch.Tensor | None, text: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """What a dual encoder's forward returns (OpenCLIP's dict): features of what was given, the logit scale, and the
+    logit bias when there is one. Shared by ``CLIP`` and its ONNX Runtime stand-in, which differ only in encoders."""
+    out: dict[str, torch.Tensor] = {"logit_scale": model.get_logit_scale()}
+    if images is not None:
+        out["image_features"] = model.encode_image(images)
+    if text is not None:
+        out["text_features"] = model.encode_text(text)
+    if model.logit_bias is not None:
+        out["logit_bias"] = model.logit_bias
+    return out
+
+
 class CLIP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -111,14 +124,7 @@ class CLIP(nn.Module):
         return self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)
 
     def forward(self, images: torch.Tensor | None = None, text: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        out: dict[str, torch.Tensor] = {"logit_scale": self.get_logit_scale()}
-        if images is not None:
-            out["image_features"] = self.encode_image(images)
-        if text is not None:
-            out["text_features"] = self.encode_text(text)
-        if self.logit_bias is not None:
-            out["logit_bias"] = self.logit_bias
-        return out
+        return dual_encoder_outputs(self, images, text)
 
     # --- conventions shared with timm / OpenCLIP ----------------------------------------------------------------
     def set_grad_checkpointing(self, enable: bool = True) -> None:
