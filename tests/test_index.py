@@ -16,13 +16,14 @@ from vislang.index import Searcher, build_index, create_index, open_index, remov
 from vislang.index import build as build_mod  # noqa: E402
 
 
-def make_tiny_model(root: Path) -> Path:
-    """An untrained tiny CLIP saved as a model directory (a second to build; rankings are arbitrary but fixed)."""
+def make_tiny_model(root: Path, decoder=None, name: str = "model") -> Path:
+    """An untrained tiny CLIP saved as a model directory (a second to build; rankings are arbitrary but fixed); with
+    a ``DecoderConfig``, the tiny CoCa captioner `vislang train` would save."""
     import torch
 
     from vislang.data import ShapesDataset
-    from vislang.factory import fit_config_to_tokenizer, save_pretrained
-    from vislang.models import CLIP, ModelConfig, TextConfig, VisionConfig
+    from vislang.factory import build_model, fit_config_to_tokenizer, save_pretrained
+    from vislang.models import ModelConfig, TextConfig, VisionConfig
     from vislang.tokenizers import Tokenizer
 
     torch.manual_seed(0)
@@ -32,9 +33,10 @@ def make_tiny_model(root: Path) -> Path:
         embed_dim=16,
         vision=VisionConfig(arch="cnn", image_size=16, channels=3, width=4, depth=2, mean=(0.5,) * 3, std=(0.5,) * 3),
         text=TextConfig(arch="transformer", context_length=16, width=16, layers=1, heads=2),
+        decoder=decoder,
     )
     cfg = fit_config_to_tokenizer(cfg, tokenizer)
-    return save_pretrained(CLIP(cfg).eval(), root / "model", tokenizer)
+    return save_pretrained(build_model(cfg).eval(), root / name, tokenizer)
 
 
 def write_images(folder: Path, n: int, split: str = "test") -> list[Path]:

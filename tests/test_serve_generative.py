@@ -26,23 +26,9 @@ ANSWERS = ["red", "blue", "green", "two", "three", "yes", "no"]
 
 def make_tiny_captioner(root: Path) -> Path:
     """An untrained tiny CoCa (dual encoder + caption decoder) with its tokenizer, as `vislang train` saves one."""
-    from vislang.data import ShapesDataset
-    from vislang.factory import build_model, fit_config_to_tokenizer, save_pretrained
-    from vislang.models import ModelConfig, TextConfig, VisionConfig
     from vislang.models.clip import DecoderConfig
-    from vislang.tokenizers import Tokenizer
 
-    torch.manual_seed(0)
-    captions = [ShapesDataset("train", n=64).scene_and_caption(i)[1] for i in range(64)]
-    tokenizer = Tokenizer.train(captions, vocab_size=120, context_length=16)
-    cfg = ModelConfig(
-        embed_dim=16,
-        vision=VisionConfig(arch="cnn", image_size=16, channels=3, width=4, depth=2, mean=(0.5,) * 3, std=(0.5,) * 3),
-        text=TextConfig(arch="transformer", context_length=16, width=16, layers=1, heads=2),
-        decoder=DecoderConfig(width=16, layers=1, heads=2),
-    )
-    cfg = fit_config_to_tokenizer(cfg, tokenizer)
-    return save_pretrained(build_model(cfg).eval(), root / "captioner", tokenizer)
+    return make_tiny_model(root, decoder=DecoderConfig(width=16, layers=1, heads=2), name="captioner")
 
 
 def make_tiny_vqa(root: Path) -> Path:
