@@ -107,3 +107,35 @@ def test_short_schedule_still_decays():
     lrs = [lr_at(s, 50, cfg) for s in range(50)]
     assert max(lrs) == pytest.approx(1e-3) and lrs.index(max(lrs)) == 9  # warmup capped at 50 // 5 = 10 steps
     assert lrs[-1] < 0.01 * 1e-3
+
+
+def test_time_budget_refits_when_steps_slow_down(tmp_path, monkeypatch):
+    """The schedule is refitted during the run: steps that slow down after the first fit (a machine that got busy)
+    still end the run near its budget instead of long after it. A virtual clock makes it independent of load."""
+    clock = {"t": 0.0, "n": 0}
+
+    class VirtualTime:
+        @staticmethod
+        def time() -> float:
+            return clock["t"]
+
+    real_build = loop_mod.build_task
+
+    def slow_later(*a, **kw):
+        task = real_build(*a, **kw)
+
+        def run(batch):
+            clock["n"] += 1
+            clock["t"] += 0.01 if clock["n"] <= 40 else 1.0  # fast steps at the first fit, then 100x slower
+            return task(batch)
+
+        return run
+
+    monkeypatch.setattr(loop_mod, "time", VirtualTime)
+    monkeypatch.setattr(loop_mod, "build_task", slow_later)
+    cfg = _cfg(tmp_path, "budget", "epochs=40", "time_budget_min=1", "save_every=1000", "log_every=1000")
+    train(cfg)  # 96 pairs / 16 = 6 steps per epoch: 240 steps unless the budget cuts them
+    rec = [json.loads(x) for x in (tmp_path / "budget" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    # a fit made only at step 30 (pace 0.01 s) keeps all 240 steps and ends after ~200 s of a 60 s budget
+    assert 60 < rec[-1]["step"] < 130
+    assert rec[-1]["elapsed_s"] < 60 + 5

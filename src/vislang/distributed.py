@@ -94,6 +94,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def agree_min(value: int, device: torch.device | None = None) -> int:
+    """The smallest ``value`` over ranks: decisions every rank must share (such as where a time-budgeted run stops)
+    taken from per-rank measurements; ``value`` itself on one process."""
+    if not (is_dist() and world_size() > 1):
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
 @torch.no_grad()
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     """Mean of ``t`` over ranks (for logging), returned as a new tensor; a copy of ``t`` on one process.

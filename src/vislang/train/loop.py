@@ -145,7 +145,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
         model.load_state_dict(from_pretrained(cfg.pretrained).state_dict())
     model.to(device)
-    if device.type == "cpu" and mcfg.vision.arch == "cnn":
+    if device.type == "cpu" and mcfg.vision.arch in ("cnn", "cnn-text"):  # vislang CNNs: NHWC convs are faster
         model.visual.to(memory_format=torch.channels_last)
     core = model
     if world > 1:
@@ -208,6 +208,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     t_log, samples_since = time.time(), 0
     loss_sum, loss_n = 0.0, 0
     budget_checked = resume
+    fit_from, next_fit = (t_start, 0), 30  # budget refits: pace measured from (time, step), next one at next_fit
     model.train()
     while step < total_steps:
         batches = epoch_batches(len(train_data), cfg.batch_size, cfg.seed, epoch, rank, world)
@@ -249,16 +250,19 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
-            if budget_s and not budget_checked and step == 30:
-                # Fit the schedule to the time budget, measured on real steps, so the cosine decay completes.
-                per_step = (time.time() - t_start) / step
-                fit = int(budget_s / per_step)
+            if budget_s and not budget_checked and step >= next_fit:
+                # Fit the schedule to the time budget from the pace of recent steps, so the cosine decay completes;
+                # refitted every few percent of the run, because a shared machine can slow down later on.
+                now = time.time()
+                per_step = (now - fit_from[0]) / max(1, step - fit_from[1])
+                fit = step + int((budget_s - (now - t_start)) / per_step)
+                fit = dist.agree_min(fit, device)  # every rank must stop at the same step
                 if fit < total_steps:
                     total_steps = max(step + 1, fit)
                     bar.total = total_steps
                     if main:
                         print(f"[vislang] time budget {cfg.time_budget_min} min: schedule set to {total_steps} steps")
-                budget_checked = True
+                fit_from, next_fit = (now, step), step + max(30, total_steps // 20)
             if step % cfg.log_every == 0 or step == total_steps:
                 dt = time.time() - t_log
                 rec = {
