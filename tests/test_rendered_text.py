@@ -36,3 +36,25 @@ def test_items_are_deterministic_and_caption_matches_image_text():
 def test_heldout_fraction_zero_shares_every_word():
     cfg = RenderConfig(heldout_fraction=0.0, vocabulary=("alpha", "beta"))
     assert split_vocabulary(cfg.vocabulary, "test", 0.0) == ("alpha", "beta")
+
+
+def _ink_rows_cols(img) -> tuple[int, int]:
+    """Height and width of the text's bounding box (pixels that differ from the corner's background colour)."""
+    a = np.asarray(img.convert("L"), dtype=np.int16)
+    ink = np.abs(a - a[0, 0]) > 30
+    rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
+    return rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
+
+
+def test_long_words_are_narrowed_before_they_shrink():
+    """A 10-letter word keeps taller letters by being condensed horizontally; short words are drawn as they were."""
+    from vislang.data.rendered_text import render_text
+
+    plain = dict(noise=0.0, max_rotation=0.0, size_range=(0.45, 0.45))
+    squeezed, shrunk = RenderConfig(min_squeeze=0.5, **plain), RenderConfig(min_squeeze=1.0, **plain)
+    for seed in range(4):
+        h_sq, w_sq = _ink_rows_cols(render_text("curriculum", np.random.default_rng(seed), squeezed))
+        h_sh, w_sh = _ink_rows_cols(render_text("curriculum", np.random.default_rng(seed), shrunk))
+        assert h_sq >= 1.3 * h_sh and w_sq <= 64  # taller letters, still inside the image
+        short = [np.asarray(render_text("cat", np.random.default_rng(seed), c)) for c in (squeezed, shrunk)]
+        assert np.array_equal(*short)

@@ -3,6 +3,10 @@
 The search code knows nothing of the model beyond three calls: ``model.start_decoding(images, use_cache)`` → state,
 ``model.next_logits(state, prefix)`` → (B, V) logits of the next token, and ``state.select(index)`` to repeat or
 reorder batch rows. ``generate`` returns token ids (B, L) without the begin token: the end token, then ``pad_id``.
+
+A ``prefix`` (B, P) of given tokens (a question, for generative VQA) is placed after the begin token and read in one
+prefill pass, as Hugging Face ``generate`` reads ``input_ids``; only the continuation after it is searched and
+returned.
 """
 
 from __future__ import annotations
@@ -25,6 +29,20 @@ def check_images(images: torch.Tensor, channels: int, image_size: int) -> None:
         raise ValueError(
             f"images of shape {tuple(images.shape[1:])} do not fit the model's ({channels}, {image_size}, "
             f"{image_size}); preprocess them with vislang.image_transforms(model.cfg)"
+        )
+
+
+def check_prefix(prefix: torch.Tensor, batch: int, vocab: int, pad_id: int) -> None:
+    """A prefix is (B, P) integer ids, one row per image, with no padding: rows of one batch share a length."""
+    if not isinstance(prefix, torch.Tensor) or prefix.ndim != 2 or prefix.dtype.is_floating_point:
+        raise ValueError(f"prefix must be integer token ids (B, P), got {getattr(prefix, 'shape', type(prefix))}")
+    if prefix.shape[0] != batch:
+        raise ValueError(f"prefix has {prefix.shape[0]} rows for {batch} images; give one row per image")
+    if prefix.numel() and (int(prefix.min()) < 0 or int(prefix.max()) >= vocab):
+        raise ValueError(f"prefix ids must lie in [0, {vocab}) (the model's vocabulary)")
+    if (prefix == pad_id).any():
+        raise ValueError(
+            "prefix holds padding tokens; rows of one call must have the same length (batch prompts by length)"
         )
 
 
@@ -70,8 +88,9 @@ def generate(
     bos_id: int | None = None,
     eos_id: int | None = None,
     pad_id: int | None = None,
+    prefix: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Caption token ids (B, L <= max_length) for a batch of images.
+    """Caption token ids (B, L <= max_length) for a batch of images; with ``prefix``, its continuation.
 
     Args:
         model: a captioning model (``CoCa``).
@@ -83,21 +102,32 @@ def generate(
         use_cache: reuse keys/values of earlier positions; the tokens are the same, it is only faster.
         seed: makes sampling repeatable.
         bos_id, eos_id, pad_id: default to the model config's (the vislang tokenizer's specials).
+        prefix: token ids (B, P) given after the begin token (no begin token, no padding: one length per call); the
+            returned ids are what follows them.
     """
     cfg = model.cfg
     check_images(images, cfg.vision.channels, cfg.vision.image_size)
     check_options(max_length, beam, temperature, top_k, top_p)
     if sample and beam > 1:
         raise ValueError("choose beam search (beam > 1) or sampling (sample=True), not both")
-    if max_length + 1 > cfg.text.context_length:
-        raise ValueError(
-            f"max_length {max_length} plus the begin token exceeds the text context of {cfg.text.context_length}"
-        )
     bos = cfg.decoder.bos_id if bos_id is None else bos_id
     eos = cfg.decoder.eos_id if eos_id is None else eos_id
     pad = cfg.text.pad_id if pad_id is None else pad_id
+    if prefix is not None:
+        check_prefix(prefix, images.shape[0], cfg.text.vocab_size, pad)
+    P = 0 if prefix is None else prefix.shape[1]
+    if 1 + P + max_length > cfg.text.context_length:
+        given = f" plus the prefix of {P} tokens" if P else ""
+        raise ValueError(
+            f"max_length {max_length}{given} plus the begin token exceeds the text context of "
+            f"{cfg.text.context_length} tokens; lower max_length"
+            + (f" to at most {cfg.text.context_length - 1 - P} or shorten the prefix" if P else "")
+        )
     device = next(model.parameters()).device
     images = images.to(device)
+    start = torch.full((images.shape[0], 1), bos, dtype=torch.long, device=device)  # (B, 1)
+    if prefix is not None:
+        start = torch.cat([start, prefix.to(device=device, dtype=torch.long)], dim=1)  # (B, 1 + P)
     if images.dtype == torch.uint8:
         images = normalize(images, cfg.vision.mean, cfg.vision.std)
     was_training = model.training
@@ -105,10 +135,10 @@ def generate(
     try:
         state = model.start_decoding(images, use_cache=use_cache)
         if beam > 1:
-            return _beam_search(model, state, images.shape[0], max_length, beam, length_penalty, bos, eos, pad)
+            return _beam_search(model, state, images.shape[0], max_length, beam, length_penalty, bos, eos, pad, start)
         gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
         sampler = (lambda lg: _sample(lg, temperature, top_k, top_p, gen)) if sample else None
-        return _greedy(model, state, images.shape[0], max_length, bos, eos, pad, sampler)
+        return _greedy(model, state, images.shape[0], max_length, bos, eos, pad, sampler, start)
     finally:
         model.train(was_training)
 
@@ -119,9 +149,13 @@ def _sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, 
 
 
 @torch.no_grad()
-def _greedy(model, state, B: int, max_length: int, bos: int, eos: int, pad: int, sampler=None) -> torch.Tensor:
+def _greedy(
+    model, state, B: int, max_length: int, bos: int, eos: int, pad: int, sampler=None, start: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``start`` (B, S): the given tokens (begin token, then any prefix); default the begin token alone."""
     device = state.context.device
-    seq = torch.full((B, 1), bos, dtype=torch.long, device=device)  # (B, 1 + t)
+    seq = torch.full((B, 1), bos, dtype=torch.long, device=device) if start is None else start  # (B, S + t)
+    S = seq.shape[1]
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for _ in range(max_length):
         logits = model.next_logits(state, seq)  # (B, V)
@@ -131,19 +165,31 @@ def _greedy(model, state, B: int, max_length: int, bos: int, eos: int, pad: int,
         done |= nxt == eos
         if done.all():
             break
-    return seq[:, 1:]
+    return seq[:, S:]
 
 
 @torch.no_grad()
 def _beam_search(
-    model, state, B: int, max_length: int, W: int, alpha: float, bos: int, eos: int, pad: int
+    model,
+    state,
+    B: int,
+    max_length: int,
+    W: int,
+    alpha: float,
+    bos: int,
+    eos: int,
+    pad: int,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Standard beam search: keep the W best unfinished prefixes; a beam that emits EOS among the top W becomes a
     finished hypothesis; an image is done once it has W of them (or at max_length), and returns its best by
-    sum log p / length ** alpha. With W = 1 this is exactly greedy decoding."""
+    sum log p / length ** alpha (length and scores count generated tokens only, never the given ``start`` (B, S)).
+    With W = 1 this is exactly greedy decoding."""
     device = state.context.device
-    state = state.select(torch.arange(B, device=device).repeat_interleave(W))  # (B*W) rows
-    seq = torch.full((B * W, 1), bos, dtype=torch.long, device=device)
+    rows0 = torch.arange(B, device=device).repeat_interleave(W)  # (B*W,)
+    state = state.select(rows0)
+    seq = torch.full((B * W, 1), bos, dtype=torch.long, device=device) if start is None else start[rows0]
+    S = seq.shape[1]
     scores = torch.full((B, W), float("-inf"), device=device)
     scores[:, 0] = 0.0  # all beams start equal: let only the first one expand at step one
     finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
@@ -163,7 +209,7 @@ def _beam_search(
                     break
                 if tok == eos:
                     if rank < W:  # an end is a hypothesis only if it ranks among the beam's width
-                        hyp = seq[b * W + w, 1:].tolist() + [eos]
+                        hyp = seq[b * W + w, S:].tolist() + [eos]
                         finished[b].append((s / step**alpha, hyp))
                     continue
                 rows.append(b * W + w)
@@ -191,7 +237,7 @@ def _beam_search(
         if not done[b]:  # max_length reached: unfinished beams compete too
             for w in range(W):
                 if scores[b, w] > float("-inf"):
-                    hyps.append((float(scores[b, w]) / max_length**alpha, seq[b * W + w, 1:].tolist()))
+                    hyps.append((float(scores[b, w]) / max_length**alpha, seq[b * W + w, S:].tolist()))
         out.append(max(hyps, key=lambda h: h[0])[1] if hyps else [])
     L = max(1, max(len(h) for h in out))
     ids = torch.full((B, L), pad, dtype=torch.long)

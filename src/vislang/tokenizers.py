@@ -1,4 +1,4 @@
-"""Tokenizers: train a small BPE/WordPiece vocabulary on your captions, or load a pretrained tokenizer directory.
+"""Tokenizers: train a small BPE/WordPiece (or character) vocabulary on your captions, or load a pretrained one.
 
 Both kinds answer the same call, ``tokenizer(texts) -> LongTensor (B, context_length)``, padded with ``pad_id`` and
 wrapped in begin/end tokens, so a text tower never needs to know which kind fed it. Text longer than the context is
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 SPECIALS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]", "[MASK]"]
+CHAR_ALPHABET = "abcdefghijklmnopqrstuvwxyz"  # always in a char vocabulary, so no unseen word meets [UNK]
 VISLANG_TOKENIZER_FILE = "tokenizer.json"
 VISLANG_TOKENIZER_META = "vislang_tokenizer.json"
 HF_TOKENIZER_SUBDIR = "tokenizer"  # where a Hugging Face tokenizer is saved inside a model directory
@@ -74,10 +75,17 @@ class Tokenizer:
     def train(
         cls, texts: Iterable[str], vocab_size: int = 2000, kind: str = "bpe", context_length: int = 32
     ) -> Tokenizer:
-        """Learn a BPE or WordPiece vocabulary from ``texts``; small vocabularies suit small caption sets."""
+        """Learn a BPE or WordPiece vocabulary from ``texts``; small vocabularies suit small caption sets.
+
+        ``kind="char"`` gives one token per character (``vocab_size`` is ignored): the letters a-z, a space token and
+        any other character of ``texts``. A reader spells every word, seen or not, letter by letter with it, where
+        even a tiny BPE merges frequent pairs and marks word ends (``e`` and ``e</w>`` are two tokens to learn).
+        """
         from tokenizers import Tokenizer as HFTok
         from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
+        if kind == "char":
+            return cls._train_char(texts, context_length)
         if kind == "bpe":
             tok = HFTok(models.BPE(unk_token="[UNK]", end_of_word_suffix="</w>"))
             tok.decoder = decoders.BPEDecoder(suffix="</w>")
@@ -95,9 +103,33 @@ class Tokenizer:
             )
             tok.decoder = decoders.WordPiece()
         else:
-            raise ValueError(f"unknown tokenizer kind {kind!r}; use 'bpe' or 'wordpiece'")
+            raise ValueError(f"unknown tokenizer kind {kind!r}; use 'bpe', 'wordpiece' or 'char'")
         tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase(), normalizers.StripAccents()])
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation()])
+        texts = list(texts)
+        if not texts:
+            raise ValueError("cannot train a tokenizer on no text; check that the dataset has captions")
+        tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+        return cls(_canonical_ids(tok), context_length)
+
+    @classmethod
+    def _train_char(cls, texts: Iterable[str], context_length: int) -> Tokenizer:
+        """A character vocabulary: BPE with no merges; spaces become ``▁`` tokens (Metaspace) so phrases round-trip."""
+        from tokenizers import Tokenizer as HFTok
+        from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+        tok = HFTok(models.BPE(unk_token="[UNK]"))
+        # NFD first so StripAccents sees the combining marks: "café" is spelled c-a-f-e, not with an unknown "é"
+        tok.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.StripAccents(), normalizers.Lowercase()])
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+        tok.decoder = decoders.Metaspace(prepend_scheme="never")
+        trainer = trainers.BpeTrainer(
+            vocab_size=1,  # below the alphabet's size: the trainer keeps the alphabet and learns no merges
+            special_tokens=SPECIALS,
+            min_frequency=1,
+            show_progress=False,
+            initial_alphabet=[*CHAR_ALPHABET, "\u2581"],  # every letter, even one the captions never use; ▁ = space
+        )
         texts = list(texts)
         if not texts:
             raise ValueError("cannot train a tokenizer on no text; check that the dataset has captions")

@@ -82,6 +82,8 @@ class RenderConfig:
         image_size: side of the square images in pixels.
         max_words: items have 1..max_words words (1: single words, the reading benchmark).
         size_range: font size as a fraction of the image side (before fitting the width).
+        min_squeeze: a word wider than the image is first narrowed horizontally, down to this fraction of its
+            width (a condensed face), and only then shrunk as a whole: long words keep legible letter heights.
         max_rotation: rotation in degrees, uniform in ±max_rotation.
         noise: standard deviation of the Gaussian background noise, in grey levels.
         min_contrast: smallest luminance difference between text and background colours.
@@ -93,7 +95,8 @@ class RenderConfig:
 
     image_size: int = 64
     max_words: int = 1
-    size_range: tuple[float, float] = (0.22, 0.4)
+    size_range: tuple[float, float] = (0.3, 0.5)
+    min_squeeze: float = 0.5
     max_rotation: float = 10.0
     noise: float = 12.0
     min_contrast: float = 90.0
@@ -107,7 +110,7 @@ def _luma(rgb) -> float:
 
 
 def render_text(text: str, rng: np.random.Generator, cfg: RenderConfig) -> Image.Image:
-    """One image of ``text``: random font, size, colours, rotation and noise, scaled to fit the square."""
+    """One image of ``text``: random font, size, colours, rotation and noise, narrowed then scaled to fit."""
     fonts = system_fonts()
     font_path = fonts[int(rng.integers(len(fonts)))]
     side = cfg.image_size
@@ -121,8 +124,11 @@ def render_text(text: str, rng: np.random.Generator, cfg: RenderConfig) -> Image
     left, top, right, bottom = font.getbbox(text)
     tile = Image.new("RGBA", (right - left + 8, bottom - top + 8), (0, 0, 0, 0))
     ImageDraw.Draw(tile).text((4 - left, 4 - top), text, font=font, fill=(*fg, 255))
-    tile = tile.rotate(float(rng.uniform(-cfg.max_rotation, cfg.max_rotation)), expand=True, resample=Image.BICUBIC)
     big = side * 2
+    squeeze = max(cfg.min_squeeze, min(1.0, 0.92 * big / tile.width))  # narrow a long word before shrinking it
+    if squeeze < 1.0:
+        tile = tile.resize((max(1, round(tile.width * squeeze)), tile.height), Image.LANCZOS)
+    tile = tile.rotate(float(rng.uniform(-cfg.max_rotation, cfg.max_rotation)), expand=True, resample=Image.BICUBIC)
     scale = min(1.0, 0.92 * big / max(tile.size))  # long phrases shrink to fit
     if scale < 1.0:
         tile = tile.resize((max(1, int(tile.width * scale)), max(1, int(tile.height * scale))), Image.LANCZOS)

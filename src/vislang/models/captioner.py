@@ -6,7 +6,8 @@ predicts the next token (Yu et al. 2022, "CoCa: Contrastive Captioners are Image
 
 Generation (``generate``) runs the search algorithms of ``vislang.generation`` over ``DecodeState``, which keeps a
 key/value cache of every self-attention layer (text tower and decoder) and the cross-attention keys/values of the image
-tokens, computed once per image.
+tokens, computed once per image. The first ``next_logits`` call reads its whole prefix in one pass (a prefill), so a
+prompt such as a question (``generate(..., prefix=...)``) costs one forward, then one position per generated token.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from torch import nn
 
 from ..layers.transformer import Block
 from .clip import CLIP, DecoderConfig, ModelConfig
-from .towers import CompactCNN
 
 KV = tuple[torch.Tensor, torch.Tensor]  # keys, values: (B, heads, S, head_dim) each
 
@@ -141,7 +141,7 @@ class CoCa(CLIP):
 
     # --- training ----------------------------------------------------------------------------------------------
     def _pooled_image(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.visual, CompactCNN):  # its pooled feature is the mean of its tokens: no second pass
+        if self.visual.pools_token_mean:  # its pooled feature is the mean of its tokens: no second pass
             return tokens.mean(dim=1)
         return self.visual(images)
 
@@ -161,6 +161,29 @@ class CoCa(CLIP):
             out["logit_bias"] = self.logit_bias
         return out
 
+    def caption_logits(
+        self, images: torch.Tensor, text: torch.Tensor, image_index: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Teacher-forced logits (B_t, T-1, V) of texts (B_t, T) about images (B_i, C, H, W), decoder only.
+
+        ``image_index`` (B_t,) names each text's image (default one to one), for images with many texts (the
+        questions of a VQA scene): each image runs through the image tower once and its cross-attention keys and
+        values are projected once, each distinct text runs through the text tower once. The logits equal
+        ``forward``'s on the repeated images. No contrastive features are computed.
+        """
+        context = self.decoder.encode_image(self.visual.forward_tokens(images))  # (B_i, N, D)
+        if image_index is None or self.decoder.cfg.dropout > 0:  # dropout: keep Block.forward's own dropout
+            txt, _ = self.text.forward_tokens(text)  # (B_t, T, Dt)
+            ctx = context if image_index is None else context[image_index]  # (B_t, N, D)
+            return self.decoder(txt[:, :-1], ctx)  # (B_t, T-1, V)
+        uniq, inverse = torch.unique(text[:, :-1], dim=0, return_inverse=True)  # the last token predicts nothing
+        txt, _ = self.text.forward_tokens(uniq)  # (U, T-1, Dt)
+        x = self.decoder.in_proj(txt[inverse])  # (B_t, T-1, D)
+        for blk in self.decoder.blocks:
+            k, v = context_kv(blk, context)  # (B_i, h, N, hd): once per image
+            x, _ = block_step(blk, x, None, (k[image_index], v[image_index]))  # causal over the T-1 positions
+        return self.decoder.head(self.decoder.ln_final(x))  # (B_t, T-1, V)
+
     # --- generation --------------------------------------------------------------------------------------------
     def start_decoding(self, images: torch.Tensor, use_cache: bool = True) -> DecodeState:
         """Encode normalised images (B, C, H, W) once for generation."""
@@ -169,7 +192,11 @@ class CoCa(CLIP):
         return DecodeState(context, ctx_kv, use_cache)
 
     def next_logits(self, state: DecodeState, prefix: torch.Tensor) -> torch.Tensor:
-        """Logits (B, V) of the token after ``prefix`` (B, t); with a cache only its last token is computed."""
+        """Logits (B, V) of the token after ``prefix`` (B, t); with a cache only its last token is computed.
+
+        The first call on a fresh state may pass any number of tokens (begin token plus a prompt): they are read in
+        one causal pass that fills the cache; later calls add one token each.
+        """
         t = prefix.shape[1]
         if t > self.cfg.text.context_length:
             raise ValueError(f"cannot decode past the text context of {self.cfg.text.context_length} tokens")

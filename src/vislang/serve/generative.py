@@ -51,39 +51,23 @@ class Captioner:
 
 
 class QuestionAnswerer:
-    """A VQA model directory (``vislang ablate-fusion`` or ``train_vqa``), ready to answer one question at a time.
+    """A VQA model directory, ready to answer one question at a time: an answer classifier (``vislang ablate-fusion``,
+    ``vislang train --config vqa``) or a generative answerer (``vislang train --config vqa-gen``), with the same checks
+    and scoring as ``vislang vqa`` (``understand.vqa_train.load_answerer``).
 
     Args:
-        model_dir: a directory written by ``vislang.models.vqa.save_vqa``.
+        model_dir: a directory written by ``vislang.models.vqa.save_vqa`` or ``train_vqa_generative``.
         device: where the model runs.
     """
 
     def __init__(self, model_dir: str | os.PathLike, device: str = "cpu") -> None:
-        from ..models.vqa import load_vqa
+        from ..understand.vqa_train import load_answerer
 
-        self.model, self.tokenizer, self.answers = load_vqa(model_dir, device)
-        self.device = device
+        self.answerer = load_answerer(model_dir, device)
 
-    @torch.no_grad()
     def __call__(self, image: Image.Image, question: str, top_k: int = 1) -> list[dict[str, Any]]:
         """The ``top_k`` most probable answers, ``[{"answer", "probability"}, ...]``, best first."""
-        from ..data.transforms import normalize, pil_to_array
-
-        question = " ".join(str(question).split())
-        if not question:
-            raise ValueError('the question is empty; ask something about the image, e.g. "what colour is the circle?"')
-        n_tokens = len(self.tokenizer.encode_ids([question])[0]) + 2  # + begin and end tokens
-        if n_tokens > self.tokenizer.context_length:
-            raise ValueError(
-                f"the question has {n_tokens} tokens but the model reads at most {self.tokenizer.context_length}; "
-                "ask a shorter question"
-            )
-        v = self.model.cfg.vision
-        arr = torch.from_numpy(pil_to_array(image, v.image_size, v.channels)).permute(2, 0, 1)[None]  # (1, C, H, W)
-        x = normalize(arr, v.mean, v.std).to(self.device)
-        probs = self.model(x, self.tokenizer([question]).to(self.device))["logits"][0].softmax(-1)  # (A,)
-        p, k = probs.topk(min(top_k, len(self.answers)))
-        return [{"answer": self.answers[i], "probability": float(q)} for q, i in zip(p.tolist(), k.tolist())]
+        return [{"answer": a, "probability": p} for a, p in self.answerer.answer(image, question, top_k)]
 
 
 class ImageGenerator:

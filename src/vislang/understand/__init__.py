@@ -4,6 +4,15 @@ The library parts live in ``vislang.models.fusion``/``vqa``/``itm``, ``vislang.d
 ``vislang.evaluation.vqa_metrics``; this package holds the small training loops and the CLI commands built on them.
 """
 
+from .vqa_generative import VQAGenConfig, train_vqa_generative
 from .vqa_train import VQATrainConfig, evaluate_vqa, load_vqa_config, predict_answer, train_vqa
 
-__all__ = ["VQATrainConfig", "evaluate_vqa", "load_vqa_config", "predict_answer", "train_vqa"]
+__all__ = [
+    "VQAGenConfig",
+    "VQATrainConfig",
+    "evaluate_vqa",
+    "load_vqa_config",
+    "predict_answer",
+    "train_vqa",
+    "train_vqa_generative",
+]

@@ -50,7 +50,9 @@ def register(add) -> None:
     sp = add("vqa", "answer a question about an image with a trained VQA model (answer and its probability)", cmd_vqa)
     sp.add_argument("image", help="an image file")
     sp.add_argument("question", help='the question, e.g. "what colour is the circle?"')
-    sp.add_argument("--model", required=True, help="VQA model directory (e.g. runs/ablate/cross_attention/model)")
+    sp.add_argument(
+        "--model", required=True, help="VQA model directory: runs/vqa/model, or a generative one (runs/vqa-gen/model)"
+    )
     sp.add_argument("--top-k", type=int, default=1, help="print the k most probable answers")
     sp.add_argument("--answer", help="print the probability of this answer instead")
     sp.add_argument("--json", action="store_true", help="print JSON")

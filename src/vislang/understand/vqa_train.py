@@ -1,7 +1,9 @@
 """Train and evaluate a VQA answer classifier: a small loop of its own on image-level batches.
 
 A batch is ``batch_images`` images plus every question about them, so the image tower runs once per image. The
-optimizer and schedule are the trainer's (``train.optim``); the checkpoint is written atomically at the end.
+optimizer and schedule are the trainer's (``train.optim``); the checkpoint is written atomically at the end. The loop
+(``train_loop``), the data (``load_sets``, ``make_batch``), the input checks and the evaluation files (``write_eval``)
+are shared with the generative answerer (``vqa_generative``), which trains a captioner on the same batches.
 """
 
 from __future__ import annotations
@@ -9,10 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -23,12 +27,15 @@ from ..data.transforms import normalize
 from ..data.vqa import VQASet, answer_targets, answer_vocab, read_vqa_file, shapes_vqa
 from ..evaluation.vqa_metrics import vqa_accuracy
 from ..models.fusion import FUSIONS
+from ..models.towers import VisionConfig
 from ..models.vqa import VQAConfig, VQAModel, load_vqa, num_parameters, save_vqa
 from ..tokenizers import Tokenizer
 from ..train.config import OptimConfig
 from ..train.optim import build_optimizer, lr_at, set_lr
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
+EVAL_DIR = "eval"  # OUT/eval: the per-type accuracy table of every evaluated split
+RunConfig = TypeVar("RunConfig")
 
 
 @dataclass(frozen=True)
@@ -55,15 +62,22 @@ def load_vqa_train_config(path: str | Path | None, overrides: list[str] | tuple[
     ``task`` only routes the file here; every other key is a ``VQATrainConfig`` field (``overrides`` lists dotted
     model-config changes, e.g. ``fusion.kind=gated``).
     """
+    return load_run_config(path, overrides, "vqa", VQATrainConfig)
+
+
+def load_run_config(
+    path: str | Path | None, overrides: list[str] | tuple[str, ...], task: str, cls: type[RunConfig]
+) -> RunConfig:
+    """A run config file of ``task`` (``vqa``, ``vqa-gen``) plus ``key=value`` overrides, as dataclass ``cls``."""
     data = load_file(path) if path else {}
     if overrides:
         data = apply_overrides(data, list(overrides))
-    task = data.pop("task", "vqa")
-    if task != "vqa":
-        raise ValueError(f"a VQA run config has task: vqa, got task: {task!r}")
+    got = data.pop("task", task)
+    if got != task:
+        raise ValueError(f"this run config needs task: {task}, got task: {got!r}")
     if isinstance(data.get("overrides"), list):
         data["overrides"] = tuple(data["overrides"])
-    return from_dict(VQATrainConfig, data)
+    return from_dict(cls, data)
 
 
 def load_vqa_config(name_or_path: str, overrides: tuple[str, ...] | list[str] = ()) -> VQAConfig:
@@ -154,6 +168,73 @@ def evaluate_vqa(model: VQAModel, data: VQASet, tokenizer, answers: list[str]) -
     return vqa_accuracy(preds, data.answers, data.types)
 
 
+def train_loop(
+    model: torch.nn.Module,
+    data: VQASet,
+    tokens: torch.Tensor,
+    cfg: VQATrainConfig,
+    loss_of: Callable[[dict], torch.Tensor],
+    vision: VisionConfig,
+    log_path: Path,
+    progress: bool = True,
+) -> tuple[int, float]:
+    """The loop both VQA heads train with; returns ``(steps, seconds)``.
+
+    Each step takes ``cfg.batch_images`` images and all their questions (``make_batch`` over ``tokens``, one row per
+    question), asks ``loss_of(batch)`` for the loss, and steps AdamW on the trainer's warmup + cosine schedule with
+    gradient clipping; every 20 steps a record goes to ``log_path``. With ``cfg.time_budget_s`` the schedule is
+    shortened, once the first 20 steps are timed, to the steps the budget holds, so the cosine decay completes (as
+    ``vislang train`` does) instead of being cut at a high learning rate.
+    """
+    qindex = QuestionIndex(data.image_index, len(data.images))
+    opt = build_optimizer(model, cfg.optim)
+    total = math.ceil(len(data.images) / cfg.batch_images) * cfg.epochs
+    rng = np.random.default_rng(cfg.seed)
+    step, t_train = 0, time.perf_counter()
+    model.train()
+    with open(log_path, "w") as log:
+        for epoch in range(cfg.epochs):
+            for imgs in image_batches(len(data.images), cfg.batch_images, rng):
+                b = make_batch(data, tokens, qindex, imgs, vision)
+                set_lr(opt, lr_at(step, total, cfg.optim))
+                loss = loss_of(b)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.optim.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                opt.step()
+                step += 1
+                elapsed = time.perf_counter() - t_train
+                if cfg.time_budget_s and step == 20:
+                    total = min(total, max(step + 1, int(cfg.time_budget_s / (elapsed / step))))
+                if step % 20 == 0:
+                    rec = {"step": step, "epoch": epoch, "loss": float(loss.detach()), "time_s": elapsed}
+                    log.write(json.dumps(rec) + "\n")
+                    log.flush()
+                    if progress:
+                        print(json.dumps(rec), flush=True)
+                if step >= total or (cfg.time_budget_s and elapsed > cfg.time_budget_s):
+                    return step, time.perf_counter() - t_train
+    return step, time.perf_counter() - t_train
+
+
+def write_eval(results: dict[str, Any], out_dir: Path, title: str) -> Path:
+    """``OUT/eval/vqa.json`` and ``vqa.md``: accuracy per split and per question type, the table a README cites."""
+    splits = [k for k, v in results.items() if isinstance(v, dict) and "per_type" in v]
+    types = sorted({t for s in splits for t in results[s]["per_type"]})
+    lines = [f"# {title}", "", "| split | questions | overall | " + " | ".join(types) + " |"]
+    lines.append("|---" * (3 + len(types)) + "|")
+    for s in splits:
+        r = results[s]
+        cells = [f"{100 * r['per_type'][t]:.1f}" if t in r["per_type"] else "-" for t in types]
+        lines.append(f"| {s} | {r['n']} | {100 * r['overall']:.1f} | " + " | ".join(cells) + " |")
+    d = out_dir / EVAL_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "vqa.json").write_text(json.dumps({s: results[s] for s in splits}, indent=2))
+    (d / "vqa.md").write_text("\n".join(lines) + "\n\nAccuracy in %; question types as the data labels them.\n")
+    return d / "vqa.md"
+
+
 def train_vqa(cfg: VQATrainConfig, progress: bool = True) -> dict[str, Any]:
     """Train, evaluate on the test (and shapes holdout) sets, save the model; returns the results dict."""
     if cfg.threads:
@@ -177,46 +258,14 @@ def train_vqa(cfg: VQATrainConfig, progress: bool = True) -> dict[str, Any]:
 
     tokens = tokenizer(train_set.questions)
     targets = torch.from_numpy(answer_targets(train_set.answers, answers))
-    qindex = QuestionIndex(train_set.image_index, len(train_set.images))
-    opt = build_optimizer(model, cfg.optim)
-    steps_per_epoch = math.ceil(len(train_set.images) / cfg.batch_images)
-    total = steps_per_epoch * cfg.epochs
-    rng = np.random.default_rng(cfg.seed)
+
+    def loss_of(b: dict) -> torch.Tensor:
+        logits = model(b["images"], b["tokens"], b["image_index"])["logits"]
+        return vqa_loss(logits, targets[torch.from_numpy(b["questions"])])
+
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    log = open(out / "metrics.jsonl", "w")
-    step, t_train, stopped = 0, time.perf_counter(), False
-    model.train()
-    for epoch in range(cfg.epochs):
-        for imgs in image_batches(len(train_set.images), cfg.batch_images, rng):
-            b = make_batch(train_set, tokens, qindex, imgs, mcfg.vision)
-            set_lr(opt, lr_at(step, total, cfg.optim))
-            logits = model(b["images"], b["tokens"], b["image_index"])["logits"]
-            loss = vqa_loss(logits, targets[torch.from_numpy(b["questions"])])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            opt.step()
-            step += 1
-            if step % 20 == 0:
-                rec = {
-                    "step": step,
-                    "epoch": epoch,
-                    "loss": float(loss.detach()),
-                    "time_s": time.perf_counter() - t_train,
-                }
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                if progress:
-                    print(json.dumps(rec), flush=True)
-            if cfg.time_budget_s and time.perf_counter() - t_train > cfg.time_budget_s:
-                stopped = True
-                break
-        if stopped:
-            break
-    train_s = time.perf_counter() - t_train
-    log.close()
+    step, train_s = train_loop(model, train_set, tokens, cfg, loss_of, mcfg.vision, out / "metrics.jsonl", progress)
 
     results: dict[str, Any] = {
         "fusion": mcfg.fusion.kind,
@@ -233,25 +282,24 @@ def train_vqa(cfg: VQATrainConfig, progress: bool = True) -> dict[str, Any]:
             results[name] = evaluate_vqa(model, data, tokenizer, answers)
     save_vqa(model, out / "model", tokenizer, answers, extra={"train": to_dict(cfg), "results": results})
     (out / "results.json").write_text(json.dumps(results, indent=2))
+    write_eval(results, out, f"VQA answer classifier ({mcfg.fusion.kind} fusion)")
     return results
 
 
-def predict_answer(model_dir: str, image, question: str, top_k: int = 1) -> list[tuple[str, float]]:
-    """``[(answer, probability), ...]`` for one image (path or PIL image) and one question."""
+def clean_question(question: str) -> str:
+    """The question with its whitespace collapsed; a clear error for an empty one."""
+    question = " ".join(str(question).split())
+    if not question:
+        raise ValueError('the question is empty; ask something about the image, e.g. "what colour is the circle?"')
+    return question
+
+
+def image_tensor(image, vision) -> torch.Tensor:
+    """One image (path or PIL image) as uint8 pixels (1, C, H, W) at the model's size; clear errors for bad files."""
     from PIL import Image
 
     from ..data.transforms import pil_to_array
 
-    question = " ".join(str(question).split())
-    if not question:
-        raise ValueError('the question is empty; ask something about the image, e.g. "what colour is the circle?"')
-    model, tokenizer, answers = load_vqa(model_dir)
-    n_tokens = len(tokenizer.encode_ids([question])[0]) + 2
-    if n_tokens > tokenizer.context_length:
-        raise ValueError(
-            f"the question has {n_tokens} tokens but the model reads at most {tokenizer.context_length}; ask a "
-            "shorter question"
-        )
     if not isinstance(image, Image.Image):
         try:
             with Image.open(image) as im:
@@ -261,13 +309,49 @@ def predict_answer(model_dir: str, image, question: str, top_k: int = 1) -> list
             raise FileNotFoundError(f"no image at {image}; give the path of a PNG or JPEG file") from None
         except Exception as e:
             raise ValueError(f"cannot read {image} as an image ({type(e).__name__}); give a PNG or JPEG file") from e
-    v = model.cfg.vision
-    arr = torch.from_numpy(pil_to_array(image, v.image_size, v.channels)).permute(2, 0, 1)[None]
-    with torch.no_grad():
-        logits = model(normalize(arr, v.mean, v.std), tokenizer([question]))["logits"][0]
-    probs = logits.softmax(-1)
-    p, k = probs.topk(min(top_k, len(answers)))
-    return [(answers[i], float(q)) for q, i in zip(p.tolist(), k.tolist())]
+    return torch.from_numpy(pil_to_array(image, vision.image_size, vision.channels)).permute(2, 0, 1)[None]
+
+
+class ClassifierAnswerer:
+    """An answer-classifier VQA directory, loaded once, ready to answer one question at a time (the CLI and the
+    server share it; ``vqa_generative.GenerativeAnswerer`` is its generative twin)."""
+
+    def __init__(self, model_dir: str | os.PathLike, device: str = "cpu") -> None:
+        self.model, self.tokenizer, self.answers = load_vqa(model_dir, device)
+        self.device = device
+
+    @torch.no_grad()
+    def answer(self, image, question: str, top_k: int = 1) -> list[tuple[str, float]]:
+        """``[(answer, probability), ...]``, the ``top_k`` most probable training answers, best first."""
+        question = clean_question(question)
+        n_tokens = len(self.tokenizer.encode_ids([question])[0]) + 2  # + begin and end tokens
+        if n_tokens > self.tokenizer.context_length:
+            raise ValueError(
+                f"the question has {n_tokens} tokens but the model reads at most {self.tokenizer.context_length}; "
+                "ask a shorter question"
+            )
+        v = self.model.cfg.vision
+        x = normalize(image_tensor(image, v), v.mean, v.std).to(self.device)
+        probs = self.model(x, self.tokenizer([question]).to(self.device))["logits"][0].softmax(-1)  # (A,)
+        p, k = probs.topk(min(top_k, len(self.answers)))
+        return [(self.answers[i], float(q)) for q, i in zip(p.tolist(), k.tolist())]
+
+
+def load_answerer(model_dir: str | os.PathLike, device: str = "cpu"):
+    """The answerer for a VQA directory: ``ClassifierAnswerer`` or, for ``vislang train --config vqa-gen`` output,
+    ``GenerativeAnswerer``; both have ``answer(image, question, top_k)``."""
+    from ..models.vqa import vqa_head
+
+    if vqa_head(model_dir) == "generative":
+        from .vqa_generative import GenerativeAnswerer
+
+        return GenerativeAnswerer(model_dir, device)
+    return ClassifierAnswerer(model_dir, device)
+
+
+def predict_answer(model_dir: str, image, question: str, top_k: int = 1) -> list[tuple[str, float]]:
+    """``[(answer, probability), ...]`` for one image (path or PIL image) and one question, either VQA head."""
+    return load_answerer(model_dir).answer(image, question, top_k)
 
 
 def check_known_answer(answer: str, answers: list[str]) -> int:
@@ -284,9 +368,14 @@ def check_known_answer(answer: str, answers: list[str]) -> int:
 
 
 def answer_probability(model_dir: str, image, question: str, answer: str) -> float:
-    """Probability the model gives ``answer``; a clear error for an answer training never saw."""
-    from ..models.vqa import ANSWERS_FILE
+    """Probability the model gives ``answer``; a clear error for an answer training never saw (a generative
+    answerer scores any answer)."""
+    from ..models.vqa import ANSWERS_FILE, vqa_head
 
+    if vqa_head(model_dir) == "generative":
+        from .vqa_generative import generative_answer_probability
+
+        return generative_answer_probability(model_dir, image, question, answer)
     answers = json.loads((Path(model_dir) / ANSWERS_FILE).read_text())
     check_known_answer(answer, answers)
     from ..evaluation.vqa_metrics import normalize_answer
