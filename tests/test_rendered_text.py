@@ -58,3 +58,27 @@ def test_long_words_are_narrowed_before_they_shrink():
         assert h_sq >= 1.3 * h_sh and w_sq <= 64  # taller letters, still inside the image
         short = [np.asarray(render_text("cat", np.random.default_rng(seed), c)) for c in (squeezed, shrunk)]
         assert np.array_equal(*short)
+
+
+def test_random_fraction_mixes_letter_strings_into_training_only():
+    words = set(english_words())
+    mixed = RenderedText("train", n=200, cfg=RenderConfig(random_fraction=0.3))
+    texts = mixed.captions
+    random_ones = [t for t in texts if t not in words]
+    assert 0.15 < len(random_ones) / len(texts) < 0.45
+    assert all(t.isalpha() and t.islower() and 3 <= len(t) <= 10 for t in random_ones)
+    assert mixed[5][1] == texts[5]  # the image is drawn from the same text as caption()
+    test = RenderedText("test", n=100, cfg=RenderConfig(random_fraction=0.3))
+    assert all(t in words and is_heldout_word(t) for t in test.captions)  # the benchmark stays held-out real words
+    plain = RenderedText("train", n=50)
+    assert plain.captions == RenderedText("train", n=50, cfg=RenderConfig(random_fraction=0.0)).captions
+    assert all(t in words for t in plain.captions)
+
+
+def test_render_text_cli_refuses_a_bad_fraction(tmp_path, capsys):
+    from vislang.cli import main
+
+    assert main(["render-text", str(tmp_path / "x"), "--n", "2", "--random-fraction", "1.5"]) == 2
+    assert "--random-fraction must be in [0, 1)" in capsys.readouterr().err
+    assert main(["render-text", str(tmp_path / "y"), "--n", "3", "--random-fraction", "0.5", "--no-progress"]) == 0
+    assert len(list((tmp_path / "y").glob("*.png"))) == 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -307,8 +308,12 @@ def cmd_caption_eval(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_render_text(args: argparse.Namespace, extra: list[str]) -> int:
     from ..data.rendered_text import RenderConfig, RenderedText, write_folder
 
-    ds = RenderedText(args.split, n=args.n, cfg=RenderConfig(image_size=args.image_size))
-    print(f"wrote {len(ds)} images to {write_folder(ds, args.out)}")
+    if not 0.0 <= args.random_fraction < 1.0:
+        print(f"error: --random-fraction must be in [0, 1), got {args.random_fraction}", file=sys.stderr)
+        return 2
+    cfg = RenderConfig(image_size=args.image_size, random_fraction=args.random_fraction)
+    ds = RenderedText(args.split, n=args.n, cfg=cfg)
+    print(f"wrote {len(ds)} images to {write_folder(ds, args.out, progress=not args.no_progress)}")
     return 0
 
 
@@ -368,3 +373,11 @@ def register(add) -> None:
     sp.add_argument("--split", default="train", choices=["train", "val", "test"])
     sp.add_argument("--n", type=_positive(int), default=20_000)
     sp.add_argument("--image-size", type=_positive(int), default=64)
+    sp.add_argument(
+        "--random-fraction",
+        type=float,
+        default=0.0,
+        help="share of train/val items that are random letter strings rather than words (0.3 trains a "
+        "reader that reads letters instead of recalling its word list; test stays real words)",
+    )
+    sp.add_argument("--no-progress", action="store_true", help="no progress bar")

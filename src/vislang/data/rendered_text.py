@@ -90,6 +90,10 @@ class RenderConfig:
         vocabulary: words items are drawn from (default: the packaged English list; ``WORDS`` is a small
             everyday list).
         heldout_fraction: share of the vocabulary only the ``test`` split uses (0: every split shares all words).
+        random_fraction: share of ``train``/``val`` items whose text is a random string of 3-10 letters instead of a
+            word. Attention readers lean on the lexicon they were trained on and misread words outside it (Wan et
+            al. 2020, "On Vocabulary Reliance in Scene Text Recognition"); letters in no particular order make them
+            read each one. The ``test`` split stays held-out real words.
         seed: base seed of the world.
     """
 
@@ -102,6 +106,7 @@ class RenderConfig:
     min_contrast: float = 90.0
     vocabulary: tuple[str, ...] = dataclasses.field(default_factory=english_words)
     heldout_fraction: float = 0.1
+    random_fraction: float = 0.0
     seed: int = 0
 
 
@@ -177,14 +182,23 @@ class RenderedText(Dataset):
         """Draw the item's words from ``rng`` (first draws of the item, so caption() and __getitem__ agree)."""
         words = self.words
         k = int(rng.integers(1, self.cfg.max_words + 1))
+        if self.split != "test" and self.cfg.random_fraction > 0 and rng.random() < self.cfg.random_fraction:
+            return " ".join(_random_letters(rng) for _ in range(k))
         return " ".join(words[int(i)] for i in rng.integers(len(words), size=k))
 
 
-def write_folder(dataset: RenderedText, out_dir: str | Path) -> Path:
+def _random_letters(rng: np.random.Generator) -> str:
+    """A pronounceable-or-not string of 3-10 lower-case letters: the length range of the packaged words."""
+    return "".join(chr(ord("a") + int(c)) for c in rng.integers(26, size=int(rng.integers(3, 11))))
+
+
+def write_folder(dataset: RenderedText, out_dir: str | Path, progress: bool = False) -> Path:
     """Export as ``000000.png`` + ``000000.txt`` pairs: a folder dataset any vislang command reads."""
+    from tqdm.auto import tqdm
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for i in range(len(dataset)):
+    for i in tqdm(range(len(dataset)), desc="render", unit="img", disable=not progress):
         img, text, _ = dataset[i]
         img.save(out / f"{i:06d}.png")
         (out / f"{i:06d}.txt").write_text(text, encoding="utf-8")
