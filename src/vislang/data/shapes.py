@@ -16,6 +16,7 @@ import functools
 import math
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw
@@ -466,6 +467,17 @@ def scene_questions(
 # -------------------------------------------------------------------------------------------------------- dataset
 
 
+def with_world(cfg: ShapesConfig, world: dict[str, Any]) -> ShapesConfig:
+    """``cfg`` with the given fields replaced; lists (as YAML writes them) become the tuples the config holds."""
+    fields = {f.name for f in dataclasses.fields(ShapesConfig)} - {"seed"}  # ``seed`` is the data set's own
+    unknown = sorted(set(world) - fields)
+    if unknown:
+        raise ValueError(f"unknown shapes option(s) {unknown}; use n, seed or a world field: {sorted(fields)}")
+    tup = {k: tuple(tuple(p) if isinstance(p, list) else p for p in v) if isinstance(v, list) else v
+           for k, v in world.items()}  # fmt: skip
+    return dataclasses.replace(cfg, **tup) if tup else cfg
+
+
 class ShapesDataset(Dataset):
     """Synthetic shape scenes as ``(PIL RGB image, caption, scene_index)``.
 
@@ -474,16 +486,18 @@ class ShapesDataset(Dataset):
         n: number of scenes; default 20,000 for train and 1,000 otherwise.
         cfg: the world.
         seed: which scenes; item ``i`` depends only on ``(cfg.seed, seed, split, i)``.
+        **world: ``ShapesConfig`` fields that replace those of ``cfg``, so a run config can pick its world through
+            ``data.options`` (``{max_objects: 1}``: single-object scenes, as the shapes GAN trains on).
     """
 
     def __init__(
-        self, split: str = "train", n: int | None = None, cfg: ShapesConfig | None = None, seed: int = 0
+        self, split: str = "train", n: int | None = None, cfg: ShapesConfig | None = None, seed: int = 0, **world: Any
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"shapes split must be one of {list(SPLITS)}, got {split!r}")
         self.split = split
         self.n = DEFAULT_SIZES[split] if n is None else int(n)
-        self.cfg = cfg or ShapesConfig()
+        self.cfg = with_world(cfg or ShapesConfig(), world)
         self.seed = seed
         self.image_size = self.cfg.image_size
         self.channels = 3

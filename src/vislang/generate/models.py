@@ -37,6 +37,9 @@ def num_resamples(image_size: int) -> tuple[int, int]:
     return k, side
 
 
+MATCH_SCALE = 10.0  # inverse temperature of the discriminator's image–text cosines (text_match loss)
+
+
 def _sn(module: nn.Module, on: bool) -> nn.Module:
     return nn.utils.parametrizations.spectral_norm(module) if on else module
 
@@ -115,13 +118,26 @@ class DCDiscriminator(nn.Module):
             )
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Image features (B, W), independent of the text: a training step scores one image under several texts
+        (its own, a wrong one) from one pass."""
         return F.leaky_relu(self.convs(x), 0.2).sum(dim=(2, 3))  # (B, W): sum pooling, as SN-GAN
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        h = self.features(x)  # (B, W)
+    def score(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Scores (B,) of features ``h`` (B, W) under texts ``c`` (B, E)."""
         if self.cfg.projection:
             return self.head(h).squeeze(1) + (self.embed(c) * h).sum(dim=1)  # (B,)
         return self.head(torch.cat([h, c], dim=1)).squeeze(1)
+
+    def match(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """(B, T) logits of every image (features ``h`` (B, W)) against every text ``c`` (T, E): the cosine of h and
+        the projection's embed(c), times MATCH_SCALE. Cosines, because spectral norm keeps the raw projection term
+        too flat for a softmax over texts to ever become sharp."""
+        if not self.cfg.projection:
+            raise ValueError("the text-matching loss needs the projection discriminator: set gan.model.projection")
+        return MATCH_SCALE * F.normalize(h, dim=1) @ F.normalize(self.embed(c), dim=1).T  # (B, T)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.score(self.features(x), c)  # (B,)
 
 
 class MLPGenerator(nn.Module):
@@ -163,12 +179,23 @@ class MLPDiscriminator(nn.Module):
         self.head = _sn(nn.Linear(h, 1), cfg.spectral_norm)
         self.embed = _sn(nn.Linear(cfg.cond_dim, h, bias=False), cfg.spectral_norm) if cfg.projection else None
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, h) hidden features with projection; without it the text enters at the input, so the pixels."""
         x = x.flatten(1)  # (B, C*H*W)
+        return x if self.embed is None else self.body(x)
+
+    def score(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         if self.embed is None:
-            return self.head(self.body(torch.cat([x, c], dim=1))).squeeze(1)  # (B,)
-        h = self.body(x)  # (B, h)
+            return self.head(self.body(torch.cat([h, c], dim=1))).squeeze(1)  # (B,)
         return self.head(h).squeeze(1) + (self.embed(c) * h).sum(dim=1)
+
+    def match(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        if self.embed is None:
+            raise ValueError("the text-matching loss needs the projection discriminator: set gan.model.projection")
+        return MATCH_SCALE * F.normalize(h, dim=1) @ F.normalize(self.embed(c), dim=1).T  # (B, T)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.score(self.features(x), c)  # (B,)
 
 
 ARCHS = {"dcgan": (DCGenerator, DCDiscriminator), "mlp": (MLPGenerator, MLPDiscriminator)}
@@ -219,6 +246,14 @@ def g_loss(fake: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
     if kind == "bce":
         return F.softplus(-fake).mean()
     raise ValueError(f"unknown GAN loss {kind!r}; choose hinge or bce")
+
+
+def text_match_loss(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """-log of the softmax mass on the right texts, per image, averaged: ``logits`` (B, T) from ``match``,
+    ``positives`` (B, T) True where a text describes the image (its own, and texts that mean the same). The
+    batch-wide form of the matching-aware term: every image is compared with every text, not with one wrong text."""
+    log_p = logits.log_softmax(dim=1)
+    return -(log_p.masked_fill(~positives, -float("inf")).logsumexp(dim=1)).mean()
 
 
 @torch.no_grad()

@@ -10,8 +10,12 @@ Run layout (``cfg.out_dir``)::
 
 Each step: one discriminator update on real (image, its text) against fake (G(z, text), text) and, weighted by
 ``matching_aware``, (real image, another item's text), the mismatched pair GAN-INT-CLS and DF-GAN count as fake so
-that D judges agreement with the text, not realism alone; then one generator update through the updated D; then the
-EMA update.
+that D judges agreement with the text, not realism alone; with ``text_match`` > 0, also a softmax over the batch's
+texts (``models.text_match_loss``): D must pick each real image's text out of the batch, and G is trained so that D
+picks its image's text too. One random wrong text mostly differs in colour, which D sees at once, so on its own D
+learns colour–text agreement and barely looks at shape; comparing every image with every text keeps pushing D (and
+through it G) on whatever attribute still confuses it. Then one generator update through the updated D; then the EMA
+update.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from ..train.checkpoint import atomic_torch_save, load_checkpoint, rng_state, se
 from ..train.config import GANConfig, TrainConfig
 from ..train.data import epoch_batches, load_prepared
 from ..train.loop import MetricsLog, pick_device
-from .models import GANModelConfig, build_gan, d_loss, ema_update, from_uint8, g_loss, to_uint8
+from .models import GANModelConfig, build_gan, d_loss, ema_update, from_uint8, g_loss, text_match_loss, to_uint8
 from .sample import TextToImage, save_grid
 
 
@@ -87,28 +91,42 @@ def gan_step(
     """
     b = real.shape[0]
     fake = G(torch.randn(b, G.cfg.z_dim, device=real.device), c)  # (B, C, H, W)
-    imgs, conds = [real, fake.detach()], [c, c]
+    h = D.features(torch.cat([real, fake.detach()]))  # (2B, W): each image through D's body once
+    hs, conds = [h], [c, c]
     n_mis = 0
     if gan.matching_aware > 0:
+        # The real image under a wrong text reuses the real image's features: D's body never sees the text, and
+        # skipping a third pass makes the step ~20% cheaper on a CPU, with the same scores.
         wrong, keep = mismatched(c.cpu(), gan.mismatch_max_cos, mis_gen)
         keep = keep.to(real.device)
-        imgs.append(real[keep]), conds.append(c[wrong.to(real.device)][keep])
+        hs.append(h[:b][keep]), conds.append(c[wrong.to(real.device)][keep])
         n_mis = int(keep.sum())
-    scores = D(torch.cat(imgs), torch.cat(conds))  # (2B + M,): real, fake, real-with-wrong-text
+    scores = D.score(torch.cat(hs), torch.cat(conds))  # (2B + M,): real, fake, real-with-wrong-text
     s_real, s_fake, s_mis = scores[:b], scores[b : 2 * b], scores[2 * b :]
     loss_d = d_loss(s_real, s_fake, s_mis, gan.matching_aware, gan.loss)
+    stats: dict[str, float] = {}
+    if gan.text_match > 0:
+        positives = (c @ c.T) >= gan.mismatch_max_cos  # (B, B): own text and texts that mean the same
+        match_d = text_match_loss(D.match(h[:b], c), positives)  # real images pick their texts out of the batch
+        loss_d = loss_d + gan.text_match * match_d
+        stats["match_d"] = match_d.item()
     opt_d.zero_grad(set_to_none=True)
     loss_d.backward()
     opt_d.step()
     D.requires_grad_(False)  # the generator's update needs gradients through D, not for D's weights
-    loss_g = g_loss(D(fake, c), gan.loss)
+    h_fake = D.features(fake)  # (B, W)
+    loss_g = g_loss(D.score(h_fake, c), gan.loss)
+    if gan.text_match > 0:
+        match_g = text_match_loss(D.match(h_fake, c), positives)  # fakes must pick out their own texts too
+        loss_g = loss_g + gan.text_match * match_g
+        stats["match_g"] = match_g.item()
     opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     opt_g.step()
     D.requires_grad_(True)
     if G_ema is not G:
         ema_update(G_ema, G, gan.ema_decay)
-    stats = {"loss_d": loss_d.item(), "loss_g": loss_g.item(), "d_real": s_real.mean().item()}
+    stats.update(loss_d=loss_d.item(), loss_g=loss_g.item(), d_real=s_real.mean().item())
     stats["d_fake"] = s_fake.mean().item()
     if n_mis:
         stats["d_mismatch"] = s_mis.mean().item()

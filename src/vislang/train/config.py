@@ -51,7 +51,8 @@ class GANConfig:
     lr_d: float = 2e-4  # discriminator Adam learning rate (constant)
     betas: tuple[float, float] = (0.0, 0.9)  # Adam betas for both (SN-GAN's choice)
     matching_aware: float = 1.0  # weight of the "real image + wrong text counts as fake" term; 0 turns it off
-    mismatch_max_cos: float = 0.9  # a rolled caption counts as wrong only if its embedding cosine is below this
+    mismatch_max_cos: float = 0.9  # a caption counts as wrong (mismatch, text_match) only if its cosine is below this
+    text_match: float = 0.0  # weight of the "which text of the batch is this image's" loss for D and G (projection D)
     ema_decay: float = 0.999  # EMA generator used for samples, eval and the saved model; 0 = no EMA copy
     sample_every: int = 500  # steps between sample grids (samples/step_NNNNNNN.png, fixed noise and prompts)
     sample_prompts: tuple[str, ...] = ()  # grid rows; () = "a photo of a {class}." per class, else first captions

@@ -1,0 +1,129 @@
+"""The shapes GAN's pieces: the discriminator scores one image under several texts from one pass, the text-matching
+loss, the world options a run config passes to the shapes data set, and the packaged config using them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from vislang.generate.models import GANModelConfig, build_gan
+from vislang.generate.train import mismatched
+
+
+@pytest.mark.parametrize("arch", ["dcgan", "mlp"])
+@pytest.mark.parametrize("projection", [True, False])
+def test_discriminator_scores_features_under_any_text(arch, projection):
+    torch.manual_seed(0)
+    cfg = GANModelConfig(arch=arch, cond_dim=6, image_size=32, channels=3, d_width=4, projection=projection)
+    _, d = build_gan(cfg)
+    d.eval()  # spectral norm's power iteration runs once per training-mode call; eval keeps the weights fixed
+    x = torch.rand(5, 3, 32, 32) * 2 - 1
+    c1, c2 = torch.randn(5, 6), torch.randn(5, 6)
+    h = d.features(x)
+    torch.testing.assert_close(d.score(h, c1), d(x, c1))  # what the training step uses for the real pair ...
+    torch.testing.assert_close(d.score(h[[3, 1]], c2[[0, 4]]), d(x[[3, 1]], c2[[0, 4]]))  # ... and the wrong-text pair
+    assert not torch.allclose(d.score(h, c1), d.score(h, c2))
+
+
+def test_training_step_scores_wrong_texts_as_three_passes_would():
+    """gan_step reuses the real images' features for the wrong-text pairs: the discriminator loss (and so its update)
+    equals the one from scoring real, fake and mismatched pairs in one concatenated pass, as before."""
+    from vislang.generate.models import d_loss
+    from vislang.generate.train import gan_step
+    from vislang.train.config import GANConfig
+
+    torch.manual_seed(0)
+    cfg = GANModelConfig(cond_dim=6, image_size=32, channels=3, z_dim=4, g_width=4, d_width=4)
+    g, d = build_gan(cfg)
+    real = torch.rand(8, 3, 32, 32) * 2 - 1
+    c = torch.eye(6)[[0, 0, 1, 1, 2, 2, 0, 1]]  # (8, 6): three texts, repeated, so some rolled pairs mean the same
+    gan = GANConfig(ema_decay=0.0)
+    ref_d = build_gan(cfg)[1]
+    ref_d.load_state_dict(d.state_dict())
+    torch.manual_seed(1)
+    fake = g(torch.randn(8, 4), c).detach()
+    wrong, keep = mismatched(c, gan.mismatch_max_cos, torch.Generator().manual_seed(5))
+    assert 0 < int(keep.sum()) < 8  # some pairs dropped, some kept: both paths of the mask are exercised
+    scores = ref_d(torch.cat([real, fake, real[keep]]), torch.cat([c, c, c[wrong][keep]]))
+    expected = d_loss(scores[:8], scores[8:16], scores[16:], 1.0)
+    opt = lambda m: torch.optim.Adam(m.parameters(), lr=1e-3, betas=(0.0, 0.9))  # noqa: E731
+    torch.manual_seed(1)
+    stats = gan_step(g, d, g, opt(g), opt(d), real, c, gan, torch.Generator().manual_seed(5))
+    assert stats["loss_d"] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_text_match_loss_is_the_log_softmax_mass_on_the_right_texts():
+    from vislang.generate.models import text_match_loss
+
+    pos = torch.eye(4, dtype=torch.bool)
+    assert text_match_loss(torch.zeros(4, 4), pos).item() == pytest.approx(torch.log(torch.tensor(4.0)).item())
+    assert text_match_loss(20 * torch.eye(4), pos).item() < 1e-6  # every image picks its own text
+    assert text_match_loss(20 * torch.eye(4).flip(0), pos).item() > 10  # every image picks another text
+    pos[0, 1] = True  # text 1 means the same as image 0's own text: picking it is right too
+    logits = torch.zeros(4, 4)
+    logits[0, 1] = 20
+    assert text_match_loss(logits, pos).item() < text_match_loss(logits, torch.eye(4, dtype=torch.bool)).item()
+
+
+@pytest.mark.parametrize("arch", ["dcgan", "mlp"])
+def test_match_ranks_texts_by_cosine_and_needs_the_projection(arch):
+    torch.manual_seed(0)
+    cfg = GANModelConfig(arch=arch, cond_dim=6, image_size=32, channels=3, d_width=4)
+    _, d = build_gan(cfg)
+    d.eval()
+    h = d.features(torch.rand(3, 3, 32, 32))
+    c = torch.randn(5, 6)
+    logits = d.match(h, c)
+    assert logits.shape == (3, 5) and logits.abs().max() <= 10.0 + 1e-5  # MATCH_SCALE times a cosine
+    torch.testing.assert_close(d.match(2 * h, 3 * c), logits)  # scale-free in both features and texts
+    _, plain = build_gan(GANModelConfig(arch=arch, cond_dim=6, image_size=32, channels=3, projection=False))
+    with pytest.raises(ValueError, match="projection"):
+        plain.match(plain.features(torch.rand(3, 3, 32, 32)), c)
+
+
+def test_text_match_trains_both_nets_through_the_discriminator():
+    from vislang.generate.train import gan_step
+    from vislang.train.config import GANConfig
+
+    torch.manual_seed(0)
+    cfg = GANModelConfig(cond_dim=6, image_size=32, channels=3, z_dim=4, g_width=4, d_width=4)
+    g, d = build_gan(cfg)
+    real = torch.rand(8, 3, 32, 32) * 2 - 1
+    c = torch.eye(6)[[0, 0, 1, 1, 2, 2, 3, 4]]
+    stats = {}
+    for weight in (0.0, 1.0):
+        g0, d0 = build_gan(cfg)
+        g0.load_state_dict(g.state_dict()), d0.load_state_dict(d.state_dict())
+        opt = lambda m: torch.optim.SGD(m.parameters(), lr=0.1)  # noqa: E731
+        torch.manual_seed(1)
+        s = gan_step(g0, d0, g0, opt(g0), opt(d0), real, c, GANConfig(text_match=weight, ema_decay=0.0),
+                     torch.Generator().manual_seed(5))  # fmt: skip
+        stats[weight] = (s, g0.out.weight.detach().clone(), d0.embed.parametrizations.weight.original.clone())
+    s, g_w, d_w = stats[1.0]
+    assert s["match_d"] > 0 and s["match_g"] > 0 and "match_d" not in stats[0.0][0]
+    assert not torch.allclose(g_w, stats[0.0][1]) and not torch.allclose(d_w, stats[0.0][2])  # both updates moved
+
+
+def test_shapes_world_options_reach_the_data_set():
+    from vislang.data.shapes import ShapesConfig, ShapesDataset
+
+    ds = ShapesDataset("train", n=40, max_objects=1, sizes=["large"])
+    assert ds.cfg == ShapesConfig(max_objects=1, sizes=("large",))  # YAML lists become the config's tuples
+    scenes = [ds.scene(i) for i in range(40)]
+    assert all(len(s.objects) == 1 and s.objects[0].size == "large" for s in scenes)
+    assert ShapesDataset("train", n=4).cfg == ShapesConfig()  # no options: the default world, unchanged
+    assert ShapesDataset("train", n=4, holdout=[["red", "circle"]]).cfg.holdout_set == {("red", "circle")}
+    with pytest.raises(ValueError, match="max_objects"):
+        ShapesDataset("train", n=4, max_object=1)
+
+
+def test_packaged_shapes_gan_config_trains_on_single_objects():
+    from vislang.cli import PACKAGED_CONFIGS
+    from vislang.data.shapes import ShapesDataset
+    from vislang.train.config import load_train_config
+
+    cfg = load_train_config(PACKAGED_CONFIGS / "gan-shapes.yaml")
+    ds = ShapesDataset("train", n=20, **cfg.data.options)
+    assert all(len(ds.scene(i).objects) == 1 for i in range(20))
+    assert cfg.gan.text_match > 0
