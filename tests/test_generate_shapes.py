@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from vislang.generate.models import GANModelConfig, build_gan
 from vislang.generate.train import mismatched
