@@ -20,7 +20,15 @@ from vislang.generate.metrics import (
     frechet_distance,
     inception_style_score,
 )
-from vislang.generate.models import GANModelConfig, build_gan, d_loss, from_uint8, num_resamples, to_uint8
+from vislang.generate.models import (
+    GANModelConfig,
+    build_gan,
+    d_loss,
+    from_uint8,
+    num_resamples,
+    standing_stats,
+    to_uint8,
+)
 from vislang.generate.sample import TextToImage, check_prompts, is_gan_dir, slerp
 from vislang.generate.train import mismatched
 
@@ -108,6 +116,30 @@ def test_mismatched_texts_skip_pairs_that_mean_the_same():
         idx, keep = mismatched(c, 0.9, torch.Generator().manual_seed(seed))
         assert (idx != torch.arange(4)).all()
         assert torch.equal(keep, (c * c[idx]).sum(1) < 0.9)
+
+
+def test_standing_stats_make_eval_mode_match_the_generators_own_batches():
+    """After standing statistics, eval-mode BatchNorm normalises with the generator's own statistics: on the very
+    batch they were taken from, eval output ≈ train output; with stale statistics (as an EMA copy has) it is not."""
+    torch.manual_seed(0)
+    G, _ = build_gan(GANModelConfig(image_size=28, cond_dim=8, g_width=8, z_dim=4))
+    conds = torch.nn.functional.normalize(torch.randn(32, 8), dim=1)
+    for m in G.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.fill_(3.0), m.running_var.fill_(0.1)  # stale statistics
+    g = torch.Generator().manual_seed(5)
+    pick, z = torch.randint(32, (64,), generator=g), torch.randn(64, 4, generator=g)
+    with torch.no_grad():
+        want = G.train()(z, conds[pick])  # normalised with the batch's own statistics
+        stale = G.eval()(z, conds[pick])
+    assert (stale - want).abs().max() > 0.1
+    standing_stats(G, conds, z_dim=4, batches=1, batch_size=64, seed=5)  # the same draws as above
+    assert not G.training
+    with torch.no_grad():
+        got = G(z, conds[pick])
+    assert (got - want).abs().max() < 0.02  # running_var is unbiased, the batch's is not: tiny difference
+    momenta = {m.momentum for m in G.modules() if isinstance(m, nn.BatchNorm2d)}
+    assert momenta == {0.1}  # the training momentum is restored
 
 
 def test_uint8_round_trip():

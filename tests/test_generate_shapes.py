@@ -126,3 +126,37 @@ def test_packaged_shapes_gan_config_trains_on_single_objects():
     ds = ShapesDataset("train", n=20, **cfg.data.options)
     assert all(len(ds.scene(i).objects) == 1 for i in range(20))
     assert cfg.gan.text_match > 0
+
+
+def test_pixel_judge_reads_layout_and_refuses_what_is_not_there():
+    from vislang.generate.metrics import relation_holds, relation_match
+
+    palette = {"red": (215, 38, 38), "blue": (40, 85, 215), "green": (40, 160, 60)}
+    img = torch.full((1, 3, 32, 32), 230, dtype=torch.uint8)  # light background
+    img[0, :, 4:10, 2:8] = torch.tensor([215, 38, 38])[:, None, None]  # red, top left
+    img[0, :, 20:28, 22:30] = torch.tensor([40, 85, 215])[:, None, None]  # blue, bottom right
+    assert relation_match(img, [("red", "to the left of", "blue")], palette)["relation_match"] == 1.0
+    assert relation_match(img, [("red", "above", "blue")], palette)["relation_match"] == 1.0
+    assert relation_match(img, [("blue", "to the left of", "red")], palette)["relation_match"] == 0.0
+    missing = relation_match(img, [("red", "to the left of", "green")], palette)
+    assert missing == {"colours_present": 0.0, "relation_match": 0.0}
+    with pytest.raises(ValueError, match="unknown relation"):
+        relation_holds((0, 0), "behind", (1, 1))
+
+
+def test_relation_prompts_come_from_real_scenes_the_judge_gets_right():
+    import numpy as np
+    from PIL import Image
+
+    from vislang.data.shapes import COLOR_RGB, OPPOSITE, ShapesConfig, render
+    from vislang.generate.evaluate import relation_prompts
+    from vislang.generate.metrics import relation_match
+
+    items = relation_prompts(40)
+    assert len(items) == 40 and all(rel in prompt for prompt, (_, rel, _), _ in items)
+    palette = {c: COLOR_RGB[c] for c in ShapesConfig().colors}
+    real = np.stack([np.asarray(render(sc).resize((32, 32), Image.BILINEAR)) for _, _, sc in items])
+    real_t = torch.from_numpy(real).permute(0, 3, 1, 2).contiguous()
+    assert relation_match(real_t, [t for _, t, _ in items], palette)["relation_match"] == 1.0
+    flipped = [(a, OPPOSITE[r], b) for _, (a, r, b), _ in items]
+    assert relation_match(real_t, flipped, palette)["relation_match"] == 0.0

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import re
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -47,6 +48,21 @@ SPLITS = ("train", "val", "test", "holdout")
 DEFAULT_SIZES = {"train": 20_000, "val": 1_000, "test": 1_000, "holdout": 1_000}
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 RELATIONS = ("to the left of", "to the right of", "above", "below")
+OPPOSITE = dict(zip(RELATIONS, ("to the right of", "to the left of", "below", "above")))
+_RELATION_RE = re.compile(r"\b(" + "|".join(map(re.escape, RELATIONS)) + r")\b")
+
+
+def flip_relation(caption: str) -> str | None:
+    """The caption with its first spatial relation turned round ("a red circle to the left of a blue square" →
+    "... to the right of ..."): the same words and objects, the opposite layout. A bag-of-words text tower gives both
+    the same embedding; as a hard negative it teaches the tower word order (NegCLIP's swapped captions). None when
+    the caption has no relation."""
+    m = _RELATION_RE.search(caption)
+    if m is None:
+        return None
+    return caption[: m.start()] + OPPOSITE[m.group(1)] + caption[m.end() :]
+
+
 QUESTION_TYPES = ("colour", "shape", "size", "count", "yes/no", "relation")
 _SUPERSAMPLE = 2  # draw at 2× and downsample: smooth edges at ~0.1 ms per scene
 _PLACEMENT_TRIES = 30

@@ -265,6 +265,35 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
         be.copy_(b)
 
 
+@torch.no_grad()
+def standing_stats(
+    generator: nn.Module, conds: torch.Tensor, z_dim: int, batches: int = 32, batch_size: int = 256, seed: int = 0
+) -> nn.Module:
+    """Recompute the generator's BatchNorm statistics from its own outputs ("standing statistics", BigGAN §4).
+
+    An EMA generator's running statistics are copied from the trained generator, whose weights differ from the
+    averaged ones, so in eval mode the EMA generator normalises with statistics that are not its own. Here each
+    BatchNorm forgets them and accumulates an exact average (momentum None) over ``batches`` batches of random noise
+    and conditions drawn from ``conds`` (N, E), e.g. the training captions' embeddings, so that a caption's share
+    in the statistics is its share in the data. Returns the generator in eval mode."""
+    norms = [m for m in generator.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms or batches < 1:
+        return generator.eval()
+    saved = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calls below
+    g = torch.Generator().manual_seed(seed)
+    dev = conds.device
+    generator.train()
+    for _ in range(batches):
+        pick = torch.randint(len(conds), (batch_size,), generator=g)
+        generator(torch.randn(batch_size, z_dim, generator=g).to(dev), conds[pick.to(dev)])
+    for m, mom in zip(norms, saved):
+        m.momentum = mom
+    return generator.eval()
+
+
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] floats → uint8 (B, C, H, W), as saved to PNG; metrics judge these, never unquantised floats."""
     return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

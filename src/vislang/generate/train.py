@@ -36,7 +36,17 @@ from ..train.checkpoint import atomic_torch_save, load_checkpoint, rng_state, se
 from ..train.config import GANConfig, TrainConfig
 from ..train.data import epoch_batches, load_prepared
 from ..train.loop import MetricsLog, pick_device
-from .models import GANModelConfig, build_gan, d_loss, ema_update, from_uint8, g_loss, text_match_loss, to_uint8
+from .models import (
+    GANModelConfig,
+    build_gan,
+    d_loss,
+    ema_update,
+    from_uint8,
+    g_loss,
+    standing_stats,
+    text_match_loss,
+    to_uint8,
+)
 from .sample import TextToImage, save_grid
 
 
@@ -286,8 +296,11 @@ def train_gan(cfg: TrainConfig, resume: bool = False) -> Path:
         if batch_in_epoch >= len(batches):
             epoch, batch_in_epoch = epoch + 1, 0
     bar.close()
-    write_samples()
     save_checkpoint()
+    if gan.standing_stats and G_ema is not G:  # after the checkpoint: a resumed run goes on from the trained state
+        stand_c = cond_table[cap_index[torch.randint(n, (4096,), generator=torch.Generator().manual_seed(cfg.seed))]]
+        standing_stats(G_ema, stand_c, mcfg.z_dim, gan.standing_stats, cfg.batch_size, cfg.seed)
+    write_samples()
     model = TextToImage(mcfg, G_ema, encoder, tokenizer, {"sample_prompts": prompts})
     extra = {
         "train": {"steps": step, "seconds": round(elapsed(), 1), "data": d.train, "text_model": gan.text_model},

@@ -54,6 +54,9 @@ class GANConfig:
     mismatch_max_cos: float = 0.9  # a caption counts as wrong (mismatch, text_match) only if its cosine is below this
     text_match: float = 0.0  # weight of the "which text of the batch is this image's" loss for D and G (projection D)
     ema_decay: float = 0.999  # EMA generator used for samples, eval and the saved model; 0 = no EMA copy
+    standing_stats: int = (
+        32  # batches of its own outputs that reset the saved generator's BatchNorm statistics; 0 = off
+    )
     sample_every: int = 500  # steps between sample grids (samples/step_NNNNNNN.png, fixed noise and prompts)
     sample_prompts: tuple[str, ...] = ()  # grid rows; () = "a photo of a {class}." per class, else first captions
     sample_per_prompt: int = 8  # grid columns (one fixed noise vector each)
@@ -68,6 +71,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     task: str = "contrastive"  # what the run trains: a key of vislang.train.tasks.TASKS (or "gan", its own loop)
     loss: str = "clip"  # "clip" (softmax InfoNCE) or "siglip" (sigmoid)
+    relation_negatives: float = 0.0  # weight of "caption vs its relation flipped" (left↔right, above↔below); 0 = off
     local_loss: bool = False  # DDP: local-vs-global logits instead of global-vs-global (less memory)
     gather_with_grad: bool = True  # DDP: gradients flow through the gathered features (exact global-batch loss)
     epochs: float = 5.0  # passes over the training set (fractions allowed)

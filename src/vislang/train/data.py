@@ -55,9 +55,17 @@ def load_prepared(
 class TokenizedPairs:
     """A prepared dataset (images) + token ids for its captions; ``get_batch`` is one vectorised slice."""
 
-    def __init__(self, images: PreparedDataset, tokens: np.ndarray, limit: int | None = None) -> None:
+    def __init__(
+        self,
+        images: PreparedDataset,
+        tokens: np.ndarray,
+        limit: int | None = None,
+        neg_tokens: np.ndarray | None = None,
+    ) -> None:
         self.images = images
         self.tokens = torch.from_numpy(np.ascontiguousarray(tokens))
+        # neg_tokens: a hard-negative caption per item (an all-padding row where there is none), e.g. flip_relation
+        self.neg_tokens = None if neg_tokens is None else torch.from_numpy(np.ascontiguousarray(neg_tokens))
         self.n = min(len(images), limit) if limit else len(images)
 
     def __len__(self) -> int:
@@ -66,6 +74,8 @@ class TokenizedPairs:
     def get_batch(self, indices: np.ndarray) -> dict[str, torch.Tensor]:
         batch = self.images.get_batch(indices)
         batch["tokens"] = self.tokens[torch.as_tensor(indices)]
+        if self.neg_tokens is not None:
+            batch["neg_tokens"] = self.neg_tokens[torch.as_tensor(indices)]  # (B, T)
         return batch
 
 

@@ -97,6 +97,27 @@ def setup_data(cfg: TrainConfig, image_size: int, channels: int, tokenizer=None,
     return train_imgs, val_imgs, train_caps
 
 
+def relation_negative_tokens(tokenizer, captions: list[str], main: bool = True):
+    """Token ids of each caption with its spatial relation flipped (all padding where it has none), for
+    ``relation_negatives``; refuses data whose captions never state a relation, where the option would do nothing."""
+    import numpy as np
+
+    from ..data.shapes import flip_relation
+
+    flipped = [flip_relation(c) for c in captions]
+    has = np.array([f is not None for f in flipped])
+    if not has.any():
+        raise ValueError(
+            "relation_negatives needs captions that state a spatial relation ('to the left of', 'to the right of', "
+            "'above', 'below'); none of the training captions does: set --relation_negatives=0"
+        )
+    tokens = tokenizer([f or "" for f in flipped]).numpy().astype("int32")
+    tokens[~has] = 0  # an all-zero row marks "no negative" for the task
+    if main:
+        print(f"[vislang] relation negatives: {int(has.sum())} of {len(captions)} captions state a relation")
+    return tokens
+
+
 def train(cfg: TrainConfig, resume: bool = False) -> Path:
     """Train a dual encoder as ``cfg`` says; returns the path of the saved model directory."""
     rank, world, device = dist.init_distributed()
@@ -136,7 +157,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         train_tokens = tokenizer(train_caps).numpy().astype("int32")
     if caught and main:
         print(f"[vislang] {caught[0].message}")
-    train_data = TokenizedPairs(train_imgs, train_tokens, cfg.data.max_train)
+    neg_tokens = relation_negative_tokens(tokenizer, train_caps, main) if cfg.relation_negatives > 0 else None
+    train_data = TokenizedPairs(train_imgs, train_tokens, cfg.data.max_train, neg_tokens)
 
     torch.manual_seed(cfg.seed)  # model init depends on the seed alone, not on what data preparation consumed
     model = build_model(mcfg)

@@ -29,9 +29,11 @@ class ContrastiveTask(nn.Module):
         dedupe_text: bool = True,
         local_loss: bool = False,
         gather_with_grad: bool = True,
+        relation_negatives: float = 0.0,
     ) -> None:
         super().__init__()
         self.model = model  # possibly DDP-wrapped
+        self.relation_negatives = relation_negatives
         core = getattr(model, "module", model)
         self.mean, self.std = core.cfg.vision.mean, core.cfg.vision.std
         if loss == "clip":
@@ -47,14 +49,37 @@ class ContrastiveTask(nn.Module):
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
         images = normalize(batch["image"], self.mean, self.std)  # (B, C, H, W) float
         tokens = batch["tokens"]  # (B, T)
+        negs = batch.get("neg_tokens") if self.relation_negatives > 0 else None
+        has_neg = (negs != 0).any(dim=1) if negs is not None else None  # (B,) rows with a hard-negative caption
+        n_neg = int(has_neg.sum()) if has_neg is not None else 0
+        texts = torch.cat([tokens, negs[has_neg]]) if n_neg else tokens  # negatives ride in the same forward
         if self.dedupe_text:
-            uniq, inverse = unique_rows(tokens)
+            uniq, inverse = unique_rows(texts)
             out = self.model(images, uniq)
-            out["text_features"] = out["text_features"][inverse]  # (B, E)
+            out["text_features"] = out["text_features"][inverse]  # (B + n_neg, E)
         else:
-            out = self.model(images, tokens)
-        loss = self.loss(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"))
-        return loss, {"logit_scale": float(out["logit_scale"].detach())}
+            out = self.model(images, texts)
+        text_f = out["text_features"]
+        b = tokens.shape[0]
+        loss = self.loss(out["image_features"], text_f[:b], out["logit_scale"], out.get("logit_bias"))
+        extra = {"logit_scale": float(out["logit_scale"].detach())}
+        if n_neg:
+            rel_loss, rel_acc = relation_negative_loss(
+                out["image_features"][has_neg], text_f[:b][has_neg], text_f[b:], out["logit_scale"]
+            )
+            loss = loss + self.relation_negatives * rel_loss
+            extra.update(rel_loss=float(rel_loss.detach()), rel_acc=rel_acc)
+        return loss, extra
+
+
+def relation_negative_loss(
+    image: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, logit_scale: torch.Tensor
+) -> tuple[torch.Tensor, float]:
+    """Two-way softmax per image between its caption and the same caption with the relation flipped (normalised
+    features (N, E) each): only word order tells them apart. Returns (loss, share of images preferring their own)."""
+    logits = logit_scale * torch.stack([(image * pos).sum(1), (image * neg).sum(1)], dim=1)  # (N, 2)
+    loss = torch.nn.functional.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+    return loss, float((logits[:, 0] > logits[:, 1]).float().mean())
 
 
 class CaptionTask(nn.Module):
@@ -117,7 +142,7 @@ class ITMTask(nn.Module):
 # (image uint8 (B, C, H, W), tokens (B, T), label (B,)) returning (loss, extra scalar metrics).
 TASKS = {
     "contrastive": lambda model, cfg: ContrastiveTask(
-        model, cfg.loss, cfg.dedupe_text, cfg.local_loss, cfg.gather_with_grad
+        model, cfg.loss, cfg.dedupe_text, cfg.local_loss, cfg.gather_with_grad, cfg.relation_negatives
     ),
     "caption": lambda model, cfg: CaptionTask(model),
     "coca": lambda model, cfg: CaptionTask(
