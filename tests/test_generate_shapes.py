@@ -160,3 +160,81 @@ def test_relation_prompts_come_from_real_scenes_the_judge_gets_right():
     assert relation_match(real_t, [t for _, t, _ in items], palette)["relation_match"] == 1.0
     flipped = [(a, OPPOSITE[r], b) for _, (a, r, b), _ in items]
     assert relation_match(real_t, flipped, palette)["relation_match"] == 0.0
+
+
+def test_flipped_relation_texts_count_as_wrong_in_both_discriminator_terms():
+    """With c_flip the discriminator scores each of the first F real images under its flipped caption as a wrong
+    pair and adds the flipped captions to the text-matching softmax: its loss is the reference computed by hand."""
+    from vislang.generate.models import d_loss, text_match_loss
+    from vislang.generate.train import gan_step
+    from vislang.train.config import GANConfig
+
+    torch.manual_seed(0)
+    cfg = GANModelConfig(cond_dim=6, image_size=32, channels=3, z_dim=4, g_width=4, d_width=4)
+    g, d = build_gan(cfg)
+    real = torch.rand(4, 3, 32, 32) * 2 - 1
+    c = torch.eye(6)[[0, 1, 2, 3]]
+    c_flip = torch.eye(6)[[4, 5]]  # the first two items' captions, relation flipped
+    gan = GANConfig(ema_decay=0.0, matching_aware=0.0, text_match=1.0)
+    ref_d = build_gan(cfg)[1]
+    ref_d.load_state_dict(d.state_dict())
+    torch.manual_seed(1)
+    fake = g(torch.randn(4, 4), c).detach()
+    h = ref_d.features(torch.cat([real, fake]))
+    s = ref_d.score(h, torch.cat([c, c]))
+    positives = torch.cat([torch.eye(4, dtype=torch.bool), torch.zeros(4, 2, dtype=torch.bool)], dim=1)
+    want = d_loss(s[:4], s[4:]) + text_match_loss(ref_d.match(h[:4], torch.cat([c, c_flip])), positives)
+    opt = lambda m: torch.optim.Adam(m.parameters(), lr=1e-3, betas=(0.0, 0.9))  # noqa: E731
+    torch.manual_seed(1)
+    stats = gan_step(g, d, g, opt(g), opt(d), real, c, gan, torch.Generator().manual_seed(5), c_flip)
+    assert stats["loss_d"] == pytest.approx(want.item(), rel=1e-5)
+
+
+def test_gan_trains_with_relation_negatives_and_refuses_data_without_relations(tmp_path):
+    from vislang.factory import fit_config_to_tokenizer, save_pretrained
+    from vislang.generate.train import train_gan
+    from vislang.models import CLIP, ModelConfig, TextConfig, VisionConfig
+    from vislang.tokenizers import Tokenizer
+    from vislang.train.config import load_train_config
+
+    words = ["a red circle to the left of a blue square", "two objects: a green star and a red square"] * 4
+    tok = Tokenizer.train(words, vocab_size=80, context_length=24)
+    mcfg = ModelConfig(
+        embed_dim=8,
+        vision=VisionConfig(arch="cnn", image_size=32, channels=3, width=4, depth=2),
+        text=TextConfig(arch="transformer", vocab_size=80, context_length=24, width=16, layers=1, heads=2),
+    )
+    torch.manual_seed(0)
+    text_dir = tmp_path / "text"
+    save_pretrained(CLIP(fit_config_to_tokenizer(mcfg, tok)).eval(), text_dir, tok)
+    common = [
+        "task=gan", "data.train=shapes", "batch_size=16", "max_steps=2", "progress=false", "threads=1",
+        f"gan.text_model={text_dir}", "gan.model={g_width: 4, d_width: 4, z_dim: 4}", "gan.relation_negatives=true",
+        "gan.text_match=1.0", "gan.standing_stats=2", f"data.cache_dir={tmp_path / 'cache'}",
+    ]  # fmt: skip
+    cfg = load_train_config(None, [*common, "data.options={n: 64, min_objects: 2, max_objects: 2}",
+                                   f"out_dir={tmp_path / 'run'}"])  # fmt: skip
+    assert (train_gan(cfg) / "config.json").is_file()
+    cfg = load_train_config(None, [*common, "data.options={n: 64, max_objects: 1}", f"out_dir={tmp_path / 'one'}"])
+    with pytest.raises(ValueError, match="relation_negatives=false"):
+        train_gan(cfg)
+
+
+def test_mode_seeking_term_rewards_different_images_for_one_text():
+    from vislang.generate.train import gan_step, mode_seeking_loss
+    from vislang.train.config import GANConfig
+
+    za, zb = torch.zeros(4, 8), torch.ones(4, 8)  # |za - zb| = 1
+    same = torch.zeros(4, 1, 6, 6)
+    assert mode_seeking_loss(same, same + 0.5, za, zb) == pytest.approx(2.0, rel=1e-4)  # 1 / (0.5 / 1)
+    assert mode_seeking_loss(same, same + 0.01, za, zb) > 50  # near-identical images: a large penalty
+    torch.manual_seed(0)
+    cfg = GANModelConfig(cond_dim=6, image_size=32, channels=3, z_dim=4, g_width=4, d_width=4)
+    g, d = build_gan(cfg)
+    opt = lambda m: torch.optim.Adam(m.parameters(), lr=1e-3, betas=(0.0, 0.9))  # noqa: E731
+    real, c = torch.rand(8, 3, 32, 32) * 2 - 1, torch.eye(6)[[0, 1, 2, 3, 4, 5, 0, 1]]
+    stats = gan_step(g, d, g, opt(g), opt(d), real, c, GANConfig(ema_decay=0.0, mode_seeking=1.0),
+                     torch.Generator().manual_seed(5))  # fmt: skip
+    assert stats["mode_seeking"] > 0 and "mode_seeking" not in gan_step(
+        g, d, g, opt(g), opt(d), real, c, GANConfig(ema_decay=0.0), torch.Generator().manual_seed(5)
+    )

@@ -97,7 +97,7 @@ def register(add) -> None:
     sp.add_argument("--device", default="cpu")
 
     sp = add("generate-eval", "FID-FM / KID / IS-style / class consistency / CLIP score of a GAN (shapes: colour and "
-             "shape match)", cmd_generate_eval)  # fmt: skip
+             "shape match, and two-object layouts judged by pixel colour)", cmd_generate_eval)  # fmt: skip
     sp.add_argument("--model", required=True, nargs="+", help="GAN model or run directories (several: a table)")
     sp.add_argument("--judge", default=None, help="fixed classifier directory (default runs/gan-judge/model)")
     sp.add_argument("--n-per-class", type=int, default=1000, help="generated images per class prompt (default 1000)")

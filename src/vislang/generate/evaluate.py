@@ -147,7 +147,8 @@ def evaluate_relations(model: TextToImage, n: int = 400, seed: int = 0) -> dict[
     items = relation_prompts(n, seed)
     palette = {c: COLOR_RGB[c] for c in ShapesConfig().colors}
     triples = [t for _, t, _ in items]
-    fake = torch.cat([model.generate(p, n=1, seed=seed + k) for k, (p, _, _) in enumerate(items)])
+    prompts = [p for p, _, _ in items]
+    fake = torch.cat([model.generate(prompts[s : s + 256], n=1, seed=seed + s) for s in range(0, len(prompts), 256)])
     size = model.cfg.image_size
     real = np.stack([np.asarray(render(sc).resize((size, size), Image.BILINEAR)) for _, _, sc in items])
     real_t = torch.from_numpy(real).permute(0, 3, 1, 2).contiguous()  # (N, 3, H, W)

@@ -83,6 +83,13 @@ def mismatched(cond: torch.Tensor, max_cos: float, gen: torch.Generator) -> tupl
     return idx, keep
 
 
+def mode_seeking_loss(a: torch.Tensor, b: torch.Tensor, za: torch.Tensor, zb: torch.Tensor) -> torch.Tensor:
+    """MSGAN's mode-seeking term (Mao et al. 2019): 1 / (mean |G(za,c) - G(zb,c)| / mean |za - zb|). Small when two
+    noises give different images for one text, so the generator is pushed away from drawing one image per text."""
+    ratio = (a - b).abs().mean(dim=(1, 2, 3)) / (za - zb).abs().mean(dim=1)  # (N,)
+    return 1.0 / (ratio.mean() + 1e-5)
+
+
 def gan_step(
     G: torch.nn.Module,
     D: torch.nn.Module,
@@ -93,14 +100,26 @@ def gan_step(
     c: torch.Tensor,
     gan: GANConfig,
     mis_gen: torch.Generator,
+    c_flip: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """One discriminator update, one generator update through the updated D, one EMA update; returns the stats.
 
     ``real`` are images in [-1, 1] (B, C, H, W), ``c`` their text embeddings (B, E). Noise comes from torch's global
-    generator (saved in checkpoints), the choice of wrong texts from ``mis_gen``.
+    generator (saved in checkpoints), the choice of wrong texts from ``mis_gen``. ``c_flip`` (F, E), with
+    ``gan.relation_negatives``: the embeddings of the first F items' captions with their spatial relation flipped
+    (the caller puts the items whose captions state one first); each is a wrong text for its real image (matching-
+    aware term) and one more text to tell apart in the text-matching softmax, for real images and fakes, so the
+    layout, not only the colours and shapes, has to agree with the text.
     """
     b = real.shape[0]
-    fake = G(torch.randn(b, G.cfg.z_dim, device=real.device), c)  # (B, C, H, W)
+    n_flip = 0 if c_flip is None else len(c_flip)
+    z = torch.randn(b, G.cfg.z_dim, device=real.device)
+    if gan.mode_seeking > 0:  # a second noise for the first half of the batch, same texts, in the same G pass
+        z = torch.cat([z, torch.randn(b // 2, G.cfg.z_dim, device=real.device)])
+        fake_all = G(z, torch.cat([c, c[: b // 2]]))
+        fake, fake2 = fake_all[:b], fake_all[b:]
+    else:
+        fake = G(z, c)  # (B, C, H, W)
     h = D.features(torch.cat([real, fake.detach()]))  # (2B, W): each image through D's body once
     hs, conds = [h], [c, c]
     n_mis = 0
@@ -111,13 +130,19 @@ def gan_step(
         keep = keep.to(real.device)
         hs.append(h[:b][keep]), conds.append(c[wrong.to(real.device)][keep])
         n_mis = int(keep.sum())
+        if n_flip:
+            hs.append(h[:n_flip]), conds.append(c_flip)
+            n_mis += n_flip
     scores = D.score(torch.cat(hs), torch.cat(conds))  # (2B + M,): real, fake, real-with-wrong-text
     s_real, s_fake, s_mis = scores[:b], scores[b : 2 * b], scores[2 * b :]
     loss_d = d_loss(s_real, s_fake, s_mis, gan.matching_aware, gan.loss)
     stats: dict[str, float] = {}
+    texts = torch.cat([c, c_flip]) if n_flip else c  # (B + F, E): flipped captions are never right for anyone
     if gan.text_match > 0:
         positives = (c @ c.T) >= gan.mismatch_max_cos  # (B, B): own text and texts that mean the same
-        match_d = text_match_loss(D.match(h[:b], c), positives)  # real images pick their texts out of the batch
+        if n_flip:
+            positives = torch.cat([positives, positives.new_zeros(b, n_flip)], dim=1)  # (B, B + F)
+        match_d = text_match_loss(D.match(h[:b], texts), positives)  # real images pick their texts out of the batch
         loss_d = loss_d + gan.text_match * match_d
         stats["match_d"] = match_d.item()
     opt_d.zero_grad(set_to_none=True)
@@ -127,9 +152,13 @@ def gan_step(
     h_fake = D.features(fake)  # (B, W)
     loss_g = g_loss(D.score(h_fake, c), gan.loss)
     if gan.text_match > 0:
-        match_g = text_match_loss(D.match(h_fake, c), positives)  # fakes must pick out their own texts too
+        match_g = text_match_loss(D.match(h_fake, texts), positives)  # fakes must pick out their own texts too
         loss_g = loss_g + gan.text_match * match_g
         stats["match_g"] = match_g.item()
+    if gan.mode_seeking > 0:
+        ms = mode_seeking_loss(fake[: b // 2], fake2, z[: b // 2], z[b:])
+        loss_g = loss_g + gan.mode_seeking * ms
+        stats["mode_seeking"] = ms.item()
     opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     opt_g.step()
@@ -180,6 +209,21 @@ def train_gan(cfg: TrainConfig, resume: bool = False) -> Path:
     print(f"[vislang] embedding {len(uniq)} distinct captions of {n} images with the frozen text tower")
     cond_table = embed_texts(encoder, tokenizer, list(uniq)).to(device)  # (U, E)
     cap_index = torch.from_numpy(inverse.astype(np.int64))  # (N,)
+    flip_table, has_flip = None, None
+    if gan.relation_negatives:
+        from ..data.shapes import flip_relation
+
+        flipped = [flip_relation(u) for u in uniq]
+        has_flip = torch.tensor([f is not None for f in flipped])  # (U,)
+        if not has_flip.any():
+            raise ValueError(
+                "gan.relation_negatives needs captions that state a spatial relation ('to the left of', 'above', "
+                "...); none of the training captions does: set --gan.relation_negatives=false"
+            )
+        flip_table = torch.zeros_like(cond_table)  # (U, E): rows without a relation stay unused
+        rows = has_flip.nonzero().squeeze(1)
+        flip_table[rows.to(device)] = embed_texts(encoder, tokenizer, [flipped[i] for i in rows.tolist()]).to(device)
+        print(f"[vislang] relation negatives: {int(has_flip.sum())} of {len(uniq)} distinct captions state a relation")
     prompts = default_prompts(gan, data.classnames, captions)
     prompt_cond = embed_texts(encoder, tokenizer, prompts).to(device)  # (P, E)
 
@@ -263,11 +307,17 @@ def train_gan(cfg: TrainConfig, resume: bool = False) -> Path:
     while step < total_steps:
         batches = epoch_batches(n, cfg.batch_size, cfg.seed, epoch)[:steps_per_epoch]
         for idx in batches[batch_in_epoch:]:
+            cap = cap_index[torch.as_tensor(idx)]  # (B,) distinct-caption ids
+            c_flip = None
+            if flip_table is not None:  # items whose caption states a relation go first, with their flipped text
+                order = torch.argsort((~has_flip[cap]).to(torch.int8), stable=True)
+                idx, cap = np.asarray(idx)[order.numpy()], cap[order]
+                c_flip = flip_table[cap[has_flip[cap]].to(device)]  # (F, E)
             real = from_uint8(data.get_batch(idx)["image"]).to(device)  # (B, C, H, W) in [-1, 1]
             if channels_last:
                 real = real.contiguous(memory_format=torch.channels_last)
-            c = cond_table[cap_index[torch.as_tensor(idx)].to(device)]  # (B, E)
-            stats = gan_step(G, D, G_ema, opt_g, opt_d, real, c, gan, mis_gen)
+            c = cond_table[cap.to(device)]  # (B, E)
+            stats = gan_step(G, D, G_ema, opt_g, opt_d, real, c, gan, mis_gen, c_flip)
             if not (math.isfinite(stats["loss_d"]) and math.isfinite(stats["loss_g"])):
                 raise FloatingPointError(f"GAN losses became non-finite at step {step}; lower --gan.lr_d/--gan.lr_g")
             b = real.shape[0]

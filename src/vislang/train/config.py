@@ -53,6 +53,8 @@ class GANConfig:
     matching_aware: float = 1.0  # weight of the "real image + wrong text counts as fake" term; 0 turns it off
     mismatch_max_cos: float = 0.9  # a caption counts as wrong (mismatch, text_match) only if its cosine is below this
     text_match: float = 0.0  # weight of the "which text of the batch is this image's" loss for D and G (projection D)
+    mode_seeking: float = 0.0  # weight of MSGAN's diversity term (two noises, one text: different images); 0 = off
+    relation_negatives: bool = False  # captions with their relation flipped (left↔right, above↔below) count as wrong
     ema_decay: float = 0.999  # EMA generator used for samples, eval and the saved model; 0 = no EMA copy
     standing_stats: int = (
         32  # batches of its own outputs that reset the saved generator's BatchNorm statistics; 0 = off
