@@ -238,3 +238,19 @@ def test_mode_seeking_term_rewards_different_images_for_one_text():
     assert stats["mode_seeking"] > 0 and "mode_seeking" not in gan_step(
         g, d, g, opt(g), opt(d), real, c, GANConfig(ema_decay=0.0), torch.Generator().manual_seed(5)
     )
+
+
+def test_coordinate_planes_tell_the_discriminator_where_things_are():
+    torch.manual_seed(0)
+    cfg = GANModelConfig(cond_dim=6, image_size=32, channels=3, d_width=4, coord_channels=True)
+    _, d = build_gan(cfg)
+    d.eval()
+    first = d.convs[0]
+    assert first.in_channels == 3 + 2
+    grid = d.grid[0]  # (2, H, W): x grows to the right, y downwards, both in [-1, 1]
+    assert torch.all(grid[0, :, 1:] > grid[0, :, :-1]) and torch.all(grid[1, 1:, :] > grid[1, :-1, :])
+    assert grid.abs().max() == 1.0
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    planes = torch.cat([x, grid.expand(2, -1, -1, -1)], dim=1)  # what the first conv sees
+    torch.testing.assert_close(d.features(x), torch.nn.functional.leaky_relu(d.convs(planes), 0.2).sum(dim=(2, 3)))
+    assert GANModelConfig().coord_channels is False  # saved models without the field load as before

@@ -25,6 +25,7 @@ class GANModelConfig:
     d_width: int = 32  # discriminator channels at full resolution (x2 per halving); mlp: hidden size / 2
     spectral_norm: bool = True  # spectral normalisation of every discriminator layer (Miyato et al. 2018)
     projection: bool = True  # D scores <embed(c), h> (Miyato & Koyama 2018); False = concatenate c instead
+    coord_channels: bool = False  # dcgan D also sees x, y coordinate planes (CoordConv): where things are
 
 
 def num_resamples(image_size: int) -> tuple[int, int]:
@@ -102,7 +103,14 @@ class DCDiscriminator(nn.Module):
         self.cfg = cfg
         k, _ = num_resamples(cfg.image_size)
         widths = [cfg.channels] + [cfg.d_width * 2 ** min(i, 3) for i in range(k + 1)]  # C, w, 2w, 4w ...
-        layers: list[nn.Module] = [_sn(nn.Conv2d(widths[0], widths[1], 3, padding=1), cfg.spectral_norm)]
+        # Sum pooling makes D's features blind to where things are; coordinate planes let a unit respond to "red on
+        # the left", so the projection can check "the red circle is to the left of the blue square" (Liu et al. 2018).
+        self.coord = cfg.coord_channels
+        if self.coord:
+            lin = torch.linspace(-1, 1, cfg.image_size)
+            self.register_buffer("grid", torch.stack(torch.meshgrid(lin, lin, indexing="xy"))[None], persistent=False)
+        c_in = widths[0] + (2 if self.coord else 0)
+        layers: list[nn.Module] = [_sn(nn.Conv2d(c_in, widths[1], 3, padding=1), cfg.spectral_norm)]
         for i in range(1, k + 1):
             layers += [nn.LeakyReLU(0.2), _sn(nn.Conv2d(widths[i], widths[i + 1], 4, 2, 1), cfg.spectral_norm)]
         self.convs = nn.Sequential(*layers)
@@ -120,6 +128,8 @@ class DCDiscriminator(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Image features (B, W), independent of the text: a training step scores one image under several texts
         (its own, a wrong one) from one pass."""
+        if self.coord:
+            x = torch.cat([x, self.grid.expand(x.shape[0], -1, -1, -1).to(x.dtype)], dim=1)  # (B, C + 2, H, W)
         return F.leaky_relu(self.convs(x), 0.2).sum(dim=(2, 3))  # (B, W): sum pooling, as SN-GAN
 
     def score(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
