@@ -458,3 +458,7 @@ def test_evaluate_run_end_to_end_tiny_model(tmp_path, tiny_model_cfg):
     out = evaluate_run(model, tokenizer, unlabelled, tmp_path / "u", train_dataset=unlabelled)
     assert "zero_shot" not in out and set(out["skipped"]) == {"zero_shot", "linear_probe"}
     assert "text_to_image_R@1" in out["headline"]
+
+    ids = FakePrepared(images, np.arange(n), None, captions)  # labels that are item ids (shapes scenes): no probe
+    out = evaluate_run(model, tokenizer, ids, tmp_path / "ids", train_dataset=ids)
+    assert out["skipped"]["linear_probe"] == "the labels are per-item ids, not classes"

@@ -79,3 +79,19 @@ def test_training_with_relation_negatives_logs_their_accuracy(tmp_path):
     train(cfg)
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("rel_acc" in r for r in rows)
+
+
+def test_relation_flip_eval_scores_each_image_against_its_flipped_caption():
+    from vislang.evaluation.relations import relation_flip_eval
+
+    caps = ["a red circle to the left of a blue square", "a green star", "a red star above a blue circle"]
+    model, tok = _model_and_tokenizer(caps)
+    own = model.encode_text(tok([caps[0], caps[2]])).detach()
+    flipped = model.encode_text(tok([flip_relation(caps[0]), flip_relation(caps[2])])).detach()
+    img = torch.zeros(3, own.shape[1])
+    img[[0, 2]] = torch.nn.functional.normalize(own - flipped, dim=1)  # closer to the own caption by construction
+    res = relation_flip_eval(model, tok, caps, img)
+    assert res["n"] == 2 and res["accuracy"] == 1.0 and res["chance"] == 0.5
+    img[[0, 2]] = -img[[0, 2]]
+    assert relation_flip_eval(model, tok, caps, img)["accuracy"] == 0.0
+    assert relation_flip_eval(model, tok, ["a green star"], img[:1]) is None

@@ -28,6 +28,7 @@ from .evaluation.caption_metrics import CAPTION_RESULTS, TABLE_METRICS
 from .evaluation.embed import embed_images, embed_images_and_features, embed_texts, image_batch, num_images
 from .evaluation.linear_probe import probe_eval
 from .evaluation.plots import plot_confusion, plot_curves, plot_per_class, read_jsonl, retrieval_gallery
+from .evaluation.relations import relation_flip_eval
 from .evaluation.retrieval import retrieval_eval
 from .evaluation.zero_shot import DEFAULT_TEMPLATES, Template, fill_template, zero_shot_eval
 
@@ -164,6 +165,7 @@ def headline_of(results: dict[str, Any]) -> dict[str, float]:
         "text_to_image_R@5": rt.get("text_to_image_R@5"),
         "text_to_image_chance_R@1": rt.get("text_to_image_chance_R@1"),
         "linear_probe_accuracy": lp.get("accuracy"),
+        "relation_flip_accuracy": (results.get("relations") or {}).get("accuracy"),
     }
     return {k: v for k, v in pairs.items() if isinstance(v, (int, float))}
 
@@ -265,6 +267,12 @@ def evaluate_run(
         results["skipped"]["retrieval"] = "the test set has no captions"
     else:
         results["retrieval"] = retrieval_eval(model, tokenizer, test_dataset, device, batch_size, image_emb=image_emb)
+        caps = list(test_dataset.captions)  # one per image: each image against its own caption, turned round
+        relations = None
+        if len(caps) == len(image_emb):
+            relations = relation_flip_eval(model, tokenizer, caps, image_emb, device)
+        if relations is not None:  # only captions that state a relation have a flipped twin
+            results["relations"] = relations
     timing["retrieval"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -282,6 +290,10 @@ def evaluate_run(
         results["skipped"]["linear_probe"] = "no training set given"
     elif labels_of(train_dataset) is None or labels is None:
         results["skipped"]["linear_probe"] = "the training or test set has no labels"
+    elif len(set(np.asarray(labels).tolist())) > len(labels) // 2:
+        # e.g. shapes scenes, whose label is the item's index: a probe over thousands of one-image "classes" takes
+        # minutes and scores 0%
+        results["skipped"]["linear_probe"] = "the labels are per-item ids, not classes"
     else:
         results["linear_probe"] = probe_eval(
             model, train_dataset, test_dataset, device, batch_size, probe_max_train, test_feats, progress=progress
