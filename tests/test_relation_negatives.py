@@ -50,9 +50,9 @@ def test_task_adds_the_term_only_for_rows_with_a_negative():
     plain, extra_plain = ContrastiveTask(model)(batch)
     with_neg, extra = ContrastiveTask(model, relation_negatives=1.0)({**batch, "neg_tokens": negs})
     assert "rel_acc" not in extra_plain and 0.0 <= extra["rel_acc"] <= 1.0
-    assert float(with_neg) == pytest.approx(float(plain) + extra["rel_loss"], rel=1e-5)
+    assert with_neg.item() == pytest.approx(plain.item() + extra["rel_loss"], rel=1e-5)
     no_neg, extra_none = ContrastiveTask(model, relation_negatives=1.0)({**batch, "neg_tokens": torch.zeros_like(negs)})
-    assert float(no_neg) == pytest.approx(float(plain), rel=1e-6) and "rel_acc" not in extra_none
+    assert no_neg.item() == pytest.approx(plain.item(), rel=1e-6) and "rel_acc" not in extra_none
 
 
 def test_captions_without_relations_are_a_clear_error():
