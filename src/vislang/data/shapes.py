@@ -63,6 +63,19 @@ def flip_relation(caption: str) -> str | None:
     return caption[: m.start()] + OPPOSITE[m.group(1)] + caption[m.end() :]
 
 
+def relation_flips(captions: Sequence[str], option: str, off: str = "0") -> list[str | None]:
+    """``flip_relation`` of every caption, for a training option that needs some (the error names ``option`` and the
+    value ``off`` that turns it off);
+    refuses data whose captions never state a relation, where the option would silently do nothing."""
+    flipped = [flip_relation(c) for c in captions]
+    if all(f is None for f in flipped):
+        raise ValueError(
+            f"{option} needs captions that state a spatial relation ('to the left of', 'to the right of', 'above', "
+            f"'below'); none of the training captions does: turn it off (--{option}={off})"
+        )
+    return flipped
+
+
 QUESTION_TYPES = ("colour", "shape", "size", "count", "yes/no", "relation")
 _SUPERSAMPLE = 2  # draw at 2× and downsample: smooth edges at ~0.1 ms per scene
 _PLACEMENT_TRIES = 30

@@ -211,15 +211,10 @@ def train_gan(cfg: TrainConfig, resume: bool = False) -> Path:
     cap_index = torch.from_numpy(inverse.astype(np.int64))  # (N,)
     flip_table, has_flip = None, None
     if gan.relation_negatives:
-        from ..data.shapes import flip_relation
+        from ..data.shapes import relation_flips
 
-        flipped = [flip_relation(u) for u in uniq]
+        flipped = relation_flips(list(uniq), "gan.relation_negatives", off="false")
         has_flip = torch.tensor([f is not None for f in flipped])  # (U,)
-        if not has_flip.any():
-            raise ValueError(
-                "gan.relation_negatives needs captions that state a spatial relation ('to the left of', 'above', "
-                "...); none of the training captions does: set --gan.relation_negatives=false"
-            )
         flip_table = torch.zeros_like(cond_table)  # (U, E): rows without a relation stay unused
         rows = has_flip.nonzero().squeeze(1)
         flip_table[rows.to(device)] = embed_texts(encoder, tokenizer, [flipped[i] for i in rows.tolist()]).to(device)

@@ -56,9 +56,7 @@ class GANConfig:
     mode_seeking: float = 0.0  # weight of MSGAN's diversity term (two noises, one text: different images); 0 = off
     relation_negatives: bool = False  # captions with their relation flipped (left↔right, above↔below) count as wrong
     ema_decay: float = 0.999  # EMA generator used for samples, eval and the saved model; 0 = no EMA copy
-    standing_stats: int = (
-        32  # batches of its own outputs that reset the saved generator's BatchNorm statistics; 0 = off
-    )
+    standing_stats: int = 32  # batches of G's own outputs that reset the saved G's BatchNorm statistics; 0 = off
     sample_every: int = 500  # steps between sample grids (samples/step_NNNNNNN.png, fixed noise and prompts)
     sample_prompts: tuple[str, ...] = ()  # grid rows; () = "a photo of a {class}." per class, else first captions
     sample_per_prompt: int = 8  # grid columns (one fixed noise vector each)

@@ -98,21 +98,16 @@ def setup_data(cfg: TrainConfig, image_size: int, channels: int, tokenizer=None,
 
 
 def relation_negative_tokens(tokenizer, captions: list[str], main: bool = True):
-    """Token ids of each caption with its spatial relation flipped (all padding where it has none), for
-    ``relation_negatives``; refuses data whose captions never state a relation, where the option would do nothing."""
+    """Token ids of each caption with its spatial relation flipped (an all-zero row where it has none, which the
+    contrastive task reads as "no negative"), for ``relation_negatives``."""
     import numpy as np
 
-    from ..data.shapes import flip_relation
+    from ..data.shapes import relation_flips
 
-    flipped = [flip_relation(c) for c in captions]
+    flipped = relation_flips(captions, "relation_negatives")
     has = np.array([f is not None for f in flipped])
-    if not has.any():
-        raise ValueError(
-            "relation_negatives needs captions that state a spatial relation ('to the left of', 'to the right of', "
-            "'above', 'below'); none of the training captions does: set --relation_negatives=0"
-        )
     tokens = tokenizer([f or "" for f in flipped]).numpy().astype("int32")
-    tokens[~has] = 0  # an all-zero row marks "no negative" for the task
+    tokens[~has] = 0
     if main:
         print(f"[vislang] relation negatives: {int(has.sum())} of {len(captions)} captions state a relation")
     return tokens
