@@ -133,5 +133,17 @@ def test_compare_table(tiny, cache, tmp_path):
     assert [r["kind"] for r in rows] == ["fp32", "dynamic-int8"]
     assert rows[1]["size_mb"] < rows[0]["size_mb"] and rows[0]["params"] == rows[1]["params"]
     assert all(r["images_per_s"] > 0 and r["texts_per_s"] > 0 and "text_to_image_R@1" in r for r in rows)
+    assert rows[0]["images_per_s_ratio"] == 1.0 and rows[1]["images_per_s_ratio_iqr"][0] > 0
     md = (tmp_path / "cmp" / "compare.md").read_text()
     assert md.count("\n| ") == 2 and "dynamic-int8" in md and (tmp_path / "cmp" / "compare.png").stat().st_size > 0
+
+
+def test_paired_ratios_cancel_the_machines_drift():
+    from vislang.compress.compare import paired_ratios
+
+    # The machine slows down tenfold half-way through; the second model is twice as fast in every round except one.
+    base, other = [1.0, 1.0, 1.0, 10.0, 10.0], [0.5, 0.5, 5.0, 5.0, 5.0]
+    r = paired_ratios(base, other, 256, 256)
+    assert r["median"] == pytest.approx(2.0)  # a ratio of the two medians would say 0.2
+    assert r["iqr"] == pytest.approx([2.0, 2.0])
+    assert paired_ratios([1.0], [0.25], 10, 5)["median"] == pytest.approx(2.0)  # per item: 10/s against 20/s

@@ -25,6 +25,7 @@ from vislang.generate.models import (
     build_gan,
     d_loss,
     from_uint8,
+    minibatch_std,
     num_resamples,
     standing_stats,
     to_uint8,
@@ -101,6 +102,27 @@ def test_projection_discriminator_uses_the_text(arch):
     d.embed = nn.Linear(12, d.head.in_features, bias=False)
     nn.init.zeros_(d.embed.weight)
     torch.testing.assert_close(d(x, c1), d(x, c2))
+
+
+def test_minibatch_std_sees_spread_within_groups_and_never_mixes_real_with_fake():
+    same = torch.randn(1, 3, 5, 5).expand(8, -1, -1, -1)  # a "generator" that draws one image for every noise
+    varied = torch.randn(8, 3, 5, 5)
+    out = minibatch_std(torch.cat([varied, same]), group=4)  # (16, 4, 5, 5): [real; fake] as a training step has it
+    assert out.shape == (16, 4, 5, 5)
+    assert torch.all(out[:8, 3] > 0.5) and torch.all(out[8:, 3] < 1e-3)  # spread of each half on its own
+    torch.testing.assert_close(out[:8], minibatch_std(varied, group=4))  # the fake half does not leak into the real
+    assert minibatch_std(torch.randn(6, 2, 3, 3), group=4).shape == (6, 3, 3, 3)  # 6 % 4: groups of 3 instead
+    # ... and in the discriminator an image's features depend on its group: collapsed or varied neighbours
+    torch.manual_seed(0)
+    _, d = build_gan(GANModelConfig(cond_dim=6, d_width=4, minibatch_std=4))
+    d.eval()  # spectral norm: no power iteration between the calls compared
+    x = torch.rand(8, 1, 28, 28) * 2 - 1
+    h_collapsed = d.features(x[:1].expand(4, -1, -1, -1))[0]
+    h_varied = d.features(x[:4])[0]
+    assert not torch.allclose(h_collapsed, h_varied)
+    torch.testing.assert_close(d.features(x)[:4], h := d.features(torch.cat([x[:4], -x[4:]]))[:4])  # other group
+    assert h.shape == (4, d.head.in_features)
+    assert GANModelConfig().minibatch_std == 0  # saved models without the field load as before
 
 
 def test_matching_aware_loss_counts_wrong_text_as_fake():
@@ -402,7 +424,7 @@ def test_packaged_gan_configs_load():
     from vislang.cli import PACKAGED_CONFIGS
     from vislang.train.config import load_train_config
 
-    for name in ("gan", "gan-mlp", "gan-shapes"):
+    for name in ("gan", "gan-mlp", "gan-shapes", "gan-shapes-relations", "gan-gpu"):
         cfg = load_train_config(PACKAGED_CONFIGS / f"{name}.yaml")
         assert cfg.task == "gan" and cfg.gan is not None
         GANModelConfig(**cfg.gan.model)  # every model key is a real field

@@ -1,8 +1,11 @@
 """``vislang compare``: size, parameters, speed and task metrics of several models in one table (markdown + PNG).
 
 Speed is measured in one run, in rounds (A B C, A B C, ...) so that a change of load on the machine reaches every
-model, at the same batch size for all; images/s and texts/s are the batch size over the median batch time. Models can
-be any model directory (fp32, pruned, distilled, int8) or an ONNX export (run by onnxruntime).
+model, at the same batch size for all; images/s and texts/s are the batch size over the median batch time. The ratios
+to the first model are paired: each round gives one ratio of the models timed back to back, and the table shows
+their median with the interquartile range, because on a shared machine the absolute speed drifts between rounds by
+more than the differences being measured, while models timed within one round see the same load. Models can be any
+model directory (fp32, pruned, distilled, int8) or an ONNX export (run by onnxruntime).
 
 Task metrics follow the model family: zero-shot top-1 and retrieval for dual encoders and captioners, plus CIDEr-D of
 greedy captions for captioners (on ``caption_images`` test images, every phrasing of a shapes scene a reference), and
@@ -74,7 +77,8 @@ def param_counts(path: Path, meta: dict[str, Any]) -> tuple[int, int | None]:
 def measure_speed(
     models: list[Any], inputs: list[tuple[torch.Tensor, torch.Tensor]], rounds: int = 5, calls: int = 2
 ) -> list[dict[str, float]]:
-    """images/s and texts/s of each model on its (images, ids) batch, timed in interleaved rounds after a warmup."""
+    """images/s and texts/s of each model on its (images, ids) batch, timed in interleaved rounds after a warmup,
+    and the paired ratios to the first model (``paired_ratios``)."""
     times: list[dict[str, list[float]]] = [{"image": [], "text": []} for _ in models]
     for m, (x, ids) in zip(models, inputs):  # warmup
         m.eval()
@@ -86,13 +90,27 @@ def measure_speed(
                     t0 = time.perf_counter()
                     fn(arg)
                     t[key].append(time.perf_counter() - t0)
-    return [
-        {
+    rows = []
+    for inp, t in zip(inputs, times):
+        row = {
             "images_per_s": inp[0].shape[0] / statistics.median(t["image"]),
             "texts_per_s": inp[1].shape[0] / statistics.median(t["text"]),
         }
-        for inp, t in zip(inputs, times)
-    ]
+        for key, col, k in (("image", "images_per_s", 0), ("text", "texts_per_s", 1)):
+            ratio = paired_ratios(times[0][key], t[key], inputs[0][k].shape[0], inp[k].shape[0])
+            row[f"{col}_ratio"], row[f"{col}_ratio_iqr"] = ratio["median"], ratio["iqr"]
+        rows.append(row)
+    return rows
+
+
+def paired_ratios(base_s: list[float], other_s: list[float], base_n: int, other_n: int) -> dict[str, Any]:
+    """Throughput ratio other/base per timed call pair (the i-th call of each, made in the same round), as the median
+    and the interquartile range [q1, q3] of those ratios: the drift of a shared machine between rounds cancels."""
+    ratios = sorted((other_n / o) / (base_n / b) for b, o in zip(base_s, other_s))
+    if len(ratios) < 2:
+        return {"median": ratios[0], "iqr": [ratios[0], ratios[0]]}
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return {"median": statistics.median(ratios), "iqr": [q1, q3]}
 
 
 def task_metrics(model, tokenizer, test, templates, batch_size: int = 256) -> dict[str, float]:
@@ -241,10 +259,6 @@ def compare_models(
         row.update(speed)
         row["threads"] = torch.get_num_threads()
         row["batch_size"] = inputs[0][0].shape[0]
-    base = rows[0]
-    for row in rows:
-        row["images_per_s_ratio"] = row["images_per_s"] / base["images_per_s"]
-        row["texts_per_s_ratio"] = row["texts_per_s"] / base["texts_per_s"]
     if out_dir:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -262,8 +276,10 @@ COLUMNS = [
     ("nonzero_params", "non-zero", "{:,}"),
     ("images_per_s", "images/s", "{:.0f}"),
     ("images_per_s_ratio", "× img/s", "{:.2f}"),
+    ("images_per_s_ratio_iqr", "IQR", "{0[0]:.2f}–{0[1]:.2f}"),
     ("texts_per_s", "texts/s", "{:.0f}"),
     ("texts_per_s_ratio", "× txt/s", "{:.2f}"),
+    ("texts_per_s_ratio_iqr", "IQR", "{0[0]:.2f}–{0[1]:.2f}"),
     ("zero_shot_top1", "zero-shot top-1", "{:.2%}"),
     ("cider", "CIDEr", "{:.3f}"),
     ("vqa_accuracy", "VQA acc.", "{:.2%}"),
@@ -284,7 +300,7 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     lines += ["| " + " | ".join(r) + " |" for r in body]
     note = (
         f"\nSpeed: batch {rows[0]['batch_size']}, {rows[0]['threads']} torch/onnxruntime thread(s), CPU, one run; "
-        "× columns are ratios to the first row.\n"
+        "× columns are ratios to the first row, each the median of per-round paired ratios, IQR their quartiles.\n"
     )
     return "\n".join(lines) + "\n" + note
 

@@ -26,6 +26,7 @@ class GANModelConfig:
     spectral_norm: bool = True  # spectral normalisation of every discriminator layer (Miyato et al. 2018)
     projection: bool = True  # D scores <embed(c), h> (Miyato & Koyama 2018); False = concatenate c instead
     coord_channels: bool = False  # dcgan D also sees x, y coordinate planes (CoordConv): where things are
+    minibatch_std: int = 0  # dcgan D: group size of the minibatch standard-deviation channel (ProGAN); 0 = off
 
 
 def num_resamples(image_size: int) -> tuple[int, int]:
@@ -60,6 +61,20 @@ class CondBatchNorm(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         g, b = self.gamma(c)[:, :, None, None], self.beta(c)[:, :, None, None]  # (B, C, 1, 1)
         return self.bn(x) * (1 + g) + b
+
+
+def minibatch_std(x: torch.Tensor, group: int) -> torch.Tensor:
+    """Append one channel holding the feature spread of each group of ``group`` consecutive samples (ProGAN's
+    minibatch standard deviation, Karras et al. 2018): a generator that draws one image per text gives groups with
+    no spread, which D can see only across samples. Groups are consecutive so that a batch made as [real; fake],
+    each part a multiple of ``group`` long, never mixes the two; when the batch does not divide, the largest group
+    size that does is used. ``x`` (N, C, H, W) → (N, C + 1, H, W)."""
+    n, _, h, w = x.shape
+    g = next(k for k in range(min(group, n), 0, -1) if n % k == 0)
+    y = x.float().reshape(n // g, g, *x.shape[1:])  # (N/G, G, C, H, W)
+    std = (y.var(dim=1, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))  # (N/G,): mean spread per group
+    std = std.repeat_interleave(g).view(n, 1, 1, 1).expand(n, 1, h, w).to(x.dtype)
+    return torch.cat([x, std], dim=1)
 
 
 class UpBlock(nn.Module):
@@ -114,6 +129,11 @@ class DCDiscriminator(nn.Module):
         for i in range(1, k + 1):
             layers += [nn.LeakyReLU(0.2), _sn(nn.Conv2d(widths[i], widths[i + 1], 4, 2, 1), cfg.spectral_norm)]
         self.convs = nn.Sequential(*layers)
+        # Minibatch std: one more 3×3 conv at the smallest side reads the spread channel (ProGAN's last block).
+        self.mbstd = cfg.minibatch_std
+        self.std_conv = (
+            _sn(nn.Conv2d(widths[-1] + 1, widths[-1], 3, padding=1), cfg.spectral_norm) if self.mbstd > 0 else None
+        )
         width = widths[-1]
         if cfg.projection:
             self.head = _sn(nn.Linear(width, 1), cfg.spectral_norm)
@@ -130,7 +150,10 @@ class DCDiscriminator(nn.Module):
         (its own, a wrong one) from one pass."""
         if self.coord:
             x = torch.cat([x, self.grid.expand(x.shape[0], -1, -1, -1).to(x.dtype)], dim=1)  # (B, C + 2, H, W)
-        return F.leaky_relu(self.convs(x), 0.2).sum(dim=(2, 3))  # (B, W): sum pooling, as SN-GAN
+        x = F.leaky_relu(self.convs(x), 0.2)  # (B, W, s, s)
+        if self.std_conv is not None:
+            x = F.leaky_relu(self.std_conv(minibatch_std(x, self.mbstd)), 0.2)  # (B, W, s, s)
+        return x.sum(dim=(2, 3))  # (B, W): sum pooling, as SN-GAN
 
     def score(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Scores (B,) of features ``h`` (B, W) under texts ``c`` (B, E)."""

@@ -234,6 +234,11 @@ def train_gan(cfg: TrainConfig, resume: bool = False) -> Path:
     opt_g = torch.optim.Adam(G.parameters(), lr=gan.lr_g, betas=gan.betas)
     opt_d = torch.optim.Adam(D.parameters(), lr=gan.lr_d, betas=gan.betas)
 
+    if mcfg.minibatch_std > 0 and cfg.batch_size % mcfg.minibatch_std:
+        raise ValueError(
+            f"gan.model.minibatch_std={mcfg.minibatch_std} must divide --batch_size={cfg.batch_size}, or a group of "
+            "the minibatch-std channel would mix real and generated images; use a batch size that it divides"
+        )
     steps_per_epoch = n // cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(
