@@ -3,6 +3,7 @@ stay close to the fp32 model on fixed inputs, and are compared on their own metr
 family does not support fail with a clear error."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -54,6 +55,20 @@ def test_captioner_int8_decodes_close_to_fp32(captioner, cache, tmp_path, method
         ids = q.generate(images, max_length=6)
     assert ids.shape[0] == 4 and ids.shape[1] <= 6
     assert json.loads((out / "config.json").read_text())["compression"]["method"] == method
+
+
+def test_int8_copy_of_a_generative_vqa_model_keeps_its_marker(captioner, tmp_path):
+    from vislang.models.vqa import GENERATIVE_KEY
+
+    src = tmp_path / "vqa-gen"
+    shutil.copytree(captioner, src)
+    meta = json.loads((src / "config.json").read_text())
+    marker = {"head": "generative", "separator_id": 3, "max_answer_tokens": 4, "answers": ["red", "blue"]}
+    (src / "config.json").write_text(json.dumps({**meta, GENERATIVE_KEY: marker}))
+    compress_model_dir(src, "dynamic-int8", tmp_path / "int8")
+    assert json.loads((tmp_path / "int8" / "config.json").read_text())[GENERATIVE_KEY] == marker
+    compress_model_dir(captioner, "dynamic-int8", tmp_path / "plain")  # a plain captioner gets no marker
+    assert GENERATIVE_KEY not in json.loads((tmp_path / "plain" / "config.json").read_text())
 
 
 def test_vqa_dynamic_int8_answers_close_to_fp32(vqa, tmp_path):

@@ -81,6 +81,11 @@ def compress_model_dir(
     model = load_model(src)
     tokenizer = get_tokenizer(src)
     answers = json.loads((src / "answers.json").read_text()) if family == "vqa" else None
+    from ..models.vqa import GENERATIVE_KEY
+
+    # A captioner trained to answer questions says so in its config (the "vqa" entry); the int8 copy must too, or it
+    # loads as a plain captioner.
+    keep = {GENERATIVE_KEY: meta[GENERATIVE_KEY]} if GENERATIVE_KEY in meta else {}
     info: dict[str, Any] = {"method": method, "family": family, "source": str(src)}
     t0 = time.time()
     if method == "dynamic-int8":
@@ -88,7 +93,7 @@ def compress_model_dir(
 
         q = quantize_dynamic(model)
         info["modules"] = q._compression["modules"]
-        save_quantized(q, out, tokenizer, extra={"compression_info": _clean(info)}, answers=answers)
+        save_quantized(q, out, tokenizer, extra={**keep, "compression_info": _clean(info)}, answers=answers)
     elif method == "static-int8":
         from .quantize import save_quantized
         from .static import calibration_images as sample
@@ -104,7 +109,7 @@ def compress_model_dir(
             notes=q._compression["notes"],
             modules=q._compression["modules"],
         )
-        save_quantized(q, out, tokenizer, answers=answers)
+        save_quantized(q, out, tokenizer, extra=keep, answers=answers)
     elif method == "prune":
         from .finetune import contrastive_loss_fn, run_steps, training_pairs
         from .prune import make_permanent, prune_model, sparsity_of
