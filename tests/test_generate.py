@@ -347,6 +347,38 @@ def test_train_resumes_exactly_and_writes_the_run(text_model_dir, tmp_path):
         train_gan(_cfg(text_model_dir, run, 6))
 
 
+def test_group_by_label_orders_each_batch_by_class(text_model_dir, tmp_path, monkeypatch):
+    import dataclasses
+
+    from vislang.data.prepare import PreparedDataset
+    from vislang.generate.train import train_gan
+
+    seen: list[np.ndarray] = []
+    get_batch = PreparedDataset.get_batch
+
+    def recording(self, idx):
+        seen.append(np.asarray(self.labels)[np.asarray(idx)])
+        return get_batch(self, idx)
+
+    monkeypatch.setattr(PreparedDataset, "get_batch", recording)
+    cfg = _cfg(text_model_dir, tmp_path / "grouped", 2)
+    gan = dataclasses.replace(cfg.gan, group_by_label=True, model={**cfg.gan.model, "minibatch_std": 4})
+    train_gan(dataclasses.replace(cfg, gan=gan))
+    batches = [b for b in seen if len(b) == cfg.batch_size]
+    assert len(batches) == 2 and all(np.all(np.diff(b) >= 0) for b in batches)  # one class after another
+    assert len(set(batches[0].tolist())) > 1  # ... of a batch that still mixes classes
+    seen.clear()
+    train_gan(dataclasses.replace(cfg, out_dir=str(tmp_path / "plain")))
+    assert not all(np.all(np.diff(b) >= 0) for b in seen if len(b) == cfg.batch_size)  # off: random order
+    with pytest.raises(ValueError, match="choose one"):
+        train_gan(
+            dataclasses.replace(cfg, out_dir=str(tmp_path / "x"), gan=dataclasses.replace(gan, relation_negatives=True))
+        )
+    odd = dataclasses.replace(gan, model={**gan.model, "minibatch_std": 5})
+    with pytest.raises(ValueError, match="must divide"):
+        train_gan(dataclasses.replace(cfg, out_dir=str(tmp_path / "y"), gan=odd))
+
+
 def test_cli_train_generate_and_eval(text_model_dir, tmp_path, monkeypatch):
     from PIL import Image
 

@@ -16,6 +16,11 @@ picks its image's text too. One random wrong text mostly differs in colour, whic
 learns colour–text agreement and barely looks at shape; comparing every image with every text keeps pushing D (and
 through it G) on whatever attribute still confuses it. Then one generator update through the updated D; then the EMA
 update.
+
+With ``gan.model.minibatch_std`` D also sees how much each group of consecutive images varies, and with
+``gan.group_by_label`` each batch is ordered by class first, so that a group's spread is the spread within one class:
+a generator that draws every "sandal" alike is then caught, where random groups mostly measure how different the
+classes are, which the generator gets right anyway.
 """
 
 from __future__ import annotations
@@ -177,6 +182,8 @@ def train_gan(cfg: TrainConfig, resume: bool = False) -> Path:
     from ..factory import from_pretrained, get_tokenizer
 
     gan = cfg.gan or GANConfig()
+    if gan.group_by_label and gan.relation_negatives:
+        raise ValueError("gan.group_by_label and gan.relation_negatives each order the batch; choose one")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
@@ -219,6 +226,11 @@ def train_gan(cfg: TrainConfig, resume: bool = False) -> Path:
         rows = has_flip.nonzero().squeeze(1)
         flip_table[rows.to(device)] = embed_texts(encoder, tokenizer, [flipped[i] for i in rows.tolist()]).to(device)
         print(f"[vislang] relation negatives: {int(has_flip.sum())} of {len(uniq)} distinct captions state a relation")
+    sort_labels = None
+    if gan.group_by_label:
+        if not data.classnames:
+            raise ValueError(f"gan.group_by_label needs a dataset with class labels; {d.train} has none")
+        sort_labels = np.asarray(data.labels)
     prompts = default_prompts(gan, data.classnames, captions)
     prompt_cond = embed_texts(encoder, tokenizer, prompts).to(device)  # (P, E)
 
@@ -307,6 +319,8 @@ def train_gan(cfg: TrainConfig, resume: bool = False) -> Path:
     while step < total_steps:
         batches = epoch_batches(n, cfg.batch_size, cfg.seed, epoch)[:steps_per_epoch]
         for idx in batches[batch_in_epoch:]:
+            if sort_labels is not None:  # one class per minibatch-std group: D compares spread within a class
+                idx = np.asarray(idx)[np.argsort(sort_labels[np.asarray(idx)], kind="stable")]
             cap = cap_index[torch.as_tensor(idx)]  # (B,) distinct-caption ids
             c_flip = None
             if flip_table is not None:  # items whose caption states a relation go first, with their flipped text
