@@ -18,9 +18,9 @@ through it G) on whatever attribute still confuses it. Then one generator update
 update.
 
 With ``gan.model.minibatch_std`` D also sees how much each group of consecutive images varies, and with
-``gan.group_by_label`` each batch is made of runs of one class as long as a group (``label_grouped_batches``), so
-that a group's spread is the spread within one class: a generator that draws every "sandal" alike is then caught,
-where random groups mostly measure how different the classes are, which the generator gets right anyway.
+``gan.group_by_label`` each batch is ordered by class first, so that a group's spread is the spread within one class:
+a generator that draws every "sandal" alike is then caught, where random groups mostly measure how different the
+classes are, which the generator gets right anyway.
 """
 
 from __future__ import annotations
@@ -76,22 +76,6 @@ def default_prompts(gan: GANConfig, classnames: list[str] | None, captions: list
 
         return [format_caption("a photo of a {}.", c) for c in classnames]
     return list(dict.fromkeys(captions))[:8]
-
-
-def label_grouped_batches(labels: np.ndarray, batch_size: int, group: int, seed: int, epoch: int) -> list[np.ndarray]:
-    """One epoch's batches made of runs of ``group`` items of one class each, in random order (``gan.group_by_label``
-    with a minibatch-std discriminator): every minibatch-std group then measures the spread within one class, and a
-    batch still holds ``batch_size / group`` randomly chosen classes. Up to ``group - 1`` items per class are left out
-    of each epoch (a different few each time); deterministic in (seed, epoch): a resumed run sees the same batches."""
-    rng = np.random.default_rng([seed, epoch, 7])
-    runs = []
-    for k in np.unique(labels):
-        members = rng.permutation(np.flatnonzero(labels == k))
-        m = len(members) // group * group
-        runs.append(members[:m].reshape(-1, group))  # (runs of class k, group)
-    order = np.concatenate(runs)[rng.permutation(sum(len(r) for r in runs))]  # (R, group), shuffled
-    per = batch_size // group
-    return [order[i * per : (i + 1) * per].reshape(-1) for i in range(len(order) // per)]
 
 
 def mismatched(cond: torch.Tensor, max_cos: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -333,13 +317,9 @@ def train_gan(cfg: TrainConfig, resume: bool = False) -> Path:
     t_log, seen = time.time(), 0
     G.train(), D.train()
     while step < total_steps:
-        if sort_labels is not None and mcfg.minibatch_std > 0:
-            batches = label_grouped_batches(sort_labels[:n], cfg.batch_size, mcfg.minibatch_std, cfg.seed, epoch)
-            batches = batches[:steps_per_epoch]
-        else:
-            batches = epoch_batches(n, cfg.batch_size, cfg.seed, epoch)[:steps_per_epoch]
+        batches = epoch_batches(n, cfg.batch_size, cfg.seed, epoch)[:steps_per_epoch]
         for idx in batches[batch_in_epoch:]:
-            if sort_labels is not None and mcfg.minibatch_std == 0:  # no groups to fill: classes one after another
+            if sort_labels is not None:  # one class per minibatch-std group: D compares spread within a class
                 idx = np.asarray(idx)[np.argsort(sort_labels[np.asarray(idx)], kind="stable")]
             cap = cap_index[torch.as_tensor(idx)]  # (B,) distinct-caption ids
             c_flip = None
