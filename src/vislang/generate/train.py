@@ -208,6 +208,11 @@ def train_gan(cfg: TrainConfig, resume: bool = False) -> Path:
         "gan.model",
     )
 
+    if mcfg.minibatch_std > 0 and cfg.batch_size % mcfg.minibatch_std:
+        raise ValueError(
+            f"gan.model.minibatch_std={mcfg.minibatch_std} must divide --batch_size={cfg.batch_size}, or a group of "
+            "the minibatch-std channel would mix real and generated images; use a batch size that it divides"
+        )
     d = cfg.data
     data = load_prepared(d.train, d.train_split, v.image_size, v.channels, d, cfg.progress)
     n = min(len(data), d.max_train) if d.max_train else len(data)
@@ -246,11 +251,6 @@ def train_gan(cfg: TrainConfig, resume: bool = False) -> Path:
     opt_g = torch.optim.Adam(G.parameters(), lr=gan.lr_g, betas=gan.betas)
     opt_d = torch.optim.Adam(D.parameters(), lr=gan.lr_d, betas=gan.betas)
 
-    if mcfg.minibatch_std > 0 and cfg.batch_size % mcfg.minibatch_std:
-        raise ValueError(
-            f"gan.model.minibatch_std={mcfg.minibatch_std} must divide --batch_size={cfg.batch_size}, or a group of "
-            "the minibatch-std channel would mix real and generated images; use a batch size that it divides"
-        )
     steps_per_epoch = n // cfg.batch_size
     if steps_per_epoch == 0:
         raise ValueError(
@@ -320,7 +320,8 @@ def train_gan(cfg: TrainConfig, resume: bool = False) -> Path:
         batches = epoch_batches(n, cfg.batch_size, cfg.seed, epoch)[:steps_per_epoch]
         for idx in batches[batch_in_epoch:]:
             if sort_labels is not None:  # one class per minibatch-std group: D compares spread within a class
-                idx = np.asarray(idx)[np.argsort(sort_labels[np.asarray(idx)], kind="stable")]
+                idx = np.asarray(idx)
+                idx = idx[np.argsort(sort_labels[idx], kind="stable")]
             cap = cap_index[torch.as_tensor(idx)]  # (B,) distinct-caption ids
             c_flip = None
             if flip_table is not None:  # items whose caption states a relation go first, with their flipped text
