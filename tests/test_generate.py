@@ -31,7 +31,7 @@ from vislang.generate.models import (
     to_uint8,
 )
 from vislang.generate.sample import TextToImage, check_prompts, is_gan_dir, slerp
-from vislang.generate.train import mismatched
+from vislang.generate.train import lr_factor, mismatched
 
 FM_CAPTIONS = [f"a photo of a {c}." for c in ("sneaker", "bag", "coat", "dress", "sandal", "shirt")] + [
     f"a small photo of a {c}." for c in ("sneaker", "bag", "coat", "dress", "sandal", "shirt")
@@ -345,6 +345,35 @@ def test_train_resumes_exactly_and_writes_the_run(text_model_dir, tmp_path):
     assert (run / "samples" / "step_0000003.png").is_file() and (run / "checkpoints" / "last.pt").is_file()
     with pytest.raises(FileExistsError, match="--resume"):
         train_gan(_cfg(text_model_dir, run, 6))
+
+
+def test_lr_decay_falls_linearly_to_zero_and_resumes_exactly(text_model_dir, tmp_path):
+    import dataclasses
+
+    from vislang.generate.train import train_gan
+
+    assert [lr_factor(s, 10, 0.6) for s in (0, 5, 6, 8, 10)] == [1.0, 1.0, 1.0, 0.5, 0.0]
+    assert lr_factor(9, 10, 1.0) == 1.0 and lr_factor(0, 10, 0.0) == 1.0 and lr_factor(5, 10, 0.0) == 0.5
+
+    def cfg(out, steps, decay_from=0.5):
+        c = _cfg(text_model_dir, tmp_path / out, steps)
+        return dataclasses.replace(c, max_steps=steps, gan=dataclasses.replace(c.gan, lr_decay_from=decay_from))
+
+    straight = train_gan(cfg("a", 6))
+    lines = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr_factor"] for r in lines] == pytest.approx([1.0, 1.0, 1 / 3], abs=1e-4)  # steps 1, 3, 5
+    # The rate is a function of the step and the run's length, so a resumed run follows the schedule exactly: the
+    # first 3 steps at the full rate (a 3-step run that does not decay), then resumed as a 6-step run decaying at 3.
+    train_gan(cfg("b", 3, decay_from=1.0))
+    resumed = train_gan(cfg("b", 6), resume=True)
+    for k, v in _generator_state(straight).items():
+        torch.testing.assert_close(_generator_state(resumed)[k], v, msg=k)
+    train_gan(cfg("c", 6, decay_from=1.0))  # without the decay the weights differ
+    assert any(
+        not torch.equal(v, _generator_state(tmp_path / "c" / "model")[k]) for k, v in _generator_state(straight).items()
+    )
+    with pytest.raises(ValueError, match="lr_decay_from"):
+        train_gan(cfg("d", 2, decay_from=1.5))
 
 
 def test_group_by_label_orders_each_batch_by_class(text_model_dir, tmp_path, monkeypatch):

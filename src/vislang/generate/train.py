@@ -78,6 +78,17 @@ def default_prompts(gan: GANConfig, classnames: list[str] | None, captions: list
     return list(dict.fromkeys(captions))[:8]
 
 
+def lr_factor(step: int, total_steps: int, decay_from: float) -> float:
+    """The learning-rate multiplier at ``step``: 1 until ``decay_from`` of the run, then linearly down to 0 at the
+    last step (pix2pix's schedule). A GAN at a constant rate keeps circling its equilibrium, so its last weights are
+    one point on that circle; a falling rate lets the run settle. A pure function of the step, so resume needs no
+    scheduler state."""
+    start = decay_from * total_steps
+    if step < start or total_steps <= start:
+        return 1.0
+    return max(0.0, 1.0 - (step - start) / (total_steps - start))
+
+
 def mismatched(cond: torch.Tensor, max_cos: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices of wrong texts, keep mask): each item takes the text of the item ``shift`` places on; pairs whose
     texts mean the same (cosine >= ``max_cos``, e.g. two templates of one class) are dropped, not counted as fake."""
@@ -184,6 +195,11 @@ def train_gan(cfg: TrainConfig, resume: bool = False) -> Path:
     gan = cfg.gan or GANConfig()
     if gan.group_by_label and gan.relation_negatives:
         raise ValueError("gan.group_by_label and gan.relation_negatives each order the batch; choose one")
+    if not 0.0 <= gan.lr_decay_from <= 1.0:
+        raise ValueError(
+            f"gan.lr_decay_from={gan.lr_decay_from} must lie in [0, 1] (the fraction of the steps "
+            "after which the learning rates fall linearly to 0; 1 keeps them constant)"
+        )
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
@@ -332,6 +348,10 @@ def train_gan(cfg: TrainConfig, resume: bool = False) -> Path:
             if channels_last:
                 real = real.contiguous(memory_format=torch.channels_last)
             c = cond_table[cap.to(device)]  # (B, E)
+            f = lr_factor(step, total_steps, gan.lr_decay_from)
+            for opt, lr in ((opt_g, gan.lr_g), (opt_d, gan.lr_d)):
+                for group in opt.param_groups:
+                    group["lr"] = lr * f
             stats = gan_step(G, D, G_ema, opt_g, opt_d, real, c, gan, mis_gen, c_flip)
             if not (math.isfinite(stats["loss_d"]) and math.isfinite(stats["loss_g"])):
                 raise FloatingPointError(f"GAN losses became non-finite at step {step}; lower --gan.lr_d/--gan.lr_g")
@@ -341,13 +361,15 @@ def train_gan(cfg: TrainConfig, resume: bool = False) -> Path:
                 sums[k] = sums.get(k, 0.0) + val
             bar.update(1)
             if budget_s and elapsed() >= budget_s and step < total_steps:
-                # GAN learning rates are constant, so a time budget simply ends the run when it is spent.
+                # The time budget simply ends the run when it is spent (a decaying rate is cut where it stands).
                 total_steps = step
                 print(f"[vislang] time budget {cfg.time_budget_min} min spent: stopping at step {step}")
             if step % cfg.log_every == 0 or step == total_steps:
                 k = cfg.log_every if step % cfg.log_every == 0 else max(1, step % cfg.log_every)
                 rec = {"step": step, "epoch": round(epoch + batch_in_epoch / len(batches), 4)}
-                rec.update({key: val / k for key, val in sums.items()})  # d_mismatch: mean over steps that had one
+                rec.update(
+                    {key: val / k for key, val in sums.items()}, lr_factor=round(f, 4)
+                )  # d_mismatch: mean over steps that had one
                 rec.update(images_per_s=seen / max(time.time() - t_log, 1e-9), elapsed_s=round(elapsed(), 2))
                 log.write(rec)
                 bar.set_postfix(d=f"{rec['loss_d']:.3f}", g=f"{rec['loss_g']:.3f}", ips=f"{rec['images_per_s']:.0f}")

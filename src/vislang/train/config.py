@@ -47,8 +47,9 @@ class GANConfig:
     text_model: str = "runs/acc1/model"  # trained dual encoder whose frozen text tower conditions G and D
     model: dict[str, Any] = field(default_factory=dict)  # GANModelConfig overrides: --gan.model.arch=mlp
     loss: str = "hinge"  # hinge | bce (the non-saturating loss of the original GAN)
-    lr_g: float = 2e-4  # generator Adam learning rate (constant)
-    lr_d: float = 2e-4  # discriminator Adam learning rate (constant)
+    lr_g: float = 2e-4  # generator Adam learning rate (constant until lr_decay_from)
+    lr_d: float = 2e-4  # discriminator Adam learning rate (constant until lr_decay_from)
+    lr_decay_from: float = 1.0  # both learning rates fall linearly to 0 from this fraction of the steps; 1 = constant
     betas: tuple[float, float] = (0.0, 0.9)  # Adam betas for both (SN-GAN's choice)
     matching_aware: float = 1.0  # weight of the "real image + wrong text counts as fake" term; 0 turns it off
     mismatch_max_cos: float = 0.9  # a caption counts as wrong (mismatch, text_match) only if its cosine is below this
