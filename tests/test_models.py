@@ -194,3 +194,44 @@ def test_minilm_text_tower_matches_sentence_embedding():
         m = enc["attention_mask"].unsqueeze(-1).float()
         ref = (h * m).sum(1) / m.sum(1)
     assert torch.allclose(ours, ref, atol=1e-5)
+
+
+def test_gelu_works_in_place_only_where_nothing_needs_its_input():
+    from vislang.layers.transformer import gelu
+
+    x = torch.randn(64, 32)
+    expected = torch.nn.functional.gelu(x)
+    with torch.no_grad():
+        y = gelu(x)
+    assert y.data_ptr() == x.data_ptr() and torch.equal(y, expected)  # in place: no new buffer
+    x = torch.randn(64, 32, requires_grad=True)
+    y = gelu(x)
+    assert y.data_ptr() != x.data_ptr()  # autograd needs x for the backward pass
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_vit_tower_mlp_gelu_in_place_gives_the_same_outputs_and_gradients():
+    import copy
+
+    from vislang.layers.transformer import GELU
+
+    cfg = VisionConfig(
+        arch="vit_tiny_patch16_224",
+        image_size=28,
+        channels=1,
+        timm_kwargs={"patch_size": 7, "depth": 2, "embed_dim": 48, "num_heads": 2},
+    )
+    tower = build_vision_tower(cfg).eval()
+    acts = [m.act for m in tower.model.modules() if hasattr(m, "fc1")]
+    assert len(acts) == 2 and all(type(a) is GELU for a in acts)
+    plain = copy.deepcopy(tower)
+    for m in plain.model.modules():
+        if hasattr(m, "fc1"):
+            m.act = torch.nn.GELU()
+    x = torch.randn(5, 1, 28, 28)
+    with torch.inference_mode():
+        torch.testing.assert_close(tower(x), plain(x), rtol=0, atol=0)
+    tower(x).square().sum().backward(), plain(x).square().sum().backward()
+    for (name, p), q in zip(tower.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)

@@ -13,6 +13,27 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """GELU that overwrites ``x`` when no autograd graph, trace or compiler needs it; for inputs nothing else reads.
+
+    At inference a Transformer MLP's hidden activations are its largest tensors (a batch of 256 Fashion-MNIST images
+    through a ViT with 17 tokens: 4,352 × 1,536 floats, 27 MB), and writing the GELU into a new buffer of that size
+    costs several times the GELU itself, because fresh memory has to be faulted in page by page; in place the buffer
+    is already resident. Measured on this project's 2-core CPU: Linear + GELU 152 ms vs 130 ms in place (the Linear
+    alone 124 ms). It matters most to int8 models, whose Linear layers got faster while the GELU did not.
+    """
+    if x.requires_grad or torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+        return F.gelu(x)
+    return torch.ops.aten.gelu_(x)
+
+
+class GELU(nn.Module):
+    """:func:`gelu` as a module, to stand in for ``nn.GELU`` in the MLP of a timm ViT (same output, no weights)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gelu(x)
+
+
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, dropout: float = 0.0) -> None:
         super().__init__()
@@ -21,7 +42,7 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(F.gelu(self.fc1(x))))
+        return self.drop(self.fc2(gelu(self.fc1(x))))
 
 
 class Attention(nn.Module):

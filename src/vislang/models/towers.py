@@ -165,6 +165,7 @@ class TimmTower(VisionTower):
             kw.setdefault("img_size", cfg.image_size)
         self.model = timm.create_model(cfg.arch, pretrained=False, num_classes=0, in_chans=cfg.channels, **kw)
         self.width = self.model.num_features
+        inplace_mlp_gelu(self.model)
 
     def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:
         x = self.model.forward_features(images)
@@ -177,6 +178,21 @@ class TimmTower(VisionTower):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
+
+
+def inplace_mlp_gelu(model: nn.Module) -> int:
+    """Swap the exact ``nn.GELU`` between fc1 and fc2 of every timm ``Mlp`` for the in-place-at-inference
+    :class:`vislang.layers.transformer.GELU` (same function, no weights, so checkpoints are unaffected); returns how
+    many were swapped. In timm's Mlp nothing but fc2's input path reads fc1's output, so overwriting it is safe."""
+    from timm.layers.mlp import Mlp
+
+    from ..layers.transformer import GELU
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, Mlp) and type(m.act) is nn.GELU and m.act.approximate == "none":
+            m.act, n = GELU(), n + 1
+    return n
 
 
 VISION_ARCHS = {"cnn": CompactCNN, "cnn-text": TextLineCNN}  # vislang's own towers; any other arch is a timm name
