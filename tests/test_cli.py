@@ -166,33 +166,3 @@ def test_prepare_with_tokenizer(run, capsys):
     ds = PreparedDataset(out.strip().rsplit(" at ", 1)[1])
     tok = load_tokenizer(run["model"])
     assert np.array_equal(ds.tokens[:5], tok(ds.captions[:5]).numpy())
-
-
-def test_keep_freed_memory_serves_large_blocks_from_the_heap(monkeypatch):
-    import ctypes
-    import sys
-
-    from vislang.cli import keep_freed_memory
-
-    if not sys.platform.startswith("linux"):
-        pytest.skip("glibc only")
-    libc = ctypes.CDLL("libc.so.6")
-
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [
-            (n, ctypes.c_size_t)
-            for n in ("arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost").split()
-        ]
-
-    libc.mallinfo2.restype = MallInfo2
-    libc.malloc.restype = ctypes.c_void_p
-    libc.free.argtypes = [ctypes.c_void_p]
-    monkeypatch.setenv("VISLANG_MALLOC_TUNING", "0")
-    assert keep_freed_memory() is False
-    monkeypatch.delenv("VISLANG_MALLOC_TUNING")
-    assert keep_freed_memory() is True
-    before = libc.mallinfo2().hblkhd  # bytes in blocks mapped on their own
-    block = libc.malloc(30 * 1024 * 1024)
-    after = libc.mallinfo2().hblkhd
-    libc.free(block)
-    assert block and after == before  # 30 MB came from the heap, where it is reused, not a fresh mapping

@@ -14,34 +14,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a stray hub call must fail at on
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's largest: blocks up to this size come from the reusable heap
-TRIM_THRESHOLD = 512 * 1024 * 1024  # free memory at the heap's top kept for reuse instead of handed back
-
-
-def keep_freed_memory() -> bool:
-    """Tell glibc's malloc to keep freed blocks of up to 32 MB for reuse; returns whether the setting took.
-
-    Why: a forward pass allocates activations of tens of MB per layer (a ViT MLP's hidden state for 256 images is
-    27 MB). By default glibc maps such blocks fresh and unmaps them when freed, so every layer of every batch pays the
-    kernel for new zeroed pages, a cost that does not shrink when the arithmetic does: on this project's 2-core CPU
-    the int8 ViT's speed-up over fp32 measured 1.58x with this setting against 1.52x without (alternating processes,
-    median of 5 runs each). It is what jemalloc or tcmalloc preloading does for PyTorch CPU inference, without the
-    preload. A no-op off glibc (macOS, Windows, musl) and with ``VISLANG_MALLOC_TUNING=0``; ``main`` calls it once.
-    """
-    if os.environ.get("VISLANG_MALLOC_TUNING", "1") == "0":
-        return False
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    return bool(mallopt(m_mmap_threshold, MMAP_THRESHOLD)) and bool(mallopt(m_trim_threshold, TRIM_THRESHOLD))
-
-
 PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 # Modules that add subcommands (each defines ``register(add)``, ``add(name, help, fn) -> ArgumentParser``).
 COMMAND_MODULES = (
@@ -406,7 +378,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    keep_freed_memory()  # large activations reused, not re-faulted: faster CPU inference (see its docstring)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in ("train", "demo"):
