@@ -125,6 +125,37 @@ def test_minibatch_std_sees_spread_within_groups_and_never_mixes_real_with_fake(
     assert GANModelConfig().minibatch_std == 0  # saved models without the field load as before
 
 
+def test_minibatch_std_channels_measure_each_slice_of_the_features():
+    x = torch.randn(8, 4, 3, 3)
+    x[:, 2:] = x[:1, 2:]  # the second half of the channels is alike across the batch
+    out = minibatch_std(x, group=4, channels=2)
+    assert out.shape == (8, 6, 3, 3)
+    assert torch.all(out[:, 4] > 0.3) and torch.all(out[:, 5] < 1e-3)  # one spread per slice
+    with pytest.raises(ValueError, match="must divide"):
+        minibatch_std(x, group=4, channels=3)
+    _, d = build_gan(GANModelConfig(cond_dim=6, d_width=4, minibatch_std=4, minibatch_std_channels=4))
+    assert d.std_conv.in_channels == 16 + 4 and d.features(torch.rand(8, 1, 28, 28)).shape == (8, 16)
+    with pytest.raises(ValueError, match="minibatch_std_channels"):
+        build_gan(GANModelConfig(cond_dim=6, d_width=4, minibatch_std=4, minibatch_std_channels=3))
+
+
+@pytest.mark.parametrize("z_in_norm", [False, True])
+def test_noise_reaches_the_batchnorms_only_with_z_in_norm(z_in_norm):
+    torch.manual_seed(0)
+    g, _ = build_gan(GANModelConfig(cond_dim=6, z_dim=5, g_width=4, z_in_norm=z_in_norm))
+    with torch.no_grad():
+        g.fc.weight[:, :5] = 0  # the first layer ignores the noise
+        for m in g.modules():
+            if hasattr(m, "gamma"):
+                m.gamma.weight.normal_(), m.beta.weight.normal_()
+    g.eval()
+    c = torch.randn(1, 6).expand(2, -1)
+    out = g(torch.randn(2, 5), c)
+    assert out.shape == (2, 1, 28, 28)
+    same = torch.allclose(out[0], out[1], atol=1e-5)
+    assert same is (not z_in_norm)  # two noises, one text: they differ only through the norms
+
+
 def test_matching_aware_loss_counts_wrong_text_as_fake():
     real, fake = torch.full((4,), 2.0), torch.full((4,), -2.0)  # a perfect D on real vs fake: hinge loss 0
     assert float(d_loss(real, fake)) == 0.0

@@ -27,6 +27,8 @@ class GANModelConfig:
     projection: bool = True  # D scores <embed(c), h> (Miyato & Koyama 2018); False = concatenate c instead
     coord_channels: bool = False  # dcgan D also sees x, y coordinate planes (CoordConv): where things are
     minibatch_std: int = 0  # dcgan D: group size of the minibatch standard-deviation channel (ProGAN); 0 = off
+    minibatch_std_channels: int = 1  # spread channels: D's features split into this many groups, one spread each
+    z_in_norm: bool = False  # dcgan G: every conditional BatchNorm reads [text, noise], not the text alone (BigGAN)
 
 
 def num_resamples(image_size: int) -> tuple[int, int]:
@@ -63,17 +65,20 @@ class CondBatchNorm(nn.Module):
         return self.bn(x) * (1 + g) + b
 
 
-def minibatch_std(x: torch.Tensor, group: int) -> torch.Tensor:
-    """Append one channel holding the feature spread of each group of ``group`` consecutive samples (ProGAN's
-    minibatch standard deviation, Karras et al. 2018): a generator that draws one image per text gives groups with
-    no spread, which D can see only across samples. Groups are consecutive so that a batch made as [real; fake],
-    each part a multiple of ``group`` long, never mixes the two; when the batch does not divide, the largest group
-    size that does is used. ``x`` (N, C, H, W) → (N, C + 1, H, W)."""
-    n, _, h, w = x.shape
+def minibatch_std(x: torch.Tensor, group: int, channels: int = 1) -> torch.Tensor:
+    """Append ``channels`` channels holding the feature spread of each group of ``group`` consecutive samples
+    (ProGAN's minibatch standard deviation, Karras et al. 2018; several channels as in StyleGAN2, each the spread of
+    one slice of the features): a generator that draws one image per text gives groups with no spread, which D can
+    see only across samples. Groups are consecutive so that a batch made as [real; fake], each part a multiple of
+    ``group`` long, never mixes the two; when the batch does not divide, the largest group size that does is used.
+    ``x`` (N, C, H, W) → (N, C + channels, H, W); ``channels`` must divide C."""
+    n, c, h, w = x.shape
+    if c % channels:
+        raise ValueError(f"minibatch_std_channels={channels} must divide the discriminator's width {c}")
     g = next(k for k in range(min(group, n), 0, -1) if n % k == 0)
-    y = x.float().reshape(n // g, g, *x.shape[1:])  # (N/G, G, C, H, W)
-    std = (y.var(dim=1, unbiased=False) + 1e-8).sqrt().mean(dim=(1, 2, 3))  # (N/G,): mean spread per group
-    std = std.repeat_interleave(g).view(n, 1, 1, 1).expand(n, 1, h, w).to(x.dtype)
+    y = x.float().reshape(n // g, g, channels, c // channels, h, w)  # (N/G, G, F, C/F, H, W)
+    std = (y.var(dim=1, unbiased=False) + 1e-8).sqrt().mean(dim=(2, 3, 4))  # (N/G, F): mean spread per slice
+    std = std.repeat_interleave(g, dim=0)[:, :, None, None].expand(n, channels, h, w).to(x.dtype)
     return torch.cat([x, std], dim=1)
 
 
@@ -97,16 +102,20 @@ class DCGenerator(nn.Module):
         k, self.start = num_resamples(cfg.image_size)
         widths = [cfg.g_width * 2 ** min(k - i, 3) for i in range(k + 1)]  # e.g. k=2: [4w, 2w, w]
         self.fc = nn.Linear(cfg.z_dim + cfg.cond_dim, widths[0] * self.start**2)
-        self.norm0 = CondBatchNorm(widths[0], cfg.cond_dim)
-        self.blocks = nn.ModuleList(UpBlock(widths[i], widths[i + 1], cfg.cond_dim) for i in range(k))
+        # With z_in_norm the noise reaches every layer's scale and shift, not only the first map (BigGAN's
+        # hierarchical latent): variation of texture and detail need not survive two upsamplings from the start.
+        norm_dim = cfg.cond_dim + (cfg.z_dim if cfg.z_in_norm else 0)
+        self.norm0 = CondBatchNorm(widths[0], norm_dim)
+        self.blocks = nn.ModuleList(UpBlock(widths[i], widths[i + 1], norm_dim) for i in range(k))
         self.out = nn.Conv2d(widths[-1], cfg.channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         x = self.fc(torch.cat([z, c], dim=1))  # (B, w0 * s * s)
         x = x.view(x.shape[0], -1, self.start, self.start)  # (B, w0, s, s)
-        x = F.relu(self.norm0(x, c))
+        cond = torch.cat([c, z], dim=1) if self.cfg.z_in_norm else c  # what the BatchNorms read
+        x = F.relu(self.norm0(x, cond))
         for block in self.blocks:
-            x = block(x, c)  # (B, w_i+1, 2H, 2W)
+            x = block(x, cond)  # (B, w_i+1, 2H, 2W)
         return torch.tanh(self.out(x))  # (B, C, H, W) in [-1, 1]
 
 
@@ -130,9 +139,15 @@ class DCDiscriminator(nn.Module):
             layers += [nn.LeakyReLU(0.2), _sn(nn.Conv2d(widths[i], widths[i + 1], 4, 2, 1), cfg.spectral_norm)]
         self.convs = nn.Sequential(*layers)
         # Minibatch std: one more 3×3 conv at the smallest side reads the spread channel (ProGAN's last block).
-        self.mbstd = cfg.minibatch_std
+        self.mbstd, self.mbstd_channels = cfg.minibatch_std, cfg.minibatch_std_channels
+        if self.mbstd > 0 and widths[-1] % self.mbstd_channels:
+            raise ValueError(
+                f"minibatch_std_channels={self.mbstd_channels} must divide the discriminator's last width {widths[-1]}"
+            )
         self.std_conv = (
-            _sn(nn.Conv2d(widths[-1] + 1, widths[-1], 3, padding=1), cfg.spectral_norm) if self.mbstd > 0 else None
+            _sn(nn.Conv2d(widths[-1] + self.mbstd_channels, widths[-1], 3, padding=1), cfg.spectral_norm)
+            if self.mbstd > 0
+            else None
         )
         width = widths[-1]
         if cfg.projection:
@@ -152,7 +167,7 @@ class DCDiscriminator(nn.Module):
             x = torch.cat([x, self.grid.expand(x.shape[0], -1, -1, -1).to(x.dtype)], dim=1)  # (B, C + 2, H, W)
         x = F.leaky_relu(self.convs(x), 0.2)  # (B, W, s, s)
         if self.std_conv is not None:
-            x = F.leaky_relu(self.std_conv(minibatch_std(x, self.mbstd)), 0.2)  # (B, W, s, s)
+            x = F.leaky_relu(self.std_conv(minibatch_std(x, self.mbstd, self.mbstd_channels)), 0.2)  # (B, W, s, s)
         return x.sum(dim=(2, 3))  # (B, W): sum pooling, as SN-GAN
 
     def score(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
