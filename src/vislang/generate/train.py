@@ -80,9 +80,9 @@ def default_prompts(gan: GANConfig, classnames: list[str] | None, captions: list
 
 def lr_factor(step: int, total_steps: int, decay_from: float) -> float:
     """The learning-rate multiplier at ``step``: 1 until ``decay_from`` of the run, then linearly down to 0 at the
-    last step (pix2pix's schedule). A GAN at a constant rate keeps circling its equilibrium, so its last weights are
-    one point on that circle; a falling rate lets the run settle. A pure function of the step, so resume needs no
-    scheduler state."""
+    last step (pix2pix's schedule), for runs that should settle rather than keep circling an equilibrium. Measured on
+    the Fashion-MNIST ``gan`` config it hurt (FID-FM 0.465 decaying over the second half vs 0.205 constant, 6,550
+    steps), so configs keep 1. A pure function of the step, so resume needs no scheduler state."""
     start = decay_from * total_steps
     if step < start or total_steps <= start:
         return 1.0
