@@ -72,14 +72,18 @@ def test_causal_eot_fast_path_matches_masked():
     assert torch.allclose(fast, slow, atol=1e-5)
 
 
-def test_vit_small_patch_tokens():
-    cfg = VisionConfig(
+def _tiny_vit(patch_size: int, depth: int, width: int) -> VisionConfig:
+    """A timm ViT image tower for 28 px grey images, small enough for a test."""
+    return VisionConfig(
         arch="vit_tiny_patch16_224",
         image_size=28,
         channels=1,
-        timm_kwargs={"patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2},
+        timm_kwargs={"patch_size": patch_size, "depth": depth, "embed_dim": width, "num_heads": 2},
     )
-    tower = build_vision_tower(cfg)
+
+
+def test_vit_small_patch_tokens():
+    tower = build_vision_tower(_tiny_vit(patch_size=4, depth=1, width=32))
     tokens = tower.forward_tokens(torch.randn(2, 1, 28, 28))
     assert tokens.shape == (2, 1 + 49, 32)  # class token + 7x7 patches
     assert tower(torch.randn(2, 1, 28, 28)).shape == (2, 32)
@@ -216,13 +220,7 @@ def test_vit_tower_mlp_gelu_in_place_gives_the_same_outputs_and_gradients():
 
     from vislang.layers.transformer import GELU
 
-    cfg = VisionConfig(
-        arch="vit_tiny_patch16_224",
-        image_size=28,
-        channels=1,
-        timm_kwargs={"patch_size": 7, "depth": 2, "embed_dim": 48, "num_heads": 2},
-    )
-    tower = build_vision_tower(cfg).eval()
+    tower = build_vision_tower(_tiny_vit(patch_size=7, depth=2, width=48)).eval()
     acts = [m.act for m in tower.model.modules() if hasattr(m, "fc1")]
     assert len(acts) == 2 and all(type(a) is GELU for a in acts)
     plain = copy.deepcopy(tower)
