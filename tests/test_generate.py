@@ -25,6 +25,7 @@ from vislang.generate.models import (
     build_gan,
     d_loss,
     from_uint8,
+    diff_augment,
     minibatch_std,
     num_resamples,
     standing_stats,
@@ -154,6 +155,31 @@ def test_noise_reaches_the_batchnorms_only_with_z_in_norm(z_in_norm):
     assert out.shape == (2, 1, 28, 28)
     same = torch.allclose(out[0], out[1], atol=1e-5)
     assert same is (not z_in_norm)  # two noises, one text: they differ only through the norms
+
+
+def test_diff_augment_transforms_each_image_and_lets_gradients_through():
+    x = torch.rand(64, 1, 16, 16, requires_grad=True)
+    assert diff_augment(x, "") is x and diff_augment(x, ()) is x  # no policy: untouched
+    torch.manual_seed(0)
+    y = diff_augment(x, "translation,cutout,brightness,contrast")
+    assert y.shape == x.shape
+    y.pow(2).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0  # differentiable: G learns through it
+    torch.manual_seed(0)
+    torch.testing.assert_close(diff_augment(x, "translation,cutout,brightness,contrast"), y)  # seeded: reproducible
+    # translation: each image is its own shifted copy, at most side/8 = 2 pixels, edges repeated
+    img = torch.zeros(64, 1, 16, 16)
+    img[:, :, 7, 7] = 1.0
+    moved = diff_augment(img, "translation")
+    where = moved[:, 0].flatten(1).argmax(1)
+    rows, cols = where // 16, where % 16
+    assert ((rows - 7).abs() <= 2).all() and ((cols - 7).abs() <= 2).all() and moved.sum(dim=(1, 2, 3)).eq(1).all()
+    assert len(set(zip(rows.tolist(), cols.tolist()))) > 5  # per-image draws, not one shift for the batch
+    # cutout: exactly one square of half the side set to 0
+    holes = diff_augment(-torch.ones(8, 1, 16, 16), "cutout") == 0
+    assert holes.sum(dim=(1, 2, 3)).eq(64).all()
+    with pytest.raises(ValueError, match="choose from"):
+        diff_augment(x, "translation,flip")
 
 
 def test_matching_aware_loss_counts_wrong_text_as_fake():
@@ -542,3 +568,20 @@ def test_gan_throughput_benchmark_smoke(tmp_path):
     assert [r["arch"] for r in out["rows"]] == ["dcgan", "mlp"]
     assert all(r["train_images_per_s"] > 0 and r["generate_images_per_s"] > 0 for r in out["rows"])
     assert json.loads((tmp_path / "b.json").read_text())["ratio"]["train_dcgan_over_mlp"] > 0
+
+
+def test_train_with_diff_augment_differs_and_checks_the_policy_first(text_model_dir, tmp_path):
+    import dataclasses
+
+    from vislang.generate.train import train_gan
+
+    cfg = _cfg(text_model_dir, tmp_path / "plain", 2)
+    plain = train_gan(cfg)
+    aug = train_gan(
+        dataclasses.replace(cfg, out_dir=str(tmp_path / "aug"), gan=dataclasses.replace(cfg.gan, augment="translation"))
+    )
+    assert any(not torch.equal(v, _generator_state(aug)[k]) for k, v in _generator_state(plain).items())
+    bad = dataclasses.replace(cfg, out_dir=str(tmp_path / "bad"), gan=dataclasses.replace(cfg.gan, augment="rotate"))
+    with pytest.raises(ValueError, match="unknown GAN augmentation 'rotate'"):
+        train_gan(bad)
+    assert not (tmp_path / "bad" / "checkpoints").exists()

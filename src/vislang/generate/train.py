@@ -45,9 +45,11 @@ from .models import (
     GANModelConfig,
     build_gan,
     d_loss,
+    diff_augment,
     ema_update,
     from_uint8,
     g_loss,
+    parse_augment,
     standing_stats,
     text_match_loss,
     to_uint8,
@@ -136,7 +138,8 @@ def gan_step(
         fake, fake2 = fake_all[:b], fake_all[b:]
     else:
         fake = G(z, c)  # (B, C, H, W)
-    h = D.features(torch.cat([real, fake.detach()]))  # (2B, W): each image through D's body once
+    aug = parse_augment(gan.augment)  # DiffAugment: D sees real and fake through the same random transformations
+    h = D.features(diff_augment(torch.cat([real, fake.detach()]), aug))  # (2B, W): each image through D's body once
     hs, conds = [h], [c, c]
     n_mis = 0
     if gan.matching_aware > 0:
@@ -165,7 +168,7 @@ def gan_step(
     loss_d.backward()
     opt_d.step()
     D.requires_grad_(False)  # the generator's update needs gradients through D, not for D's weights
-    h_fake = D.features(fake)  # (B, W)
+    h_fake = D.features(diff_augment(fake, aug))  # (B, W)
     loss_g = g_loss(D.score(h_fake, c), gan.loss)
     if gan.text_match > 0:
         match_g = text_match_loss(D.match(h_fake, texts), positives)  # fakes must pick out their own texts too
@@ -195,6 +198,7 @@ def train_gan(cfg: TrainConfig, resume: bool = False) -> Path:
     gan = cfg.gan or GANConfig()
     if gan.group_by_label and gan.relation_negatives:
         raise ValueError("gan.group_by_label and gan.relation_negatives each order the batch; choose one")
+    parse_augment(gan.augment)  # an unknown augmentation fails before anything loads
     if not 0.0 <= gan.lr_decay_from <= 1.0:
         raise ValueError(
             f"gan.lr_decay_from={gan.lr_decay_from} must lie in [0, 1] (the fraction of the steps "
