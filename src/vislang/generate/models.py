@@ -99,8 +99,10 @@ def diff_augment(x: torch.Tensor, policy: tuple[str, ...] | str) -> torch.Tensor
 
     Real and generated images go through the same random transformations, and gradients flow through them to the
     generator, so D cannot tell the two apart by the augmentation and G is not taught to draw it: D sees more varied
-    images and overfits the training set less. Each image gets its own draw from torch's global generator (saved in
-    checkpoints). ``x`` (B, C, H, W) in [-1, 1] → same shape:
+    images and overfits the training set less: the fix for small datasets (a few thousand images or fewer). On all
+    60,000 Fashion-MNIST images with the minibatch-std channel it hurt (FID-FM 0.205 → 0.729 with translation and
+    cutout), since it adds spread to every group alike. Each image gets its own draw from torch's global generator
+    (saved in checkpoints). ``x`` (B, C, H, W) in [-1, 1] → same shape:
     - translation: shift by up to 1/8 of the side in each direction, edges repeated (a black or white background
       stays the background);
     - cutout: one square of half the side set to 0 (mid grey);

@@ -56,7 +56,7 @@ class GANConfig:
     text_match: float = 0.0  # weight of the "which text of the batch is this image's" loss for D and G (projection D)
     mode_seeking: float = 0.0  # weight of MSGAN's diversity term (two noises, one text: different images); 0 = off
     relation_negatives: bool = False  # captions with their relation flipped (left↔right, above↔below) count as wrong
-    augment: str = ""  # DiffAugment policy for every image D sees, e.g. "translation,cutout"; "" = none
+    augment: str = ""  # DiffAugment policy for every image D sees, e.g. "translation,cutout" (small data); ""=none
     group_by_label: bool = False  # order each batch by class label, so minibatch-std groups hold one class each
     ema_decay: float = 0.999  # EMA generator used for samples, eval and the saved model; 0 = no EMA copy
     standing_stats: int = 32  # batches of G's own outputs that reset the saved G's BatchNorm statistics; 0 = off
