@@ -7,6 +7,7 @@ The generator maps (z, c) to an image in [-1, 1]; the discriminator maps (image,
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -85,8 +86,9 @@ def minibatch_std(x: torch.Tensor, group: int, channels: int = 1) -> torch.Tenso
 AUGMENTS = ("translation", "cutout", "brightness", "contrast")
 
 
+@functools.cache
 def parse_augment(policy: str) -> tuple[str, ...]:
-    """``"translation,cutout"`` → the augmentations, checked; ``""`` → none."""
+    """``"translation,cutout"`` → the augmentations, checked; ``""`` → none. Cached: a training step asks each time."""
     names = tuple(p.strip() for p in policy.split(",") if p.strip())
     bad = [p for p in names if p not in AUGMENTS]
     if bad:
@@ -113,7 +115,7 @@ def diff_augment(x: torch.Tensor, policy: tuple[str, ...] | str) -> torch.Tensor
         return x
     b, c, h, w = x.shape
     dev = x.device
-    channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and c > 1
+    channels_last = c > 1 and x.is_contiguous(memory_format=torch.channels_last)  # gather below loses the layout
     for name in names:
         if name == "brightness":
             x = x + (torch.rand(b, 1, 1, 1, device=dev) - 0.5).to(x.dtype)
