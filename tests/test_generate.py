@@ -585,3 +585,41 @@ def test_train_with_diff_augment_differs_and_checks_the_policy_first(text_model_
     with pytest.raises(ValueError, match="unknown GAN augmentation 'rotate'"):
         train_gan(bad)
     assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_fid_tracking_leaves_training_alone_and_keep_best_saves_the_best_step(text_model_dir, tmp_path, monkeypatch):
+    import dataclasses
+
+    from vislang.generate.evaluate import FIDTracker
+    from vislang.generate.train import train_gan
+    from vislang.train.checkpoint import load_checkpoint
+
+    judge = _tiny_fm_judge(tmp_path / "judge")
+    base = _cfg(text_model_dir, tmp_path / "plain", 6)
+
+    def cfg(out, steps=6, **gan):
+        return dataclasses.replace(
+            base, out_dir=str(tmp_path / out), max_steps=steps, gan=dataclasses.replace(base.gan, **gan)
+        )
+
+    plain = train_gan(cfg("plain"))
+    tracked = train_gan(cfg("tracked", judge=str(judge), fid_every=2, fid_images=40))
+    lines = [json.loads(x) for x in (tmp_path / "tracked" / "metrics.jsonl").read_text().splitlines()]
+    fids = [r for r in lines if "tracked_fid_fm" in r]
+    assert [r["step"] for r in fids] == [2, 4, 6] and all(r["tracked_fid_fm"] > 0 for r in fids)
+    assert all(0 <= r["tracked_class_consistency"] <= 1 for r in fids)
+    for k, v in _generator_state(plain).items():  # tracking draws from its own generators: same training
+        torch.testing.assert_close(_generator_state(tracked)[k], v, msg=k)
+
+    scripted = iter([0.5, 0.1, 0.3])  # the snapshot of step 4 is the best
+    real_call = FIDTracker.__call__
+    monkeypatch.setattr(FIDTracker, "__call__", lambda self, g, z: {**real_call(self, g, z), "fid_fm": next(scripted)})
+    best = train_gan(cfg("best", judge=str(judge), fid_every=2, fid_images=40, keep_best=True))
+    meta = json.loads((best / "config.json").read_text())["train"]
+    assert meta["generator_step"] == 4 and meta["tracked_fid_fm"]["best_step"] == 4 and meta["steps"] == 6
+    assert load_checkpoint(tmp_path / "best" / "checkpoints" / "last.pt")["best"]["step"] == 4
+    four = train_gan(cfg("four", steps=4))  # the same run stopped at step 4 saves the same generator
+    for k, v in _generator_state(four).items():
+        torch.testing.assert_close(_generator_state(best)[k], v, msg=k)
+    with pytest.raises(ValueError, match="--gan.judge"):
+        train_gan(cfg("nojudge", keep_best=True))

@@ -22,6 +22,7 @@ from .metrics import (
     class_consistency_from_logits,
     clip_score,
     fid_kid_from_features,
+    frechet_distance,
     inception_fid,
     inception_style_score_from_logits,
     judge_outputs,
@@ -111,6 +112,58 @@ def evaluate_classes(
         out["fid_inception"] = inception_fid(real[pick], fake, inception_weights)
         out["fid_inception_floor"] = inception_fid(real[pick], other, inception_weights)
     return out
+
+
+class FIDTracker:
+    """FID-FM and class consistency of a generator during training, cheap enough to run every few hundred steps.
+
+    GAN quality does not rise steadily: it peaks and can fall again (on Fashion-MNIST the generator drifts towards
+    ever more typical images of each class), and the loss values do not show it. So a run can measure FID-FM as it
+    goes, on ``n`` images, a tenth of each class, against a fixed sample of the *training* split (the final
+    evaluation uses the test split, so picking the best snapshot does not look at the images it is judged on) and
+    with its own noise seed. The real features are computed once. On 2,000 images the numbers sit above the
+    10,000-image evaluation's (FID's bias grows as the sample shrinks) but rank snapshots the same way.
+    """
+
+    def __init__(
+        self,
+        judge: str | Path,
+        conds: torch.Tensor,
+        data: str,
+        split: str,
+        image_size: int,
+        channels: int,
+        n: int = 2000,
+        seed: int = 0,
+    ) -> None:
+        if n < 2 * len(conds):
+            raise ValueError(f"gan.fid_images={n} is too few: FID tracking needs at least 2 images per class")
+        self.judge = load_judge(judge, "cpu")
+        if len(self.judge.class_names) != len(conds):
+            raise ValueError(f"the judge {judge} knows {len(self.judge.class_names)} classes, the data {len(conds)}")
+        real, _, _, _ = _real_split(data, split, image_size, channels, n, seed)
+        self.real_f, _ = judge_outputs(self.judge, real)
+        self.conds, self.per_class, self.seed = conds, n // len(conds), seed
+
+    @torch.no_grad()
+    def __call__(self, generator: torch.nn.Module, z_dim: int) -> dict[str, float]:
+        """{"fid_fm", "class_consistency"} of ``generator`` (left in eval mode) on this tracker's prompts."""
+        from .models import to_uint8
+
+        generator.eval()
+        dev = self.conds.device
+        g = torch.Generator().manual_seed(self.seed + 12345)
+        k = len(self.conds)
+        labels = torch.arange(k).repeat_interleave(self.per_class)  # (N,) class-major
+        fake = torch.cat(
+            [
+                to_uint8(generator(torch.randn(len(part), z_dim, generator=g).to(dev), self.conds[part.to(dev)])).cpu()
+                for part in labels.split(500)
+            ]
+        )
+        fake_f, fake_l = judge_outputs(self.judge, fake)
+        fid = frechet_distance(self.real_f, fake_f)
+        return {"fid_fm": fid, "class_consistency": class_consistency_from_logits(fake_l, labels)["class_consistency"]}
 
 
 def relation_prompts(n: int, seed: int = 0, split: str = "test") -> list[tuple[str, tuple[str, str, str], Any]]:

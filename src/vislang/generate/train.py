@@ -199,6 +199,11 @@ def train_gan(cfg: TrainConfig, resume: bool = False) -> Path:
     if gan.group_by_label and gan.relation_negatives:
         raise ValueError("gan.group_by_label and gan.relation_negatives each order the batch; choose one")
     parse_augment(gan.augment)  # an unknown augmentation fails before anything loads
+    if (gan.fid_every or gan.keep_best) and not gan.judge:
+        raise ValueError(
+            "gan.fid_every and gan.keep_best track FID-FM with a fixed classifier: pass --gan.judge=DIR "
+            "(train one with `vislang finetune --model fmnist-cnn --method scratch --out runs/finetune`)"
+        )
     if not 0.0 <= gan.lr_decay_from <= 1.0:
         raise ValueError(
             f"gan.lr_decay_from={gan.lr_decay_from} must lie in [0, 1] (the fraction of the steps "
@@ -257,6 +262,17 @@ def train_gan(cfg: TrainConfig, resume: bool = False) -> Path:
             raise ValueError(f"gan.group_by_label needs a dataset with class labels; {d.train} has none")
         sort_labels = np.asarray(data.labels)
     prompts = default_prompts(gan, data.classnames, captions)
+    tracker = None
+    if gan.judge:
+        from ..data.fashion_mnist import format_caption
+        from .evaluate import FIDTracker
+
+        if not data.classnames:
+            raise ValueError(f"gan.judge tracks FID-FM per class, so it needs class names; {d.train} has none")
+        class_cond = embed_texts(encoder, tokenizer, [format_caption("a photo of a {}.", c) for c in data.classnames])
+        tracker = FIDTracker(
+            gan.judge, class_cond.to(device), d.train, d.train_split, v.image_size, v.channels, gan.fid_images, cfg.seed
+        )
     prompt_cond = embed_texts(encoder, tokenizer, prompts).to(device)  # (P, E)
 
     torch.manual_seed(cfg.seed)
@@ -281,7 +297,10 @@ def train_gan(cfg: TrainConfig, resume: bool = False) -> Path:
     fixed_z = fixed_z.repeat(len(prompts), 1).to(device)  # (P*K, Z): the same K noises in every row
     fixed_c = prompt_cond.repeat_interleave(gan.sample_per_prompt, dim=0)  # (P*K, E)
     mis_gen = torch.Generator().manual_seed(cfg.seed + 2)
+    # Captions drawn as in the data: the conditions of the standing BatchNorm statistics of every saved generator.
+    stand_c = cond_table[cap_index[torch.randint(n, (4096,), generator=torch.Generator().manual_seed(cfg.seed))]]
     step, epoch, batch_in_epoch, elapsed_before = 0, 0, 0, 0.0
+    best: dict = {}  # with a judge: {"step", "fid_fm", "G_ema"} of the lowest tracked FID-FM so far
     if resume:
         state = load_checkpoint(ckpt_path)
         G.load_state_dict(state["G"]), D.load_state_dict(state["D"])
@@ -293,6 +312,7 @@ def train_gan(cfg: TrainConfig, resume: bool = False) -> Path:
         elapsed_before = state.get("elapsed_s", 0.0)
         set_rng_state(state["rng"])
         mis_gen.set_state(state["mis_rng"])
+        best = state.get("best") or {}
         print(f"[vislang] resumed {ckpt_path} at step {step}/{total_steps}")
 
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -318,6 +338,7 @@ def train_gan(cfg: TrainConfig, resume: bool = False) -> Path:
                 "elapsed_s": elapsed(),
                 "rng": rng_state(),
                 "mis_rng": mis_gen.get_state(),
+                "best": best,
                 "config": to_dict(cfg),
             },
             ckpt_path,
@@ -330,6 +351,18 @@ def train_gan(cfg: TrainConfig, resume: bool = False) -> Path:
         save_grid(imgs, out / "samples" / f"step_{step:07d}.png", ncol=gan.sample_per_prompt, scale=2)
         if G_ema is G:
             G.train()
+
+    def track() -> None:
+        """Tracked FID-FM of the EMA generator as it would be saved now (standing statistics on a copy)."""
+        nonlocal best
+        snap = copy.deepcopy(G_ema)
+        if gan.standing_stats and G_ema is not G:
+            standing_stats(snap, stand_c, mcfg.z_dim, gan.standing_stats, cfg.batch_size, cfg.seed)
+        r = tracker(snap, mcfg.z_dim)
+        log.write({"step": step, "tracked_fid_fm": r["fid_fm"], "tracked_class_consistency": r["class_consistency"]})
+        if not best or r["fid_fm"] < best["fid_fm"]:
+            best = {"step": step, "fid_fm": r["fid_fm"], "G_ema": {k: t.clone() for k, t in snap.state_dict().items()}}
+        bar.set_description(f"train gan (FID-FM {r['fid_fm']:.3f}, best {best['fid_fm']:.3f} at {best['step']})")
 
     bar = tqdm(total=total_steps, initial=step, disable=not cfg.progress, desc="train gan", unit="step")
     budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min else None
@@ -378,6 +411,8 @@ def train_gan(cfg: TrainConfig, resume: bool = False) -> Path:
                 log.write(rec)
                 bar.set_postfix(d=f"{rec['loss_d']:.3f}", g=f"{rec['loss_g']:.3f}", ips=f"{rec['images_per_s']:.0f}")
                 sums, t_log, seen = {}, time.time(), 0
+            if tracker is not None and ((gan.fid_every and step % gan.fid_every == 0) or step == total_steps):
+                track()
             if gan.sample_every and step % gan.sample_every == 0:
                 write_samples()
             if step % cfg.save_every == 0:
@@ -388,8 +423,12 @@ def train_gan(cfg: TrainConfig, resume: bool = False) -> Path:
             epoch, batch_in_epoch = epoch + 1, 0
     bar.close()
     save_checkpoint()
-    if gan.standing_stats and G_ema is not G:  # after the checkpoint: a resumed run goes on from the trained state
-        stand_c = cond_table[cap_index[torch.randint(n, (4096,), generator=torch.Generator().manual_seed(cfg.seed))]]
+    chosen = step
+    if gan.keep_best and best and best["step"] != step:  # the snapshot already has its standing statistics
+        G_ema.load_state_dict(best["G_ema"])
+        chosen = best["step"]
+        print(f"[vislang] keeping the EMA generator of step {chosen} (tracked FID-FM {best['fid_fm']:.4f})")
+    elif gan.standing_stats and G_ema is not G:  # after the checkpoint: a resumed run goes on from the trained state
         standing_stats(G_ema, stand_c, mcfg.z_dim, gan.standing_stats, cfg.batch_size, cfg.seed)
     write_samples()
     model = TextToImage(mcfg, G_ema, encoder, tokenizer, {"sample_prompts": prompts})
@@ -397,6 +436,9 @@ def train_gan(cfg: TrainConfig, resume: bool = False) -> Path:
         "train": {"steps": step, "seconds": round(elapsed(), 1), "data": d.train, "text_model": gan.text_model},
         "data": {"train": d.train, "train_split": d.train_split, "val_split": d.val_split},
     }
+    extra["train"]["generator_step"] = chosen  # the step whose EMA generator was saved (keep_best may go back)
+    if best:
+        extra["train"]["tracked_fid_fm"] = {"best": best["fid_fm"], "best_step": best["step"], "judge": gan.judge}
     model_dir = model.save_pretrained(out / "model", extra)
     print(f"[vislang] trained {step} GAN steps in {elapsed():.0f} s; model saved to {model_dir}")
     return model_dir
