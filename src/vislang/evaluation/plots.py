@@ -109,6 +109,32 @@ def plot_curves(metrics_jsonl_path: str | os.PathLike, path: str | os.PathLike) 
     return _save(fig, path)
 
 
+def plot_tracked_fid(metrics_jsonl_path: str | os.PathLike, path: str | os.PathLike) -> Path | None:
+    """A GAN run's tracked FID-FM (log scale) and class consistency against step, with the best step marked.
+
+    Returns:
+        The PNG path, or None when the log holds no tracked FID-FM.
+    """
+    records = read_jsonl(metrics_jsonl_path)
+    steps, fid = series(records, "tracked_fid_fm")
+    if not len(steps):
+        return None
+    cc_steps, cc = series(records, "tracked_class_consistency")
+    fig = _figure((9.0, 3.3))
+    ax_fid, ax_cc = fig.subplots(1, 2)
+    ax_fid.plot(steps, fid, marker="o", ms=3, lw=1.2)
+    best = int(np.argmin(fid))
+    ax_fid.plot([steps[best]], [fid[best]], marker="*", ms=12, color=CORRECT, label=f"best {fid[best]:.3f}")
+    ax_fid.set(title="tracked FID-FM (train split)", xlabel="step", yscale="log")
+    ax_fid.legend(fontsize=7)
+    ax_cc.plot(cc_steps, 100 * cc, marker="o", ms=3, lw=1.2)
+    ax_cc.set(title="class consistency (%)", xlabel="step")
+    for ax in (ax_fid, ax_cc):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def plot_confusion(cm: np.ndarray, classnames: Sequence[str], path: str | os.PathLike, normalize: bool = True) -> Path:
     """Confusion matrix heat map (rows = true class); cells show row-normalised rates, or counts.
 

@@ -4,6 +4,7 @@ library's pieces: prepared data, atomic checkpoints with RNG state, the metrics 
 Run layout (``cfg.out_dir``)::
 
     config.yaml        the resolved run config          metrics.jsonl    one JSON line per log_every steps
+    fid.png            with gan.judge: tracked FID-FM and class consistency against step
     samples/           step_NNNNNNN.png grids: fixed prompts (rows) × fixed noise (columns), from the EMA generator
     checkpoints/       last.pt (atomic): G, D, EMA G, both optimizers, step, RNG states
     model/             the final TextToImage directory (generator + the frozen dual encoder)
@@ -37,6 +38,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from ..config import from_dict, to_dict
+from ..evaluation.plots import plot_tracked_fid
 from ..train.checkpoint import atomic_torch_save, load_checkpoint, rng_state, set_rng_state
 from ..train.config import GANConfig, TrainConfig
 from ..train.data import epoch_batches, load_prepared
@@ -363,6 +365,7 @@ def train_gan(cfg: TrainConfig, resume: bool = False) -> Path:
         if not best or r["fid_fm"] < best["fid_fm"]:
             best = {"step": step, "fid_fm": r["fid_fm"], "G_ema": {k: t.clone() for k, t in snap.state_dict().items()}}
         bar.set_description(f"train gan (FID-FM {r['fid_fm']:.3f}, best {best['fid_fm']:.3f} at {best['step']})")
+        plot_tracked_fid(out / "metrics.jsonl", out / "fid.png")
 
     bar = tqdm(total=total_steps, initial=step, disable=not cfg.progress, desc="train gan", unit="step")
     budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min else None
