@@ -109,6 +109,10 @@ def test_methods_a_model_does_not_support(tiny, tmp_path):
 def test_cli_compress_and_its_errors(tiny, tmp_path, capsys):
     assert main(["compress", str(tiny), "--method", "dynamic-int8", "-o", str(tmp_path / "q")]) == 0
     assert "model: " in capsys.readouterr().out and load_model(tmp_path / "q") is not None
+    # compare takes -o like compress (its short form once made `compare ... -o DIR` a usage error)
+    models = [str(tiny), str(tmp_path / "q")]
+    assert main(["compare", *models, "--data", "none", "--rounds", "1", "-o", str(tmp_path / "c")]) == 0
+    assert (tmp_path / "c" / "compare.md").is_file()
     assert main(["compress", str(tmp_path), "--method", "prune", "-o", str(tmp_path / "x")]) == 2
     assert "not a vislang model directory" in capsys.readouterr().err
     assert main(["compress", str(tiny), "--method", "prune", "--sparsity", "1.2", "-o", str(tmp_path / "x")]) == 2

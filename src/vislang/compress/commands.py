@@ -110,5 +110,5 @@ def register(add) -> None:
     sp.add_argument("--batch-size", type=int, default=256)
     sp.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     sp.add_argument("--caption-images", type=int, default=200, help="captioners: test images for CIDEr (greedy)")
-    sp.add_argument("--out", default=None, help="where compare.md/.png/.json go (default: FIRST/../compare)")
+    sp.add_argument("-o", "--out", default=None, help="where compare.md/.png/.json go (default: FIRST/../compare)")
     sp.add_argument("--cache-dir", default=".cache/vislang/prepared")
