@@ -105,22 +105,6 @@ def test_projection_discriminator_uses_the_text(arch):
     torch.testing.assert_close(d(x, c1), d(x, c2))
 
 
-@pytest.mark.parametrize("arch", ["dcgan", "mlp"])
-def test_text_weight_scales_only_the_projection_term(arch):
-    torch.manual_seed(0)
-    cfg = GANModelConfig(arch=arch, z_dim=8, cond_dim=12, g_width=4, d_width=4, projection=True)
-    _, d = build_gan(cfg)
-    d.eval()
-    h, c = d.features(torch.rand(4, 1, 28, 28) * 2 - 1), torch.randn(4, 12)
-    plain, text_free = d.score(h, c), d.score(h, c, text_weight=0.0)
-    torch.testing.assert_close(text_free, d.score(h, torch.randn(4, 12), text_weight=0.0))  # the text no longer counts
-    assert not torch.allclose(plain, text_free)
-    torch.testing.assert_close(d.score(h, c, text_weight=0.5), (plain + text_free) / 2)
-    _, concat = build_gan(GANModelConfig(arch=arch, z_dim=8, cond_dim=12, g_width=4, d_width=4, projection=False))
-    with pytest.raises(ValueError, match="g_text_weight"):
-        concat.score(concat.features(torch.zeros(2, 1, 28, 28)), torch.randn(2, 12), text_weight=0.5)
-
-
 def test_minibatch_std_sees_spread_within_groups_and_never_mixes_real_with_fake():
     same = torch.randn(1, 3, 5, 5).expand(8, -1, -1, -1)  # a "generator" that draws one image for every noise
     varied = torch.randn(8, 3, 5, 5)

@@ -140,14 +140,6 @@ def diff_augment(x: torch.Tensor, policy: tuple[str, ...] | str) -> torch.Tensor
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def _check_text_weight(text_weight: float) -> None:
-    if text_weight != 1.0:
-        raise ValueError(
-            "gan.g_text_weight scales the projection discriminator's text term; without gan.model.projection the text "
-            "is concatenated to D's input and has no separate term: leave g_text_weight at 1"
-        )
-
-
 class UpBlock(nn.Module):
     def __init__(self, cin: int, cout: int, cond_dim: int) -> None:
         super().__init__()
@@ -236,12 +228,10 @@ class DCDiscriminator(nn.Module):
             x = F.leaky_relu(self.std_conv(minibatch_std(x, self.mbstd, self.mbstd_channels)), 0.2)  # (B, W, s, s)
         return x.sum(dim=(2, 3))  # (B, W): sum pooling, as SN-GAN
 
-    def score(self, h: torch.Tensor, c: torch.Tensor, text_weight: float = 1.0) -> torch.Tensor:
-        """Scores (B,) of features ``h`` (B, W) under texts ``c`` (B, E). ``text_weight`` scales the projection's
-        text term (``gan.g_text_weight``: how hard the generator is pushed towards what D thinks the text means)."""
+    def score(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Scores (B,) of features ``h`` (B, W) under texts ``c`` (B, E)."""
         if self.cfg.projection:
-            return self.head(h).squeeze(1) + text_weight * (self.embed(c) * h).sum(dim=1)  # (B,)
-        _check_text_weight(text_weight)
+            return self.head(h).squeeze(1) + (self.embed(c) * h).sum(dim=1)  # (B,)
         return self.head(torch.cat([h, c], dim=1)).squeeze(1)
 
     def match(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -300,11 +290,10 @@ class MLPDiscriminator(nn.Module):
         x = x.flatten(1)  # (B, C*H*W)
         return x if self.embed is None else self.body(x)
 
-    def score(self, h: torch.Tensor, c: torch.Tensor, text_weight: float = 1.0) -> torch.Tensor:
+    def score(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         if self.embed is None:
-            _check_text_weight(text_weight)
             return self.head(self.body(torch.cat([h, c], dim=1))).squeeze(1)  # (B,)
-        return self.head(h).squeeze(1) + text_weight * (self.embed(c) * h).sum(dim=1)
+        return self.head(h).squeeze(1) + (self.embed(c) * h).sum(dim=1)
 
     def match(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         if self.embed is None:

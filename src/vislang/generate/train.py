@@ -171,7 +171,7 @@ def gan_step(
     opt_d.step()
     D.requires_grad_(False)  # the generator's update needs gradients through D, not for D's weights
     h_fake = D.features(diff_augment(fake, aug))  # (B, W)
-    loss_g = g_loss(D.score(h_fake, c, gan.g_text_weight), gan.loss)
+    loss_g = g_loss(D.score(h_fake, c), gan.loss)
     if gan.text_match > 0:
         match_g = text_match_loss(D.match(h_fake, texts), positives)  # fakes must pick out their own texts too
         loss_g = loss_g + gan.text_match * match_g

@@ -53,7 +53,6 @@ class GANConfig:
     betas: tuple[float, float] = (0.0, 0.9)  # Adam betas for both (SN-GAN's choice)
     matching_aware: float = 1.0  # weight of the "real image + wrong text counts as fake" term; 0 turns it off
     mismatch_max_cos: float = 0.9  # a caption counts as wrong (mismatch, text_match) only if its cosine is below this
-    g_text_weight: float = 1.0  # weight of D's text (projection) term in G's loss; < 1: less pull to class prototypes
     text_match: float = 0.0  # weight of the "which text of the batch is this image's" loss for D and G (projection D)
     mode_seeking: float = 0.0  # weight of MSGAN's diversity term (two noises, one text: different images); 0 = off
     relation_negatives: bool = False  # captions with their relation flipped (left↔right, above↔below) count as wrong
