@@ -608,6 +608,7 @@ def test_fid_tracking_leaves_training_alone_and_keep_best_saves_the_best_step(te
     fids = [r for r in lines if "tracked_fid_fm" in r]
     assert [r["step"] for r in fids] == [2, 4, 6] and all(r["tracked_fid_fm"] > 0 for r in fids)
     assert all(0 <= r["tracked_class_consistency"] <= 1 for r in fids)
+    assert all(0 < r["tracked_fid_fm_floor"] < r["tracked_fid_fm"] for r in fids)  # two real samples: closer
     assert (tmp_path / "tracked" / "fid.png").is_file() and not (tmp_path / "plain" / "fid.png").exists()
     for k, v in _generator_state(plain).items():  # tracking draws from its own generators: same training
         torch.testing.assert_close(_generator_state(tracked)[k], v, msg=k)

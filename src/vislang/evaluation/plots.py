@@ -125,6 +125,9 @@ def plot_tracked_fid(metrics_jsonl_path: str | os.PathLike, path: str | os.PathL
     ax_fid.plot(steps, fid, marker="o", ms=3, lw=1.2)
     best = int(np.argmin(fid))
     ax_fid.plot([steps[best]], [fid[best]], marker="*", ms=12, color=CORRECT, label=f"best {fid[best]:.3f}")
+    _, floor = series(records, "tracked_fid_fm_floor")
+    if len(floor):
+        ax_fid.axhline(floor[-1], ls="--", color="grey", lw=1, label=f"real vs real {floor[-1]:.3f}")
     ax_fid.set(title="tracked FID-FM (train split)", xlabel="step", yscale="log")
     ax_fid.legend(fontsize=7)
     ax_cc.plot(cc_steps, 100 * cc, marker="o", ms=3, lw=1.2)

@@ -122,7 +122,8 @@ class FIDTracker:
     goes, on ``n`` images, a tenth of each class, against a fixed sample of the *training* split (the final
     evaluation uses the test split, so picking the best snapshot does not look at the images it is judged on) and
     with its own noise seed. The real features are computed once. On 2,000 images the numbers sit above the
-    10,000-image evaluation's (FID's bias grows as the sample shrinks) but rank snapshots the same way.
+    10,000-image evaluation's (FID's bias grows as the sample shrinks) but rank snapshots the same way; ``floor`` is
+    the value two disjoint real samples of the same size get, the bias at this size.
     """
 
     def __init__(
@@ -141,8 +142,11 @@ class FIDTracker:
         self.judge = load_judge(judge, "cpu")
         if len(self.judge.class_names) != len(conds):
             raise ValueError(f"the judge {judge} knows {len(self.judge.class_names)} classes, the data {len(conds)}")
-        real, _, _, _ = _real_split(data, split, image_size, channels, n, seed)
-        self.real_f, _ = judge_outputs(self.judge, real)
+        real, _, _, _ = _real_split(data, split, image_size, channels, 2 * n, seed)
+        feats, _ = judge_outputs(self.judge, real)
+        self.real_f = feats[:n]
+        # Two disjoint real samples of this size: the value a perfect generator would get here (FID-FM's bias at n).
+        self.floor = frechet_distance(feats[:n], feats[n : 2 * n]) if len(feats) >= 2 * n else None
         self.conds, self.per_class, self.seed = conds, n // len(conds), seed
 
     @torch.no_grad()

@@ -361,7 +361,8 @@ def train_gan(cfg: TrainConfig, resume: bool = False) -> Path:
         if gan.standing_stats and G_ema is not G:
             standing_stats(snap, stand_c, mcfg.z_dim, gan.standing_stats, cfg.batch_size, cfg.seed)
         r = tracker(snap, mcfg.z_dim)
-        log.write({"step": step, "tracked_fid_fm": r["fid_fm"], "tracked_class_consistency": r["class_consistency"]})
+        rec = {"step": step, "tracked_fid_fm": r["fid_fm"], "tracked_class_consistency": r["class_consistency"]}
+        log.write(rec if tracker.floor is None else {**rec, "tracked_fid_fm_floor": tracker.floor})
         if not best or r["fid_fm"] < best["fid_fm"]:
             best = {"step": step, "fid_fm": r["fid_fm"], "G_ema": {k: t.clone() for k, t in snap.state_dict().items()}}
         bar.set_description(f"train gan (FID-FM {r['fid_fm']:.3f}, best {best['fid_fm']:.3f} at {best['step']})")
