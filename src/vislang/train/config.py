@@ -62,7 +62,7 @@ class GANConfig:
     standing_stats: int = 32  # batches of G's own outputs that reset the saved G's BatchNorm statistics; 0 = off
     judge: str | None = None  # fixed classifier (vislang finetune) that tracks FID-FM during training; None = off
     fid_every: int = 0  # steps between tracked FID-FM values (needs judge); 0 = only at the end when judge is set
-    fid_images: int = 5000  # generated images per tracked FID-FM (a tenth per class), against the train split
+    fid_images: int = 5000  # generated images per tracked FID-FM (equal per class), against the train split
     keep_best: bool = False  # save the EMA generator of the step with the lowest tracked FID-FM, not the last one
     sample_every: int = 500  # steps between sample grids (samples/step_NNNNNNN.png, fixed noise and prompts)
     sample_prompts: tuple[str, ...] = ()  # grid rows; () = "a photo of a {class}." per class, else first captions
