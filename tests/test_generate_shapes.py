@@ -254,3 +254,35 @@ def test_coordinate_planes_tell_the_discriminator_where_things_are():
     planes = torch.cat([x, grid.expand(2, -1, -1, -1)], dim=1)  # what the first conv sees
     torch.testing.assert_close(d.features(x), torch.nn.functional.leaky_relu(d.convs(planes), 0.2).sum(dim=(2, 3)))
     assert GANModelConfig().coord_channels is False  # saved models without the field load as before
+
+
+def test_discriminator_only_steps_leave_the_generator_and_its_ema_alone():
+    """gan.d_steps > 1: a step with update_g False updates D and nothing of G (weights, EMA copy), and its stats carry
+    no generator loss; the next full step moves G again."""
+    import copy
+
+    from vislang.generate.train import gan_step
+    from vislang.train.config import GANConfig
+
+    torch.manual_seed(0)
+    cfg = GANModelConfig(cond_dim=6, image_size=32, channels=3, z_dim=4, g_width=4, d_width=4)
+    g, d = build_gan(cfg)
+    g_ema = copy.deepcopy(g)
+    opt_g = torch.optim.Adam(g.parameters(), lr=1e-3, betas=(0.0, 0.9))
+    opt_d = torch.optim.Adam(d.parameters(), lr=1e-3, betas=(0.0, 0.9))
+    real, c = torch.rand(8, 3, 32, 32) * 2 - 1, torch.eye(6)[[0, 1, 2, 3, 4, 5, 0, 1]]
+    gan = GANConfig(ema_decay=0.9, d_steps=2)
+    g0, ema0, d0 = (copy.deepcopy(m.state_dict()) for m in (g, g_ema, d))
+    stats = gan_step(g, d, g_ema, opt_g, opt_d, real, c, gan, torch.Generator().manual_seed(5), update_g=False)
+    assert "loss_g" not in stats and "loss_d" in stats
+    params = lambda m: {k: v for k, v in m.state_dict().items() if v.is_floating_point()}  # noqa: E731
+    for k, v in params(g).items():
+        if "running" not in k:  # BatchNorm statistics follow the fakes D saw; the weights must not move
+            torch.testing.assert_close(v, g0[k], rtol=0, atol=0)
+    for k, v in params(g_ema).items():
+        torch.testing.assert_close(v, ema0[k], rtol=0, atol=0)
+    assert any(not torch.equal(v, d0[k]) for k, v in params(d).items())
+    stats = gan_step(g, d, g_ema, opt_g, opt_d, real, c, gan, torch.Generator().manual_seed(5))
+    assert "loss_g" in stats
+    assert any(not torch.equal(v, g0[k]) for k, v in params(g).items() if "running" not in k)
+    assert any(not torch.equal(v, ema0[k]) for k, v in params(g_ema).items())

@@ -16,7 +16,7 @@ texts (``models.text_match_loss``): D must pick each real image's text out of th
 picks its image's text too. One random wrong text mostly differs in colour, which D sees at once, so on its own D
 learns colour–text agreement and barely looks at shape; comparing every image with every text keeps pushing D (and
 through it G) on whatever attribute still confuses it. Then one generator update through the updated D; then the EMA
-update.
+update. With ``gan.d_steps`` = k > 1 only every k-th step (batch) updates G and the EMA copy, the others D alone.
 
 With ``gan.model.minibatch_std`` D also sees how much each group of consecutive images varies, and with
 ``gan.group_by_label`` each batch is ordered by class first, so that a group's spread is the spread within one class:
@@ -121,8 +121,11 @@ def gan_step(
     gan: GANConfig,
     mis_gen: torch.Generator,
     c_flip: torch.Tensor | None = None,
+    update_g: bool = True,
 ) -> dict[str, float]:
     """One discriminator update, one generator update through the updated D, one EMA update; returns the stats.
+    With ``update_g`` False only the discriminator learns (``gan.d_steps`` > 1: D gets several batches per G update);
+    the fakes are then drawn without a graph and the stats have no ``loss_g``.
 
     ``real`` are images in [-1, 1] (B, C, H, W), ``c`` their text embeddings (B, E). Noise comes from torch's global
     generator (saved in checkpoints), the choice of wrong texts from ``mis_gen``. ``c_flip`` (F, E), with
@@ -139,7 +142,8 @@ def gan_step(
         fake_all = G(z, torch.cat([c, c[: b // 2]]))
         fake, fake2 = fake_all[:b], fake_all[b:]
     else:
-        fake = G(z, c)  # (B, C, H, W)
+        with torch.set_grad_enabled(update_g):
+            fake = G(z, c)  # (B, C, H, W)
     aug = parse_augment(gan.augment)  # DiffAugment: D sees real and fake through the same random transformations
     h = D.features(diff_augment(torch.cat([real, fake.detach()]), aug))  # (2B, W): each image through D's body once
     hs, conds = [h], [c, c]
@@ -169,6 +173,11 @@ def gan_step(
     opt_d.zero_grad(set_to_none=True)
     loss_d.backward()
     opt_d.step()
+    stats.update(loss_d=loss_d.item(), d_real=s_real.mean().item(), d_fake=s_fake.mean().item())
+    if n_mis:
+        stats["d_mismatch"] = s_mis.mean().item()
+    if not update_g:
+        return stats
     D.requires_grad_(False)  # the generator's update needs gradients through D, not for D's weights
     h_fake = D.features(diff_augment(fake, aug))  # (B, W)
     loss_g = g_loss(D.score(h_fake, c), gan.loss)
@@ -186,10 +195,7 @@ def gan_step(
     D.requires_grad_(True)
     if G_ema is not G:
         ema_update(G_ema, G, gan.ema_decay)
-    stats.update(loss_d=loss_d.item(), loss_g=loss_g.item(), d_real=s_real.mean().item())
-    stats["d_fake"] = s_fake.mean().item()
-    if n_mis:
-        stats["d_mismatch"] = s_mis.mean().item()
+    stats["loss_g"] = loss_g.item()
     return stats
 
 
@@ -206,6 +212,8 @@ def train_gan(cfg: TrainConfig, resume: bool = False) -> Path:
             "gan.fid_every and gan.keep_best track FID-FM with a fixed classifier: pass --gan.judge=DIR "
             "(train one with `vislang finetune --model fmnist-cnn --method scratch --out runs/finetune`)"
         )
+    if gan.d_steps < 1:
+        raise ValueError(f"gan.d_steps={gan.d_steps} must be at least 1 (discriminator updates per generator update)")
     if not 0.0 <= gan.lr_decay_from <= 1.0:
         raise ValueError(
             f"gan.lr_decay_from={gan.lr_decay_from} must lie in [0, 1] (the fraction of the steps "
@@ -371,6 +379,7 @@ def train_gan(cfg: TrainConfig, resume: bool = False) -> Path:
     bar = tqdm(total=total_steps, initial=step, disable=not cfg.progress, desc="train gan", unit="step")
     budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min else None
     sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
     t_log, seen = time.time(), 0
     G.train(), D.train()
     while step < total_steps:
@@ -393,28 +402,30 @@ def train_gan(cfg: TrainConfig, resume: bool = False) -> Path:
             for opt, lr in ((opt_g, gan.lr_g), (opt_d, gan.lr_d)):
                 for group in opt.param_groups:
                     group["lr"] = lr * f
-            stats = gan_step(G, D, G_ema, opt_g, opt_d, real, c, gan, mis_gen, c_flip)
-            if not (math.isfinite(stats["loss_d"]) and math.isfinite(stats["loss_g"])):
+            update_g = (step + 1) % gan.d_steps == 0  # the last of every d_steps batches also updates G
+            stats = gan_step(G, D, G_ema, opt_g, opt_d, real, c, gan, mis_gen, c_flip, update_g)
+            if not all(math.isfinite(v) for v in stats.values()):
                 raise FloatingPointError(f"GAN losses became non-finite at step {step}; lower --gan.lr_d/--gan.lr_g")
             b = real.shape[0]
             step, batch_in_epoch, seen = step + 1, batch_in_epoch + 1, seen + b
             for k, val in stats.items():
                 sums[k] = sums.get(k, 0.0) + val
+                counts[k] = counts.get(k, 0) + 1
             bar.update(1)
             if budget_s and elapsed() >= budget_s and step < total_steps:
                 # The time budget simply ends the run when it is spent (a decaying rate is cut where it stands).
                 total_steps = step
                 print(f"[vislang] time budget {cfg.time_budget_min} min spent: stopping at step {step}")
             if step % cfg.log_every == 0 or step == total_steps:
-                k = cfg.log_every if step % cfg.log_every == 0 else max(1, step % cfg.log_every)
                 rec = {"step": step, "epoch": round(epoch + batch_in_epoch / len(batches), 4)}
-                rec.update(
-                    {key: val / k for key, val in sums.items()}, lr_factor=round(f, 4)
-                )  # d_mismatch: mean over steps that had one
+                # Each stat is the mean over the steps that had it (loss_g: G updates; d_mismatch: wrong texts found).
+                rec.update({key: val / counts[key] for key, val in sums.items()}, lr_factor=round(f, 4))
                 rec.update(images_per_s=seen / max(time.time() - t_log, 1e-9), elapsed_s=round(elapsed(), 2))
                 log.write(rec)
-                bar.set_postfix(d=f"{rec['loss_d']:.3f}", g=f"{rec['loss_g']:.3f}", ips=f"{rec['images_per_s']:.0f}")
-                sums, t_log, seen = {}, time.time(), 0
+                bar.set_postfix(
+                    d=f"{rec['loss_d']:.3f}", g=f"{rec.get('loss_g', math.nan):.3f}", ips=f"{rec['images_per_s']:.0f}"
+                )
+                sums, counts, t_log, seen = {}, {}, time.time(), 0
             if tracker is not None and ((gan.fid_every and step % gan.fid_every == 0) or step == total_steps):
                 track()
             if gan.sample_every and step % gan.sample_every == 0:

@@ -51,6 +51,7 @@ class GANConfig:
     lr_d: float = 2e-4  # discriminator Adam learning rate (constant until lr_decay_from)
     lr_decay_from: float = 1.0  # both learning rates fall linearly to 0 from this fraction of the steps; 1 = constant
     betas: tuple[float, float] = (0.0, 0.9)  # Adam betas for both (SN-GAN's choice)
+    d_steps: int = 1  # discriminator updates per generator update, each on its own batch (SN-GAN: 5, BigGAN: 2)
     matching_aware: float = 1.0  # weight of the "real image + wrong text counts as fake" term; 0 turns it off
     mismatch_max_cos: float = 0.9  # a caption counts as wrong (mismatch, text_match) only if its cosine is below this
     text_match: float = 0.0  # weight of the "which text of the batch is this image's" loss for D and G (projection D)
