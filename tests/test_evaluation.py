@@ -375,6 +375,8 @@ def assert_png(path):
 def test_plots_write_pngs(tmp_path):
     import json
 
+    from PIL import Image
+
     cm = np.array([[5, 1, 0], [2, 3, 1], [0, 0, 6]])
     assert_png(plot_confusion(cm, ["a", "b", "c"], tmp_path / "cm.png"))
     assert_png(plot_per_class([0.5, 0.8, 1.0], tmp_path / "pc.png", ["a", "b", "c"]))
@@ -386,6 +388,15 @@ def test_plots_write_pngs(tmp_path):
     assert_png(plot_curves(log, tmp_path / "curves.png"))
     (tmp_path / "empty.jsonl").write_text("")
     assert plot_curves(tmp_path / "empty.jsonl", tmp_path / "none.png") is None
+    # A GAN run logs no "loss" or "lr": its two losses and D's scores get a panel each (tracked-FID lines mixed in).
+    gan = [{"step": s, "loss_d": 1.5, "loss_g": 0.2 * s, "d_real": 0.9, "d_fake": -0.5} for s in range(1, 9)]
+    gan.append({"step": 8, "tracked_fid_fm": 0.3})
+    (tmp_path / "gan.jsonl").write_text("\n".join(json.dumps(r) for r in gan))
+    (tmp_path / "one.jsonl").write_text("\n".join(json.dumps({"step": s, "loss": 1.0}) for s in range(5)))
+    widths = [
+        Image.open(plot_curves(tmp_path / f"{name}.jsonl", tmp_path / f"{name}.png")).size[0] for name in ("gan", "one")
+    ]
+    assert widths[0] > 1.8 * widths[1]  # two panels against one
     top = torch.randint(0, 256, (2, 3, 3, 8, 8), dtype=torch.uint8)
     flags = np.array([[True, False, True], [False, False, True]])
     assert_png(retrieval_gallery(["a red star", "a blue ring"], top, torch.rand(2, 3), tmp_path / "g.png", flags))

@@ -469,7 +469,7 @@ def curves_html(metrics_path: Path) -> str:
         return missing("no metrics.jsonl (no training log)")
     with tempfile.TemporaryDirectory() as tmp:
         png = plot_curves(metrics_path, Path(tmp) / "curves.png")
-        return img_tag(png, "training curves") if png else missing("metrics.jsonl has no loss or lr values")
+        return img_tag(png, "training curves") if png else missing("metrics.jsonl has no loss, lr or GAN loss values")
 
 
 def zero_shot_html(zs: dict[str, Any] | None, eval_dir: Path, shown: set[str]) -> str:

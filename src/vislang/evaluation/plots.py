@@ -76,15 +76,27 @@ def eval_keys(records: Sequence[dict[str, Any]]) -> list[str]:
     return list(keys)
 
 
+# Panels of the training curves: a title and the logged keys drawn in it. A GAN run logs its two losses and the
+# discriminator's mean scores of real, generated and wrong-text pairs instead of one loss and a learning rate.
+CURVE_PANELS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("loss", ("loss",)),
+    ("lr", ("lr",)),
+    ("GAN losses", ("loss_d", "loss_g")),
+    ("discriminator scores", ("d_real", "d_fake", "d_mismatch")),
+)
+
+
 def plot_curves(metrics_jsonl_path: str | os.PathLike, path: str | os.PathLike) -> Path | None:
-    """Loss and learning rate against step (and the logged eval metrics, if any), one panel each.
+    """Loss and learning rate against step (a GAN run: its losses and D's scores), and the logged eval metrics, if
+    any, one panel each.
 
     Returns:
         The PNG path, or None when the log holds nothing to plot.
     """
     records = read_jsonl(metrics_jsonl_path)
-    panels = [(k, *series(records, k)) for k in ("loss", "lr")]
-    panels = [p for p in panels if len(p[1])]
+    panels = [(title, [(k, *series(records, k)) for k in keys]) for title, keys in CURVE_PANELS]
+    panels = [(title, [c for c in curves if len(c[1])]) for title, curves in panels]
+    panels = [p for p in panels if p[1]]
     evals = [(k, *series(records, k)) for k in eval_keys(records)]
     evals = [e for e in evals if len(e[1])]
     n = len(panels) + (1 if evals else 0)
@@ -92,11 +104,15 @@ def plot_curves(metrics_jsonl_path: str | os.PathLike, path: str | os.PathLike) 
         return None
     fig = _figure((4.5 * n, 3.3))
     axes = fig.subplots(1, n, squeeze=False)
-    for ax, (key, steps, values) in zip(axes[0], panels):
-        ax.plot(steps, values, lw=1.2)
-        ax.set(title=key, xlabel="step")
-        if key == "loss" and values.min() > 0 and values.max() / values.min() > 20:
+    for ax, (title, curves) in zip(axes[0], panels):
+        for key, steps, values in curves:
+            ax.plot(steps, values, lw=1.2, label=key)
+        ax.set(title=title, xlabel="step")
+        values = curves[0][2]
+        if title == "loss" and values.min() > 0 and values.max() / values.min() > 20:
             ax.set_yscale("log")
+        if len(curves) > 1:
+            ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     if evals:
         ax = axes[0][-1]
