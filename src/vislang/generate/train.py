@@ -137,12 +137,12 @@ def gan_step(
     b = real.shape[0]
     n_flip = 0 if c_flip is None else len(c_flip)
     z = torch.randn(b, G.cfg.z_dim, device=real.device)
-    if gan.mode_seeking > 0:  # a second noise for the first half of the batch, same texts, in the same G pass
-        z = torch.cat([z, torch.randn(b // 2, G.cfg.z_dim, device=real.device)])
-        fake_all = G(z, torch.cat([c, c[: b // 2]]))
-        fake, fake2 = fake_all[:b], fake_all[b:]
-    else:
-        with torch.set_grad_enabled(update_g):
+    with torch.set_grad_enabled(update_g):  # a D-only step needs no graph through G
+        if gan.mode_seeking > 0:  # a second noise for the first half of the batch, same texts, in the same G pass
+            z = torch.cat([z, torch.randn(b // 2, G.cfg.z_dim, device=real.device)])
+            fake_all = G(z, torch.cat([c, c[: b // 2]]))
+            fake, fake2 = fake_all[:b], fake_all[b:]
+        else:
             fake = G(z, c)  # (B, C, H, W)
     aug = parse_augment(gan.augment)  # DiffAugment: D sees real and fake through the same random transformations
     h = D.features(diff_augment(torch.cat([real, fake.detach()]), aug))  # (2B, W): each image through D's body once
