@@ -222,6 +222,8 @@ def train_gan(cfg: TrainConfig, resume: bool = False) -> Path:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
+    if device.type == "cuda":  # the same shapes every step: let cuDNN time its convolution algorithms once
+        torch.backends.cudnn.benchmark = True
     out = Path(cfg.out_dir)
     ckpt_path = out / "checkpoints" / "last.pt"
     out.mkdir(parents=True, exist_ok=True)
