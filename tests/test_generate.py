@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vislang.generate.metrics import (
@@ -70,7 +71,7 @@ def t2i(text_model_dir) -> TextToImage:
 
 
 # --- models ---------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("arch", ["dcgan", "mlp"])
+@pytest.mark.parametrize("arch", ["dcgan", "resnet", "mlp"])
 @pytest.mark.parametrize("size,channels", [(28, 1), (32, 3)])
 def test_generator_and_discriminator_shapes(arch, size, channels):
     cfg = GANModelConfig(arch=arch, z_dim=8, cond_dim=12, image_size=size, channels=channels, g_width=4, d_width=4)
@@ -90,7 +91,7 @@ def test_unsupported_size_and_arch_are_clear_errors():
         build_gan(GANModelConfig(arch="vae"))
 
 
-@pytest.mark.parametrize("arch", ["dcgan", "mlp"])
+@pytest.mark.parametrize("arch", ["dcgan", "resnet", "mlp"])
 def test_projection_discriminator_uses_the_text(arch):
     torch.manual_seed(0)
     cfg = GANModelConfig(arch=arch, z_dim=8, cond_dim=12, g_width=4, d_width=4, projection=True)
@@ -103,6 +104,23 @@ def test_projection_discriminator_uses_the_text(arch):
     d.embed = nn.Linear(12, d.head.in_features, bias=False)
     nn.init.zeros_(d.embed.weight)
     torch.testing.assert_close(d(x, c1), d(x, c2))
+
+
+def test_resnet_blocks_add_their_convolutions_to_a_shortcut():
+    from vislang.generate.models import ResDownBlock, ResUpBlock
+
+    torch.manual_seed(0)
+    x, c = torch.randn(3, 4, 8, 8), torch.randn(3, 6)
+    down, first, up = ResDownBlock(4, 5, sn=False), ResDownBlock(4, 5, sn=False, first=True), ResUpBlock(4, 5, 6)
+    assert down(x).shape == (3, 5, 4, 4) and ResDownBlock(4, 5, sn=False, down=False)(x).shape == (3, 5, 8, 8)
+    assert up(x, c).shape == (3, 5, 16, 16)
+    with torch.no_grad():  # the residual branch silenced: what is left is the shortcut alone
+        for m in (down, first, up):
+            m.conv2.weight.zero_(), m.conv2.bias.zero_()
+    torch.testing.assert_close(down(x), F.avg_pool2d(down.skip(x), 2))
+    torch.testing.assert_close(first(x), first.skip(F.avg_pool2d(x, 2)))
+    torch.testing.assert_close(up(x, c), up.skip(F.interpolate(x, scale_factor=2, mode="nearest")))
+    assert not torch.allclose(ResDownBlock(4, 5, sn=False)(x), F.avg_pool2d(down.skip(x), 2))  # the branch counts
 
 
 def test_minibatch_std_sees_spread_within_groups_and_never_mixes_real_with_fake():
@@ -140,10 +158,11 @@ def test_minibatch_std_channels_measure_each_slice_of_the_features():
         build_gan(GANModelConfig(cond_dim=6, d_width=4, minibatch_std=4, minibatch_std_channels=3))
 
 
+@pytest.mark.parametrize("arch", ["dcgan", "resnet"])
 @pytest.mark.parametrize("z_in_norm", [False, True])
-def test_noise_reaches_the_batchnorms_only_with_z_in_norm(z_in_norm):
+def test_noise_reaches_the_batchnorms_only_with_z_in_norm(arch, z_in_norm):
     torch.manual_seed(0)
-    g, _ = build_gan(GANModelConfig(cond_dim=6, z_dim=5, g_width=4, z_in_norm=z_in_norm))
+    g, _ = build_gan(GANModelConfig(arch=arch, cond_dim=6, z_dim=5, g_width=4, z_in_norm=z_in_norm))
     with torch.no_grad():
         g.fc.weight[:, :5] = 0  # the first layer ignores the noise
         for m in g.modules():
@@ -402,6 +421,15 @@ def test_train_resumes_exactly_and_writes_the_run(text_model_dir, tmp_path):
     assert (run / "samples" / "step_0000003.png").is_file() and (run / "checkpoints" / "last.pt").is_file()
     with pytest.raises(FileExistsError, match="--resume"):
         train_gan(_cfg(text_model_dir, run, 6))
+
+
+def test_resnet_gan_trains_and_saves_a_loadable_generator(text_model_dir, tmp_path):
+    from vislang.generate.train import train_gan
+
+    model_dir = train_gan(_cfg(text_model_dir, tmp_path / "r", 3, arch="resnet"))
+    t2i = TextToImage.from_pretrained(model_dir)
+    assert t2i.cfg.arch == "resnet" and any(k.startswith("blocks.0.conv2") for k in _generator_state(model_dir))
+    assert t2i.generate("a photo of a bag.", n=2, seed=0).shape == (2, 1, 28, 28)
 
 
 def test_lr_decay_falls_linearly_to_zero_and_resumes_exactly(text_model_dir, tmp_path):

@@ -10,7 +10,7 @@ from vislang.generate.models import GANModelConfig, build_gan
 from vislang.generate.train import mismatched
 
 
-@pytest.mark.parametrize("arch", ["dcgan", "mlp"])
+@pytest.mark.parametrize("arch", ["dcgan", "resnet", "mlp"])
 @pytest.mark.parametrize("projection", [True, False])
 def test_discriminator_scores_features_under_any_text(arch, projection):
     torch.manual_seed(0)

@@ -17,7 +17,8 @@ from torch import nn
 
 @dataclass(frozen=True)
 class GANModelConfig:
-    arch: str = "dcgan"  # dcgan (conv + conditional BatchNorm G, projection D) | mlp (the plain baseline)
+    arch: str = "dcgan"  # dcgan (conv + conditional BatchNorm G, projection D) | resnet (the same with residual
+    # blocks, SN-GAN's) | mlp (the plain baseline); what this file says of dcgan holds for resnet too
     z_dim: int = 64  # noise size
     cond_dim: int = 128  # text-embedding size (set from the text tower when a run starts)
     image_size: int = 28  # square side; dcgan needs image_size / 2**k >= 4 for some k >= 1 (28 → 7, 32 → 4)
@@ -304,7 +305,89 @@ class MLPDiscriminator(nn.Module):
         return self.score(self.features(x), c)  # (B,)
 
 
-ARCHS = {"dcgan": (DCGenerator, DCDiscriminator), "mlp": (MLPGenerator, MLPDiscriminator)}
+class ResUpBlock(nn.Module):
+    """SN-GAN / BigGAN generator block: CBN → ReLU → ×2 nearest → 3×3 conv → CBN → ReLU → 3×3 conv, plus a
+    1×1-conv shortcut of the upsampled input. Two convolutions per resolution where the DCGAN block has one, and the
+    shortcut keeps the gradient path short, so detail can be added at each scale without disturbing the layout."""
+
+    def __init__(self, cin: int, cout: int, cond_dim: int) -> None:
+        super().__init__()
+        self.norm1, self.conv1 = CondBatchNorm(cin, cond_dim), nn.Conv2d(cin, cout, 3, padding=1)
+        self.norm2, self.conv2 = CondBatchNorm(cout, cond_dim), nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        h = F.interpolate(F.relu(self.norm1(x, c)), scale_factor=2, mode="nearest")  # (B, cin, 2H, 2W)
+        h = self.conv2(F.relu(self.norm2(self.conv1(h), c)))  # (B, cout, 2H, 2W), not yet activated
+        return h + self.skip(F.interpolate(x, scale_factor=2, mode="nearest"))
+
+
+class ResGenerator(nn.Module):
+    """(z, c) → image with residual up-blocks (``arch: resnet``): the same widths, noise and conditioning as
+    :class:`DCGenerator`; the last block's output goes through BatchNorm → ReLU → 3×3 conv → tanh (SN-GAN)."""
+
+    def __init__(self, cfg: GANModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        k, self.start = num_resamples(cfg.image_size)
+        widths = [cfg.g_width * 2 ** min(k - i, 3) for i in range(k + 1)]
+        self.fc = nn.Linear(cfg.z_dim + cfg.cond_dim, widths[0] * self.start**2)
+        norm_dim = cfg.cond_dim + (cfg.z_dim if cfg.z_in_norm else 0)
+        self.blocks = nn.ModuleList(ResUpBlock(widths[i], widths[i + 1], norm_dim) for i in range(k))
+        self.norm_out = nn.BatchNorm2d(widths[-1])
+        self.out = nn.Conv2d(widths[-1], cfg.channels, 3, padding=1)
+
+    def forward(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        x = self.fc(torch.cat([z, c], dim=1)).view(z.shape[0], -1, self.start, self.start)  # (B, w0, s, s)
+        cond = torch.cat([c, z], dim=1) if self.cfg.z_in_norm else c
+        for block in self.blocks:
+            x = block(x, cond)  # (B, w_i+1, 2H, 2W)
+        return torch.tanh(self.out(F.relu(self.norm_out(x))))  # (B, C, H, W) in [-1, 1]
+
+
+class ResDownBlock(nn.Module):
+    """SN-GAN discriminator block: ReLU → 3×3 conv → ReLU → 3×3 conv → 2×2 average pool, plus a pooled 1×1-conv
+    shortcut. The first block (``first``) sees pixels, so it has no leading ReLU and pools before its shortcut conv."""
+
+    def __init__(self, cin: int, cout: int, sn: bool, down: bool = True, first: bool = False) -> None:
+        super().__init__()
+        self.down, self.first = down, first
+        self.conv1 = _sn(nn.Conv2d(cin, cout, 3, padding=1), sn)
+        self.conv2 = _sn(nn.Conv2d(cout, cout, 3, padding=1), sn)
+        self.skip = _sn(nn.Conv2d(cin, cout, 1), sn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv2(F.relu(self.conv1(x if self.first else F.relu(x))))  # (B, cout, H, W)
+        if self.first:
+            s = self.skip(F.avg_pool2d(x, 2) if self.down else x)
+        else:
+            s = self.skip(x)
+            s = F.avg_pool2d(s, 2) if self.down else s
+        return (F.avg_pool2d(h, 2) if self.down else h) + s
+
+
+class ResDiscriminator(DCDiscriminator):
+    """The projection discriminator with residual blocks in place of the strided convs (``arch: resnet``): a down
+    block per halving, then one more block at the smallest side; the same widths, so the minibatch-std conv, the
+    head and the text projection are :class:`DCDiscriminator`'s."""
+
+    def __init__(self, cfg: GANModelConfig) -> None:
+        super().__init__(cfg)
+        k, _ = num_resamples(cfg.image_size)
+        widths = [cfg.channels] + [cfg.d_width * 2 ** min(i, 3) for i in range(k + 1)]  # as DCDiscriminator's
+        c_in = widths[0] + (2 if self.coord else 0)
+        sn = cfg.spectral_norm
+        blocks = [ResDownBlock(c_in, widths[1], sn, first=True)]
+        blocks += [ResDownBlock(widths[i], widths[i + 1], sn) for i in range(1, k)]
+        blocks.append(ResDownBlock(widths[k], widths[k + 1], sn, down=False))
+        self.convs = nn.Sequential(*blocks)  # (B, C, H, W) → (B, widths[-1], s, s), as the DC convs
+
+
+ARCHS = {
+    "dcgan": (DCGenerator, DCDiscriminator),
+    "resnet": (ResGenerator, ResDiscriminator),
+    "mlp": (MLPGenerator, MLPDiscriminator),
+}
 
 
 def build_gan(cfg: GANModelConfig) -> tuple[nn.Module, nn.Module]:
