@@ -477,6 +477,45 @@ def test_d_steps_trains_the_generator_on_every_kth_batch_and_logs_its_loss_over_
         train_gan(dataclasses.replace(c, out_dir=str(tmp_path / "b"), gan=dataclasses.replace(c.gan, d_steps=0)))
 
 
+def test_spread_match_is_zero_for_equal_spread_and_grows_as_the_fakes_collapse():
+    from vislang.generate.train import spread_match_loss
+
+    torch.manual_seed(0)
+    real = torch.randn(8, 5) * torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    shuffled = real[[1, 0, 3, 2, 5, 4, 7, 6]]  # each group of 4 keeps its members: the same spread
+    assert spread_match_loss(shuffled, real, 4).item() < 1e-10
+    half = real.reshape(2, 4, 5).mean(1, keepdim=True) + 0.5 * (
+        real.reshape(2, 4, 5) - real.reshape(2, 4, 5).mean(1, keepdim=True)
+    )
+    collapsed = real.reshape(2, 4, 5).mean(1, keepdim=True).expand(2, 4, 5)
+    losses = [spread_match_loss(x.reshape(8, 5), real, 4).item() for x in (half, collapsed)]
+    assert 0 < losses[0] < losses[1] and losses[1] == pytest.approx(1.0, abs=1e-4)  # all spread gone: 1
+    # groups are where the spread is taken: one group of 8 sees the other groups' shift, two of 4 do not
+    shifted = real + torch.tensor([0.0] * 4 + [10.0] * 4)[:, None]
+    assert spread_match_loss(shifted, real, 4).item() < 1e-10 < spread_match_loss(shifted, real, 8).item()
+    h = torch.randn(8, 5, requires_grad=True)
+    spread_match_loss(h, real.requires_grad_(), 4).backward()
+    assert h.grad is not None and real.grad is None  # the real side is a target
+
+
+def test_spread_match_changes_the_generator_update_only_when_on(text_model_dir, tmp_path):
+    import dataclasses
+
+    from vislang.generate.train import train_gan
+
+    c = _cfg(text_model_dir, tmp_path / "a", 3)
+    with_mbstd = dataclasses.replace(c, gan=dataclasses.replace(c.gan, model={**c.gan.model, "minibatch_std": 4}))
+    base = train_gan(with_mbstd)
+    on = dataclasses.replace(
+        with_mbstd, out_dir=str(tmp_path / "b"), gan=dataclasses.replace(with_mbstd.gan, spread_match=1.0)
+    )
+    spread = train_gan(on)
+    lines = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["spread_match"] >= 0 for r in lines)
+    a, b = _generator_state(base), _generator_state(spread)
+    assert any(not torch.allclose(a[k], b[k]) for k in a)  # the term reached G's weights
+
+
 def test_group_by_label_orders_each_batch_by_class(text_model_dir, tmp_path, monkeypatch):
     import dataclasses
 

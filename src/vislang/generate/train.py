@@ -110,6 +110,18 @@ def mode_seeking_loss(a: torch.Tensor, b: torch.Tensor, za: torch.Tensor, zb: to
     return 1.0 / (ratio.mean() + 1e-5)
 
 
+def spread_match_loss(h_fake: torch.Tensor, h_real: torch.Tensor, group: int) -> torch.Tensor:
+    """How far the spread of generated images' discriminator features, in each group of ``group`` consecutive items,
+    is from the spread of the real images' group at the same place: mean (std_fake - std_real)² / mean std_real², per
+    feature. With ``gan.group_by_label`` a group is one class (the fakes carry the real items' texts), so this asks
+    for as much variety within a class as the data has, where the minibatch-std channel only lets D notice too
+    little. ``h_*`` (B, W); B must be a multiple of ``group``. The real side is a target: no gradient."""
+    b, w = h_fake.shape
+    std_f = h_fake.float().reshape(b // group, group, w).std(dim=1, unbiased=False)  # (B/G, W)
+    std_r = h_real.detach().float().reshape(b // group, group, w).std(dim=1, unbiased=False)
+    return ((std_f - std_r) ** 2).mean() / ((std_r**2).mean() + 1e-8)
+
+
 def gan_step(
     G: torch.nn.Module,
     D: torch.nn.Module,
@@ -179,7 +191,11 @@ def gan_step(
     if not update_g:
         return stats
     D.requires_grad_(False)  # the generator's update needs gradients through D, not for D's weights
-    h_fake = D.features(diff_augment(fake, aug))  # (B, W)
+    if gan.spread_match > 0:  # the real images' spread under the updated D too, from the same pass
+        h_both = D.features(diff_augment(torch.cat([real, fake]), aug))  # (2B, W)
+        h_real_now, h_fake = h_both[:b].detach(), h_both[b:]
+    else:
+        h_fake = D.features(diff_augment(fake, aug))  # (B, W)
     loss_g = g_loss(D.score(h_fake, c), gan.loss)
     if gan.text_match > 0:
         match_g = text_match_loss(D.match(h_fake, texts), positives)  # fakes must pick out their own texts too
@@ -189,6 +205,12 @@ def gan_step(
         ms = mode_seeking_loss(fake[: b // 2], fake2, z[: b // 2], z[b:])
         loss_g = loss_g + gan.mode_seeking * ms
         stats["mode_seeking"] = ms.item()
+    if gan.spread_match > 0:
+        group = max(getattr(D, "mbstd", 0), 2)
+        group = next(k for k in range(min(group, b), 0, -1) if b % k == 0)
+        sm = spread_match_loss(h_fake, h_real_now, group) if group > 1 else h_fake.new_zeros(())
+        loss_g = loss_g + gan.spread_match * sm
+        stats["spread_match"] = sm.item()
     opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     opt_g.step()
