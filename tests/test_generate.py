@@ -706,5 +706,10 @@ def test_fid_tracking_leaves_training_alone_and_keep_best_saves_the_best_step(te
     four = train_gan(cfg("four", steps=4))  # the same run stopped at step 4 saves the same generator
     for k, v in _generator_state(four).items():
         torch.testing.assert_close(_generator_state(best)[k], v, msg=k)
+    scripted = iter([0.5, 0.3, 0.1])  # the last step is the best: its snapshot is saved, the same as recomputing
+    last = train_gan(cfg("last", judge=str(judge), fid_every=2, fid_images=40))
+    assert json.loads((last / "config.json").read_text())["train"]["generator_step"] == 6
+    for k, v in _generator_state(plain).items():
+        torch.testing.assert_close(_generator_state(last)[k], v, msg=k)
     with pytest.raises(ValueError, match="--gan.judge"):
         train_gan(cfg("nojudge", keep_best=True))

@@ -463,10 +463,11 @@ def train_gan(cfg: TrainConfig, resume: bool = False) -> Path:
     bar.close()
     save_checkpoint()
     chosen = step
-    if gan.keep_best and best and best["step"] != step:  # the snapshot already has its standing statistics
+    if best and (gan.keep_best or best["step"] == step):  # the snapshot already has its standing statistics
         G_ema.load_state_dict(best["G_ema"])
         chosen = best["step"]
-        print(f"[vislang] keeping the EMA generator of step {chosen} (tracked FID-FM {best['fid_fm']:.4f})")
+        if chosen != step:
+            print(f"[vislang] keeping the EMA generator of step {chosen} (tracked FID-FM {best['fid_fm']:.4f})")
     elif gan.standing_stats and G_ema is not G:  # after the checkpoint: a resumed run goes on from the trained state
         standing_stats(G_ema, stand_c, mcfg.z_dim, gan.standing_stats, cfg.batch_size, cfg.seed)
     write_samples()
