@@ -56,7 +56,7 @@ class GANConfig:
     mismatch_max_cos: float = 0.9  # a caption counts as wrong (mismatch, text_match) only if its cosine is below this
     text_match: float = 0.0  # weight of the "which text of the batch is this image's" loss for D and G (projection D)
     mode_seeking: float = 0.0  # weight of MSGAN's diversity term (two noises, one text: different images); 0 = off
-    spread_match: float = 0.0  # weight of the G term matching the spread of D's features in each minibatch-std group
+    spread_match: float = 0.0  # weight of a G term: D-feature spread per minibatch-std group like the real one's
     relation_negatives: bool = False  # captions with their relation flipped (left↔right, above↔below) count as wrong
     augment: str = ""  # DiffAugment policy for every image D sees, e.g. "translation,cutout" (small data); ""=none
     group_by_label: bool = False  # order each batch by class label, so minibatch-std groups hold one class each
