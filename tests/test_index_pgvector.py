@@ -119,3 +119,28 @@ def test_two_server_processes_share_one_pgvector_index(pg, tmp_path):
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def _indexes(ix) -> set[str]:
+    rows = ix.conn.execute("SELECT indexname FROM pg_indexes WHERE tablename = %s", (ix.table,)).fetchall()
+    return {r[0] for r in rows}
+
+
+def test_hnsw_index_of_an_empty_table_waits_for_the_bulk_load(pg, tmp_path):
+    x = unit(300, 8)
+    with create_index(tmp_path / "a", 8, backend="pgvector", uri=pg, table="t_defer") as ix:
+        ix.add(x[:200], meta(200))
+        ix.add(x[200:], meta(100, start=200))
+        assert "t_defer_hnsw" not in _indexes(ix)  # rows went into a bare table
+        _, found = ix.search(x[:20], 1)
+        assert "t_defer_hnsw" in _indexes(ix)  # the first search built it over every row
+        assert (found[:, 0] == np.arange(1, 21)).mean() >= 0.95
+    ix = create_index(tmp_path / "b", 8, backend="pgvector", uri=pg, table="t_defer2")
+    ix.add(x, meta(300))
+    ix.close()  # closing builds it too
+    with open_index(tmp_path / "b") as again:
+        assert "t_defer2_hnsw" in _indexes(again) and len(again) == 300
+    with create_index(tmp_path / "c", 8, backend="pgvector", uri=pg, table="t_plain", hnsw=False) as ix:
+        ix.add(x, meta(300))
+        ix.search(x[:2], 1)
+        assert "t_plain_hnsw" not in _indexes(ix)  # hnsw=False never builds one

@@ -84,10 +84,29 @@ class PgVectorIndex(Index):
                     embedding vector({self.dim}) NOT NULL)"""
             )
             self.conn.execute(f"CREATE TABLE IF NOT EXISTS {t}_state (name TEXT PRIMARY KEY, value JSONB NOT NULL)")
+            # An HNSW index built over rows already there costs a fraction of inserting the same rows one by one
+            # into an indexed table (pgvector's advice for bulk loads), so an empty table gets its index only when
+            # it is first searched or the index is saved or closed: a bulk build inserts into a bare table.
+            self._hnsw_pending = False
             if hnsw:
-                self.conn.execute(f"CREATE INDEX IF NOT EXISTS {t}_hnsw ON {t} USING hnsw (embedding vector_ip_ops)")
+                if self.conn.execute(f"SELECT EXISTS (SELECT 1 FROM {t})").fetchone()[0]:
+                    self._create_hnsw()
+                else:
+                    self._hnsw_pending = True
+
+    def _create_hnsw(self) -> None:
+        t = self.table
+        self.conn.execute(f"CREATE INDEX IF NOT EXISTS {t}_hnsw ON {t} USING hnsw (embedding vector_ip_ops)")
+        self._hnsw_pending = False
+
+    def save(self) -> None:
+        """Create the deferred HNSW index (every row write is already durable)."""
+        with self._lock:
+            if self._hnsw_pending and not self.conn.closed:
+                self._create_hnsw()
 
     def close(self) -> None:
+        self.save()
         with self._lock:
             if not self.conn.closed:
                 self.conn.close()
@@ -148,6 +167,7 @@ class PgVectorIndex(Index):
             return self.conn.execute(f"DELETE FROM {self.table} WHERE id = ANY(%s)", (ids,)).rowcount
 
     def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        self.save()  # a deferred HNSW index is built before the first search needs it
         scores = np.full((len(queries), k), -np.inf, dtype=np.float32)  # (Q, k)
         ids = np.full((len(queries), k), -1, dtype=np.int64)  # (Q, k)
         with self._lock, self.conn.transaction():
