@@ -106,13 +106,15 @@ class PgVectorIndex(Index):
                 self._create_hnsw()
 
     def close(self) -> None:
-        self.save()
-        with self._lock:
-            if not self.conn.closed:
-                self.conn.close()
-            if self._server is not None:
-                self._server.cleanup()
-                self._server = None
+        try:
+            self.save()
+        finally:  # the connection and an embedded server are released even if the deferred index fails
+            with self._lock:
+                if not self.conn.closed:
+                    self.conn.close()
+                if self._server is not None:
+                    self._server.cleanup()
+                    self._server = None
 
     # --- state --------------------------------------------------------------------------------------------------
     def get_state(self, name: str, default: Any = None) -> Any:
