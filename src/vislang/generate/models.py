@@ -43,6 +43,23 @@ def num_resamples(image_size: int) -> tuple[int, int]:
     return k, side
 
 
+def g_widths(cfg: GANModelConfig) -> list[int]:
+    """Generator channels from the start map to full size, halving per upsampling (at most 8x the base)."""
+    k, _ = num_resamples(cfg.image_size)
+    return [cfg.g_width * 2 ** min(k - i, 3) for i in range(k + 1)]  # e.g. k=2: [4w, 2w, w]
+
+
+def d_widths(cfg: GANModelConfig) -> list[int]:
+    """Discriminator channels: the image's, then doubling per downsampling (at most 8x the base)."""
+    k, _ = num_resamples(cfg.image_size)
+    return [cfg.channels] + [cfg.d_width * 2 ** min(i, 3) for i in range(k + 1)]  # C, w, 2w, 4w ...
+
+
+def group_size(group: int, n: int) -> int:
+    """The largest group size up to ``group`` that divides a batch of ``n`` (1 if none larger does)."""
+    return next(k for k in range(min(group, n), 0, -1) if n % k == 0)
+
+
 MATCH_SCALE = 10.0  # inverse temperature of the discriminator's image–text cosines (text_match loss)
 
 
@@ -77,7 +94,7 @@ def minibatch_std(x: torch.Tensor, group: int, channels: int = 1) -> torch.Tenso
     n, c, h, w = x.shape
     if c % channels:
         raise ValueError(f"minibatch_std_channels={channels} must divide the discriminator's width {c}")
-    g = next(k for k in range(min(group, n), 0, -1) if n % k == 0)
+    g = group_size(group, n)
     y = x.float().reshape(n // g, g, channels, c // channels, h, w)  # (N/G, G, F, C/F, H, W)
     std = (y.var(dim=1, unbiased=False) + 1e-8).sqrt().mean(dim=(2, 3, 4))  # (N/G, F): mean spread per slice
     std = std.repeat_interleave(g, dim=0)[:, :, None, None].expand(n, channels, h, w).to(x.dtype)
@@ -152,26 +169,38 @@ class UpBlock(nn.Module):
         return F.relu(self.norm(self.conv(x), c))  # (B, cout, 2H, 2W)
 
 
-class DCGenerator(nn.Module):
-    """(z, c) → image: a linear map to a small (4w, s, s) map, then transposed-conv blocks up to full size."""
+class _ConvGenerator(nn.Module):
+    """What the convolutional generators share: a linear map of [z, c] to a small (w0, s, s) map, the widths up to
+    full size (:func:`g_widths`) and what their conditional BatchNorms read."""
 
     def __init__(self, cfg: GANModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        k, self.start = num_resamples(cfg.image_size)
-        widths = [cfg.g_width * 2 ** min(k - i, 3) for i in range(k + 1)]  # e.g. k=2: [4w, 2w, w]
-        self.fc = nn.Linear(cfg.z_dim + cfg.cond_dim, widths[0] * self.start**2)
+        self.k, self.start = num_resamples(cfg.image_size)
+        self.widths = g_widths(cfg)
+        self.fc = nn.Linear(cfg.z_dim + cfg.cond_dim, self.widths[0] * self.start**2)
         # With z_in_norm the noise reaches every layer's scale and shift, not only the first map (BigGAN's
         # hierarchical latent): variation of texture and detail need not survive two upsamplings from the start.
-        norm_dim = cfg.cond_dim + (cfg.z_dim if cfg.z_in_norm else 0)
-        self.norm0 = CondBatchNorm(widths[0], norm_dim)
-        self.blocks = nn.ModuleList(UpBlock(widths[i], widths[i + 1], norm_dim) for i in range(k))
-        self.out = nn.Conv2d(widths[-1], cfg.channels, 3, padding=1)
+        self.norm_dim = cfg.cond_dim + (cfg.z_dim if cfg.z_in_norm else 0)
+
+    def start_map(self, z: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the first map (B, w0, s, s), the conditions the BatchNorms read (B, norm_dim))."""
+        x = self.fc(torch.cat([z, c], dim=1)).view(z.shape[0], -1, self.start, self.start)
+        return x, (torch.cat([c, z], dim=1) if self.cfg.z_in_norm else c)
+
+
+class DCGenerator(_ConvGenerator):
+    """(z, c) → image: a linear map to a small (4w, s, s) map, then transposed-conv blocks up to full size."""
+
+    def __init__(self, cfg: GANModelConfig) -> None:
+        super().__init__(cfg)
+        w, nd = self.widths, self.norm_dim
+        self.norm0 = CondBatchNorm(w[0], nd)
+        self.blocks = nn.ModuleList(UpBlock(w[i], w[i + 1], nd) for i in range(self.k))
+        self.out = nn.Conv2d(w[-1], cfg.channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        x = self.fc(torch.cat([z, c], dim=1))  # (B, w0 * s * s)
-        x = x.view(x.shape[0], -1, self.start, self.start)  # (B, w0, s, s)
-        cond = torch.cat([c, z], dim=1) if self.cfg.z_in_norm else c  # what the BatchNorms read
+        x, cond = self.start_map(z, c)  # (B, w0, s, s), (B, norm_dim)
         x = F.relu(self.norm0(x, cond))
         for block in self.blocks:
             x = block(x, cond)  # (B, w_i+1, 2H, 2W)
@@ -184,19 +213,14 @@ class DCDiscriminator(nn.Module):
     def __init__(self, cfg: GANModelConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        k, _ = num_resamples(cfg.image_size)
-        widths = [cfg.channels] + [cfg.d_width * 2 ** min(i, 3) for i in range(k + 1)]  # C, w, 2w, 4w ...
+        widths = d_widths(cfg)
         # Sum pooling makes D's features blind to where things are; coordinate planes let a unit respond to "red on
         # the left", so the projection can check "the red circle is to the left of the blue square" (Liu et al. 2018).
         self.coord = cfg.coord_channels
         if self.coord:
             lin = torch.linspace(-1, 1, cfg.image_size)
             self.register_buffer("grid", torch.stack(torch.meshgrid(lin, lin, indexing="xy"))[None], persistent=False)
-        c_in = widths[0] + (2 if self.coord else 0)
-        layers: list[nn.Module] = [_sn(nn.Conv2d(c_in, widths[1], 3, padding=1), cfg.spectral_norm)]
-        for i in range(1, k + 1):
-            layers += [nn.LeakyReLU(0.2), _sn(nn.Conv2d(widths[i], widths[i + 1], 4, 2, 1), cfg.spectral_norm)]
-        self.convs = nn.Sequential(*layers)
+        self.convs = self.body(widths[0] + (2 if self.coord else 0), widths)
         # Minibatch std: one more 3×3 conv at the smallest side reads the spread channel (ProGAN's last block).
         self.mbstd, self.mbstd_channels = cfg.minibatch_std, cfg.minibatch_std_channels
         if self.mbstd > 0 and widths[-1] % self.mbstd_channels:
@@ -218,6 +242,14 @@ class DCDiscriminator(nn.Module):
                 nn.LeakyReLU(0.2),
                 _sn(nn.Linear(width, 1), cfg.spectral_norm),
             )
+
+    def body(self, c_in: int, widths: list[int]) -> nn.Module:
+        """(B, c_in, H, W) → (B, widths[-1], s, s): a 3×3 conv, then a strided 4×4 conv per halving."""
+        sn = self.cfg.spectral_norm
+        layers: list[nn.Module] = [_sn(nn.Conv2d(c_in, widths[1], 3, padding=1), sn)]
+        for i in range(1, len(widths) - 1):
+            layers += [nn.LeakyReLU(0.2), _sn(nn.Conv2d(widths[i], widths[i + 1], 4, 2, 1), sn)]
+        return nn.Sequential(*layers)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Image features (B, W), independent of the text: a training step scores one image under several texts
@@ -322,24 +354,19 @@ class ResUpBlock(nn.Module):
         return h + self.skip(F.interpolate(x, scale_factor=2, mode="nearest"))
 
 
-class ResGenerator(nn.Module):
+class ResGenerator(_ConvGenerator):
     """(z, c) → image with residual up-blocks (``arch: resnet``): the same widths, noise and conditioning as
     :class:`DCGenerator`; the last block's output goes through BatchNorm → ReLU → 3×3 conv → tanh (SN-GAN)."""
 
     def __init__(self, cfg: GANModelConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        k, self.start = num_resamples(cfg.image_size)
-        widths = [cfg.g_width * 2 ** min(k - i, 3) for i in range(k + 1)]
-        self.fc = nn.Linear(cfg.z_dim + cfg.cond_dim, widths[0] * self.start**2)
-        norm_dim = cfg.cond_dim + (cfg.z_dim if cfg.z_in_norm else 0)
-        self.blocks = nn.ModuleList(ResUpBlock(widths[i], widths[i + 1], norm_dim) for i in range(k))
-        self.norm_out = nn.BatchNorm2d(widths[-1])
-        self.out = nn.Conv2d(widths[-1], cfg.channels, 3, padding=1)
+        super().__init__(cfg)
+        w, nd = self.widths, self.norm_dim
+        self.blocks = nn.ModuleList(ResUpBlock(w[i], w[i + 1], nd) for i in range(self.k))
+        self.norm_out = nn.BatchNorm2d(w[-1])
+        self.out = nn.Conv2d(w[-1], cfg.channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        x = self.fc(torch.cat([z, c], dim=1)).view(z.shape[0], -1, self.start, self.start)  # (B, w0, s, s)
-        cond = torch.cat([c, z], dim=1) if self.cfg.z_in_norm else c
+        x, cond = self.start_map(z, c)  # (B, w0, s, s), (B, norm_dim)
         for block in self.blocks:
             x = block(x, cond)  # (B, w_i+1, 2H, 2W)
         return torch.tanh(self.out(F.relu(self.norm_out(x))))  # (B, C, H, W) in [-1, 1]
@@ -347,7 +374,8 @@ class ResGenerator(nn.Module):
 
 class ResDownBlock(nn.Module):
     """SN-GAN discriminator block: ReLU → 3×3 conv → ReLU → 3×3 conv → 2×2 average pool, plus a pooled 1×1-conv
-    shortcut. The first block (``first``) sees pixels, so it has no leading ReLU and pools before its shortcut conv."""
+    shortcut (pooled first: the same as after a 1×1 conv, on a quarter of the pixels). The first block (``first``)
+    sees pixels, so it has no leading ReLU."""
 
     def __init__(self, cin: int, cout: int, sn: bool, down: bool = True, first: bool = False) -> None:
         super().__init__()
@@ -358,12 +386,9 @@ class ResDownBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv2(F.relu(self.conv1(x if self.first else F.relu(x))))  # (B, cout, H, W)
-        if self.first:
-            s = self.skip(F.avg_pool2d(x, 2) if self.down else x)
-        else:
-            s = self.skip(x)
-            s = F.avg_pool2d(s, 2) if self.down else s
-        return (F.avg_pool2d(h, 2) if self.down else h) + s
+        if self.down:
+            h, x = F.avg_pool2d(h, 2), F.avg_pool2d(x, 2)
+        return h + self.skip(x)
 
 
 class ResDiscriminator(DCDiscriminator):
@@ -371,16 +396,13 @@ class ResDiscriminator(DCDiscriminator):
     block per halving, then one more block at the smallest side; the same widths, so the minibatch-std conv, the
     head and the text projection are :class:`DCDiscriminator`'s."""
 
-    def __init__(self, cfg: GANModelConfig) -> None:
-        super().__init__(cfg)
-        k, _ = num_resamples(cfg.image_size)
-        widths = [cfg.channels] + [cfg.d_width * 2 ** min(i, 3) for i in range(k + 1)]  # as DCDiscriminator's
-        c_in = widths[0] + (2 if self.coord else 0)
-        sn = cfg.spectral_norm
+    def body(self, c_in: int, widths: list[int]) -> nn.Module:
+        """(B, c_in, H, W) → (B, widths[-1], s, s): a residual down-block per halving, one more at the smallest side."""
+        sn, k = self.cfg.spectral_norm, len(widths) - 2
         blocks = [ResDownBlock(c_in, widths[1], sn, first=True)]
         blocks += [ResDownBlock(widths[i], widths[i + 1], sn) for i in range(1, k)]
         blocks.append(ResDownBlock(widths[k], widths[k + 1], sn, down=False))
-        self.convs = nn.Sequential(*blocks)  # (B, C, H, W) → (B, widths[-1], s, s), as the DC convs
+        return nn.Sequential(*blocks)
 
 
 ARCHS = {

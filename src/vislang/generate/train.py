@@ -51,6 +51,7 @@ from .models import (
     ema_update,
     from_uint8,
     g_loss,
+    group_size,
     parse_augment,
     standing_stats,
     text_match_loss,
@@ -115,10 +116,15 @@ def spread_match_loss(h_fake: torch.Tensor, h_real: torch.Tensor, group: int) ->
     is from the spread of the real images' group at the same place: mean (std_fake - std_real)² / mean std_real², per
     feature. With ``gan.group_by_label`` a group is one class (the fakes carry the real items' texts), so this asks
     for as much variety within a class as the data has, where the minibatch-std channel only lets D notice too
-    little. ``h_*`` (B, W); B must be a multiple of ``group``. The real side is a target: no gradient."""
+    little. ``h_*`` (B, W); a ``group`` that does not divide B shrinks to one that does, as the minibatch-std
+    channel's. The real side is a target: no gradient."""
     b, w = h_fake.shape
-    std_f = h_fake.float().reshape(b // group, group, w).std(dim=1, unbiased=False)  # (B/G, W)
-    std_r = h_real.detach().float().reshape(b // group, group, w).std(dim=1, unbiased=False)
+    group = group_size(group, b)
+    if group < 2:  # no spread to compare
+        return h_fake.new_zeros(())
+    # (var + eps)^½ as the minibatch-std channel takes it: a group of identical features still has a gradient
+    std_f = (h_fake.float().reshape(b // group, group, w).var(dim=1, unbiased=False) + 1e-8).sqrt()  # (B/G, W)
+    std_r = (h_real.detach().float().reshape(b // group, group, w).var(dim=1, unbiased=False) + 1e-8).sqrt()
     return ((std_f - std_r) ** 2).mean() / ((std_r**2).mean() + 1e-8)
 
 
@@ -206,9 +212,7 @@ def gan_step(
         loss_g = loss_g + gan.mode_seeking * ms
         stats["mode_seeking"] = ms.item()
     if gan.spread_match > 0:
-        group = max(getattr(D, "mbstd", 0), 2)
-        group = next(k for k in range(min(group, b), 0, -1) if b % k == 0)
-        sm = spread_match_loss(h_fake, h_real_now, group) if group > 1 else h_fake.new_zeros(())
+        sm = spread_match_loss(h_fake, h_real_now, max(getattr(D, "mbstd", 0), 2))  # D's groups, else pairs
         loss_g = loss_g + gan.spread_match * sm
         stats["spread_match"] = sm.item()
     opt_g.zero_grad(set_to_none=True)
