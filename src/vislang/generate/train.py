@@ -316,7 +316,8 @@ def train_gan(cfg: TrainConfig, resume: bool = False) -> Path:
     torch.manual_seed(cfg.seed)
     G, D = build_gan(mcfg)
     G, D = G.to(device), D.to(device)
-    channels_last = device.type == "cpu" and mcfg.arch == "dcgan"  # ~1.4x faster small convs on a CPU (measured)
+    # ~1.4x faster small convs on a CPU (measured); the projected D's frozen EfficientNet ~2x
+    channels_last = device.type == "cpu" and mcfg.arch in ("dcgan", "projected")
     if channels_last:
         G, D = G.to(memory_format=torch.channels_last), D.to(memory_format=torch.channels_last)
     G_ema = copy.deepcopy(G).eval() if gan.ema_decay > 0 else G
