@@ -14,7 +14,8 @@ if [ $# -lt 2 ]; then sed -n 2,12p "$0"; exit 2; fi
 OUT=$1; shift
 MINUTES=${MINUTES:-6.5} DEVICE=${DEVICE:-auto} THREADS=${THREADS:-3} VISLANG=${VISLANG:-.venv/bin/vislang}
 JUDGE=${JUDGE:-runs/finetune/scratch/model} TEXT_MODEL=${TEXT_MODEL:-runs/acc1/model}
-EVAL_DEVICE=$DEVICE; [ "$DEVICE" = auto ] && EVAL_DEVICE=$(python3 -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")' 2>/dev/null || echo cpu)
+PY=$(dirname "$VISLANG")/python; [ -x "$PY" ] || PY=python3  # the Python that has vislang's torch
+EVAL_DEVICE=$DEVICE; [ "$DEVICE" = auto ] && EVAL_DEVICE=$("$PY" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")' 2>/dev/null || echo cpu)
 for d in "$JUDGE" "$TEXT_MODEL"; do [ -f "$d/config.json" ] || { echo "no model directory at $d (see the header of $0)"; exit 2; }; done
 mkdir -p "$OUT"
 names=()
@@ -33,7 +34,7 @@ for v in "$@"; do
 done
 wait
 for name in "${names[@]}"; do
-  python3 - "$OUT/$name" <<'PY'
+  "$PY" - "$OUT/$name" <<'PY'
 import json, sys
 run = sys.argv[1]
 try:

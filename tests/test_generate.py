@@ -639,7 +639,7 @@ def test_packaged_gan_configs_load():
     from vislang.cli import PACKAGED_CONFIGS
     from vislang.train.config import load_train_config
 
-    for name in ("gan", "gan-mlp", "gan-shapes", "gan-shapes-relations", "gan-gpu"):
+    for name in ("gan", "gan-mlp", "gan-shapes", "gan-shapes-relations", "gan-gpu", "gan-projected"):
         cfg = load_train_config(PACKAGED_CONFIGS / f"{name}.yaml")
         assert cfg.task == "gan" and cfg.gan is not None
         GANModelConfig(**cfg.gan.model)  # every model key is a real field
@@ -727,3 +727,17 @@ def test_fid_tracking_leaves_training_alone_and_keep_best_saves_the_best_step(te
         torch.testing.assert_close(_generator_state(last)[k], v, msg=k)
     with pytest.raises(ValueError, match="--gan.judge"):
         train_gan(cfg("nojudge", keep_best=True))
+
+
+def test_train_gan_puts_cudnn_benchmark_back_even_when_the_run_fails(monkeypatch):
+    from vislang.generate import train as gan_train
+
+    def run_that_fails(cfg, resume):
+        torch.backends.cudnn.benchmark = not before  # what a CUDA run does
+        raise RuntimeError("stopped")
+
+    before = torch.backends.cudnn.benchmark
+    monkeypatch.setattr(gan_train, "_train_gan", run_that_fails)
+    with pytest.raises(RuntimeError, match="stopped"):
+        gan_train.train_gan(None)
+    assert torch.backends.cudnn.benchmark == before

@@ -226,7 +226,16 @@ def gan_step(
 
 
 def train_gan(cfg: TrainConfig, resume: bool = False) -> Path:
-    """Train a text-conditioned GAN as ``cfg`` (``task: gan``) says; returns the saved model directory."""
+    """Train a text-conditioned GAN as ``cfg`` (``task: gan``) says; returns the saved model directory.
+    cuDNN's benchmark mode, switched on for the run, is put back as it was afterwards."""
+    before = torch.backends.cudnn.benchmark
+    try:
+        return _train_gan(cfg, resume)
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def _train_gan(cfg: TrainConfig, resume: bool) -> Path:
     from ..factory import from_pretrained, get_tokenizer
 
     gan = cfg.gan or GANConfig()
