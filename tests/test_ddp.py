@@ -102,6 +102,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
             loss, grads = _run(model, _make_loss(kind, kwargs), x_img[local], x_txt[local], average=not USE_DDP)
             results[name] = {"loss": loss, "loss_mean": vdist.all_reduce_mean(loss), "grads": grads}
 
+        results["itm"] = _itm_on_rank(local)
+
         # Helpers: gather order and all_reduce_mean on integers.
         mine = torch.full((2, 3), float(rank))
         all_a, all_b = vdist.gather_features(mine, mine + 10, gather_with_grad=False)
@@ -111,6 +113,42 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _itm_model_and_batch():
+    """A tiny ITM model and a global batch in which every rank's half repeats one caption (a different one per rank),
+    so hard negatives can only come from the other rank."""
+    from vislang.factory import build_model
+    from vislang.models import ModelConfig, TextConfig, VisionConfig
+    from vislang.models.clip import ITMConfig
+    from vislang.models.fusion import FusionConfig
+
+    cfg = ModelConfig(
+        embed_dim=16,
+        vision=VisionConfig(arch="cnn", image_size=16, channels=3, width=4, depth=2, mean=(0.5,) * 3, std=(0.5,) * 3),
+        text=TextConfig(arch="transformer", vocab_size=64, context_length=12, width=16, layers=1, heads=2),
+        itm=ITMConfig(FusionConfig(dim=16, depth=1, heads=2)),
+    )
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    g = torch.Generator().manual_seed(7)
+    images = torch.randn(GLOBAL_BATCH, 3, 16, 16, generator=g)
+    ids = torch.zeros(GLOBAL_BATCH, 12, dtype=torch.long)
+    half = GLOBAL_BATCH // WORLD
+    for r in range(WORLD):
+        ids[r * half : (r + 1) * half, :5] = torch.randint(4, 64, (5,), generator=g)  # one caption per rank
+    return model, images, ids
+
+
+def _itm_on_rank(local: slice) -> dict:
+    from vislang.losses import itm_loss
+
+    model, images, ids = _itm_model_and_batch()
+    out = model(images[local], ids[local], itm=True)
+    itm_loss(out["itm_logits"], out["itm_labels"]).backward()
+    grads = {n: bool(any(p.grad is not None and p.grad.abs().sum() > 0 for p in getattr(model, n).parameters()))
+             for n in ("visual", "text", "fusion", "itm_head")}  # fmt: skip
+    return {"pairs": out["itm_pairs"], "labels": out["itm_labels"], "grads": grads}
 
 
 def _free_port() -> int:
@@ -228,3 +266,19 @@ def test_init_distributed_rejects_bad_env(monkeypatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "two")
     with pytest.raises(ValueError, match="WORLD_SIZE"):
         vdist.init_distributed()
+
+
+def test_ddp_itm_draws_hard_negatives_from_every_ranks_batch(ddp_results: list[dict]) -> None:
+    model, images, ids = _itm_model_and_batch()
+    half = GLOBAL_BATCH // WORLD
+    alone = model(images[:half], ids[:half], itm=True)  # one process, one caption: no negative exists in its batch
+    assert alone["itm_pairs"].shape[0] == half
+    for r, res in enumerate(ddp_results):
+        pairs, labels = res["itm"]["pairs"], res["itm"]["labels"]
+        mine = torch.arange(r * half, (r + 1) * half)
+        assert pairs.shape == (3 * half, 2) and labels.tolist() == [1] * half + [0] * (2 * half)
+        assert torch.equal(pairs[:half, 0], mine) and torch.equal(pairs[:half, 1], mine)  # positives, global rows
+        neg_img, neg_txt = pairs[half:].T
+        assert not (ids[neg_img] == ids[neg_txt]).all(dim=1).any()  # never a pair with the image's own caption
+        assert ((neg_img // half) != (neg_txt // half)).all()  # each negative crosses ranks (the only ones there are)
+        assert all(res["itm"]["grads"].values()), res["itm"]["grads"]

@@ -2,7 +2,8 @@
 
 One model, two objectives on one forward pass (task "itm"): the contrastive loss on the pooled, projected features
 (ITC) and a cross-entropy on fused (image, text) pairs (ITM). The ITM negatives are hard ones, drawn from the batch by
-their contrastive similarity (``losses.sample_hard_negatives``: never the image's own caption or an identical one), so
+their contrastive similarity (``losses.sample_hard_negatives``: never the image's own caption or an identical one;
+under DDP from the batches of all ranks), so
 the head learns exactly the distinctions the dual encoder still gets wrong: "a red circle and a blue square" against
 "a blue circle and a red square". At test time the head re-ranks the dual encoder's top-k (``evaluation/rerank.py``):
 cheap retrieval over everything, the costly pairwise scorer on a short list only (ALBEF, BLIP).
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed as vdist
 from ..losses import sample_hard_negatives
 from .clip import CLIP, ModelConfig
 from .fusion import build_fusion
@@ -97,6 +99,7 @@ class ITMModel(CLIP):
         img_tokens = txt = None
         if images is not None:
             img_tokens, out["image_features"] = self._image_tokens_and_features(images)
+        ids = text  # (B, T) as given: every rank's captions have this shape, so they can be gathered
         if text is not None:
             text = trim_padding(text, self.cfg.text.pad_id)
             uniq, inverse = torch.unique(text, dim=0, return_inverse=True)  # captions repeat across images
@@ -109,6 +112,9 @@ class ITMModel(CLIP):
         B = img_tokens.shape[0]
         if inverse.shape[0] != B:
             raise ValueError(f"itm=True needs one text per image, got {B} images and {inverse.shape[0]} texts")
+        if vdist.is_dist() and vdist.world_size() > 1:
+            out.update(self._global_itm(images, ids, img_tokens, txt[inverse], valid[inverse], out))
+            return out
         with torch.no_grad():
             sim = out["logit_scale"] * out["image_features"] @ out["text_features"].T  # (B, B)
             positive = inverse[:, None] == inverse[None, :]  # (B, B): same caption = a positive too
@@ -124,3 +130,48 @@ class ITMModel(CLIP):
         out["itm_labels"] = labels
         out["itm_pairs"] = torch.stack([pair_image, pair_text], dim=1)  # (P, 2): batch rows of image and text
         return out
+
+    def _global_itm(
+        self,
+        images: torch.Tensor,
+        ids: torch.Tensor,
+        img_tokens: torch.Tensor,
+        txt_tokens: torch.Tensor,
+        txt_valid: torch.Tensor,
+        out: dict[str, torch.Tensor],
+    ) -> dict[str, torch.Tensor]:
+        """ITM pairs with hard negatives drawn from the batches of all ranks (BLIP's way): a larger pool holds harder
+        negatives, and a rank whose batch repeats one caption still gets some. The chosen images and captions come
+        from every rank as pixels and token ids (no graph) and go through this rank's towers again, so the
+        gradients stay on this rank and DDP averages them as usual. ``itm_pairs`` then holds rows of the gathered
+        batch (rank r's item i at r·B + i)."""
+        B = images.shape[0]
+        ids = F.pad(ids, (0, self.cfg.text.context_length - ids.shape[1]), value=self.cfg.text.pad_id)
+
+        def gather(t: torch.Tensor) -> torch.Tensor:  # (B, ...) -> (W·B, ...), no graph
+            return vdist.gather_tensor(t.detach(), gather_with_grad=False, keep_local_grad=False)
+
+        with torch.no_grad():
+            all_images, all_ids = gather(images), gather(ids)  # (W·B, C, H, W), (W·B, T)
+            all_img_f, all_txt_f = gather(out["image_features"]), gather(out["text_features"])  # (W·B, E)
+            same = (ids[:, None, :] == all_ids[None, :, :]).all(dim=-1)  # (B, W·B): the same caption is a positive
+            scale = out["logit_scale"]
+            neg_text = sample_hard_negatives(scale * out["image_features"] @ all_txt_f.T, same)[0]  # (B,) of W·B
+            neg_image = sample_hard_negatives(scale * all_img_f @ out["text_features"].T, same.T)[1]  # (B,) of W·B
+        has_t, has_i = neg_text >= 0, neg_image >= 0
+        neg_ids = trim_padding(all_ids[neg_text[has_t]], self.cfg.text.pad_id)
+        neg_txt_tokens, neg_txt_valid = self.text.forward_tokens(neg_ids)
+        neg_img_tokens = self.visual.forward_tokens(all_images[neg_image[has_i]])
+        logits = torch.cat(
+            [
+                self.itm_logits(img_tokens, txt_tokens, txt_valid),  # (B, 2): the positives
+                self.itm_logits(img_tokens[has_t], neg_txt_tokens, neg_txt_valid),  # image + a wrong caption
+                self.itm_logits(neg_img_tokens, txt_tokens[has_i], txt_valid[has_i]),  # a wrong image + the caption
+            ]
+        )
+        rows = vdist.rank() * B + torch.arange(B, device=images.device)  # this rank's rows in the gathered batch
+        pair_image = torch.cat([rows, rows[has_t], neg_image[has_i]])
+        pair_text = torch.cat([rows, neg_text[has_t], rows[has_i]])
+        labels = torch.zeros(pair_image.shape[0], dtype=torch.long, device=images.device)
+        labels[:B] = 1
+        return {"itm_logits": logits, "itm_labels": labels, "itm_pairs": torch.stack([pair_image, pair_text], dim=1)}

@@ -113,7 +113,7 @@ class ITMTask(nn.Module):
     """ALBEF's pair of objectives: contrastive loss (ITC) + ``itm_weight`` * image–text matching on hard negatives.
 
     The model samples the ITM negatives from its own contrastive similarities inside ``forward(..., itm=True)`` (so
-    DDP sees every parameter used in one forward); negatives come from the local batch.
+    DDP sees every parameter used in one forward); under DDP they are drawn from every rank's batch (BLIP's way).
     """
 
     def __init__(self, model: nn.Module, contrastive: ContrastiveTask) -> None:
