@@ -16,6 +16,10 @@ channel, when configured, is appended in every head before its last conv.
 
 The judge behind FID-FM is a Fashion-MNIST classifier trained by vislang, a different network from this one and
 never seen by the GAN, so the metric is not measured in the space D was given.
+
+Measured on Fashion-MNIST (docs/gan-fashion-mnist.md): the classes come sooner than with dcgan's D (tracked FID-FM 1.34
+at 1,500 steps against 3.06), then it stalled near 1.17 with every item drawn in one grey: the frozen features barely
+register brightness (dimming an item to 60% moves them a fifth of the distance to another item; the pixels: 0.43).
 """
 
 from __future__ import annotations
