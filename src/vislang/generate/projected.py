@@ -128,6 +128,7 @@ class ProjectedDiscriminator(nn.Module):
         self.head, self.embed = text_head(cfg, width)
 
     def frozen(self) -> list[nn.Module]:
+        """The parts that never train: the pretrained network and the random projections."""
         return [self.net, self.proj]
 
     def train(self, mode: bool = True) -> ProjectedDiscriminator:
@@ -138,8 +139,9 @@ class ProjectedDiscriminator(nn.Module):
 
     def requires_grad_(self, requires_grad: bool = True) -> ProjectedDiscriminator:
         """Toggles the trainable parts only (a generator step freezes D, then unfreezes it)."""
-        for name, child in self.named_children():
-            if name not in ("net", "proj"):
+        frozen = self.frozen()
+        for child in self.children():
+            if not any(child is f for f in frozen):
                 child.requires_grad_(requires_grad)
         return self
 

@@ -34,6 +34,17 @@ def trim_padding(ids: torch.Tensor, pad_id: int) -> torch.Tensor:
     return ids[:, :keep]
 
 
+def itm_pairs(rows: torch.Tensor, neg_text: torch.Tensor, neg_image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P, 2) (image row, text row) pairs and their (P,) labels: the B positives ``rows`` first (label 1), then each
+    image with its negative text, then each negative image with its text (label 0); -1 negatives are left out."""
+    has_t, has_i = neg_text >= 0, neg_image >= 0
+    pair_image = torch.cat([rows, rows[has_t], neg_image[has_i]])
+    pair_text = torch.cat([rows, neg_text[has_t], rows[has_i]])
+    labels = torch.zeros(pair_image.shape[0], dtype=torch.long, device=rows.device)
+    labels[: rows.shape[0]] = 1
+    return torch.stack([pair_image, pair_text], dim=1), labels
+
+
 class ITMModel(CLIP):
     """Dual encoder + fusion + binary match head. ``forward(images, text, itm=True)`` adds the ITM pairs' logits."""
 
@@ -119,16 +130,11 @@ class ITMModel(CLIP):
             sim = out["logit_scale"] * out["image_features"] @ out["text_features"].T  # (B, B)
             positive = inverse[:, None] == inverse[None, :]  # (B, B): same caption = a positive too
             neg_text, neg_image = sample_hard_negatives(sim, positive)  # (B,), (B,); -1 = none in this batch
-        rows = torch.arange(B, device=img_tokens.device)
-        has_t, has_i = neg_text >= 0, neg_image >= 0
-        pair_image = torch.cat([rows, rows[has_t], neg_image[has_i]])  # (P,)
-        pair_text = torch.cat([rows, neg_text[has_t], rows[has_i]])  # (P,) batch rows of the texts
-        labels = torch.zeros(pair_image.shape[0], dtype=torch.long, device=img_tokens.device)
-        labels[:B] = 1
+        pairs, labels = itm_pairs(torch.arange(B, device=img_tokens.device), neg_text, neg_image)
+        pair_image, pair_text = pairs.T  # (P,), (P,) batch rows of the images and the texts
         u = inverse[pair_text]  # (P,) rows of the unique texts
         out["itm_logits"] = self.itm_logits(img_tokens, txt[u], valid[u], pair_image)  # (P, 2)
-        out["itm_labels"] = labels
-        out["itm_pairs"] = torch.stack([pair_image, pair_text], dim=1)  # (P, 2): batch rows of image and text
+        out["itm_labels"], out["itm_pairs"] = labels, pairs
         return out
 
     def _global_itm(
@@ -170,8 +176,5 @@ class ITMModel(CLIP):
             ]
         )
         rows = vdist.rank() * B + torch.arange(B, device=images.device)  # this rank's rows in the gathered batch
-        pair_image = torch.cat([rows, rows[has_t], neg_image[has_i]])
-        pair_text = torch.cat([rows, neg_text[has_t], rows[has_i]])
-        labels = torch.zeros(pair_image.shape[0], dtype=torch.long, device=images.device)
-        labels[:B] = 1
-        return {"itm_logits": logits, "itm_labels": labels, "itm_pairs": torch.stack([pair_image, pair_text], dim=1)}
+        pairs, labels = itm_pairs(rows, neg_text, neg_image)
+        return {"itm_logits": logits, "itm_labels": labels, "itm_pairs": pairs}
