@@ -741,3 +741,43 @@ def test_train_gan_puts_cudnn_benchmark_back_even_when_the_run_fails(monkeypatch
     with pytest.raises(RuntimeError, match="stopped"):
         gan_train.train_gan(None)
     assert torch.backends.cudnn.benchmark == before
+
+
+def test_coverage_loss_pulls_only_the_nearest_candidate():
+    from vislang.generate.train import coverage_loss
+
+    real = torch.rand(2, 1, 4, 4) * 2 - 1
+    cand = torch.stack([real[0] + 0.5, real[0] + 0.1, real[1] - 1.0, real[1]]).requires_grad_()  # K=2 per real
+    loss = coverage_loss(cand, real)
+    assert loss.item() == pytest.approx((0.1**2 + 0.0) / 2, abs=1e-6)  # nearest per real: 0.1 away, exact
+    loss.backward()
+    touched = cand.grad.flatten(1).abs().sum(1) > 0
+    assert touched.tolist() == [False, True, False, False]  # the farther ones get nothing; the exact one has 0 grad
+    far = coverage_loss(torch.stack([real[0] + 0.5, real[0] + 0.4, real[1] + 0.3, real[1] - 0.3]), real)
+    assert far.item() == pytest.approx((0.4**2 + 0.3**2) / 2, abs=1e-5)
+
+
+def test_coverage_term_reaches_the_generator(text_model_dir, tmp_path):
+    import dataclasses
+
+    from vislang.generate.models import GANModelConfig, build_gan
+    from vislang.generate.train import gan_step
+    from vislang.train.config import GANConfig
+
+    def step(weight: float) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        g, d = build_gan(GANModelConfig(cond_dim=6, z_dim=5, g_width=4, d_width=4))
+        opt_g, opt_d = (torch.optim.Adam(m.parameters(), 1e-2) for m in (g, d))
+        gan = dataclasses.replace(GANConfig(), coverage=weight, coverage_images=3, coverage_candidates=4)
+        real, c = torch.rand(8, 1, 28, 28) * 2 - 1, torch.nn.functional.normalize(torch.randn(8, 6), dim=1)
+        stats = gan_step(g, d, g, opt_g, opt_d, real, c, gan, torch.Generator().manual_seed(0))
+        assert stats["coverage"] > 0
+        return {k: v.clone() for k, v in g.state_dict().items()}
+
+    tiny, big = step(1e-9), step(10.0)  # the same noise, batches and BatchNorm statistics: only the weight differs
+    assert any(not torch.allclose(tiny[k], big[k]) for k in tiny if tiny[k].is_floating_point())
+    with pytest.raises(ValueError, match="coverage_candidates"):
+        from vislang.generate.train import train_gan
+
+        c = _cfg(text_model_dir, tmp_path / "a", 2)
+        train_gan(dataclasses.replace(c, gan=dataclasses.replace(c.gan, coverage=1.0, coverage_candidates=0)))

@@ -128,6 +128,17 @@ def spread_match_loss(h_fake: torch.Tensor, h_real: torch.Tensor, group: int) ->
     return ((std_f - std_r) ** 2).mean() / ((std_r**2).mean() + 1e-8)
 
 
+def coverage_loss(candidates: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """IMLE's term (Li & Malik 2018): the mean squared pixel distance from each real image (N, C, H, W) to the
+    nearest of its K generated candidates (N * K, C, H, W; candidates of one real image consecutive, drawn for its
+    text). Only the nearest candidate gets a gradient, so every real image pulls some fake towards itself: a data
+    mode that no noise reaches costs the generator, which the adversarial loss alone does not make it pay (a
+    generator that draws a class's typical items well satisfies the discriminator while its spread stays narrow)."""
+    n = real.shape[0]
+    d = (candidates.float().view(n, -1, *real.shape[1:]) - real.float().unsqueeze(1)).pow(2).mean(dim=(2, 3, 4))
+    return d.min(dim=1).values.mean()  # (N, K) → nearest per real image → mean
+
+
 def gan_step(
     G: torch.nn.Module,
     D: torch.nn.Module,
@@ -155,13 +166,21 @@ def gan_step(
     b = real.shape[0]
     n_flip = 0 if c_flip is None else len(c_flip)
     z = torch.randn(b, G.cfg.z_dim, device=real.device)
+    # Extra fakes ride in the same G pass (and BatchNorm batch) as the batch's own: a second noise for the first
+    # half of the batch (mode seeking), several candidates for each of a few real images' texts (coverage).
+    extra_z, extra_c = [], []
+    if gan.mode_seeking > 0:
+        extra_z.append(torch.randn(b // 2, G.cfg.z_dim, device=real.device)), extra_c.append(c[: b // 2])
+    n_cov = min(gan.coverage_images, b) if gan.coverage > 0 and update_g else 0
+    if n_cov:
+        pick = torch.randperm(b, device=real.device)[:n_cov]
+        extra_z.append(torch.randn(n_cov * gan.coverage_candidates, G.cfg.z_dim, device=real.device))
+        extra_c.append(c[pick].repeat_interleave(gan.coverage_candidates, dim=0))
     with torch.set_grad_enabled(update_g):  # a D-only step needs no graph through G
-        if gan.mode_seeking > 0:  # a second noise for the first half of the batch, same texts, in the same G pass
-            z = torch.cat([z, torch.randn(b // 2, G.cfg.z_dim, device=real.device)])
-            fake_all = G(z, torch.cat([c, c[: b // 2]]))
-            fake, fake2 = fake_all[:b], fake_all[b:]
-        else:
-            fake = G(z, c)  # (B, C, H, W)
+        fake_all = G(torch.cat([z, *extra_z]), torch.cat([c, *extra_c])) if extra_z else G(z, c)
+    fake = fake_all[:b]  # (B, C, H, W)
+    if gan.mode_seeking > 0:
+        fake2, z = fake_all[b : b + b // 2], torch.cat([z, extra_z[0]])
     aug = parse_augment(gan.augment)  # DiffAugment: D sees real and fake through the same random transformations
     h = D.features(diff_augment(torch.cat([real, fake.detach()]), aug))  # (2B, W): each image through D's body once
     hs, conds = [h], [c, c]
@@ -211,6 +230,10 @@ def gan_step(
         ms = mode_seeking_loss(fake[: b // 2], fake2, z[: b // 2], z[b:])
         loss_g = loss_g + gan.mode_seeking * ms
         stats["mode_seeking"] = ms.item()
+    if n_cov:
+        cov = coverage_loss(fake_all[len(fake_all) - n_cov * gan.coverage_candidates :], real[pick])
+        loss_g = loss_g + gan.coverage * cov
+        stats["coverage"] = cov.item()
     if gan.spread_match > 0:
         sm = spread_match_loss(h_fake, h_real_now, max(getattr(D, "mbstd", 0), 2))  # D's groups, else pairs
         loss_g = loss_g + gan.spread_match * sm
@@ -246,6 +269,11 @@ def _train_gan(cfg: TrainConfig, resume: bool) -> Path:
         raise ValueError(
             "gan.fid_every and gan.keep_best track FID-FM with a fixed classifier: pass --gan.judge=DIR "
             "(train one with `vislang finetune --model fmnist-cnn --method scratch --out runs/finetune`)"
+        )
+    if gan.coverage > 0 and min(gan.coverage_candidates, gan.coverage_images) < 1:
+        raise ValueError(
+            f"gan.coverage_candidates={gan.coverage_candidates} and gan.coverage_images={gan.coverage_images} "
+            "must be at least 1 (fakes drawn per real image, real images per batch) when gan.coverage is on"
         )
     if gan.d_steps < 1:
         raise ValueError(f"gan.d_steps={gan.d_steps} must be at least 1 (discriminator updates per generator update)")

@@ -57,6 +57,9 @@ class GANConfig:
     text_match: float = 0.0  # weight of the "which text of the batch is this image's" loss for D and G (projection D)
     mode_seeking: float = 0.0  # weight of MSGAN's diversity term (two noises, one text: different images); 0 = off
     spread_match: float = 0.0  # weight of a G term: D-feature spread per minibatch-std group like the real one's
+    coverage: float = 0.0  # weight of a G term (IMLE): each of a few real images pulls the nearest of several fakes
+    coverage_candidates: int = 8  # coverage: fakes drawn per real image (same text), the nearest is pulled
+    coverage_images: int = 16  # coverage: real images of each batch that pull (the first ones)
     relation_negatives: bool = False  # captions with their relation flipped (left↔right, above↔below) count as wrong
     augment: str = ""  # DiffAugment policy for every image D sees, e.g. "translation,cutout" (small data); ""=none
     group_by_label: bool = False  # order each batch by class label, so minibatch-std groups hold one class each
