@@ -142,6 +142,30 @@ def test_compare_table(tiny, cache, tmp_path):
     assert md.count("\n| ") == 2 and "dynamic-int8" in md and (tmp_path / "cmp" / "compare.png").stat().st_size > 0
 
 
+def test_compare_times_each_batch_size(tiny, tmp_path, capsys):
+    from vislang.compress.compare import batch_of
+
+    x, ids = torch.arange(3.0).view(3, 1, 1, 1), torch.arange(6).view(3, 2)
+    bx, bids = batch_of(x, ids, 7)
+    assert bx.flatten().tolist() == [0, 1, 2, 0, 1, 2, 0] and bids[:, 0].tolist() == [0, 2, 4, 0, 2, 4, 0]
+    assert batch_of(x, ids, 2)[0].shape == (2, 1, 1, 1)
+    compress_model_dir(tiny, "dynamic-int8", tmp_path / "int8")
+    models, out = [str(tiny), str(tmp_path / "int8")], tmp_path / "c"
+    args = ["compare", *models, "--data", "none", "--rounds", "1", "--batch-size", "4", "-o", str(out)]
+    assert main([*args, "--speed-batches", "1,6"]) == 0
+    rows = json.loads((out / "compare.json").read_text())
+    assert [sorted(r["speed_by_batch"]) for r in rows] == [["1", "6"]] * 2
+    assert all(s["images_per_s"] > 0 for r in rows for s in r["speed_by_batch"].values())
+    assert rows[0]["speed_by_batch"]["6"]["images_per_s_ratio"] == 1.0  # ratios against the first model
+    md = (out / "compare.md").read_text()
+    assert "img/s @1" in md and "txt/s @6" in md and (out / "speed_by_batch.png").stat().st_size > 0
+    capsys.readouterr()
+    for bad in ("0,8", "one"):
+        with pytest.raises(SystemExit):
+            main([*args, "--speed-batches", bad])
+        assert "batch sizes" in capsys.readouterr().err
+
+
 def test_paired_ratios_cancel_the_machines_drift():
     from vislang.compress.compare import paired_ratios
 

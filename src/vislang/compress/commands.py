@@ -49,6 +49,17 @@ def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _int_list(text: str) -> list[int]:
+    """argparse type for "1,8,256": positive integers, or a usage error that names the bad item."""
+    try:
+        sizes = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of batch sizes, e.g. 1,8,256") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: batch sizes must be positive integers, e.g. 1,8,256")
+    return sizes
+
+
 def cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
     from pathlib import Path
 
@@ -64,6 +75,7 @@ def cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
         out_dir=out,
         cache_dir=args.cache_dir,
         caption_images=args.caption_images,
+        speed_batches=args.speed_batches,
     )
     print(markdown_table(rows))
     print(f"wrote {out}/compare.md, compare.png, compare.json")
@@ -110,5 +122,12 @@ def register(add) -> None:
     sp.add_argument("--batch-size", type=int, default=256)
     sp.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     sp.add_argument("--caption-images", type=int, default=200, help="captioners: test images for CIDEr (greedy)")
+    sp.add_argument(
+        "--speed-batches",
+        type=_int_list,
+        default=None,
+        metavar="N,N,...",
+        help="also time each model at these batch sizes (e.g. 1,8,64,256): int8 gains most on small batches",
+    )
     sp.add_argument("-o", "--out", default=None, help="where compare.md/.png/.json go (default: FIRST/../compare)")
     sp.add_argument("--cache-dir", default=".cache/vislang/prepared")

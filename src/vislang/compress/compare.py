@@ -103,6 +103,30 @@ def measure_speed(
     return rows
 
 
+def batch_of(x: torch.Tensor, ids: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` images and texts of a timing batch, the batch repeated where ``n`` is larger."""
+    if n < 1:
+        raise ValueError(f"batch size {n} must be at least 1")
+    reps = -(-n // x.shape[0])  # ceil
+    return x.repeat(reps, *[1] * (x.dim() - 1))[:n], ids.repeat(-(-n // ids.shape[0]), 1)[:n]
+
+
+def speed_by_batch(
+    models: list[Any], inputs: list[tuple[torch.Tensor, torch.Tensor]], sizes: list[int], rounds: int = 5
+) -> list[dict[int, dict[str, float]]]:
+    """:func:`measure_speed` at each batch size in ``sizes``: per model, {size: images/s, texts/s and ratios}.
+
+    Why: what quantisation buys depends on the batch. One image at a time, a Linear layer's time goes to reading its
+    weights, which int8 makes 4x smaller; at a few hundred images the arithmetic dominates, where int8 on a CPU
+    without VNNI gains less. A server answering single queries and an indexing job see different ratios.
+    """
+    out: list[dict[int, dict[str, float]]] = [{} for _ in models]
+    for n in sizes:
+        for per_model, speed in zip(out, measure_speed(models, [batch_of(x, ids, n) for x, ids in inputs], rounds)):
+            per_model[n] = speed
+    return out
+
+
 def paired_ratios(base_s: list[float], other_s: list[float], base_n: int, other_n: int) -> dict[str, Any]:
     """Throughput ratio other/base per timed call pair (the i-th call of each, made in the same round), as the median
     and the interquartile range [q1, q3] of those ratios: the drift of a shared machine between rounds cancels."""
@@ -199,11 +223,15 @@ def compare_models(
     cache_dir: str = ".cache/vislang/prepared",
     data_options: dict[str, Any] | None = None,
     caption_images: int = 200,
+    speed_batches: list[int] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per model: size, parameters, non-zero parameters, images/s, texts/s and task metrics on ``data``.
+    """One row per model: size, parameters, non-zero parameters, images/s, texts/s and task metrics on ``data``;
+    with ``speed_batches``, also images/s and texts/s at each of those batch sizes (``row["speed_by_batch"]``).
 
-    With ``out_dir``, writes ``compare.md``, ``compare.png`` and ``compare.json`` there.
+    With ``out_dir``, writes ``compare.md``, ``compare.png`` and ``compare.json`` there (and ``speed_by_batch.png``).
     """
+    if speed_batches and min(speed_batches) < 1:
+        raise ValueError(f"--speed-batches {speed_batches}: every batch size must be at least 1")
     from ..evaluation.run import templates_for
     from ..train.config import DataConfig
     from ..train.data import load_prepared
@@ -259,12 +287,17 @@ def compare_models(
         row.update(speed)
         row["threads"] = torch.get_num_threads()
         row["batch_size"] = inputs[0][0].shape[0]
+    if speed_batches:
+        for row, by_batch in zip(rows, speed_by_batch(models, inputs, sorted(set(speed_batches)), rounds)):
+            row["speed_by_batch"] = by_batch
     if out_dir:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "compare.md").write_text(markdown_table(rows))
         (out / "compare.json").write_text(json.dumps(rows, indent=2))
         plot_table(rows, out / "compare.png")
+        if speed_batches:
+            plot_speed_by_batch(rows, out / "speed_by_batch.png")
     return rows
 
 
@@ -302,7 +335,24 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         f"\nSpeed: batch {rows[0]['batch_size']}, {rows[0]['threads']} torch/onnxruntime thread(s), CPU, one run; "
         "× columns are ratios to the first row, each the median of per-round paired ratios, IQR their quartiles.\n"
     )
-    return "\n".join(lines) + "\n" + note
+    return "\n".join(lines) + "\n" + note + batch_table(rows)
+
+
+def batch_table(rows: list[dict[str, Any]]) -> str:
+    """images/s (and the ratio to the first model) at each batch size of ``speed_by_batch``; "" when not measured."""
+    sizes = sorted({n for r in rows for n in r.get("speed_by_batch", {})})
+    if not sizes:
+        return ""
+    head = ["model", *(f"img/s @{n}" for n in sizes), *(f"txt/s @{n}" for n in sizes)]
+    lines = ["", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for i, r in enumerate(rows):
+        cells = [r["model"]]
+        for col in ("images_per_s", "texts_per_s"):
+            for n in sizes:
+                s = r["speed_by_batch"][n]
+                cells.append(f"{s[col]:.0f}" + ("" if i == 0 else f" ({s[col + '_ratio']:.2f}×)"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\nBy batch size: (×) is the median paired ratio to the first row at that size.\n"
 
 
 def plot_table(rows: list[dict[str, Any]], path: Path) -> None:
@@ -320,4 +370,27 @@ def plot_table(rows: list[dict[str, Any]], path: Path) -> None:
     table.auto_set_column_width(list(range(len(head))))
     fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_speed_by_batch(rows: list[dict[str, Any]], path: Path) -> None:
+    """images/s and texts/s against batch size (log-log), one line per model: where the ratios change."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, col, title in zip(axes, ("images_per_s", "texts_per_s"), ("images/s", "texts/s")):
+        for r in rows:
+            sizes = sorted(r["speed_by_batch"])
+            ax.plot(sizes, [r["speed_by_batch"][n][col] for n in sizes], marker="o", label=Path(r["model"]).name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("batch size")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
     plt.close(fig)
