@@ -54,7 +54,7 @@ def _int_list(text: str) -> list[int]:
     try:
         sizes = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of batch sizes, e.g. 1,8,256") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of batch sizes, e.g. 1,8,256") from None
     if not sizes or min(sizes) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: batch sizes must be positive integers, e.g. 1,8,256")
     return sizes
