@@ -432,6 +432,23 @@ def test_resnet_gan_trains_and_saves_a_loadable_generator(text_model_dir, tmp_pa
     assert t2i.generate("a photo of a bag.", n=2, seed=0).shape == (2, 1, 28, 28)
 
 
+def test_mixture_gan_trains_saves_and_samples_each_component(text_model_dir, tmp_path):
+    import dataclasses
+
+    from vislang.generate.models import GeneratorMixture
+    from vislang.generate.train import train_gan
+
+    c = _cfg(text_model_dir, tmp_path / "m", 3)
+    model_dir = train_gan(dataclasses.replace(c, gan=dataclasses.replace(c.gan, model={**c.gan.model, "mixture": 2})))
+    t2i = TextToImage.from_pretrained(model_dir)
+    assert t2i.cfg.mixture == 2 and isinstance(t2i.generator, GeneratorMixture)
+    state = _generator_state(model_dir)
+    assert any(k.startswith("parts.1.") for k in state)
+    assert not torch.allclose(state["parts.0.fc.weight"], state["parts.1.fc.weight"])
+    x = t2i.generate("a photo of a bag.", n=6, seed=0)
+    assert x.shape == (6, 1, 28, 28) and torch.equal(t2i.generate("a photo of a bag.", n=2, seed=0), x[:2])
+
+
 def test_projected_gan_trains_and_its_generator_loads_without_the_discriminator(text_model_dir, tmp_path, monkeypatch):
     from vislang.generate import projected
     from vislang.generate.train import train_gan
@@ -781,3 +798,28 @@ def test_coverage_term_reaches_the_generator(text_model_dir, tmp_path):
 
         c = _cfg(text_model_dir, tmp_path / "a", 2)
         train_gan(dataclasses.replace(c, gan=dataclasses.replace(c.gan, coverage=1.0, coverage_candidates=0)))
+
+
+def test_generator_mixture_picks_a_component_from_the_noise_alone():
+    from vislang.generate.models import GeneratorMixture
+
+    g, _ = build_gan(GANModelConfig(cond_dim=6, z_dim=5, g_width=4, mixture=3))
+    assert isinstance(g, GeneratorMixture) and len(g.parts) == 3
+    torch.manual_seed(0)
+    z, c = torch.randn(600, 5), torch.randn(600, 6)
+    k = g.component(z)
+    assert k.bincount(minlength=3).min() > 150  # each component draws about a third of the images
+    g.eval()
+    with torch.no_grad():
+        x = g(z, c)
+        for j in range(3):  # every image is its own component's output, wherever it sits in the batch
+            sel = (k == j).nonzero().squeeze(1)
+            assert torch.allclose(x[sel], g.parts[j](z[sel], c[sel]), atol=1e-6)
+        assert torch.allclose(g(z[5:6], c[5:6]), x[5:6], atol=1e-6)  # one image alone: the same as in a batch
+    g.train()
+    g(z[:32], c[:32]).square().mean().backward()
+    assert all(p.grad is not None for part in g.parts for p in part.parameters())  # all components learn
+    with pytest.raises(ValueError, match="mixture"):
+        build_gan(GANModelConfig(cond_dim=6, z_dim=5, mixture=0))
+    with pytest.raises(ValueError, match="z_dim"):
+        build_gan(GANModelConfig(cond_dim=6, z_dim=2, mixture=3))
