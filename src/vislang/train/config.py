@@ -58,6 +58,7 @@ class GANConfig:
     mode_seeking: float = 0.0  # weight of MSGAN's diversity term (two noises, one text: different images); 0 = off
     spread_match: float = 0.0  # weight of a G term: D-feature spread per minibatch-std group like the real one's
     coverage: float = 0.0  # weight of a G term (IMLE): each of a few real images pulls the nearest of several fakes
+    # (1 and 0.25 from a 9,500-step Fashion-MNIST run: no change in tracked FID-FM over 1,000 steps)
     coverage_candidates: int = 8  # coverage: fakes drawn per real image (same text), the nearest is pulled
     coverage_images: int = 16  # coverage: real images of each batch that pull (the first ones)
     relation_negatives: bool = False  # captions with their relation flipped (left↔right, above↔below) count as wrong
