@@ -2,6 +2,7 @@
 back end embeds like the torch model, and bad input fails clearly."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -104,3 +105,38 @@ def test_cli_embed_with_onnx_backend(exported, tmp_path):
     )
     assert main(["embed", "--model", str(model_dir), "--texts", "a red circle", "-o", str(tmp_path / "t.npy")]) == 0
     assert np.allclose(np.load(tmp_path / "o.npy"), np.load(tmp_path / "t.npy"), atol=TOL)
+
+
+def test_index_and_search_run_an_onnx_export(exported, tmp_path):
+    from PIL import Image
+
+    from vislang.index.build import build_index, load_embedder
+    from vislang.index.search import Searcher
+
+    model_dir, onnx_dir, _ = exported
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    build_index(str(folder), tmp_path / "ix_onnx", onnx_dir, batch_size=4, progress=False)
+    build_index(str(folder), tmp_path / "ix_torch", model_dir, batch_size=4, progress=False)
+    s_onnx, s_torch = Searcher(tmp_path / "ix_onnx"), Searcher(tmp_path / "ix_torch")  # each with its recorded model
+    assert isinstance(s_onnx.model, OnnxCLIP) and not isinstance(s_torch.model, OnnxCLIP)
+    q_onnx, q_torch = s_onnx.embed_texts(["a red circle"]), s_torch.embed_texts(["a red circle"])
+    assert np.allclose(q_onnx, q_torch, atol=TOL)
+    paths = lambda hits: [h["path"] for h in hits]  # noqa: E731
+    assert paths(s_onnx.search_text("a red circle", k=6)) == paths(s_torch.search_text("a red circle", k=6))
+    assert s_onnx.search_image(folder / "3.png", k=1)[0]["path"].endswith("3.png")  # image queries through ONNX too
+    with pytest.raises(ValueError, match="onnxruntime runs on the CPU"):
+        load_embedder(onnx_dir, "cuda")
+    pytest.importorskip("httpx", reason="FastAPI's TestClient needs httpx")
+    from fastapi.testclient import TestClient
+
+    from vislang.serve import create_app
+
+    with TestClient(create_app(tmp_path / "ix_onnx")) as c:  # the HTTP service on the ONNX export
+        r = c.post("/v1/search", json={"text": "a red circle", "k": 6})
+    assert r.status_code == 200
+    names = [Path(h["path"]).name for h in s_torch.search_text("a red circle", k=6)]
+    assert [h["name"] for h in r.json()["results"]] == names

@@ -188,11 +188,21 @@ def open_source(src: str, img_key: str | None = None, caption_key: str | None = 
 
 
 def load_embedder(model_dir: str | os.PathLike, device: str = "cpu"):
-    """(model, eval preprocess) of a model directory."""
-    from ..factory import create_model_and_transforms
+    """(model, eval preprocess) of a model directory: a torch model (int8 ones too), or an ONNX export (`vislang
+    export --onnx`), which onnxruntime runs on the CPU. Which one is the directory's choice, as in `vislang embed`, so
+    index building, search and the HTTP service take an export wherever they take a model."""
+    import torch
 
-    model, _, preprocess = create_model_and_transforms(model_dir, device=device)
-    return model.eval(), preprocess
+    from ..export import is_onnx_dir, load_embedding_model
+
+    onnx = is_onnx_dir(model_dir)
+    if onnx and torch.device(device).type != "cpu":
+        raise ValueError(
+            f"{model_dir} is an ONNX export, which onnxruntime runs on the CPU; pass --device cpu, or the torch model "
+            f"directory to run on {device}"
+        )
+    model, preprocess = load_embedding_model(model_dir, "onnx" if onnx else "torch")
+    return model.eval() if onnx else model.to(device).eval(), preprocess
 
 
 def open_or_create(

@@ -40,9 +40,10 @@ class Searcher:
             return
         if not self.model_dir:
             raise ValueError(f"{self.index.directory} records no model; pass --model DIR")
-        from ..factory import create_model_and_transforms, get_tokenizer
+        from ..factory import get_tokenizer
+        from .build import load_embedder
 
-        model, _, preprocess = create_model_and_transforms(self.model_dir, device=self.device)
+        model, preprocess = load_embedder(self.model_dir, self.device)  # a torch model or an ONNX export
         if model.cfg.embed_dim != self.index.dim:
             raise ValueError(
                 f"{self.model_dir} embeds into {model.cfg.embed_dim} dims but the index holds {self.index.dim}; "
