@@ -140,3 +140,31 @@ def test_index_and_search_run_an_onnx_export(exported, tmp_path):
     assert r.status_code == 200
     names = [Path(h["path"]).name for h in s_torch.search_text("a red circle", k=6)]
     assert [h["name"] for h in r.json()["results"]] == names
+
+
+@pytest.mark.parametrize("mixture", [1, 2])
+def test_gan_generator_exports_with_its_text_tower(tmp_path, capsys, mixture):
+    from vislang.generate.models import GANModelConfig, build_generator
+    from vislang.generate.sample import TextToImage
+
+    enc_dir = tiny_model_dir(tmp_path)
+    encoder = from_pretrained(enc_dir)
+    cfg = GANModelConfig(cond_dim=encoder.cfg.embed_dim, z_dim=6, g_width=4, mixture=mixture)
+    torch.manual_seed(0)
+    gen = build_generator(cfg)
+    gen(torch.randn(16, 6), torch.randn(16, cfg.cond_dim))  # BatchNorm statistics that are not the defaults
+    t2i = TextToImage(cfg, gen, encoder, get_tokenizer(enc_dir), {"sample_prompts": []})
+    t2i.save_pretrained(tmp_path / "gan")
+    assert main(["export", str(tmp_path / "gan"), "--onnx", str(tmp_path / "o")]) == 0
+    assert "generator:   max abs diff" in capsys.readouterr().out
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(tmp_path / "o" / "generator.onnx"), providers=["CPUExecutionProvider"])
+    z, c = torch.randn(5, 6), torch.randn(5, cfg.cond_dim)
+    got = sess.run(None, {"noise": z.numpy(), "text_embeds": c.numpy()})[0]
+    back = TextToImage.from_pretrained(tmp_path / "gan")
+    with torch.inference_mode():
+        assert np.abs(got - back.generator(z, c).numpy()).max() <= TOL
+    assert is_onnx_dir(tmp_path / "o" / "text_encoder")
+    meta = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert meta["model_type"] == "vislang-gan" and meta["onnx"]["max_abs_diff"]["generator"] <= TOL

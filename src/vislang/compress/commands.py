@@ -45,6 +45,9 @@ def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
     if "step_max_abs_diff" in report:
         print(f"caption context: max abs diff vs PyTorch {report['context_max_abs_diff']:.2e}")
         print(f"decoder step:    max abs diff vs PyTorch {report['step_max_abs_diff']:.2e}")
+    if "generator_max_abs_diff" in report:
+        print(f"generator:   max abs diff vs PyTorch {report['generator_max_abs_diff']:.2e}")
+        print(f"text tower:  max abs diff vs PyTorch {report['text_max_abs_diff']:.2e}")
     print(f"onnx: {report['out_dir']}")
     return 0
 

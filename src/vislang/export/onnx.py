@@ -169,11 +169,15 @@ def export_onnx(
     from ..factory import get_tokenizer
 
     src, out = Path(model_dir), Path(out_dir)
+    if (src / "model" / "config.json").is_file() and not (src / "config.json").is_file():
+        src = src / "model"  # a run directory: its model/ subfolder
     meta = json.loads((src / "config.json").read_text()) if (src / "config.json").is_file() else {}
+    if meta.get("model_type") == GAN_TYPE:
+        return export_generator(src, out, check, tol)
     if meta.get("model_type") not in (None, "vislang-clip"):
         raise ValueError(
-            f"{src} holds a {meta.get('model_type')!r} model; ONNX export covers dual encoders and captioners "
-            "(vislang-clip directories)"
+            f"{src} holds a {meta.get('model_type')!r} model; ONNX export covers dual encoders, captioners "
+            "(vislang-clip directories) and text-to-image generators (vislang-gan)"
         )
     if meta.get("compression", {}).get("method", "").endswith("int8"):
         raise ValueError(
@@ -240,6 +244,65 @@ def check_parity(
         if not diff <= tol:
             raise RuntimeError(f"the ONNX {key} tower differs from PyTorch by {diff:.2e} (> {tol:.0e}); do not use it")
     return {"image_max_abs_diff": diffs["image"], "text_max_abs_diff": diffs["text"], "batch_sizes": batch_sizes}
+
+
+GAN_TYPE = "vislang-gan"  # generate.sample.MODEL_TYPE
+GENERATOR_FILE = "generator.onnx"
+
+
+class _AllComponents(nn.Module):
+    """A mixture generator for export: every component draws every image, and each image keeps its own component's
+    output. K times the work of picking, but no data-dependent shapes, which the exporter cannot trace."""
+
+    def __init__(self, mixture: nn.Module) -> None:
+        super().__init__()
+        self.mixture = mixture
+
+    def forward(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        outs = torch.stack([g(z, c) for g in self.mixture.parts], dim=1)  # (B, K, C, H, W)
+        pick = torch.nn.functional.one_hot(self.mixture.component(z), outs.shape[1]).to(outs.dtype)  # (B, K)
+        return (outs * pick[:, :, None, None, None]).sum(dim=1)  # a mask, not indexing: the batch stays dynamic
+
+
+def export_generator(src: Path, out: Path, check: bool = True, tol: float = PARITY_TOL) -> dict[str, Any]:
+    """A text-to-image GAN: ``generator.onnx`` (noise (B, Z), text embeddings (B, E) → images (B, C, H, W) in
+    [-1, 1], dynamic batch) and its frozen text tower exported as a dual encoder under ``text_encoder/``, each
+    checked against PyTorch at two batch sizes. Sampling needs only these two: embed the prompt, draw noise, decode.
+    """
+    from ..generate.models import GeneratorMixture
+    from ..generate.sample import TextToImage
+
+    t2i = TextToImage.from_pretrained(src)
+    gen = t2i.generator.eval()
+    module = _AllComponents(gen) if isinstance(gen, GeneratorMixture) else gen
+    out.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    z, c = torch.randn(2, t2i.cfg.z_dim, generator=g), torch.randn(2, t2i.cfg.cond_dim, generator=g)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    try:
+        _export(module, (z, c), out / GENERATOR_FILE, ["noise", "text_embeds"], "images", ({0: batch}, {0: batch}))
+    except Exception as e:
+        raise RuntimeError(f"ONNX export of the generator in {src} failed ({type(e).__name__}: {str(e)[:300]})") from e
+    text = export_onnx(src / "text_encoder", out / "text_encoder", check, tol)
+    meta = json.loads((src / "config.json").read_text())
+    meta["onnx"] = {"generator": GENERATOR_FILE, "text_encoder": "text_encoder", "source": str(src)}
+    report: dict[str, Any] = {"out_dir": str(out), "text_max_abs_diff": text.get("text_max_abs_diff")}
+    if check:
+        ort = _require("onnxruntime")
+        sess = ort.InferenceSession(str(out / GENERATOR_FILE), providers=["CPUExecutionProvider"])
+        diff = 0.0
+        for b in (1, 7):
+            zb, cb = torch.randn(b, t2i.cfg.z_dim, generator=g), torch.randn(b, t2i.cfg.cond_dim, generator=g)
+            with torch.inference_mode():
+                ref = gen(zb, cb).numpy()
+            got = sess.run(None, {"noise": zb.numpy(), "text_embeds": cb.numpy()})[0]
+            diff = max(diff, float(np.abs(got - ref).max()))
+        if not diff <= tol:
+            raise RuntimeError(f"the ONNX generator differs from PyTorch by {diff:.2e} (> {tol:.0e}); do not use it")
+        report.update(generator_max_abs_diff=diff, batch_sizes=(1, 7))
+        meta["onnx"]["max_abs_diff"] = {"generator": diff, "text": report["text_max_abs_diff"]}
+    (out / "config.json").write_text(json.dumps(meta, indent=2))
+    return report
 
 
 @torch.inference_mode()
