@@ -19,6 +19,15 @@ from typing import Any
 import torch
 
 
+def run_or_model_dir(path: str | os.PathLike) -> Path:
+    """``path`` itself, or its ``model/`` subfolder when ``path`` is a training run (``runs/NAME``) holding one: the
+    commands that read a model take either."""
+    p = Path(path)
+    if (p / "model" / "config.json").is_file() and not (p / "config.json").is_file():
+        return p / "model"
+    return p
+
+
 @contextlib.contextmanager
 def atomic_dir(directory: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder beside ``directory``; on success it replaces ``directory``, on error it is removed.

@@ -107,8 +107,8 @@ def batch_of(x: torch.Tensor, ids: torch.Tensor, n: int) -> tuple[torch.Tensor, 
     """The first ``n`` images and texts of a timing batch, the batch repeated where ``n`` is larger."""
     if n < 1:
         raise ValueError(f"batch size {n} must be at least 1")
-    reps = -(-n // x.shape[0])  # ceil
-    return x.repeat(reps, *[1] * (x.dim() - 1))[:n], ids.repeat(-(-n // ids.shape[0]), 1)[:n]
+    reps = -(-n // x.shape[0])  # ceil; images and texts of a timing batch are equally many
+    return x.repeat(reps, *[1] * (x.dim() - 1))[:n], ids.repeat(reps, 1)[:n]
 
 
 def speed_by_batch(

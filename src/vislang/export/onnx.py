@@ -167,10 +167,9 @@ def export_onnx(
     _require("onnx"), _require("onnxscript")
     from ..compress.quantize import load_model
     from ..factory import get_tokenizer
+    from ..model_dir import run_or_model_dir
 
-    src, out = Path(model_dir), Path(out_dir)
-    if (src / "model" / "config.json").is_file() and not (src / "config.json").is_file():
-        src = src / "model"  # a run directory: its model/ subfolder
+    src, out = run_or_model_dir(model_dir), Path(out_dir)
     meta = json.loads((src / "config.json").read_text()) if (src / "config.json").is_file() else {}
     if meta.get("model_type") == GAN_TYPE:
         return export_generator(src, out, check, tol)

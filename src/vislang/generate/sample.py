@@ -175,10 +175,9 @@ class TextToImage(nn.Module):
         from safetensors.torch import load_file
 
         from ..factory import from_pretrained, get_tokenizer
+        from ..model_dir import run_or_model_dir
 
-        d = Path(directory)
-        if (d / "model" / "config.json").is_file() and not (d / "config.json").is_file():
-            d = d / "model"  # a run directory: its model/ subfolder
+        d = run_or_model_dir(directory)  # a run directory: its model/ subfolder
         cfg_file = d / "config.json"
         if not cfg_file.is_file():
             raise FileNotFoundError(f"{d} is not a GAN model directory (no config.json); train one: vislang train "

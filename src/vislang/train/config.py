@@ -60,7 +60,7 @@ class GANConfig:
     coverage: float = 0.0  # weight of a G term (IMLE): each of a few real images pulls the nearest of several fakes
     # (1 and 0.25 from a 9,500-step Fashion-MNIST run: no change in tracked FID-FM over 1,000 steps)
     coverage_candidates: int = 8  # coverage: fakes drawn per real image (same text), the nearest is pulled
-    coverage_images: int = 16  # coverage: real images of each batch that pull (the first ones)
+    coverage_images: int = 16  # coverage: real images of each batch that pull (a random pick)
     relation_negatives: bool = False  # captions with their relation flipped (left↔right, above↔below) count as wrong
     augment: str = ""  # DiffAugment policy for every image D sees, e.g. "translation,cutout" (small data); ""=none
     group_by_label: bool = False  # order each batch by class label, so minibatch-std groups hold one class each
