@@ -52,10 +52,14 @@ def atomic_dir(directory: str | os.PathLike) -> Iterator[Path]:
         tmp.rename(d)
 
 
-def write_weights(folder: Path, meta: dict[str, Any], module: torch.nn.Module) -> None:
-    """``config.json`` (``meta``) and ``model.safetensors`` (the module's state dict, on the CPU) into ``folder``."""
+def write_weights(
+    folder: Path, meta: dict[str, Any], module: torch.nn.Module, state: dict[str, torch.Tensor] | None = None
+) -> None:
+    """``config.json`` (``meta``) and ``model.safetensors`` (the module's state dict, on the CPU, or ``state`` when
+    given: an int8 model's integers and scales) into ``folder``."""
     from safetensors.torch import save_file
 
     (folder / "config.json").write_text(json.dumps(meta, indent=2))
-    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    state = state if state is not None else module.state_dict()
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     save_file(state, str(folder / "model.safetensors"))

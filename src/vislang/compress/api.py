@@ -6,7 +6,8 @@ ones store int8 values that :func:`vislang.compress.load_quantized` rebuilds (``
 
 Families and the methods each supports (``SUPPORTED``): a dual encoder all four; a captioner (CoCa) the two int8
 ones, since pruning's fine-tune and distillation train the contrastive objective only and would leave the caption
-decoder behind; a VQA model dynamic int8 (its calibration data would be VQA scenes, not a caption data set).
+decoder behind; a VQA model dynamic int8 (its calibration data would be VQA scenes, not a caption data set); a
+text-to-image GAN's generator all four, each in its own way (:mod:`vislang.compress.generator`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ SUPPORTED = {
     "dual-encoder": METHODS,
     "captioner": ("dynamic-int8", "static-int8"),
     "vqa": ("dynamic-int8",),
+    "generator": METHODS,  # a text-to-image GAN's generator: compress/generator.py
 }
 
 
@@ -58,11 +60,12 @@ def compress_model_dir(
         keep_fp32: static-int8: FX module names of the CNN tower left in fp32 (``"stages.0.0"``: the first block).
     """
     from ..factory import get_tokenizer, save_pretrained
+    from ..model_dir import run_or_model_dir
     from .quantize import QUANTISED_METHODS, load_model, model_family, read_meta
 
     if method not in METHODS:
         raise ValueError(f"unknown compression method {method!r}; choose one of {', '.join(METHODS)}")
-    src, out = Path(model_dir), Path(out_dir)
+    src, out = run_or_model_dir(model_dir), Path(out_dir)
     meta = read_meta(src)
     done = (meta.get("compression") or {}).get("method")
     if done in QUANTISED_METHODS:
@@ -78,6 +81,13 @@ def compress_model_dir(
         from .prune import check_sparsity
 
         check_sparsity(sparsity)
+    if family == "generator":
+        from .generator import compress_generator
+
+        return compress_generator(
+            src, method, out, data, data_options, sparsity, prune_kind, steps, lr, batch_size, student,
+            calibration_images, max_pairs, cache_dir, seed, log_every,
+        )  # fmt: skip
     model = load_model(src)
     tokenizer = get_tokenizer(src)
     answers = json.loads((src / "answers.json").read_text()) if family == "vqa" else None

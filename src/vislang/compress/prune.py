@@ -1,4 +1,4 @@
-"""Magnitude pruning of a dual encoder's Conv2d/Linear weights to a target sparsity, made permanent afterwards.
+"""Magnitude pruning of a model's Conv2d/ConvTranspose2d/Linear weights to a target sparsity, made permanent afterwards.
 
 Two kinds:
 
@@ -31,8 +31,8 @@ def check_sparsity(sparsity: float) -> float:
 
 
 def prunable(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every Conv2d and Linear layer, the layers magnitude pruning acts on."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    """(name, module) of every Conv2d, ConvTranspose2d (a generator's) and Linear layer: what pruning acts on."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d | nn.ConvTranspose2d | nn.Linear)]
 
 
 def sparsity_of(model: nn.Module) -> float:
@@ -75,7 +75,7 @@ def prune_model(model: nn.Module, sparsity: float, kind: str = "unstructured") -
         raise ValueError(f"unknown pruning kind {kind!r}; choose one of {', '.join(PRUNE_KINDS)}")
     layers = prunable(model)
     if not layers:
-        raise ValueError("the model has no Conv2d or Linear layers to prune")
+        raise ValueError("the model has no Conv2d, ConvTranspose2d or Linear layers to prune")
     if kind == "unstructured":
         prune.global_unstructured([(m, "weight") for _, m in layers], prune.L1Unstructured, amount=sparsity)
         return model
@@ -86,7 +86,8 @@ def prune_model(model: nn.Module, sparsity: float, kind: str = "unstructured") -
             in_heads.update(id(x) for x in (m.q, m.kv, m.out))
     for _, m in layers:
         if id(m) not in in_heads:
-            prune.ln_structured(m, "weight", amount=sparsity, n=2, dim=0)  # whole output channels / rows
+            out_dim = 1 if isinstance(m, nn.ConvTranspose2d) else 0  # a transposed conv's weight is (in, out, k, k)
+            prune.ln_structured(m, "weight", amount=sparsity, n=2, dim=out_dim)  # whole output channels / rows
     return model
 
 

@@ -28,6 +28,7 @@ from torch import nn
 QUANTISED_METHODS = ("dynamic-int8", "static-int8")
 CLIP_TYPE = "vislang-clip"  # factory.MODEL_TYPE: dual encoders and captioners
 VQA_TYPE = "vislang-vqa"  # models.vqa.MODEL_TYPE
+GAN_TYPE = "vislang-gan"  # generate.sample.MODEL_TYPE
 
 
 @contextlib.contextmanager
@@ -91,15 +92,18 @@ def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def model_family(meta: dict[str, Any]) -> str:
-    """``dual-encoder``, ``captioner`` (a CoCa: the config has a decoder) or ``vqa``, from a directory's config."""
+    """``dual-encoder``, ``captioner`` (a CoCa: the config has a decoder), ``vqa`` or ``generator`` (a text-to-image
+    GAN), from a directory's config."""
     kind = meta.get("model_type")
     if kind == VQA_TYPE:
         return "vqa"
+    if kind == GAN_TYPE:
+        return "generator"
     if kind == CLIP_TYPE:
         return "captioner" if (meta.get("model") or {}).get("decoder") else "dual-encoder"
     raise ValueError(
-        f"compression handles dual encoders, captioners and VQA models ({CLIP_TYPE!r}, {VQA_TYPE!r}), "
-        f"not model_type {kind!r}"
+        f"compression handles dual encoders, captioners, VQA models and GAN generators ({CLIP_TYPE!r}, "
+        f"{VQA_TYPE!r}, {GAN_TYPE!r}), not model_type {kind!r}"
     )
 
 
@@ -169,6 +173,18 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
     return json.loads((d / "config.json").read_text())
 
 
+def set_dynamic_weights(model: nn.Module, names: list[str], state: dict[str, torch.Tensor]) -> None:
+    """Set the stored int8 weights (``name.weight``, ``.weight_scale``, ``.weight_zero_point``, ``.bias``) of the
+    dynamic int8 Linear layers ``names`` of ``model`` exactly, as :func:`quantized_state_dict` wrote them."""
+    modules = dict(model.named_modules())
+    with _quiet():
+        for n in names:
+            w = torch._make_per_tensor_quantized_tensor(
+                state[f"{n}.weight"], float(state[f"{n}.weight_scale"]), int(state[f"{n}.weight_zero_point"])
+            )
+            modules[n].set_weight_bias(w, state.get(f"{n}.bias"))
+
+
 def load_quantized(directory: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """Load a directory written by :func:`save_quantized` as the quantised model (int8 runs on the CPU only).
 
@@ -207,13 +223,7 @@ def load_quantized(directory: str | os.PathLike, device: str | torch.device = "c
                 model.get_submodule(prefix[:-1]).load_state_dict(decode_quantized(sub), strict=True)
     else:
         model = quantize_dynamic(model, names)
-    modules = dict(model.named_modules())
-    with _quiet():
-        for n in names:
-            w = torch._make_per_tensor_quantized_tensor(
-                state[f"{n}.weight"], float(state[f"{n}.weight_scale"]), int(state[f"{n}.weight_zero_point"])
-            )
-            modules[n].set_weight_bias(w, state.get(f"{n}.bias"))
+    set_dynamic_weights(model, names, state)
     model._compression = comp
     return model.eval()
 

@@ -171,10 +171,24 @@ def quantize_static(
     return q
 
 
+_DTYPES = (torch.qint8, torch.quint8, torch.qint32, torch.float16, torch.float32)  # stored by index
+
+
 def encode_quantized(state: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """A state dict with each quantised tensor split into plain tensors safetensors can hold (see module docstring)."""
+    """A state dict with each quantised tensor split into plain tensors safetensors can hold (see module docstring).
+
+    A statically quantised Linear's state also holds its packed parameters as a ``(weight, bias)`` tuple and their
+    dtype: a tuple becomes ``key.__item<i>`` entries (each encoded like any tensor, a ``None`` left out) plus
+    ``key.__len``, a dtype ``key.__dtype`` (its index in ``_DTYPES``)."""
     out: dict[str, torch.Tensor] = {}
     for k, v in state.items():
+        if isinstance(v, torch.dtype) and v in _DTYPES:
+            out[f"{k}.__dtype"] = torch.tensor(_DTYPES.index(v), dtype=torch.int64)
+            continue
+        if isinstance(v, tuple | list):
+            out[f"{k}.__len"] = torch.tensor(len(v), dtype=torch.int64)
+            out.update(encode_quantized({f"{k}.__item{i}": x for i, x in enumerate(v) if x is not None}))
+            continue
         if not isinstance(v, torch.Tensor):
             raise ValueError(f"{k}: cannot store a {type(v).__name__} in a model directory")
         if not v.is_quantized:
@@ -196,11 +210,17 @@ def encode_quantized(state: dict[str, Any]) -> dict[str, torch.Tensor]:
 _QDTYPES = {torch.int8: torch.qint8, torch.uint8: torch.quint8, torch.int32: torch.qint32}
 
 
-def decode_quantized(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of :func:`encode_quantized`: integer values + scales back into quantised tensors."""
-    out: dict[str, torch.Tensor] = {}
+def decode_quantized(stored: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The inverse of :func:`encode_quantized`: integer values + scales back into quantised tensors, ``__item``
+    entries back into tuples and ``__dtype`` entries back into dtypes."""
+    out: dict[str, Any] = {}
     for k, v in stored.items():
         if k.endswith(Q_SUFFIXES):
+            continue
+        if k.endswith(".__dtype"):
+            out[k[: -len(".__dtype")]] = _DTYPES[int(v)]
+            continue
+        if k.endswith(".__len"):
             continue
         scale = stored.get(f"{k}.__q_scale")
         if scale is None:
@@ -212,4 +232,8 @@ def decode_quantized(stored: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
             out[k] = torch._make_per_tensor_quantized_tensor(v, float(scale), int(stored[f"{k}.__q_zero_point"]))
         if scale is not None and out[k].dtype != _QDTYPES[v.dtype]:
             raise ValueError(f"{k}: stored as {v.dtype} but decoded as {out[k].dtype}")
+    for k, n in stored.items():
+        if k.endswith(".__len"):
+            base = k[: -len(".__len")]
+            out[base] = tuple(out.pop(f"{base}.__item{i}", None) for i in range(int(n)))
     return out

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..compress.quantize import GAN_TYPE
+
 IMAGE_FILE = "image_encoder.onnx"
 TEXT_FILE = "text_encoder.onnx"
 CONTEXT_FILE = "caption_context.onnx"
@@ -245,7 +247,6 @@ def check_parity(
     return {"image_max_abs_diff": diffs["image"], "text_max_abs_diff": diffs["text"], "batch_sizes": batch_sizes}
 
 
-GAN_TYPE = "vislang-gan"  # generate.sample.MODEL_TYPE
 GENERATOR_FILE = "generator.onnx"
 
 

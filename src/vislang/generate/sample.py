@@ -101,7 +101,8 @@ class TextToImage(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(self.generator.parameters()).device
+        # An int8 generator has no float parameters (its weights are packed): it runs on the CPU.
+        return next(self.generator.parameters(), torch.empty(0)).device
 
     @property
     def sample_prompts(self) -> list[str]:
@@ -153,8 +154,12 @@ class TextToImage(nn.Module):
         return self.decode(cond, z)
 
     # --- model directories ----------------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike, extra: dict | None = None) -> Path:
-        """Atomic, like ``factory.save_pretrained``: written to a temporary folder that is renamed into place."""
+    def save_pretrained(
+        self, directory: str | os.PathLike, extra: dict | None = None, state: dict[str, torch.Tensor] | None = None
+    ) -> Path:
+        """Atomic, like ``factory.save_pretrained``: written to a temporary folder that is renamed into place.
+        ``state``: the weights to store instead of the generator's state dict (an int8 generator's, see
+        :mod:`vislang.compress.generator`)."""
         from ..factory import __version__, save_pretrained
         from ..model_dir import atomic_dir, write_weights
 
@@ -166,7 +171,7 @@ class TextToImage(nn.Module):
             **(extra or {}),
         }
         with atomic_dir(directory) as tmp:
-            write_weights(tmp, meta, self.generator)
+            write_weights(tmp, meta, self.generator, state)
             save_pretrained(self.encoder, tmp / "text_encoder", self.tokenizer)
         return Path(directory)
 
@@ -189,8 +194,17 @@ class TextToImage(nn.Module):
                 "`vislang train --config gan`"
             )
         cfg = from_dict(GANModelConfig, meta.pop("model"), "model")
-        generator = build_generator(cfg)
-        generator.load_state_dict(load_file(str(d / "model.safetensors")))
+        state = load_file(str(d / "model.safetensors"))
+        comp = meta.get("compression") or {}
+        if comp.get("method", "").endswith("int8"):  # `vislang compress`: the int8 modules are rebuilt, then filled
+            from ..compress.generator import load_quantized_generator
+
+            if torch.device(device).type != "cpu":
+                raise ValueError(f"{d} is an int8 generator, which runs on the CPU only; load it with device='cpu'")
+            generator = load_quantized_generator(cfg, state, comp)
+        else:
+            generator = build_generator(cfg)
+            generator.load_state_dict(state)
         encoder = from_pretrained(d / "text_encoder", device)
         tokenizer = get_tokenizer(d / "text_encoder")
         keep = {k: v for k, v in meta.items() if k not in ("model_type", "vislang_version")}

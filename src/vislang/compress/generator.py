@@ -1,0 +1,315 @@
+"""Compression of a text-to-image GAN's generator: int8 (dynamic or static), magnitude pruning and distillation.
+
+A generator is judged by the images it draws, not by a loss on labelled data, so every method here works from the
+generator itself and the conditions it was trained on (the text tower's embeddings of the training captions, drawn
+as often as each caption occurs), with fresh Gaussian noise:
+
+* ``dynamic-int8``: the Linear layers (the map of [z, c] to the first feature map, the conditional BatchNorms'
+  scale and shift) in int8; the transposed convolutions stay fp32, so it saves size more than time.
+* ``static-int8``: the whole generator as an FX graph of int8 operations (Linear, transposed convolutions, the
+  conditional BatchNorm's multiply and add), activation ranges calibrated on generated batches. FX's quantised
+  BatchNorm needs an affine one, so each ``BatchNorm2d(affine=False)`` becomes an affine one with scale 1 and shift
+  0 first (the same function). A mixture generator has each component quantised on the noise the mixture routes to it.
+* ``prune``: global unstructured magnitude pruning of the Linear, Conv2d and ConvTranspose2d weights, then a short
+  fine-tune that pulls the pruned generator's images back to the unpruned one's on the same noise and text (L1 on
+  pixels, BatchNorm statistics frozen): no discriminator is needed, which a model directory does not keep.
+  Structured (per-channel) pruning is refused: a conditional BatchNorm adds a text-dependent shift to every channel,
+  so a channel whose weights are zero still draws.
+* ``distill``: a narrower generator (``g_width`` halved unless ``--student`` says otherwise) trained from scratch
+  to draw what the teacher draws for the same noise and text (L1 on pixels, as in Aguinaldo et al. 2019,
+  "Compressing GANs using knowledge distillation"), then standing BatchNorm statistics over its own outputs.
+
+Each output is a GAN model directory (``model_type`` ``vislang-gan``) with the teacher's text tower, loadable by
+``TextToImage.from_pretrained`` and so by ``vislang generate``, ``generate-eval`` and ``compare``; int8 ones run on
+the CPU only.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..generate.models import GANModelConfig, GeneratorMixture, build_generator, standing_stats
+from ..generate.sample import TextToImage
+
+# Config keys a student may not change: they fix what goes in and what comes out.
+FIXED_KEYS = ("z_dim", "cond_dim", "image_size", "channels")
+
+
+def training_conditions(
+    model: TextToImage,
+    data: str,
+    cache_dir: str = ".cache/vislang/prepared",
+    max_pairs: int | None = None,
+    options: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """(N, E) text embeddings of the training captions of ``data``, one row per training image (so a caption is drawn
+    as often as it occurs), each distinct caption embedded once."""
+    from ..generate.train import embed_texts
+    from ..train.config import DataConfig
+    from ..train.data import load_prepared
+
+    cfg = model.cfg
+    dc = DataConfig(train=data, cache_dir=cache_dir, options=dict(options or {}))
+    ds = load_prepared(data, "train", cfg.image_size, cfg.channels, dc, progress=False)
+    captions = list(ds.captions)[: max_pairs or None]
+    if not captions:
+        raise ValueError(f"{data} has no captions to condition the generator on; pass --data with captioned images")
+    uniq, inverse = np.unique(np.asarray(captions, dtype=object).astype(str), return_inverse=True)
+    table = embed_texts(model.encoder, model.tokenizer, list(uniq)).cpu()  # (U, E)
+    return table[torch.from_numpy(inverse.astype(np.int64))]  # (N, E)
+
+
+def sample_inputs(conds: torch.Tensor, z_dim: int, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(noise (n, Z), conditions (n, E) drawn from ``conds``)."""
+    return torch.randn(n, z_dim, generator=gen), conds[torch.randint(len(conds), (n,), generator=gen)]
+
+
+# --- int8 ------------------------------------------------------------------------------------------------------------
+def _affine_batchnorms(module: nn.Module) -> nn.Module:
+    """``module`` with every non-affine BatchNorm2d replaced by an affine one of scale 1, shift 0 and the same running
+    statistics: the same function in eval mode, in a form FX's quantised BatchNorm accepts."""
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.BatchNorm2d) and not child.affine:
+                bn = nn.BatchNorm2d(child.num_features, eps=child.eps)
+                bn.running_mean.copy_(child.running_mean)
+                bn.running_var.copy_(child.running_var)
+                setattr(parent, name, bn.eval())
+    return module
+
+
+def _routing_noise(cfg: GANModelConfig) -> torch.Tensor:
+    """One noise row per mixture component that the mixture routes to that component (a single zero row otherwise):
+    the smallest batch that passes through every quantised part."""
+    z = torch.zeros(max(cfg.mixture, 1), cfg.z_dim)
+    if cfg.mixture > 1:
+        z[torch.arange(cfg.mixture), torch.arange(cfg.mixture)] = 1.0
+    return z
+
+
+def quantize_generator_static(
+    generator: nn.Module, cfg: GANModelConfig, conds: torch.Tensor | None, n: int = 2048, seed: int = 0
+) -> nn.Module:
+    """A static int8 copy of ``generator`` (see the module docstring), calibrated on ``n`` generated images with
+    conditions drawn from ``conds``; ``conds`` None builds the structure only (for loading stored int8 values)."""
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    from .quantize import _quiet
+    from .static import ENGINE, check_engine
+
+    check_engine()
+    g = _affine_batchnorms(copy.deepcopy(generator).cpu().eval())
+    parts = list(g.parts) if isinstance(g, GeneratorMixture) else [g]
+    z0 = _routing_noise(cfg)
+    c0 = torch.zeros(len(z0), cfg.cond_dim)
+    if conds is None:
+        batches = [(z0, c0)]
+    else:
+        gen = torch.Generator().manual_seed(seed)
+        batches = [sample_inputs(conds, cfg.z_dim, min(256, n - s), gen) for s in range(0, n, 256)]
+    qmap = get_default_qconfig_mapping(ENGINE)
+    with _quiet(), torch.inference_mode(False), torch.no_grad():
+        prepared = [prepare_fx(p, qmap, (z0[:1], c0[:1])) for p in parts]
+        holder = g if isinstance(g, GeneratorMixture) else None
+        if holder is not None:
+            holder.parts = nn.ModuleList(prepared)
+        run = holder if holder is not None else prepared[0]
+        for z, c in [(z0, c0), *batches]:  # the routing batch first: every component observes something
+            run(z, c)
+        converted = [convert_fx(p) for p in prepared]
+    if holder is not None:
+        holder.parts = nn.ModuleList(converted)
+        q = holder
+    else:
+        q = converted[0]
+    q._compression = {"method": "static-int8", "modules": [], "static": ["generator"], "engine": ENGINE}
+    return q.eval()
+
+
+def save_generator(
+    model: TextToImage, generator: nn.Module, cfg: GANModelConfig, out: Path, compression: dict[str, Any]
+) -> Path:
+    """A GAN model directory of ``generator`` (fp32, or int8 with its stored integer values) beside ``model``'s text
+    tower and sample prompts, its config recording ``compression``; written atomically like any model directory."""
+    from .quantize import quantized_state_dict
+
+    state = quantized_state_dict(generator) if compression.get("method", "").endswith("int8") else None
+    student = TextToImage(cfg, generator, model.encoder, model.tokenizer, model.meta)
+    return student.save_pretrained(out, extra={"compression": compression}, state=state)
+
+
+def load_quantized_generator(cfg: GANModelConfig, state: dict[str, torch.Tensor], comp: dict[str, Any]) -> nn.Module:
+    """The int8 generator a directory written by :func:`save_generator` holds: the same structure rebuilt from the
+    fp32 config, then the stored integers and scales set exactly."""
+    from .quantize import _quiet, quantize_dynamic, set_dynamic_weights
+    from .static import decode_quantized
+
+    method = comp.get("method")
+    fp32 = build_generator(cfg).eval()
+    if method == "static-int8":
+        q = quantize_generator_static(fp32, cfg, None)
+        stored = OrderedDict(decode_quantized(state))
+        stored._metadata = q.state_dict()._metadata  # module versions: a quantised Linear reads its packed weights
+        with _quiet():
+            q.load_state_dict(stored, strict=True)
+        return q.eval()
+    if method != "dynamic-int8":
+        raise ValueError(f"not an int8 generator (compression method {method!r})")
+    names = list(comp["modules"])
+    qkeys = {f"{n}.{s}" for n in names for s in ("weight", "weight_scale", "weight_zero_point", "bias")}
+    missing, unexpected = fp32.load_state_dict({k: v for k, v in state.items() if k not in qkeys}, strict=False)
+    missing = [k for k in missing if k not in qkeys]
+    if missing or unexpected:
+        raise RuntimeError(f"stored int8 generator does not match its config: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")  # fmt: skip
+    q = quantize_dynamic(fp32, names)
+    set_dynamic_weights(q, names, state)
+    return q.eval()
+
+
+# --- pruning and distillation -----------------------------------------------------------------------------------------
+def fit_to_teacher(
+    student: nn.Module,
+    teacher: nn.Module,
+    conds: torch.Tensor,
+    z_dim: int,
+    steps: int,
+    lr: float,
+    batch_size: int = 128,
+    seed: int = 0,
+    train_norms: bool = False,
+    log_every: int = 0,
+) -> list[float]:
+    """Train ``student`` for ``steps`` Adam steps to draw ``teacher``'s images: L1 between the two on the same noise
+    and conditions (fresh each step). ``train_norms`` False keeps the student's BatchNorm statistics frozen (eval
+    mode): a pruned generator keeps the teacher's; a student from scratch has none yet and trains them. Returns the
+    per-step losses."""
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    teacher.eval()
+    student.train(train_norms)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999))
+    gen = torch.Generator().manual_seed(seed)
+    losses: list[float] = []
+    for step in range(steps):
+        for group in opt.param_groups:  # cosine decay to zero: the last steps settle rather than wander
+            group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * step / steps))
+        z, c = sample_inputs(conds, z_dim, batch_size, gen)
+        with torch.no_grad():
+            target = teacher(z, c)  # (B, C, H, W) in [-1, 1]
+        loss = F.l1_loss(student(z, c), target)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower the learning rate")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if log_every and (step + 1) % log_every == 0:
+            print(f"[vislang] step {step + 1}/{steps}: L1 to the teacher {np.mean(losses[-log_every:]):.4f}")
+    return losses
+
+
+def student_gan_config(teacher: GANModelConfig, overrides: list[str] | dict[str, Any] | None) -> GANModelConfig:
+    """The teacher's config with ``g_width`` halved, then ``overrides`` (``["g_width=4"]``); the noise, text and image
+    sizes must stay the teacher's."""
+    from ..config import apply_overrides, from_dict, to_dict
+
+    data = to_dict(dataclasses.replace(teacher, g_width=max(2, teacher.g_width // 2)))
+    if overrides:
+        data = apply_overrides(data, overrides)
+    cfg = from_dict(GANModelConfig, data, "student")
+    changed = [k for k in FIXED_KEYS if getattr(cfg, k) != getattr(teacher, k)]
+    if changed:
+        raise ValueError(f"the student must keep the teacher's {', '.join(changed)}: only widths and layers may change")
+    return cfg
+
+
+def param_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def compress_generator(
+    src: Path,
+    method: str,
+    out: Path,
+    data: str,
+    data_options: dict[str, Any] | None = None,
+    sparsity: float = 0.5,
+    prune_kind: str = "unstructured",
+    steps: int | None = None,
+    lr: float | None = None,
+    batch_size: int = 128,
+    student: list[str] | dict[str, Any] | None = None,
+    calibration_images: int = 2048,
+    max_pairs: int | None = None,
+    cache_dir: str = ".cache/vislang/prepared",
+    seed: int = 0,
+    log_every: int = 0,
+) -> dict[str, Any]:
+    """``vislang compress`` of a GAN model directory: see the module docstring. Returns what it did."""
+    from .prune import make_permanent, prune_model, sparsity_of
+    from .quantize import quantize_dynamic
+
+    if method == "prune" and prune_kind != "unstructured":
+        raise ValueError(
+            "a generator is pruned unstructured only: its conditional BatchNorm shifts every channel by the text, so "
+            "a channel with zero weights still draws; use --prune-kind unstructured"
+        )
+    model = TextToImage.from_pretrained(src, "cpu")  # an int8 source was refused by compress_model_dir
+    cfg, teacher = model.cfg, model.generator.eval()
+    torch.manual_seed(seed)
+    conds = training_conditions(model, data, cache_dir, max_pairs, data_options)
+    info: dict[str, Any] = {"method": method, "family": "generator", "source": str(src), "data": data}
+    t0 = time.time()
+    if method == "dynamic-int8":
+        g = quantize_dynamic(teacher)
+        info["modules"] = g._compression["modules"]
+        out_cfg = cfg
+    elif method == "static-int8":
+        g = quantize_generator_static(teacher, cfg, conds, calibration_images, seed)
+        info.update(g._compression, calibration_images=calibration_images)
+        out_cfg = cfg
+    elif method == "prune":
+        g = copy.deepcopy(teacher)
+        prune_model(g, sparsity, prune_kind)
+        info.update(kind=prune_kind, target_sparsity=sparsity, sparsity_before_finetune=sparsity_of(g))
+        steps = 300 if steps is None else steps
+        if steps:
+            losses = fit_to_teacher(g, teacher, conds, cfg.z_dim, steps, lr or 2e-4, batch_size, seed,
+                                    log_every=log_every)  # fmt: skip
+            info.update(finetune_steps=steps, first_loss=losses[0], last_loss=float(np.mean(losses[-10:])))
+        make_permanent(g)
+        info["sparsity"] = sparsity_of(g)
+        out_cfg = cfg
+    elif method == "distill":
+        out_cfg = student_gan_config(cfg, student)
+        g = build_generator(out_cfg)
+        steps = 3000 if steps is None else steps
+        losses = fit_to_teacher(g, teacher, conds, cfg.z_dim, steps, lr or 1e-3, batch_size, seed, train_norms=True,
+                                log_every=log_every)  # fmt: skip
+        standing_stats(g, conds, cfg.z_dim, batches=32, batch_size=256, seed=seed)
+        info.update(
+            steps=steps,
+            student={k: getattr(out_cfg, k) for k in ("arch", "g_width", "mixture")},
+            teacher_params=param_count(teacher),
+            student_params=param_count(g),
+            first_loss=float(np.mean(losses[:10])),
+            last_loss=float(np.mean(losses[-10:])),
+        )
+    else:
+        raise ValueError(f"unknown compression method {method!r}")
+    info["seconds"] = round(time.time() - t0, 1)
+    save_generator(model, g.eval(), out_cfg, out, {k: v for k, v in info.items() if v is not None})
+    return info

@@ -1,0 +1,119 @@
+"""Compression of a text-to-image GAN's generator: each method's output is a GAN model directory that loads with
+``TextToImage.from_pretrained`` and draws; int8 stays close to the fp32 generator on fixed inputs, pruning reaches
+its sparsity and its fine-tune pulls the pruned generator back towards the original, distillation gives a smaller
+student whose loss falls; bad requests fail clearly."""
+
+import json
+
+import pytest
+import torch
+
+from test_compress_tiny import SHAPES, tiny_model_dir
+from vislang.compress import compress_model_dir
+from vislang.compress.prune import prunable
+from vislang.factory import from_pretrained, get_tokenizer
+from vislang.generate.models import GANModelConfig, build_generator
+from vislang.generate.sample import TextToImage
+
+INT8_MEAN_TOL = 0.05  # mean abs pixel difference (images in [-1, 1]) of an int8 generator against its fp32 source
+
+
+def tiny_gan_dir(root, mixture: int = 1):
+    enc_dir = tiny_model_dir(root / "enc")
+    encoder = from_pretrained(enc_dir)
+    v = encoder.cfg.vision
+    cfg = GANModelConfig(
+        cond_dim=encoder.cfg.embed_dim, z_dim=6, g_width=8, image_size=v.image_size, channels=v.channels,
+        mixture=mixture,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    gen = build_generator(cfg)
+    gen.train()
+    with torch.no_grad():
+        for _ in range(3):  # BatchNorm statistics that are not the defaults
+            gen(torch.randn(32, 6), torch.nn.functional.normalize(torch.randn(32, cfg.cond_dim), dim=1))
+        for m in gen.modules():  # conditional BatchNorms that depend on the text (they start at zero)
+            if isinstance(m, torch.nn.Linear) and m.out_features < 64:
+                torch.nn.init.normal_(m.weight, std=0.3)
+    t2i = TextToImage(cfg, gen.eval(), encoder, get_tokenizer(enc_dir), {"sample_prompts": ["a red circle"]})
+    return t2i.save_pretrained(root / "gan")
+
+
+@pytest.fixture(scope="module")
+def gan(tmp_path_factory):
+    return tiny_gan_dir(tmp_path_factory.mktemp("gan"))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+def fixed_inputs(cfg, n=16):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, cfg.z_dim, generator=g), torch.nn.functional.normalize(
+        torch.randn(n, cfg.cond_dim, generator=g), dim=1
+    )
+
+
+@pytest.mark.parametrize("mixture", [1, 2])
+@pytest.mark.parametrize("method", ["dynamic-int8", "static-int8"])
+def test_int8_generator_loads_and_draws_close_to_fp32(tmp_path, cache, method, mixture):
+    src = tiny_gan_dir(tmp_path, mixture)
+    info = compress_model_dir(src, method, tmp_path / "q", calibration_images=64, cache_dir=cache, **SHAPES)
+    assert info["family"] == "generator" and info["method"] == method
+    ref, q = TextToImage.from_pretrained(src), TextToImage.from_pretrained(tmp_path / "q")
+    kinds = {type(m).__module__ for m in q.generator.modules()}
+    assert any("quantized" in k for k in kinds), kinds  # int8 modules, not the fp32 ones
+    z, c = fixed_inputs(ref.cfg)
+    with torch.inference_mode():
+        a, b = ref.generator(z, c), q.generator(z, c)
+    diff = (a - b).abs()
+    assert a.shape == b.shape and 0 < diff.mean() < INT8_MEAN_TOL, diff.mean()
+    images = q.generate(["a red circle"], n=3, seed=0)
+    assert images.shape == (3, 3, 24, 24) and images.dtype == torch.uint8
+    meta = json.loads((tmp_path / "q" / "config.json").read_text())
+    assert meta["model_type"] == "vislang-gan" and meta["compression"]["method"] == method
+    with pytest.raises(ValueError, match=f"already {method}-quantised"):
+        compress_model_dir(tmp_path / "q", "prune", tmp_path / "again", cache_dir=cache, **SHAPES)
+
+
+def test_int8_generator_refuses_a_gpu(gan, cache, tmp_path):
+    compress_model_dir(gan, "dynamic-int8", tmp_path / "q", cache_dir=cache, **SHAPES)
+    with pytest.raises(ValueError, match="runs on the CPU only"):
+        TextToImage.from_pretrained(tmp_path / "q", device="cuda")
+
+
+def test_pruned_generator_reaches_sparsity_and_its_finetune_helps(gan, cache, tmp_path):
+    info = compress_model_dir(gan, "prune", tmp_path / "p", sparsity=0.6, steps=40, lr=1e-3, batch_size=32,
+                              cache_dir=cache, **SHAPES)  # fmt: skip
+    pruned = TextToImage.from_pretrained(tmp_path / "p").generator
+    weights = [m.weight for _, m in prunable(pruned)]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert zeros == pytest.approx(0.6, abs=0.01) and info["sparsity"] == pytest.approx(zeros)
+    assert info["last_loss"] < info["first_loss"]  # L1 to the unpruned generator's images fell
+    assert "ConvTranspose2d" in {type(m).__name__ for _, m in prunable(pruned)}
+
+
+def test_distilled_generator_is_smaller_and_learns(gan, cache, tmp_path):
+    info = compress_model_dir(gan, "distill", tmp_path / "d", steps=60, batch_size=32, cache_dir=cache, **SHAPES)
+    st = TextToImage.from_pretrained(tmp_path / "d")
+    assert st.cfg.g_width == 4 and info["student_params"] < info["teacher_params"]
+    assert info["last_loss"] < 0.8 * info["first_loss"]
+    assert st.generate(["a red circle"], n=2, seed=0).shape == (2, 3, 24, 24)
+    compress_model_dir(gan, "distill", tmp_path / "d2", steps=2, student=["g_width=2"], cache_dir=cache, **SHAPES)
+    assert TextToImage.from_pretrained(tmp_path / "d2").cfg.g_width == 2
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"method": "prune", "prune_kind": "structured"}, "pruned unstructured only"),
+        ({"method": "prune", "sparsity": 1.0}, "sparsity must be a fraction in"),
+        ({"method": "distill", "student": ["z_dim=3"]}, "must keep the teacher's z_dim"),
+    ],
+)
+def test_bad_generator_requests_fail_clearly(gan, cache, tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        compress_model_dir(gan, out_dir=tmp_path / "out", steps=1, cache_dir=cache, **SHAPES, **kwargs)
+    assert not (tmp_path / "out").exists()
