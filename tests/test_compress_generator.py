@@ -117,3 +117,51 @@ def test_bad_generator_requests_fail_clearly(gan, cache, tmp_path, kwargs, match
     with pytest.raises(ValueError, match=match):
         compress_model_dir(gan, out_dir=tmp_path / "out", steps=1, cache_dir=cache, **SHAPES, **kwargs)
     assert not (tmp_path / "out").exists()
+
+
+def fm_gan_dir(root):
+    """A tiny Fashion-MNIST-shaped GAN (28 px, one channel) whose text tower knows the class captions."""
+    from test_generate import FM_CAPTIONS
+    from vislang.factory import fit_config_to_tokenizer, save_pretrained
+    from vislang.models import CLIP, ModelConfig, TextConfig, VisionConfig
+    from vislang.tokenizers import Tokenizer
+
+    tok = Tokenizer.train(FM_CAPTIONS * 3, vocab_size=120, context_length=24)
+    mcfg = ModelConfig(
+        embed_dim=16,
+        vision=VisionConfig(arch="cnn", image_size=28, channels=1, width=4, depth=2, mean=(0.3,), std=(0.35,)),
+        text=TextConfig(arch="transformer", vocab_size=120, context_length=24, width=16, layers=1, heads=2),
+    )
+    torch.manual_seed(0)
+    enc_dir = save_pretrained(CLIP(fit_config_to_tokenizer(mcfg, tok)), root / "enc", tok)
+    cfg = GANModelConfig(z_dim=8, cond_dim=16, image_size=28, channels=1, g_width=8)
+    gen = build_generator(cfg)
+    gen.train()
+    with torch.no_grad():
+        gen(torch.randn(64, 8), torch.randn(64, 16))
+    t2i = TextToImage(cfg, gen.eval(), from_pretrained(enc_dir), tok, {"sample_prompts": ["a photo of a bag."]})
+    return t2i.save_pretrained(root / "gan", {"data": {"train": "fashion-mnist"}})
+
+
+def test_compare_generators_fid_speed_and_size(tmp_path, cache):
+    from test_generate import _tiny_fm_judge
+    from vislang.compress.compare import compare_models
+
+    src = fm_gan_dir(tmp_path)
+    fm = {"data": "fashion-mnist", "max_pairs": 512, "cache_dir": cache}
+    compress_model_dir(src, "static-int8", tmp_path / "q", calibration_images=64, **fm)
+    compress_model_dir(src, "distill", tmp_path / "d", steps=3, batch_size=16, **fm)
+    judge = _tiny_fm_judge(tmp_path / "judge")
+    paths = [src, tmp_path / "q", tmp_path / "d"]
+    rows = compare_models(paths, data="fashion-mnist", judge=str(judge), max_images=100, batch_size=16, rounds=1,
+                          speed_batches=[1, 4], out_dir=tmp_path / "cmp")  # fmt: skip
+    assert [r["kind"] for r in rows] == ["fp32", "static-int8", "distill"]
+    assert rows[0]["images_per_s_ratio"] == 1.0 and all(r["images_per_s"] > 0 for r in rows)
+    assert all(r["fid_fm"] > 0 and 0 <= r["class_consistency"] <= 1 for r in rows)
+    assert rows[2]["params"] < rows[0]["params"] and rows[1]["size_mb"] < rows[0]["size_mb"]
+    assert rows[1]["nonzero_params"] is None and rows[0]["nonzero_params"] > 0  # int8 values are not the weights
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "FID-FM" in md and "img/s @4" in md and "txt/s" not in md
+    assert (tmp_path / "cmp" / "speed_by_batch.png").is_file() and (tmp_path / "cmp" / "compare.png").is_file()
+    with pytest.raises(ValueError, match="compare generators with generators"):
+        compare_models([src, src / "text_encoder"], data=None)

@@ -79,6 +79,7 @@ def cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
         cache_dir=args.cache_dir,
         caption_images=args.caption_images,
         speed_batches=args.speed_batches,
+        judge=args.judge,
     )
     print(markdown_table(rows))
     print(f"wrote {out}/compare.md, compare.png, compare.json")
@@ -87,14 +88,17 @@ def cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
 
 def register(add) -> None:
     sp = add("compress", "int8-quantise, prune or distil a model directory into a smaller one", cmd_compress)
-    sp.add_argument("model_dir", help="a model directory (e.g. runs/demo/model)")
+    sp.add_argument("model_dir", help="a model or run directory (e.g. runs/demo/model, or a GAN run runs/gan-fm)")
     sp.add_argument("--method", required=True, choices=METHODS)
     sp.add_argument("-o", "--out", required=True, help="output model directory")
     sp.add_argument("--data", default="fashion-mnist", help="training data for fine-tune / distillation / calibration")
     sp.add_argument("--sparsity", type=float, default=0.5, help="prune: fraction of weights set to zero, in (0, 1)")
     sp.add_argument("--prune-kind", default="unstructured", choices=["unstructured", "structured"])
     sp.add_argument(
-        "--steps", type=int, default=None, help="fine-tune (prune, default 200) or distillation steps (600)"
+        "--steps",
+        type=int,
+        default=None,
+        help="fine-tune (prune, default 200; generators 300) or distillation steps (600; generators 3000)",
     )
     sp.add_argument("--lr", type=float, default=None)
     sp.add_argument("--batch-size", type=int, default=256)
@@ -131,6 +135,12 @@ def register(add) -> None:
         default=None,
         metavar="N,N,...",
         help="also time each model at these batch sizes (e.g. 1,8,64,256): int8 gains most on small batches",
+    )
+    sp.add_argument(
+        "--judge",
+        default=None,
+        help="generators: the fixed classifier FID-FM is measured with (default runs/gan-judge/model); "
+        "--max-images = images generated, 1,000 per class by default",
     )
     sp.add_argument("-o", "--out", default=None, help="where compare.md/.png/.json go (default: FIRST/../compare)")
     sp.add_argument("--cache-dir", default=".cache/vislang/prepared")

@@ -224,11 +224,14 @@ def compare_models(
     data_options: dict[str, Any] | None = None,
     caption_images: int = 200,
     speed_batches: list[int] | None = None,
+    judge: str | None = None,
 ) -> list[dict[str, Any]]:
     """One row per model: size, parameters, non-zero parameters, images/s, texts/s and task metrics on ``data``;
     with ``speed_batches``, also images/s and texts/s at each of those batch sizes (``row["speed_by_batch"]``).
 
     With ``out_dir``, writes ``compare.md``, ``compare.png`` and ``compare.json`` there (and ``speed_by_batch.png``).
+    Text-to-image generators are compared with each other only (:mod:`vislang.compress.compare_gan`): images drawn
+    per second and FID-FM under the classifier ``judge``.
     """
     if speed_batches and min(speed_batches) < 1:
         raise ValueError(f"--speed-batches {speed_batches}: every batch size must be at least 1")
@@ -239,6 +242,17 @@ def compare_models(
 
     if len(paths) < 1:
         raise ValueError("give at least one model directory to compare")
+    from .compare_gan import compare_generators, is_generator_path
+
+    gans = [is_generator_path(p) for p in paths]
+    if any(gans):
+        if not all(gans):
+            odd = [str(p) for p, g in zip(paths, gans) if not g]
+            raise ValueError(f"compare generators with generators: {', '.join(odd)} are not text-to-image GANs")
+        rows = compare_generators(list(map(Path, paths)), data, judge, max_images, batch_size, rounds, speed_batches)
+        if out_dir:
+            write_outputs(rows, Path(out_dir), bool(speed_batches))
+        return rows
     rows, models, inputs = [], [], []
     for p in map(Path, paths):
         model, tokenizer, kind, meta = _load(p)
@@ -291,14 +305,18 @@ def compare_models(
         for row, by_batch in zip(rows, speed_by_batch(models, inputs, sorted(set(speed_batches)), rounds)):
             row["speed_by_batch"] = by_batch
     if out_dir:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "compare.md").write_text(markdown_table(rows))
-        (out / "compare.json").write_text(json.dumps(rows, indent=2))
-        plot_table(rows, out / "compare.png")
-        if speed_batches:
-            plot_speed_by_batch(rows, out / "speed_by_batch.png")
+        write_outputs(rows, Path(out_dir), bool(speed_batches))
     return rows
+
+
+def write_outputs(rows: list[dict[str, Any]], out: Path, by_batch: bool) -> None:
+    """``compare.md``, ``compare.json`` and ``compare.png`` (and ``speed_by_batch.png``) into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.md").write_text(markdown_table(rows))
+    (out / "compare.json").write_text(json.dumps(rows, indent=2))
+    plot_table(rows, out / "compare.png")
+    if by_batch:
+        plot_speed_by_batch(rows, out / "speed_by_batch.png")
 
 
 COLUMNS = [
@@ -316,6 +334,9 @@ COLUMNS = [
     ("zero_shot_top1", "zero-shot top-1", "{:.2%}"),
     ("cider", "CIDEr", "{:.3f}"),
     ("vqa_accuracy", "VQA acc.", "{:.2%}"),
+    ("fid_fm", "FID-FM", "{:.3f}"),
+    ("kid_fm", "KID-FM", "{:.4f}"),
+    ("class_consistency", "class consistency", "{:.1%}"),
     ("text_to_image_R@1", "t→i R@1", "{:.2%}"),
     ("image_to_text_R@1", "i→t R@1", "{:.2%}"),
 ]
@@ -335,6 +356,11 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         f"\nSpeed: batch {rows[0]['batch_size']}, {rows[0]['threads']} torch/onnxruntime thread(s), CPU, one run; "
         "× columns are ratios to the first row, each the median of per-round paired ratios, IQR their quartiles.\n"
     )
+    if rows[0].get("family") == "generator":
+        note += (
+            "Generators: images/s = images drawn from noise and text embeddings; FID-FM and class consistency by "
+            "`vislang generate-eval`'s protocol, the same noise for every model.\n"
+        )
     return "\n".join(lines) + "\n" + note + batch_table(rows)
 
 
@@ -343,11 +369,13 @@ def batch_table(rows: list[dict[str, Any]]) -> str:
     sizes = sorted({n for r in rows for n in r.get("speed_by_batch", {})})
     if not sizes:
         return ""
-    head = ["model", *(f"img/s @{n}" for n in sizes), *(f"txt/s @{n}" for n in sizes)]
+    cols = [c for c in ("images_per_s", "texts_per_s") if c in rows[0]["speed_by_batch"][sizes[0]]]  # GANs: images
+    short = {"images_per_s": "img/s", "texts_per_s": "txt/s"}
+    head = ["model", *(f"{short[c]} @{n}" for c in cols for n in sizes)]
     lines = ["", "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for i, r in enumerate(rows):
         cells = [r["model"]]
-        for col in ("images_per_s", "texts_per_s"):
+        for col in cols:
             for n in sizes:
                 s = r["speed_by_batch"][n]
                 cells.append(f"{s[col]:.0f}" + ("" if i == 0 else f" ({s[col + '_ratio']:.2f}×)"))
@@ -380,8 +408,11 @@ def plot_speed_by_batch(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, col, title in zip(axes, ("images_per_s", "texts_per_s"), ("images/s", "texts/s")):
+    first = rows[0]["speed_by_batch"][min(rows[0]["speed_by_batch"])]
+    panels = [(c, t) for c, t in (("images_per_s", "images/s"), ("texts_per_s", "texts/s")) if c in first]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    axes = axes[0]
+    for ax, (col, title) in zip(axes, panels):
         for r in rows:
             sizes = sorted(r["speed_by_batch"])
             ax.plot(sizes, [r["speed_by_batch"][n][col] for n in sizes], marker="o", label=Path(r["model"]).name)
