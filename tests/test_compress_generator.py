@@ -153,9 +153,18 @@ def test_compare_generators_fid_speed_and_size(tmp_path, cache):
     compress_model_dir(src, "distill", tmp_path / "d", steps=3, batch_size=16, **fm)
     judge = _tiny_fm_judge(tmp_path / "judge")
     paths = [src, tmp_path / "q", tmp_path / "d"]
+    try:  # an ONNX export of the generator is compared too, with its own ONNX text tower
+        from vislang.export.onnx import export_onnx
+
+        export_onnx(src, tmp_path / "onnx")
+        paths.append(tmp_path / "onnx")
+    except ImportError:  # the 'deploy' extra is missing
+        pass
     rows = compare_models(paths, data="fashion-mnist", judge=str(judge), max_images=100, batch_size=16, rounds=1,
                           speed_batches=[1, 4], out_dir=tmp_path / "cmp")  # fmt: skip
-    assert [r["kind"] for r in rows] == ["fp32", "static-int8", "distill"]
+    assert [r["kind"] for r in rows] == ["fp32", "static-int8", "distill", "onnx"][: len(paths)]
+    if len(paths) == 4:  # the same generator: the same images, so the same FID-FM
+        assert rows[3]["fid_fm"] == pytest.approx(rows[0]["fid_fm"], rel=1e-3)
     assert rows[0]["images_per_s_ratio"] == 1.0 and all(r["images_per_s"] > 0 for r in rows)
     assert all(r["fid_fm"] > 0 and 0 <= r["class_consistency"] <= 1 for r in rows)
     assert rows[2]["params"] < rows[0]["params"] and rows[1]["size_mb"] < rows[0]["size_mb"]

@@ -17,28 +17,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from ..generate.models import GANModelConfig, build_generator
 
 
-class OnnxGenerator:
-    """``generator.onnx`` of ``vislang export`` as a (noise, text embeddings) → images callable, run by onnxruntime."""
+class OnnxGenerator(nn.Module):
+    """``generator.onnx`` of ``vislang export`` as a (noise, text embeddings) → images module, run by onnxruntime
+    (no parameters: it runs on the CPU)."""
 
     def __init__(self, directory: Path, threads: int | None = None) -> None:
         import onnxruntime as ort
 
         from ..export.onnx import GENERATOR_FILE
 
+        super().__init__()
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or torch.get_num_threads()
         self.session = ort.InferenceSession(str(directory / GENERATOR_FILE), opts, providers=["CPUExecutionProvider"])
 
-    def __call__(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        feed = {"noise": z.float().numpy(), "text_embeds": c.float().numpy()}
+    def forward(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        feed = {"noise": z.float().cpu().numpy(), "text_embeds": c.float().cpu().numpy()}
         return torch.from_numpy(self.session.run(None, feed)[0])
-
-    def eval(self) -> OnnxGenerator:
-        return self
 
 
 def is_onnx_generator(path: Path) -> bool:
@@ -52,22 +52,15 @@ def load_generator(path: Path):
     from ..config import from_dict
     from ..generate.sample import TextToImage
 
-    if is_onnx_generator(path):
-        from ..factory import from_pretrained, get_tokenizer
+    if is_onnx_generator(path):  # the export's own ONNX text tower embeds the prompts: no torch weights needed
+        from ..export.onnx import OnnxCLIP
+        from ..factory import get_tokenizer
 
         meta = json.loads((path / "config.json").read_text())
         cfg = from_dict(GANModelConfig, meta["model"], "model")
-        src = Path(meta.get("onnx", {}).get("source", ""))
-        enc_dir = src / "text_encoder"
-        if not (enc_dir / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{path} is an ONNX generator whose source model {src} (for its torch text tower) is gone; compare "
-                "the GAN model directory it was exported from instead"
-            )
         keep = {k: v for k, v in meta.items() if k not in ("model", "model_type", "vislang_version", "onnx")}
-        model = TextToImage(cfg, build_generator(cfg), from_pretrained(enc_dir), get_tokenizer(enc_dir), keep)
-        model.generator = OnnxGenerator(path)
-        return model, "onnx"
+        enc = path / "text_encoder"
+        return TextToImage(cfg, OnnxGenerator(path), OnnxCLIP(enc), get_tokenizer(enc), keep), "onnx"
     model = TextToImage.from_pretrained(path)
     return model, (model.meta.get("compression") or {}).get("method", "fp32")
 

@@ -158,8 +158,10 @@ def class_consistency(judge: nn.Module, images: torch.Tensor, labels: torch.Tens
 @torch.no_grad()
 def clip_score(encoder: nn.Module, images: torch.Tensor, text_emb: torch.Tensor, batch_size: int = 500) -> float:
     """Mean cosine similarity between each uint8 image and its text embedding (N, E) under the dual encoder."""
+    from ..evaluation.embed import model_device
+
     v = encoder.cfg.vision
-    dev = next(encoder.parameters()).device
+    dev = model_device(encoder)  # an ONNX export has no parameters
     sims = []
     for s in range(0, len(images), batch_size):
         x = normalize(images[s : s + batch_size].to(dev), v.mean, v.std)

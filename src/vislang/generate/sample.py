@@ -101,8 +101,9 @@ class TextToImage(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        # An int8 generator has no float parameters (its weights are packed): it runs on the CPU.
-        return next(self.generator.parameters(), torch.empty(0)).device
+        from ..evaluation.embed import model_device
+
+        return model_device(self.generator)  # the CPU for an int8 or ONNX generator, which have no float parameters
 
     @property
     def sample_prompts(self) -> list[str]:
