@@ -77,6 +77,10 @@ def test_int8_generator_loads_and_draws_close_to_fp32(tmp_path, cache, method, m
     assert meta["model_type"] == "vislang-gan" and meta["compression"]["method"] == method
     with pytest.raises(ValueError, match=f"already {method}-quantised"):
         compress_model_dir(tmp_path / "q", "prune", tmp_path / "again", cache_dir=cache, **SHAPES)
+    from vislang.export.onnx import export_onnx
+
+    with pytest.raises(ValueError, match="int8-quantised torch model, which ONNX export does not support"):
+        export_onnx(tmp_path / "q", tmp_path / "onnx")
 
 
 def test_int8_generator_refuses_a_gpu(gan, cache, tmp_path):

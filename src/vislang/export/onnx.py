@@ -173,17 +173,17 @@ def export_onnx(
 
     src, out = run_or_model_dir(model_dir), Path(out_dir)
     meta = json.loads((src / "config.json").read_text()) if (src / "config.json").is_file() else {}
+    if meta.get("compression", {}).get("method", "").endswith("int8"):
+        raise ValueError(
+            f"{src} is an int8-quantised torch model, which ONNX export does not support; export the fp32 model "
+            "it came from (quantise the ONNX model with onnxruntime.quantization if needed)"
+        )
     if meta.get("model_type") == GAN_TYPE:
         return export_generator(src, out, check, tol)
     if meta.get("model_type") not in (None, "vislang-clip"):
         raise ValueError(
             f"{src} holds a {meta.get('model_type')!r} model; ONNX export covers dual encoders, captioners "
             "(vislang-clip directories) and text-to-image generators (vislang-gan)"
-        )
-    if meta.get("compression", {}).get("method", "").endswith("int8"):
-        raise ValueError(
-            f"{src} is an int8-quantised torch model, which ONNX export does not support; export the fp32 model "
-            "it came from (quantise the ONNX model with onnxruntime.quantization if needed)"
         )
     model = load_model(src)
     captioner = getattr(model, "decoder", None) is not None
