@@ -126,25 +126,16 @@ def test_bad_generator_requests_fail_clearly(gan, cache, tmp_path, kwargs, match
 
 def fm_gan_dir(root):
     """A tiny Fashion-MNIST-shaped GAN (28 px, one channel) whose text tower knows the class captions."""
-    from test_generate import FM_CAPTIONS
-    from vislang.factory import fit_config_to_tokenizer, save_pretrained
-    from vislang.models import CLIP, ModelConfig, TextConfig, VisionConfig
-    from vislang.tokenizers import Tokenizer
+    from test_generate import fm_text_model_dir
 
-    tok = Tokenizer.train(FM_CAPTIONS * 3, vocab_size=120, context_length=24)
-    mcfg = ModelConfig(
-        embed_dim=16,
-        vision=VisionConfig(arch="cnn", image_size=28, channels=1, width=4, depth=2, mean=(0.3,), std=(0.35,)),
-        text=TextConfig(arch="transformer", vocab_size=120, context_length=24, width=16, layers=1, heads=2),
-    )
-    torch.manual_seed(0)
-    enc_dir = save_pretrained(CLIP(fit_config_to_tokenizer(mcfg, tok)), root / "enc", tok)
+    enc_dir = fm_text_model_dir(root / "enc")
     cfg = GANModelConfig(z_dim=8, cond_dim=16, image_size=28, channels=1, g_width=8)
     gen = build_generator(cfg)
     gen.train()
     with torch.no_grad():
         gen(torch.randn(64, 8), torch.randn(64, 16))
-    t2i = TextToImage(cfg, gen.eval(), from_pretrained(enc_dir), tok, {"sample_prompts": ["a photo of a bag."]})
+    enc, tok = from_pretrained(enc_dir), get_tokenizer(enc_dir)
+    t2i = TextToImage(cfg, gen.eval(), enc, tok, {"sample_prompts": ["a photo of a bag."]})
     return t2i.save_pretrained(root / "gan", {"data": {"train": "fashion-mnist"}})
 
 

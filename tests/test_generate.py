@@ -40,9 +40,8 @@ FM_CAPTIONS = [f"a photo of a {c}." for c in ("sneaker", "bag", "coat", "dress",
 ]
 
 
-@pytest.fixture(scope="module")
-def text_model_dir(tmp_path_factory) -> Path:
-    """An (untrained) tiny Fashion-MNIST-shaped dual encoder with a tokenizer trained on a few captions."""
+def fm_text_model_dir(d: Path) -> Path:
+    """An (untrained) tiny Fashion-MNIST-shaped dual encoder with a tokenizer trained on a few captions, saved to d."""
     from vislang.factory import fit_config_to_tokenizer, save_pretrained
     from vislang.models import CLIP, ModelConfig, TextConfig, VisionConfig
     from vislang.tokenizers import Tokenizer
@@ -55,9 +54,13 @@ def text_model_dir(tmp_path_factory) -> Path:
     )
     torch.manual_seed(0)
     model = CLIP(fit_config_to_tokenizer(cfg, tok))
-    d = tmp_path_factory.mktemp("text") / "model"
     save_pretrained(model.eval(), d, tok)
     return d
+
+
+@pytest.fixture(scope="module")
+def text_model_dir(tmp_path_factory) -> Path:
+    return fm_text_model_dir(tmp_path_factory.mktemp("text") / "model")
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """Smaller, faster models from a trained one: int8 quantisation (dynamic, or static with calibration), magnitude
-pruning and distillation, for dual encoders, captioners and VQA models (``api.SUPPORTED`` says which method fits which).
+pruning and distillation, for dual encoders, captioners, VQA models and text-to-image generators (``api.SUPPORTED``
+says which method fits which; generators: :mod:`vislang.compress.generator`).
 
 Each method writes a model directory; ``vislang compare`` measures what it cost (size, speed, accuracy).
 """
