@@ -16,7 +16,8 @@ from vislang.factory import from_pretrained, get_tokenizer
 from vislang.generate.models import GANModelConfig, build_generator
 from vislang.generate.sample import TextToImage
 
-INT8_MEAN_TOL = 0.05  # mean abs pixel difference (images in [-1, 1]) of an int8 generator against its fp32 source
+INT8_REL_TOL = 0.1  # mean abs pixel difference of an int8 generator from its fp32 source / mean abs deviation of the
+# source's pixels (torch 2.14's x86-engine ConvTranspose2d gave about 1)
 
 
 def tiny_gan_dir(root, mixture: int = 1):
@@ -69,9 +70,11 @@ def test_int8_generator_loads_and_draws_close_to_fp32(tmp_path, cache, method, m
     z, c = fixed_inputs(ref.cfg)
     with torch.inference_mode():
         a, b = ref.generator(z, c), q.generator(z, c)
-    diff = (a - b).abs()
-    assert a.shape == b.shape and 0 < diff.mean() < INT8_MEAN_TOL, diff.mean()
+    rel = (a - b).abs().mean() / (a - a.mean()).abs().mean()  # error against the spread of what it draws
+    assert a.shape == b.shape and 0 < rel < INT8_REL_TOL, rel
+    engine = torch.backends.quantized.engine
     images = q.generate(["a red circle"], n=3, seed=0)
+    assert torch.backends.quantized.engine == engine  # the generator's own engine is set only while it runs
     assert images.shape == (3, 3, 24, 24) and images.dtype == torch.uint8
     meta = json.loads((tmp_path / "q" / "config.json").read_text())
     assert meta["model_type"] == "vislang-gan" and meta["compression"]["method"] == method

@@ -168,3 +168,13 @@ def test_gan_generator_exports_with_its_text_tower(tmp_path, capsys, mixture):
     assert is_onnx_dir(tmp_path / "o" / "text_encoder")
     meta = json.loads((tmp_path / "o" / "config.json").read_text())
     assert meta["model_type"] == "vislang-gan" and meta["onnx"]["max_abs_diff"]["generator"] <= TOL
+
+
+def test_onnx_sessions_do_not_spin_between_calls():
+    """Spinning idle threads took half the CPU from the torch code that ran next (2x slower), which skewed
+    interleaved speed comparisons; every session vislang makes lets its threads sleep."""
+    from vislang.export.onnx import session_options
+
+    opts = session_options(2)
+    assert opts.intra_op_num_threads == 2
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"

@@ -29,11 +29,10 @@ class OnnxGenerator(nn.Module):
     def __init__(self, directory: Path, threads: int | None = None) -> None:
         import onnxruntime as ort
 
-        from ..export.onnx import GENERATOR_FILE
+        from ..export.onnx import GENERATOR_FILE, session_options
 
         super().__init__()
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or torch.get_num_threads()
+        opts = session_options(threads)
         self.session = ort.InferenceSession(str(directory / GENERATOR_FILE), opts, providers=["CPUExecutionProvider"])
 
     def forward(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

@@ -336,6 +336,24 @@ def check_decoder_parity(
     return {"context_max_abs_diff": diffs["context"], "step_max_abs_diff": diffs["step"], "step_shapes": shapes}
 
 
+def session_options(threads: int | None = None):
+    """onnxruntime options: ``threads`` intra-op threads (default ``torch.get_num_threads()``, so both back ends use
+    the same) that sleep when idle.
+
+    Why not spin: by default onnxruntime's idle threads spin for a while after each call, which took half the CPU
+    from whatever ran next: torch code right after an ONNX call ran 2x slower (a Fashion-MNIST generator: 0.09-0.10 s
+    per batch of 256 instead of 0.045-0.05 s), so an interleaved comparison flattered every model timed after the
+    ONNX one against the one timed right after it, and a service that searches its index after the text tower lost
+    the same time. Without spinning the ONNX call itself is no slower here (0.040-0.060 s either way)."""
+    ort = _require("onnxruntime")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return opts
+
+
 class OnnxCLIP(nn.Module):
     """An ONNX export directory run by onnxruntime, with the dual encoder's names (``encode_image``, ``encode_text``,
     ``get_logit_scale``, ``forward``, ``cfg``), so ``vislang.evaluation.embed`` and zero-shot code take it as a model.
@@ -362,9 +380,7 @@ class OnnxCLIP(nn.Module):
             )
         self.meta = json.loads((d / "config.json").read_text())
         self.cfg = from_dict(ModelConfig, self.meta["model"], "model")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or torch.get_num_threads()
-        opts.inter_op_num_threads = 1
+        opts = session_options(threads)
         providers = providers or ["CPUExecutionProvider"]
         self.image_session = ort.InferenceSession(str(d / IMAGE_FILE), opts, providers=providers)
         self.text_session = ort.InferenceSession(str(d / TEXT_FILE), opts, providers=providers)
