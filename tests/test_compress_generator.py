@@ -99,6 +99,8 @@ def test_pruned_generator_reaches_sparsity_and_its_finetune_helps(gan, cache, tm
     weights = [m.weight for _, m in prunable(pruned)]
     zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
     assert zeros == pytest.approx(0.6, abs=0.01) and info["sparsity"] == pytest.approx(zeros)
+    per_layer = [float((w == 0).float().mean()) for w in weights]
+    assert per_layer == pytest.approx([0.6] * len(weights), abs=0.02)  # the same fraction of every layer
     assert info["last_loss"] < info["first_loss"]  # L1 to the unpruned generator's images fell
     assert "ConvTranspose2d" in {type(m).__name__ for _, m in prunable(pruned)}
 

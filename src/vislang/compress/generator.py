@@ -10,7 +10,8 @@ as often as each caption occurs), with fresh Gaussian noise:
   calibrated on generated batches (:func:`generator_qconfig` says what stays fp32 and why). FX's quantised
   BatchNorm needs an affine one, so each ``BatchNorm2d(affine=False)`` becomes an affine one with scale 1 and shift
   0 first (the same function). A mixture generator has each component quantised on the noise the mixture routes to it.
-* ``prune``: global unstructured magnitude pruning of the Linear, Conv2d and ConvTranspose2d weights, then a short
+* ``prune``: unstructured magnitude pruning of the Linear, Conv2d and ConvTranspose2d weights, the same fraction of
+  each layer (:func:`vislang.compress.prune.prune_model` says why not one global threshold), then a short
   fine-tune that pulls the pruned generator's images back to the unpruned one's on the same noise and text (L1 on
   pixels, BatchNorm statistics frozen): no discriminator is needed, which a model directory does not keep.
   Structured (per-channel) pruning is refused: a conditional BatchNorm adds a text-dependent shift to every channel,
@@ -342,7 +343,7 @@ def compress_generator(
         out_cfg = cfg
     elif method == "prune":
         g = copy.deepcopy(teacher)
-        prune_model(g, sparsity, prune_kind)
+        prune_model(g, sparsity, prune_kind, per_layer=True)  # BatchNorm follows most layers: see prune_model
         info.update(kind=prune_kind, target_sparsity=sparsity, sparsity_before_finetune=sparsity_of(g))
         steps = 300 if steps is None else steps
         if steps:

@@ -68,14 +68,23 @@ def _prune_heads(attn: Attention, amount: float) -> None:
             prune.custom_from_mask(lin, "bias", mask.float())
 
 
-def prune_model(model: nn.Module, sparsity: float, kind: str = "unstructured") -> nn.Module:
-    """Attach magnitude-pruning masks to ``model`` in place so that ``sparsity`` of its prunable weights are zero."""
+def prune_model(model: nn.Module, sparsity: float, kind: str = "unstructured", per_layer: bool = False) -> nn.Module:
+    """Attach magnitude-pruning masks to ``model`` in place so that ``sparsity`` of its prunable weights are zero.
+
+    ``per_layer`` (unstructured): every layer loses the same fraction instead of the globally smallest weights. For
+    layers followed by BatchNorm, whose weights can have any scale without changing the function, one global
+    threshold compares magnitudes that mean nothing across layers: on the Fashion-MNIST generator it took 78% of one
+    transposed convolution's weights and 48% of the input layer's."""
     sparsity = check_sparsity(sparsity)
     if kind not in PRUNE_KINDS:
         raise ValueError(f"unknown pruning kind {kind!r}; choose one of {', '.join(PRUNE_KINDS)}")
     layers = prunable(model)
     if not layers:
         raise ValueError("the model has no Conv2d, ConvTranspose2d or Linear layers to prune")
+    if kind == "unstructured" and per_layer:
+        for _, m in layers:
+            prune.l1_unstructured(m, "weight", amount=sparsity)
+        return model
     if kind == "unstructured":
         prune.global_unstructured([(m, "weight") for _, m in layers], prune.L1Unstructured, amount=sparsity)
         return model
