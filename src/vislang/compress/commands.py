@@ -89,7 +89,12 @@ def cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
 def register(add) -> None:
     sp = add("compress", "int8-quantise, prune or distil a model directory into a smaller one", cmd_compress)
     sp.add_argument("model_dir", help="a model or run directory (e.g. runs/demo/model, or a GAN run runs/gan-fm)")
-    sp.add_argument("--method", required=True, choices=METHODS)
+    sp.add_argument(
+        "--method",
+        required=True,
+        choices=METHODS,
+        help="dual encoders and GAN generators: all four; captioners: the int8 ones; VQA models: dynamic-int8",
+    )
     sp.add_argument("-o", "--out", required=True, help="output model directory")
     sp.add_argument("--data", default="fashion-mnist", help="training data for fine-tune / distillation / calibration")
     sp.add_argument("--sparsity", type=float, default=0.5, help="prune: fraction of weights set to zero, in (0, 1)")
@@ -103,7 +108,10 @@ def register(add) -> None:
     sp.add_argument("--lr", type=float, default=None)
     sp.add_argument("--batch-size", type=int, default=256)
     sp.add_argument(
-        "--student", action="append", metavar="KEY=VALUE", help="distill: student config overrides (text.layers=1)"
+        "--student",
+        action="append",
+        metavar="KEY=VALUE",
+        help="distill: student config overrides (text.layers=1; a generator: g_width=4)",
     )
     sp.add_argument("--calibration-images", type=int, default=512, help="static-int8: training images to calibrate")
     sp.add_argument(
