@@ -173,3 +173,24 @@ def test_compare_generators_fid_speed_and_size(tmp_path, cache):
     assert (tmp_path / "cmp" / "speed_by_batch.png").is_file() and (tmp_path / "cmp" / "compare.png").is_file()
     with pytest.raises(ValueError, match="compare generators with generators"):
         compare_models([src, src / "text_encoder"], data=None)
+
+
+def test_prune_and_distill_use_the_runs_discriminator_when_it_is_there(tmp_path, cache):
+    from vislang.generate.models import build_gan
+
+    src = tiny_gan_dir(tmp_path)  # tmp_path/gan: a run directory's model/ needs tmp_path/checkpoints/last.pt
+    kw = dict(steps=5, batch_size=8, cache_dir=cache, **SHAPES)
+    alone = compress_model_dir(src, "prune", tmp_path / "p0", **kw)
+    assert alone["critic"] is None and "L1" in alone["notes"][0]
+    cfg = TextToImage.from_pretrained(src).cfg
+    torch.manual_seed(1)
+    (tmp_path / "checkpoints").mkdir()
+    torch.save({"D": build_gan(cfg)[1].state_dict(), "config": {"gan": {"loss": "hinge"}}},
+               tmp_path / "checkpoints" / "last.pt")  # fmt: skip
+    for method in ("prune", "distill"):
+        with_d = compress_model_dir(src, method, tmp_path / f"{method}-d", **kw)
+        no_d = compress_model_dir(src, method, tmp_path / f"{method}-0", adv_weight=0, **kw)
+        assert with_d["critic"].endswith("last.pt") and with_d["adv_weight"] == 0.1 and "critic" not in no_d
+        a = TextToImage.from_pretrained(tmp_path / f"{method}-d").generator.state_dict()
+        b = TextToImage.from_pretrained(tmp_path / f"{method}-0").generator.state_dict()
+        assert any(not torch.equal(a[k], b[k]) for k in a)  # the critic's term changed what was learnt

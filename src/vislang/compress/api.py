@@ -45,6 +45,7 @@ def compress_model_dir(
     cache_dir: str = ".cache/vislang/prepared",
     seed: int = 0,
     log_every: int = 0,
+    adv_weight: float = 0.1,
 ) -> dict[str, Any]:
     """Compress ``model_dir`` with ``method`` into ``out_dir``; returns a summary (also stored in the config).
 
@@ -58,6 +59,8 @@ def compress_model_dir(
         lr: learning rate (default 2e-4 fine-tune, 2e-3 distillation).
         max_pairs: use only the first N training pairs (smoke runs).
         keep_fp32: static-int8: FX module names of the CNN tower left in fp32 (``"stages.0.0"``: the first block).
+        adv_weight: a GAN generator's prune fine-tune and distillation: weight of the frozen discriminator's term
+            (0 = L1 to the teacher's images only), see :func:`vislang.compress.generator.fit_to_teacher`.
     """
     from ..factory import get_tokenizer, save_pretrained
     from ..model_dir import run_or_model_dir
@@ -86,7 +89,7 @@ def compress_model_dir(
 
         return compress_generator(
             src, method, out, data, data_options, sparsity, prune_kind, steps, lr, batch_size, student,
-            calibration_images, max_pairs, cache_dir, seed, log_every,
+            calibration_images, max_pairs, cache_dir, seed, log_every, adv_weight,
         )  # fmt: skip
     model = load_model(src)
     tokenizer = get_tokenizer(src)

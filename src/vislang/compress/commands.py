@@ -27,6 +27,7 @@ def cmd_compress(args: argparse.Namespace, extra: list[str]) -> int:
         max_pairs=args.max_pairs,
         cache_dir=args.cache_dir,
         log_every=args.log_every,
+        adv_weight=args.adv_weight,
     )
     print(json.dumps({k: v for k, v in info.items() if k != "modules"}, indent=2))
     for note in info.get("notes", []):
@@ -119,6 +120,13 @@ def register(add) -> None:
         action="append",
         metavar="MODULE",
         help="static-int8: a CNN block left in fp32 (stages.0.0 = the first conv block); repeatable",
+    )
+    sp.add_argument(
+        "--adv-weight",
+        type=float,
+        default=0.1,
+        help="generators (prune, distill): weight of the training run's frozen discriminator beside L1 to the "
+        "original's images; pass the run directory so it is found (0 = L1 only, which blurs)",
     )
     sp.add_argument("--max-pairs", type=int, default=None, help="use only the first N training pairs")
     sp.add_argument("--cache-dir", default=".cache/vislang/prepared")

@@ -13,12 +13,14 @@ as often as each caption occurs), with fresh Gaussian noise:
 * ``prune``: unstructured magnitude pruning of the Linear, Conv2d and ConvTranspose2d weights, the same fraction of
   each layer (:func:`vislang.compress.prune.prune_model` says why not one global threshold), then a short
   fine-tune that pulls the pruned generator's images back to the unpruned one's on the same noise and text (L1 on
-  pixels, BatchNorm statistics frozen): no discriminator is needed, which a model directory does not keep.
+  pixels, BatchNorm statistics frozen), sharpened by the frozen discriminator of the training run when the run's
+  last checkpoint is there (:func:`fit_to_teacher` says why; a model directory alone gets L1 only).
   Structured (per-channel) pruning is refused: a conditional BatchNorm adds a text-dependent shift to every channel,
   so a channel whose weights are zero still draws.
 * ``distill``: a narrower generator (``g_width`` halved unless ``--student`` says otherwise) trained from scratch
   to draw what the teacher draws for the same noise and text (L1 on pixels, as in Aguinaldo et al. 2019,
-  "Compressing GANs using knowledge distillation"), then standing BatchNorm statistics over its own outputs.
+  "Compressing GANs using knowledge distillation", with the run's frozen discriminator as for pruning: the
+  reconstruction + adversarial mix of Li et al. 2020, "GAN Compression"), then standing BatchNorm statistics.
 
 Each output is a GAN model directory (``model_type`` ``vislang-gan``) with the teacher's text tower, loadable by
 ``TextToImage.from_pretrained`` and so by ``vislang generate``, ``generate-eval`` and ``compare``; int8 ones run on
@@ -239,6 +241,24 @@ def load_quantized_generator(cfg: GANModelConfig, state: dict[str, torch.Tensor]
 
 
 # --- pruning and distillation -----------------------------------------------------------------------------------------
+def run_critic(src: Path, cfg: GANModelConfig) -> tuple[nn.Module | None, str, Path | None]:
+    """(the discriminator the generator was trained against, frozen; its loss kind; the checkpoint) from the last
+    checkpoint of the run whose ``model/`` is ``src``, or (None, "hinge", None) for a model directory on its own."""
+    from ..generate.models import build_gan
+    from ..train.checkpoint import load_checkpoint
+
+    ckpt = src.parent / "checkpoints" / "last.pt"
+    if not ckpt.is_file():
+        return None, "hinge", None
+    state = load_checkpoint(ckpt)
+    if "D" not in state:
+        return None, "hinge", None
+    critic = build_gan(cfg)[1]
+    critic.load_state_dict(state["D"])
+    kind = ((state.get("config") or {}).get("gan") or {}).get("loss", "hinge")
+    return critic.eval().requires_grad_(False), kind, ckpt
+
+
 def fit_to_teacher(
     student: nn.Module,
     teacher: nn.Module,
@@ -250,11 +270,24 @@ def fit_to_teacher(
     seed: int = 0,
     train_norms: bool = False,
     log_every: int = 0,
+    critic: nn.Module | None = None,
+    adv_weight: float = 0.1,
+    loss_kind: str = "hinge",
 ) -> list[float]:
     """Train ``student`` for ``steps`` Adam steps to draw ``teacher``'s images: L1 between the two on the same noise
-    and conditions (fresh each step). ``train_norms`` False keeps the student's BatchNorm statistics frozen (eval
-    mode): a pruned generator keeps the teacher's; a student from scratch has none yet and trains them. Returns the
-    per-step losses."""
+    and conditions (fresh each step), plus ``adv_weight`` times the generator loss under ``critic`` (the frozen
+    discriminator of the teacher's training run) when there is one.
+
+    Why the critic: L1 alone pulls the student towards a smooth average of what it cannot reproduce exactly, and
+    blur is what FID punishes: a Fashion-MNIST generator pruned to 50% and fine-tuned 300 steps measured FID-FM 0.78
+    with L1 alone, 0.66 / 0.57 with the critic at weight 0.03 / 0.1 (the unpruned one: 0.37). The L1 term keeps
+    the student near the teacher, so the frozen critic cannot be exploited far. Conditions come in groups of the
+    critic's minibatch-std size, as its training batches did (class-ordered groups).
+
+    ``train_norms`` False keeps the student's BatchNorm statistics frozen (eval mode): a pruned generator keeps the
+    teacher's; a student from scratch has none yet and trains them. Returns the per-step L1 losses."""
+    from ..generate.models import g_loss
+
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     teacher.eval()
@@ -262,20 +295,25 @@ def fit_to_teacher(
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999))
     gen = torch.Generator().manual_seed(seed)
+    group = max(1, getattr(critic, "mbstd", 0)) if critic is not None else 1
+    batch_size = max(group, batch_size - batch_size % group)
     losses: list[float] = []
     for step in range(steps):
-        for group in opt.param_groups:  # cosine decay to zero: the last steps settle rather than wander
-            group["lr"] = lr * 0.5 * (1 + np.cos(np.pi * step / steps))
-        z, c = sample_inputs(conds, z_dim, batch_size, gen)
+        for pg in opt.param_groups:  # cosine decay to zero: the last steps settle rather than wander
+            pg["lr"] = lr * 0.5 * (1 + np.cos(np.pi * step / steps))
+        c = conds[torch.randint(len(conds), (batch_size // group,), generator=gen)].repeat_interleave(group, dim=0)
+        z = torch.randn(batch_size, z_dim, generator=gen)  # (B, Z), c (B, E): groups of one text
         with torch.no_grad():
             target = teacher(z, c)  # (B, C, H, W) in [-1, 1]
-        loss = F.l1_loss(student(z, c), target)
+        x = student(z, c)
+        l1 = F.l1_loss(x, target)
+        loss = l1 + adv_weight * g_loss(critic(x, c), loss_kind) if critic is not None and adv_weight > 0 else l1
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower the learning rate")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(loss.item())
+        losses.append(l1.item())
         if log_every and (step + 1) % log_every == 0:
             print(f"[vislang] step {step + 1}/{steps}: L1 to the teacher {np.mean(losses[-log_every:]):.4f}")
     return losses
@@ -317,6 +355,7 @@ def compress_generator(
     cache_dir: str = ".cache/vislang/prepared",
     seed: int = 0,
     log_every: int = 0,
+    adv_weight: float = 0.1,
 ) -> dict[str, Any]:
     """``vislang compress`` of a GAN model directory: see the module docstring. Returns what it did."""
     from .prune import make_permanent, prune_model, sparsity_of
@@ -332,6 +371,16 @@ def compress_generator(
     torch.manual_seed(seed)
     conds = training_conditions(model, data, cache_dir, max_pairs, data_options)
     info: dict[str, Any] = {"method": method, "family": "generator", "source": str(src), "data": data}
+    critic, loss_kind, ckpt = (None, "hinge", None)
+    if method in ("prune", "distill") and adv_weight > 0:
+        critic, loss_kind, ckpt = run_critic(src, cfg)
+        info.update(critic=str(ckpt) if ckpt else None, adv_weight=adv_weight if ckpt else 0.0)
+        if ckpt is None:
+            info["notes"] = [
+                f"no training run beside {src} (RUN/checkpoints/last.pt with the discriminator): the student learnt "
+                "from L1 to the teacher's images alone, which blurs; compress the run directory when you have it"
+            ]
+    fit = dict(critic=critic, adv_weight=adv_weight, loss_kind=loss_kind, log_every=log_every)
     t0 = time.time()
     if method == "dynamic-int8":
         g = quantize_dynamic(teacher)
@@ -347,8 +396,7 @@ def compress_generator(
         info.update(kind=prune_kind, target_sparsity=sparsity, sparsity_before_finetune=sparsity_of(g))
         steps = 300 if steps is None else steps
         if steps:
-            losses = fit_to_teacher(g, teacher, conds, cfg.z_dim, steps, lr or 2e-4, batch_size, seed,
-                                    log_every=log_every)  # fmt: skip
+            losses = fit_to_teacher(g, teacher, conds, cfg.z_dim, steps, lr or 2e-4, batch_size, seed, **fit)
             info.update(finetune_steps=steps, first_loss=losses[0], last_loss=float(np.mean(losses[-10:])))
         make_permanent(g)
         info["sparsity"] = sparsity_of(g)
@@ -357,8 +405,7 @@ def compress_generator(
         out_cfg = student_gan_config(cfg, student)
         g = build_generator(out_cfg)
         steps = 3000 if steps is None else steps
-        losses = fit_to_teacher(g, teacher, conds, cfg.z_dim, steps, lr or 1e-3, batch_size, seed, train_norms=True,
-                                log_every=log_every)  # fmt: skip
+        losses = fit_to_teacher(g, teacher, conds, cfg.z_dim, steps, lr or 1e-3, batch_size, seed, True, **fit)
         standing_stats(g, conds, cfg.z_dim, batches=32, batch_size=256, seed=seed)
         info.update(
             steps=steps,
