@@ -126,7 +126,8 @@ def register(add) -> None:
         type=float,
         default=0.1,
         help="generators (prune, distill): weight of the training run's frozen discriminator beside L1 to the "
-        "original's images; pass the run directory so it is found (0 = L1 only, which blurs)",
+        "original's images; pass the run directory so it is found (0 = L1 only, which blurs; 0.3 and more let the "
+        "student fool the frozen discriminator instead)",
     )
     sp.add_argument("--max-pairs", type=int, default=None, help="use only the first N training pairs")
     sp.add_argument("--cache-dir", default=".cache/vislang/prepared")
