@@ -59,7 +59,7 @@ def compress_model_dir(
         lr: learning rate (default 2e-4 fine-tune, 2e-3 distillation).
         max_pairs: use only the first N training pairs (smoke runs).
         keep_fp32: static-int8: FX module names of the CNN tower left in fp32 (``"stages.0.0"``: the first block).
-        adv_weight: a GAN generator's prune fine-tune and distillation: weight of the frozen discriminator's term
+        adv_weight: a GAN generator's prune fine-tune: weight of the frozen discriminator's term
             (0 = L1 to the teacher's images only), see :func:`vislang.compress.generator.fit_to_teacher`.
     """
     from ..factory import get_tokenizer, save_pretrained

@@ -125,7 +125,7 @@ def register(add) -> None:
         "--adv-weight",
         type=float,
         default=0.1,
-        help="generators (prune, distill): weight of the training run's frozen discriminator beside L1 to the "
+        help="generators (prune): weight of the training run's frozen discriminator beside L1 to the "
         "original's images; pass the run directory so it is found (0 = L1 only, which blurs; 0.3 and more let the "
         "student fool the frozen discriminator instead)",
     )
