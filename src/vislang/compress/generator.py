@@ -336,10 +336,6 @@ def student_gan_config(teacher: GANModelConfig, overrides: list[str] | dict[str,
     return cfg
 
 
-def param_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def compress_generator(
     src: Path,
     method: str,
@@ -360,6 +356,7 @@ def compress_generator(
     adv_weight: float = 0.1,
 ) -> dict[str, Any]:
     """``vislang compress`` of a GAN model directory: see the module docstring. Returns what it did."""
+    from .distill import param_count
     from .prune import make_permanent, prune_model, sparsity_of
     from .quantize import quantize_dynamic
 
