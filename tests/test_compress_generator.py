@@ -194,3 +194,11 @@ def test_pruning_uses_the_runs_discriminator_when_it_is_there(tmp_path, cache):
     b = TextToImage.from_pretrained(tmp_path / "no-d").generator.state_dict()
     assert any(not torch.equal(a[k], b[k]) for k in a)  # the critic's term changed what was learnt
     assert "critic" not in compress_model_dir(src, "distill", tmp_path / "d", **kw)  # a student learns by L1
+
+
+def test_a_generator_is_compressed_on_the_data_it_was_trained_on(tmp_path, cache):
+    src = tiny_gan_dir(tmp_path)
+    meta = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**meta, "data": {"train": "shapes"}}))
+    info = compress_model_dir(src, "dynamic-int8", tmp_path / "q", data_options={"n": 64}, cache_dir=cache)
+    assert info["data"] == "shapes"  # no --data: the GAN's own training data, not fashion-mnist

@@ -31,7 +31,7 @@ def compress_model_dir(
     model_dir: str | os.PathLike,
     method: str,
     out_dir: str | os.PathLike,
-    data: str = "fashion-mnist",
+    data: str | None = None,
     data_options: dict[str, Any] | None = None,
     sparsity: float = 0.5,
     prune_kind: str = "unstructured",
@@ -53,7 +53,8 @@ def compress_model_dir(
         method: ``dynamic-int8``, ``static-int8`` (calibrated on ``calibration_images`` training images), ``prune``
             (to ``sparsity`` of kind ``prune_kind``, then ``steps`` of fine-tuning) or ``distill`` (a student
             configured by ``student`` overrides, trained ``steps`` steps).
-        data: the training data of the fine-tune, the distillation and the calibration.
+        data: the training data of the fine-tune, the distillation and the calibration; default: the data a GAN
+            was trained on (its config records it), fashion-mnist for the other families.
         data_options: keyword arguments of its reader (``{"n": 64}`` for a small ``shapes`` set).
         steps: fine-tune / distillation steps (default 200 / 600; 0 = no fine-tune after pruning).
         lr: learning rate (default 2e-4 fine-tune, 2e-3 distillation).
@@ -87,10 +88,12 @@ def compress_model_dir(
     if family == "generator":
         from .generator import compress_generator
 
+        data = data or (meta.get("data") or {}).get("train") or "fashion-mnist"
         return compress_generator(
             src, method, out, data, data_options, sparsity, prune_kind, steps, lr, batch_size, student,
             calibration_images, max_pairs, cache_dir, seed, log_every, adv_weight,
         )  # fmt: skip
+    data = data or "fashion-mnist"
     model = load_model(src)
     tokenizer = get_tokenizer(src)
     answers = json.loads((src / "answers.json").read_text()) if family == "vqa" else None

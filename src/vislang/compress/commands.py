@@ -97,7 +97,11 @@ def register(add) -> None:
         help="dual encoders and GAN generators: all four; captioners: the int8 ones; VQA models: dynamic-int8",
     )
     sp.add_argument("-o", "--out", required=True, help="output model directory")
-    sp.add_argument("--data", default="fashion-mnist", help="training data for fine-tune / distillation / calibration")
+    sp.add_argument(
+        "--data",
+        default=None,
+        help="training data for fine-tune / distillation / calibration (default: a GAN's own, else fashion-mnist)",
+    )
     sp.add_argument("--sparsity", type=float, default=0.5, help="prune: fraction of weights set to zero, in (0, 1)")
     sp.add_argument("--prune-kind", default="unstructured", choices=["unstructured", "structured"])
     sp.add_argument(
