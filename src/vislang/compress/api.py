@@ -90,8 +90,9 @@ def compress_model_dir(
 
         data = data or (meta.get("data") or {}).get("train") or "fashion-mnist"
         return compress_generator(
-            src, method, out, data, data_options, sparsity, prune_kind, steps, lr, batch_size, student,
-            calibration_images, max_pairs, cache_dir, seed, log_every, adv_weight,
+            src, method, out, data, data_options=data_options, sparsity=sparsity, prune_kind=prune_kind,
+            steps=steps, lr=lr, batch_size=batch_size, student=student, calibration_images=calibration_images,
+            max_pairs=max_pairs, cache_dir=cache_dir, seed=seed, log_every=log_every, adv_weight=adv_weight,
         )  # fmt: skip
     data = data or "fashion-mnist"
     model = load_model(src)

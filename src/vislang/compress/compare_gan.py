@@ -17,42 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from ..generate.models import GANModelConfig, build_generator
-
-
-class OnnxGenerator(nn.Module):
-    """``generator.onnx`` of ``vislang export`` as a (noise, text embeddings) → images module, run by onnxruntime
-    (no parameters: it runs on the CPU)."""
-
-    def __init__(self, directory: Path, threads: int | None = None) -> None:
-        import onnxruntime as ort
-
-        from ..export.onnx import GENERATOR_FILE, session_options
-
-        super().__init__()
-        opts = session_options(threads)
-        self.session = ort.InferenceSession(str(directory / GENERATOR_FILE), opts, providers=["CPUExecutionProvider"])
-
-    def forward(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        feed = {"noise": z.float().cpu().numpy(), "text_embeds": c.float().cpu().numpy()}
-        return torch.from_numpy(self.session.run(None, feed)[0])
-
-
-def is_onnx_generator(path: Path) -> bool:
-    from ..export.onnx import GENERATOR_FILE
-
-    return (path / GENERATOR_FILE).is_file() and (path / "config.json").is_file()
 
 
 def load_generator(path: Path):
     """(TextToImage, kind) of a GAN model directory or of its ONNX export (whose generator is then onnxruntime's)."""
     from ..config import from_dict
+    from ..export.onnx import OnnxCLIP, OnnxGenerator, is_onnx_generator
     from ..generate.sample import TextToImage
 
     if is_onnx_generator(path):  # the export's own ONNX text tower embeds the prompts: no torch weights needed
-        from ..export.onnx import OnnxCLIP
         from ..factory import get_tokenizer
 
         meta = json.loads((path / "config.json").read_text())
@@ -88,9 +63,12 @@ def measure_generation(
     interleaved rounds after a warmup, with the paired ratio to the first generator."""
     from .compare import paired_ratios
 
-    g = torch.Generator().manual_seed(seed)
-    inputs = [(torch.randn(n, c.z_dim, generator=g), torch.nn.functional.normalize(torch.randn(n, c.cond_dim), dim=1))
-              for c in cfgs]  # fmt: skip
+    def draw(cfg: GANModelConfig) -> tuple[torch.Tensor, torch.Tensor]:  # the same draw for the same sizes
+        g = torch.Generator().manual_seed(seed)
+        z, c = torch.randn(n, cfg.z_dim, generator=g), torch.randn(n, cfg.cond_dim, generator=g)
+        return z, torch.nn.functional.normalize(c, dim=1)
+
+    inputs = [draw(c) for c in cfgs]
     times: list[list[float]] = [[] for _ in generators]
     for gen, (z, c) in zip(generators, inputs):
         gen.eval()
@@ -121,13 +99,12 @@ def compare_generators(
     """Rows of :func:`vislang.compress.compare.compare_models` for GAN generators (see the module docstring)."""
     from ..generate.evaluate import DEFAULT_JUDGE, evaluate_classes, load_judge
     from ..model_dir import run_or_model_dir
+    from .compare import weight_bytes
 
     paths = [run_or_model_dir(p) for p in paths]
     loaded = [load_generator(p) for p in paths]
     judge_model = load_judge(judge or DEFAULT_JUDGE) if data else None
     rows = []
-    from .compare import weight_bytes
-
     for p, (model, kind) in zip(paths, loaded):
         params, nonzero = generator_params(p, model.cfg, quantised=kind.endswith("int8"))
         row: dict[str, Any] = {"model": str(p), "kind": kind, "family": "generator", "size_mb": weight_bytes(p) / 1e6}
@@ -149,6 +126,7 @@ def compare_generators(
 
 def is_generator_path(path: str | Path) -> bool:
     """A GAN model or run directory, or an ONNX export of one."""
+    from ..export.onnx import is_onnx_generator
     from ..generate.sample import is_gan_dir
 
     p = Path(path)

@@ -146,7 +146,7 @@ class OnEngine(nn.Module):
 
 
 def generator_qconfig(generator: nn.Module):
-    """torch's default qconfig mapping for :data:`ENGINE` with three things left in fp32:
+    """torch's default qconfig mapping for :data:`ENGINE` with two parts of the generator left in fp32:
 
     * the output layer and its ``tanh``: a trained generator drives background pixels deep into the tanh's
       saturation (pre-activations of -50 and more), so one int8 scale over the output layer's range has steps of

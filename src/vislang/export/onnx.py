@@ -425,3 +425,23 @@ def load_embedding_model(path: str | os.PathLike, backend: str = "auto"):
 
         model = load_model(path)
     return model, image_transforms(model.cfg)[1]
+
+
+class OnnxGenerator(nn.Module):
+    """``generator.onnx`` of ``vislang export`` as a (noise, text embeddings) → images module, run by onnxruntime
+    (no parameters: it runs on the CPU)."""
+
+    def __init__(self, directory: Path, threads: int | None = None) -> None:
+        ort = _require("onnxruntime")
+        super().__init__()
+        opts = session_options(threads)
+        self.session = ort.InferenceSession(str(directory / GENERATOR_FILE), opts, providers=["CPUExecutionProvider"])
+
+    def forward(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        feed = {"noise": z.float().cpu().numpy(), "text_embeds": c.float().cpu().numpy()}
+        return torch.from_numpy(self.session.run(None, feed)[0])
+
+
+def is_onnx_generator(path: Path) -> bool:
+    """A directory written by :func:`export_generator`."""
+    return (path / GENERATOR_FILE).is_file() and (path / "config.json").is_file()
