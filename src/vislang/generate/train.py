@@ -151,8 +151,10 @@ def gan_step(
     mis_gen: torch.Generator,
     c_flip: torch.Tensor | None = None,
     update_g: bool = True,
+    regularize: bool = True,
 ) -> dict[str, float]:
     """One discriminator update, one generator update through the updated D, one EMA update; returns the stats.
+    ``regularize`` False skips R1 on this step (``gan.r1_every``).
     With ``update_g`` False only the discriminator learns (``gan.d_steps`` > 1: D gets several batches per G update);
     the fakes are then drawn without a graph and the stats have no ``loss_g``.
 
@@ -182,7 +184,9 @@ def gan_step(
     if gan.mode_seeking > 0:
         fake2, z = fake_all[b : b + b // 2], torch.cat([z, extra_z[0]])
     aug = parse_augment(gan.augment)  # DiffAugment: D sees real and fake through the same random transformations
-    h = D.features(diff_augment(torch.cat([real, fake.detach()]), aug))  # (2B, W): each image through D's body once
+    use_r1 = gan.r1 > 0 and regularize
+    real_in = real.detach().requires_grad_(True) if use_r1 else real  # R1 needs D's gradient at the real images
+    h = D.features(diff_augment(torch.cat([real_in, fake.detach()]), aug))  # (2B, W): each image through D's body once
     hs, conds = [h], [c, c]
     n_mis = 0
     if gan.matching_aware > 0:
@@ -199,6 +203,11 @@ def gan_step(
     s_real, s_fake, s_mis = scores[:b], scores[b : 2 * b], scores[2 * b :]
     loss_d = d_loss(s_real, s_fake, s_mis, gan.matching_aware, gan.loss)
     stats: dict[str, float] = {}
+    if use_r1:  # R1: a flat discriminator around the real data, instead of (or beside) spectral norm
+        (grad,) = torch.autograd.grad(s_real.sum(), real_in, create_graph=True)
+        r1 = grad.float().pow(2).sum(dim=(1, 2, 3)).mean()
+        loss_d = loss_d + gan.r1 * gan.r1_every / 2 * r1  # lazy: k× the weight on every k-th step
+        stats["r1"] = r1.item()
     texts = torch.cat([c, c_flip]) if n_flip else c  # (B + F, E): flipped captions are never right for anyone
     if gan.text_match > 0:
         positives = (c @ c.T) >= gan.mismatch_max_cos  # (B, B): own text and texts that mean the same
@@ -274,6 +283,10 @@ def _train_gan(cfg: TrainConfig, resume: bool) -> Path:
         raise ValueError(
             f"gan.coverage_candidates={gan.coverage_candidates} and gan.coverage_images={gan.coverage_images} "
             "must be at least 1 (fakes drawn per real image, real images per batch) when gan.coverage is on"
+        )
+    if gan.r1 < 0 or gan.r1_every < 1:
+        raise ValueError(
+            f"gan.r1={gan.r1} must be >= 0 (0 = off) and gan.r1_every={gan.r1_every} >= 1 (R1 on every k-th step)"
         )
     if gan.d_steps < 1:
         raise ValueError(f"gan.d_steps={gan.d_steps} must be at least 1 (discriminator updates per generator update)")
@@ -469,7 +482,8 @@ def _train_gan(cfg: TrainConfig, resume: bool) -> Path:
                 for group in opt.param_groups:
                     group["lr"] = lr * f
             update_g = (step + 1) % gan.d_steps == 0  # the last of every d_steps batches also updates G
-            stats = gan_step(G, D, G_ema, opt_g, opt_d, real, c, gan, mis_gen, c_flip, update_g)
+            regularize = step % gan.r1_every == 0
+            stats = gan_step(G, D, G_ema, opt_g, opt_d, real, c, gan, mis_gen, c_flip, update_g, regularize)
             if not all(math.isfinite(v) for v in stats.values()):
                 raise FloatingPointError(f"GAN losses became non-finite at step {step}; lower --gan.lr_d/--gan.lr_g")
             b = real.shape[0]

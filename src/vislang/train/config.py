@@ -61,6 +61,8 @@ class GANConfig:
     # (1 and 0.25 from a 9,500-step Fashion-MNIST run: no change in tracked FID-FM over 1,000 steps)
     coverage_candidates: int = 8  # coverage: fakes drawn per real image (same text), the nearest is pulled
     coverage_images: int = 16  # coverage: real images of each batch that pull (a random pick)
+    r1: float = 0.0  # weight γ of R1 (Mescheder et al. 2018): γ/2 · E|∇x D(x, c)|² on real images; 0 = off
+    r1_every: int = 1  # R1 on every k-th step only, weighted k× (StyleGAN2's lazy regularisation: k=4 ~halves its cost)
     relation_negatives: bool = False  # captions with their relation flipped (left↔right, above↔below) count as wrong
     augment: str = ""  # DiffAugment policy for every image D sees, e.g. "translation,cutout" (small data); ""=none
     group_by_label: bool = False  # order each batch by class label, so minibatch-std groups hold one class each
