@@ -366,6 +366,10 @@ def compress_generator(
             "a channel with zero weights still draws; use --prune-kind unstructured"
         )
     model = TextToImage.from_pretrained(src, "cpu")  # an int8 source was refused by compress_model_dir
+    if model.cfg.instance_bank > 0:
+        raise ValueError(
+            f"{src} is an instance-conditioned GAN (gan.model.instance_bank): compressing it is not supported yet"
+        )
     cfg, teacher = model.cfg, model.generator.eval()
     torch.manual_seed(seed)
     conds = training_conditions(model, data, cache_dir, max_pairs, data_options)

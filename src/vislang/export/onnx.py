@@ -273,6 +273,11 @@ def export_generator(src: Path, out: Path, check: bool = True, tol: float = PARI
     from ..generate.sample import TextToImage
 
     t2i = TextToImage.from_pretrained(src)
+    if t2i.cfg.instance_bank > 0:
+        raise ValueError(
+            f"{src} is an instance-conditioned GAN (gan.model.instance_bank): its ONNX export is not supported yet; "
+            "sample it with PyTorch (`vislang generate`)"
+        )
     gen = t2i.generator.eval()
     module = _AllComponents(gen) if isinstance(gen, GeneratorMixture) else gen
     out.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ The generator maps (z, c) to an image in [-1, 1]; the discriminator maps (image,
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -39,6 +40,10 @@ class GANModelConfig:
     # SN linear over the whole map, as DCGAN's and StyleGAN's last layer: D sees the item's layout and size at once)
     pack: int = 1  # dcgan D judges packs of this many consecutive images at once, stacked as channels (PacGAN, Lin
     # et al. 2018): a generator that draws too few kinds of item gives packs of look-alikes, which D sees in one view
+    instance_bank: int = 0  # IC-GAN (generate/instance.py): G and D also read one training image's embedding,
+    # drawn at sampling time from a bank of this many training items saved with G; 0 = off
+    instance_k: int = 20  # IC-GAN: an instance is paired with real images among its k nearest (same caption meaning)
+    instance_dim: int = 0  # IC-GAN: image-embedding size (set from the dual encoder when a run starts)
     mixture: int = 1  # generators in one model (MIX+GAN): the noise picks one per image, one D judges them all;
     # 2 on Fashion-MNIST: FID-FM 0.291 at 6,550 steps against 0.164 with one (docs/gan-fashion-mnist.md)
 
@@ -489,8 +494,24 @@ class GeneratorMixture(nn.Module):
         return out
 
 
+def inner_config(cfg: GANModelConfig) -> GANModelConfig:
+    """What the networks themselves are built for: with instance conditioning their condition is [text, instance]."""
+    if cfg.instance_bank <= 0:
+        return cfg
+    if cfg.instance_dim <= 0 or cfg.instance_k < 1:
+        raise ValueError(
+            f"gan.model.instance_bank={cfg.instance_bank} needs instance_dim > 0 (set from the dual encoder) and "
+            f"instance_k >= 1 (got {cfg.instance_dim}, {cfg.instance_k})"
+        )
+    return dataclasses.replace(cfg, cond_dim=cfg.cond_dim + cfg.instance_dim, instance_bank=0)
+
+
 def build_generator(cfg: GANModelConfig) -> nn.Module:
     """The generator alone (sampling a saved model needs no discriminator, nor a projected D's pretrained weights)."""
+    if cfg.instance_bank > 0:
+        from .instance import InstanceGenerator
+
+        return InstanceGenerator(cfg, build_generator(inner_config(cfg)))
     if cfg.mixture < 1:
         raise ValueError(f"gan.model.mixture={cfg.mixture} must be at least 1 (generators in the model)")
     g_cls = _classes(cfg)[0]
@@ -499,7 +520,7 @@ def build_generator(cfg: GANModelConfig) -> nn.Module:
 
 def build_gan(cfg: GANModelConfig) -> tuple[nn.Module, nn.Module]:
     """(generator, discriminator) for ``cfg.arch``."""
-    return build_generator(cfg), _classes(cfg)[1](cfg)
+    return build_generator(cfg), _classes(cfg)[1](inner_config(cfg))
 
 
 # --- losses ----------------------------------------------------------------------------------------------------------

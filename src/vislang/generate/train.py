@@ -317,7 +317,13 @@ def _train_gan(cfg: TrainConfig, resume: bool) -> Path:
     v = encoder.cfg.vision
     mcfg = from_dict(
         GANModelConfig,
-        {**gan.model, "cond_dim": encoder.cfg.embed_dim, "image_size": v.image_size, "channels": v.channels},
+        {
+            **gan.model,
+            "cond_dim": encoder.cfg.embed_dim,
+            "image_size": v.image_size,
+            "channels": v.channels,
+            **({"instance_dim": encoder.cfg.embed_dim} if gan.model.get("instance_bank") else {}),
+        },
         "gan.model",
     )
 
@@ -344,6 +350,23 @@ def _train_gan(cfg: TrainConfig, resume: bool) -> Path:
         rows = has_flip.nonzero().squeeze(1)
         flip_table[rows.to(device)] = embed_texts(encoder, tokenizer, [flipped[i] for i in rows.tolist()]).to(device)
         print(f"[vislang] relation negatives: {int(has_flip.sum())} of {len(uniq)} distinct captions state a relation")
+    bank = nn_table = None
+    if mcfg.instance_bank > 0:
+        if mcfg.instance_bank > n:
+            raise ValueError(f"gan.model.instance_bank={mcfg.instance_bank} exceeds the {n} training images")
+        from .instance import image_embeddings, neighbours
+
+        print(f"[vislang] instance conditioning: embedding {n} training images, a bank of {mcfg.instance_bank}")
+        feats = torch.cat(
+            [
+                image_embeddings(encoder, data.get_batch(np.arange(s, min(s + 4096, n)))["image"])
+                for s in range(0, n, 4096)
+            ]
+        ).to(device)  # (N, Ei)
+        pick = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[: mcfg.instance_bank]
+        bank, bank_keys = feats[pick.to(device)], cond_table[cap_index[pick].to(device)]  # (M, Ei), (M, E)
+        nn_table = neighbours(feats, cond_table[cap_index.to(device)], bank, bank_keys, mcfg.instance_k)  # (N, k)
+        del feats
     sort_labels = None
     if gan.group_by_label:
         if not data.classnames:
@@ -366,6 +389,8 @@ def _train_gan(cfg: TrainConfig, resume: bool) -> Path:
     torch.manual_seed(cfg.seed)
     G, D = build_gan(mcfg)
     G, D = G.to(device), D.to(device)
+    if bank is not None:
+        G.set_bank(bank, bank_keys)
     # ~1.4x faster small convs on a CPU (measured); the projected D's frozen EfficientNet ~2x
     channels_last = device.type == "cpu" and mcfg.arch in ("dcgan", "projected")
     if channels_last:
@@ -477,6 +502,9 @@ def _train_gan(cfg: TrainConfig, resume: bool) -> Path:
             if channels_last:
                 real = real.contiguous(memory_format=torch.channels_last)
             c = cond_table[cap.to(device)]  # (B, E)
+            if nn_table is not None:  # IC-GAN: each real image with one of its k nearest bank instances
+                near = nn_table[torch.as_tensor(idx).to(device), torch.randint(mcfg.instance_k, (len(idx),)).to(device)]
+                c = torch.cat([c, bank[near]], dim=1)  # (B, E + Ei)
             f = lr_factor(step, total_steps, gan.lr_decay_from)
             for opt, lr in ((opt_g, gan.lr_g), (opt_d, gan.lr_d)):
                 for group in opt.param_groups:
