@@ -293,6 +293,18 @@ def test_fid_of_a_set_against_itself_is_zero_and_grows_with_noise():
     assert kids == sorted(kids), kids
 
 
+def test_nearest_distances_find_copies_and_measure_the_rest():
+    from vislang.generate.metrics import nearest_distances
+
+    torch.manual_seed(0)
+    ref = torch.randint(0, 256, (50, 1, 6, 6), dtype=torch.uint8)
+    far = torch.full((1, 1, 6, 6), 0, dtype=torch.uint8)
+    d = nearest_distances(torch.cat([ref[7:9], far]), ref, chunk=2)  # two copies, one image of zeros
+    assert d[:2].tolist() == pytest.approx([0.0, 0.0], abs=1e-3)
+    want = ((ref.float() / 255).flatten(1).pow(2).mean(1).sqrt()).min()  # zeros: RMS distance = nearest image's RMS
+    assert d[2].item() == pytest.approx(want.item(), rel=1e-4)
+
+
 def test_torchmetrics_fid_matches_the_formula():
     judge = TinyJudge()
     a, b = _images(200, 0), _images(200, 3, bright=True)
@@ -614,6 +626,8 @@ def test_cli_train_generate_and_eval(text_model_dir, tmp_path, monkeypatch):
     res = evaluate_gan(run, judge=judge, n_per_class=420, n_real=100)  # 4200 images: past the 4096 cap per call
     assert res["n_generated"] == 4200 and 0 <= res["class_consistency"] <= 1
     assert res["fid_fm"] > 0 and res["fid_fm_floor"] >= 0 and "clip_score_real" in res
+    assert res["nn_train_rms_generated"] > 0 and res["nn_train_rms_real"] > 0  # test images are not train images
+    assert 0 <= res["nn_train_closer_than_real_p1"] <= 1
     assert (run / "eval" / "results.json").is_file()
 
 

@@ -3,8 +3,10 @@
 Fashion-MNIST (a dataset with class names): generate ``n_per_class`` images for "a photo of a {class}." per class and
 report class consistency, FID-FM and KID against the test split with the real-vs-real floor (train split against
 test split, same size) beside them, the Inception-Score-style score (generated and real), and the CLIP score of
-generated and real images against the same class prompts. Shapes: single-object prompts judged zero-shot by the
-dual encoder for colour and shape.
+generated and real images against the same class prompts, and a memorisation check: the mean pixel distance from each
+generated image to its nearest training image against the same for held-out test images, and the share of generated
+images nearer to the training set than 99% of test images are (1% when nothing is copied). Shapes: single-object
+prompts judged zero-shot by the dual encoder for colour and shape.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from .metrics import (
     inception_fid,
     inception_style_score_from_logits,
     judge_outputs,
+    nearest_distances,
     relation_match,
 )
 from .sample import TextToImage, save_grid
@@ -108,6 +111,11 @@ def evaluate_classes(
     prompt_emb = model.embed(prompts)  # (K, E)
     out["clip_score_generated"] = clip_score(model.encoder, fake, prompt_emb[fake_labels])
     out["clip_score_real"] = clip_score(model.encoder, real, prompt_emb[real_labels])
+    # Memorisation: how near generated images sit to their nearest training image, against held-out real images.
+    train_all, _, _, _ = _real_split(data, train_split, cfg.image_size, cfg.channels, None, seed)
+    near_fake, near_real = nearest_distances(fake, train_all), nearest_distances(real[pick], train_all)
+    out["nn_train_rms_generated"], out["nn_train_rms_real"] = float(near_fake.mean()), float(near_real.mean())
+    out["nn_train_closer_than_real_p1"] = float((near_fake < near_real.quantile(0.01)).float().mean())
     if inception_weights:
         out["fid_inception"] = inception_fid(real[pick], fake, inception_weights)
         out["fid_inception_floor"] = inception_fid(real[pick], other, inception_weights)
@@ -289,7 +297,7 @@ def evaluate_gan(
 
 TABLE_COLUMNS = (  # (key in results.json, column title, format)
     ("class_consistency", "class consistency", "{:.1%}"),
-    ("fid_fm", "FID-FM", "{:.2f}"),
+    ("fid_fm", "FID-FM", "{:.3f}"),
     ("fid_fm_floor", "FID-FM floor (train vs test)", "{:.4f}"),
     ("fid_fm_over_floor", "FID-FM / floor", "{:.1f}x"),
     ("kid_fm", "KID-FM", "{:.4f}"),
@@ -299,6 +307,9 @@ TABLE_COLUMNS = (  # (key in results.json, column title, format)
     ("clip_score_generated", "CLIP score (gen)", "{:.3f}"),
     ("clip_score_real", "CLIP score (real)", "{:.3f}"),
     ("judge_accuracy_real", "judge acc. (real)", "{:.1%}"),
+    ("nn_train_rms_generated", "nearest train image (gen)", "{:.3f}"),
+    ("nn_train_rms_real", "nearest train image (test)", "{:.3f}"),
+    ("nn_train_closer_than_real_p1", "gen nearer than 99% of test", "{:.1%}"),
 )
 
 

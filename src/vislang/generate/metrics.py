@@ -170,6 +170,21 @@ def clip_score(encoder: nn.Module, images: torch.Tensor, text_emb: torch.Tensor,
     return float(torch.cat(sims).mean())
 
 
+@torch.no_grad()
+def nearest_distances(query: torch.Tensor, reference: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """(N,) root-mean-square pixel distance (pixels in [0, 1]) from each uint8 image of ``query`` (N, C, H, W) to
+    its nearest image in ``reference`` (M, C, H, W): the memorisation check. A generator that copies its training
+    images sits far closer to them than held-out real images do."""
+    ref = reference.flatten(1).float() / 255  # (M, D)
+    ref_sq = (ref * ref).sum(1)  # (M,)
+    out = []
+    for s in range(0, len(query), chunk):
+        q = query[s : s + chunk].flatten(1).float() / 255  # (b, D)
+        d2 = (q * q).sum(1, keepdim=True) - 2 * q @ ref.T + ref_sq  # (b, M) squared distances
+        out.append(d2.min(dim=1).values.clamp(min=0).div(ref.shape[1]).sqrt())
+    return torch.cat(out)
+
+
 def inception_fid(real: torch.Tensor, fake: torch.Tensor, weights: str, batch_size: int = 100) -> float:
     """Standard FID (Inception-v3 pool features) with weights read from a local file (torch-fidelity's
     ``pt_inception-2015-12-05-6726825d.pth``); gray images are repeated to 3 channels, torchmetrics resizes."""
