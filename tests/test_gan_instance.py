@@ -11,7 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from test_generate import _cfg, fm_text_model_dir
-from vislang.generate.instance import InstanceGenerator, candidates, neighbours, pick_from_noise
+from vislang.generate.instance import (
+    InstanceGenerator,
+    candidates,
+    instance_features,
+    neighbours,
+    pick_from_noise,
+    pixel_pca,
+)
 from vislang.generate.models import GANModelConfig, build_gan, inner_config
 from vislang.generate.sample import TextToImage
 
@@ -76,17 +83,20 @@ def test_text_only_conditions_draw_an_instance_of_that_caption_from_the_bank():
         inner_config(GANModelConfig(instance_bank=4))
 
 
-def test_instance_gan_trains_saves_and_samples_reproducibly(tmp_path):
+@pytest.mark.parametrize("features,dim", [("clip", 16), ("pixels", 64)])
+def test_instance_gan_trains_saves_and_samples_reproducibly(tmp_path, features, dim):
     from vislang.generate.train import train_gan
 
     text = fm_text_model_dir(tmp_path / "text")
     c = _cfg(text, tmp_path / "run", 3)
-    c = dataclasses.replace(c, gan=dataclasses.replace(c.gan, model={**c.gan.model, "instance_bank": 64}))
+    model = {**c.gan.model, "instance_bank": 64, "instance_features": features}
+    c = dataclasses.replace(c, gan=dataclasses.replace(c.gan, model=model))
     model_dir = train_gan(c)
     t2i = TextToImage.from_pretrained(model_dir)
     g = t2i.generator
-    assert isinstance(g, InstanceGenerator) and g.bank.shape == (64, 16)
-    torch.testing.assert_close(g.bank.norm(dim=1), torch.ones(64))  # filled with normalised image embeddings
+    assert isinstance(g, InstanceGenerator) and g.bank.shape == (64, dim) and t2i.cfg.instance_dim == dim
+    norms = g.bank.norm(dim=1)  # filled: normalised image embeddings, or principal components of mean norm ~1
+    assert torch.allclose(norms, torch.ones(64), atol=1e-5) if features == "clip" else 0.5 < norms.mean() < 2
     a, b = t2i.generate("a photo of a bag.", n=6, seed=3), t2i.generate("a photo of a bag.", n=6, seed=3)
     assert torch.equal(a, b) and not torch.equal(a, t2i.generate("a photo of a bag.", n=6, seed=4))
     with pytest.raises(ValueError, match="exceeds"):
@@ -102,3 +112,21 @@ def test_instance_gan_trains_saves_and_samples_reproducibly(tmp_path):
     with pytest.raises(ValueError, match="instance-conditioned"):
         compress_model_dir(model_dir, "dynamic-int8", tmp_path / "q")
     assert not (tmp_path / "q").exists()
+
+
+def test_pixel_features_are_principal_components_that_tell_sizes_apart():
+    torch.manual_seed(0)
+    imgs = torch.zeros(40, 1, 8, 8, dtype=torch.uint8)
+    for i in range(40):  # squares of four sizes, with a little noise
+        side = 2 + i % 4
+        imgs[i, 0, :side, :side] = 200
+    imgs = (imgs.float() + torch.rand(40, 1, 8, 8) * 20).to(torch.uint8)
+    f = pixel_pca(imgs, dim=3)
+    assert f.shape == (40, 3) and f.norm(dim=1).mean().item() == pytest.approx(1.0, rel=1e-5)
+    torch.testing.assert_close(f, pixel_pca(imgs, dim=3))  # deterministic
+    d_same = (f[0] - f[4]).norm()  # the same size
+    d_other = (f[0] - f[3]).norm()  # smallest against largest square
+    assert d_other > 5 * d_same
+    assert torch.equal(instance_features("pixels", None, imgs, 3), f)
+    with pytest.raises(ValueError, match="instance_features"):
+        instance_features("sift", None, imgs, 3)

@@ -86,6 +86,33 @@ def image_embeddings(encoder: nn.Module, images: torch.Tensor, batch_size: int =
     return torch.cat(parts)
 
 
+INSTANCE_FEATURES = ("clip", "pixels")
+
+
+@torch.no_grad()
+def pixel_pca(images: torch.Tensor, dim: int) -> torch.Tensor:
+    """(N, dim) the images' coordinates on their ``dim`` principal components, scaled so the mean row norm is 1:
+    a description of each item's shape, size and brightness, what a caption-trained image tower mostly discards.
+    Exact and deterministic (eigenvectors of the D × D covariance; D = 784 on Fashion-MNIST)."""
+    x = images.flatten(1).double() / 255  # (N, D)
+    x = x - x.mean(0, keepdim=True)
+    _, vecs = torch.linalg.eigh(x.T @ x)  # ascending eigenvalues
+    v = vecs[:, -dim:].flip(1)  # (D, dim): the top components first
+    f = (x @ v).float()  # (N, dim)
+    return f / f.norm(dim=1).mean().clamp(min=1e-12)
+
+
+@torch.no_grad()
+def instance_features(kind: str, encoder: nn.Module, images: torch.Tensor, dim: int) -> torch.Tensor:
+    """(N, Ei) instance features of uint8 training images: ``clip``, the frozen dual encoder's normalised image
+    embeddings (IC-GAN's choice of a pretrained embedding); ``pixels``, their ``dim`` principal components."""
+    if kind == "clip":
+        return image_embeddings(encoder, images)
+    if kind == "pixels":
+        return pixel_pca(images, dim)
+    raise ValueError(f"unknown gan.model.instance_features {kind!r}; choose one of {', '.join(INSTANCE_FEATURES)}")
+
+
 @torch.no_grad()
 def neighbours(
     feats: torch.Tensor, texts: torch.Tensor, bank: torch.Tensor, keys: torch.Tensor, k: int, chunk: int = 2048
@@ -94,8 +121,9 @@ def neighbours(
     ``k`` nearest bank items by image embedding among those a prompt of its caption may pick (:func:`candidates`),
     so an instance is only ever paired with real images that its own captions' prompts would draw it for."""
     out = []
+    bank_sq = (bank * bank).sum(1)  # (M,): nearest by Euclidean distance (= by cosine for normalised features)
     for s in range(0, len(feats), chunk):
         cand = candidates(texts[s : s + chunk], keys, k)  # (b, N)
-        sims = (feats[s : s + chunk] @ bank.T).masked_fill(~cand, -math.inf)  # (b, N)
+        sims = (2 * feats[s : s + chunk] @ bank.T - bank_sq).masked_fill(~cand, -math.inf)  # (b, N): -|f-b|² + |f|²
         out.append(sims.topk(min(k, bank.shape[0]), dim=1).indices)
     return torch.cat(out)

@@ -43,7 +43,8 @@ class GANModelConfig:
     instance_bank: int = 0  # IC-GAN (generate/instance.py): G and D also read one training image's embedding,
     # drawn at sampling time from a bank of this many training items saved with G; 0 = off
     instance_k: int = 20  # IC-GAN: an instance is paired with real images among its k nearest (same caption meaning)
-    instance_dim: int = 0  # IC-GAN: image-embedding size (set from the dual encoder when a run starts)
+    instance_features: str = "clip"  # IC-GAN: clip (the dual encoder's image embedding) | pixels (principal comps)
+    instance_dim: int = 0  # IC-GAN: instance-feature size (clip: set from the dual encoder; pixels: 0 → 64)
     mixture: int = 1  # generators in one model (MIX+GAN): the noise picks one per image, one D judges them all;
     # 2 on Fashion-MNIST: FID-FM 0.291 at 6,550 steps against 0.164 with one (docs/gan-fashion-mnist.md)
 

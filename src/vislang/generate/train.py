@@ -72,6 +72,14 @@ def embed_texts(encoder: torch.nn.Module, tokenizer, texts: list[str], batch_siz
     return torch.cat(parts)
 
 
+def instance_dim(model: dict, embed_dim: int) -> int:
+    """The instance-feature size of an IC-GAN run: the dual encoder's embedding size for ``clip`` features, the
+    configured number of principal components (default 64) for ``pixels``."""
+    if model.get("instance_features", "clip") == "clip":
+        return embed_dim
+    return int(model.get("instance_dim") or 64)
+
+
 def default_prompts(gan: GANConfig, classnames: list[str] | None, captions: list[str]) -> list[str]:
     """Rows of the sample grid: the configured prompts, one class prompt per class, or the first distinct captions."""
     if gan.sample_prompts:
@@ -322,7 +330,11 @@ def _train_gan(cfg: TrainConfig, resume: bool) -> Path:
             "cond_dim": encoder.cfg.embed_dim,
             "image_size": v.image_size,
             "channels": v.channels,
-            **({"instance_dim": encoder.cfg.embed_dim} if gan.model.get("instance_bank") else {}),
+            **(
+                {"instance_dim": instance_dim(gan.model, encoder.cfg.embed_dim)}
+                if gan.model.get("instance_bank")
+                else {}
+            ),
         },
         "gan.model",
     )
@@ -354,15 +366,15 @@ def _train_gan(cfg: TrainConfig, resume: bool) -> Path:
     if mcfg.instance_bank > 0:
         if mcfg.instance_bank > n:
             raise ValueError(f"gan.model.instance_bank={mcfg.instance_bank} exceeds the {n} training images")
-        from .instance import image_embeddings, neighbours
+        from .instance import instance_features, neighbours
 
-        print(f"[vislang] instance conditioning: embedding {n} training images, a bank of {mcfg.instance_bank}")
-        feats = torch.cat(
-            [
-                image_embeddings(encoder, data.get_batch(np.arange(s, min(s + 4096, n)))["image"])
-                for s in range(0, n, 4096)
-            ]
-        ).to(device)  # (N, Ei)
+        print(
+            f"[vislang] instance conditioning: {mcfg.instance_features} features of {n} training images, "
+            f"a bank of {mcfg.instance_bank}, {mcfg.instance_k} neighbours each"
+        )
+        images = torch.cat([data.get_batch(np.arange(s, min(s + 4096, n)))["image"] for s in range(0, n, 4096)])
+        feats = instance_features(mcfg.instance_features, encoder, images, mcfg.instance_dim).to(device)
+        del images
         pick = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[: mcfg.instance_bank]
         bank, bank_keys = feats[pick.to(device)], cond_table[cap_index[pick].to(device)]  # (M, Ei), (M, E)
         nn_table = neighbours(feats, cond_table[cap_index.to(device)], bank, bank_keys, mcfg.instance_k)  # (N, k)
