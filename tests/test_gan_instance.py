@@ -130,3 +130,21 @@ def test_pixel_features_are_principal_components_that_tell_sizes_apart():
     assert torch.equal(instance_features("pixels", None, imgs, 3), f)
     with pytest.raises(ValueError, match="instance_features"):
         instance_features("sift", None, imgs, 3)
+
+
+def test_a_text_counts_as_wrong_by_the_text_alone_not_by_the_instance():
+    from vislang.generate.train import gan_step
+    from vislang.train.config import GANConfig
+
+    g = _instance_generator()
+    g.train()
+    _, d = build_gan(g.cfg)
+    opt_g, opt_d = (torch.optim.Adam(m.parameters(), 1e-3) for m in (g, d))
+    text = torch.eye(4)[torch.zeros(8, dtype=torch.long)]  # one caption for all: no text is wrong for any image
+    inst = torch.cat([g.bank[:4], -g.bank[:4]])  # instances as unlike as can be
+    real = torch.rand(8, 1, 28, 28) * 2 - 1
+    stats = gan_step(g, d, g, opt_g, opt_d, real, torch.cat([text, inst], 1), GANConfig(), torch.Generator())
+    assert "d_mismatch" not in stats  # no real image was scored under a "wrong" text
+    other = torch.eye(4)[torch.tensor([0, 1] * 4)]
+    stats = gan_step(g, d, g, opt_g, opt_d, real, torch.cat([other, inst], 1), GANConfig(), torch.Generator())
+    assert "d_mismatch" in stats

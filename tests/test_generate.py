@@ -673,7 +673,7 @@ def test_packaged_gan_configs_load():
     from vislang.cli import PACKAGED_CONFIGS
     from vislang.train.config import load_train_config
 
-    for name in ("gan", "gan-mlp", "gan-shapes", "gan-shapes-relations", "gan-gpu", "gan-projected", "gan-ic"):
+    for name in ("gan", "gan-mlp", "gan-shapes", "gan-shapes-relations", "gan-gpu", "gan-projected"):
         cfg = load_train_config(PACKAGED_CONFIGS / f"{name}.yaml")
         assert cfg.task == "gan" and cfg.gan is not None
         GANModelConfig(**cfg.gan.model)  # every model key is a real field

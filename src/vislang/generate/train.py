@@ -174,6 +174,7 @@ def gan_step(
     layout, not only the colours and shapes, has to agree with the text.
     """
     b = real.shape[0]
+    c_text = c[:, : G.cfg.cond_dim]  # IC-GAN: c is [text, instance]; whether a text is wrong is the text's business
     n_flip = 0 if c_flip is None else len(c_flip)
     z = torch.randn(b, G.cfg.z_dim, device=real.device)
     # Extra fakes ride in the same G pass (and BatchNorm batch) as the batch's own: a second noise for the first
@@ -200,7 +201,7 @@ def gan_step(
     if gan.matching_aware > 0:
         # The real image under a wrong text reuses the real image's features: D's body never sees the text, and
         # skipping a third pass makes the step ~20% cheaper on a CPU, with the same scores.
-        wrong, keep = mismatched(c.cpu(), gan.mismatch_max_cos, mis_gen)
+        wrong, keep = mismatched(c_text.cpu(), gan.mismatch_max_cos, mis_gen)
         keep = keep.to(real.device)
         hs.append(h[:b][keep]), conds.append(c[wrong.to(real.device)][keep])
         n_mis = int(keep.sum())
@@ -218,7 +219,7 @@ def gan_step(
         stats["r1"] = r1.item()
     texts = torch.cat([c, c_flip]) if n_flip else c  # (B + F, E): flipped captions are never right for anyone
     if gan.text_match > 0:
-        positives = (c @ c.T) >= gan.mismatch_max_cos  # (B, B): own text and texts that mean the same
+        positives = (c_text @ c_text.T) >= gan.mismatch_max_cos  # (B, B): own text and texts that mean the same
         if n_flip:
             positives = torch.cat([positives, positives.new_zeros(b, n_flip)], dim=1)  # (B, B + F)
         match_d = text_match_loss(D.match(h[:b], texts), positives)  # real images pick their texts out of the batch
@@ -339,6 +340,8 @@ def _train_gan(cfg: TrainConfig, resume: bool) -> Path:
         "gan.model",
     )
 
+    if mcfg.instance_bank > 0 and gan.relation_negatives:
+        raise ValueError("gan.relation_negatives is not supported with instance conditioning (gan.model.instance_bank)")
     if mcfg.minibatch_std > 0 and cfg.batch_size % mcfg.minibatch_std:
         raise ValueError(
             f"gan.model.minibatch_std={mcfg.minibatch_std} must divide --batch_size={cfg.batch_size}, or a group of "

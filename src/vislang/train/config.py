@@ -62,6 +62,7 @@ class GANConfig:
     coverage_candidates: int = 8  # coverage: fakes drawn per real image (same text), the nearest is pulled
     coverage_images: int = 16  # coverage: real images of each batch that pull (a random pick)
     r1: float = 0.0  # weight γ of R1 (Mescheder et al. 2018): γ/2 · E|∇x D(x, c)|² on real images; 0 = off
+    # (Fashion-MNIST without spectral norm, γ 0.1 / 1: FID-FM 0.336 / 0.340 against 0.370 with it, 6,550 steps)
     r1_every: int = 1  # R1 on every k-th step only, weighted k× (StyleGAN2's lazy regularisation: k=4 ~halves its cost)
     relation_negatives: bool = False  # captions with their relation flipped (left↔right, above↔below) count as wrong
     augment: str = ""  # DiffAugment policy for every image D sees, e.g. "translation,cutout" (small data); ""=none
