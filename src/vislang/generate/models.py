@@ -44,7 +44,7 @@ class GANModelConfig:
     # (Fashion-MNIST, 2: tracked FID-FM 2.58 against ~0.7-1.1 for the others at 4,000 steps; stopped)
     instance_bank: int = 0  # IC-GAN (generate/instance.py): G and D also read one training image's embedding,
     # drawn at sampling time from a bank of this many training items saved with G; 0 = off. Fashion-MNIST, 10,000:
-    # FID-FM 0.292 vs 0.370 at 6,550 steps, 0.181 vs 0.176 at 13,100: faster, not further (docs/gan-fashion-mnist.md)
+    # FID-FM 0.268 vs 0.370 at 6,550 steps, 0.167 vs 0.176 at 13,100: faster, about level (docs/gan-fashion-mnist.md)
     instance_k: int = 20  # IC-GAN: an instance is paired with real images among its k nearest (same caption meaning)
     instance_features: str = "clip"  # IC-GAN: clip (the dual encoder's image embedding) | pixels (principal comps)
     instance_dim: int = 0  # IC-GAN: instance-feature size (clip: set from the dual encoder; pixels: 0 → 64)
