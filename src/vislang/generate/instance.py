@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -72,20 +73,6 @@ class InstanceGenerator(nn.Module):
         return self.inner(z, c)
 
 
-@torch.no_grad()
-def image_embeddings(encoder: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """Normalised image embeddings (N, Ei) of uint8 images (N, C, H, W) under the frozen dual encoder."""
-    from ..data.transforms import normalize
-    from ..evaluation.embed import model_device
-
-    v, dev = encoder.cfg.vision, model_device(encoder)
-    parts = [
-        encoder.encode_image(normalize(images[s : s + batch_size].to(dev), v.mean, v.std), normalize=True).float()
-        for s in range(0, len(images), batch_size)
-    ]
-    return torch.cat(parts)
-
-
 INSTANCE_FEATURES = ("clip", "pixels")
 
 
@@ -103,13 +90,17 @@ def pixel_pca(images: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def instance_features(kind: str, encoder: nn.Module, images: torch.Tensor, dim: int) -> torch.Tensor:
-    """(N, Ei) instance features of uint8 training images: ``clip``, the frozen dual encoder's normalised image
-    embeddings (IC-GAN's choice of a pretrained embedding); ``pixels``, their ``dim`` principal components."""
+def instance_features(kind: str, encoder: nn.Module, images, dim: int, n: int | None = None) -> torch.Tensor:
+    """(N, Ei) instance features of the first ``n`` (default all) uint8 training images of ``images`` (a prepared
+    dataset or a tensor): ``clip``, the frozen dual encoder's normalised image embeddings (IC-GAN's choice of a
+    pretrained embedding); ``pixels``, their ``dim`` principal components."""
+    from ..evaluation.embed import embed_images, image_batch, num_images
+
+    idx = np.arange(num_images(images) if n is None else n)
     if kind == "clip":
-        return image_embeddings(encoder, images)
+        return embed_images(encoder, images, indices=idx)
     if kind == "pixels":
-        return pixel_pca(images, dim)
+        return pixel_pca(image_batch(images, idx), dim)
     raise ValueError(f"unknown gan.model.instance_features {kind!r}; choose one of {', '.join(INSTANCE_FEATURES)}")
 
 

@@ -296,7 +296,7 @@ class DCDiscriminator(nn.Module):
             x = x.reshape(n // self.pack, self.pack * x.shape[1], *x.shape[2:])  # (B/P, P·C, H, W)
         x = F.leaky_relu(self.convs(x), 0.2)  # (B/P, W, s, s)
         if self.std_conv is not None:
-            x = F.leaky_relu(self.std_conv(minibatch_std(x, self.mbstd, self.mbstd_channels)), 0.2)  # (B, W, s, s)
+            x = F.leaky_relu(self.std_conv(minibatch_std(x, self.mbstd, self.mbstd_channels)), 0.2)  # (B/P, W, s, s)
         h = F.leaky_relu(self.flat(x.flatten(1)), 0.2) if self.flat is not None else x.sum(dim=(2, 3))  # (B/P, W)
         return h.repeat_interleave(self.pack, dim=0) if self.pack > 1 else h  # (B, W): each image its pack's
 

@@ -375,9 +375,7 @@ def _train_gan(cfg: TrainConfig, resume: bool) -> Path:
             f"[vislang] instance conditioning: {mcfg.instance_features} features of {n} training images, "
             f"a bank of {mcfg.instance_bank}, {mcfg.instance_k} neighbours each"
         )
-        images = torch.cat([data.get_batch(np.arange(s, min(s + 4096, n)))["image"] for s in range(0, n, 4096)])
-        feats = instance_features(mcfg.instance_features, encoder, images, mcfg.instance_dim).to(device)
-        del images
+        feats = instance_features(mcfg.instance_features, encoder, data, mcfg.instance_dim, n).to(device)  # (N, Ei)
         pick = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed))[: mcfg.instance_bank]
         bank, bank_keys = feats[pick.to(device)], cond_table[cap_index[pick].to(device)]  # (M, Ei), (M, E)
         nn_table = neighbours(feats, cond_table[cap_index.to(device)], bank, bank_keys, mcfg.instance_k)  # (N, k)
