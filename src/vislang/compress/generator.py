@@ -44,7 +44,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..generate.models import GANModelConfig, GeneratorMixture, build_generator, standing_stats
+from ..generate.models import (
+    GANModelConfig,
+    GeneratorMixture,
+    build_generator,
+    require_single_generator,
+    standing_stats,
+)
 from ..generate.sample import TextToImage
 
 # Config keys a student may not change: they fix what goes in and what comes out.
@@ -366,10 +372,7 @@ def compress_generator(
             "a channel with zero weights still draws; use --prune-kind unstructured"
         )
     model = TextToImage.from_pretrained(src, "cpu")  # an int8 source was refused by compress_model_dir
-    if model.cfg.instance_bank > 0:
-        raise ValueError(
-            f"{src} is an instance-conditioned GAN (gan.model.instance_bank): compressing it is not supported yet"
-        )
+    require_single_generator(model.cfg, src, "compressing")
     cfg, teacher = model.cfg, model.generator.eval()
     torch.manual_seed(seed)
     conds = training_conditions(model, data, cache_dir, max_pairs, data_options)

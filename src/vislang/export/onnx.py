@@ -269,15 +269,11 @@ def export_generator(src: Path, out: Path, check: bool = True, tol: float = PARI
     [-1, 1], dynamic batch) and its frozen text tower exported as a dual encoder under ``text_encoder/``, each
     checked against PyTorch at two batch sizes. Sampling needs only these two: embed the prompt, draw noise, decode.
     """
-    from ..generate.models import GeneratorMixture
+    from ..generate.models import GeneratorMixture, require_single_generator
     from ..generate.sample import TextToImage
 
     t2i = TextToImage.from_pretrained(src)
-    if t2i.cfg.instance_bank > 0:
-        raise ValueError(
-            f"{src} is an instance-conditioned GAN (gan.model.instance_bank): its ONNX export is not supported yet; "
-            "sample it with PyTorch (`vislang generate`)"
-        )
+    require_single_generator(t2i.cfg, src, "exporting")
     gen = t2i.generator.eval()
     module = _AllComponents(gen) if isinstance(gen, GeneratorMixture) else gen
     out.mkdir(parents=True, exist_ok=True)

@@ -50,6 +50,8 @@ class GANModelConfig:
     instance_dim: int = 0  # IC-GAN: instance-feature size (clip: set from the dual encoder; pixels: 0 → 64)
     mixture: int = 1  # generators in one model (MIX+GAN): the noise picks one per image, one D judges them all;
     # 2 on Fashion-MNIST: FID-FM 0.291 at 6,550 steps against 0.164 with one (docs/gan-fashion-mnist.md)
+    members: tuple[dict, ...] = ()  # an ensemble of separately trained generators (`vislang generate-ensemble`,
+    # generate/ensemble.py): each member's full config; the fields above then only say what they all share
 
 
 def num_resamples(image_size: int) -> tuple[int, int]:
@@ -510,8 +512,27 @@ def inner_config(cfg: GANModelConfig) -> GANModelConfig:
     return dataclasses.replace(cfg, cond_dim=cfg.cond_dim + cfg.instance_dim, instance_bank=0)
 
 
+def require_single_generator(cfg: GANModelConfig, src: object, action: str) -> None:
+    """Refuse, naming the way out, what export and compression do not handle yet: instance-conditioned generators
+    (their bank lookup) and ensembles (several generators in one directory)."""
+    if cfg.members:
+        raise ValueError(
+            f"{src} is an ensemble of {len(cfg.members)} generators (vislang generate-ensemble): {action} each member "
+            "directory instead, then pool the results again"
+        )
+    if cfg.instance_bank > 0:
+        raise ValueError(
+            f"{src} is an instance-conditioned GAN (gan.model.instance_bank): {action} it is not supported yet; "
+            "sample it with PyTorch (`vislang generate`)"
+        )
+
+
 def build_generator(cfg: GANModelConfig) -> nn.Module:
     """The generator alone (sampling a saved model needs no discriminator, nor a projected D's pretrained weights)."""
+    if cfg.members:
+        from .ensemble import GeneratorEnsemble, member_configs
+
+        return GeneratorEnsemble([build_generator(m) for m in member_configs(cfg)])
     if cfg.instance_bank > 0:
         from .instance import InstanceGenerator
 

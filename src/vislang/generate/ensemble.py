@@ -1,0 +1,119 @@
+"""Ensembles of separately trained text-to-image generators (``vislang generate-ensemble``).
+
+Why: on Fashion-MNIST one generator's images spread too little within a class (the judge's features of generated
+t-shirts spread half as much as the real ones), and generators trained apart, from other seeds or configs, cover
+different parts of each class: pooling their samples lowers FID-FM where two snapshots of one run do not
+(docs/gan-fashion-mnist.md). Trained together against one discriminator (``gan.model.mixture``) the components learn
+slower and do not split the data, so the pooling happens after training: an ensemble is one model directory that
+``generate``, ``generate-eval`` and ``serve`` read like any other (Wang et al. 2016, "Ensembles of generative
+adversarial networks").
+
+Which member draws an image is a function of its noise alone, so an image stays reproducible from its seed: the
+first noise entry z₀ picks member j = ⌊K·Φ(z₀)⌋ and is then mapped back to a standard normal, Φ⁻¹(K·Φ(z₀) − j).
+Every member therefore draws 1/K of the images and sees noise distributed exactly as in its training (picking by the
+argmax of K entries, as the trained-together mixture does, would hand each member noise it never saw: the picked
+entry biased upwards, the others downwards).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import from_dict, to_dict
+from .models import GANModelConfig
+
+SHARED_FIELDS = ("z_dim", "cond_dim", "image_size", "channels")  # what every member must agree on
+
+
+class GeneratorEnsemble(nn.Module):
+    """K complete generators (any architecture, instance-conditioned or mixtures included) behind one (z, c) → image
+    interface; see the module docstring for how the noise picks a member."""
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least 2 generators, got {len(members)}")
+        self.members = nn.ModuleList(members)
+
+    def split_noise(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """((B,) the member that draws each noise vector, (B, Z) the noise it receives: z₀ re-normalised)."""
+        k = len(self.members)
+        u = 0.5 * (1 + torch.erf(z[:, 0].double() / 2**0.5)) * k  # uniform on [0, K)
+        j = u.floor().clamp(0, k - 1)
+        eps = 1e-7
+        z0 = torch.special.ndtri((u - j).clamp(eps, 1 - eps)).to(z.dtype)
+        return j.long(), torch.cat([z0[:, None], z[:, 1:]], dim=1)
+
+    def forward(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        pick, z = self.split_noise(z)
+        out: torch.Tensor | None = None
+        for j, g in enumerate(self.members):
+            idx = (pick == j).nonzero().squeeze(1)
+            if len(idx) == 0:
+                continue
+            x = g(z[idx], c[idx])  # (b_j, C, H, W)
+            if out is None:
+                out = x.new_empty(len(z), *x.shape[1:])
+            out[idx] = x
+        assert out is not None
+        return out
+
+
+def ensemble_config(members: Sequence[GANModelConfig]) -> GANModelConfig:
+    """The ensemble's own config: the fields every member shares, and each member's full config in ``members``."""
+    first = members[0]
+    for k, m in enumerate(members[1:], start=2):
+        for f in SHARED_FIELDS:
+            if getattr(m, f) != getattr(first, f):
+                raise ValueError(
+                    f"member {k} has {f}={getattr(m, f)}, member 1 {f}={getattr(first, f)}: an ensemble's generators "
+                    "must share noise size, text-embedding size, image size and channels"
+                )
+    shared = {f: getattr(first, f) for f in SHARED_FIELDS}
+    return GANModelConfig(arch=first.arch, **shared, members=tuple(to_dict(m) for m in members))
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def build_ensemble(sources: Sequence[str | os.PathLike], out: str | os.PathLike):
+    """Load the generators in ``sources`` (model or run directories), check that they can be pooled, and write one
+    model directory ``out`` (atomically) holding them all with the shared text tower. Returns the TextToImage."""
+    from .sample import TextToImage
+
+    if len(sources) < 2:
+        raise ValueError("give at least two GAN model or run directories to pool into an ensemble")
+    if Path(out).resolve() in {Path(s).resolve() for s in sources}:
+        raise ValueError(f"-o {out} is one of the members; write the ensemble to a new directory")
+    models = [TextToImage.from_pretrained(s) for s in sources]
+    for s, m in zip(sources, models):
+        if (m.meta.get("compression") or {}).get("method"):
+            raise ValueError(f"{s} is a compressed generator; pool the full-precision ones, then compress the members")
+    cfg = ensemble_config([m.cfg for m in models])
+    first = models[0]
+    for s, m in zip(sources[1:], models[1:]):
+        if not _same_weights(first.encoder, m.encoder):
+            raise ValueError(
+                f"{s} was conditioned on another text tower than {sources[0]}: an ensemble's generators must read the "
+                "same prompts the same way; train each with the same text_model"
+            )
+        if m.meta.get("data") != first.meta.get("data"):
+            raise ValueError(f"{s} was trained on {m.meta.get('data')}, {sources[0]} on {first.meta.get('data')}")
+    generator = GeneratorEnsemble([m.generator for m in models])
+    meta = {k: v for k, v in first.meta.items() if k != "train"}
+    meta["ensemble"] = [{"source": str(s), "train": m.meta.get("train")} for s, m in zip(sources, models)]
+    model = TextToImage(cfg, generator, first.encoder, first.tokenizer, meta)
+    model.save_pretrained(out)
+    return model
+
+
+def member_configs(cfg: GANModelConfig) -> list[GANModelConfig]:
+    """The members' own configs, as saved in an ensemble's ``members``."""
+    return [from_dict(GANModelConfig, dict(m), f"model.members[{k}]") for k, m in enumerate(cfg.members)]
