@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..config import from_dict, to_dict
-from .models import GANModelConfig
+from .models import GANModelConfig, route
 
 SHARED_FIELDS = ("z_dim", "cond_dim", "image_size", "channels")  # what every member must agree on
 
@@ -51,17 +51,7 @@ class GeneratorEnsemble(nn.Module):
 
     def forward(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         pick, z = self.split_noise(z)
-        out: torch.Tensor | None = None
-        for j, g in enumerate(self.members):
-            idx = (pick == j).nonzero().squeeze(1)
-            if len(idx) == 0:
-                continue
-            x = g(z[idx], c[idx])  # (b_j, C, H, W)
-            if out is None:
-                out = x.new_empty(len(z), *x.shape[1:])
-            out[idx] = x
-        assert out is not None
-        return out
+        return route(self.members, pick, z, c)
 
 
 def ensemble_config(members: Sequence[GANModelConfig]) -> GANModelConfig:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -486,18 +487,22 @@ class GeneratorMixture(nn.Module):
         return z[:, : len(self.parts)].argmax(dim=1)
 
     def forward(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        k = self.component(z)
-        out: torch.Tensor | None = None
-        for j, g in enumerate(self.parts):
-            idx = (k == j).nonzero().squeeze(1)
-            if len(idx) == 0:
-                continue
-            x = g(z[idx], c[idx])  # (b_j, C, H, W)
-            if out is None:
-                out = x.new_empty(len(z), *x.shape[1:])
-            out = out.index_copy(0, idx, x)  # out of place: autograd reaches every component
-        assert out is not None
-        return out
+        return route(self.parts, self.component(z), z, c)
+
+
+def route(generators: Sequence[nn.Module], pick: torch.Tensor, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Images (B, C, H, W): row i of (z, c) drawn by ``generators[pick[i]]``, each generator called once on its rows."""
+    out: torch.Tensor | None = None
+    for j, g in enumerate(generators):
+        idx = (pick == j).nonzero().squeeze(1)
+        if len(idx) == 0:
+            continue
+        x = g(z[idx], c[idx])  # (b_j, C, H, W)
+        if out is None:
+            out = x.new_empty(len(z), *x.shape[1:])
+        out = out.index_copy(0, idx, x)  # out of place: autograd reaches every generator
+    assert out is not None
+    return out
 
 
 def inner_config(cfg: GANModelConfig) -> GANModelConfig:
