@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..config import from_dict, to_dict
-from .models import GANModelConfig, route
+from .models import GANModelConfig, normal_to_uniform, route
 
 SHARED_FIELDS = ("z_dim", "cond_dim", "image_size", "channels")  # what every member must agree on
 
@@ -43,7 +43,7 @@ class GeneratorEnsemble(nn.Module):
     def split_noise(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """((B,) the member that draws each noise vector, (B, Z) the noise it receives: z₀ re-normalised)."""
         k = len(self.members)
-        u = 0.5 * (1 + torch.erf(z[:, 0].double() / 2**0.5)) * k  # uniform on [0, K)
+        u = normal_to_uniform(z[:, 0].double()) * k  # uniform on [0, K)
         j = u.floor().clamp(0, k - 1)
         eps = 1e-7
         z0 = torch.special.ndtri((u - j).clamp(eps, 1 - eps)).to(z.dtype)

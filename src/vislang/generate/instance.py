@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .models import normal_to_uniform
+
 MATCH_COS = 0.9  # a bank caption "means the same" as a prompt at this text cosine (as gan.mismatch_max_cos)
 
 
@@ -63,7 +65,7 @@ class InstanceGenerator(nn.Module):
 
     def instances(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """(B, Ei) the bank instance that noise ``z`` (B, Z) picks for each text ``c`` (B, E)."""
-        u = 0.5 * (1 + torch.erf(z[:, -1].float() / math.sqrt(2)))  # standard normal → uniform
+        u = normal_to_uniform(z[:, -1].float())
         cand = candidates(c, self.keys, self.cfg.instance_k)
         return self.bank[pick_from_noise(cand, u.clamp(0, 1 - 1e-7))].to(c.dtype)
 

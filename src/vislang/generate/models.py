@@ -490,6 +490,13 @@ class GeneratorMixture(nn.Module):
         return route(self.parts, self.component(z), z, c)
 
 
+def normal_to_uniform(z: torch.Tensor) -> torch.Tensor:
+    """Φ(z): a standard-normal noise entry mapped to uniform on [0, 1]. Why: the generators' noise is the only
+    randomness an image has, so anything else drawn per image (ensemble member, bank instance) is read off one noise
+    entry; that keeps each image reproducible from its seed alone."""
+    return 0.5 * (1 + torch.erf(z / 2**0.5))
+
+
 def route(generators: Sequence[nn.Module], pick: torch.Tensor, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """Images (B, C, H, W): row i of (z, c) drawn by ``generators[pick[i]]``, each generator called once on its rows."""
     out: torch.Tensor | None = None
