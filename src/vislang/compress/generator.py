@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..generate.models import (
+    INTERFACE_FIELDS,
     GANModelConfig,
     GeneratorMixture,
     build_generator,
@@ -52,9 +53,6 @@ from ..generate.models import (
     standing_stats,
 )
 from ..generate.sample import TextToImage
-
-# Config keys a student may not change: they fix what goes in and what comes out.
-FIXED_KEYS = ("z_dim", "cond_dim", "image_size", "channels")
 
 
 def training_conditions(
@@ -336,7 +334,7 @@ def student_gan_config(teacher: GANModelConfig, overrides: list[str] | dict[str,
     if overrides:
         data = apply_overrides(data, overrides)
     cfg = from_dict(GANModelConfig, data, "student")
-    changed = [k for k in FIXED_KEYS if getattr(cfg, k) != getattr(teacher, k)]
+    changed = [k for k in INTERFACE_FIELDS if getattr(cfg, k) != getattr(teacher, k)]
     if changed:
         raise ValueError(f"the student must keep the teacher's {', '.join(changed)}: only widths and layers may change")
     return cfg

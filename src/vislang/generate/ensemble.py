@@ -25,9 +25,7 @@ import torch
 from torch import nn
 
 from ..config import from_dict, to_dict
-from .models import GANModelConfig, normal_to_uniform, route
-
-SHARED_FIELDS = ("z_dim", "cond_dim", "image_size", "channels")  # what every member must agree on
+from .models import INTERFACE_FIELDS, GANModelConfig, normal_to_uniform, route
 
 
 class GeneratorEnsemble(nn.Module):
@@ -58,13 +56,13 @@ def ensemble_config(members: Sequence[GANModelConfig]) -> GANModelConfig:
     """The ensemble's own config: the fields every member shares, and each member's full config in ``members``."""
     first = members[0]
     for k, m in enumerate(members[1:], start=2):
-        for f in SHARED_FIELDS:
+        for f in INTERFACE_FIELDS:
             if getattr(m, f) != getattr(first, f):
                 raise ValueError(
                     f"member {k} has {f}={getattr(m, f)}, member 1 {f}={getattr(first, f)}: an ensemble's generators "
                     "must share noise size, text-embedding size, image size and channels"
                 )
-    shared = {f: getattr(first, f) for f in SHARED_FIELDS}
+    shared = {f: getattr(first, f) for f in INTERFACE_FIELDS}
     return GANModelConfig(arch=first.arch, **shared, members=tuple(to_dict(m) for m in members))
 
 

@@ -55,6 +55,11 @@ class GANModelConfig:
     # generate/ensemble.py): each member's full config; the fields above then only say what they all share
 
 
+# A generator's interface: the noise and text it reads and the image it draws. Generators that stand in for one
+# another (ensemble members, a compressed student and its teacher) must agree on these and may differ in the rest.
+INTERFACE_FIELDS = ("z_dim", "cond_dim", "image_size", "channels")
+
+
 def num_resamples(image_size: int) -> tuple[int, int]:
     """(halvings, start side): as many ×2 steps as keep the smallest side an integer of at least 4."""
     k, side = 0, image_size
