@@ -626,6 +626,7 @@ def test_cli_train_generate_and_eval(text_model_dir, tmp_path, monkeypatch):
     res = evaluate_gan(run, judge=judge, n_per_class=420, n_real=100)  # 4200 images: past the 4096 cap per call
     assert res["n_generated"] == 4200 and 0 <= res["class_consistency"] <= 1
     assert res["fid_fm"] > 0 and res["fid_fm_floor"] >= 0 and "clip_score_real" in res
+    assert res["fid_fm_floor_samples"] == 5 and res["fid_fm_floor_std"] > 0  # 5 disjoint train samples of 4200
     assert res["nn_train_rms_generated"] > 0 and res["nn_train_rms_real"] > 0  # test images are not train images
     assert 0 <= res["nn_train_closer_than_real_p1"] <= 1
     assert (run / "eval" / "results.json").is_file()
