@@ -631,6 +631,19 @@ def test_cli_train_generate_and_eval(text_model_dir, tmp_path, monkeypatch):
     assert 0 <= res["nn_train_closer_than_real_p1"] <= 1
     assert (run / "eval" / "results.json").is_file()
 
+    # The real side measured once serves a second evaluation with the same numbers (vislang compare reuses it).
+    from vislang.generate.evaluate import evaluate_classes, load_judge, real_reference
+    from vislang.generate.sample import TextToImage
+
+    model, j = TextToImage.from_pretrained(run), load_judge(judge)
+    ref = real_reference(j, "fashion-mnist", 28, 1, n_per_class=30, n_real=200, seed=3)
+    alone = evaluate_classes(model, j, n_per_class=30, n_real=200, seed=3)
+    reused = evaluate_classes(model, j, n_per_class=30, n_real=200, seed=3, reference=ref)
+    for k in ("fid_fm", "fid_fm_floor", "fid_fm_floor_std", "judge_accuracy_real", "nn_train_rms_real"):
+        assert reused[k] == pytest.approx(alone[k]), k
+    with pytest.raises(ValueError, match="made for 200 images, this evaluation draws 100"):
+        evaluate_classes(model, j, n_per_class=10, n_real=200, seed=3, reference=ref)
+
 
 def _cfg_overrides(text_model_dir, out):
     cfg_list = [

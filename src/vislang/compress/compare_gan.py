@@ -97,7 +97,7 @@ def compare_generators(
     speed_batches: list[int] | None,
 ) -> list[dict[str, Any]]:
     """Rows of :func:`vislang.compress.compare.compare_models` for GAN generators (see the module docstring)."""
-    from ..generate.evaluate import DEFAULT_JUDGE, evaluate_classes, load_judge
+    from ..generate.evaluate import DEFAULT_JUDGE, RealReference, evaluate_classes, load_judge, real_reference
     from ..model_dir import run_or_model_dir
     from .compare import weight_bytes
 
@@ -105,6 +105,7 @@ def compare_generators(
     loaded = [load_generator(p) for p in paths]
     judge_model = load_judge(judge or DEFAULT_JUDGE) if data else None
     rows = []
+    refs: dict[tuple[int, int], RealReference] = {}  # the real side, measured once per image size
     for p, (model, kind) in zip(paths, loaded):
         params, nonzero = generator_params(p, model.cfg, quantised=kind.endswith("int8"))
         row: dict[str, Any] = {"model": str(p), "kind": kind, "family": "generator", "size_mb": weight_bytes(p) / 1e6}
@@ -112,7 +113,10 @@ def compare_generators(
         if judge_model is not None:
             n_classes = len(judge_model.class_names)
             per_class = max(2, (max_images or 10_000) // n_classes)
-            res = evaluate_classes(model, judge_model, data, n_per_class=per_class)
+            key = (model.cfg.image_size, model.cfg.channels)
+            if key not in refs:
+                refs[key] = real_reference(judge_model, data, *key, n_per_class=per_class)
+            res = evaluate_classes(model, judge_model, data, n_per_class=per_class, reference=refs[key])
             row.update({k: res[k] for k in ("fid_fm", "fid_fm_floor", "kid_fm", "class_consistency")})
         rows.append(row)
     gens, cfgs = [m.generator for m, _ in loaded], [m.cfg for m, _ in loaded]

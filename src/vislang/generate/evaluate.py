@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,60 @@ def _real_split(data: str, split: str, size: int, channels: int, n: int | None, 
     return batch["image"], batch["label"], [ds.captions[i] for i in idx], ds.classnames
 
 
+@dataclass
+class RealReference:
+    """The real side of a class-conditional evaluation: test images, their judge outputs, the floor, the training set
+    for the copy check. It depends on the data, judge, sample size and seed but not on the generator, so comparing
+    several generators (``vislang compare``) computes it once instead of pushing 70,000 real images through the
+    judge per model."""
+
+    real: torch.Tensor  # (M, C, H, W) uint8 test images
+    labels: torch.Tensor  # (M,)
+    classnames: list[str]
+    pick: torch.Tensor  # (n,) the test images FID is measured on: as many as generated
+    feats: torch.Tensor  # (M, D) judge features of ``real``
+    logits: torch.Tensor  # (M, K)
+    train: torch.Tensor  # (N, C, H, W) the whole training split (copy check)
+    floor: dict[str, Any]  # fid_fm_floor, kid_fm_floor, fid_fm_floor_std, fid_fm_floor_samples
+    other: torch.Tensor  # (n, C, H, W) the first training sample of the floor (the Inception floor's)
+    near_real: torch.Tensor  # (n,) each picked test image's RMS distance to its nearest training image
+
+
+def real_reference(
+    judge: torch.nn.Module,
+    data: str,
+    image_size: int,
+    channels: int,
+    n: int | None = None,
+    n_per_class: int | None = None,
+    split: str = "test",
+    train_split: str = "train",
+    n_real: int | None = None,
+    seed: int = 0,
+) -> RealReference:
+    """The :class:`RealReference` for ``n`` generated images (or ``n_per_class`` per class)."""
+    real, labels, _, classnames = _real_split(data, split, image_size, channels, n_real, seed)
+    if not classnames:
+        raise ValueError(f"{data} has no class names; class consistency needs a labelled dataset (fashion-mnist)")
+    if len(judge.class_names) != len(classnames):
+        raise ValueError(f"the judge knows {len(judge.class_names)} classes, {data} has {len(classnames)}")
+    n = n if n is not None else (n_per_class or 1000) * len(classnames)
+    pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))[:n]  # as many real as generated
+    train, _, _, _ = _real_split(data, train_split, image_size, channels, None, seed)
+    feats, logits = judge_outputs(judge, real)
+    # The floor: the test images against disjoint training samples of the same size. One sample's value moves with
+    # the sample by about as much as a generator's with its noise seed (0.024-0.029 for three seeds on Fashion-MNIST
+    # at 10,000), so the floor is the mean over up to FLOOR_SAMPLES of them, and their spread is reported beside it.
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    samples = [order[k * n : (k + 1) * n] for k in range(max(1, min(FLOOR_SAMPLES, len(train) // n)))]
+    floors = [fid_kid_from_features(feats[pick], judge_outputs(judge, train[s])[0], seed=seed) for s in samples]
+    fids = [f["fid"] for f in floors]
+    floor = {"fid_fm_floor": float(np.mean(fids)), "kid_fm_floor": float(np.mean([f["kid"] for f in floors]))}
+    floor.update({"fid_fm_floor_std": float(np.std(fids)), "fid_fm_floor_samples": len(floors)})
+    near_real = nearest_distances(real[pick], train)
+    return RealReference(real, labels, classnames, pick, feats, logits, train, floor, train[samples[0]], near_real)
+
+
 def evaluate_classes(
     model: TextToImage,
     judge: torch.nn.Module,
@@ -74,58 +129,50 @@ def evaluate_classes(
     seed: int = 0,
     inception_weights: str | None = None,
     n_real: int | None = None,
+    reference: RealReference | None = None,
 ) -> dict[str, Any]:
     """Class-conditional evaluation (datasets with class names): see the module docstring. ``n_real`` limits the real
-    test images (default: the whole split)."""
+    test images (default: the whole split); ``reference`` reuses the real side measured for another generator (same
+    data, judge, ``n_per_class`` and seed)."""
     from ..data.fashion_mnist import format_caption
 
     cfg = model.cfg
-    real, real_labels, _, classnames = _real_split(data, split, cfg.image_size, cfg.channels, n_real, seed)
-    if not classnames:
-        raise ValueError(f"{data} has no class names; class consistency needs a labelled dataset (fashion-mnist)")
-    if len(judge.class_names) != len(classnames):
-        raise ValueError(f"the judge knows {len(judge.class_names)} classes, {data} has {len(classnames)}")
-    prompts = [format_caption("a photo of a {}.", c) for c in classnames]
+    ref = reference or real_reference(
+        judge, data, cfg.image_size, cfg.channels, n_per_class=n_per_class, split=split, train_split=train_split,
+        n_real=n_real, seed=seed,
+    )  # fmt: skip
+    prompts = [format_caption("a photo of a {}.", c) for c in ref.classnames]
     t0 = time.perf_counter()
     fake = torch.cat([model.generate(p, n=n_per_class, seed=seed + k) for k, p in enumerate(prompts)])  # class-major
     gen_s = time.perf_counter() - t0
     fake_labels = torch.arange(len(prompts)).repeat_interleave(n_per_class)
     n = len(fake)
-    pick = torch.randperm(len(real), generator=torch.Generator().manual_seed(seed))[:n]  # as many real as generated
-    train_all, _, _, _ = _real_split(data, train_split, cfg.image_size, cfg.channels, None, seed)
-    # The floor: the test images against disjoint training samples of the same size. One sample's value moves with
-    # the sample by about as much as a generator's with its noise seed (0.024-0.029 for three seeds on Fashion-MNIST
-    # at 10,000), so the floor is the mean over up to FLOOR_SAMPLES of them, and their spread is reported beside it.
-    order = torch.randperm(len(train_all), generator=torch.Generator().manual_seed(seed))
-    samples = [order[k * n : (k + 1) * n] for k in range(max(1, min(FLOOR_SAMPLES, len(train_all) // n)))]
-    other = train_all[samples[0]]
+    if len(ref.pick) != min(n, len(ref.real)):
+        raise ValueError(f"the real reference was made for {len(ref.pick)} images, this evaluation draws {n}")
+    real, real_labels, pick = ref.real, ref.labels, ref.pick
     out: dict[str, Any] = {"n_generated": n, "n_real": len(pick), "generation_images_per_s": n / gen_s}
-    real_all_f, real_all_l = judge_outputs(judge, real)  # each image set goes through the judge once
-    real_f, real_l = real_all_f[pick], real_all_l[pick]
+    real_f, real_l = ref.feats[pick], ref.logits[pick]
     fake_f, fake_l = judge_outputs(judge, fake)
     gen = fid_kid_from_features(real_f, fake_f, seed=seed)
-    floors = [fid_kid_from_features(real_f, judge_outputs(judge, train_all[s])[0], seed=seed) for s in samples]
-    floor_fid = [f["fid"] for f in floors]
     out.update({"fid_fm": gen["fid"], "kid_fm": gen["kid"], "kid_fm_std": gen["kid_std"]})
-    out.update({"fid_fm_floor": float(np.mean(floor_fid)), "kid_fm_floor": float(np.mean([f["kid"] for f in floors]))})
-    out.update({"fid_fm_floor_std": float(np.std(floor_fid)), "fid_fm_floor_samples": len(floors)})
+    out.update(ref.floor)
     out["fid_fm_over_floor"] = gen["fid"] / max(out["fid_fm_floor"], 1e-12)
     out.update({f"{k}_generated": v for k, v in inception_style_score_from_logits(fake_l, seed=seed).items()})
     out.update({f"{k}_real": v for k, v in inception_style_score_from_logits(real_l, seed=seed).items()})
     cc = class_consistency_from_logits(fake_l, fake_labels)
     out["class_consistency"] = cc["class_consistency"]
-    out["class_consistency_per_class"] = dict(zip(classnames, cc["per_class"]))
-    out["judge_accuracy_real"] = class_consistency_from_logits(real_all_l, real_labels)["class_consistency"]
+    out["class_consistency_per_class"] = dict(zip(ref.classnames, cc["per_class"]))
+    out["judge_accuracy_real"] = class_consistency_from_logits(ref.logits, real_labels)["class_consistency"]
     prompt_emb = model.embed(prompts)  # (K, E)
     out["clip_score_generated"] = clip_score(model.encoder, fake, prompt_emb[fake_labels])
     out["clip_score_real"] = clip_score(model.encoder, real, prompt_emb[real_labels])
     # Memorisation: how near generated images sit to their nearest training image, against held-out real images.
-    near_fake, near_real = nearest_distances(fake, train_all), nearest_distances(real[pick], train_all)
+    near_fake, near_real = nearest_distances(fake, ref.train), ref.near_real
     out["nn_train_rms_generated"], out["nn_train_rms_real"] = float(near_fake.mean()), float(near_real.mean())
     out["nn_train_closer_than_real_p1"] = float((near_fake < near_real.quantile(0.01)).float().mean())
     if inception_weights:
         out["fid_inception"] = inception_fid(real[pick], fake, inception_weights)
-        out["fid_inception_floor"] = inception_fid(real[pick], other, inception_weights)
+        out["fid_inception_floor"] = inception_fid(real[pick], ref.other, inception_weights)
     return out
 
 
