@@ -90,6 +90,22 @@ def cmd_generate_ensemble(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_generate_tune(args: argparse.Namespace, extra: list[str]) -> int:
+    from .tune import format_rows, parse_scales, tune_noise_scale
+
+    res = tune_noise_scale(args.model, args.judge, parse_scales(args.scales), n=args.n, seed=args.seed, out=args.out)
+    print(format_rows(res))
+    print(f"real vs real (two training samples of {res['n']}): {res['floor']:.4f}")
+    best = res["best"]["noise_scale"]
+    if args.out:
+        print(f"wrote {args.out}: samples with noise scale {best:g} (plot: {args.out}/noise_scale.png)")
+        print(f"measure it on the test split: vislang generate-eval --model {args.out} {args.model} "
+              f"--judge {args.judge}")  # fmt: skip
+    else:
+        print(f"best noise scale {best:g}; add -o DIR to write a copy that samples with it")
+    return 0
+
+
 def register(add) -> None:
     import textwrap
 
@@ -129,3 +145,19 @@ def register(add) -> None:
           vislang generate "a photo of a sneaker" --model runs/gan-ens -o grid.png""")
     sp.add_argument("members", nargs="+", help="GAN model or run directories (two or more)")
     sp.add_argument("-o", "--out", required=True, help="the ensemble's model directory (written atomically)")
+
+    sp = add("generate-tune", "choose a GAN's sampling noise scale by FID-FM on the training split (BigGAN's "
+             "truncation, and its opposite)", cmd_generate_tune)  # fmt: skip
+    sp.epilog = textwrap.dedent("""
+        Samples with noise × s for each scale s and measures FID-FM against training images (never the test split
+        that generate-eval reports on), then writes a copy of the model that samples with the best one. Below 1:
+        cleaner, less varied images; above 1: wider classes, which helps a generator whose classes are too narrow.
+        example:
+          vislang generate-tune runs/gan-fm --judge runs/finetune/scratch/model -o runs/gan-fm-tuned
+          vislang generate-eval --model runs/gan-fm-tuned runs/gan-fm --judge runs/finetune/scratch/model""")
+    sp.add_argument("model", help="GAN model or run directory (an ensemble too)")
+    sp.add_argument("--judge", required=True, help="the fixed classifier whose features FID-FM uses")
+    sp.add_argument("--scales", default="0.9,1,1.05,1.1,1.15,1.2,1.3", help="noise scales to try (default %(default)s)")
+    sp.add_argument("-n", type=int, default=10_000, help="generated and training images per scale (default 10000)")
+    sp.add_argument("--seed", type=int, default=0, help="training sample and noise seed")
+    sp.add_argument("-o", "--out", default=None, help="write the tuned copy here (atomically); default: only measure")

@@ -51,6 +51,9 @@ class GANModelConfig:
     instance_dim: int = 0  # IC-GAN: instance-feature size (clip: set from the dual encoder; pixels: 0 → 64)
     mixture: int = 1  # generators in one model (MIX+GAN): the noise picks one per image, one D judges them all;
     # 2 on Fashion-MNIST: FID-FM 0.291 at 6,550 steps against 0.164 with one (docs/gan-fashion-mnist.md)
+    noise_scale: float = 1.0  # the networks read noise × this (training: 1). Set after training by `vislang
+    # generate-tune` (generate/tune.py) on the training split: below 1 is BigGAN's truncation (fewer odd images, less
+    # variety); above 1 widens each class, which FID rewards when a generator's classes are too narrow
     members: tuple[dict, ...] = ()  # an ensemble of separately trained generators (`vislang generate-ensemble`,
     # generate/ensemble.py): each member's full config; the fields above then only say what they all share
 
@@ -212,6 +215,7 @@ class _ConvGenerator(nn.Module):
 
     def start_map(self, z: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(the first map (B, w0, s, s), the conditions the BatchNorms read (B, norm_dim))."""
+        z = z * self.cfg.noise_scale if self.cfg.noise_scale != 1 else z
         x = self.fc(torch.cat([z, c], dim=1)).view(z.shape[0], -1, self.start, self.start)
         return x, (torch.cat([c, z], dim=1) if self.cfg.z_in_norm else c)
 
@@ -344,6 +348,7 @@ class MLPGenerator(nn.Module):
         )
 
     def forward(self, z: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        z = z * self.cfg.noise_scale if self.cfg.noise_scale != 1 else z
         x = torch.tanh(self.net(torch.cat([z, c], dim=1)))  # (B, C*H*W)
         return x.view(-1, self.cfg.channels, self.cfg.image_size, self.cfg.image_size)  # (B, C, H, W)
 
