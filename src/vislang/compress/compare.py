@@ -15,10 +15,12 @@ question towers).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,22 +76,37 @@ def param_counts(path: Path, meta: dict[str, Any]) -> tuple[int, int | None]:
 
 
 @torch.inference_mode()
+def interleaved_times(
+    work: list[dict[str, Callable[[], Any]]], rounds: int = 5, calls: int = 2
+) -> list[dict[str, list[float]]]:
+    """Seconds of each call in ``work`` (per model, {name: a call}), ``calls`` times per round: every call once as
+    a warmup, then the models taken in turn, round after round. Why interleaved: on a shared machine the load
+    changes over minutes, and timing one model after the other would charge that change to the models."""
+    for calls_of in work:
+        for fn in calls_of.values():
+            fn()
+    times: list[dict[str, list[float]]] = [{k: [] for k in calls_of} for calls_of in work]
+    for _ in range(rounds):
+        for calls_of, t in zip(work, times):
+            for key, fn in calls_of.items():
+                for _ in range(calls):
+                    t0 = time.perf_counter()
+                    fn()
+                    t[key].append(time.perf_counter() - t0)
+    return times
+
+
+@torch.inference_mode()
 def measure_speed(
     models: list[Any], inputs: list[tuple[torch.Tensor, torch.Tensor]], rounds: int = 5, calls: int = 2
 ) -> list[dict[str, float]]:
     """images/s and texts/s of each model on its (images, ids) batch, timed in interleaved rounds after a warmup,
     and the paired ratios to the first model (``paired_ratios``)."""
-    times: list[dict[str, list[float]]] = [{"image": [], "text": []} for _ in models]
-    for m, (x, ids) in zip(models, inputs):  # warmup
+    for m in models:
         m.eval()
-        m.encode_image(x), m.encode_text(ids)
-    for _ in range(rounds):
-        for m, (x, ids), t in zip(models, inputs, times):
-            for key, fn, arg in (("image", m.encode_image, x), ("text", m.encode_text, ids)):
-                for _ in range(calls):
-                    t0 = time.perf_counter()
-                    fn(arg)
-                    t[key].append(time.perf_counter() - t0)
+    work = [{"image": functools.partial(m.encode_image, x), "text": functools.partial(m.encode_text, ids)}
+            for m, (x, ids) in zip(models, inputs)]  # fmt: skip
+    times = interleaved_times(work, rounds, calls)
     rows = []
     for inp, t in zip(inputs, times):
         row = {

@@ -10,9 +10,9 @@ GAN model directories (fp32, pruned, distilled, int8) or ONNX exports of one (ru
 
 from __future__ import annotations
 
+import functools
 import json
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,7 @@ def measure_generation(
 ) -> list[dict[str, Any]]:
     """Images drawn per second by each generator on batches of ``n`` (same noise and conditions for all), timed in
     interleaved rounds after a warmup, with the paired ratio to the first generator."""
-    from .compare import paired_ratios
+    from .compare import interleaved_times, paired_ratios
 
     def draw(cfg: GANModelConfig) -> tuple[torch.Tensor, torch.Tensor]:  # the same draw for the same sizes
         g = torch.Generator().manual_seed(seed)
@@ -69,16 +69,10 @@ def measure_generation(
         return z, torch.nn.functional.normalize(c, dim=1)
 
     inputs = [draw(c) for c in cfgs]
-    times: list[list[float]] = [[] for _ in generators]
-    for gen, (z, c) in zip(generators, inputs):
+    for gen in generators:
         gen.eval()
-        gen(z, c)
-    for _ in range(rounds):
-        for gen, (z, c), t in zip(generators, inputs, times):
-            for _ in range(calls):
-                t0 = time.perf_counter()
-                gen(z, c)
-                t.append(time.perf_counter() - t0)
+    work = [{"draw": functools.partial(gen, z, c)} for gen, (z, c) in zip(generators, inputs)]
+    times = [t["draw"] for t in interleaved_times(work, rounds, calls)]
     rows = []
     for t in times:
         ratio = paired_ratios(times[0], t, n, n)
