@@ -142,14 +142,14 @@ def test_index_and_search_run_an_onnx_export(exported, tmp_path):
     assert [h["name"] for h in r.json()["results"]] == names
 
 
-@pytest.mark.parametrize("mixture", [1, 2])
-def test_gan_generator_exports_with_its_text_tower(tmp_path, capsys, mixture):
+@pytest.mark.parametrize("mixture, noise_scale", [(1, 1.0), (2, 1.0), (1, 1.2)])  # 1.2: `generate-tune`d
+def test_gan_generator_exports_with_its_text_tower(tmp_path, capsys, mixture, noise_scale):
     from vislang.generate.models import GANModelConfig, build_generator
     from vislang.generate.sample import TextToImage
 
     enc_dir = tiny_model_dir(tmp_path)
     encoder = from_pretrained(enc_dir)
-    cfg = GANModelConfig(cond_dim=encoder.cfg.embed_dim, z_dim=6, g_width=4, mixture=mixture)
+    cfg = GANModelConfig(cond_dim=encoder.cfg.embed_dim, z_dim=6, g_width=4, mixture=mixture, noise_scale=noise_scale)
     torch.manual_seed(0)
     gen = build_generator(cfg)
     gen(torch.randn(16, 6), torch.randn(16, cfg.cond_dim))  # BatchNorm statistics that are not the defaults
