@@ -644,6 +644,19 @@ def test_cli_train_generate_and_eval(text_model_dir, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="made for 200 images, this evaluation draws 100"):
         evaluate_classes(model, j, n_per_class=10, n_real=200, seed=3, reference=ref)
 
+    # Several noise seeds: each in its own folder, the summary the mean, with each seed's numbers beside it.
+    from vislang.generate.evaluate import evaluate_gan_seeds
+
+    summ = evaluate_gan_seeds(run, [0, 1], judge=judge, n_per_class=30, n_real=200, out_dir=tmp_path / "ms")
+    each = [json.loads((tmp_path / "ms" / f"seed-{k}" / "results.json").read_text()) for k in (0, 1)]
+    assert each[0]["fid_fm"] != each[1]["fid_fm"] and (tmp_path / "ms" / "seed-1" / "samples.png").is_file()
+    assert summ["fid_fm"] == pytest.approx((each[0]["fid_fm"] + each[1]["fid_fm"]) / 2) and summ["fid_fm_sd"] > 0
+    assert summ["fid_fm_over_floor"] == pytest.approx(summ["fid_fm"] / summ["fid_fm_floor"])
+    assert summ["per_seed"]["1"]["fid_fm"] == each[1]["fid_fm"] and summ["seeds"] == [0, 1]
+    assert json.loads((tmp_path / "ms" / "results.json").read_text())["fid_fm"] == summ["fid_fm"]
+    for bad in ("0,0", "x", ","):
+        assert main(["generate-eval", "--model", str(run), "--judge", str(judge), "--seed", bad]) == 2
+
 
 def _cfg_overrides(text_model_dir, out):
     cfg_list = [

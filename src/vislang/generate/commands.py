@@ -55,17 +55,23 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_generate_eval(args: argparse.Namespace, extra: list[str]) -> int:
-    from .evaluate import evaluate_gan, results_table
+    from .evaluate import evaluate_gan_seeds, results_table
 
     if args.out and len(args.model) > 1:
         raise ValueError("--out takes one model; leave it out to write each run's own eval/ folder")
+    try:
+        seeds = [int(x) for x in str(args.seed).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--seed takes a seed or seeds separated by commas (0,1,2), got {args.seed!r}") from None
+    if not seeds:
+        raise ValueError("--seed is empty; give e.g. 0 or 0,1,2")
     results = {
-        m: evaluate_gan(
+        m: evaluate_gan_seeds(
             m,
+            seeds,
             judge=args.judge,
             out_dir=args.out,
             n_per_class=args.n_per_class,
-            seed=args.seed,
             inception_weights=args.inception_weights,
             device=args.device,
         )
@@ -129,7 +135,8 @@ def register(add) -> None:
     sp.add_argument("--n-per-class", type=int, default=1000, help="generated images per class prompt (default 1000)")
     sp.add_argument("--inception-weights", default=None, help="local Inception-v3 weights file for the standard FID")
     sp.add_argument("--out", default=None, help="results folder (default: RUN/eval)")
-    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--seed", default="0", help="noise seed, or several (0,1,2): each in OUT/seed-S, their mean and "
+                    "spread in OUT/results.json (default 0)")  # fmt: skip
     sp.add_argument("--device", default="cpu")
 
     sp = add("generate-ensemble", "pool separately trained GANs into one model: each image is drawn by one of them, "

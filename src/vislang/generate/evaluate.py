@@ -12,7 +12,9 @@ for held-out test images, and the share of generated images nearer to the traini
 from __future__ import annotations
 
 import json
+import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -310,6 +312,13 @@ def evaluate_shapes(model: TextToImage, n_per_prompt: int = 50, seed: int = 0) -
     return out
 
 
+def _eval_dir(model_dir: str | Path) -> Path:
+    """Where results go by default: RUN/eval for a run directory, next to the model folder otherwise."""
+    if Path(model_dir).name != "model" and (Path(model_dir) / "model").is_dir():
+        return Path(model_dir) / "eval"
+    return Path(model_dir).resolve().parent / "eval"
+
+
 def evaluate_gan(
     model_dir: str | Path,
     judge: str | Path | None = None,
@@ -323,9 +332,7 @@ def evaluate_gan(
     """Evaluate a GAN model (or run) directory as its training data calls for; writes ``eval/results.json``."""
     model = TextToImage.from_pretrained(model_dir, device)
     data = model.meta.get("data", {}).get("train", "fashion-mnist")
-    out = Path(out_dir) if out_dir else Path(model_dir).resolve().parent / "eval"
-    if Path(model_dir).name != "model" and (Path(model_dir) / "model").is_dir() and not out_dir:
-        out = Path(model_dir) / "eval"
+    out = Path(out_dir) if out_dir else _eval_dir(model_dir)
     out.mkdir(parents=True, exist_ok=True)
     if data == "shapes":
         results = {"data": "shapes", **evaluate_shapes(model, n_per_prompt=max(1, n_per_class // 20), seed=seed)}
@@ -347,6 +354,42 @@ def evaluate_gan(
     save_grid(model.generate(prompts, n=8, seed=seed), out / "samples.png", ncol=8, scale=2)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     return results
+
+
+def evaluate_gan_seeds(
+    model_dir: str | Path, seeds: Sequence[int], out_dir: str | Path | None = None, **kwargs: Any
+) -> dict[str, Any]:
+    """:func:`evaluate_gan` once per noise seed (each in ``OUT/seed-S``) and their summary in ``OUT/results.json``:
+    the mean of every number, its spread across seeds (``KEY_sd``) and each seed's FID-FM, floor and ratio.
+
+    Why: a GAN's FID-FM moves with the noise it is drawn from and its floor with the training sample, so a claim
+    like "at most 3x the floor" should rest on several seeds. The summary's ratio is mean FID-FM over mean floor."""
+    from tqdm import tqdm
+
+    if len(seeds) == 1:
+        return evaluate_gan(model_dir, out_dir=out_dir, seed=seeds[0], **kwargs)
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seed lists a seed twice: {list(seeds)}")
+    first = evaluate_gan(model_dir, out_dir=out_dir, seed=seeds[0], **kwargs)  # finds the default folder
+    out = Path(out_dir) if out_dir else _eval_dir(model_dir)
+    runs = {seeds[0]: first}
+    (out / f"seed-{seeds[0]}").mkdir(exist_ok=True)
+    os.replace(out / "results.json", out / f"seed-{seeds[0]}" / "results.json")
+    os.replace(out / "samples.png", out / f"seed-{seeds[0]}" / "samples.png")
+    for seed in tqdm(seeds[1:], desc="seeds", unit="seed"):
+        runs[seed] = evaluate_gan(model_dir, out_dir=out / f"seed-{seed}", seed=seed, **kwargs)
+    numbers = [k for k, v in first.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    summary: dict[str, Any] = {k: v for k, v in first.items() if k not in numbers}
+    for k in numbers:
+        vals = [float(r[k]) for r in runs.values()]
+        summary[k], summary[f"{k}_sd"] = float(np.mean(vals)), float(np.std(vals))
+    if "fid_fm" in numbers:
+        summary["fid_fm_over_floor"] = summary["fid_fm"] / max(summary["fid_fm_floor"], 1e-12)
+        summary["per_seed"] = {str(s): {k: r[k] for k in ("fid_fm", "fid_fm_floor", "fid_fm_over_floor")}
+                               for s, r in runs.items()}  # fmt: skip
+    summary["seeds"] = list(seeds)
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    return summary
 
 
 TABLE_COLUMNS = (  # (key in results.json, column title, format)
