@@ -378,7 +378,7 @@ def evaluate_gan_seeds(
     os.replace(out / "samples.png", out / f"seed-{seeds[0]}" / "samples.png")
     for seed in tqdm(seeds[1:], desc="seeds", unit="seed"):
         runs[seed] = evaluate_gan(model_dir, out_dir=out / f"seed-{seed}", seed=seed, **kwargs)
-    numbers = [k for k, v in first.items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
+    numbers = [k for k, v in first.items() if isinstance(v, float)]  # counts and nested tables: the first seed's
     summary: dict[str, Any] = {k: v for k, v in first.items() if k not in numbers}
     for k in numbers:
         vals = [float(r[k]) for r in runs.values()]
