@@ -71,6 +71,8 @@ def test_tune_writes_a_copy_that_samples_with_the_best_scale(tmp_path):
     assert torch.equal(tuned.decode(cond, z), src.decode(cond, s * z))
     assert json.loads((tmp_path / "tuned" / "noise_scale.json").read_text())["best"]["noise_scale"] == s
     assert (tmp_path / "tuned" / "noise_scale.png").is_file()
+    with pytest.raises(ValueError, match="out of range"):
+        tune_noise_scale(tmp_path / "g", judge, [1.0, -1.0], n=40)
     with pytest.raises(ValueError, match="is the model being tuned"):
         tune_noise_scale(tmp_path / "g", judge, [1.0], n=40, out=tmp_path / "g")
 

@@ -65,6 +65,8 @@ def tune_noise_scale(
     from .sample import TextToImage
 
     src = Path(model_dir)
+    for s in scales:  # out-of-range scales fail here, before minutes of sampling
+        with_noise_scale(GANModelConfig(), s)
     if out is not None and Path(out).resolve() in {src.resolve(), (src / "model").resolve()}:
         raise ValueError(f"-o {out} is the model being tuned; write the tuned copy to a new directory")
     model = TextToImage.from_pretrained(src)
