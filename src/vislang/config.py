@@ -135,6 +135,18 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     return out
 
 
+def number_list(text: str, kind: type[T], what: str, example: str) -> list[T]:
+    """'0,1,2' → [0, 1, 2] of ``kind`` (int or float) for a command-line flag, or a ValueError that names ``what``
+    was expected and shows ``example``."""
+    try:
+        values = [kind(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise ValueError(f"{text!r} is not a list of {what} separated by commas, e.g. {example}") from None
+    if not values:
+        raise ValueError(f"empty list of {what}; give e.g. {example}")
+    return values
+
+
 def load_file(path: str | Path) -> dict[str, Any]:
     """Read a JSON or YAML config file into a dict, with an error that names the file when it cannot."""
     p = Path(path)

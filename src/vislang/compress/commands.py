@@ -55,11 +55,13 @@ def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
 
 def _int_list(text: str) -> list[int]:
     """argparse type for "1,8,256": positive integers, or a usage error that names the bad item."""
+    from ..config import number_list
+
     try:
-        sizes = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a list of batch sizes, e.g. 1,8,256") from None
-    if not sizes or min(sizes) < 1:
+        sizes = number_list(text, int, "batch sizes", "1,8,256")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    if min(sizes) < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: batch sizes must be positive integers, e.g. 1,8,256")
     return sizes
 

@@ -59,12 +59,9 @@ def cmd_generate_eval(args: argparse.Namespace, extra: list[str]) -> int:
 
     if args.out and len(args.model) > 1:
         raise ValueError("--out takes one model; leave it out to write each run's own eval/ folder")
-    try:
-        seeds = [int(x) for x in str(args.seed).split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--seed takes a seed or seeds separated by commas (0,1,2), got {args.seed!r}") from None
-    if not seeds:
-        raise ValueError("--seed is empty; give e.g. 0 or 0,1,2")
+    from ..config import number_list
+
+    seeds = number_list(args.seed, int, "seeds", "0 or 0,1,2")
     results = {
         m: evaluate_gan_seeds(
             m,

@@ -12,7 +12,6 @@ for held-out test images, and the share of generated images nearer to the traini
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -370,14 +369,10 @@ def evaluate_gan_seeds(
         return evaluate_gan(model_dir, out_dir=out_dir, seed=seeds[0], **kwargs)
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"--seed lists a seed twice: {list(seeds)}")
-    first = evaluate_gan(model_dir, out_dir=out_dir, seed=seeds[0], **kwargs)  # finds the default folder
     out = Path(out_dir) if out_dir else _eval_dir(model_dir)
-    runs = {seeds[0]: first}
-    (out / f"seed-{seeds[0]}").mkdir(exist_ok=True)
-    os.replace(out / "results.json", out / f"seed-{seeds[0]}" / "results.json")
-    os.replace(out / "samples.png", out / f"seed-{seeds[0]}" / "samples.png")
-    for seed in tqdm(seeds[1:], desc="seeds", unit="seed"):
-        runs[seed] = evaluate_gan(model_dir, out_dir=out / f"seed-{seed}", seed=seed, **kwargs)
+    runs = {s: evaluate_gan(model_dir, out_dir=out / f"seed-{s}", seed=s, **kwargs)
+            for s in tqdm(seeds, desc="seeds", unit="seed")}  # fmt: skip
+    first = runs[seeds[0]]
     numbers = [k for k, v in first.items() if isinstance(v, float)]  # counts and nested tables: the first seed's
     summary: dict[str, Any] = {k: v for k, v in first.items() if k not in numbers}
     for k in numbers:

@@ -29,22 +29,25 @@ def _scaled_members(members: Sequence[dict], scale: float) -> tuple[dict, ...]:
                  for m in members)  # fmt: skip
 
 
-def with_noise_scale(cfg: GANModelConfig, scale: float) -> GANModelConfig:
-    """``cfg`` sampling with noise × ``scale``, in every member of an ensemble (nested ones included)."""
+def check_scale(scale: float) -> None:
     if not 0 < scale <= 4:
         raise ValueError(f"noise scale {scale} is out of range: use a value in (0, 4], near 1 (e.g. 0.9-1.3)")
+
+
+def with_noise_scale(cfg: GANModelConfig, scale: float) -> GANModelConfig:
+    """``cfg`` sampling with noise × ``scale``, in every member of an ensemble (nested ones included)."""
+    check_scale(scale)
     return dataclasses.replace(cfg, noise_scale=scale, members=_scaled_members(cfg.members, scale))
 
 
 def parse_scales(text: str) -> list[float]:
-    """'0.9,1,1.1' → [0.9, 1.0, 1.1], with a clear error for anything else."""
-    try:
-        scales = [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"--scales takes numbers separated by commas, e.g. 0.9,1,1.1; got {text!r}") from None
-    if not scales:
-        raise ValueError("--scales is empty; give e.g. 0.9,1,1.1")
-    return sorted(set(scales))
+    """'0.9,1,1.1' → [0.9, 1.0, 1.1] (sorted, each once), each in range, with a clear error for anything else."""
+    from ..config import number_list
+
+    scales = sorted(set(number_list(text, float, "numbers", "0.9,1,1.1")))
+    for s in scales:
+        check_scale(s)
+    return scales
 
 
 def tune_noise_scale(
@@ -66,7 +69,7 @@ def tune_noise_scale(
 
     src = Path(model_dir)
     for s in scales:  # out-of-range scales fail here, before minutes of sampling
-        with_noise_scale(GANModelConfig(), s)
+        check_scale(s)
     if out is not None and Path(out).resolve() in {src.resolve(), (src / "model").resolve()}:
         raise ValueError(f"-o {out} is the model being tuned; write the tuned copy to a new directory")
     model = TextToImage.from_pretrained(src)
