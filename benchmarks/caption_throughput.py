@@ -20,7 +20,7 @@ import torch
 
 from vislang.config import load_file
 from vislang.factory import build_model, get_model_config
-from vislang.generation import generate
+from vislang.decoding import generate
 
 CONFIG = "src/vislang/configs/caption.yaml"
 

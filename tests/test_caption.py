@@ -10,7 +10,7 @@ import vislang
 import vislang.data.transforms
 from vislang.data.shapes import ShapesConfig, ShapesDataset
 from vislang.data.transforms import pil_to_array
-from vislang.generation import caption, filter_logits, generate
+from vislang.decoding import caption, filter_logits, generate
 from vislang.models.captioner import CoCa
 from vislang.models.clip import DecoderConfig
 from vislang.tokenizers import Tokenizer
@@ -111,7 +111,7 @@ def test_beam_width_one_is_greedy(coca_cfg):
         model = _model(coca_cfg, seed)
         imgs = _images(coca_cfg, b=5, seed=seed)
         assert torch.equal(model.generate(imgs, max_length=10, beam=1), generate(model, imgs, max_length=10))
-        from vislang.generation import _beam_search
+        from vislang.decoding import _beam_search
 
         state = model.start_decoding(vislang.data.transforms.normalize(imgs, (0.5,) * 3, (0.5,) * 3))
         beam1 = _beam_search(model, state, 5, 10, 1, 1.0, 2, 3, 0)  # the beam code path itself, at width 1

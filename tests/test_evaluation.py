@@ -32,7 +32,7 @@ from vislang.evaluation import (
     zero_shot_predict,
 )
 from vislang.evaluation.plots import plot_confusion, plot_curves, plot_per_class, retrieval_gallery
-from vislang.report import class_of_query, evaluate_run
+from vislang.evaluation.report import class_of_query, evaluate_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -7,7 +7,7 @@ import torch
 import vislang
 from vislang.data.rendered_text import RenderConfig, RenderedText, english_words
 from vislang.data.transforms import pil_to_array
-from vislang.generation import caption
+from vislang.decoding import caption
 from vislang.models import ModelConfig, TextConfig, VisionConfig, build_vision_tower
 from vislang.models.captioner import CoCa
 from vislang.models.clip import DecoderConfig

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 import vislang
-from vislang.report import evaluate_run, flatten_numbers, write_report
+from vislang.evaluation.report import evaluate_run, flatten_numbers, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

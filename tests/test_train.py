@@ -91,8 +91,8 @@ def test_help_teaches(capsys):
 
 def test_prepared_cache_keys_on_reader_options(tmp_path):
     """A different `data.options` (here the number of scenes) must not reuse a stale prepared copy."""
-    from vislang.train.config import DataConfig
-    from vislang.train.data import load_prepared
+    from vislang.data.config import DataConfig
+    from vislang.data.loading import load_prepared
 
     a = load_prepared("shapes", "val", 16, 3, DataConfig(cache_dir=str(tmp_path), options={"n": 10}), False)
     b = load_prepared("shapes", "val", 16, 3, DataConfig(cache_dir=str(tmp_path), options={"n": 12}), False)

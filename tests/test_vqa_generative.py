@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 import vislang
 from vislang.cli import main
 from vislang.data.vqa import VQASet
-from vislang.generation import _beam_search, generate
+from vislang.decoding import _beam_search, generate
 from vislang.models.clip import DecoderConfig
 from vislang.models.vqa import load_vqa, vqa_head
 from vislang.tokenizers import Tokenizer

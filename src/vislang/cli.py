@@ -148,8 +148,8 @@ def cmd_rerank_eval(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
-    from .train.config import DataConfig
-    from .train.data import load_prepared
+    from .data.config import DataConfig
+    from .data.loading import load_prepared
 
     size, channels = args.image_size, args.channels
     if args.model:
@@ -208,7 +208,7 @@ def cmd_zero_shot(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
-    from .report import write_report
+    from .evaluation.report import write_report
 
     print(f"report: {write_report(args.run_dir)}")
     return 0

@@ -29,7 +29,7 @@ def export_sample_images(folder: Path, n: int = 500) -> Path:
 def run_demo(out: str = "runs/demo", overrides: list[str] | None = None, fresh: bool = False) -> int:
     from .evaluation.run import evaluate_model_dir
     from .factory import is_model_dir
-    from .report import write_report
+    from .evaluation.report import write_report
     from .train import load_train_config, train
 
     run = Path(out)

@@ -53,7 +53,7 @@ def caption_files(
 ) -> list[tuple[str, str]]:
     """(path, caption) for image files or folders of images, with a model directory trained to caption."""
     from ..factory import from_pretrained, get_tokenizer, image_transforms
-    from ..generation import caption
+    from ..decoding import caption
     from ..inference import list_images, open_image
 
     model = from_pretrained(model_dir, device)
@@ -101,8 +101,8 @@ def _prepared(spec: str, split: str, cache_dir: str, limit: int | None = None) -
     """A prepared (memory-mapped, cached) copy of ``spec``'s ``split`` at the asked size: what training reads."""
 
     def load(size: int, channels: int):
-        from ..train.config import DataConfig
-        from ..train.data import load_prepared
+        from ..data.config import DataConfig
+        from ..data.loading import load_prepared
 
         ds = load_prepared(spec, split, size, channels, DataConfig(train=spec, cache_dir=cache_dir), progress=False)
         return ds.head(limit) if limit else ds

@@ -199,8 +199,8 @@ def caption_cider(
         arrays = np.stack([pil_to_array(ds[i][0], v.image_size, v.channels) for i in range(len(ds))])
         images = torch.from_numpy(arrays.transpose(0, 3, 1, 2).copy())  # (N, C, H, W) uint8
     else:
-        from ..train.config import DataConfig
-        from ..train.data import load_prepared
+        from ..data.config import DataConfig
+        from ..data.loading import load_prepared
 
         dc = DataConfig(train=data, cache_dir=cache_dir, options=dict(data_options or {}))
         test = load_prepared(data, split, v.image_size, v.channels, dc, progress=False).head(n)
@@ -253,8 +253,8 @@ def compare_models(
     if speed_batches and min(speed_batches) < 1:
         raise ValueError(f"--speed-batches {speed_batches}: every batch size must be at least 1")
     from ..evaluation.run import templates_for
-    from ..train.config import DataConfig
-    from ..train.data import load_prepared
+    from ..data.config import DataConfig
+    from ..data.loading import load_prepared
     from .quantize import model_family
 
     if len(paths) < 1:

@@ -23,7 +23,7 @@ from ..config import apply_overrides, from_dict, to_dict
 from ..data.transforms import normalize
 from ..evaluation.embed import embed_images, eval_mode
 from ..models.clip import CLIP, ModelConfig
-from ..train.data import TokenizedPairs
+from ..data.loading import TokenizedPairs
 from ..train.tasks import unique_rows
 
 

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from ..models.clip import CLIP
-from ..train.config import DataConfig, OptimConfig
-from ..train.data import TokenizedPairs, epoch_batches, load_prepared
+from ..data.config import DataConfig
+from ..train.config import OptimConfig
+from ..data.loading import TokenizedPairs, epoch_batches, load_prepared
 from ..train.optim import build_optimizer, lr_at, set_lr
 
 LossFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]

@@ -118,8 +118,8 @@ def calibration_images(
     import numpy as np
 
     from ..data.transforms import normalize
-    from ..train.config import DataConfig
-    from ..train.data import load_prepared
+    from ..data.config import DataConfig
+    from ..data.loading import load_prepared
 
     if n < 1:
         raise ValueError(f"static int8 needs at least one calibration image, got calibration_images={n}")

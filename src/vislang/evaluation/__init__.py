@@ -2,7 +2,7 @@
 
 Every function takes a model with ``encode_image``/``encode_text``, a tokenizer callable and either a prepared
 dataset (``get_batch``, ``labels``, ``classnames``, ``captions``) or plain tensors, and returns plain dicts of numbers.
-``vislang.report.evaluate_run`` runs them all and writes ``results.json`` and PNGs; ``vislang.report.write_report``
+``vislang.evaluation.report.evaluate_run`` runs them all and writes ``results.json`` and PNGs; ``vislang.evaluation.report.write_report``
 turns a run directory into one HTML page.
 """
 

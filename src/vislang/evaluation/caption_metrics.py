@@ -254,7 +254,7 @@ def generate_captions(
     model, tokenizer, images, batch_size: int = 256, device: str | torch.device = "cpu", **kw
 ) -> list[str]:
     """Captions for a prepared dataset or a uint8 (N, C, H, W) tensor, in batches."""
-    from ..generation import caption
+    from ..decoding import caption
     from .embed import image_batch, num_images
 
     model = model.to(device)

@@ -158,8 +158,8 @@ def read_named(
     name: str, split: str, image_size: int, channels: int, cache_dir: str, progress: bool = False
 ) -> LabelledImages:
     """A built-in dataset's split, through the prepared cache shared with ``vislang train``."""
-    from ..train.config import DataConfig
-    from ..train.data import load_prepared
+    from ..data.config import DataConfig
+    from ..data.loading import load_prepared
 
     ds = load_prepared(name, split, image_size, channels, DataConfig(train=name, cache_dir=cache_dir), progress)
     labels = np.asarray(ds.labels, dtype=np.int64)

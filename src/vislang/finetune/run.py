@@ -247,7 +247,7 @@ def train_end_to_end(
     from tqdm.auto import tqdm
 
     from ..train.config import OptimConfig
-    from ..train.data import epoch_batches
+    from ..data.loading import epoch_batches
     from ..train.optim import lr_at
 
     lr = cfg.lr or DEFAULT_LR[method]

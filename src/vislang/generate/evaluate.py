@@ -55,8 +55,8 @@ def load_judge(path: str | Path, device: str = "cpu") -> torch.nn.Module:
 
 def _real_split(data: str, split: str, size: int, channels: int, n: int | None, seed: int = 0):
     """(uint8 images (N, C, H, W), labels, captions) of a prepared split: a fixed random subset of ``n`` items."""
-    from ..train.config import DataConfig
-    from ..train.data import load_prepared
+    from ..data.config import DataConfig
+    from ..data.loading import load_prepared
 
     ds = load_prepared(data, split, size, channels, DataConfig(), progress=False)
     idx = np.arange(len(ds))

@@ -41,7 +41,7 @@ from ..config import from_dict, to_dict
 from ..evaluation.plots import plot_tracked_fid
 from ..train.checkpoint import atomic_torch_save, load_checkpoint, rng_state, set_rng_state
 from ..train.config import GANConfig, TrainConfig
-from ..train.data import epoch_batches, load_prepared
+from ..data.loading import epoch_batches, load_prepared
 from ..train.loop import MetricsLog, pick_device
 from .models import (
     GANModelConfig,

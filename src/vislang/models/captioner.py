@@ -4,7 +4,7 @@ One image tower; the text tower's causal layers are the unimodal layers (their e
 embedding); ``MultimodalDecoder`` stacks causal blocks with cross-attention to the image tokens on top of them and
 predicts the next token (Yu et al. 2022, "CoCa: Contrastive Captioners are Image-Text Foundation Models").
 
-Generation (``generate``) runs the search algorithms of ``vislang.generation`` over ``DecodeState``, which keeps a
+Generation (``generate``) runs the search algorithms of ``vislang.decoding`` over ``DecodeState``, which keeps a
 key/value cache of every self-attention layer (text tower and decoder) and the cross-attention keys/values of the image
 tokens, computed once per image. The first ``next_logits`` call reads its whole prefix in one pass (a prefill), so a
 prompt such as a question (``generate(..., prefix=...)``) costs one forward, then one position per generated token.
@@ -221,7 +221,7 @@ class CoCa(CLIP):
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, **kw) -> torch.Tensor:
-        """Caption token ids (B, L) without the begin token, ``eos_id`` then padding; see ``vislang.generation``."""
-        from ..generation import generate
+        """Caption token ids (B, L) without the begin token, ``eos_id`` then padding; see ``vislang.decoding``."""
+        from ..decoding import generate
 
         return generate(self, images, **kw)

@@ -2,7 +2,7 @@
 
 ``vislang caption``, ``vislang vqa`` and ``vislang generate`` load their model per command; a server answers many
 requests, so here the model, tokenizer and preprocessing are kept, and each request only runs the forward passes. The
-work itself is the library's: ``vislang.generation.caption`` (what ``vislang caption`` calls), the VQA model's answer
+work itself is the library's: ``vislang.decoding.caption`` (what ``vislang caption`` calls), the VQA model's answer
 head (what ``vislang vqa`` reads), and ``TextToImage.generate`` with its prompt checks and ``save_grid`` (what
 ``vislang generate`` calls). Bad questions and prompts raise ValueError with a message fit for a 400 answer.
 """
@@ -44,7 +44,7 @@ class Captioner:
         self.max_tokens = self.model.cfg.text.context_length - 1  # the begin token takes one place of the context
 
     def __call__(self, image: Image.Image, max_length: int = 20, beam: int = 1) -> str:
-        from ..generation import caption
+        from ..decoding import caption
 
         x = self.preprocess(image).unsqueeze(0).to(self.device)  # (1, C, H, W) normalised
         return caption(self.model, self.tokenizer, x, max_length=max_length, beam=beam)[0]

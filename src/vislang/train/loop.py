@@ -27,7 +27,7 @@ from ..models.clip import CLIP
 from ..tokenizers import load_tokenizer
 from .checkpoint import atomic_torch_save, load_checkpoint, rng_state, set_rng_state
 from .config import TrainConfig
-from .data import TokenizedPairs, batch_loader, epoch_batches, load_prepared
+from ..data.loading import TokenizedPairs, batch_loader, epoch_batches, load_prepared
 from .optim import build_optimizer, lr_at, set_lr
 from .tasks import build_task
 

@@ -2,7 +2,7 @@
 
 Why a second head: the classifier (``vqa_train``) can only pick one of the answers training saw; a decoder spells its
 answer, so it can give one training never saw. It reuses the captioning model (``models.captioner.CoCa``) and its
-search (``vislang.generation``) rather than a decoder of its own, and the classifier's data, loop and scoring.
+search (``vislang.decoding``) rather than a decoder of its own, and the classifier's data, loop and scoring.
 
 A training row is the token sequence ``[BOS] question [SEP] answer [EOS]``. The separator is the vislang tokenizer's
 ``[MASK]`` special: no caption uses it and no question can end where an answer starts by accident (a question that
@@ -151,7 +151,7 @@ def generate_answers(
 ) -> list[str]:
     """The answer to each prompt about ``images[image_index[i]]`` (uint8 (N, H, W, C)); prompts are batched by length,
     since the generation prefix of one call has one length."""
-    from ..generation import generate
+    from ..decoding import generate
 
     model.eval()
     ctx = model.cfg.text.context_length
@@ -244,7 +244,7 @@ class GenerativeAnswerer:
     def answer(self, image, question: str, top_k: int = 1) -> list[tuple[str, float]]:
         """``[(answer, probability), ...]``: the generated (greedy) answer; with ``top_k`` > 1 also the training
         answers, every one scored by the same product of token probabilities, most probable first."""
-        from ..generation import generate
+        from ..decoding import generate
 
         x, prompt = self._inputs(image, question)
         tok, ctx = self.tokenizer, self.model.cfg.text.context_length

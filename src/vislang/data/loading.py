@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..data import PreparedDataset, open_dataset, prepare, prepared_dir_for
+from .prepare import PreparedDataset, prepare, prepared_dir_for
+from .readers import open_dataset
 from .config import DataConfig
 
 

@@ -24,13 +24,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .evaluation.caption_metrics import CAPTION_RESULTS, TABLE_METRICS
-from .evaluation.embed import embed_images, embed_images_and_features, embed_texts, image_batch, num_images
-from .evaluation.linear_probe import probe_eval
-from .evaluation.plots import plot_confusion, plot_curves, plot_per_class, read_jsonl, retrieval_gallery
-from .evaluation.relations import relation_flip_eval
-from .evaluation.retrieval import retrieval_eval
-from .evaluation.zero_shot import DEFAULT_TEMPLATES, Template, fill_template, zero_shot_eval
+from .caption_metrics import CAPTION_RESULTS, TABLE_METRICS
+from .embed import embed_images, embed_images_and_features, embed_texts, image_batch, num_images
+from .linear_probe import probe_eval
+from .plots import plot_confusion, plot_curves, plot_per_class, read_jsonl, retrieval_gallery
+from .relations import relation_flip_eval
+from .retrieval import retrieval_eval
+from .zero_shot import DEFAULT_TEMPLATES, Template, fill_template, zero_shot_eval
 
 RESULTS_FILE = "results.json"
 REPORT_FILE = "report.html"
