@@ -20,7 +20,7 @@ import time
 import torch
 
 from vislang.config import from_dict, load_file
-from vislang.generate.models import GANModelConfig, build_gan, to_uint8
+from vislang.models.gan.networks import GANModelConfig, build_gan, to_uint8
 from vislang.generate.train import gan_step
 from vislang.train.config import GANConfig
 
@@ -74,8 +74,8 @@ def generate_speed(g: torch.nn.Module, z_dim: int, gen_images: int, repeats: int
 def shipped_pool(bank: int) -> torch.nn.Module:
     """The Fashion-MNIST model the README reports, with random weights: a pool (`vislang generate-ensemble`) of one
     `gan`-config generator and two IC-GANs, each IC-GAN holding a bank of ``bank`` instances it searches per image."""
-    from vislang.generate.ensemble import GeneratorEnsemble
-    from vislang.generate.models import build_generator
+    from vislang.models.gan.ensemble import GeneratorEnsemble
+    from vislang.models.gan.networks import build_generator
 
     run = load_file(CONFIGS["dcgan"])
     base = {**run["gan"]["model"], "cond_dim": 128, "image_size": 28, "channels": 1}

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from test_generate import fm_text_model_dir
-from vislang.generate.ensemble import GeneratorEnsemble, build_ensemble, ensemble_config
-from vislang.generate.instance import InstanceGenerator
-from vislang.generate.models import GANModelConfig, build_generator
-from vislang.generate.sample import TextToImage
+from vislang.models.gan.ensemble import GeneratorEnsemble, build_ensemble, ensemble_config
+from vislang.models.gan.instance import InstanceGenerator
+from vislang.models.gan.networks import GANModelConfig, build_generator
+from vislang.models.gan.pipeline import TextToImage
 
 PROMPT = "a photo of a bag."
 

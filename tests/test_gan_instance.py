@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from test_generate import _cfg, fm_text_model_dir
-from vislang.generate.instance import (
+from vislang.models.gan.instance import (
     InstanceGenerator,
     candidates,
     instance_features,
@@ -19,8 +19,8 @@ from vislang.generate.instance import (
     pick_from_noise,
     pixel_pca,
 )
-from vislang.generate.models import GANModelConfig, build_gan, inner_config
-from vislang.generate.sample import TextToImage
+from vislang.models.gan.networks import GANModelConfig, build_gan, inner_config
+from vislang.models.gan.pipeline import TextToImage
 
 
 def test_candidates_are_the_matching_captions_or_else_the_nearest():

@@ -14,14 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vislang.generate.metrics import (
+from vislang.evaluation.gan_metrics import (
     class_consistency,
     clip_score,
     fid_kid,
     frechet_distance,
     inception_style_score,
 )
-from vislang.generate.models import (
+from vislang.models.gan.networks import (
     GANModelConfig,
     build_gan,
     d_loss,
@@ -32,7 +32,7 @@ from vislang.generate.models import (
     standing_stats,
     to_uint8,
 )
-from vislang.generate.sample import TextToImage, check_prompts, is_gan_dir, slerp
+from vislang.models.gan.pipeline import TextToImage, check_prompts, is_gan_dir, slerp
 from vislang.generate.train import lr_factor, mismatched
 
 FM_CAPTIONS = [f"a photo of a {c}." for c in ("sneaker", "bag", "coat", "dress", "sandal", "shirt")] + [
@@ -110,7 +110,7 @@ def test_projection_discriminator_uses_the_text(arch):
 
 
 def test_resnet_blocks_add_their_convolutions_to_a_shortcut():
-    from vislang.generate.models import ResDownBlock, ResUpBlock
+    from vislang.models.gan.networks import ResDownBlock, ResUpBlock
 
     torch.manual_seed(0)
     x, c = torch.randn(3, 4, 8, 8), torch.randn(3, 6)
@@ -294,7 +294,7 @@ def test_fid_of_a_set_against_itself_is_zero_and_grows_with_noise():
 
 
 def test_nearest_distances_find_copies_and_measure_the_rest():
-    from vislang.generate.metrics import nearest_distances
+    from vislang.evaluation.gan_metrics import nearest_distances
 
     torch.manual_seed(0)
     ref = torch.randint(0, 256, (50, 1, 6, 6), dtype=torch.uint8)
@@ -450,7 +450,7 @@ def test_resnet_gan_trains_and_saves_a_loadable_generator(text_model_dir, tmp_pa
 def test_mixture_gan_trains_saves_and_samples_each_component(text_model_dir, tmp_path):
     import dataclasses
 
-    from vislang.generate.models import GeneratorMixture
+    from vislang.models.gan.networks import GeneratorMixture
     from vislang.generate.train import train_gan
 
     c = _cfg(text_model_dir, tmp_path / "m", 3)
@@ -465,7 +465,7 @@ def test_mixture_gan_trains_saves_and_samples_each_component(text_model_dir, tmp
 
 
 def test_projected_gan_trains_and_its_generator_loads_without_the_discriminator(text_model_dir, tmp_path, monkeypatch):
-    from vislang.generate import projected
+    from vislang.models.gan import projected
     from vislang.generate.train import train_gan
 
     model_dir = train_gan(_cfg(text_model_dir, tmp_path / "p", 3, arch="projected"))
@@ -615,13 +615,13 @@ def test_cli_train_generate_and_eval(text_model_dir, tmp_path, monkeypatch):
 
     calls = []
     fake = lambda m, **kw: calls.append((m, kw["judge"])) or {"fid_fm": 1.0}  # noqa: E731
-    monkeypatch.setattr("vislang.generate.evaluate.evaluate_gan", fake)
+    monkeypatch.setattr("vislang.evaluation.gan.evaluate_gan", fake)
     assert main(["eval", "--model", str(run)]) == 0 and calls == [(str(run), None)]  # `vislang eval` takes GAN runs
     assert main(["eval", "--model", str(run), "--judge", "j/model"]) == 0 and calls[-1] == (str(run), "j/model")
     monkeypatch.undo()
 
     judge = _tiny_fm_judge(tmp_path / "judge")
-    from vislang.generate.evaluate import evaluate_gan
+    from vislang.evaluation.gan import evaluate_gan
 
     res = evaluate_gan(run, judge=judge, n_per_class=420, n_real=100)  # 4200 images: past the 4096 cap per call
     assert res["n_generated"] == 4200 and 0 <= res["class_consistency"] <= 1
@@ -632,8 +632,8 @@ def test_cli_train_generate_and_eval(text_model_dir, tmp_path, monkeypatch):
     assert (run / "eval" / "results.json").is_file()
 
     # The real side measured once serves a second evaluation with the same numbers (vislang compare reuses it).
-    from vislang.generate.evaluate import evaluate_classes, load_judge, real_reference
-    from vislang.generate.sample import TextToImage
+    from vislang.evaluation.gan import evaluate_classes, load_judge, real_reference
+    from vislang.models.gan.pipeline import TextToImage
 
     model, j = TextToImage.from_pretrained(run), load_judge(judge)
     ref = real_reference(j, "fashion-mnist", 28, 1, n_per_class=30, n_real=200, seed=3)
@@ -645,7 +645,7 @@ def test_cli_train_generate_and_eval(text_model_dir, tmp_path, monkeypatch):
         evaluate_classes(model, j, n_per_class=10, n_real=200, seed=3, reference=ref)
 
     # Several noise seeds: each in its own folder, the summary the mean, with each seed's numbers beside it.
-    from vislang.generate.evaluate import evaluate_gan_seeds
+    from vislang.evaluation.gan import evaluate_gan_seeds
 
     summ = evaluate_gan_seeds(run, [0, 1], judge=judge, n_per_class=30, n_real=200, out_dir=tmp_path / "ms")
     each = [json.loads((tmp_path / "ms" / f"seed-{k}" / "results.json").read_text()) for k in (0, 1)]
@@ -710,7 +710,7 @@ def test_packaged_gan_configs_load():
 def test_judge_interface_without_preprocess_scales_pixels():
     judge = TinyJudge()
     x = _images(4, 0)
-    from vislang.generate.metrics import JudgeFeatures
+    from vislang.evaluation.gan_metrics import JudgeFeatures
 
     torch.testing.assert_close(JudgeFeatures(judge)(x), judge.features(x.float() / 255))
     assert np.isfinite(frechet_distance(torch.randn(50, 3), torch.randn(50, 3)))
@@ -748,7 +748,7 @@ def test_train_with_diff_augment_differs_and_checks_the_policy_first(text_model_
 def test_fid_tracking_leaves_training_alone_and_keep_best_saves_the_best_step(text_model_dir, tmp_path, monkeypatch):
     import dataclasses
 
-    from vislang.generate.evaluate import FIDTracker
+    from vislang.evaluation.gan import FIDTracker
     from vislang.generate.train import train_gan
     from vislang.train.checkpoint import load_checkpoint
 
@@ -821,7 +821,7 @@ def test_coverage_loss_pulls_only_the_nearest_candidate():
 def test_coverage_term_reaches_the_generator(text_model_dir, tmp_path):
     import dataclasses
 
-    from vislang.generate.models import GANModelConfig, build_gan
+    from vislang.models.gan.networks import GANModelConfig, build_gan
     from vislang.generate.train import gan_step
     from vislang.train.config import GANConfig
 
@@ -845,7 +845,7 @@ def test_coverage_term_reaches_the_generator(text_model_dir, tmp_path):
 
 
 def test_generator_mixture_picks_a_component_from_the_noise_alone():
-    from vislang.generate.models import GeneratorMixture
+    from vislang.models.gan.networks import GeneratorMixture
 
     g, _ = build_gan(GANModelConfig(cond_dim=6, z_dim=5, g_width=4, mixture=3))
     assert isinstance(g, GeneratorMixture) and len(g.parts) == 3

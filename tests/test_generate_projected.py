@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vislang.generate.models import GANModelConfig, build_gan
-from vislang.generate.projected import ProjectedDiscriminator, frozen_feature_net
+from vislang.models.gan.networks import GANModelConfig, build_gan
+from vislang.models.gan.projected import ProjectedDiscriminator, frozen_feature_net
 from vislang.generate.train import gan_step
 from vislang.train.config import GANConfig
 

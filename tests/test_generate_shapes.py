@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vislang.generate.models import GANModelConfig, build_gan
+from vislang.models.gan.networks import GANModelConfig, build_gan
 from vislang.generate.train import mismatched
 
 
@@ -28,7 +28,7 @@ def test_discriminator_scores_features_under_any_text(arch, projection):
 def test_training_step_scores_wrong_texts_as_three_passes_would():
     """gan_step reuses the real images' features for the wrong-text pairs: the discriminator loss (and so its update)
     equals the one from scoring real, fake and mismatched pairs in one concatenated pass, as before."""
-    from vislang.generate.models import d_loss
+    from vislang.models.gan.networks import d_loss
     from vislang.generate.train import gan_step
     from vislang.train.config import GANConfig
 
@@ -53,7 +53,7 @@ def test_training_step_scores_wrong_texts_as_three_passes_would():
 
 
 def test_text_match_loss_is_the_log_softmax_mass_on_the_right_texts():
-    from vislang.generate.models import text_match_loss
+    from vislang.models.gan.networks import text_match_loss
 
     pos = torch.eye(4, dtype=torch.bool)
     assert text_match_loss(torch.zeros(4, 4), pos).item() == pytest.approx(torch.log(torch.tensor(4.0)).item())
@@ -129,7 +129,7 @@ def test_packaged_shapes_gan_config_trains_on_single_objects():
 
 
 def test_pixel_judge_reads_layout_and_refuses_what_is_not_there():
-    from vislang.generate.metrics import relation_holds, relation_match
+    from vislang.evaluation.gan_metrics import relation_holds, relation_match
 
     palette = {"red": (215, 38, 38), "blue": (40, 85, 215), "green": (40, 160, 60)}
     img = torch.full((1, 3, 32, 32), 230, dtype=torch.uint8)  # light background
@@ -149,8 +149,8 @@ def test_relation_prompts_come_from_real_scenes_the_judge_gets_right():
     from PIL import Image
 
     from vislang.data.shapes import COLOR_RGB, OPPOSITE, ShapesConfig, render
-    from vislang.generate.evaluate import relation_prompts
-    from vislang.generate.metrics import relation_match
+    from vislang.evaluation.gan import relation_prompts
+    from vislang.evaluation.gan_metrics import relation_match
 
     items = relation_prompts(40)
     assert len(items) == 40 and all(rel in prompt for prompt, (_, rel, _), _ in items)
@@ -165,7 +165,7 @@ def test_relation_prompts_come_from_real_scenes_the_judge_gets_right():
 def test_flipped_relation_texts_count_as_wrong_in_both_discriminator_terms():
     """With c_flip the discriminator scores each of the first F real images under its flipped caption as a wrong
     pair and adds the flipped captions to the text-matching softmax: its loss is the reference computed by hand."""
-    from vislang.generate.models import d_loss, text_match_loss
+    from vislang.models.gan.networks import d_loss, text_match_loss
     from vislang.generate.train import gan_step
     from vislang.train.config import GANConfig
 

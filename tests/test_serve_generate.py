@@ -32,8 +32,8 @@ KEY = "gen-key"
 def make_tiny_gan(root: Path) -> Path:
     """An untrained tiny text-to-image GAN run folder (``RUN/model``), as `vislang train --config gan` leaves one."""
     from vislang.factory import fit_config_to_tokenizer
-    from vislang.generate.models import GANModelConfig, build_gan
-    from vislang.generate.sample import TextToImage
+    from vislang.models.gan.networks import GANModelConfig, build_gan
+    from vislang.models.gan.pipeline import TextToImage
     from vislang.models import CLIP, ModelConfig, TextConfig, VisionConfig
     from vislang.tokenizers import Tokenizer
 
@@ -94,7 +94,7 @@ def test_grid_png_is_the_generate_command_grid(client, world, tmp_path):
 
 
 def test_json_images_match_the_library(client, world):
-    from vislang.generate.sample import TextToImage
+    from vislang.models.gan.pipeline import TextToImage
 
     r = client.post("/v1/generate", json={"prompt": "  " + PROMPT, "n": 3, "seed": 0, "format": "json"})
     assert r.status_code == 200, r.text
@@ -175,7 +175,7 @@ def test_wrong_generate_model_stops_the_server_before_it_listens(world):
 
 def test_from_pretrained_loads_a_gan_folder(world):
     import vislang
-    from vislang.generate.sample import TextToImage
+    from vislang.models.gan.pipeline import TextToImage
 
     model = vislang.from_pretrained(world["gan"] / "model")
     assert isinstance(model, TextToImage)

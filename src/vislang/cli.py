@@ -106,10 +106,10 @@ def cmd_export_images(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     from .evaluation.run import evaluate_model_dir
-    from .generate.sample import is_gan_dir
+    from .models.gan.pipeline import is_gan_dir
 
     if is_gan_dir(args.model):  # a text-to-image GAN: FID-FM, KID, IS-style, class consistency, CLIP score
-        from .generate.evaluate import evaluate_gan
+        from .evaluation.gan import evaluate_gan
 
         print(json.dumps(evaluate_gan(args.model, judge=args.judge, out_dir=args.out, device=args.device), indent=2))
         return 0

@@ -203,7 +203,7 @@ def _load_vqa(directory: Path, device: str | torch.device) -> torch.nn.Module:
 
 def _load_gan(directory: Path, device: str | torch.device) -> torch.nn.Module:
     """The text-to-image GAN: its generator with the frozen text encoder and tokenizer that condition it."""
-    from .generate.sample import TextToImage
+    from .models.gan.pipeline import TextToImage
 
     return TextToImage.from_pretrained(directory, device)
 

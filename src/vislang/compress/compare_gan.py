@@ -18,14 +18,14 @@ from typing import Any
 
 import torch
 
-from ..generate.models import GANModelConfig, build_generator
+from ..models.gan.networks import GANModelConfig, build_generator
 
 
 def load_generator(path: Path):
     """(TextToImage, kind) of a GAN model directory or of its ONNX export (whose generator is then onnxruntime's)."""
     from ..config import from_dict
     from ..export.onnx import OnnxCLIP, OnnxGenerator, is_onnx_generator
-    from ..generate.sample import TextToImage
+    from ..models.gan.pipeline import TextToImage
 
     if is_onnx_generator(path):  # the export's own ONNX text tower embeds the prompts: no torch weights needed
         from ..factory import get_tokenizer
@@ -91,7 +91,7 @@ def compare_generators(
     speed_batches: list[int] | None,
 ) -> list[dict[str, Any]]:
     """Rows of :func:`vislang.compress.compare.compare_models` for GAN generators (see the module docstring)."""
-    from ..generate.evaluate import DEFAULT_JUDGE, RealReference, evaluate_classes, load_judge, real_reference
+    from ..evaluation.gan import DEFAULT_JUDGE, RealReference, evaluate_classes, load_judge, real_reference
     from ..model_dir import run_or_model_dir
     from .compare import weight_bytes
 
@@ -125,7 +125,7 @@ def compare_generators(
 def is_generator_path(path: str | Path) -> bool:
     """A GAN model or run directory, or an ONNX export of one."""
     from ..export.onnx import is_onnx_generator
-    from ..generate.sample import is_gan_dir
+    from ..models.gan.pipeline import is_gan_dir
 
     p = Path(path)
     return is_gan_dir(p) or is_onnx_generator(p)

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..generate.models import (
+from ..models.gan.networks import (
     INTERFACE_FIELDS,
     GANModelConfig,
     GeneratorMixture,
@@ -52,7 +52,7 @@ from ..generate.models import (
     require_single_generator,
     standing_stats,
 )
-from ..generate.sample import TextToImage
+from ..models.gan.pipeline import TextToImage
 
 
 def training_conditions(
@@ -248,7 +248,7 @@ def load_quantized_generator(cfg: GANModelConfig, state: dict[str, torch.Tensor]
 def run_critic(src: Path, cfg: GANModelConfig) -> tuple[nn.Module | None, str, Path | None]:
     """(the discriminator the generator was trained against, frozen; its loss kind; the checkpoint) from the last
     checkpoint of the run whose ``model/`` is ``src``, or (None, "hinge", None) for a model directory on its own."""
-    from ..generate.models import build_gan
+    from ..models.gan.networks import build_gan
     from ..train.checkpoint import load_checkpoint
 
     ckpt = src.parent / "checkpoints" / "last.pt"
@@ -292,7 +292,7 @@ def fit_to_teacher(
 
     ``train_norms`` False keeps the student's BatchNorm statistics frozen (eval mode): a pruned generator keeps the
     teacher's; a student from scratch has none yet and trains them. Returns the per-step L1 losses."""
-    from ..generate.models import g_loss
+    from ..models.gan.networks import g_loss
 
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")

@@ -269,8 +269,8 @@ def export_generator(src: Path, out: Path, check: bool = True, tol: float = PARI
     [-1, 1], dynamic batch) and its frozen text tower exported as a dual encoder under ``text_encoder/``, each
     checked against PyTorch at two batch sizes. Sampling needs only these two: embed the prompt, draw noise, decode.
     """
-    from ..generate.models import GeneratorMixture, require_single_generator
-    from ..generate.sample import TextToImage
+    from ..models.gan.networks import GeneratorMixture, require_single_generator
+    from ..models.gan.pipeline import TextToImage
 
     t2i = TextToImage.from_pretrained(src)
     require_single_generator(t2i.cfg, src, "exporting")

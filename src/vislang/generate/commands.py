@@ -28,7 +28,7 @@ def generate_to_file(
 ) -> str:
     """Write a PNG grid (one row of ``n`` per prompt, ``n`` up to 16 per row), or with ``to`` an interpolation strip
     from ``prompts[0]`` to ``to`` under one fixed noise."""
-    from .sample import TextToImage, check_count, save_grid
+    from ..models.gan.pipeline import TextToImage, check_count, save_grid
 
     check_count(n)
     model = TextToImage.from_pretrained(model_dir, device)
@@ -55,7 +55,7 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_generate_eval(args: argparse.Namespace, extra: list[str]) -> int:
-    from .evaluate import evaluate_gan_seeds, results_table
+    from ..evaluation.gan import evaluate_gan_seeds, results_table
 
     if args.out and len(args.model) > 1:
         raise ValueError("--out takes one model; leave it out to write each run's own eval/ folder")
@@ -84,7 +84,7 @@ def cmd_generate_eval(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_generate_ensemble(args: argparse.Namespace, extra: list[str]) -> int:
-    from .ensemble import build_ensemble
+    from ..models.gan.ensemble import build_ensemble
 
     model = build_ensemble(args.members, args.out)
     k = len(model.cfg.members)
@@ -94,7 +94,7 @@ def cmd_generate_ensemble(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_generate_tune(args: argparse.Namespace, extra: list[str]) -> int:
-    from .tune import format_rows, parse_scales, tune_noise_scale
+    from ..evaluation.gan_tune import format_rows, parse_scales, tune_noise_scale
 
     res = tune_noise_scale(args.model, args.judge, parse_scales(args.scales), n=args.n, seed=args.seed, out=args.out)
     print(format_rows(res))

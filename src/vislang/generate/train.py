@@ -43,7 +43,7 @@ from ..train.checkpoint import atomic_torch_save, load_checkpoint, rng_state, se
 from ..train.config import GANConfig, TrainConfig
 from ..data.loading import epoch_batches, load_prepared
 from ..train.loop import MetricsLog, pick_device
-from .models import (
+from ..models.gan.networks import (
     GANModelConfig,
     build_gan,
     d_loss,
@@ -57,7 +57,7 @@ from .models import (
     text_match_loss,
     to_uint8,
 )
-from .sample import TextToImage, save_grid
+from ..models.gan.pipeline import TextToImage, save_grid
 
 
 @torch.no_grad()
@@ -369,7 +369,7 @@ def _train_gan(cfg: TrainConfig, resume: bool) -> Path:
     if mcfg.instance_bank > 0:
         if mcfg.instance_bank > n:
             raise ValueError(f"gan.model.instance_bank={mcfg.instance_bank} exceeds the {n} training images")
-        from .instance import instance_features, neighbours
+        from ..models.gan.instance import instance_features, neighbours
 
         print(
             f"[vislang] instance conditioning: {mcfg.instance_features} features of {n} training images, "
@@ -389,7 +389,7 @@ def _train_gan(cfg: TrainConfig, resume: bool) -> Path:
     tracker = None
     if gan.judge:
         from ..data.fashion_mnist import format_caption
-        from .evaluate import FIDTracker
+        from ..evaluation.gan import FIDTracker
 
         if not data.classnames:
             raise ValueError(f"gan.judge tracks FID-FM per class, so it needs class names; {d.train} has none")

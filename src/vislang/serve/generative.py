@@ -82,7 +82,7 @@ class ImageGenerator:
     """
 
     def __init__(self, model_dir: str | os.PathLike, device: str = "cpu") -> None:
-        from ..generate.sample import TextToImage
+        from ..models.gan.pipeline import TextToImage
 
         self.model = TextToImage.from_pretrained(model_dir, device)
         self._lock = threading.Lock()
@@ -97,7 +97,7 @@ class ImageGenerator:
     @staticmethod
     def grid_png(images: torch.Tensor, scale: int = 2) -> bytes:
         """One PNG grid, laid out and scaled as ``vislang generate -o grid.png`` writes it (so the bytes match)."""
-        from ..generate.sample import save_grid
+        from ..models.gan.pipeline import save_grid
 
         with tempfile.TemporaryDirectory(prefix="vislang-grid-") as d:  # save_grid writes files; read it back
             return save_grid(images, Path(d) / "grid.png", ncol=min(len(images), 16), scale=scale).read_bytes()

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import DCDiscriminator, GANModelConfig, _sn, d_widths, minibatch_std, text_head
+from .networks import DCDiscriminator, GANModelConfig, _sn, d_widths, minibatch_std, text_head
 
 FEATURE_NET = "tf_efficientnet_lite0"
 FEATURE_STAGES = (1, 2, 3)  # timm out_indices: strides 4, 8, 16 (24, 40, 112 channels); the deeper, wider stages
@@ -44,7 +44,7 @@ def frozen_feature_net(weights: str) -> nn.Module:
     last = int(net.feature_info.module_name()[-1].split(".")[1])  # "blocks.4": the block of the deepest output
     net.blocks = net.blocks[: last + 1]  # the later blocks would run (and be stored) for nothing
     if weights:
-        from ..pretrained import load_vision_weights
+        from ...pretrained import load_vision_weights
 
         load_vision_weights(net, weights)
     return net.eval().requires_grad_(False)

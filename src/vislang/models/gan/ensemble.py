@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import from_dict, to_dict
-from .models import INTERFACE_FIELDS, GANModelConfig, normal_to_uniform, route
+from ...config import from_dict, to_dict
+from .networks import INTERFACE_FIELDS, GANModelConfig, normal_to_uniform, route
 
 
 class GeneratorEnsemble(nn.Module):
@@ -74,7 +74,7 @@ def _same_weights(a: nn.Module, b: nn.Module) -> bool:
 def build_ensemble(sources: Sequence[str | os.PathLike], out: str | os.PathLike):
     """Load the generators in ``sources`` (model or run directories), check that they can be pooled, and write one
     model directory ``out`` (atomically) holding them all with the shared text tower. Returns the TextToImage."""
-    from .sample import TextToImage
+    from .pipeline import TextToImage
 
     if len(sources) < 2:
         raise ValueError("give at least two GAN model or run directories to pool into an ensemble")

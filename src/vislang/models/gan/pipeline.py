@@ -22,8 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import from_dict, to_dict
-from .models import GANModelConfig, build_generator, to_uint8
+from ...config import from_dict, to_dict
+from .networks import GANModelConfig, build_generator, to_uint8
 
 MODEL_TYPE = "vislang-gan"
 MAX_IMAGES = 4096  # per call: more is a batch job, not an interactive request (and a typo like -n 100000)
@@ -101,7 +101,7 @@ class TextToImage(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        from ..evaluation.embed import model_device
+        from ...evaluation.embed import model_device
 
         return model_device(self.generator)  # the CPU for an int8 or ONNX generator, which have no float parameters
 
@@ -161,8 +161,8 @@ class TextToImage(nn.Module):
         """Atomic, like ``factory.save_pretrained``: written to a temporary folder that is renamed into place.
         ``state``: the weights to store instead of the generator's state dict (an int8 generator's, see
         :mod:`vislang.compress.generator`)."""
-        from ..factory import __version__, save_pretrained
-        from ..model_dir import atomic_dir, write_weights
+        from ...factory import __version__, save_pretrained
+        from ...model_dir import atomic_dir, write_weights
 
         meta = {
             "model_type": MODEL_TYPE,
@@ -180,8 +180,8 @@ class TextToImage(nn.Module):
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> TextToImage:
         from safetensors.torch import load_file
 
-        from ..factory import from_pretrained, get_tokenizer
-        from ..model_dir import run_or_model_dir
+        from ...factory import from_pretrained, get_tokenizer
+        from ...model_dir import run_or_model_dir
 
         d = run_or_model_dir(directory)  # a run directory: its model/ subfolder
         cfg_file = d / "config.json"
@@ -198,7 +198,7 @@ class TextToImage(nn.Module):
         state = load_file(str(d / "model.safetensors"))
         comp = meta.get("compression") or {}
         if comp.get("method", "").endswith("int8"):  # `vislang compress`: the int8 modules are rebuilt, then filled
-            from ..compress.generator import load_quantized_generator
+            from ...compress.generator import load_quantized_generator
 
             if torch.device(device).type != "cpu":
                 raise ValueError(f"{d} is an int8 generator, which runs on the CPU only; load it with device='cpu'")

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .models import GANModelConfig, build_generator
+from ..models.gan.networks import GANModelConfig, build_generator
 
 DEFAULT_SCALES = (0.9, 1.0, 1.05, 1.1, 1.15, 1.2, 1.3)
 
@@ -64,8 +64,8 @@ def tune_noise_scale(
     from tqdm import tqdm
 
     from ..data.fashion_mnist import format_caption
-    from .evaluate import FIDTracker, _real_split
-    from .sample import TextToImage
+    from .gan import FIDTracker, _real_split
+    from ..models.gan.pipeline import TextToImage
 
     src = Path(model_dir)
     for s in scales:  # out-of-range scales fail here, before minutes of sampling

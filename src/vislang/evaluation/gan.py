@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .metrics import (
+from .gan_metrics import (
     attribute_match,
     class_consistency_from_logits,
     clip_score,
@@ -33,7 +33,7 @@ from .metrics import (
     nearest_distances,
     relation_match,
 )
-from .sample import TextToImage, save_grid
+from ..models.gan.pipeline import TextToImage, save_grid
 
 FLOOR_SAMPLES = 5  # disjoint training samples whose mean FID-FM against the test split is the floor
 DEFAULT_JUDGE = "runs/gan-judge/model"  # a copy of `vislang finetune --model fmnist-cnn --method scratch`, frozen
@@ -218,7 +218,7 @@ class FIDTracker:
     @torch.no_grad()
     def __call__(self, generator: torch.nn.Module, z_dim: int) -> dict[str, float]:
         """{"fid_fm", "class_consistency"} of ``generator`` (left in eval mode) on this tracker's prompts."""
-        from .models import to_uint8
+        from ..models.gan.networks import to_uint8
 
         generator.eval()
         dev = self.conds.device

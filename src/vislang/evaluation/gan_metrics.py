@@ -158,7 +158,7 @@ def class_consistency(judge: nn.Module, images: torch.Tensor, labels: torch.Tens
 @torch.no_grad()
 def clip_score(encoder: nn.Module, images: torch.Tensor, text_emb: torch.Tensor, batch_size: int = 500) -> float:
     """Mean cosine similarity between each uint8 image and its text embedding (N, E) under the dual encoder."""
-    from ..evaluation.embed import model_device
+    from .embed import model_device
 
     v = encoder.cfg.vision
     dev = model_device(encoder)  # an ONNX export has no parameters
