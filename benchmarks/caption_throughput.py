@@ -19,8 +19,8 @@ import time
 import torch
 
 from vislang.config import load_file
-from vislang.factory import build_model, get_model_config
 from vislang.decoding import generate
+from vislang.factory import build_model, get_model_config
 
 CONFIG = "src/vislang/configs/caption.yaml"
 

@@ -20,8 +20,8 @@ import time
 import torch
 
 from vislang.config import from_dict, load_file
-from vislang.models.gan.networks import GANModelConfig, build_gan, to_uint8
 from vislang.generate.train import gan_step
+from vislang.models.gan.networks import GANModelConfig, build_gan, to_uint8
 from vislang.train.config import GANConfig
 
 CONFIGS = {"dcgan": "src/vislang/configs/gan.yaml", "mlp": "src/vislang/configs/gan-mlp.yaml"}

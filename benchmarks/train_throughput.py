@@ -65,10 +65,10 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from vislang.data import FashionMNIST, PreparedDataset, normalize, prepare  # noqa: E402
+from vislang.data.loading import TokenizedPairs, batch_loader, epoch_batches  # noqa: E402
 from vislang.factory import build_tokenizer, fit_config_to_tokenizer, get_model_config  # noqa: E402
 from vislang.models import CLIP, ModelConfig  # noqa: E402
 from vislang.train.config import OptimConfig  # noqa: E402
-from vislang.data.loading import TokenizedPairs, batch_loader, epoch_batches  # noqa: E402
 from vislang.train.optim import build_optimizer, lr_at, set_lr  # noqa: E402
 from vislang.train.tasks import ContrastiveTask  # noqa: E402
 

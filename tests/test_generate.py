@@ -21,6 +21,7 @@ from vislang.evaluation.gan_metrics import (
     frechet_distance,
     inception_style_score,
 )
+from vislang.generate.train import lr_factor, mismatched
 from vislang.models.gan.networks import (
     GANModelConfig,
     build_gan,
@@ -33,7 +34,6 @@ from vislang.models.gan.networks import (
     to_uint8,
 )
 from vislang.models.gan.pipeline import TextToImage, check_prompts, is_gan_dir, slerp
-from vislang.generate.train import lr_factor, mismatched
 
 FM_CAPTIONS = [f"a photo of a {c}." for c in ("sneaker", "bag", "coat", "dress", "sandal", "shirt")] + [
     f"a small photo of a {c}." for c in ("sneaker", "bag", "coat", "dress", "sandal", "shirt")
@@ -450,8 +450,8 @@ def test_resnet_gan_trains_and_saves_a_loadable_generator(text_model_dir, tmp_pa
 def test_mixture_gan_trains_saves_and_samples_each_component(text_model_dir, tmp_path):
     import dataclasses
 
-    from vislang.models.gan.networks import GeneratorMixture
     from vislang.generate.train import train_gan
+    from vislang.models.gan.networks import GeneratorMixture
 
     c = _cfg(text_model_dir, tmp_path / "m", 3)
     model_dir = train_gan(dataclasses.replace(c, gan=dataclasses.replace(c.gan, model={**c.gan.model, "mixture": 2})))
@@ -465,8 +465,8 @@ def test_mixture_gan_trains_saves_and_samples_each_component(text_model_dir, tmp
 
 
 def test_projected_gan_trains_and_its_generator_loads_without_the_discriminator(text_model_dir, tmp_path, monkeypatch):
-    from vislang.models.gan import projected
     from vislang.generate.train import train_gan
+    from vislang.models.gan import projected
 
     model_dir = train_gan(_cfg(text_model_dir, tmp_path / "p", 3, arch="projected"))
 
@@ -821,8 +821,8 @@ def test_coverage_loss_pulls_only_the_nearest_candidate():
 def test_coverage_term_reaches_the_generator(text_model_dir, tmp_path):
     import dataclasses
 
-    from vislang.models.gan.networks import GANModelConfig, build_gan
     from vislang.generate.train import gan_step
+    from vislang.models.gan.networks import GANModelConfig, build_gan
     from vislang.train.config import GANConfig
 
     def step(weight: float) -> dict[str, torch.Tensor]:

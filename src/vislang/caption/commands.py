@@ -52,8 +52,8 @@ def caption_files(
     **decoding: Any,
 ) -> list[tuple[str, str]]:
     """(path, caption) for image files or folders of images, with a model directory trained to caption."""
-    from ..factory import from_pretrained, get_tokenizer, image_transforms
     from ..decoding import caption
+    from ..factory import from_pretrained, get_tokenizer, image_transforms
     from ..inference import list_images, open_image
 
     model = from_pretrained(model_dir, device)

@@ -252,9 +252,9 @@ def compare_models(
     """
     if speed_batches and min(speed_batches) < 1:
         raise ValueError(f"--speed-batches {speed_batches}: every batch size must be at least 1")
-    from ..evaluation.run import templates_for
     from ..data.config import DataConfig
     from ..data.loading import load_prepared
+    from ..evaluation.run import templates_for
     from .quantize import model_family
 
     if len(paths) < 1:

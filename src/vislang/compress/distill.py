@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from ..config import apply_overrides, from_dict, to_dict
+from ..data.loading import TokenizedPairs
 from ..data.transforms import normalize
 from ..evaluation.embed import embed_images, eval_mode
 from ..models.clip import CLIP, ModelConfig
-from ..data.loading import TokenizedPairs
 from ..train.tasks import unique_rows
 
 

@@ -11,10 +11,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..models.clip import CLIP
 from ..data.config import DataConfig
-from ..train.config import OptimConfig
 from ..data.loading import TokenizedPairs, epoch_batches, load_prepared
+from ..models.clip import CLIP
+from ..train.config import OptimConfig
 from ..train.optim import build_optimizer, lr_at, set_lr
 
 LossFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]

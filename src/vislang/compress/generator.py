@@ -64,9 +64,9 @@ def training_conditions(
 ) -> torch.Tensor:
     """(N, E) text embeddings of the training captions of ``data``, one row per training image (so a caption is drawn
     as often as it occurs), each distinct caption embedded once."""
-    from ..generate.train import embed_texts
     from ..data.config import DataConfig
     from ..data.loading import load_prepared
+    from ..generate.train import embed_texts
 
     cfg = model.cfg
     dc = DataConfig(train=data, cache_dir=cache_dir, options=dict(options or {}))

@@ -117,9 +117,9 @@ def calibration_images(
     """``n`` training images of ``data`` drawn at random (seeded), normalised for the model: (n, C, H, W) float."""
     import numpy as np
 
-    from ..data.transforms import normalize
     from ..data.config import DataConfig
     from ..data.loading import load_prepared
+    from ..data.transforms import normalize
 
     if n < 1:
         raise ValueError(f"static int8 needs at least one calibration image, got calibration_images={n}")

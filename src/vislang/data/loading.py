@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from .config import DataConfig
 from .prepare import PreparedDataset, prepare, prepared_dir_for
 from .readers import open_dataset
-from .config import DataConfig
 
 
 def _source_key(spec: str, kw: dict[str, Any]) -> str:

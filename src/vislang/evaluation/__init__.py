@@ -2,8 +2,8 @@
 
 Every function takes a model with ``encode_image``/``encode_text``, a tokenizer callable and either a prepared
 dataset (``get_batch``, ``labels``, ``classnames``, ``captions``) or plain tensors, and returns plain dicts of numbers.
-``vislang.evaluation.report.evaluate_run`` runs them all and writes ``results.json`` and PNGs; ``vislang.evaluation.report.write_report``
-turns a run directory into one HTML page.
+``report.evaluate_run`` runs them all and writes ``results.json`` and PNGs; ``report.write_report`` turns a run
+directory into one HTML page. GAN metrics (FID-FM, KID, IS, CLIP score) live in ``gan_metrics`` and ``gan``.
 """
 
 from .embed import embed_images, embed_images_and_features, embed_texts, tower_features

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..models.gan.pipeline import TextToImage, save_grid
 from .gan_metrics import (
     attribute_match,
     class_consistency_from_logits,
@@ -33,7 +34,6 @@ from .gan_metrics import (
     nearest_distances,
     relation_match,
 )
-from ..models.gan.pipeline import TextToImage, save_grid
 
 FLOOR_SAMPLES = 5  # disjoint training samples whose mean FID-FM against the test split is the floor
 DEFAULT_JUDGE = "runs/gan-judge/model"  # a copy of `vislang finetune --model fmnist-cnn --method scratch`, frozen

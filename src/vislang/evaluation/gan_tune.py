@@ -64,8 +64,8 @@ def tune_noise_scale(
     from tqdm import tqdm
 
     from ..data.fashion_mnist import format_caption
-    from .gan import FIDTracker, _real_split
     from ..models.gan.pipeline import TextToImage
+    from .gan import FIDTracker, _real_split
 
     src = Path(model_dir)
     for s in scales:  # out-of-range scales fail here, before minutes of sampling

@@ -34,10 +34,10 @@ def evaluate_model_dir(
 ) -> dict[str, Any]:
     """Zero-shot, retrieval and linear probe for a model directory; writes results.json + PNGs to ``out_dir``."""
 
-    from ..factory import from_pretrained, get_tokenizer
-    from .report import evaluate_run
     from ..data.config import DataConfig
     from ..data.loading import load_prepared
+    from ..factory import from_pretrained, get_tokenizer
+    from .report import evaluate_run
 
     model = from_pretrained(model_dir, device=device)
     tokenizer = get_tokenizer(model_dir)

@@ -246,8 +246,8 @@ def train_end_to_end(
     """Minibatch AdamW with warmup + cosine over tower and head; returns steps, epochs and the validation curve."""
     from tqdm.auto import tqdm
 
-    from ..train.config import OptimConfig
     from ..data.loading import epoch_batches
+    from ..train.config import OptimConfig
     from ..train.optim import lr_at
 
     lr = cfg.lr or DEFAULT_LR[method]

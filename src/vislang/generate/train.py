@@ -38,11 +38,8 @@ import yaml
 from tqdm.auto import tqdm
 
 from ..config import from_dict, to_dict
-from ..evaluation.plots import plot_tracked_fid
-from ..train.checkpoint import atomic_torch_save, load_checkpoint, rng_state, set_rng_state
-from ..train.config import GANConfig, TrainConfig
 from ..data.loading import epoch_batches, load_prepared
-from ..train.loop import MetricsLog, pick_device
+from ..evaluation.plots import plot_tracked_fid
 from ..models.gan.networks import (
     GANModelConfig,
     build_gan,
@@ -58,6 +55,9 @@ from ..models.gan.networks import (
     to_uint8,
 )
 from ..models.gan.pipeline import TextToImage, save_grid
+from ..train.checkpoint import atomic_torch_save, load_checkpoint, rng_state, set_rng_state
+from ..train.config import GANConfig, TrainConfig
+from ..train.loop import MetricsLog, pick_device
 
 
 @torch.no_grad()

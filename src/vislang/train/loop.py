@@ -22,12 +22,12 @@ from tqdm.auto import tqdm
 
 from .. import distributed as dist
 from ..config import to_dict
+from ..data.loading import TokenizedPairs, batch_loader, epoch_batches, load_prepared
 from ..factory import build_model, build_tokenizer, fit_config_to_tokenizer, get_model_config, save_pretrained
 from ..models.clip import CLIP
 from ..tokenizers import load_tokenizer
 from .checkpoint import atomic_torch_save, load_checkpoint, rng_state, set_rng_state
 from .config import TrainConfig
-from ..data.loading import TokenizedPairs, batch_loader, epoch_batches, load_prepared
 from .optim import build_optimizer, lr_at, set_lr
 from .tasks import build_task
 
