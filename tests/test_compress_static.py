@@ -40,7 +40,7 @@ def _shapes_images(cfg, n: int = 16) -> torch.Tensor:
 def test_static_int8_quantises_the_convs_and_loads_back_exactly(tiny, cache, tmp_path):
     from torch.ao.nn.quantized.dynamic import Linear as QLinear
 
-    from vislang.compress.static import StaticInt8CNN
+    from vislang.models.quantized_static import StaticInt8CNN
 
     out = tmp_path / "static"
     info = compress_model_dir(tiny, "static-int8", out, calibration_images=48, cache_dir=cache, **SHAPES)
@@ -82,8 +82,8 @@ def test_static_int8_can_keep_a_block_in_fp32(tiny, cache, tmp_path):
 def test_static_int8_falls_back_to_dynamic_for_a_vit_tower():
     from torch.ao.nn.quantized.dynamic import Linear as QLinear
 
-    from vislang.compress.static import quantize_static
     from vislang.models import CLIP, ModelConfig, TextConfig, VisionConfig
+    from vislang.models.quantized_static import quantize_static
 
     vit = VisionConfig(
         arch="vit_tiny_patch16_224",

@@ -6,6 +6,9 @@ The public API follows OpenCLIP's names::
     tokenizer = vislang.get_tokenizer("runs/demo/model")
     image_emb = model.encode_image(preprocess(img).unsqueeze(0))
     text_emb = model.encode_text(tokenizer(["a photo of a sneaker"]))
+
+``vislang.load(dir)`` loads any saved model (dual encoder, captioner, ITM, classifier, VQA, GAN; fp32, int8 or an
+ONNX export) by the ``model_type`` in its config.json (``vislang.registry.FAMILIES``).
 """
 
 from .factory import (
@@ -16,6 +19,7 @@ from .factory import (
     get_model_config,
     get_tokenizer,
     list_models,
+    load,
     save_pretrained,
 )
 from .models import CLIP, ModelConfig, TextConfig, VisionConfig
@@ -32,5 +36,6 @@ __all__ = [
     "get_model_config",
     "get_tokenizer",
     "list_models",
+    "load",
     "save_pretrained",
 ]

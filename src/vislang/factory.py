@@ -9,22 +9,21 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .config import ConfigError, from_dict, to_dict
-from .model_dir import atomic_dir, write_weights
+from .config import ConfigError, from_dict
+from .model_dir import __version__
 from .models.clip import CLIP, ModelConfig
+from .models.dual_encoder import ITM_MODEL_TYPE, MODEL_TYPE, build_model, load_weights, save_pretrained
 from .pretrained import OfflineError, _looks_like_hub_id
+from .registry import load
 from .tokenizers import HFTokenizer, Tokenizer, load_tokenizer
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
-MODEL_TYPE = "vislang-clip"
-ITM_MODEL_TYPE = "vislang-itm"  # a dual encoder with an image–text matching head (models/itm.py), loaded like one
-__version__ = "0.1.0"
+__all__ = ["ITM_MODEL_TYPE", "MODEL_TYPE", "__version__", "build_model", "from_pretrained", "load", "save_pretrained"]
 
 
 def list_models() -> list[str]:
@@ -93,21 +92,6 @@ def image_transforms(cfg: ModelConfig):
     )
 
 
-def build_model(cfg: ModelConfig) -> CLIP:
-    """The model family a config describes: the dual encoder, CoCa with a caption decoder, ITM with a match head."""
-    if cfg.itm is not None:
-        if cfg.decoder is not None:
-            raise ValueError("a model has a caption decoder (model.decoder) or an ITM head (model.itm), not both")
-        from .models.itm import ITMModel
-
-        return ITMModel(cfg)
-    if cfg.decoder is not None:
-        from .models.captioner import CoCa
-
-        return CoCa(cfg)
-    return CLIP(cfg)
-
-
 def create_model(
     name_or_path: str | os.PathLike | ModelConfig,
     pretrained: str | os.PathLike | None = None,
@@ -128,7 +112,7 @@ def create_model(
     if pretrained is not None:
         p = Path(pretrained)
         if is_model_dir(p):
-            _load_weights(model, p / "model.safetensors")
+            load_weights(model, p / "model.safetensors")
         else:
             from .pretrained import read_state_dict, resolve_local_path
 
@@ -157,92 +141,16 @@ def get_tokenizer(name_or_path: str | os.PathLike) -> Tokenizer | HFTokenizer:
     return build_tokenizer(cfg)
 
 
-def _load_weights(model: CLIP, file: Path) -> None:
-    from safetensors.torch import load_file
-
-    state = load_file(str(file))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise RuntimeError(
-            f"{file} does not match the model config: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+def from_pretrained(directory: str | os.PathLike, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Load a saved model of any family (``vislang.load``: the registry reads config.json's ``model_type``)."""
+    return load(directory, device)
 
 
-def save_pretrained(model: CLIP, directory: str | os.PathLike, tokenizer=None, extra: dict | None = None) -> Path:
-    """Write ``config.json``, ``model.safetensors`` and tokenizer files; atomic (temp dir, then rename)."""
-    with atomic_dir(directory) as tmp:
-        cfg = model.cfg
-        if cfg.text.arch == "hf":
-            text_dir = tmp / "text_encoder"
-            model.text.model.config.save_pretrained(str(text_dir))
-            cfg = dataclasses.replace(
-                cfg, text=dataclasses.replace(cfg.text, hf_path="text_encoder", hf_load_weights=False)
-            )
-        if cfg.vision.pretrained:  # the weights now live in model.safetensors
-            cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, pretrained=None))
-        model_type = ITM_MODEL_TYPE if cfg.itm is not None else MODEL_TYPE
-        meta = {"model_type": model_type, "vislang_version": __version__, "model": to_dict(cfg), **(extra or {})}
-        write_weights(tmp, meta, model)
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-    return Path(directory)
+def load_embedding_model(path: str | os.PathLike, backend: str = "auto"):
+    """``(model, preprocess)`` for embedding: a torch model directory or an ONNX export run by onnxruntime.
 
-
-def _load_classifier(directory: Path, device: str | torch.device) -> torch.nn.Module:
-    from .models.classifier import ImageClassifier
-
-    return ImageClassifier.from_pretrained(directory, device)
-
-
-def _load_vqa(directory: Path, device: str | torch.device) -> torch.nn.Module:
-    """The VQA model alone (``models.vqa.load_vqa`` also returns its tokenizer and answers); int8 ones rebuilt."""
-    from .compress.quantize import load_model
-
-    return load_model(directory, device)
-
-
-def _load_gan(directory: Path, device: str | torch.device) -> torch.nn.Module:
-    """The text-to-image GAN: its generator with the frozen text encoder and tokenizer that condition it."""
-    from .models.gan.pipeline import TextToImage
-
-    return TextToImage.from_pretrained(directory, device)
-
-
-# Model families saved with their own ``model_type`` (config.json) and loader; the dual encoder / CoCa
-# ("vislang-clip") is loaded below. Loaders import lazily, so adding one costs nothing until it is used.
-MODEL_LOADERS: dict[str, Callable[[Path, str | torch.device], torch.nn.Module]] = {
-    "vislang-classifier": _load_classifier,
-    "vislang-vqa": _load_vqa,
-    "vislang-gan": _load_gan,
-}
-
-
-def from_pretrained(directory: str | os.PathLike, device: str | torch.device = "cpu") -> CLIP:
-    """Load a model directory written by ``save_pretrained`` (or by another family's, per ``MODEL_LOADERS``)."""
-    d = Path(directory)
-    if not is_model_dir(d):
-        if _looks_like_hub_id(str(directory)):
-            raise OfflineError(f"{directory!r} looks like a hub id; pass a local model directory (no network here)")
-        raise FileNotFoundError(
-            f"{d} is not a vislang model directory (needs config.json and model.safetensors); "
-            "train one with `vislang train` or save one with model.save_pretrained(dir)"
-        )
-    meta = json.loads((d / "config.json").read_text())
-    loader = MODEL_LOADERS.get(meta.get("model_type"))
-    if loader is not None:
-        return loader(d, device)
-    if meta.get("model_type") not in (MODEL_TYPE, ITM_MODEL_TYPE):
-        raise ValueError(
-            f"{d}/config.json is not a vislang model config (model_type={meta.get('model_type')!r}; "
-            f"known: {[MODEL_TYPE, ITM_MODEL_TYPE, *MODEL_LOADERS]})"
-        )
-    if (meta.get("compression") or {}).get("method", "").endswith("int8"):
-        from .compress import load_quantized  # int8 weights need the quantised modules rebuilt first
-
-        return load_quantized(d, device)
-    cfg = from_dict(ModelConfig, meta["model"], "model")
-    if cfg.text.arch == "hf" and cfg.text.hf_path and not Path(cfg.text.hf_path).is_absolute():
-        cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, hf_path=str(d / cfg.text.hf_path)))
-    model = build_model(cfg)
-    _load_weights(model, d / "model.safetensors")
-    return model.to(device).eval()
+    ``backend``: ``"torch"``, ``"onnx"``, or ``"auto"`` (ONNX when ``path`` is an export directory). This is what
+    ``vislang embed --backend`` selects; the tokenizer of either kind of directory loads with ``get_tokenizer(path)``.
+    """
+    model = load(path, backend=backend)
+    return model, image_transforms(model.cfg)[1]

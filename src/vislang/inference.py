@@ -91,7 +91,7 @@ def embed_to_file(
     out_path = Path(out)
     if out_path.suffix not in (".npy", ".parquet"):
         raise ValueError(f"output {out} must end in .npy or .parquet")
-    from .export import load_embedding_model
+    from .factory import load_embedding_model
 
     model, preprocess = load_embedding_model(model_dir, backend)
     if images:

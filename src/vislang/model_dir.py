@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+__version__ = "0.1.0"  # written into every model directory's config.json as vislang_version
+
 
 def run_or_model_dir(path: str | os.PathLike) -> Path:
     """``path`` itself, or its ``model/`` subfolder when ``path`` is a training run (``runs/NAME``) holding one: the

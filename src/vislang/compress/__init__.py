@@ -5,10 +5,10 @@ says which method fits which; generators: :mod:`vislang.compress.generator`).
 Each method writes a model directory; ``vislang compare`` measures what it cost (size, speed, accuracy).
 """
 
+from ..models.quantized_static import StaticInt8CNN, quantize_static
 from .api import METHODS, compress_model_dir
 from .prune import prune_model, sparsity_of
 from .quantize import load_model, load_quantized, quantize_dynamic, save_quantized
-from .static import StaticInt8CNN, quantize_static
 
 __all__ = [
     "METHODS",

@@ -112,9 +112,9 @@ def compress_model_dir(
         info["modules"] = q._compression["modules"]
         save_quantized(q, out, tokenizer, extra={**keep, "compression_info": _clean(info)}, answers=answers)
     elif method == "static-int8":
+        from ..models.quantized_static import calibration_images as sample
+        from ..models.quantized_static import quantize_static
         from .quantize import save_quantized
-        from .static import calibration_images as sample
-        from .static import quantize_static
 
         calib = sample(data, model.cfg.vision, calibration_images, cache_dir, data_options, seed)
         q = quantize_static(model, calib, keep_fp32=tuple(keep_fp32))

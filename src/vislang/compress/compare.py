@@ -31,8 +31,8 @@ from ..evaluation.embed import embed_images, to_model_input
 
 def _load(path: Path):
     """(model, tokenizer, kind, config meta) of a model directory or an ONNX export."""
-    from ..export.onnx import OnnxCLIP, is_onnx_dir
     from ..factory import get_tokenizer
+    from ..models.onnx_runtime import OnnxCLIP, is_onnx_dir
     from .quantize import load_model, read_meta
 
     if is_onnx_dir(path):

@@ -24,8 +24,8 @@ from ..models.gan.networks import GANModelConfig, build_generator
 def load_generator(path: Path):
     """(TextToImage, kind) of a GAN model directory or of its ONNX export (whose generator is then onnxruntime's)."""
     from ..config import from_dict
-    from ..export.onnx import OnnxCLIP, OnnxGenerator, is_onnx_generator
     from ..models.gan.pipeline import TextToImage
+    from ..models.onnx_runtime import OnnxCLIP, OnnxGenerator, is_onnx_generator
 
     if is_onnx_generator(path):  # the export's own ONNX text tower embeds the prompts: no torch weights needed
         from ..factory import get_tokenizer
@@ -124,8 +124,8 @@ def compare_generators(
 
 def is_generator_path(path: str | Path) -> bool:
     """A GAN model or run directory, or an ONNX export of one."""
-    from ..export.onnx import is_onnx_generator
     from ..models.gan.pipeline import is_gan_dir
+    from ..models.onnx_runtime import is_onnx_generator
 
     p = Path(path)
     return is_gan_dir(p) or is_onnx_generator(p)

@@ -193,7 +193,8 @@ def load_embedder(model_dir: str | os.PathLike, device: str = "cpu"):
     index building, search and the HTTP service take an export wherever they take a model."""
     import torch
 
-    from ..export import is_onnx_dir, load_embedding_model
+    from ..factory import load_embedding_model
+    from ..models.onnx_runtime import is_onnx_dir
 
     onnx = is_onnx_dir(model_dir)
     if onnx and torch.device(device).type != "cpu":

@@ -135,8 +135,7 @@ class ImageClassifier(nn.Module):
         """Write ``config.json`` (model_type, config, class names) and ``model.safetensors``; atomic, like
         ``factory.save_pretrained``: a temporary folder renamed into place, so a crash never leaves half a model."""
         from ..config import to_dict
-        from ..factory import __version__
-        from ..model_dir import atomic_dir, write_weights
+        from ..model_dir import __version__, atomic_dir, write_weights
 
         cfg = self.cfg
         if cfg.vision.pretrained:  # the weights now live in model.safetensors

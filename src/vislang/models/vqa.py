@@ -91,11 +91,11 @@ def num_parameters(model: nn.Module) -> int:
 def save_vqa(model: VQAModel, directory: str | os.PathLike, tokenizer, answers: list[str], extra: dict | None = None):
     """Write the model directory atomically (temp folder, then rename)."""
     from ..config import to_dict
-    from ..model_dir import atomic_dir, write_weights
+    from ..model_dir import __version__, atomic_dir, write_weights
 
     if len(answers) != model.cfg.num_answers:
         raise ValueError(f"{len(answers)} answers for a head of {model.cfg.num_answers} classes")
-    meta = {"model_type": MODEL_TYPE, "model": to_dict(model.cfg), **(extra or {})}
+    meta = {"model_type": MODEL_TYPE, "vislang_version": __version__, "model": to_dict(model.cfg), **(extra or {})}
     with atomic_dir(directory) as tmp:
         write_weights(tmp, meta, model)
         tokenizer.save(tmp)
@@ -141,6 +141,15 @@ def load_vqa(directory: str | os.PathLike, device: str | torch.device = "cpu"):
     if meta.get("model_type") != MODEL_TYPE:
         raise ValueError(f"{d} holds a {meta.get('model_type')!r} model, not a VQA model ({MODEL_TYPE!r})")
     model = VQAModel(from_dict(VQAConfig, meta["model"], "model"))
-    model.load_state_dict(load_file(str(d / "model.safetensors")))
+    state = load_file(str(d / "model.safetensors"))
+    comp = meta.get("compression") or {}
+    if comp.get("method", "").endswith("int8"):  # `vislang compress`: the int8 modules are rebuilt, then filled
+        from .quantized import load_int8_state
+
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"int8 models run on the CPU only; load {d} with device='cpu'")
+        model = load_int8_state(model, state, comp, str(d))
+    else:
+        model.load_state_dict(state)
     answers = json.loads((d / ANSWERS_FILE).read_text())
     return model.to(device).eval(), load_tokenizer(d), answers

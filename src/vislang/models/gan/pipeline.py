@@ -161,8 +161,8 @@ class TextToImage(nn.Module):
         """Atomic, like ``factory.save_pretrained``: written to a temporary folder that is renamed into place.
         ``state``: the weights to store instead of the generator's state dict (an int8 generator's, see
         :mod:`vislang.compress.generator`)."""
-        from ...factory import __version__, save_pretrained
-        from ...model_dir import atomic_dir, write_weights
+        from ...model_dir import __version__, atomic_dir, write_weights
+        from ..dual_encoder import save_pretrained
 
         meta = {
             "model_type": MODEL_TYPE,
@@ -180,8 +180,9 @@ class TextToImage(nn.Module):
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> TextToImage:
         from safetensors.torch import load_file
 
-        from ...factory import from_pretrained, get_tokenizer
         from ...model_dir import run_or_model_dir
+        from ...tokenizers import load_tokenizer
+        from ..dual_encoder import load_pretrained
 
         d = run_or_model_dir(directory)  # a run directory: its model/ subfolder
         cfg_file = d / "config.json"
@@ -198,7 +199,7 @@ class TextToImage(nn.Module):
         state = load_file(str(d / "model.safetensors"))
         comp = meta.get("compression") or {}
         if comp.get("method", "").endswith("int8"):  # `vislang compress`: the int8 modules are rebuilt, then filled
-            from ...compress.generator import load_quantized_generator
+            from .quantized import load_quantized_generator
 
             if torch.device(device).type != "cpu":
                 raise ValueError(f"{d} is an int8 generator, which runs on the CPU only; load it with device='cpu'")
@@ -206,8 +207,8 @@ class TextToImage(nn.Module):
         else:
             generator = build_generator(cfg)
             generator.load_state_dict(state)
-        encoder = from_pretrained(d / "text_encoder", device)
-        tokenizer = get_tokenizer(d / "text_encoder")
+        encoder = load_pretrained(d / "text_encoder", device)
+        tokenizer = load_tokenizer(d / "text_encoder")
         keep = {k: v for k, v in meta.items() if k not in ("model_type", "vislang_version")}
         return cls(cfg, generator.to(device), encoder, tokenizer, keep).eval()
 

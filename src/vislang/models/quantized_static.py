@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.towers import CompactCNN
+from .towers import CompactCNN
 
 ENGINE = "x86"  # torch's default quantised engine on x86 CPUs (fbgemm kernels, onednn where it is faster)
 Q_SUFFIXES = ("__q_scale", "__q_zero_point", "__q_axis")
@@ -84,7 +84,7 @@ def quantize_cnn(
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-    from .quantize import _quiet
+    from .quantized import _quiet
 
     if calibration.ndim != 4 or calibration.shape[0] == 0:
         shape = tuple(calibration.shape)
@@ -139,7 +139,7 @@ def quantize_static(
     ``calibration`` = normalised training images; ``None`` builds the structure only (one dummy image), for loading
     stored int8 values into. The result carries ``_compression`` (what :func:`save_quantized` records).
     """
-    from .quantize import linear_names, quantize_dynamic
+    from .quantized import linear_names, quantize_dynamic
 
     notes: list[str] = []
     static = isinstance(getattr(model, "visual", None), CompactCNN)

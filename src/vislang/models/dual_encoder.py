@@ -1,0 +1,97 @@
+"""The dual-encoder family: CLIP, CoCa (a CLIP with a caption decoder) and ALBEF-style ITM (a CLIP with a match
+head). One config class (``ModelConfig``) describes all three; this module builds, saves and loads them.
+
+Why a module of its own: the family has three classes in three files (``clip``, ``captioner``, ``itm``) and the one
+function that picks among them must import all three; the registry (``vislang.registry``) points here for the
+``vislang-clip`` and ``vislang-itm`` model types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..config import from_dict, to_dict
+from ..model_dir import __version__, atomic_dir, write_weights
+from .captioner import CoCa
+from .clip import CLIP, ModelConfig
+from .itm import ITMModel
+
+MODEL_TYPE = "vislang-clip"  # dual encoders and captioners
+ITM_MODEL_TYPE = "vislang-itm"  # a dual encoder with an image-text matching head, loaded like one
+
+
+def build_model(cfg: ModelConfig) -> CLIP:
+    """The model a config describes: the dual encoder, CoCa with a caption decoder, ITM with a match head."""
+    if cfg.itm is not None:
+        if cfg.decoder is not None:
+            raise ValueError("a model has a caption decoder (model.decoder) or an ITM head (model.itm), not both")
+        return ITMModel(cfg)
+    if cfg.decoder is not None:
+        return CoCa(cfg)
+    return CLIP(cfg)
+
+
+def model_type_of(cfg: ModelConfig) -> str:
+    return ITM_MODEL_TYPE if cfg.itm is not None else MODEL_TYPE
+
+
+def save_pretrained(model: CLIP, directory: str | os.PathLike, tokenizer=None, extra: dict | None = None) -> Path:
+    """Write ``config.json``, ``model.safetensors`` and tokenizer files; atomic (temp dir, then rename)."""
+    with atomic_dir(directory) as tmp:
+        cfg = model.cfg
+        if cfg.text.arch == "hf":
+            text_dir = tmp / "text_encoder"
+            model.text.model.config.save_pretrained(str(text_dir))
+            cfg = dataclasses.replace(
+                cfg, text=dataclasses.replace(cfg.text, hf_path="text_encoder", hf_load_weights=False)
+            )
+        if cfg.vision.pretrained:  # the weights now live in model.safetensors
+            cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, pretrained=None))
+        meta = {"model_type": model_type_of(cfg), "vislang_version": __version__, "model": to_dict(cfg)}
+        meta.update(extra or {})
+        write_weights(tmp, meta, model)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return Path(directory)
+
+
+def config_from_meta(meta: dict, directory: Path) -> ModelConfig:
+    """The saved ``ModelConfig``, with a saved Hugging Face text encoder's path made absolute."""
+    cfg = from_dict(ModelConfig, meta["model"], "model")
+    if cfg.text.arch == "hf" and cfg.text.hf_path and not Path(cfg.text.hf_path).is_absolute():
+        cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, hf_path=str(directory / cfg.text.hf_path)))
+    return cfg
+
+
+def load_weights(model: torch.nn.Module, file: Path) -> None:
+    from safetensors.torch import load_file
+
+    state = load_file(str(file))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RuntimeError(
+            f"{file} does not match the model config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
+
+
+def load_pretrained(directory: str | os.PathLike, device: str | torch.device = "cpu") -> CLIP:
+    """A ``vislang-clip`` / ``vislang-itm`` directory as its model (fp32 or int8), in eval mode."""
+    from safetensors.torch import load_file
+
+    from .quantized import load_int8_state
+
+    d = Path(directory)
+    meta = json.loads((d / "config.json").read_text())
+    model = build_model(config_from_meta(meta, d))
+    comp = meta.get("compression") or {}
+    if comp.get("method", "").endswith("int8"):  # the quantised modules are rebuilt, then filled
+        if torch.device(device).type != "cpu":
+            raise ValueError(f"int8 models run on the CPU only; load {d} with device='cpu'")
+        return load_int8_state(model, load_file(str(d / "model.safetensors")), comp, str(d))
+    load_weights(model, d / "model.safetensors")
+    return model.to(device).eval()
