@@ -221,11 +221,13 @@ def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_models(args: argparse.Namespace, extra: list[str]) -> int:
-    from .factory import get_model_config, list_models
+    from .registry import FAMILIES, named_config, named_configs
 
-    for name in list_models():
-        c = get_model_config(name)
-        print(f"{name:24s} image: {c.vision.arch} {c.vision.image_size}px x{c.vision.channels}  text: {c.text.arch}")
+    for name, kind in named_configs().items():
+        c = named_config(name, kind)
+        v, t = c.get("vision", {}), c.get("text", {})
+        print(f"{name:24s} {FAMILIES[kind].name:26s} image: {v.get('arch')} {v.get('image_size')}px "
+              f"x{v.get('channels')}  text: {t.get('arch')}")  # fmt: skip
     return 0
 
 

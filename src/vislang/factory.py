@@ -19,16 +19,16 @@ from .model_dir import __version__
 from .models.clip import CLIP, ModelConfig
 from .models.dual_encoder import ITM_MODEL_TYPE, MODEL_TYPE, build_model, load_weights, save_pretrained
 from .pretrained import OfflineError, _looks_like_hub_id
-from .registry import load
+from .registry import load, named_config, named_configs
 from .tokenizers import HFTokenizer, Tokenizer, load_tokenizer
 
-CONFIG_DIR = Path(__file__).parent / "model_configs"
 __all__ = ["ITM_MODEL_TYPE", "MODEL_TYPE", "__version__", "build_model", "from_pretrained", "load", "save_pretrained"]
 
 
-def list_models() -> list[str]:
-    """Names of the built-in model configs."""
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+def list_models(model_type: str | None = MODEL_TYPE) -> list[str]:
+    """Names of the built-in model configs (``model_configs/``) of one family, the dual encoders by default (what
+    ``create_model`` builds); ``model_type=None`` lists every family's."""
+    return sorted(named_configs(model_type))
 
 
 def is_model_dir(path: str | os.PathLike) -> bool:
@@ -43,12 +43,14 @@ def get_model_config(name_or_path: str | os.PathLike, overrides: dict[str, Any] 
     spec = str(name_or_path)
     p = Path(spec)
     if spec in list_models():
-        data = json.loads((CONFIG_DIR / f"{spec}.json").read_text())
+        data = named_config(spec, MODEL_TYPE)
     elif p.is_dir() and (p / "config.json").is_file():
         data = json.loads((p / "config.json").read_text())["model"]
     elif p.is_file():
         data = json.loads(p.read_text())
         data = data.get("model", data)
+        if data.pop("model_type", MODEL_TYPE) != MODEL_TYPE:
+            raise ConfigError(f"{p} is not a dual-encoder config (its model_type is not {MODEL_TYPE!r})")
     elif _looks_like_hub_id(spec):
         raise OfflineError(
             f"{spec!r} looks like a hub id; vislang works offline: pass a built-in name ({', '.join(list_models())}), "

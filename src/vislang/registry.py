@@ -60,6 +60,36 @@ FAMILIES: dict[str, Family] = {
 }  # fmt: skip
 
 
+CONFIG_DIR = Path(__file__).parent / "model_configs"  # every named architecture of every family, one JSON each
+
+
+def named_configs(model_type: str | None = None) -> dict[str, str]:
+    """Built-in config names → their ``model_type`` (each JSON in ``model_configs/`` names it), optionally of one
+    family only."""
+    out = {}
+    for f in sorted(CONFIG_DIR.glob("*.json")):
+        kind = json.loads(f.read_text()).get("model_type")
+        if kind not in FAMILIES:
+            raise ValueError(f"{f} names model_type {kind!r}; every built-in config names one of {sorted(FAMILIES)}")
+        if model_type is None or kind == model_type:
+            out[f.stem] = kind
+    return out
+
+
+def named_config(name: str, model_type: str) -> dict[str, Any]:
+    """The ``model`` section of built-in config ``name`` (without its ``model_type``), which must be of
+    ``model_type``'s family."""
+    file = CONFIG_DIR / f"{name}.json"
+    data = json.loads(file.read_text())
+    kind = data.pop("model_type", None)
+    if kind != model_type:
+        raise ValueError(
+            f"built-in config {name!r} is a {FAMILIES[kind].name if kind in FAMILIES else kind} config "
+            f"({kind}), not a {FAMILIES[model_type].name} one; choose one of {sorted(named_configs(model_type))}"
+        )
+    return data
+
+
 def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
     """``config.json`` of a model directory, or an error that says what a model directory is and how to make one."""
     d = Path(directory)

@@ -28,19 +28,19 @@ from ..data.vqa import VQASet, answer_targets, answer_vocab, read_vqa_file, shap
 from ..evaluation.vqa_metrics import vqa_accuracy
 from ..models.fusion import FUSIONS
 from ..models.towers import VisionConfig
+from ..models.vqa import MODEL_TYPE as VQA_TYPE
 from ..models.vqa import VQAConfig, VQAModel, load_vqa, num_parameters, save_vqa
 from ..tokenizers import Tokenizer
 from ..train.config import OptimConfig
 from ..train.optim import build_optimizer, lr_at, set_lr
 
-CONFIG_DIR = Path(__file__).parent / "model_configs"
 EVAL_DIR = "eval"  # OUT/eval: the per-type accuracy table of every evaluated split
 RunConfig = TypeVar("RunConfig")
 
 
 @dataclass(frozen=True)
 class VQATrainConfig:
-    model: str = "shapes-vqa"  # a VQA config name (understand/model_configs) or a JSON path
+    model: str = "shapes-vqa"  # a VQA config name (model_configs/, model_type vislang-vqa) or a JSON path
     overrides: tuple[str, ...] = ()  # dotted model overrides: "fusion.kind=gated"
     data: str = "shapes"  # "shapes" or a JSONL/CSV file of image, question, answer
     test_data: str | None = None  # file for evaluation (shapes: the test split)
@@ -81,13 +81,16 @@ def load_run_config(
 
 
 def load_vqa_config(name_or_path: str, overrides: tuple[str, ...] | list[str] = ()) -> VQAConfig:
+    from ..registry import named_config, named_configs
+
     p = Path(name_or_path)
-    if (CONFIG_DIR / f"{name_or_path}.json").is_file():
-        data = json.loads((CONFIG_DIR / f"{name_or_path}.json").read_text())
+    if name_or_path in named_configs(VQA_TYPE):
+        data = named_config(name_or_path, VQA_TYPE)
     elif p.is_file():
         data = json.loads(p.read_text())
+        data.pop("model_type", None)
     else:
-        names = sorted(x.stem for x in CONFIG_DIR.glob("*.json"))
+        names = sorted(named_configs(VQA_TYPE))
         raise ValueError(f"unknown VQA model config {name_or_path!r}; use one of {names} or a JSON file")
     if overrides:
         data = apply_overrides(data, list(overrides))
