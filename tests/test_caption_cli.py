@@ -6,7 +6,7 @@ import pytest
 
 import vislang
 from _tiny import TINY as BASE
-from vislang.cli import main
+from vislang.cli.main import main
 from vislang.models.captioner import CoCa
 
 TINY = [

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from _tiny import TINY as BASE
-from vislang.cli import main
+from vislang.cli.main import main
 from vislang.data import ShapesDataset
 from vislang.train import load_train_config, train
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from test_compress_tiny import SHAPES, tiny_model_dir
-from vislang.cli import main
+from vislang.cli.main import main
 from vislang.compress import compress_model_dir, load_model, sparsity_of
 from vislang.compress.prune import prune_model
 from vislang.export.onnx import example_inputs

@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vislang.cli import main
+from vislang.cli.main import main
 from vislang.data.shapes import Scene, SceneObject, render
 from vislang.factory import save_pretrained
 from vislang.models import CLIP, ModelConfig, TextConfig, VisionConfig

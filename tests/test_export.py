@@ -14,7 +14,7 @@ pytest.importorskip(
 pytest.importorskip("onnxscript", reason="torch.onnx.export (dynamo) needs onnxscript: pip install onnxscript")
 
 from test_compress_tiny import tiny_model_dir  # noqa: E402
-from vislang.cli import main  # noqa: E402
+from vislang.cli.main import main  # noqa: E402
 from vislang.evaluation.embed import embed_images, embed_texts  # noqa: E402
 from vislang.export import OnnxCLIP, export_onnx, is_onnx_dir, load_embedding_model  # noqa: E402
 from vislang.export.onnx import example_inputs  # noqa: E402
@@ -84,7 +84,7 @@ def test_int8_model_cannot_be_exported(exported, tmp_path):
 
 
 def test_cli_embed_with_onnx_backend(exported, tmp_path):
-    from vislang.cli import main
+    from vislang.cli.main import main
 
     model_dir, onnx_dir, _ = exported
     assert (
@@ -173,7 +173,7 @@ def test_gan_generator_exports_with_its_text_tower(tmp_path, capsys, mixture, no
 def test_onnx_sessions_do_not_spin_between_calls():
     """Spinning idle threads took half the CPU from the torch code that ran next (2x slower), which skewed
     interleaved speed comparisons; every session vislang makes lets its threads sleep."""
-    from vislang.export.onnx import session_options
+    from vislang.models.onnx_runtime import session_options
 
     opts = session_options(2)
     assert opts.intra_op_num_threads == 2

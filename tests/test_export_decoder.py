@@ -81,7 +81,7 @@ def test_non_clip_model_types_are_refused(tmp_path):
 @pytest.mark.slow
 def test_export_onnx_adds_the_decoder_for_a_captioner(tmp_path, capsys):
     from test_compress_tiny import tiny_captioner_dir
-    from vislang.cli import main
+    from vislang.cli.main import main
 
     model_dir = tiny_captioner_dir(tmp_path)
     assert main(["export", str(model_dir), "--onnx", str(tmp_path / "onnx")]) == 0

@@ -2,7 +2,7 @@
 
 from PIL import Image
 
-from vislang.cli import main
+from vislang.cli.main import main
 from vislang.data.readers import open_dataset
 
 

@@ -161,7 +161,7 @@ def test_single_class_and_bad_fraction(setup, tmp_path):
 
 
 def test_cli_reports_errors_without_traceback(setup, capsys):
-    from vislang.cli import main
+    from vislang.cli.main import main
 
     tmp_path, cfg = setup
     code = main(["finetune", "--model", cfg.model, "--data", cfg.data, "--method", "nope", "--out", cfg.out_dir])

@@ -117,7 +117,7 @@ def test_export_and_compression_refuse_an_ensemble_naming_the_members_way(member
 
 
 def test_cli_pools_members_and_generate_reads_the_result(members, tmp_path, capsys):
-    from vislang.cli import main
+    from vislang.cli.main import main
 
     _, _, dirs, _ = members
     out = tmp_path / "ens"

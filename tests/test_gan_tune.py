@@ -78,7 +78,7 @@ def test_tune_writes_a_copy_that_samples_with_the_best_scale(tmp_path):
 
 
 def test_cli_generate_tune(tmp_path, capsys):
-    from vislang.cli import main
+    from vislang.cli.main import main
 
     text = fm_text_model_dir(tmp_path / "text")
     _save_member(tmp_path / "g", text, 2)

@@ -597,7 +597,7 @@ def test_group_by_label_orders_each_batch_by_class(text_model_dir, tmp_path, mon
 def test_cli_train_generate_and_eval(text_model_dir, tmp_path, monkeypatch):
     from PIL import Image
 
-    from vislang.cli import main
+    from vislang.cli.main import main
 
     run = tmp_path / "run"
     args = [f"--{o}" for o in _cfg_overrides(text_model_dir, run)]
@@ -697,7 +697,7 @@ def test_missing_text_model_is_a_clear_error(tmp_path):
 
 
 def test_packaged_gan_configs_load():
-    from vislang.cli import PACKAGED_CONFIGS
+    from vislang.cli.main import PACKAGED_CONFIGS
     from vislang.train.config import load_train_config
 
     for name in ("gan", "gan-mlp", "gan-shapes", "gan-shapes-relations", "gan-gpu", "gan-projected"):

@@ -320,7 +320,7 @@ def test_remove_by_id_file_and_folder(world, tmp_path):
 
 
 def test_cli_index_build_add_info_search_remove(world, tmp_path, capsys):
-    from vislang.cli import main
+    from vislang.cli.main import main
 
     ix = str(tmp_path / "ix")
     first, rest = tmp_path / "first", world["root"] / "images"
@@ -345,7 +345,7 @@ def test_cli_index_build_add_info_search_remove(world, tmp_path, capsys):
 
 
 def test_cli_build_with_ivf_options_prints_throughput(world, tmp_path, capsys):
-    from vislang.cli import main
+    from vislang.cli.main import main
 
     ix = str(tmp_path / "ix")
     argv = ["index", "build", str(world["root"] / "images"), "--model", str(world["model"]), "--index", ix]
@@ -360,7 +360,7 @@ def test_cli_build_with_ivf_options_prints_throughput(world, tmp_path, capsys):
 
 
 def test_cli_errors(world, tmp_path, capsys):
-    from vislang.cli import main
+    from vislang.cli.main import main
 
     assert main(["index", "add", str(world["root"] / "images"), "--index", str(tmp_path / "none")]) == 2
     assert "vislang index build" in capsys.readouterr().err

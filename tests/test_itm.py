@@ -9,7 +9,7 @@ import torch
 
 import vislang
 from _tiny import TINY as BASE
-from vislang.cli import main
+from vislang.cli.main import main
 from vislang.evaluation import embed_images, embed_texts
 from vislang.evaluation.rerank import recall_from_ranking, rerank, rerank_eval
 from vislang.evaluation.retrieval import dedupe_captions, relevance_pairs, retrieval_metrics

@@ -76,7 +76,7 @@ def test_random_fraction_mixes_letter_strings_into_training_only():
 
 
 def test_render_text_cli_refuses_a_bad_fraction(tmp_path, capsys):
-    from vislang.cli import main
+    from vislang.cli.main import main
 
     assert main(["render-text", str(tmp_path / "x"), "--n", "2", "--random-fraction", "1.5"]) == 2
     assert "--random-fraction must be in [0, 1)" in capsys.readouterr().err

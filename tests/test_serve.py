@@ -316,8 +316,8 @@ def test_api_key_required_everywhere_but_healthz(keyed, world):
 
 
 def test_serve_command_defaults_to_loopback(monkeypatch):
-    from vislang.cli import build_parser
-    from vislang.serve.commands import is_loopback
+    from vislang.cli.main import build_parser
+    from vislang.cli.serve import is_loopback
 
     args = build_parser().parse_args(["serve", "--index", "ix"])
     assert args.host == "127.0.0.1" and args.port == 8000 and args.api_key is None

@@ -79,7 +79,7 @@ def test_healthz_announces_generate(client):
 
 
 def test_grid_png_is_the_generate_command_grid(client, world, tmp_path):
-    from vislang.generate.commands import generate_to_file
+    from vislang.cli.generate import generate_to_file
 
     r = client.post("/v1/generate", json={"prompt": PROMPT, "n": 5, "seed": 3})
     assert r.status_code == 200, r.text
@@ -184,7 +184,7 @@ def test_from_pretrained_loads_a_gan_folder(world):
 
 
 def test_serve_command_takes_the_generate_option():
-    from vislang.cli import build_parser
+    from vislang.cli.main import build_parser
 
     args = build_parser().parse_args(["serve", "--index", "ix", "--generate-model", "runs/gan-fm"])
     assert args.generate_model == "runs/gan-fm"

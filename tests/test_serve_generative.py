@@ -80,7 +80,7 @@ def test_healthz_announces_caption_and_vqa(client):
 
 
 def test_caption_matches_the_caption_command(client, world):
-    from vislang.caption.commands import caption_files
+    from vislang.evaluation.caption import caption_files
 
     p = world["images"][1]
     want_greedy = caption_files(world["captioner"], [p], max_length=12)[0][1]
@@ -144,7 +144,7 @@ def test_a_dual_encoder_is_refused_as_caption_model(world):
 
 
 def test_serve_command_takes_the_model_options():
-    from vislang.cli import build_parser
+    from vislang.cli.main import build_parser
 
     args = build_parser().parse_args(["serve", "--index", "ix", "--caption-model", "c", "--vqa-model", "v"])
     assert args.caption_model == "c" and args.vqa_model == "v"

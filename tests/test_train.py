@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 import vislang
 from _tiny import TINY as BASE
-from vislang.cli import main
+from vislang.cli.main import main
 from vislang.train import load_train_config, train
 from vislang.train import loop as loop_mod
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vislang.cli import main
+from vislang.cli.main import main
 from vislang.data.vqa import answer_targets, answer_vocab, read_vqa_file, shapes_vqa
 from vislang.evaluation.vqa_metrics import vqa_accuracy, vqa_score
 from vislang.models.vqa import load_vqa

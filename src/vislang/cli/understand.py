@@ -7,7 +7,7 @@ import json
 
 
 def cmd_vqa(args: argparse.Namespace, extra: list[str]) -> int:
-    from .vqa_train import answer_probability, predict_answer
+    from ..understand.vqa_train import answer_probability, predict_answer
 
     if args.answer:
         ranked = [(args.answer, answer_probability(args.model, args.image, args.question, args.answer))]
@@ -22,7 +22,7 @@ def cmd_vqa(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_ablate_fusion(args: argparse.Namespace, extra: list[str]) -> int:
-    from .ablate import ablate_fusion
+    from ..understand.ablate import ablate_fusion
 
     md = ablate_fusion(
         args.out,
@@ -39,7 +39,7 @@ def cmd_ablate_fusion(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_explain(args: argparse.Namespace, extra: list[str]) -> int:
-    from .explain import explain
+    from ..understand.explain import explain
 
     out = explain(args.model, args.image, args.text, args.out)
     print(f"wrote {out}")

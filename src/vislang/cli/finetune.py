@@ -20,7 +20,7 @@ then tower + head end to end (tower at --tower-lr-scale of --lr); scratch: the s
 
 
 def cmd_finetune(args: argparse.Namespace, extra: list[str]) -> int:
-    from .run import FinetuneConfig, comparison_table, finetune
+    from ..finetune.run import FinetuneConfig, comparison_table, finetune
 
     cfg = FinetuneConfig(
         model=args.model,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from .api import METHODS
+from ..compress.api import METHODS
 
 
 def cmd_compress(args: argparse.Namespace, extra: list[str]) -> int:
-    from .api import compress_model_dir
+    from ..compress.api import compress_model_dir
 
     info = compress_model_dir(
         args.model_dir,
@@ -69,7 +69,7 @@ def _int_list(text: str) -> list[int]:
 def cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
     from pathlib import Path
 
-    from .compare import compare_models, markdown_table
+    from ..compress.compare import compare_models, markdown_table
 
     out = args.out or str(Path(args.models[0]).parent / "compare")
     rows = compare_models(

@@ -6,7 +6,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .cli import PACKAGED_CONFIGS
+from .main import PACKAGED_CONFIGS
 
 
 def export_sample_images(folder: Path, n: int = 500) -> Path:
@@ -14,7 +14,7 @@ def export_sample_images(folder: Path, n: int = 500) -> Path:
     in the README (`vislang index build runs/demo/images ...`) have a folder of real images to work on."""
     from PIL import Image
 
-    from .data import FashionMNIST
+    from ..data import FashionMNIST
 
     ds = FashionMNIST("test")
     folder.mkdir(parents=True, exist_ok=True)
@@ -27,10 +27,10 @@ def export_sample_images(folder: Path, n: int = 500) -> Path:
 
 
 def run_demo(out: str = "runs/demo", overrides: list[str] | None = None, fresh: bool = False) -> int:
-    from .evaluation.report import write_report
-    from .evaluation.run import evaluate_model_dir
-    from .factory import is_model_dir
-    from .train import load_train_config, train
+    from ..evaluation.report import write_report
+    from ..evaluation.run import evaluate_model_dir
+    from ..factory import is_model_dir
+    from ..train import load_train_config, train
 
     run = Path(out)
     if fresh and run.exists():
