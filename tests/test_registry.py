@@ -64,7 +64,7 @@ def tiny_text() -> TextConfig:
 
 
 def tiny_dual_encoder(**changes) -> ModelConfig:
-    return ModelConfig(embed_dim=16, vision=tiny_vision(), text=tiny_text(), **changes)
+    return ModelConfig(**{"embed_dim": 16, "vision": tiny_vision(), "text": tiny_text(), **changes})
 
 
 def _rand(*shape: int, seed: int) -> torch.Tensor:
@@ -85,7 +85,7 @@ def perturb(model: nn.Module, seed: int = 1) -> None:
                 p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
-# --- the recipes: a tiny config, fixed inputs, a forward and a loss, the family's own writer ---------------------------
+# --- the recipes: a tiny config, fixed inputs, a forward and a loss, the family's own writer ------------------------
 @dataclass(frozen=True)
 class Recipe:
     config: Callable[[], Any]  # a tiny config of the family's config class

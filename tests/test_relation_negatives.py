@@ -9,8 +9,8 @@ from _tiny import TINY
 from vislang.data.shapes import flip_relation
 from vislang.factory import build_model, build_tokenizer, get_model_config
 from vislang.train import load_train_config, train
-from vislang.train.loop import relation_negative_tokens
 from vislang.train.tasks import ContrastiveTask, relation_negative_loss
+from vislang.train.tasks.contrastive import relation_negative_tokens
 
 
 def test_flip_relation_turns_the_first_relation_round():

@@ -11,6 +11,7 @@ from _tiny import TINY as BASE
 from vislang.cli.main import main
 from vislang.train import load_train_config, train
 from vislang.train import loop as loop_mod
+from vislang.train.tasks.contrastive import DualEncoderTask
 
 TINY = [
     *BASE,
@@ -119,20 +120,15 @@ def test_time_budget_refits_when_steps_slow_down(tmp_path, monkeypatch):
         def time() -> float:
             return clock["t"]
 
-    real_build = loop_mod.build_task
+    real_step = DualEncoderTask.training_step
 
-    def slow_later(*a, **kw):
-        task = real_build(*a, **kw)
-
-        def run(batch):
-            clock["n"] += 1
-            clock["t"] += 0.01 if clock["n"] <= 40 else 1.0  # fast steps at the first fit, then 100x slower
-            return task(batch)
-
-        return run
+    def slow_later(self, batch, step):
+        clock["n"] += 1
+        clock["t"] += 0.01 if clock["n"] <= 40 else 1.0  # fast steps at the first fit, then 100x slower
+        return real_step(self, batch, step)
 
     monkeypatch.setattr(loop_mod, "time", VirtualTime)
-    monkeypatch.setattr(loop_mod, "build_task", slow_later)
+    monkeypatch.setattr(DualEncoderTask, "training_step", slow_later)
     cfg = _cfg(tmp_path, "budget", "epochs=40", "time_budget_min=1", "save_every=1000", "log_every=1000")
     train(cfg)  # 96 pairs / 16 = 6 steps per epoch: 240 steps unless the budget cuts them
     rec = [json.loads(x) for x in (tmp_path / "budget" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]

@@ -66,7 +66,7 @@ class TrainConfig:
     pretrained: str | None = None  # start from this model directory's weights
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    task: str = "contrastive"  # what the run trains: a key of vislang.train.tasks.TASKS (or "gan", its own loop)
+    task: str = "contrastive"  # what the run trains: a key of vislang.train.tasks.TASKS
     loss: str = "clip"  # "clip" (softmax InfoNCE) or "siglip" (sigmoid)
     relation_negatives: float = 0.0  # weight of "caption vs its relation flipped" (left↔right, above↔below); 0 = off
     local_loss: bool = False  # DDP: local-vs-global logits instead of global-vs-global (less memory)
@@ -93,8 +93,16 @@ class TrainConfig:
 def load_train_config(
     path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None
 ) -> TrainConfig:
-    """Read a YAML/JSON run config (or the defaults) and apply ``key.sub=value`` overrides."""
+    """Read a YAML/JSON run config (or the defaults) and apply ``key.sub=value`` overrides.
+
+    The run's task (``task:``) may bring defaults of its own (``train.tasks.DEFAULTS``: a VQA run's learning rate and
+    output folder); the file and the overrides apply on top of them."""
+    from .tasks import DEFAULTS
+
     data = load_file(path) if path else {}
     if overrides:
         data = apply_overrides(data, overrides)
+    base = DEFAULTS.get(data.get("task", TrainConfig.task), {})
+    if base:
+        data = apply_overrides(base, data)
     return from_dict(TrainConfig, data)

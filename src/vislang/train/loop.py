@@ -1,35 +1,85 @@
-"""The training loop: generic over tasks, resumable exactly, the same on CPU, CUDA and torchrun.
+"""The one training loop: every task (dual encoders, captioners, VQA, GANs, fine-tuning, compression) runs in it.
 
-Run layout (``cfg.out_dir``)::
+Why one loop: resume, torchrun/DDP, mixed precision, time budgets, progress, metrics and atomic checkpoints are
+written once, here, and every task gets them without code of its own. The loop is task-agnostic: it imports no
+task and no model family; ``train.tasks`` holds the tasks (``TASKS``: name → task class).
+
+Run layout (``cfg.out_dir``; an empty ``out_dir`` runs in memory, writing nothing, for callers inside a larger job)::
 
     config.yaml         the resolved run config        metrics.jsonl   one JSON line per log / eval
-    tokenizer/          the run's tokenizer            checkpoints/    last.pt (atomic), written every save_every steps
-    model/              the final model directory (save_pretrained): all that embed / eval / serve need
+    checkpoints/        last.pt (atomic), written every save_every steps, at each epoch end and at the end
+    model/ ...          whatever the task's ``finish`` saves (a model directory, eval files, samples)
+
+The task protocol
+-----------------
+A task is an object (subclass ``Task`` for the defaults) that owns its data, its model(s), its forward and loss,
+and its evaluation. The loop calls, in this order:
+
+``setup(run)``
+    Build data, model(s) and optimizers. ``run`` (a ``Run``) gives ``cfg`` (the ``TrainConfig``), ``device``,
+    ``rank``, ``world``, ``main``, ``out_dir`` (None in memory) and ``resume``. Wrap a module that trains under
+    DDP with ``run.ddp(module)`` (the identity on one process) and keep the wrapped one for the forward.
+    Put modules in train mode here. The loop has already seeded torch with ``cfg.seed + rank`` (unless the task
+    sets ``seeds_globally = False``: a task run inside a larger job keeps that job's random stream).
+``modules()`` → ``{name: nn.Module}``
+    Everything checkpointed (core modules, not DDP wrappers); each is a top-level key of ``last.pt``.
+``optimizers()`` → ``{name: Optimizer}``
+    Checkpointed too; in automatic mode the loop steps them all (param groups may carry a ``"scale"``: the
+    group's learning rate is the schedule's times it).
+``epoch_length(epoch)`` → micro-batches in ``epoch``; ``batches(epoch, start)`` → iterable of those batches from
+    position ``start`` (so a resumed run continues mid-epoch). ``accum_steps`` micro-batches make one step.
+``learning_rates(step, total)`` → a float for every optimizer, or ``{optimizer name: lr}``
+    The schedule; the default is ``cfg.optim``'s warmup + cosine (``optim.lr_at``). Applied before each step.
+``training_step(batch, step)``
+    Automatic optimisation (``automatic_optimization = True``): return the loss tensor, or ``(loss, {metric:
+    float})``; the loop does backward (scaled under fp16, ``no_sync`` while accumulating), unscale, clipping at
+    ``cfg.optim.grad_clip`` over ``clip_parameters()``, the optimizer steps and ``zero_grad``. Manual
+    (``automatic_optimization = False``, e.g. a GAN's two optimizers): step each optimizer yourself with
+    ``run.step(optimizer, loss)`` (zero_grad, scaled backward, unscale, optional clip, step) and return
+    ``{metric: float}``. Under both, the call runs inside the loop's autocast. Metrics are averaged over the
+    steps of a log window that had them.
+``evaluate(step)`` → ``{metric: float}`` or None
+    Called every ``eval_every`` steps (0: at each epoch end) and at the end; the record goes to metrics.jsonl.
+``after_step(step)``
+    Per-step hook after logging and evaluation, before the checkpoint (sample grids, FID tracking...); may write
+    with ``run.log(record)`` and read ``run.total_steps``.
+``log_fields(step)`` → extra fields of a metrics line (e.g. the GAN's ``lr_factor``).
+``state_dict()`` / ``load_state_dict(state)``
+    Extra state to resume exactly (EMA weights that are not a module, best score so far, ``torch.Generator``s).
+``finish()``
+    After the final checkpoint and evaluation: save the result (model directory, eval files) and return what
+    ``fit`` returns. Called on every rank; write files on ``run.main`` only.
+
+Attributes with defaults: ``name`` (progress bar), ``automatic_optimization``, ``seeds_globally``,
+``budget_fit_from`` (first step at which the schedule is refitted to ``time_budget_min``; None: the budget only
+stops the run), ``nonfinite_hint`` (what the error for a non-finite loss tells the user to do).
+
+A checkpoint holds every module and optimizer, the grad scaler, step / epoch / position in the epoch, the total
+steps, elapsed time, every RNG state and the task's ``state_dict()`` (key ``"task"``), written atomically.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
+from torch import nn
 from tqdm.auto import tqdm
 
 from .. import distributed as dist
 from ..config import to_dict
-from ..data.loading import TokenizedPairs, batch_loader, epoch_batches, load_prepared
-from ..factory import build_model, build_tokenizer, fit_config_to_tokenizer, get_model_config, save_pretrained
-from ..models.clip import CLIP
-from ..tokenizers import load_tokenizer
 from .checkpoint import atomic_torch_save, load_checkpoint, rng_state, set_rng_state
 from .config import TrainConfig
-from .optim import build_optimizer, lr_at, set_lr
-from .tasks import build_task
+from .optim import lr_at, set_lr
 
 
 def pick_device(name: str) -> torch.device:
@@ -56,8 +106,8 @@ def autocast_for(precision: str, device: torch.device):
 class MetricsLog:
     """Append-only JSONL; each line is flushed so a crash loses nothing already logged."""
 
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path | None, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled and path is not None
 
     def write(self, record: dict[str, Any]) -> None:
         if self.enabled:
@@ -65,270 +115,433 @@ class MetricsLog:
                 f.write(json.dumps(record) + "\n")
 
 
-def _text_of(ds) -> list[str]:
-    caps = ds.captions
-    return list(caps)
+def optimizer_step(
+    optimizer: torch.optim.Optimizer,
+    loss: torch.Tensor,
+    scaler: torch.amp.GradScaler | None = None,
+    clip: float | None = None,
+    params: Iterable[nn.Parameter] | None = None,
+) -> None:
+    """One manual update: zero_grad, (scaled) backward, unscale, optional norm clipping, step.
+
+    The only place besides the loop itself where an optimizer steps, so that scaling and clipping are done once,
+    right; ``gan_step`` and other task functions call it (through ``Run.step`` inside the loop)."""
+    optimizer.zero_grad(set_to_none=True)
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if clip:
+        ps = params if params is not None else [p for g in optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(ps, clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+    else:
+        optimizer.step()
 
 
-def setup_data(cfg: TrainConfig, image_size: int, channels: int, tokenizer=None, main: bool = True):
-    """Prepared train/val sets, the tokenizer (trained on the training captions if needed) and token arrays."""
-    d = cfg.data
-    progress = cfg.progress and main
-    if main:
-        train_imgs = load_prepared(d.train, d.train_split, image_size, channels, d, progress)
-    dist.barrier()
-    if not main:
-        train_imgs = load_prepared(d.train, d.train_split, image_size, channels, d, False)
-    val_spec = d.val or d.train
-    val_imgs = None
-    try:
-        if main:
-            val_imgs = load_prepared(val_spec, d.val_split, image_size, channels, d, progress)
-        dist.barrier()
-        if not main:
-            val_imgs = load_prepared(val_spec, d.val_split, image_size, channels, d, False)
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        if d.val:
-            raise
-        print(f"[vislang] no validation split ({e}); training without periodic evaluation")
-    train_caps = _text_of(train_imgs)
-    if d.max_train:
-        train_caps = train_caps[: d.max_train]
-    return train_imgs, val_imgs, train_caps
+@dataclass
+class Run:
+    """What a task sees of the run: its config, where it runs, and the loop's helpers (``ddp``, ``step``, ``log``)."""
 
+    cfg: TrainConfig
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    out_dir: Path | None = None
+    resume: bool = False
+    scaler: torch.amp.GradScaler | None = None
+    total_steps: int = 0
+    global_step: int = 0  # optimizer steps done (kept by the loop)
+    epoch: int = 0  # epochs completed (kept by the loop)
+    wrapped: list[nn.Module] = field(default_factory=list)
+    metrics: MetricsLog | None = None
+    clock: Any = None  # the loop's elapsed-time function
 
-def relation_negative_tokens(tokenizer, captions: list[str], main: bool = True):
-    """Token ids of each caption with its spatial relation flipped (an all-zero row where it has none, which the
-    contrastive task reads as "no negative"), for ``relation_negatives``."""
-    import numpy as np
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
 
-    from ..data.shapes import relation_flips
-
-    flipped = relation_flips(captions, "relation_negatives")
-    has = np.array([f is not None for f in flipped])
-    tokens = tokenizer([f or "" for f in flipped]).numpy().astype("int32")
-    tokens[~has] = 0
-    if main:
-        print(f"[vislang] relation negatives: {int(has.sum())} of {len(captions)} captions state a relation")
-    return tokens
-
-
-def train(cfg: TrainConfig, resume: bool = False) -> Path:
-    """Train a dual encoder as ``cfg`` says; returns the path of the saved model directory."""
-    rank, world, device = dist.init_distributed()
-    if cfg.device != "auto" and world == 1:
-        device = pick_device(cfg.device)
-    main = rank == 0
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out_dir)
-    ckpt_path = out / "checkpoints" / "last.pt"
-    if main:
-        out.mkdir(parents=True, exist_ok=True)
-        if not resume and ckpt_path.exists():
-            raise FileExistsError(
-                f"{out} already holds a run; pass --resume to continue it or choose another --out-dir"
-            )
-    torch.manual_seed(cfg.seed + rank)
-
-    mcfg = get_model_config(cfg.model_name, cfg.model)
-    train_imgs, val_imgs, train_caps = setup_data(cfg, mcfg.vision.image_size, mcfg.vision.channels, main=main)
-
-    tok_dir = out / "tokenizer"
-    if resume and tok_dir.is_dir():
-        tokenizer = load_tokenizer(tok_dir)
-    elif main:
-        tokenizer = build_tokenizer(mcfg, train_caps)
-        tokenizer.save(tok_dir)
-    dist.barrier()
-    if not main:
-        tokenizer = load_tokenizer(tok_dir)
-    mcfg = fit_config_to_tokenizer(mcfg, tokenizer)
-
-    import warnings
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        train_tokens = tokenizer(train_caps).numpy().astype("int32")
-    if caught and main:
-        print(f"[vislang] {caught[0].message}")
-    neg_tokens = relation_negative_tokens(tokenizer, train_caps, main) if cfg.relation_negatives > 0 else None
-    train_data = TokenizedPairs(train_imgs, train_tokens, cfg.data.max_train, neg_tokens)
-
-    torch.manual_seed(cfg.seed)  # model init depends on the seed alone, not on what data preparation consumed
-    model = build_model(mcfg)
-    if cfg.pretrained:
-        from ..factory import from_pretrained
-
-        model.load_state_dict(from_pretrained(cfg.pretrained).state_dict())
-    model.to(device)
-    if device.type == "cpu" and mcfg.vision.arch in ("cnn", "cnn-text"):  # vislang CNNs: NHWC convs are faster
-        model.visual.to(memory_format=torch.channels_last)
-    core = model
-    if world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+    def ddp(self, module: nn.Module, **kwargs: Any) -> nn.Module:
+        """``module`` wrapped in DistributedDataParallel under torchrun (gradients averaged over ranks), else itself."""
+        if self.world == 1:
+            return module
+        wrapped = nn.parallel.DistributedDataParallel(
+            module, device_ids=[self.device.index] if self.device.type == "cuda" else None, **kwargs
         )
-    task = build_task(cfg.task, model, cfg)
-    optimizer = build_optimizer(core, cfg.optim)
-    amp, scaler = autocast_for(cfg.precision, device)
+        self.wrapped.append(wrapped)
+        return wrapped
 
-    per_step = cfg.batch_size * world * cfg.accum_steps
-    steps_per_epoch = len(train_data) // per_step
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"the training set has {len(train_data)} pairs, fewer than one step's {per_step}; lower --batch_size"
-        )
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    step, epoch, batch_in_epoch = 0, 0, 0
-    if resume:
-        state = load_checkpoint(ckpt_path)
-        core.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        total_steps = state["total_steps"]
-        set_rng_state(state["rng"])
-        if main:
-            print(f"[vislang] resumed {ckpt_path} at step {step}/{total_steps} (epoch {epoch})")
+    def step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, clip: float | None = None) -> None:
+        """Manual optimisation: one update of ``optimizer`` on ``loss`` (scaler, optional clipping, zero_grad)."""
+        optimizer_step(optimizer, loss, self.scaler, clip)
 
-    if main:
-        (out / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        (out / "model_config.json").write_text(json.dumps(to_dict(mcfg), indent=2))
-    log = MetricsLog(out / "metrics.jsonl", main)
+    def elapsed(self) -> float:
+        """Seconds of training so far, resumed runs' earlier parts included."""
+        return self.clock() if self.clock is not None else 0.0
 
-    def save_checkpoint() -> None:
-        if not main:
-            return
-        atomic_torch_save(
-            {
-                "model": core.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "step": step,
-                "epoch": epoch,
-                "batch_in_epoch": batch_in_epoch,
-                "total_steps": total_steps,
-                "rng": rng_state(),
-                "config": to_dict(cfg),
-            },
-            ckpt_path,
-        )
+    def log(self, record: dict[str, Any]) -> None:
+        """One line of metrics.jsonl (main rank only; nothing in memory-only runs)."""
+        if self.metrics is not None and self.main:
+            self.metrics.write(record)
 
-    from ..data.prepare import summarize_skips
 
-    skip_note = f"{len(train_data)} pairs; at preparation " + summarize_skips(train_imgs.meta.get("skipped", {}))
-    bar = tqdm(total=total_steps, initial=step, disable=not (cfg.progress and main), desc="train", unit="step")
-    budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min else None
-    t_start = time.time()
-    t_log, samples_since = time.time(), 0
-    loss_sum, loss_n = 0.0, 0
-    budget_checked = resume
-    fit_from, next_fit = (t_start, 0), 30  # budget refits: pace measured from (time, step), next one at next_fit
-    model.train()
-    while step < total_steps:
-        batches = epoch_batches(len(train_data), cfg.batch_size, cfg.seed, epoch, rank, world)
-        batches = batches[: steps_per_epoch * cfg.accum_steps]
-        loader = batch_loader(train_data, batches[batch_in_epoch:], cfg.data.num_workers)
-        micro = 0
-        for batch in loader:
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            if device.type == "cpu" and batch["image"].ndim == 4:
-                batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
-            sync = micro + 1 == cfg.accum_steps
-            ctx = model.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
-            with ctx, amp:
-                loss, extras = task(batch)
-                loss_scaled = loss / cfg.accum_steps
-            (scaler.scale(loss_scaled) if scaler else loss_scaled).backward()
-            micro += 1
-            batch_in_epoch += 1
-            samples_since += batch["image"].shape[0] * world
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(
-                    f"loss became {loss.item()} at step {step}; lower --optim.lr or use --precision=fp32"
+class Task:
+    """Defaults of the task protocol (see the module docstring); a task overrides what it needs."""
+
+    name = "train"
+    automatic_optimization = True
+    seeds_globally = True
+    budget_fit_from: int | None = 30
+    nonfinite_hint = "lower --optim.lr or use --precision=fp32"
+    run: Run
+
+    def setup(self, run: Run) -> None:
+        raise NotImplementedError
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {}
+
+    def epoch_length(self, epoch: int) -> int:
+        raise NotImplementedError
+
+    def batches(self, epoch: int, start: int) -> Iterable[Any]:
+        raise NotImplementedError
+
+    def training_step(self, batch: Any, step: int) -> Any:
+        raise NotImplementedError
+
+    def learning_rates(self, step: int, total: int) -> float | dict[str, float]:
+        return lr_at(step, total, self.run.cfg.optim)
+
+    def clip_parameters(self) -> list[nn.Parameter]:
+        return [p for m in self.modules().values() for p in m.parameters()]
+
+    def samples(self, batch: Any) -> int:
+        """Items in a micro-batch, for the samples/s rate: the first tensor's length."""
+        values = batch.values() if isinstance(batch, dict) else batch
+        return next((int(v.shape[0]) for v in values if torch.is_tensor(v) and v.ndim), 0)
+
+    def evaluate(self, step: int) -> dict[str, float] | None:
+        return None
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def log_fields(self, step: int) -> dict[str, Any]:
+        return {}
+
+    def epoch_note(self) -> str:
+        return ""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def finish(self) -> Any:
+        return None
+
+
+class _Window:
+    """Sums of the metrics since the last log line; each mean is over the steps that had the metric."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.samples, self.t0 = 0, time.time()
+
+    def add(self, metrics: dict[str, float]) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def means(self) -> dict[str, float]:
+        return {k: v / self.counts[k] for k, v in self.sums.items()}
+
+
+def _split_output(out: Any) -> tuple[torch.Tensor | None, dict[str, float]]:
+    if torch.is_tensor(out):
+        return out, {}
+    if isinstance(out, tuple):
+        return out[0], dict(out[1])
+    return None, dict(out)
+
+
+def _check_finite(task: Task, step: int, loss: float | None, metrics: dict[str, float]) -> None:
+    if loss is not None and not math.isfinite(loss):
+        raise FloatingPointError(f"loss became {loss} at step {step}; {task.nonfinite_hint}")
+    bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+    if loss is None and bad:
+        raise FloatingPointError(f"{', '.join(bad)} became non-finite at step {step}; {task.nonfinite_hint}")
+
+
+class Loop:
+    """One run of a task: state that survives a checkpoint (step, epoch, position, total) and the step machinery."""
+
+    def __init__(self, task: Task, cfg: TrainConfig, resume: bool) -> None:
+        self.task, self.cfg, self.resume = task, cfg, resume
+        rank, world, device = dist.init_distributed()
+        if cfg.device != "auto" and world == 1:
+            device = pick_device(cfg.device)
+        out = Path(cfg.out_dir) if cfg.out_dir else None
+        self.amp, scaler = autocast_for(cfg.precision, device)
+        self.run = Run(cfg, device, rank, world, out, resume, scaler)
+        self.ckpt_path = out / "checkpoints" / "last.pt" if out is not None else None
+        self.batch_in_epoch = 0
+        self.elapsed_before, self.t_start = 0.0, time.time()
+        self.run.clock = self.elapsed
+        if cfg.accum_steps < 1:
+            raise ValueError(f"accum_steps={cfg.accum_steps} must be at least 1 (micro-batches per optimizer step)")
+        if not task.automatic_optimization and cfg.accum_steps != 1:
+            raise ValueError(f"task {task.name} steps its own optimizers; it cannot accumulate: set accum_steps=1")
+
+    @property
+    def step(self) -> int:
+        return self.run.global_step
+
+    @step.setter
+    def step(self, value: int) -> None:
+        self.run.global_step = value
+
+    @property
+    def epoch(self) -> int:
+        return self.run.epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self.run.epoch = value
+
+    # --- set-up ------------------------------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        cfg, run = self.cfg, self.run
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        if run.out_dir is not None and run.main:
+            run.out_dir.mkdir(parents=True, exist_ok=True)
+            if not self.resume and self.ckpt_path.exists():
+                raise FileExistsError(
+                    f"{run.out_dir} already holds a run; pass --resume to continue it or choose another --out_dir"
                 )
-            loss_sum, loss_n = loss_sum + loss.item(), loss_n + 1
+        if self.resume and self.ckpt_path is None:
+            raise ValueError("resume needs an out_dir with checkpoints/last.pt; this run keeps nothing on disk")
+        if self.task.seeds_globally:
+            torch.manual_seed(cfg.seed + run.rank)
+        run.metrics = MetricsLog(run.out_dir / "metrics.jsonl" if run.out_dir else None, run.main)
+        self.task.run = run
+        self.task.setup(run)
+        spe = self.steps_in_epoch(0)
+        if spe == 0:
+            raise ValueError(
+                f"an epoch of task {self.task.name} holds {self.task.epoch_length(0)} batch(es) per process, fewer "
+                f"than one step's {cfg.accum_steps} (accum_steps); lower --batch_size or --accum_steps"
+            )
+        run.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * spe))
+        if self.resume:
+            self.load()
+        if run.out_dir is not None and run.main:
+            (run.out_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        return self.task.epoch_length(epoch) // self.cfg.accum_steps
+
+    # --- checkpoints -------------------------------------------------------------------------------------------------
+    def save(self) -> None:
+        if self.ckpt_path is None or not self.run.main:
+            return
+        state: dict[str, Any] = {name: m.state_dict() for name, m in self.task.modules().items()}
+        state.update({name: o.state_dict() for name, o in self.task.optimizers().items()})
+        clash = set(state) & {"scaler", "step", "epoch", "batch_in_epoch", "total_steps", "elapsed_s", "rng"}
+        if clash:
+            raise ValueError(f"task {self.task.name} names a module or optimizer {sorted(clash)}, a checkpoint key")
+        state.update(
+            scaler=self.run.scaler.state_dict() if self.run.scaler is not None else None,
+            step=self.step,
+            epoch=self.epoch,
+            batch_in_epoch=self.batch_in_epoch,
+            total_steps=self.run.total_steps,
+            elapsed_s=self.elapsed(),
+            rng=rng_state(),
+            task=self.task.state_dict(),
+            config=to_dict(self.cfg),
+        )
+        atomic_torch_save(state, self.ckpt_path)
+
+    def load(self) -> None:
+        state = load_checkpoint(self.ckpt_path)
+        for name, m in self.task.modules().items():
+            m.load_state_dict(state[name])
+        for name, o in self.task.optimizers().items():
+            o.load_state_dict(state[name])
+        if self.run.scaler is not None and state.get("scaler"):
+            self.run.scaler.load_state_dict(state["scaler"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        self.run.total_steps = self.cfg.max_steps or state["total_steps"]  # --max_steps extends a resumed run
+        self.elapsed_before = state.get("elapsed_s", 0.0)
+        set_rng_state(state["rng"])
+        self.task.load_state_dict(state.get("task") or {})
+        if self.run.main:
+            print(f"[vislang] resumed {self.ckpt_path} at step {self.step}/{self.run.total_steps} (epoch {self.epoch})")
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.time() - self.t_start
+
+    # --- one step ----------------------------------------------------------------------------------------------------
+    def apply_lr(self) -> float | dict[str, float]:
+        lrs = self.task.learning_rates(self.step, self.run.total_steps)
+        for name, opt in self.task.optimizers().items():
+            set_lr(opt, lrs[name] if isinstance(lrs, dict) else lrs)
+        return lrs
+
+    def micro_step(self, batch: Any, sync: bool) -> dict[str, float]:
+        """Forward (and, in automatic mode, backward) of one micro-batch; the metrics it reports."""
+        task, run = self.task, self.run
+        with contextlib.ExitStack() as stack:
+            if not sync:
+                for m in run.wrapped:
+                    stack.enter_context(m.no_sync())
+            with self.amp:
+                loss, metrics = _split_output(task.training_step(batch, self.step))
+                if loss is not None:
+                    scaled = loss / self.cfg.accum_steps
+            if loss is not None:
+                (run.scaler.scale(scaled) if run.scaler is not None else scaled).backward()
+        value = loss.item() if loss is not None else None
+        _check_finite(task, self.step, value, metrics)
+        return {"loss": value, **metrics} if value is not None else metrics
+
+    def optimizer_step(self) -> None:
+        """Automatic optimisation: unscale, clip, step and zero every optimizer of the task."""
+        opts, scaler, clip = self.task.optimizers().values(), self.run.scaler, self.cfg.optim.grad_clip
+        if scaler is not None:
+            for opt in opts:
+                scaler.unscale_(opt)
+        if clip:
+            torch.nn.utils.clip_grad_norm_(self.task.clip_parameters(), clip)
+        for opt in opts:
+            if scaler is not None:
+                scaler.step(opt)
+            else:
+                opt.step()
+        if scaler is not None:
+            scaler.update()
+        for opt in opts:
+            opt.zero_grad(set_to_none=True)
+
+    # --- the time budget ---------------------------------------------------------------------------------------------
+    def fit_budget(self, budget_s: float) -> None:
+        """Fit the schedule to the time budget from the pace of recent steps, so a decaying schedule completes;
+        refitted every few percent of the run, because a shared machine can slow down later on. A budget that is
+        spent ends the run whatever the fit said."""
+        run, task = self.run, self.task
+        now = self.elapsed()
+        if task.budget_fit_from is not None and self.step >= self.next_fit:
+            per_step = (now - self.fit_from[0]) / max(1, self.step - self.fit_from[1])
+            fit = self.step + int((budget_s - now) / max(per_step, 1e-12))
+            fit = dist.agree_min(fit, run.device)  # every rank must stop at the same step
+            if fit < run.total_steps:
+                run.total_steps = max(self.step + 1, fit)
+                self.bar.total = run.total_steps
+                if run.main:
+                    budget = self.cfg.time_budget_min
+                    print(f"[vislang] time budget {budget} min: schedule set to {run.total_steps} steps")
+            self.fit_from, self.next_fit = (now, self.step), self.step + max(30, run.total_steps // 20)
+        if run.world == 1 and now >= budget_s and self.step < run.total_steps:
+            run.total_steps = self.step
+            print(f"[vislang] time budget {self.cfg.time_budget_min} min spent: stopping at step {self.step}")
+
+    def log_step(self, lrs: float | dict[str, float], usable: int) -> None:
+        w, run = self.window, self.run
+        dt = time.time() - w.t0
+        rec: dict[str, Any] = {"step": self.step, "epoch": round(self.epoch + self.batch_in_epoch / max(1, usable), 4)}
+        rec.update(w.means())
+        if isinstance(lrs, dict):
+            rec.update({f"lr_{k}": v for k, v in lrs.items()})
+        else:
+            rec["lr"] = lrs
+        rec.update(samples_per_s=w.samples / max(dt, 1e-9), elapsed_s=round(self.elapsed(), 2))
+        rec.update(self.task.log_fields(self.step))
+        run.log(rec)
+        post = {k: f"{rec[k]:.3f}" for k in ("loss", "loss_d", "loss_g") if k in rec}
+        self.bar.set_postfix(**post, sps=f"{rec['samples_per_s']:.0f}")
+        self.window = _Window()
+
+    def evaluate(self) -> None:
+        metrics = self.task.evaluate(self.step)
+        if metrics and self.run.main:
+            self.run.log({"step": self.step, **metrics})
+            print(f"[vislang] step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    # --- the run -----------------------------------------------------------------------------------------------------
+    def fit(self) -> Any:
+        self.t_start = time.time()
+        self.prepare()
+        cfg, run, task = self.cfg, self.run, self.task
+        self.t_start = time.time()
+        self.bar = tqdm(
+            total=run.total_steps, initial=self.step, disable=not (cfg.progress and run.main), desc=task.name,
+            unit="step",
+        )  # fmt: skip
+        budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min else None
+        self.fit_from, self.next_fit = (self.elapsed(), self.step), self.step + (task.budget_fit_from or 0)
+        self.window = _Window()
+        while self.step < run.total_steps:
+            usable = self.steps_in_epoch(self.epoch) * cfg.accum_steps
+            self.run_epoch(usable, budget_s)
+            if self.batch_in_epoch >= usable:  # the epoch ran to its end (not cut by the step limit)
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                if run.main:
+                    note = task.epoch_note()
+                    print(f"[vislang] epoch {self.epoch} done at step {self.step}" + (f": {note}" if note else ""))
+                if not cfg.eval_every and self.step < run.total_steps:
+                    self.evaluate()
+                self.save()
+        self.bar.close()
+        self.save()
+        self.evaluate()
+        result = task.finish()
+        dist.barrier()
+        return result
+
+    def run_epoch(self, usable: int, budget_s: float | None) -> None:
+        cfg, run, task = self.cfg, self.run, self.task
+        micro, lrs = 0, 0.0
+        batches = itertools.islice(task.batches(self.epoch, self.batch_in_epoch), usable - self.batch_in_epoch)
+        for batch in batches:
+            if micro == 0:
+                lrs = self.apply_lr()
+            sync = micro + 1 == cfg.accum_steps
+            metrics = self.micro_step(batch, sync)
+            micro += 1
+            self.batch_in_epoch += 1
+            self.window.samples += task.samples(batch) * run.world
+            self.window.add(metrics)
             if not sync:
                 continue
             micro = 0
-            lr = lr_at(step, total_steps, cfg.optim)
-            set_lr(optimizer, lr)
-            if scaler:
-                scaler.unscale_(optimizer)
-            if cfg.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(core.parameters(), cfg.optim.grad_clip)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            if budget_s and not budget_checked and step >= next_fit:
-                # Fit the schedule to the time budget from the pace of recent steps, so the cosine decay completes;
-                # refitted every few percent of the run, because a shared machine can slow down later on.
-                now = time.time()
-                per_step = (now - fit_from[0]) / max(1, step - fit_from[1])
-                fit = step + int((budget_s - (now - t_start)) / per_step)
-                fit = dist.agree_min(fit, device)  # every rank must stop at the same step
-                if fit < total_steps:
-                    total_steps = max(step + 1, fit)
-                    bar.total = total_steps
-                    if main:
-                        print(f"[vislang] time budget {cfg.time_budget_min} min: schedule set to {total_steps} steps")
-                fit_from, next_fit = (now, step), step + max(30, total_steps // 20)
-            if step % cfg.log_every == 0 or step == total_steps:
-                dt = time.time() - t_log
-                rec = {
-                    "step": step,
-                    "epoch": round(epoch + batch_in_epoch / max(1, len(batches)), 4),
-                    "loss": loss_sum / max(1, loss_n),
-                    "lr": lr,
-                    "samples_per_s": samples_since / max(dt, 1e-9),
-                    "elapsed_s": round(time.time() - t_start, 2),
-                    **extras,
-                }
-                log.write(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.3f}", lr=f"{lr:.2e}", sps=f"{rec['samples_per_s']:.0f}")
-                t_log, samples_since, loss_sum, loss_n = time.time(), 0, 0.0, 0
-            if cfg.eval_every and step % cfg.eval_every == 0:
-                _periodic_eval(core, tokenizer, val_imgs, cfg, step, log, device, main)
-                model.train()
-            if step % cfg.save_every == 0:
-                save_checkpoint()
-            if step >= total_steps:
+            if task.automatic_optimization:
+                self.optimizer_step()
+            elif run.scaler is not None:
+                run.scaler.update()
+            self.step += 1
+            self.bar.update(1)
+            if budget_s:
+                self.fit_budget(budget_s)
+            if self.step % cfg.log_every == 0 or self.step == run.total_steps:
+                self.log_step(lrs, usable)
+            if cfg.eval_every and self.step % cfg.eval_every == 0:
+                self.evaluate()
+            task.after_step(self.step)
+            if cfg.save_every and self.step % cfg.save_every == 0:
+                self.save()
+            if self.step >= run.total_steps:
                 break
-        if batch_in_epoch >= len(batches):  # the epoch ran to its end (not cut by the step limit)
-            epoch, batch_in_epoch = epoch + 1, 0
-            if main:
-                print(f"[vislang] epoch {epoch} done at step {step}: {skip_note}")
-            if not cfg.eval_every and step < total_steps:
-                _periodic_eval(core, tokenizer, val_imgs, cfg, step, log, device, main)
-                model.train()
-            save_checkpoint()
-    bar.close()
-    save_checkpoint()
-    _periodic_eval(core, tokenizer, val_imgs, cfg, step, log, device, main)
-    model_dir = out / "model"
-    if main:
-        save_pretrained(core.eval(), model_dir, tokenizer, extra={"train": {"steps": step, "epochs_seen": epoch}})
-        print(f"[vislang] trained {step} steps in {time.time() - t_start:.0f} s; model saved to {model_dir}")
-    dist.barrier()
-    return model_dir
 
 
-def _periodic_eval(model: CLIP, tokenizer, val, cfg: TrainConfig, step: int, log: MetricsLog, device, main) -> None:
-    """A quick look during training: zero-shot top-1 if the data has classes, else text→image R@1."""
-    if not main or val is None:
-        return
-    from ..evaluation.quick import quick_eval
-
-    was_training = model.training
-    metrics = quick_eval(model, tokenizer, val, cfg.eval_max, device)
-    model.train(was_training)
-    if metrics:
-        log.write({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
-        print(f"[vislang] step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+def fit(task: Task, cfg: TrainConfig, resume: bool = False) -> Any:
+    """Run ``task`` as ``cfg`` says (resuming from ``cfg.out_dir``'s last checkpoint with ``resume``); returns what
+    the task's ``finish`` returns (a model directory for ``vislang train``'s tasks)."""
+    return Loop(task, cfg, resume).fit()

@@ -36,5 +36,6 @@ def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group at ``lr``, times the group's ``"scale"`` where it has one (a tower learning slower than a head)."""
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g["scale"] if "scale" in g else lr
