@@ -62,7 +62,7 @@ def training_conditions(
     as often as it occurs), each distinct caption embedded once."""
     from ..data.config import DataConfig
     from ..data.loading import load_prepared
-    from ..generate.train import embed_texts
+    from ..evaluation.embed import embed_texts
 
     cfg = model.cfg
     dc = DataConfig(train=data, cache_dir=cache_dir, options=dict(options or {}))
@@ -71,7 +71,7 @@ def training_conditions(
     if not captions:
         raise ValueError(f"{data} has no captions to condition the generator on; pass --data with captioned images")
     uniq, inverse = np.unique(np.asarray(captions, dtype=object).astype(str), return_inverse=True)
-    table = embed_texts(model.encoder, model.tokenizer, list(uniq)).cpu()  # (U, E)
+    table = embed_texts(model.encoder, model.tokenizer, list(uniq), batch_size=512)  # (U, E), on the CPU
     return table[torch.from_numpy(inverse.astype(np.int64))]  # (N, E)
 
 
