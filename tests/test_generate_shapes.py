@@ -118,7 +118,7 @@ def test_shapes_world_options_reach_the_data_set():
 
 
 def test_packaged_shapes_gan_config_trains_on_single_objects():
-    from vislang.cli.main import PACKAGED_CONFIGS
+    from vislang.config import PACKAGED_CONFIGS
     from vislang.data.shapes import ShapesDataset
     from vislang.train.config import load_train_config
 

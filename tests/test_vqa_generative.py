@@ -133,7 +133,7 @@ def test_new_answers_are_counted(monkeypatch, tokenizer, coca):
 
 
 def test_packaged_config_loads_and_routes_by_task():
-    from vislang.cli.main import PACKAGED_CONFIGS
+    from vislang.config import PACKAGED_CONFIGS
     from vislang.factory import get_model_config
 
     cfg = vg.load_vqa_gen_config(PACKAGED_CONFIGS / "vqa-gen.yaml", ["time_budget_s=60"])

@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"  # the run configs `vislang train --config NAME` finds
+
 T = TypeVar("T")
 
 

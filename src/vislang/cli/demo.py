@@ -6,7 +6,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .main import PACKAGED_CONFIGS
+from ..config import PACKAGED_CONFIGS
 
 
 def export_sample_images(folder: Path, n: int = 500) -> Path:

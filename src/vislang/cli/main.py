@@ -14,7 +14,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a stray hub call must fail at on
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-PACKAGED_CONFIGS = Path(__file__).parents[1] / "configs"
+from ..config import PACKAGED_CONFIGS  # noqa: E402  (after the environment above, like every vislang import)
+
 # Modules that add subcommands (each defines ``register(add)``, ``add(name, help, fn) -> ArgumentParser``).
 COMMAND_MODULES = (
     "vislang.cli.index",
