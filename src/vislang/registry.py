@@ -79,7 +79,11 @@ def named_configs(model_type: str | None = None) -> dict[str, str]:
 def named_config(name: str, model_type: str) -> dict[str, Any]:
     """The ``model`` section of built-in config ``name`` (without its ``model_type``), which must be of
     ``model_type``'s family."""
+    if model_type not in FAMILIES:
+        raise ValueError(f"unknown model_type {model_type!r}; known: {sorted(FAMILIES)}")
     file = CONFIG_DIR / f"{name}.json"
+    if not file.is_file():
+        raise ValueError(f"no built-in config {name!r}; choose one of {sorted(named_configs(model_type))}")
     data = json.loads(file.read_text())
     kind = data.pop("model_type", None)
     if kind != model_type:
