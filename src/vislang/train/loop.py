@@ -373,7 +373,13 @@ class Loop:
     def load(self) -> None:
         state = load_checkpoint(self.ckpt_path)
         for name, m in self.task.modules().items():
-            m.load_state_dict(state[name])
+            try:
+                m.load_state_dict(state[name])
+            except (KeyError, RuntimeError) as e:
+                raise ValueError(
+                    f"{self.ckpt_path} does not fit this run's {name} ({str(e)[:300]}); resume with the run's own "
+                    f"config ({self.run.out_dir}/config.yaml) or start a new run in another --out_dir"
+                ) from e
         for name, o in self.task.optimizers().items():
             o.load_state_dict(state[name])
         if self.run.scaler is not None and state.get("scaler"):
