@@ -62,8 +62,6 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from .train import load_train_config, train
 
     cfg = load_train_config(_config_path(args.config), _overrides(extra))
-    if cfg.task == "gan":  # two optimizers: the GAN has its own loop (vislang.generate.train)
-        from .generate.train import train_gan as train
     model_dir = train(cfg, resume=args.resume)
     if cfg.task in ("vqa", "vqa-gen"):
         _print_vqa(Path(cfg.out_dir))

@@ -28,6 +28,7 @@ TASKS: dict[str, str] = {
     "caption": "vislang.train.tasks.contrastive:DualEncoderTask",
     "coca": "vislang.train.tasks.contrastive:DualEncoderTask",
     "itm": "vislang.train.tasks.contrastive:DualEncoderTask",
+    "gan": "vislang.train.tasks.gan:GANTask",
     "vqa": "vislang.train.tasks.vqa:VQAClassifierTask",
     "vqa-gen": "vislang.train.tasks.vqa:VQAGenerativeTask",
 }
