@@ -166,3 +166,20 @@ def test_cli_reports_errors_without_traceback(setup, capsys):
     tmp_path, cfg = setup
     code = main(["finetune", "--model", cfg.model, "--data", cfg.data, "--method", "nope", "--out", cfg.out_dir])
     assert code == 2 and "unknown method" in capsys.readouterr().err
+
+
+def test_cli_reads_a_config_file_then_flags_then_dotted_overrides(setup):
+    """`vislang finetune --config`: the file's fields, a flag over the file (--epochs), a dotted override
+    (--warmup_steps=1) over both; metrics.json records the config the method ran with."""
+    import yaml
+
+    from vislang.cli import main
+
+    tmp_path, cfg = setup
+    file = {**dataclasses.asdict(cfg), "epochs": 3.0, "warmup_steps": 5, "probe_cs": [1.0]}
+    (tmp_path / "ft.yaml").write_text(yaml.safe_dump(file))
+    assert main(["finetune", "--config", str(tmp_path / "ft.yaml"), "--method", "scratch", "--epochs", "1",
+                 "--warmup_steps=1"]) == 0  # fmt: skip
+    ran = json.loads((tmp_path / "out" / "scratch" / "metrics.json").read_text())["config"]
+    assert (ran["epochs"], ran["warmup_steps"], ran["batch_size"], ran["data"]) == (1.0, 1, 16, cfg.data)
+    assert main(["finetune", "--config", str(tmp_path / "ft.yaml"), "--bogus_key=1"]) == 2

@@ -790,17 +790,19 @@ def test_fid_tracking_leaves_training_alone_and_keep_best_saves_the_best_step(te
         train_gan(cfg("nojudge", keep_best=True))
 
 
-def test_train_gan_puts_cudnn_benchmark_back_even_when_the_run_fails(monkeypatch):
+def test_train_gan_puts_cudnn_benchmark_back_even_when_the_run_fails(monkeypatch, tmp_path):
     from vislang.generate import train as gan_train
+    from vislang.train.config import GANConfig, TrainConfig
+    from vislang.train.tasks import gan as gan_task
 
-    def run_that_fails(cfg, resume):
+    def setup_that_fails(gan):
         torch.backends.cudnn.benchmark = not before  # what a CUDA run does
         raise RuntimeError("stopped")
 
     before = torch.backends.cudnn.benchmark
-    monkeypatch.setattr(gan_train, "_train_gan", run_that_fails)
+    monkeypatch.setattr(gan_task, "check_gan_config", setup_that_fails)
     with pytest.raises(RuntimeError, match="stopped"):
-        gan_train.train_gan(None)
+        gan_train.train_gan(TrainConfig(task="gan", out_dir=str(tmp_path), gan=GANConfig(), progress=False))
     assert torch.backends.cudnn.benchmark == before
 
 

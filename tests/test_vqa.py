@@ -151,8 +151,9 @@ def test_vislang_train_routes_a_vqa_config(tmp_path, capsys):
     assert "test accuracy" in out and "held-out colour-shape pairs" not in out
     model, _, _ = load_vqa(tmp_path / "run" / "model")
     assert model.cfg.fusion.kind == "gated"  # the command-line override reached the model
-    with pytest.raises(SystemExit, match="do not resume"):
-        main(["train", "--config", str(cfg), "--resume"])
+    assert main(["train", "--config", str(cfg), f"--overrides={gated}", "--resume"]) == 0  # finished: nothing to redo
+    assert main(["train", "--config", str(cfg), "--resume"]) == 2  # another fusion than the checkpoint's
+    assert "resume with the run's own config" in capsys.readouterr().err
     cfg.write_text("task: vqa\nn_train: 32\nbogus_field: 1\n")
     assert main(["train", "--config", str(cfg)]) != 0
     assert "unknown key(s) ['bogus_field']" in capsys.readouterr().err

@@ -135,11 +135,13 @@ def test_new_answers_are_counted(monkeypatch, tokenizer, coca):
 def test_packaged_config_loads_and_routes_by_task():
     from vislang.config import PACKAGED_CONFIGS
     from vislang.factory import get_model_config
+    from vislang.train import load_train_config
 
-    cfg = vg.load_vqa_gen_config(PACKAGED_CONFIGS / "vqa-gen.yaml", ["time_budget_s=60"])
-    assert isinstance(cfg, vg.VQAGenConfig) and cfg.time_budget_s == 60 and cfg.data == "shapes"
-    mcfg = get_model_config(cfg.model, list(cfg.overrides))
+    cfg = load_train_config(PACKAGED_CONFIGS / "vqa-gen.yaml", ["time_budget_min=1"])
+    assert cfg.task == "vqa-gen" and cfg.time_budget_min == 1 and cfg.vqa.data == "shapes"
+    mcfg = get_model_config(cfg.model_name, cfg.model)
     assert mcfg.decoder is not None and mcfg.text.causal and mcfg.vision.image_size == 64
+    assert load_train_config(PACKAGED_CONFIGS / "vqa.yaml").vqa.n_train == 6000
     with pytest.raises(ValueError, match="task: vqa-gen"):
         vg.load_vqa_gen_config(PACKAGED_CONFIGS / "vqa.yaml")
 

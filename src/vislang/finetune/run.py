@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +67,7 @@ class FinetuneConfig:
     time_budget_min: float | None = None  # full / scratch: shrink the schedule so training ends within this
     threads: int | None = None  # torch CPU threads; 1 suits a shared machine
     device: str = "auto"  # auto | cpu | cuda
+    precision: str = "fp32"  # full / scratch: fp32 | bf16 | fp16 | auto (bf16 autocast on CUDA), as vislang train
     seed: int = 0
     eval_batch_size: int = 1024
     cache_dir: str = ".cache/vislang/prepared"  # prepared copies of named datasets
@@ -243,65 +243,14 @@ def fit_probe_head(model: ImageClassifier, splits: Splits, cfg: FinetuneConfig, 
 def train_end_to_end(
     model: ImageClassifier, splits: Splits, cfg: FinetuneConfig, tower_scale: float, device: torch.device, method: str
 ) -> dict[str, Any]:
-    """Minibatch AdamW with warmup + cosine over tower and head; returns steps, epochs and the validation curve."""
-    from tqdm.auto import tqdm
-
-    from ..data.loading import epoch_batches
-    from ..train.config import OptimConfig
-    from ..train.optim import lr_at
+    """Minibatch AdamW with warmup + cosine over tower and head, in the one training loop (``train.tasks.finetune``);
+    returns the peak learning rate, steps, epochs and the validation curve."""
+    from ..train.loop import fit
+    from ..train.tasks.finetune import FinetuneTask, finetune_train_config
 
     lr = cfg.lr or DEFAULT_LR[method]
-    ocfg = OptimConfig(lr=lr, weight_decay=cfg.weight_decay, warmup_steps=cfg.warmup_steps)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg, tower_scale), lr=lr, betas=ocfg.betas, eps=ocfg.eps)
-    n, bs = len(splits.train), min(cfg.batch_size, len(splits.train))
-    steps_per_epoch = n // bs
-    total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    v = model.cfg.vision
-    channels_last = device.type == "cpu" and v.arch == "cnn"
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    budget_s = cfg.time_budget_min * 60 if cfg.time_budget_min else None
-    history, step, epoch, t0, loss_avg = [], 0, 0, time.time(), None
-    bar = tqdm(total=total, desc=method, unit="step", disable=not cfg.progress)
-    model.train()
-    while step < total:
-        for idx in epoch_batches(n, bs, cfg.seed, epoch):
-            batch = splits.train.get_batch(idx)
-            x = normalize(batch["image"].to(device), v.mean, v.std)  # (B, C, H, W) float
-            if cfg.augment:
-                x = augment(x, gen)
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            loss = F.cross_entropy(model(x), batch["label"].to(device), label_smoothing=cfg.label_smoothing)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            lr = lr_at(step, total, ocfg)
-            for g in optimizer.param_groups:
-                g["lr"] = lr * g["scale"]
-            optimizer.step()
-            step += 1
-            loss_avg = loss.item() if loss_avg is None else 0.98 * loss_avg + 0.02 * loss.item()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_avg:.3f}", lr=f"{lr:.1e}")
-            if budget_s and step == 20:  # fit the schedule to the budget, measured on real steps
-                fit = int(budget_s / ((time.time() - t0) / step))
-                if fit < total:
-                    total = max(step + 1, fit)
-                    bar.total = total
-            if step >= total:
-                break
-        epoch += 1
-        val = accuracy_report(predict(model, splits.val, cfg.eval_batch_size, device), splits.val.labels, [])
-        history.append({"epoch": epoch, "step": step, "loss": loss_avg, "val_top1": val["top1"]})
-        bar.write(f"[finetune] {method} epoch {epoch} (step {step}/{total}): val top-1 {val['top1']:.4f}")
-    bar.close()
-    if channels_last:
-        model.to(memory_format=torch.contiguous_format)
-    return {"peak_lr": ocfg.lr, "steps": step, "epochs": round(step / steps_per_epoch, 3), "history": history}
+    tcfg = finetune_train_config(cfg, method, lr, min(cfg.batch_size, len(splits.train)), device)
+    return fit(FinetuneTask(model, splits, cfg, tower_scale, method), tcfg)
 
 
 def classifier_head(model_dir: str, class_names: list[str]) -> dict[str, Any] | None:

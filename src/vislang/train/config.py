@@ -60,6 +60,22 @@ class GANConfig:
 
 
 @dataclass(frozen=True)
+class VQATaskConfig:
+    """Settings of a VQA run (``task: vqa``, the answer classifier, or ``vqa-gen``, the generative answerer).
+
+    The model is ``model_name`` (vqa: a config of understand/model_configs or a JSON file; vqa-gen: a `vislang models`
+    name, a decoder is added if it has none) with the ``model`` overrides; ``batch_size`` counts images per step,
+    every question about them comes along."""
+
+    data: str = "shapes"  # "shapes" or a JSONL/CSV file of image, question, answer
+    test_data: str | None = None  # file for evaluation (shapes: the test split)
+    image_dir: str | None = None  # where relative image paths of the files resolve (default: the file's folder)
+    n_train: int = 3000  # shapes: training scenes
+    n_test: int = 500  # shapes: test (and holdout) scenes
+    max_answer_tokens: int = 6  # vqa-gen: most tokens generated per answer, the end token included
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model_name: str = "fmnist-cnn"  # a built-in config (`vislang.list_models()`), a config .json or a model directory
     model: dict[str, Any] = field(default_factory=dict)  # overrides of the model config: --model.vision.width=48
@@ -88,6 +104,7 @@ class TrainConfig:
     out_dir: str = "runs/default"  # checkpoints/, metrics.jsonl, model/, eval/, report.html
     progress: bool = True  # show a progress bar
     gan: GANConfig | None = None  # task "gan": the GAN's settings (None for every other task)
+    vqa: VQATaskConfig | None = None  # tasks "vqa" and "vqa-gen": data and answer settings
 
 
 def load_train_config(
@@ -102,7 +119,38 @@ def load_train_config(
     data = load_file(path) if path else {}
     if overrides:
         data = apply_overrides(data, overrides)
-    base = DEFAULTS.get(data.get("task", TrainConfig.task), {})
+    task = data.get("task", TrainConfig.task)
+    if task in ("vqa", "vqa-gen") and is_flat_vqa_config(data):
+        return flat_vqa_config(data)
+    if task in ("vqa", "vqa-gen") and isinstance(data.get("overrides"), list):  # the old --overrides='["a.b=1"]'
+        data = dict(data)
+        data["model"] = apply_overrides(data.get("model") or {}, data.pop("overrides"))
+    base = DEFAULTS.get(task, {})
     if base:
         data = apply_overrides(base, data)
     return from_dict(TrainConfig, data)
+
+
+FLAT_VQA_KEYS = {"batch_images", "n_train", "n_test", "test_data", "image_dir", "time_budget_s"}
+
+
+def is_flat_vqa_config(data: dict[str, Any]) -> bool:
+    """Whether a VQA run config has the old flat shape (``VQATrainConfig`` fields: ``model: shapes-vqa``,
+    ``overrides: [...]``, ``batch_images``) rather than ``TrainConfig``'s (``model_name``, ``model: {}``, ``vqa:``)."""
+    flat = bool(FLAT_VQA_KEYS & set(data)) or isinstance(data.get("model"), str) or isinstance(data.get("data"), str)
+    return flat or ("overrides" in data and "model_name" not in data and "vqa" not in data)
+
+
+def flat_vqa_config(data: dict[str, Any]) -> TrainConfig:
+    """An old flat VQA run config (still accepted) as the ``TrainConfig`` of the one loop."""
+    from ..understand.vqa_generative import VQAGenConfig
+    from ..understand.vqa_train import VQATrainConfig
+    from .tasks.vqa import to_train_config
+
+    data = dict(data)
+    task = data.pop("task")
+    if isinstance(data.get("overrides"), list):
+        data["overrides"] = tuple(data["overrides"])
+    cls = VQAGenConfig if task == "vqa-gen" else VQATrainConfig
+    progress = data.pop("progress", True)
+    return to_train_config(from_dict(cls, data), task, progress)

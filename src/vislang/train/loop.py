@@ -44,8 +44,11 @@ and its evaluation. The loop calls, in this order:
     Per-step hook after logging and evaluation, before the checkpoint (sample grids, FID tracking...); may write
     with ``run.log(record)`` and read ``run.total_steps``.
 ``log_fields(step)`` → extra fields of a metrics line (e.g. the GAN's ``lr_factor``).
-``state_dict()`` / ``load_state_dict(state)``
-    Extra state to resume exactly (EMA weights that are not a module, best score so far, ``torch.Generator``s).
+``state_dict()`` / ``load_state_dict(checkpoint)``
+    Extra state to resume exactly, as top-level checkpoint keys other than the loop's: EMA weights that are not a
+    module, the best score so far, ``torch.Generator`` states.
+``close()``
+    Called last, also after an error: put back global settings the task changed (the GAN's cuDNN benchmark).
 ``finish()``
     After the final checkpoint and evaluation: save the result (model directory, eval files) and return what
     ``fit`` returns. Called on every rank; write files on ``run.main`` only.
@@ -55,7 +58,8 @@ Attributes with defaults: ``name`` (progress bar), ``automatic_optimization``, `
 stops the run), ``nonfinite_hint`` (what the error for a non-finite loss tells the user to do).
 
 A checkpoint holds every module and optimizer, the grad scaler, step / epoch / position in the epoch, the total
-steps, elapsed time, every RNG state and the task's ``state_dict()`` (key ``"task"``), written atomically.
+steps, elapsed time, every RNG state, the run config and the task's ``state_dict()`` entries, all as top-level keys
+(``load_state_dict`` receives the whole checkpoint), written atomically.
 """
 
 from __future__ import annotations
@@ -245,6 +249,9 @@ class Task:
     def finish(self) -> Any:
         return None
 
+    def close(self) -> None:
+        """Always called at the end, also after an error: undo global switches the task set (cuDNN benchmark)."""
+
 
 class _Window:
     """Sums of the metrics since the last log line; each mean is over the steps that had the metric."""
@@ -352,12 +359,7 @@ class Loop:
     def save(self) -> None:
         if self.ckpt_path is None or not self.run.main:
             return
-        state: dict[str, Any] = {name: m.state_dict() for name, m in self.task.modules().items()}
-        state.update({name: o.state_dict() for name, o in self.task.optimizers().items()})
-        clash = set(state) & {"scaler", "step", "epoch", "batch_in_epoch", "total_steps", "elapsed_s", "rng"}
-        if clash:
-            raise ValueError(f"task {self.task.name} names a module or optimizer {sorted(clash)}, a checkpoint key")
-        state.update(
+        state: dict[str, Any] = dict(
             scaler=self.run.scaler.state_dict() if self.run.scaler is not None else None,
             step=self.step,
             epoch=self.epoch,
@@ -365,15 +367,27 @@ class Loop:
             total_steps=self.run.total_steps,
             elapsed_s=self.elapsed(),
             rng=rng_state(),
-            task=self.task.state_dict(),
             config=to_dict(self.cfg),
         )
+        named = {name: m.state_dict() for name, m in self.task.modules().items()}
+        named.update({name: o.state_dict() for name, o in self.task.optimizers().items()})
+        named.update(self.task.state_dict())
+        clash = set(named) & set(state)
+        if clash:
+            raise ValueError(f"task {self.task.name} uses checkpoint key(s) {sorted(clash)} that the loop owns")
+        state.update(named)
         atomic_torch_save(state, self.ckpt_path)
 
     def load(self) -> None:
         state = load_checkpoint(self.ckpt_path)
         for name, m in self.task.modules().items():
-            m.load_state_dict(state[name])
+            try:
+                m.load_state_dict(state[name])
+            except (KeyError, RuntimeError) as e:
+                raise ValueError(
+                    f"{self.ckpt_path} does not fit this run's {name} ({str(e)[:300]}); resume with the run's own "
+                    f"config ({self.run.out_dir}/config.yaml) or start a new run in another --out_dir"
+                ) from e
         for name, o in self.task.optimizers().items():
             o.load_state_dict(state[name])
         if self.run.scaler is not None and state.get("scaler"):
@@ -382,7 +396,7 @@ class Loop:
         self.run.total_steps = self.cfg.max_steps or state["total_steps"]  # --max_steps extends a resumed run
         self.elapsed_before = state.get("elapsed_s", 0.0)
         set_rng_state(state["rng"])
-        self.task.load_state_dict(state.get("task") or {})
+        self.task.load_state_dict(state)
         if self.run.main:
             print(f"[vislang] resumed {self.ckpt_path} at step {self.step}/{self.run.total_steps} (epoch {self.epoch})")
 
@@ -477,6 +491,12 @@ class Loop:
 
     # --- the run -----------------------------------------------------------------------------------------------------
     def fit(self) -> Any:
+        try:
+            return self._fit()
+        finally:
+            self.task.close()
+
+    def _fit(self) -> Any:
         self.t_start = time.time()
         self.prepare()
         cfg, run, task = self.cfg, self.run, self.task

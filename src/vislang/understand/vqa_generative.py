@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,14 +30,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..config import to_dict
 from ..data.transforms import normalize
-from ..data.vqa import VQASet, answer_vocab
+from ..data.vqa import VQASet
 from ..evaluation.vqa_metrics import normalize_answer, vqa_accuracy, vqa_score
 from ..losses import caption_loss
-from ..models.vqa import GENERATIVE_KEY, num_parameters, vqa_head
+from ..models.vqa import GENERATIVE_KEY, vqa_head
 from ..tokenizers import Tokenizer
-from .vqa_train import VQATrainConfig, clean_question, image_tensor, load_run_config, load_sets, train_loop, write_eval
+from .vqa_train import VQATrainConfig, clean_question, image_tensor, load_run_config
 
 TASK = "vqa-gen"  # the run config's task: key that routes `vislang train` here
 SEPARATOR = "[MASK]"  # the vislang tokenizer's special that sits between question and answer
@@ -286,14 +284,14 @@ def generative_answer_probability(model_dir: str | os.PathLike, image, question:
 # -------------------------------------------------------------------------------------------------------- training
 
 
-def build_model(cfg: VQAGenConfig, texts: Sequence[str]):
+def build_model(name: str, overrides: list[str] | tuple[str, ...] | dict[str, Any], texts: Sequence[str]):
     """``(CoCa, tokenizer)``: the model config with a decoder (one of the text tower's width if it has none), and a
     tokenizer trained on the questions and answers (answers must be spellable to be generated)."""
     from ..factory import build_model as build
     from ..factory import fit_config_to_tokenizer, get_model_config
     from ..models.clip import DecoderConfig
 
-    mcfg = get_model_config(cfg.model, list(cfg.overrides))
+    mcfg = get_model_config(name, overrides if isinstance(overrides, dict) else list(overrides))
     if mcfg.text.tokenizer == "hf" or mcfg.text.arch != "transformer":
         raise ValueError(
             "generative VQA decodes with a causal transformer text tower and its own tokenizer; set text.arch to "
@@ -307,51 +305,11 @@ def build_model(cfg: VQAGenConfig, texts: Sequence[str]):
     return build(mcfg), tokenizer
 
 
-def train_vqa_generative(cfg: VQAGenConfig, progress: bool = True) -> dict[str, Any]:
-    """Train, evaluate on the test (and shapes holdout) sets, save the model; returns the results dict."""
-    from ..factory import get_model_config, save_pretrained
+def train_vqa_generative(cfg: VQAGenConfig, progress: bool = True, resume: bool = False) -> dict[str, Any]:
+    """Train in the one loop, evaluate on the test (and shapes holdout) sets, save the model; returns the results."""
+    from ..train.loop import fit
+    from ..train.tasks.vqa import VQAGenerativeTask, to_train_config
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    t0 = time.perf_counter()
-    v = get_model_config(cfg.model, list(cfg.overrides)).vision
-    sets = load_sets(cfg, v.image_size, v.channels)
-    train_set = sets["train"]
-    answers = answer_vocab(train_set.answers)
-    labels = train_set.top_answers()  # one answer per question to teach (the most common reference)
-    model, tokenizer = build_model(cfg, [*train_set.questions, *answers])
-    sep, pad = separator_id(tokenizer), tokenizer.pad_id
-    tokens = encode_pairs(tokenizer, train_set.questions, labels, sep, model.cfg.text.context_length)
-    data_s = time.perf_counter() - t0
-
-    def loss_of(b: dict) -> torch.Tensor:
-        ids = b["tokens"]
-        ids = ids[:, : int((ids != pad).sum(1).max())]  # drop columns that are padding in every row
-        return answer_loss(model.caption_logits(b["images"], ids, b["image_index"]), ids, sep, pad)
-
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    step, train_s = train_loop(model, train_set, tokens, cfg, loss_of, v, out / "metrics.jsonl", progress)
-
-    results: dict[str, Any] = {
-        "head": "generative",
-        "parameters": num_parameters(model),
-        "train_time_s": round(train_s, 1),
-        "data_time_s": round(data_s, 1),
-        "steps": step,
-        "train_questions": len(train_set),
-        "answers": len(answers),
-        "skipped_rows": train_set.skips.counts,
-    }
-    t_eval = time.perf_counter()
-    for name, data in sets.items():
-        if name != "train":
-            results[name] = evaluate_generative(model, tokenizer, data, answers, cfg.max_answer_tokens)
-    results["eval_time_s"] = round(time.perf_counter() - t_eval, 1)
-    marker = {"head": "generative", "separator_id": sep, "max_answer_tokens": cfg.max_answer_tokens, "answers": answers}
-    extra = {GENERATIVE_KEY: marker, "train": to_dict(cfg), "results": results}
-    save_pretrained(model.eval(), out / "model", tokenizer, extra=extra)
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    write_eval(results, out, "Generative VQA (CoCa decoder)")
-    return results
+    task = VQAGenerativeTask()
+    fit(task, to_train_config(cfg, TASK, progress), resume)
+    return task.results

@@ -1,19 +1,16 @@
-"""Train and evaluate a VQA answer classifier: a small loop of its own on image-level batches.
+"""Train and evaluate a VQA answer classifier: the pieces of ``task: vqa``, which trains in the one loop.
 
-A batch is ``batch_images`` images plus every question about them, so the image tower runs once per image. The
-optimizer and schedule are the trainer's (``train.optim``); the checkpoint is written atomically at the end. The loop
-(``train_loop``), the data (``load_sets``, ``make_batch``), the input checks and the evaluation files (``write_eval``)
-are shared with the generative answerer (``vqa_generative``), which trains a captioner on the same batches.
+A batch is ``batch_images`` images plus every question about them, so the image tower runs once per image. Training
+runs in ``train.loop`` as ``train.tasks.vqa.VQAClassifierTask`` (resume, torchrun, budgets and checkpoints come from
+the loop); ``train_vqa`` keeps the old entry point and flat run config (``VQATrainConfig``). The data (``load_sets``,
+``make_batch``), the input checks and the evaluation files (``write_eval``) are shared with the generative answerer
+(``vqa_generative``), which trains a captioner on the same batches.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,25 +19,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..config import apply_overrides, from_dict, load_file, to_dict
+from ..config import apply_overrides, from_dict, load_file
 from ..data.transforms import normalize
-from ..data.vqa import VQASet, answer_targets, answer_vocab, read_vqa_file, shapes_vqa
+from ..data.vqa import VQASet, read_vqa_file, shapes_vqa
 from ..evaluation.vqa_metrics import vqa_accuracy
 from ..models.fusion import FUSIONS
-from ..models.towers import VisionConfig
-from ..models.vqa import MODEL_TYPE as VQA_TYPE
-from ..models.vqa import VQAConfig, VQAModel, load_vqa, num_parameters, save_vqa
-from ..tokenizers import Tokenizer
+from ..models.vqa import VQAConfig, VQAModel, load_vqa
 from ..train.config import OptimConfig
-from ..train.optim import build_optimizer, lr_at, set_lr
 
+CONFIG_DIR = Path(__file__).parent / "model_configs"
 EVAL_DIR = "eval"  # OUT/eval: the per-type accuracy table of every evaluated split
 RunConfig = TypeVar("RunConfig")
 
 
 @dataclass(frozen=True)
 class VQATrainConfig:
-    model: str = "shapes-vqa"  # a VQA config name (model_configs/, model_type vislang-vqa) or a JSON path
+    model: str = "shapes-vqa"  # a VQA config name (understand/model_configs) or a JSON path
     overrides: tuple[str, ...] = ()  # dotted model overrides: "fusion.kind=gated"
     data: str = "shapes"  # "shapes" or a JSONL/CSV file of image, question, answer
     test_data: str | None = None  # file for evaluation (shapes: the test split)
@@ -80,32 +74,30 @@ def load_run_config(
     return from_dict(cls, data)
 
 
-def load_vqa_config(name_or_path: str, overrides: tuple[str, ...] | list[str] = ()) -> VQAConfig:
-    from ..registry import named_config, named_configs
-
+def load_vqa_config(name_or_path: str, overrides: tuple[str, ...] | list[str] | dict[str, Any] = ()) -> VQAConfig:
     p = Path(name_or_path)
-    if name_or_path in named_configs(VQA_TYPE):
-        data = named_config(name_or_path, VQA_TYPE)
+    if (CONFIG_DIR / f"{name_or_path}.json").is_file():
+        data = json.loads((CONFIG_DIR / f"{name_or_path}.json").read_text())
     elif p.is_file():
         data = json.loads(p.read_text())
-        data.pop("model_type", None)
     else:
-        names = sorted(named_configs(VQA_TYPE))
+        names = sorted(x.stem for x in CONFIG_DIR.glob("*.json"))
         raise ValueError(f"unknown VQA model config {name_or_path!r}; use one of {names} or a JSON file")
     if overrides:
-        data = apply_overrides(data, list(overrides))
+        data = apply_overrides(data, overrides if isinstance(overrides, dict) else list(overrides))
     cfg = from_dict(VQAConfig, data, "model")
     if cfg.fusion.kind not in FUSIONS:
         raise ValueError(f"unknown fusion {cfg.fusion.kind!r}; choose one of {list(FUSIONS)}")
     return cfg
 
 
-def load_sets(cfg: VQATrainConfig, image_size: int, channels: int) -> dict[str, VQASet]:
+def load_sets(cfg, seed: int, image_size: int, channels: int) -> dict[str, VQASet]:
+    """Train and held-out sets of a VQA run (``cfg``: a ``VQATaskConfig`` or ``VQATrainConfig``)."""
     if cfg.data == "shapes":
         return {
-            "train": shapes_vqa("train", cfg.n_train, image_size, seed=cfg.seed),
-            "test": shapes_vqa("test", cfg.n_test, image_size, seed=cfg.seed),
-            "holdout": shapes_vqa("holdout", cfg.n_test, image_size, seed=cfg.seed),
+            "train": shapes_vqa("train", cfg.n_train, image_size, seed=seed),
+            "test": shapes_vqa("test", cfg.n_test, image_size, seed=seed),
+            "holdout": shapes_vqa("holdout", cfg.n_test, image_size, seed=seed),
         }
     sets = {"train": read_vqa_file(cfg.data, image_size, channels, cfg.image_dir)}
     if cfg.test_data:
@@ -171,56 +163,6 @@ def evaluate_vqa(model: VQAModel, data: VQASet, tokenizer, answers: list[str]) -
     return vqa_accuracy(preds, data.answers, data.types)
 
 
-def train_loop(
-    model: torch.nn.Module,
-    data: VQASet,
-    tokens: torch.Tensor,
-    cfg: VQATrainConfig,
-    loss_of: Callable[[dict], torch.Tensor],
-    vision: VisionConfig,
-    log_path: Path,
-    progress: bool = True,
-) -> tuple[int, float]:
-    """The loop both VQA heads train with; returns ``(steps, seconds)``.
-
-    Each step takes ``cfg.batch_images`` images and all their questions (``make_batch`` over ``tokens``, one row per
-    question), asks ``loss_of(batch)`` for the loss, and steps AdamW on the trainer's warmup + cosine schedule with
-    gradient clipping; every 20 steps a record goes to ``log_path``. With ``cfg.time_budget_s`` the schedule is
-    shortened, once the first 20 steps are timed, to the steps the budget holds, so the cosine decay completes (as
-    ``vislang train`` does) instead of being cut at a high learning rate.
-    """
-    qindex = QuestionIndex(data.image_index, len(data.images))
-    opt = build_optimizer(model, cfg.optim)
-    total = math.ceil(len(data.images) / cfg.batch_images) * cfg.epochs
-    rng = np.random.default_rng(cfg.seed)
-    step, t_train = 0, time.perf_counter()
-    model.train()
-    with open(log_path, "w") as log:
-        for epoch in range(cfg.epochs):
-            for imgs in image_batches(len(data.images), cfg.batch_images, rng):
-                b = make_batch(data, tokens, qindex, imgs, vision)
-                set_lr(opt, lr_at(step, total, cfg.optim))
-                loss = loss_of(b)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.optim.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                opt.step()
-                step += 1
-                elapsed = time.perf_counter() - t_train
-                if cfg.time_budget_s and step == 20:
-                    total = min(total, max(step + 1, int(cfg.time_budget_s / (elapsed / step))))
-                if step % 20 == 0:
-                    rec = {"step": step, "epoch": epoch, "loss": float(loss.detach()), "time_s": elapsed}
-                    log.write(json.dumps(rec) + "\n")
-                    log.flush()
-                    if progress:
-                        print(json.dumps(rec), flush=True)
-                if step >= total or (cfg.time_budget_s and elapsed > cfg.time_budget_s):
-                    return step, time.perf_counter() - t_train
-    return step, time.perf_counter() - t_train
-
-
 def write_eval(results: dict[str, Any], out_dir: Path, title: str) -> Path:
     """``OUT/eval/vqa.json`` and ``vqa.md``: accuracy per split and per question type, the table a README cites."""
     splits = [k for k, v in results.items() if isinstance(v, dict) and "per_type" in v]
@@ -238,55 +180,14 @@ def write_eval(results: dict[str, Any], out_dir: Path, title: str) -> Path:
     return d / "vqa.md"
 
 
-def train_vqa(cfg: VQATrainConfig, progress: bool = True) -> dict[str, Any]:
-    """Train, evaluate on the test (and shapes holdout) sets, save the model; returns the results dict."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    mcfg = load_vqa_config(cfg.model, cfg.overrides)
-    t0 = time.perf_counter()
-    sets = load_sets(cfg, mcfg.vision.image_size, mcfg.vision.channels)
-    train_set = sets["train"]
-    answers = answer_vocab(train_set.answers)
-    tokenizer = Tokenizer.train(
-        train_set.questions,
-        vocab_size=mcfg.text.vocab_size,
-        kind=mcfg.text.tokenizer,
-        context_length=mcfg.text.context_length,
-    )
-    text = dataclasses.replace(mcfg.text, vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id)
-    mcfg = dataclasses.replace(mcfg, text=text, num_answers=len(answers))
-    model = VQAModel(mcfg)
-    data_s = time.perf_counter() - t0
+def train_vqa(cfg: VQATrainConfig, progress: bool = True, resume: bool = False) -> dict[str, Any]:
+    """Train in the one loop, evaluate on the test (and shapes holdout) sets, save the model; returns the results."""
+    from ..train.loop import fit
+    from ..train.tasks.vqa import VQAClassifierTask, to_train_config
 
-    tokens = tokenizer(train_set.questions)
-    targets = torch.from_numpy(answer_targets(train_set.answers, answers))
-
-    def loss_of(b: dict) -> torch.Tensor:
-        logits = model(b["images"], b["tokens"], b["image_index"])["logits"]
-        return vqa_loss(logits, targets[torch.from_numpy(b["questions"])])
-
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    step, train_s = train_loop(model, train_set, tokens, cfg, loss_of, mcfg.vision, out / "metrics.jsonl", progress)
-
-    results: dict[str, Any] = {
-        "fusion": mcfg.fusion.kind,
-        "parameters": num_parameters(model),
-        "train_time_s": round(train_s, 1),
-        "data_time_s": round(data_s, 1),
-        "steps": step,
-        "train_questions": len(train_set),
-        "answers": len(answers),
-        "skipped_rows": train_set.skips.counts,
-    }
-    for name, data in sets.items():
-        if name != "train":
-            results[name] = evaluate_vqa(model, data, tokenizer, answers)
-    save_vqa(model, out / "model", tokenizer, answers, extra={"train": to_dict(cfg), "results": results})
-    (out / "results.json").write_text(json.dumps(results, indent=2))
-    write_eval(results, out, f"VQA answer classifier ({mcfg.fusion.kind} fusion)")
-    return results
+    task = VQAClassifierTask()
+    fit(task, to_train_config(cfg, "vqa", progress), resume)
+    return task.results
 
 
 def clean_question(question: str) -> str:

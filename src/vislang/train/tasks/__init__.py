@@ -21,15 +21,19 @@ from .contrastive import (  # noqa: F401  (re-exported: the objectives' old home
     relation_negative_loss,
     unique_rows,
 )
+from .vqa import vqa_defaults
 
 TASKS: dict[str, str] = {
     "contrastive": "vislang.train.tasks.contrastive:DualEncoderTask",
     "caption": "vislang.train.tasks.contrastive:DualEncoderTask",
     "coca": "vislang.train.tasks.contrastive:DualEncoderTask",
     "itm": "vislang.train.tasks.contrastive:DualEncoderTask",
+    "gan": "vislang.train.tasks.gan:GANTask",
+    "vqa": "vislang.train.tasks.vqa:VQAClassifierTask",
+    "vqa-gen": "vislang.train.tasks.vqa:VQAGenerativeTask",
 }
 
-DEFAULTS: dict[str, dict[str, Any]] = {}
+DEFAULTS: dict[str, dict[str, Any]] = {"vqa": vqa_defaults("vqa"), "vqa-gen": vqa_defaults("vqa-gen")}
 
 
 def task_class(name: str) -> type:

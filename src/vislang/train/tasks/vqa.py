@@ -1,0 +1,269 @@
+"""VQA tasks in the one loop: the answer classifier (``task: vqa``) and the generative answerer (``task: vqa-gen``).
+
+A batch is ``batch_size`` images plus every question about them (``understand.vqa_train.make_batch``), so the image
+tower runs once per image; the images of an epoch come in the order of one ``numpy`` generator seeded with
+``cfg.seed`` and drawn once per epoch (a resumed run replays the draws up to its epoch). Under torchrun each rank
+takes every ``world``-th image of a batch. Training ends with the evaluation on the test (and shapes holdout) sets,
+the model directory, ``results.json`` and ``eval/vqa.md`` (``finish``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ...config import to_dict
+from ..config import TrainConfig, VQATaskConfig
+from ..loop import Run, Task
+
+
+class _VQABase(Task):
+    """Batches, schedule and bookkeeping the two VQA heads share; subclasses build the model and the loss."""
+
+    name = "train vqa"
+    budget_fit_from = 20  # the schedule is fitted to the budget once 20 steps are timed, as the old VQA loop did
+    nonfinite_hint = "lower --optim.lr"
+
+    def setup(self, run: Run) -> None:
+        self.run, self.cfg = run, run.cfg
+        self.vqa = run.cfg.vqa or VQATaskConfig()
+        t0 = time.perf_counter()
+        self.build()  # sets self.sets, self.tokens, self.model (core), self.forward_model
+        self.data_s = time.perf_counter() - t0
+        from ...understand.vqa_train import QuestionIndex
+
+        train = self.sets["train"]
+        self.qindex = QuestionIndex(train.image_index, len(train.images))
+        from ..optim import build_optimizer
+
+        self.model.to(run.device)
+        self.optimizer = build_optimizer(self.model, self.cfg.optim)
+        self._order: tuple[int, list[np.ndarray]] | None = None
+        self.model.train()
+
+    def build(self) -> None:
+        raise NotImplementedError
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"model": self.model}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"optimizer": self.optimizer}
+
+    def epoch_length(self, epoch: int) -> int:
+        return math.ceil(len(self.sets["train"].images) / self.cfg.batch_size)
+
+    def _epoch(self, epoch: int) -> list[np.ndarray]:
+        """The image batches of ``epoch``: one permutation per epoch from a generator seeded once, replayed."""
+        from ...understand.vqa_train import image_batches
+
+        if self._order is None or self._order[0] != epoch:
+            rng = np.random.default_rng(self.cfg.seed)
+            for _ in range(epoch + 1):
+                order = image_batches(len(self.sets["train"].images), self.cfg.batch_size, rng)
+            self._order = (epoch, order)
+        return self._order[1]
+
+    def batches(self, epoch: int, start: int) -> Iterator[dict[str, Any]]:
+        from ...understand.vqa_train import make_batch
+
+        run = self.run
+        for imgs in self._epoch(epoch)[start:]:
+            imgs = imgs[run.rank :: run.world]  # (B_img / world,): this rank's share of the step's images
+            b = make_batch(self.sets["train"], self.tokens, self.qindex, imgs, self.model.cfg.vision)
+            yield {k: v.to(run.device) if torch.is_tensor(v) else v for k, v in b.items()}
+
+    def samples(self, batch: dict[str, Any]) -> int:
+        return int(batch["images"].shape[0])
+
+    def clip_parameters(self) -> list[nn.Parameter]:
+        return list(self.model.parameters())
+
+    def results_head(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def evaluate_sets(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def save_model(self, out: Path, results: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def finish(self) -> Path | None:
+        """Evaluate on every held-out set, save the model, ``results.json`` and ``eval/vqa.md``; the model dir."""
+        from ...models.vqa import num_parameters
+        from ...understand.vqa_train import write_eval
+
+        run, train = self.run, self.sets["train"]
+        results: dict[str, Any] = {
+            **self.results_head(),
+            "parameters": num_parameters(self.model),
+            "train_time_s": round(run.elapsed(), 1),
+            "data_time_s": round(self.data_s, 1),
+            "steps": run.global_step,
+            "train_questions": len(train),
+            "answers": len(self.answers),
+            "skipped_rows": train.skips.counts,
+        }
+        if not run.main:
+            return None
+        results.update(self.evaluate_sets())
+        out = run.out_dir
+        self.save_model(out, results)
+        (out / "results.json").write_text(json.dumps(results, indent=2))
+        write_eval(results, out, self.title)
+        self.results = results
+        return out / "model"
+
+
+class VQAClassifierTask(_VQABase):
+    """``task: vqa``: image tower + question tower + fusion + a classifier over the training answers."""
+
+    title = ""
+
+    def build(self) -> None:
+        from ...data.vqa import answer_targets, answer_vocab
+        from ...models.vqa import VQAModel
+        from ...tokenizers import Tokenizer
+        from ...understand.vqa_train import load_sets, load_vqa_config
+
+        mcfg = load_vqa_config(self.cfg.model_name, self.cfg.model)
+        self.sets = load_sets(self.vqa, self.cfg.seed, mcfg.vision.image_size, mcfg.vision.channels)
+        train = self.sets["train"]
+        self.answers = answer_vocab(train.answers)
+        t = mcfg.text
+        self.tokenizer = Tokenizer.train(
+            train.questions, vocab_size=t.vocab_size, kind=t.tokenizer, context_length=t.context_length
+        )
+        text = dataclasses.replace(t, vocab_size=self.tokenizer.vocab_size, pad_id=self.tokenizer.pad_id)
+        mcfg = dataclasses.replace(mcfg, text=text, num_answers=len(self.answers))
+        self.model = VQAModel(mcfg)
+        self.forward_model = self.run.ddp(self.model)
+        self.tokens = self.tokenizer(train.questions)
+        self.targets = torch.from_numpy(answer_targets(train.answers, self.answers))
+        self.title = f"VQA answer classifier ({mcfg.fusion.kind} fusion)"
+
+    def training_step(self, b: dict[str, Any], step: int) -> torch.Tensor:
+        from ...understand.vqa_train import vqa_loss
+
+        logits = self.forward_model(b["images"], b["tokens"], b["image_index"])["logits"]  # (B_q, A)
+        return vqa_loss(logits, self.targets[torch.from_numpy(b["questions"])].to(logits.device))
+
+    def results_head(self) -> dict[str, Any]:
+        return {"fusion": self.model.cfg.fusion.kind}
+
+    def evaluate_sets(self) -> dict[str, Any]:
+        from ...understand.vqa_train import evaluate_vqa
+
+        model = self.model.cpu()
+        return {n: evaluate_vqa(model, d, self.tokenizer, self.answers) for n, d in self.sets.items() if n != "train"}
+
+    def save_model(self, out: Path, results: dict[str, Any]) -> None:
+        from ...models.vqa import save_vqa
+
+        extra = {"train": to_dict(self.cfg), "results": results}
+        save_vqa(self.model, out / "model", self.tokenizer, self.answers, extra=extra)
+
+
+class VQAGenerativeTask(_VQABase):
+    """``task: vqa-gen``: a CoCa captioner reads ``[BOS] question [SEP]`` and writes the answer."""
+
+    title = "Generative VQA (CoCa decoder)"
+
+    def setup(self, run: Run) -> None:
+        if run.world > 1:
+            raise ValueError(
+                "task vqa-gen trains through the decoder's own entry point, which DDP does not see; run it on one "
+                "process (without torchrun)"
+            )
+        super().setup(run)
+
+    def build(self) -> None:
+        from ...data.vqa import answer_vocab
+        from ...factory import get_model_config
+        from ...understand.vqa_generative import build_model, encode_pairs, separator_id
+        from ...understand.vqa_train import load_sets
+
+        v = get_model_config(self.cfg.model_name, self.cfg.model).vision
+        self.sets = load_sets(self.vqa, self.cfg.seed, v.image_size, v.channels)
+        train = self.sets["train"]
+        self.answers = answer_vocab(train.answers)
+        labels = train.top_answers()  # one answer per question to teach (the most common reference)
+        self.model, self.tokenizer = build_model(self.cfg.model_name, self.cfg.model, [*train.questions, *self.answers])
+        self.sep, self.pad = separator_id(self.tokenizer), self.tokenizer.pad_id
+        ctx = self.model.cfg.text.context_length
+        self.tokens = encode_pairs(self.tokenizer, train.questions, labels, self.sep, ctx)  # (Q, ctx)
+
+    def training_step(self, b: dict[str, Any], step: int) -> torch.Tensor:
+        from ...understand.vqa_generative import answer_loss
+
+        ids = b["tokens"]
+        ids = ids[:, : int((ids != self.pad).sum(1).max())]  # drop columns that are padding in every row
+        return answer_loss(self.model.caption_logits(b["images"], ids, b["image_index"]), ids, self.sep, self.pad)
+
+    def results_head(self) -> dict[str, Any]:
+        return {"head": "generative"}
+
+    def evaluate_sets(self) -> dict[str, Any]:
+        from ...understand.vqa_generative import evaluate_generative
+
+        t_eval, n = time.perf_counter(), self.vqa.max_answer_tokens
+        model = self.model.cpu()
+        sets = {k: d for k, d in self.sets.items() if k != "train"}
+        res = {k: evaluate_generative(model, self.tokenizer, d, self.answers, n) for k, d in sets.items()}
+        return {**res, "eval_time_s": round(time.perf_counter() - t_eval, 1)}
+
+    def save_model(self, out: Path, results: dict[str, Any]) -> None:
+        from ...factory import save_pretrained
+        from ...models.vqa import GENERATIVE_KEY
+
+        marker = {"head": "generative", "separator_id": self.sep, "max_answer_tokens": self.vqa.max_answer_tokens,
+                  "answers": self.answers}  # fmt: skip
+        extra = {GENERATIVE_KEY: marker, "train": to_dict(self.cfg), "results": results}
+        save_pretrained(self.model.eval(), out / "model", self.tokenizer, extra=extra)
+
+
+def vqa_defaults(task: str) -> dict[str, Any]:
+    """The ``TrainConfig`` values a VQA run starts from: the old ``VQATrainConfig`` / ``VQAGenConfig`` defaults."""
+    return {
+        "model_name": "shapes-vqa" if task == "vqa" else "shapes-cnn",
+        "epochs": 6,
+        "batch_size": 32,
+        "optim": {"lr": 1e-3, "warmup_steps": 50, "weight_decay": 0.05},
+        "log_every": 20,
+        "out_dir": "runs/vqa" if task == "vqa" else "runs/vqa-gen",
+        "vqa": {},
+    }
+
+
+def to_train_config(cfg: Any, task: str, progress: bool = True) -> TrainConfig:
+    """A ``VQATrainConfig`` / ``VQAGenConfig`` (the old flat run config) as the ``TrainConfig`` of the one loop."""
+    from ...config import apply_overrides, from_dict
+
+    vqa = {k: getattr(cfg, k) for k in ("data", "test_data", "image_dir", "n_train", "n_test")}
+    if hasattr(cfg, "max_answer_tokens"):
+        vqa["max_answer_tokens"] = cfg.max_answer_tokens
+    data = {
+        "task": task,
+        "model_name": cfg.model,
+        "model": apply_overrides({}, list(cfg.overrides)),
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_images,
+        "optim": to_dict(cfg.optim),
+        "time_budget_min": cfg.time_budget_s / 60 if cfg.time_budget_s else None,
+        "out_dir": cfg.out_dir,
+        "seed": cfg.seed,
+        "threads": cfg.threads,
+        "log_every": 20,
+        "progress": progress,
+        "vqa": vqa,
+    }
+    return from_dict(TrainConfig, data)
