@@ -20,9 +20,9 @@ import time
 import torch
 
 from vislang.config import from_dict, load_file
-from vislang.generate.train import gan_step
 from vislang.models.gan.networks import GANModelConfig, build_gan, to_uint8
 from vislang.train.config import GANConfig
+from vislang.train.tasks.gan_step import gan_step
 
 CONFIGS = {"dcgan": "src/vislang/configs/gan.yaml", "mlp": "src/vislang/configs/gan-mlp.yaml"}
 

@@ -9,10 +9,11 @@ import torch
 from PIL import Image
 
 import vislang
+from vislang.data.labelled import LabelledImages
 from vislang.finetune import FinetuneConfig, NoLabelsError, finetune, load_labelled, run_method
-from vislang.finetune.data import LabelledImages
-from vislang.finetune.run import Splits, augment, fit_probe_head
+from vislang.finetune.run import Splits, fit_probe_head
 from vislang.models.classifier import ClassifierConfig, ImageClassifier
+from vislang.train.tasks.finetune import augment
 
 LEVELS = {"bright": 220, "dark": 30, "mid": 125}
 

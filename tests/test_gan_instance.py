@@ -85,7 +85,7 @@ def test_text_only_conditions_draw_an_instance_of_that_caption_from_the_bank():
 
 @pytest.mark.parametrize("features,dim", [("clip", 16), ("pixels", 64)])
 def test_instance_gan_trains_saves_and_samples_reproducibly(tmp_path, features, dim):
-    from vislang.generate.train import train_gan
+    from vislang.train.tasks.gan import train_gan
 
     text = fm_text_model_dir(tmp_path / "text")
     c = _cfg(text, tmp_path / "run", 3)
@@ -133,8 +133,8 @@ def test_pixel_features_are_principal_components_that_tell_sizes_apart():
 
 
 def test_a_text_counts_as_wrong_by_the_text_alone_not_by_the_instance():
-    from vislang.generate.train import gan_step
     from vislang.train.config import GANConfig
+    from vislang.train.tasks.gan_step import gan_step
 
     g = _instance_generator()
     g.train()

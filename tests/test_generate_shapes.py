@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vislang.generate.train import mismatched
+from vislang.losses import mismatched
 from vislang.models.gan.networks import GANModelConfig, build_gan
 
 
@@ -28,9 +28,9 @@ def test_discriminator_scores_features_under_any_text(arch, projection):
 def test_training_step_scores_wrong_texts_as_three_passes_would():
     """gan_step reuses the real images' features for the wrong-text pairs: the discriminator loss (and so its update)
     equals the one from scoring real, fake and mismatched pairs in one concatenated pass, as before."""
-    from vislang.generate.train import gan_step
     from vislang.models.gan.networks import d_loss
     from vislang.train.config import GANConfig
+    from vislang.train.tasks.gan_step import gan_step
 
     torch.manual_seed(0)
     cfg = GANModelConfig(cond_dim=6, image_size=32, channels=3, z_dim=4, g_width=4, d_width=4)
@@ -82,8 +82,8 @@ def test_match_ranks_texts_by_cosine_and_needs_the_projection(arch):
 
 
 def test_text_match_trains_both_nets_through_the_discriminator():
-    from vislang.generate.train import gan_step
     from vislang.train.config import GANConfig
+    from vislang.train.tasks.gan_step import gan_step
 
     torch.manual_seed(0)
     cfg = GANModelConfig(cond_dim=6, image_size=32, channels=3, z_dim=4, g_width=4, d_width=4)
@@ -165,9 +165,9 @@ def test_relation_prompts_come_from_real_scenes_the_judge_gets_right():
 def test_flipped_relation_texts_count_as_wrong_in_both_discriminator_terms():
     """With c_flip the discriminator scores each of the first F real images under its flipped caption as a wrong
     pair and adds the flipped captions to the text-matching softmax: its loss is the reference computed by hand."""
-    from vislang.generate.train import gan_step
     from vislang.models.gan.networks import d_loss, text_match_loss
     from vislang.train.config import GANConfig
+    from vislang.train.tasks.gan_step import gan_step
 
     torch.manual_seed(0)
     cfg = GANModelConfig(cond_dim=6, image_size=32, channels=3, z_dim=4, g_width=4, d_width=4)
@@ -192,10 +192,10 @@ def test_flipped_relation_texts_count_as_wrong_in_both_discriminator_terms():
 
 def test_gan_trains_with_relation_negatives_and_refuses_data_without_relations(tmp_path):
     from vislang.factory import fit_config_to_tokenizer, save_pretrained
-    from vislang.generate.train import train_gan
     from vislang.models import CLIP, ModelConfig, TextConfig, VisionConfig
     from vislang.tokenizers import Tokenizer
     from vislang.train.config import load_train_config
+    from vislang.train.tasks.gan import train_gan
 
     words = ["a red circle to the left of a blue square", "two objects: a green star and a red square"] * 4
     tok = Tokenizer.train(words, vocab_size=80, context_length=24)
@@ -221,8 +221,9 @@ def test_gan_trains_with_relation_negatives_and_refuses_data_without_relations(t
 
 
 def test_mode_seeking_term_rewards_different_images_for_one_text():
-    from vislang.generate.train import gan_step, mode_seeking_loss
+    from vislang.losses import mode_seeking_loss
     from vislang.train.config import GANConfig
+    from vislang.train.tasks.gan_step import gan_step
 
     za, zb = torch.zeros(4, 8), torch.ones(4, 8)  # |za - zb| = 1
     same = torch.zeros(4, 1, 6, 6)
@@ -261,8 +262,8 @@ def test_discriminator_only_steps_leave_the_generator_and_its_ema_alone():
     no generator loss; the next full step moves G again."""
     import copy
 
-    from vislang.generate.train import gan_step
     from vislang.train.config import GANConfig
+    from vislang.train.tasks.gan_step import gan_step
 
     torch.manual_seed(0)
     cfg = GANModelConfig(cond_dim=6, image_size=32, channels=3, z_dim=4, g_width=4, d_width=4)

@@ -21,7 +21,7 @@ LIBRARY = {
     "distributed", "decoding", "registry", "factory", "inference",
 }  # fmt: skip
 # What runs the library: training, compression, export, the service and the command line (and its command modules).
-RUNNERS = {"train", "serve", "cli", "compress", "export", "demo", "understand", "caption", "generate", "finetune"}
+RUNNERS = {"train", "serve", "cli", "compress", "export", "demo", "understand", "caption", "finetune"}
 
 
 def module_name(path: Path) -> str:
@@ -38,8 +38,9 @@ def unit(module: str) -> str:
 
 
 def folder(module: str, modules: dict[str, Path]) -> str:
-    """The folder a module's file is in (a package's __init__ counts as inside the package)."""
-    return str(modules[module].parent.relative_to(SRC.parent))
+    """The folder of a module for the cycle rule: the top-level unit it belongs to (``train`` holds ``train/tasks/``,
+    ``models`` holds ``models/gan/``); root modules (``factory``, ``registry``, ...) each count as their own."""
+    return unit(module)
 
 
 def read_graph() -> tuple[dict[str, Path], dict[str, set[str]]]:

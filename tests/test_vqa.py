@@ -11,7 +11,8 @@ from vislang.cli.main import main
 from vislang.data.vqa import answer_targets, answer_vocab, read_vqa_file, shapes_vqa
 from vislang.evaluation.vqa_metrics import vqa_accuracy, vqa_score
 from vislang.models.vqa import load_vqa
-from vislang.understand import VQATrainConfig, train_vqa
+from vislang.train.tasks.vqa import train_vqa
+from vislang.understand import VQATrainConfig
 from vislang.understand.vqa_train import answer_probability, predict_answer
 
 TINY = (

@@ -104,7 +104,7 @@ def caption_subsets(data: str, split: str, max_images: int | None, size: int, ch
     never seen in training); for anything else (openclipart, a folder, a CSV...) its own caption of each image."""
     if data == "shapes":
         from ..data.shapes import ShapesConfig, ShapesDataset
-        from ..evaluation.caption_metrics import shapes_references
+        from .caption_metrics import shapes_references
 
         about = {"test": "held-out images", "val": "validation images", "train": "training images",
                  "holdout": "held-out colour-shape combinations"}  # fmt: skip
@@ -158,7 +158,8 @@ def evaluate_captions(
         nn_train: the dataset the neighbours come from (default: ``data``'s train split).
         samples: images shown with their captions in the report.
     """
-    from ..evaluation.caption_metrics import (
+    from ..factory import from_pretrained, get_tokenizer
+    from .caption_metrics import (
         CAPTION_RESULTS,
         CAPTION_SAMPLES_DIR,
         DECODING_METHODS,
@@ -170,7 +171,6 @@ def evaluate_captions(
         nearest_neighbour_captions,
         reading_scores,
     )
-    from ..factory import from_pretrained, get_tokenizer
 
     names = list(methods or DECODING_METHODS)
     unknown = [m for m in names if m not in DECODING_METHODS]
@@ -246,7 +246,7 @@ def _write_samples(sub: _Subset, images, captions: dict[str, list[str]], k: int,
     """The first ``k`` images of a subset as PNGs, with every method's caption and the references."""
     from PIL import Image
 
-    from ..evaluation.embed import image_batch
+    from .embed import image_batch
 
     if k <= 0:
         return []

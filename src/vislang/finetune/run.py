@@ -29,13 +29,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from ..data.labelled import LabelledImages, load_labelled, split_holdout
 from ..data.transforms import normalize
 from ..models.classifier import MODEL_TYPE as CLASSIFIER_TYPE
 from ..models.classifier import ClassifierConfig, ImageClassifier
 from ..models.towers import VisionConfig
-from .data import LabelledImages, load_labelled, split_holdout
+from ..train.tasks.finetune import FinetuneConfig, accuracy_report, predict
 
 METHODS = ("probe", "full", "scratch")
 # Adam moves every weight by about lr per step, so a pretrained network needs a much smaller lr than a fresh one: on
@@ -43,39 +43,6 @@ METHODS = ("probe", "full", "scratch")
 DEFAULT_LR = {"full": 2e-4, "scratch": 2e-3}
 
 
-@dataclass(frozen=True)
-class FinetuneConfig:
-    model: str = "runs/acc1/model"  # model directory whose image tower is used; scratch: also a named config
-    data: str = "fashion-mnist"  # fashion-mnist | shapes | a class-per-folder tree | a .csv/.tsv with a label column
-    test_data: str | None = None  # test set for a path dataset; None = the named dataset's test split, or a holdout
-    train_split: str = "train"  # splits of a named dataset
-    test_split: str = "test"
-    img_key: str = "filepath"  # CSV column with image paths
-    label_key: str = "label"  # CSV column with class labels
-    val_fraction: float = 0.1  # share of the training set held out (per class) to pick C and watch training
-    max_train: int | None = None  # use only this many training images (smoke runs)
-    epochs: float = 3.0  # full / scratch: passes over the training set
-    batch_size: int = 128
-    lr: float | None = None  # peak learning rate of the head (scratch: of everything); None = DEFAULT_LR[method]
-    tower_lr_scale: float = 0.1  # full: the pretrained tower learns at lr * tower_lr_scale
-    weight_decay: float = 0.05
-    warmup_steps: int = 100  # linear warmup, then cosine decay (train/optim.py's lr_at)
-    label_smoothing: float = 0.0  # 0: the probe's head is confident (logit std ~11 on runs/acc1), and smoothing 0.1
-    # lifts its starting loss from 0.11 to 2.26, whose gradients then disturb the pretrained tower in full fine-tuning
-    augment: bool = True  # random shifts of a few pixels and horizontal flips (full / scratch)
-    probe_cs: tuple[float, ...] = (0.01, 0.1, 1.0, 10.0)  # probe: inverse regularisation strengths tried
-    time_budget_min: float | None = None  # full / scratch: shrink the schedule so training ends within this
-    threads: int | None = None  # torch CPU threads; 1 suits a shared machine
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "fp32"  # full / scratch: fp32 | bf16 | fp16 | auto (bf16 autocast on CUDA), as vislang train
-    seed: int = 0
-    eval_batch_size: int = 1024
-    cache_dir: str = ".cache/vislang/prepared"  # prepared copies of named datasets
-    out_dir: str = "runs/finetune"
-    progress: bool = True
-
-
-# --- data and towers -------------------------------------------------------------------------------------------------
 @dataclass
 class Splits:
     train: LabelledImages
@@ -141,59 +108,6 @@ def tower_source(cfg: FinetuneConfig, method: str) -> tuple[VisionConfig, dict[s
 
 
 # --- training pieces -------------------------------------------------------------------------------------------------
-def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Shift each image by up to ~1/14 of its side (edge pixels repeat) and flip half of them; x (B, C, H, W)."""
-    B, C, H, W = x.shape
-    pad = max(1, H // 14)
-    xp = F.pad(x, (pad, pad, pad, pad), mode="replicate")  # (B, C, H + 2p, W + 2p)
-    dy = torch.randint(0, 2 * pad + 1, (B, 1), generator=generator)
-    dx = torch.randint(0, 2 * pad + 1, (B, 1), generator=generator)
-    rows = dy + torch.arange(H)  # (B, H)
-    cols = dx + torch.arange(W)  # (B, W)
-    flip = torch.rand(B, 1, generator=generator) < 0.5
-    cols = torch.where(flip, cols.flip(1), cols)
-    b = torch.arange(B)[:, None, None, None]
-    c = torch.arange(C)[None, :, None, None]
-    idx_r, idx_c = rows.to(x.device)[:, None, :, None], cols.to(x.device)[:, None, None, :]
-    return xp[b.to(x.device), c.to(x.device), idx_r, idx_c]  # (B, C, H, W)
-
-
-def param_groups(model: ImageClassifier, cfg: FinetuneConfig, tower_scale: float) -> list[dict[str, Any]]:
-    """AdamW groups: tower and head at their own learning-rate scales; norms and biases without weight decay."""
-    skip = model.no_weight_decay()
-    groups = []
-    for prefix, scale in (("visual.", tower_scale), ("head.", 1.0)):
-        named = [(n, p) for n, p in model.named_parameters() if n.startswith(prefix) and p.requires_grad]
-        for decay in (True, False):
-            params = [p for n, p in named if (n not in skip) == decay]
-            if params:
-                groups.append({"params": params, "weight_decay": cfg.weight_decay if decay else 0.0, "scale": scale})
-    return groups
-
-
-@torch.inference_mode()
-def predict(model: ImageClassifier, data: LabelledImages, batch_size: int, device: torch.device) -> np.ndarray:
-    """Predicted class per image (N,), in eval mode."""
-    was_training = model.training
-    model.eval()
-    preds = []
-    v = model.cfg.vision
-    for s in range(0, len(data), batch_size):
-        x = normalize(data.get_batch(np.arange(s, min(s + batch_size, len(data))))["image"].to(device), v.mean, v.std)
-        preds.append(model(x).argmax(-1).cpu())
-    model.train(was_training)
-    return torch.cat(preds).numpy()
-
-
-def accuracy_report(pred: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict[str, Any]:
-    """Top-1 and accuracy per class (by name)."""
-    per_class = {
-        name: float((pred[labels == i] == i).mean()) if (labels == i).any() else None
-        for i, name in enumerate(class_names)
-    }
-    return {"top1": float((pred == labels).mean()), "per_class": per_class}
-
-
 @torch.inference_mode()
 def tower_features(model: ImageClassifier, data: LabelledImages, batch_size: int, device: torch.device) -> np.ndarray:
     """Pooled tower features (N, D) of the frozen tower, for the probe."""

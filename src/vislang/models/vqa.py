@@ -130,7 +130,7 @@ def load_vqa(directory: str | os.PathLike, device: str | torch.device = "cpu"):
     if not (d / "config.json").is_file() or not (d / "model.safetensors").is_file():
         raise FileNotFoundError(
             f"{d} is not a VQA model directory (needs config.json, model.safetensors, answers.json); "
-            "train one with `vislang ablate-fusion` or vislang.understand.train_vqa"
+            "train one with `vislang ablate-fusion` or vislang.train.tasks.vqa.train_vqa"
         )
     meta = json.loads((d / "config.json").read_text())
     if vqa_head(d) == "generative":

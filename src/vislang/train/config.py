@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..config import apply_overrides, from_dict, load_file
+from ..config import apply_overrides, from_dict, load_file, to_dict
 from ..data.config import DataConfig
 
 
@@ -23,7 +23,7 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class GANConfig:
-    """Settings of a text-conditioned GAN run (``task: gan``; trained by ``vislang.generate.train``)."""
+    """Settings of a text-conditioned GAN run (``task: gan``; trained by ``vislang.train.tasks.gan``)."""
 
     text_model: str = "runs/acc1/model"  # trained dual encoder whose frozen text tower conditions G and D
     model: dict[str, Any] = field(default_factory=dict)  # GANModelConfig overrides: --gan.model.arch=mlp
@@ -107,15 +107,80 @@ class TrainConfig:
     vqa: VQATaskConfig | None = None  # tasks "vqa" and "vqa-gen": data and answer settings
 
 
+# The old flat VQA run configs (still read: ``flat_vqa_config``; ``vislang.understand`` re-exports them).
+@dataclass(frozen=True)
+class VQATrainConfig:
+    model: str = "shapes-vqa"  # a VQA config name (model_configs/, model_type vislang-vqa) or a JSON path
+    overrides: tuple[str, ...] = ()  # dotted model overrides: "fusion.kind=gated"
+    data: str = "shapes"  # "shapes" or a JSONL/CSV file of image, question, answer
+    test_data: str | None = None  # file for evaluation (shapes: the test split)
+    image_dir: str | None = None  # where relative image paths of the files resolve (default: the file's folder)
+    n_train: int = 3000  # shapes: training scenes
+    n_test: int = 500  # shapes: test (and holdout) scenes
+    epochs: int = 6
+    batch_images: int = 32  # images per step; all their questions come along
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=50, weight_decay=0.05))
+    time_budget_s: float | None = None  # stop training after this many seconds (a fair budget in ablations)
+    out_dir: str = "runs/vqa"
+    seed: int = 0
+    threads: int | None = None  # torch CPU threads (None: torch's default)
+
+
+@dataclass(frozen=True)
+class VQAGenConfig(VQATrainConfig):
+    model: str = "shapes-cnn"  # a model config name (`vislang models`) or JSON; a decoder is added if it has none
+    overrides: tuple[str, ...] = ()  # dotted model-config overrides: "decoder.layers=2", "vision.image_size=32"
+    max_answer_tokens: int = 6  # most tokens generated per answer, the end token included
+    out_dir: str = "runs/vqa-gen"
+
+
+def vqa_defaults(task: str) -> dict[str, Any]:
+    """The ``TrainConfig`` values a VQA run starts from: the old ``VQATrainConfig`` / ``VQAGenConfig`` defaults."""
+    return {
+        "model_name": "shapes-vqa" if task == "vqa" else "shapes-cnn",
+        "epochs": 6,
+        "batch_size": 32,
+        "optim": {"lr": 1e-3, "warmup_steps": 50, "weight_decay": 0.05},
+        "log_every": 20,
+        "out_dir": "runs/vqa" if task == "vqa" else "runs/vqa-gen",
+        "vqa": {},
+    }
+
+
+# TrainConfig values a task starts from where the trainer's defaults do not suit it; file and overrides apply on top.
+DEFAULTS: dict[str, dict[str, Any]] = {"vqa": vqa_defaults("vqa"), "vqa-gen": vqa_defaults("vqa-gen")}
+
+
+def to_train_config(cfg: Any, task: str, progress: bool = True) -> TrainConfig:
+    """A ``VQATrainConfig`` / ``VQAGenConfig`` (the old flat run config) as the ``TrainConfig`` of the one loop."""
+    vqa = {k: getattr(cfg, k) for k in ("data", "test_data", "image_dir", "n_train", "n_test")}
+    if hasattr(cfg, "max_answer_tokens"):
+        vqa["max_answer_tokens"] = cfg.max_answer_tokens
+    data = {
+        "task": task,
+        "model_name": cfg.model,
+        "model": apply_overrides({}, list(cfg.overrides)),
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_images,
+        "optim": to_dict(cfg.optim),
+        "time_budget_min": cfg.time_budget_s / 60 if cfg.time_budget_s else None,
+        "out_dir": cfg.out_dir,
+        "seed": cfg.seed,
+        "threads": cfg.threads,
+        "log_every": 20,
+        "progress": progress,
+        "vqa": vqa,
+    }
+    return from_dict(TrainConfig, data)
+
+
 def load_train_config(
     path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None
 ) -> TrainConfig:
     """Read a YAML/JSON run config (or the defaults) and apply ``key.sub=value`` overrides.
 
-    The run's task (``task:``) may bring defaults of its own (``train.tasks.DEFAULTS``: a VQA run's learning rate and
+    The run's task (``task:``) may bring defaults of its own (``DEFAULTS``: a VQA run's learning rate and
     output folder); the file and the overrides apply on top of them."""
-    from .tasks import DEFAULTS
-
     data = load_file(path) if path else {}
     if overrides:
         data = apply_overrides(data, overrides)
@@ -143,9 +208,6 @@ def is_flat_vqa_config(data: dict[str, Any]) -> bool:
 
 def flat_vqa_config(data: dict[str, Any]) -> TrainConfig:
     """An old flat VQA run config (still accepted) as the ``TrainConfig`` of the one loop."""
-    from ..understand.vqa_generative import VQAGenConfig
-    from ..understand.vqa_train import VQATrainConfig
-    from .tasks.vqa import to_train_config
 
     data = dict(data)
     task = data.pop("task")

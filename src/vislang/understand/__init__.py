@@ -4,8 +4,8 @@ The library parts live in ``vislang.models.fusion``/``vqa``/``itm``, ``vislang.d
 ``vislang.evaluation.vqa_metrics``; this package holds the small training loops and the CLI commands built on them.
 """
 
-from .vqa_generative import VQAGenConfig, train_vqa_generative
-from .vqa_train import VQATrainConfig, evaluate_vqa, load_vqa_config, predict_answer, train_vqa
+from .vqa_generative import VQAGenConfig
+from .vqa_train import VQATrainConfig, evaluate_vqa, load_vqa_config, predict_answer
 
 __all__ = [
     "VQAGenConfig",
@@ -13,6 +13,4 @@ __all__ = [
     "evaluate_vqa",
     "load_vqa_config",
     "predict_answer",
-    "train_vqa",
-    "train_vqa_generative",
 ]

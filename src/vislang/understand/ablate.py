@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .vqa_train import VQATrainConfig, train_vqa
+from ..train.tasks.vqa import train_vqa
+from .vqa_train import VQATrainConfig
 
 
 def results_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:

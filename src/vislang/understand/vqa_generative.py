@@ -23,7 +23,6 @@ import json
 import os
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,19 +35,12 @@ from ..evaluation.vqa_metrics import normalize_answer, vqa_accuracy, vqa_score
 from ..losses import caption_loss
 from ..models.vqa import GENERATIVE_KEY, vqa_head
 from ..tokenizers import Tokenizer
-from .vqa_train import VQATrainConfig, clean_question, image_tensor, load_run_config
+from ..train.config import VQAGenConfig
+from .vqa_train import clean_question, image_tensor, load_run_config
 
 TASK = "vqa-gen"  # the run config's task: key that routes `vislang train` here
 SEPARATOR = "[MASK]"  # the vislang tokenizer's special that sits between question and answer
 MIN_ANSWER_TOKENS = 2  # room an answer needs in the context: one token and the end token
-
-
-@dataclass(frozen=True)
-class VQAGenConfig(VQATrainConfig):
-    model: str = "shapes-cnn"  # a model config name (`vislang models`) or JSON; a decoder is added if it has none
-    overrides: tuple[str, ...] = ()  # dotted model-config overrides: "decoder.layers=2", "vision.image_size=32"
-    max_answer_tokens: int = 6  # most tokens generated per answer, the end token included
-    out_dir: str = "runs/vqa-gen"
 
 
 def load_vqa_gen_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> VQAGenConfig:
@@ -303,13 +295,3 @@ def build_model(name: str, overrides: list[str] | tuple[str, ...] | dict[str, An
     dec = mcfg.decoder or DecoderConfig(width=tc.width, heads=tc.heads)
     mcfg = dataclasses.replace(mcfg, decoder=dataclasses.replace(dec, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id))
     return build(mcfg), tokenizer
-
-
-def train_vqa_generative(cfg: VQAGenConfig, progress: bool = True, resume: bool = False) -> dict[str, Any]:
-    """Train in the one loop, evaluate on the test (and shapes holdout) sets, save the model; returns the results."""
-    from ..train.loop import fit
-    from ..train.tasks.vqa import VQAGenerativeTask, to_train_config
-
-    task = VQAGenerativeTask()
-    fit(task, to_train_config(cfg, TASK, progress), resume)
-    return task.results

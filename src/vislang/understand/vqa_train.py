@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,29 +24,11 @@ from ..data.vqa import VQASet, read_vqa_file, shapes_vqa
 from ..evaluation.vqa_metrics import vqa_accuracy
 from ..models.fusion import FUSIONS
 from ..models.vqa import VQAConfig, VQAModel, load_vqa
-from ..train.config import OptimConfig
+from ..train.config import OptimConfig, VQATrainConfig  # noqa: F401  (VQATrainConfig: re-exported)
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 EVAL_DIR = "eval"  # OUT/eval: the per-type accuracy table of every evaluated split
 RunConfig = TypeVar("RunConfig")
-
-
-@dataclass(frozen=True)
-class VQATrainConfig:
-    model: str = "shapes-vqa"  # a VQA config name (understand/model_configs) or a JSON path
-    overrides: tuple[str, ...] = ()  # dotted model overrides: "fusion.kind=gated"
-    data: str = "shapes"  # "shapes" or a JSONL/CSV file of image, question, answer
-    test_data: str | None = None  # file for evaluation (shapes: the test split)
-    image_dir: str | None = None  # where relative image paths of the files resolve (default: the file's folder)
-    n_train: int = 3000  # shapes: training scenes
-    n_test: int = 500  # shapes: test (and holdout) scenes
-    epochs: int = 6
-    batch_images: int = 32  # images per step; all their questions come along
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=50, weight_decay=0.05))
-    time_budget_s: float | None = None  # stop training after this many seconds (a fair budget in ablations)
-    out_dir: str = "runs/vqa"
-    seed: int = 0
-    threads: int | None = None  # torch CPU threads (None: torch's default)
 
 
 def load_vqa_train_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> VQATrainConfig:
@@ -178,16 +159,6 @@ def write_eval(results: dict[str, Any], out_dir: Path, title: str) -> Path:
     (d / "vqa.json").write_text(json.dumps({s: results[s] for s in splits}, indent=2))
     (d / "vqa.md").write_text("\n".join(lines) + "\n\nAccuracy in %; question types as the data labels them.\n")
     return d / "vqa.md"
-
-
-def train_vqa(cfg: VQATrainConfig, progress: bool = True, resume: bool = False) -> dict[str, Any]:
-    """Train in the one loop, evaluate on the test (and shapes holdout) sets, save the model; returns the results."""
-    from ..train.loop import fit
-    from ..train.tasks.vqa import VQAClassifierTask, to_train_config
-
-    task = VQAClassifierTask()
-    fit(task, to_train_config(cfg, "vqa", progress), resume)
-    return task.results
 
 
 def clean_question(question: str) -> str:

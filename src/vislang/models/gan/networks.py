@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...losses import group_size
+
 
 @dataclass(frozen=True)
 class GANModelConfig:
@@ -83,11 +85,6 @@ def d_widths(cfg: GANModelConfig) -> list[int]:
     """Discriminator channels: the image's, then doubling per downsampling (at most 8x the base)."""
     k, _ = num_resamples(cfg.image_size)
     return [cfg.channels] + [cfg.d_width * 2 ** min(i, 3) for i in range(k + 1)]  # C, w, 2w, 4w ...
-
-
-def group_size(group: int, n: int) -> int:
-    """The largest group size up to ``group`` that divides a batch of ``n`` (1 if none larger does)."""
-    return next(k for k in range(min(group, n), 0, -1) if n % k == 0)
 
 
 MATCH_SCALE = 10.0  # inverse temperature of the discriminator's image–text cosines (text_match loss)

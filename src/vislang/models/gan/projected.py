@@ -10,7 +10,7 @@ an image from the first step. The random projections follow the paper: a 1×1 co
 a top-down pass adds each coarser scale into the next finer one (CSM), so every per-scale head sees features of all
 depths; both stay fixed, as does the pretrained network (in eval mode, so its BatchNorm statistics never move).
 
-The text enters as in :class:`~vislang.generate.models.DCDiscriminator`: each per-scale head sum-pools its map into
+The text enters as in :class:`~vislang.models.gan.networks.DCDiscriminator`: each per-scale head sum-pools its map into
 a vector, the vectors are concatenated into the features h, and the score is w·h + <embed(c), h>. The minibatch-std
 channel, when configured, is appended in every head before its last conv.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from ..config import DEFAULTS
 from .contrastive import (  # noqa: F401  (re-exported: the objectives' old home was vislang.train.tasks)
     OBJECTIVES,
     CaptionTask,
@@ -21,7 +22,6 @@ from .contrastive import (  # noqa: F401  (re-exported: the objectives' old home
     relation_negative_loss,
     unique_rows,
 )
-from .vqa import vqa_defaults
 
 TASKS: dict[str, str] = {
     "contrastive": "vislang.train.tasks.contrastive:DualEncoderTask",
@@ -33,7 +33,6 @@ TASKS: dict[str, str] = {
     "vqa-gen": "vislang.train.tasks.vqa:VQAGenerativeTask",
 }
 
-DEFAULTS: dict[str, dict[str, Any]] = {"vqa": vqa_defaults("vqa"), "vqa-gen": vqa_defaults("vqa-gen")}
 
 
 def task_class(name: str) -> type:

@@ -1,11 +1,11 @@
 """The text-conditioned GAN (``task: gan``) in the one loop, with manual optimisation: two optimizers, EMA, FID.
 
-Each step is ``generate.train.gan_step`` (one discriminator update, one generator update through the updated D, the
+Each step is ``gan_step.gan_step`` (one discriminator update, one generator update through the updated D, the
 EMA update), whose optimizers step through the loop's ``Run.step``; the learning rates follow ``gan.lr_decay_from``
-(``generate.train.lr_factor``). The task adds what the loop does not know about: the frozen text tower's condition
+(``gan_step.lr_factor``). The task adds what the loop does not know about: the frozen text tower's condition
 tables, IC-GAN instance banks, sample grids (``samples/``), tracked FID-FM with a judge (``fid.png``, ``keep_best``),
 the EMA generator's standing BatchNorm statistics and the ``TextToImage`` model directory. A time budget simply
-ends the run when it is spent (``budget_fit_from`` None). Run layout: see ``generate.train``.
+ends the run when it is spent (``budget_fit_from`` None). Run layout: see ``gan_step``.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from ...config import from_dict, to_dict
-from ..config import GANConfig
-from ..loop import Run, Task
+from ..config import GANConfig, TrainConfig
+from ..loop import Run, Task, fit
 
 
 def check_gan_config(gan: GANConfig) -> None:
@@ -92,8 +92,8 @@ class GANTask(Task):
             (run.out_dir / "gan_model_config.json").write_text(json.dumps(to_dict(self.mcfg), indent=2))
 
     def _model_config(self):
-        from ...generate.train import instance_dim
         from ...models.gan.networks import GANModelConfig
+        from .gan_step import instance_dim
 
         gan, enc, cfg = self.gan, self.encoder, self.cfg
         v = enc.cfg.vision
@@ -114,7 +114,7 @@ class GANTask(Task):
     def _conditions(self) -> None:
         """The data, the frozen tower's embedding of every distinct caption, relation flips, the instance bank."""
         from ...data.loading import load_prepared
-        from ...generate.train import embed_texts
+        from ...evaluation.embed import embed_texts
 
         cfg, gan, device, enc, tok = self.cfg, self.gan, self.run.device, self.encoder, self.tokenizer
         d, v = cfg.data, enc.cfg.vision
@@ -123,7 +123,7 @@ class GANTask(Task):
         self.captions = self.data.captions[:n]
         uniq, inverse = np.unique(np.asarray(self.captions, dtype=object).astype(str), return_inverse=True)
         print(f"[vislang] embedding {len(uniq)} distinct captions of {n} images with the frozen text tower")
-        self.cond_table = embed_texts(enc, tok, list(uniq)).to(device)  # (U, E)
+        self.cond_table = embed_texts(enc, tok, list(uniq), batch_size=512).to(device)  # (U, E)
         self.cap_index = torch.from_numpy(inverse.astype(np.int64))  # (N,)
         self.flip_table = self.has_flip = None
         if gan.relation_negatives:
@@ -133,7 +133,7 @@ class GANTask(Task):
             self.has_flip = torch.tensor([f is not None for f in flipped])  # (U,)
             self.flip_table = torch.zeros_like(self.cond_table)  # (U, E): rows without a relation stay unused
             rows = self.has_flip.nonzero().squeeze(1)
-            flips = embed_texts(enc, tok, [flipped[i] for i in rows.tolist()]).to(device)
+            flips = embed_texts(enc, tok, [flipped[i] for i in rows.tolist()], batch_size=512).to(device)
             self.flip_table[rows.to(device)] = flips
             print(f"[vislang] relation negatives: {int(self.has_flip.sum())} of {len(uniq)} distinct captions state a "
                   "relation")  # fmt: skip
@@ -166,7 +166,8 @@ class GANTask(Task):
                                    mcfg.instance_k)  # (N, k) fmt: skip
 
     def _tracker(self) -> None:
-        from ...generate.train import default_prompts, embed_texts
+        from ...evaluation.embed import embed_texts
+        from .gan_step import default_prompts
 
         gan, cfg, d, v = self.gan, self.cfg, self.cfg.data, self.encoder.cfg.vision
         self.prompts = default_prompts(gan, self.data.classnames, self.captions)
@@ -178,10 +179,11 @@ class GANTask(Task):
             if not self.data.classnames:
                 raise ValueError(f"gan.judge tracks FID-FM per class, so it needs class names; {d.train} has none")
             texts = [format_caption("a photo of a {}.", c) for c in self.data.classnames]
-            class_cond = embed_texts(self.encoder, self.tokenizer, texts)
+            class_cond = embed_texts(self.encoder, self.tokenizer, texts, batch_size=512)
             self.tracker = FIDTracker(gan.judge, class_cond.to(self.run.device), d.train, d.train_split, v.image_size,
                                       v.channels, gan.fid_images, cfg.seed)  # fmt: skip
-        self.prompt_cond = embed_texts(self.encoder, self.tokenizer, self.prompts).to(self.run.device)  # (P, E)
+        prompt_cond = embed_texts(self.encoder, self.tokenizer, self.prompts, batch_size=512)  # (P, E)
+        self.prompt_cond = prompt_cond.to(self.run.device)
 
     def _build(self) -> None:
         """G, D, the EMA copy, both Adams, the fixed sample noise, the wrong-text generator, the standing conditions."""
@@ -255,13 +257,13 @@ class GANTask(Task):
             yield {"real": real, "c": c, "c_flip": c_flip}
 
     def learning_rates(self, step: int, total: int) -> dict[str, float]:
-        from ...generate.train import lr_factor
+        from .gan_step import lr_factor
 
         self.f = lr_factor(step, total, self.gan.lr_decay_from)
         return {"opt_g": self.gan.lr_g * self.f, "opt_d": self.gan.lr_d * self.f}
 
     def training_step(self, batch: dict[str, Any], step: int) -> dict[str, float]:
-        from ...generate.train import gan_step
+        from .gan_step import gan_step
 
         gan = self.gan
         update_g = (step + 1) % gan.d_steps == 0  # the last of every d_steps batches also updates G
@@ -356,3 +358,9 @@ class GANTask(Task):
         model_dir = model.save_pretrained(run.out_dir / "model", extra)
         print(f"[vislang] trained {step} GAN steps in {math.floor(secs + 0.5)} s; model saved to {model_dir}")
         return model_dir
+
+
+def train_gan(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Train a text-conditioned GAN as ``cfg`` says (whatever its ``task``), in the one loop; returns the saved model
+    directory."""
+    return fit(GANTask(), cfg, resume)

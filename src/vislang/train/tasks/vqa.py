@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from ...config import to_dict
-from ..config import TrainConfig, VQATaskConfig
-from ..loop import Run, Task
+from ..config import VQATaskConfig, to_train_config
+from ..loop import Run, Task, fit
 
 
 class _VQABase(Task):
@@ -231,39 +231,16 @@ class VQAGenerativeTask(_VQABase):
         save_pretrained(self.model.eval(), out / "model", self.tokenizer, extra=extra)
 
 
-def vqa_defaults(task: str) -> dict[str, Any]:
-    """The ``TrainConfig`` values a VQA run starts from: the old ``VQATrainConfig`` / ``VQAGenConfig`` defaults."""
-    return {
-        "model_name": "shapes-vqa" if task == "vqa" else "shapes-cnn",
-        "epochs": 6,
-        "batch_size": 32,
-        "optim": {"lr": 1e-3, "warmup_steps": 50, "weight_decay": 0.05},
-        "log_every": 20,
-        "out_dir": "runs/vqa" if task == "vqa" else "runs/vqa-gen",
-        "vqa": {},
-    }
+def train_vqa(cfg: Any, progress: bool = True, resume: bool = False) -> dict[str, Any]:
+    """A VQA classifier from the flat ``understand.VQATrainConfig``: trained in the one loop, evaluated on the test
+    (and shapes holdout) sets, saved; returns the results."""
+    task = VQAClassifierTask()
+    fit(task, to_train_config(cfg, "vqa", progress), resume)
+    return task.results
 
 
-def to_train_config(cfg: Any, task: str, progress: bool = True) -> TrainConfig:
-    """A ``VQATrainConfig`` / ``VQAGenConfig`` (the old flat run config) as the ``TrainConfig`` of the one loop."""
-    from ...config import apply_overrides, from_dict
-
-    vqa = {k: getattr(cfg, k) for k in ("data", "test_data", "image_dir", "n_train", "n_test")}
-    if hasattr(cfg, "max_answer_tokens"):
-        vqa["max_answer_tokens"] = cfg.max_answer_tokens
-    data = {
-        "task": task,
-        "model_name": cfg.model,
-        "model": apply_overrides({}, list(cfg.overrides)),
-        "epochs": cfg.epochs,
-        "batch_size": cfg.batch_images,
-        "optim": to_dict(cfg.optim),
-        "time_budget_min": cfg.time_budget_s / 60 if cfg.time_budget_s else None,
-        "out_dir": cfg.out_dir,
-        "seed": cfg.seed,
-        "threads": cfg.threads,
-        "log_every": 20,
-        "progress": progress,
-        "vqa": vqa,
-    }
-    return from_dict(TrainConfig, data)
+def train_vqa_generative(cfg: Any, progress: bool = True, resume: bool = False) -> dict[str, Any]:
+    """The generative answerer from the flat ``understand.VQAGenConfig``, like :func:`train_vqa`."""
+    task = VQAGenerativeTask()
+    fit(task, to_train_config(cfg, "vqa-gen", progress), resume)
+    return task.results

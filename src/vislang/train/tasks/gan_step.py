@@ -1,5 +1,6 @@
-"""GAN training (``vislang train`` with ``task: gan``): the step, its losses and helpers. The run itself is the one
-loop's (``train.loop``) with ``train.tasks.gan.GANTask``, which steps G's and D's optimizers by manual optimisation.
+"""GAN training (``vislang train`` with ``task: gan``): the step and its helpers (its losses are in ``losses.py``). The
+run itself is the one loop's (``train.loop``) with ``train.tasks.gan.GANTask``, which steps G's and D's optimizers by
+manual optimisation.
 
 Run layout (``cfg.out_dir``)::
 
@@ -27,25 +28,13 @@ classes are, which the generator gets right anyway.
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-from ..models.gan.networks import d_loss, diff_augment, ema_update, g_loss, group_size, parse_augment, text_match_loss
-from ..train.config import GANConfig, TrainConfig
-from ..train.loop import optimizer_step
-
-
-@torch.no_grad()
-def embed_texts(encoder: torch.nn.Module, tokenizer, texts: list[str], batch_size: int = 512) -> torch.Tensor:
-    """Normalised text embeddings (N, E) with the frozen tower, in batches."""
-    encoder.eval()
-    dev = next(encoder.parameters()).device
-    parts = [
-        encoder.encode_text(tokenizer(texts[s : s + batch_size]).to(dev), normalize=True).float()
-        for s in range(0, len(texts), batch_size)
-    ]
-    return torch.cat(parts)
+from ...losses import coverage_loss, mismatched, mode_seeking_loss, spread_match_loss
+from ...models.gan.networks import d_loss, diff_augment, ema_update, g_loss, parse_augment, text_match_loss
+from ..config import GANConfig
+from ..loop import optimizer_step
 
 
 def instance_dim(model: dict, embed_dim: int) -> int:
@@ -76,51 +65,6 @@ def lr_factor(step: int, total_steps: int, decay_from: float) -> float:
     if step < start or total_steps <= start:
         return 1.0
     return max(0.0, 1.0 - (step - start) / (total_steps - start))
-
-
-def mismatched(cond: torch.Tensor, max_cos: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """(indices of wrong texts, keep mask): each item takes the text of the item ``shift`` places on; pairs whose
-    texts mean the same (cosine >= ``max_cos``, e.g. two templates of one class) are dropped, not counted as fake."""
-    b = cond.shape[0]
-    shift = int(torch.randint(1, b, (1,), generator=gen))
-    idx = (torch.arange(b) + shift) % b
-    keep = (cond * cond[idx]).sum(1) < max_cos  # (B,)
-    return idx, keep
-
-
-def mode_seeking_loss(a: torch.Tensor, b: torch.Tensor, za: torch.Tensor, zb: torch.Tensor) -> torch.Tensor:
-    """MSGAN's mode-seeking term (Mao et al. 2019): 1 / (mean |G(za,c) - G(zb,c)| / mean |za - zb|). Small when two
-    noises give different images for one text, so the generator is pushed away from drawing one image per text."""
-    ratio = (a - b).abs().mean(dim=(1, 2, 3)) / (za - zb).abs().mean(dim=1)  # (N,)
-    return 1.0 / (ratio.mean() + 1e-5)
-
-
-def spread_match_loss(h_fake: torch.Tensor, h_real: torch.Tensor, group: int) -> torch.Tensor:
-    """How far the spread of generated images' discriminator features, in each group of ``group`` consecutive items,
-    is from the spread of the real images' group at the same place: mean (std_fake - std_real)² / mean std_real², per
-    feature. With ``gan.group_by_label`` a group is one class (the fakes carry the real items' texts), so this asks
-    for as much variety within a class as the data has, where the minibatch-std channel only lets D notice too
-    little. ``h_*`` (B, W); a ``group`` that does not divide B shrinks to one that does, as the minibatch-std
-    channel's. The real side is a target: no gradient."""
-    b, w = h_fake.shape
-    group = group_size(group, b)
-    if group < 2:  # no spread to compare
-        return h_fake.new_zeros(())
-    # (var + eps)^½ as the minibatch-std channel takes it: a group of identical features still has a gradient
-    std_f = (h_fake.float().reshape(b // group, group, w).var(dim=1, unbiased=False) + 1e-8).sqrt()  # (B/G, W)
-    std_r = (h_real.detach().float().reshape(b // group, group, w).var(dim=1, unbiased=False) + 1e-8).sqrt()
-    return ((std_f - std_r) ** 2).mean() / ((std_r**2).mean() + 1e-8)
-
-
-def coverage_loss(candidates: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """IMLE's term (Li & Malik 2018): the mean squared pixel distance from each real image (N, C, H, W) to the
-    nearest of its K generated candidates (N * K, C, H, W; candidates of one real image consecutive, drawn for its
-    text). Only the nearest candidate gets a gradient, so every real image pulls some fake towards itself: a data
-    mode that no noise reaches costs the generator, which the adversarial loss alone does not make it pay (a
-    generator that draws a class's typical items well satisfies the discriminator while its spread stays narrow)."""
-    n = real.shape[0]
-    d = (candidates.float().view(n, -1, *real.shape[1:]) - real.float().unsqueeze(1)).pow(2).mean(dim=(2, 3, 4))
-    return d.min(dim=1).values.mean()  # (N, K) → nearest per real image → mean
 
 
 def gan_step(
@@ -241,12 +185,3 @@ def gan_step(
         ema_update(G_ema, G, gan.ema_decay)
     stats["loss_g"] = loss_g.item()
     return stats
-
-
-def train_gan(cfg: TrainConfig, resume: bool = False) -> Path:
-    """Train a text-conditioned GAN as ``cfg`` (``task: gan``) says, in the one loop (``train.tasks.gan.GANTask``);
-    returns the saved model directory. cuDNN's benchmark mode, switched on for the run, is put back afterwards."""
-    from ..train.loop import fit
-    from ..train.tasks.gan import GANTask
-
-    return fit(GANTask(), cfg, resume)
