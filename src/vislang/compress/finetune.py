@@ -1,7 +1,7 @@
 """A short training loop for compressed models: the fine-tune after pruning and the distillation of a student.
 
-It reuses the trainer's pieces (prepared data, ``TokenizedPairs``, ``epoch_batches``, ``build_optimizer``, the warmup +
-cosine ``lr_at``) but runs a fixed number of steps with a caller-supplied loss, with no checkpoints or evaluation.
+It runs in the one training loop (``train.tasks.distill.StepsTask``): a fixed number of steps with a caller-supplied
+loss, AdamW with the trainer's warmup + cosine schedule, in memory (no files) unless given an ``out_dir``.
 """
 
 from __future__ import annotations
@@ -12,10 +12,9 @@ import torch
 from torch import nn
 
 from ..data.config import DataConfig
-from ..data.loading import TokenizedPairs, epoch_batches, load_prepared
+from ..data.loading import TokenizedPairs, load_prepared
 from ..models.clip import CLIP
 from ..train.config import OptimConfig
-from ..train.optim import build_optimizer, lr_at, set_lr
 
 LossFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
@@ -49,37 +48,22 @@ def run_steps(
     seed: int = 0,
     warmup_steps: int = 20,
     log_every: int = 0,
+    out_dir: str = "",
+    resume: bool = False,
 ) -> list[float]:
-    """Train ``model``'s trainable parameters for ``steps`` AdamW steps on ``loss_fn(batch)``; returns the losses."""
+    """Train ``model``'s trainable parameters for ``steps`` AdamW steps on ``loss_fn(batch)`` in the one training loop
+    (``train.tasks.distill.StepsTask``); returns the losses. In memory unless ``out_dir`` (then resumable)."""
+    from ..train.loop import fit
+    from ..train.tasks.distill import StepsTask, memory_config, module_device
+
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
     batch_size = min(batch_size, len(data))
     if batch_size < 2:
         raise ValueError(f"the training data has {len(data)} pairs; contrastive fine-tuning needs at least 2")
     ocfg = OptimConfig(lr=lr, warmup_steps=min(warmup_steps, steps // 4))
-    optimizer = build_optimizer(model, ocfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    losses: list[float] = []
-    model.train()
-    epoch = 0
-    while len(losses) < steps:
-        for idx in epoch_batches(len(data), batch_size, seed, epoch):
-            set_lr(optimizer, lr_at(len(losses), steps, ocfg))
-            loss = loss_fn(data.get_batch(idx))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at step {len(losses)}; lower the learning rate")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            losses.append(loss.item())
-            if log_every and len(losses) % log_every == 0:
-                print(f"[vislang] step {len(losses)}/{steps}: loss {sum(losses[-log_every:]) / log_every:.4f}")
-            if len(losses) >= steps:
-                break
-        epoch += 1
-    model.eval()
-    return losses
+    cfg = memory_config(steps, batch_size, seed, ocfg, module_device(model), out_dir)
+    return fit(StepsTask(model, loss_fn, data, log_every), cfg, resume)
 
 
 def contrastive_loss_fn(model: CLIP) -> LossFn:

@@ -37,7 +37,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..models.gan.networks import (
@@ -49,6 +48,7 @@ from ..models.gan.networks import (
 )
 from ..models.gan.pipeline import TextToImage
 from ..models.gan.quantized import quantize_generator_static
+from ..train.config import OptimConfig
 
 
 def training_conditions(
@@ -135,37 +135,15 @@ def fit_to_teacher(
 
     ``train_norms`` False keeps the student's BatchNorm statistics frozen (eval mode): a pruned generator keeps the
     teacher's; a student from scratch has none yet and trains them. Returns the per-step L1 losses."""
-    from ..models.gan.networks import g_loss
+    from ..train.loop import fit
+    from ..train.tasks.distill import TeacherFitTask, memory_config, module_device
 
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
-    teacher.eval()
-    student.train(train_norms)
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999))
-    gen = torch.Generator().manual_seed(seed)
-    group = max(1, getattr(critic, "mbstd", 0)) if critic is not None else 1
-    batch_size = max(group, batch_size - batch_size % group)
-    losses: list[float] = []
-    for step in range(steps):
-        for pg in opt.param_groups:  # cosine decay to zero: the last steps settle rather than wander
-            pg["lr"] = lr * 0.5 * (1 + np.cos(np.pi * step / steps))
-        c = conds[torch.randint(len(conds), (batch_size // group,), generator=gen)].repeat_interleave(group, dim=0)
-        z = torch.randn(batch_size, z_dim, generator=gen)  # (B, Z), c (B, E): groups of one text
-        with torch.no_grad():
-            target = teacher(z, c)  # (B, C, H, W) in [-1, 1]
-        x = student(z, c)
-        l1 = F.l1_loss(x, target)
-        loss = l1 + adv_weight * g_loss(critic(x, c), loss_kind) if critic is not None and adv_weight > 0 else l1
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower the learning rate")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(l1.item())
-        if log_every and (step + 1) % log_every == 0:
-            print(f"[vislang] step {step + 1}/{steps}: L1 to the teacher {np.mean(losses[-log_every:]):.4f}")
-    return losses
+    task = TeacherFitTask(student, teacher, conds, z_dim, lr, train_norms=train_norms, log_every=log_every,
+                          critic=critic, adv_weight=adv_weight, loss_kind=loss_kind)  # fmt: skip
+    cfg = memory_config(steps, batch_size, seed, OptimConfig(lr=lr, grad_clip=None), module_device(student))
+    return fit(task, cfg)
 
 
 def student_gan_config(teacher: GANModelConfig, overrides: list[str] | dict[str, Any] | None) -> GANModelConfig:

@@ -276,7 +276,9 @@ def generative_answer_probability(model_dir: str | os.PathLike, image, question:
 # -------------------------------------------------------------------------------------------------------- training
 
 
-def build_model(name: str, overrides: list[str] | tuple[str, ...] | dict[str, Any], texts: Sequence[str]):
+def build_model(
+    name: str, overrides: list[str] | tuple[str, ...] | dict[str, Any], texts: Sequence[str], make_tokenizer=None
+):
     """``(CoCa, tokenizer)``: the model config with a decoder (one of the text tower's width if it has none), and a
     tokenizer trained on the questions and answers (answers must be spellable to be generated)."""
     from ..factory import build_model as build
@@ -290,7 +292,12 @@ def build_model(name: str, overrides: list[str] | tuple[str, ...] | dict[str, An
             "transformer and text.tokenizer to bpe or wordpiece"
         )
     tc = mcfg.text
-    tokenizer = Tokenizer.train(texts, vocab_size=tc.vocab_size, kind=tc.tokenizer, context_length=tc.context_length)
+    if make_tokenizer is not None:  # the training task's: kept in the run folder for a resume
+        tokenizer = make_tokenizer(list(texts), tc)
+    else:
+        tokenizer = Tokenizer.train(
+            texts, vocab_size=tc.vocab_size, kind=tc.tokenizer, context_length=tc.context_length
+        )
     mcfg = fit_config_to_tokenizer(mcfg, tokenizer)
     dec = mcfg.decoder or DecoderConfig(width=tc.width, heads=tc.heads)
     mcfg = dataclasses.replace(mcfg, decoder=dataclasses.replace(dec, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id))

@@ -304,7 +304,17 @@ class DualEncoderTask(Task):
 
         steps = len(self._epoch(epoch)) // self.cfg.accum_steps * self.cfg.accum_steps
         dev = self.run.device
-        for batch in batch_loader(self.data, self._epoch(epoch)[start:steps], self.cfg.data.num_workers):
+        loader = batch_loader(self.data, self._epoch(epoch)[start:steps], self.cfg.data.num_workers)
+        # A DataLoader draws its base seed from torch's global generator when iterated. An uninterrupted run made
+        # that draw at the epoch's start, before the checkpoint's RNG state was taken: a run resumed mid-epoch must
+        # not draw again, or every later draw of the run (ITM's hard negatives, dropout) shifts by one.
+        if start > 0:
+            state = torch.get_rng_state()
+            it = iter(loader)
+            torch.set_rng_state(state)
+        else:
+            it = iter(loader)
+        for batch in it:
             batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
             if self.channels_last and batch["image"].ndim == 4:
                 batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)

@@ -53,6 +53,20 @@ class _VQABase(Task):
     def build(self) -> None:
         raise NotImplementedError
 
+    def question_tokenizer(self, texts: list[str], text_cfg: Any):
+        """The run's tokenizer: trained on ``texts`` and kept in OUT/tokenizer, read back from there on resume (a
+        WordPiece trainer may split ties differently from one call to the next, and a resumed run must keep ids)."""
+        from ...tokenizers import Tokenizer, load_tokenizer
+
+        out = self.run.out_dir
+        if self.run.resume and out is not None and (out / "tokenizer").is_dir():
+            return load_tokenizer(out / "tokenizer")
+        t = text_cfg
+        tokenizer = Tokenizer.train(texts, vocab_size=t.vocab_size, kind=t.tokenizer, context_length=t.context_length)
+        if out is not None and self.run.main:
+            tokenizer.save(out / "tokenizer")
+        return tokenizer
+
     def modules(self) -> dict[str, nn.Module]:
         return {"model": self.model}
 
@@ -132,7 +146,6 @@ class VQAClassifierTask(_VQABase):
     def build(self) -> None:
         from ...data.vqa import answer_targets, answer_vocab
         from ...models.vqa import VQAModel
-        from ...tokenizers import Tokenizer
         from ...understand.vqa_train import load_sets, load_vqa_config
 
         mcfg = load_vqa_config(self.cfg.model_name, self.cfg.model)
@@ -140,9 +153,7 @@ class VQAClassifierTask(_VQABase):
         train = self.sets["train"]
         self.answers = answer_vocab(train.answers)
         t = mcfg.text
-        self.tokenizer = Tokenizer.train(
-            train.questions, vocab_size=t.vocab_size, kind=t.tokenizer, context_length=t.context_length
-        )
+        self.tokenizer = self.question_tokenizer(train.questions, t)
         text = dataclasses.replace(t, vocab_size=self.tokenizer.vocab_size, pad_id=self.tokenizer.pad_id)
         mcfg = dataclasses.replace(mcfg, text=text, num_answers=len(self.answers))
         self.model = VQAModel(mcfg)
@@ -197,7 +208,8 @@ class VQAGenerativeTask(_VQABase):
         train = self.sets["train"]
         self.answers = answer_vocab(train.answers)
         labels = train.top_answers()  # one answer per question to teach (the most common reference)
-        self.model, self.tokenizer = build_model(self.cfg.model_name, self.cfg.model, [*train.questions, *self.answers])
+        texts = [*train.questions, *self.answers]
+        self.model, self.tokenizer = build_model(self.cfg.model_name, self.cfg.model, texts, self.question_tokenizer)
         self.sep, self.pad = separator_id(self.tokenizer), self.tokenizer.pad_id
         ctx = self.model.cfg.text.context_length
         self.tokens = encode_pairs(self.tokenizer, train.questions, labels, self.sep, ctx)  # (Q, ctx)
