@@ -153,7 +153,6 @@ def optimizer_steps(path: Path) -> list[int]:
     return lines
 
 
-@pytest.mark.xfail(strict=True, reason="GAN, VQA, fine-tune and compression loops not yet on train/loop.py")
 def test_optimizers_step_only_in_the_training_loop():
     outside = {
         str(p.relative_to(SRC)): optimizer_steps(p)
