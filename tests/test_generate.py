@@ -692,8 +692,19 @@ def test_missing_text_model_is_a_clear_error(tmp_path):
     from vislang.generate.train import train_gan
 
     cfg = _cfg(tmp_path / "nope", tmp_path / "run", 1)
-    with pytest.raises(FileNotFoundError, match="gan.text_model"):
+    with pytest.raises(FileNotFoundError, match="gan.text_model") as err:
         train_gan(cfg)
+    assert "make demo" in str(err.value) and "--gan.text_model=DIR" in str(err.value)  # says how to get one
+    assert not (tmp_path / "run").exists()  # nothing written for a run that cannot start
+
+
+def test_gan_text_model_defaults_to_what_make_demo_writes():
+    from vislang.cli import PACKAGED_CONFIGS
+    from vislang.train.config import GANConfig, load_train_config
+
+    assert GANConfig().text_model == "runs/demo/model"
+    for name in ("gan", "gan-mlp", "gan-gpu", "gan-projected"):  # the Fashion-MNIST GANs borrow the demo's tower
+        assert load_train_config(PACKAGED_CONFIGS / f"{name}.yaml").gan.text_model == "runs/demo/model", name
 
 
 def test_packaged_gan_configs_load():

@@ -46,7 +46,7 @@ DEFAULT_LR = {"full": 2e-4, "scratch": 2e-3}
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    model: str = "runs/acc1/model"  # model directory whose image tower is used; scratch: also a named config
+    model: str = "runs/demo/model"  # model directory whose image tower is used; scratch: also a named config
     data: str = "fashion-mnist"  # fashion-mnist | shapes | a class-per-folder tree | a .csv/.tsv with a label column
     test_data: str | None = None  # test set for a path dataset; None = the named dataset's test split, or a holdout
     train_split: str = "train"  # splits of a named dataset
@@ -127,7 +127,7 @@ def tower_source(cfg: FinetuneConfig, method: str) -> tuple[VisionConfig, dict[s
     if Path(cfg.model).is_dir():
         raise FileNotFoundError(
             f"{cfg.model} is not a vislang model directory (needs config.json and model.safetensors); pass one "
-            "written by `vislang train` or `vislang finetune` (e.g. runs/acc1/model), or a named config for scratch"
+            "written by `vislang train` or `vislang finetune` (e.g. runs/demo/model), or a named config for scratch"
         )
     vision = get_model_config(cfg.model).vision
     if method == "scratch":
@@ -135,7 +135,7 @@ def tower_source(cfg: FinetuneConfig, method: str) -> tuple[VisionConfig, dict[s
     if not vision.pretrained:
         raise ValueError(
             f"{cfg.model!r} is a model config without pretrained weights, so --method {method} has nothing to start "
-            "from; pass a trained model directory (e.g. runs/acc1/model) or use --method scratch"
+            "from; pass a trained model directory (e.g. runs/demo/model) or use --method scratch"
         )
     return vision, None  # the tower loads vision.pretrained when it is built
 

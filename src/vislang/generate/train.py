@@ -309,16 +309,16 @@ def _train_gan(cfg: TrainConfig, resume: bool) -> Path:
     device = pick_device(cfg.device)
     if device.type == "cuda":  # the same shapes every step: let cuDNN time its convolution algorithms once
         torch.backends.cudnn.benchmark = True
+    if not Path(gan.text_model).is_dir():  # checked before out_dir is made: a fresh clone has no text tower yet
+        raise FileNotFoundError(
+            f"gan.text_model {gan.text_model!r} is not a model directory; make one with `make demo` or "
+            "`vislang train --config demo` (both write runs/demo/model), or pass --gan.text_model=DIR"
+        )
     out = Path(cfg.out_dir)
     ckpt_path = out / "checkpoints" / "last.pt"
     out.mkdir(parents=True, exist_ok=True)
     if not resume and ckpt_path.exists():
         raise FileExistsError(f"{out} already holds a run; pass --resume to continue it or choose another --out_dir")
-    if not Path(gan.text_model).is_dir():
-        raise FileNotFoundError(
-            f"gan.text_model {gan.text_model!r} is not a model directory; train a dual encoder first "
-            "(vislang train --config demo) and pass --gan.text_model=runs/NAME/model"
-        )
     encoder = from_pretrained(gan.text_model, device).eval()
     for p in encoder.parameters():
         p.requires_grad_(False)
