@@ -422,6 +422,7 @@ def _generator_state(model_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(model_dir / "model.safetensors"))
 
 
+@pytest.mark.fashion_mnist
 def test_train_resumes_exactly_and_writes_the_run(text_model_dir, tmp_path):
     from vislang.generate.train import train_gan
 
@@ -438,6 +439,7 @@ def test_train_resumes_exactly_and_writes_the_run(text_model_dir, tmp_path):
         train_gan(_cfg(text_model_dir, run, 6))
 
 
+@pytest.mark.fashion_mnist
 def test_resnet_gan_trains_and_saves_a_loadable_generator(text_model_dir, tmp_path):
     from vislang.generate.train import train_gan
 
@@ -447,6 +449,7 @@ def test_resnet_gan_trains_and_saves_a_loadable_generator(text_model_dir, tmp_pa
     assert t2i.generate("a photo of a bag.", n=2, seed=0).shape == (2, 1, 28, 28)
 
 
+@pytest.mark.fashion_mnist
 def test_mixture_gan_trains_saves_and_samples_each_component(text_model_dir, tmp_path):
     import dataclasses
 
@@ -464,6 +467,7 @@ def test_mixture_gan_trains_saves_and_samples_each_component(text_model_dir, tmp
     assert x.shape == (6, 1, 28, 28) and torch.equal(t2i.generate("a photo of a bag.", n=2, seed=0), x[:2])
 
 
+@pytest.mark.fashion_mnist
 def test_projected_gan_trains_and_its_generator_loads_without_the_discriminator(text_model_dir, tmp_path, monkeypatch):
     from vislang.generate import projected
     from vislang.generate.train import train_gan
@@ -478,6 +482,7 @@ def test_projected_gan_trains_and_its_generator_loads_without_the_discriminator(
     assert t2i.cfg.arch == "projected" and t2i.generate("a photo of a bag.", n=2, seed=0).shape == (2, 1, 28, 28)
 
 
+@pytest.mark.fashion_mnist
 def test_lr_decay_falls_linearly_to_zero_and_resumes_exactly(text_model_dir, tmp_path):
     import dataclasses
 
@@ -507,6 +512,7 @@ def test_lr_decay_falls_linearly_to_zero_and_resumes_exactly(text_model_dir, tmp
         train_gan(cfg("d", 2, decay_from=1.5))
 
 
+@pytest.mark.fashion_mnist
 def test_d_steps_trains_the_generator_on_every_kth_batch_and_logs_its_loss_over_those(text_model_dir, tmp_path):
     import dataclasses
 
@@ -544,6 +550,7 @@ def test_spread_match_is_zero_for_equal_spread_and_grows_as_the_fakes_collapse()
     assert h.grad is not None and real.grad is None  # the real side is a target
 
 
+@pytest.mark.fashion_mnist
 def test_spread_match_changes_the_generator_update_only_when_on(text_model_dir, tmp_path):
     import dataclasses
 
@@ -562,6 +569,7 @@ def test_spread_match_changes_the_generator_update_only_when_on(text_model_dir, 
     assert any(not torch.allclose(a[k], b[k]) for k in a)  # the term reached G's weights
 
 
+@pytest.mark.fashion_mnist
 def test_group_by_label_orders_each_batch_by_class(text_model_dir, tmp_path, monkeypatch):
     import dataclasses
 
@@ -594,6 +602,7 @@ def test_group_by_label_orders_each_batch_by_class(text_model_dir, tmp_path, mon
         train_gan(dataclasses.replace(cfg, out_dir=str(tmp_path / "y"), gan=odd))
 
 
+@pytest.mark.fashion_mnist
 def test_cli_train_generate_and_eval(text_model_dir, tmp_path, monkeypatch):
     from PIL import Image
 
@@ -739,6 +748,7 @@ def test_gan_throughput_benchmark_smoke(tmp_path):
     assert json.loads((tmp_path / "b.json").read_text())["ratio"]["train_dcgan_over_mlp"] > 0
 
 
+@pytest.mark.fashion_mnist
 def test_train_with_diff_augment_differs_and_checks_the_policy_first(text_model_dir, tmp_path):
     import dataclasses
 
@@ -756,6 +766,7 @@ def test_train_with_diff_augment_differs_and_checks_the_policy_first(text_model_
     assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
+@pytest.mark.fashion_mnist
 def test_fid_tracking_leaves_training_alone_and_keep_best_saves_the_best_step(text_model_dir, tmp_path, monkeypatch):
     import dataclasses
 
