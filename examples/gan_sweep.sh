@@ -7,13 +7,13 @@
 #   bash examples/gan_sweep.sh runs/sweep "b256=--batch_size=256 --gan.model.g_width=32 --gan.model.d_width=32" "b128=--batch_size=128"
 #
 # Environment: MINUTES (training time per run, 6.5), DEVICE (auto), THREADS (3), JUDGE (runs/finetune/scratch/model,
-# from `vislang finetune --model fmnist-cnn --method scratch --out runs/finetune`), TEXT_MODEL (runs/acc1/model),
+# from `vislang finetune --model fmnist-cnn --method scratch --out runs/finetune`), TEXT_MODEL (runs/demo/model),
 # FID_IMAGES (5000, tracked), N_PER_CLASS (1000, generate-eval), VISLANG (.venv/bin/vislang).
 set -u
 if [ $# -lt 2 ]; then sed -n 2,12p "$0"; exit 2; fi
 OUT=$1; shift
 MINUTES=${MINUTES:-6.5} DEVICE=${DEVICE:-auto} THREADS=${THREADS:-3} VISLANG=${VISLANG:-.venv/bin/vislang}
-JUDGE=${JUDGE:-runs/finetune/scratch/model} TEXT_MODEL=${TEXT_MODEL:-runs/acc1/model}
+JUDGE=${JUDGE:-runs/finetune/scratch/model} TEXT_MODEL=${TEXT_MODEL:-runs/demo/model}
 PY=$(dirname "$VISLANG")/python; [ -x "$PY" ] || PY=python3  # the Python that has vislang's torch
 EVAL_DEVICE=$DEVICE; [ "$DEVICE" = auto ] && EVAL_DEVICE=$("$PY" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")' 2>/dev/null || echo cpu)
 for d in "$JUDGE" "$TEXT_MODEL"; do [ -f "$d/config.json" ] || { echo "no model directory at $d (see the header of $0)"; exit 2; }; done

@@ -144,6 +144,7 @@ def fm_gan_dir(root):
     return t2i.save_pretrained(root / "gan", {"data": {"train": "fashion-mnist"}})
 
 
+@pytest.mark.fashion_mnist
 def test_compare_generators_fid_speed_and_size(tmp_path, cache):
     from test_generate import _tiny_fm_judge
     from vislang.compress.compare import compare_models

@@ -39,8 +39,6 @@ from vislang.data.readers import (
 from vislang.data.shapes import ShapesDataset
 from vislang.data.transforms import ImageTransform, normalize, pil_to_array
 
-REAL_FMNIST = Path("/usr/share/datasets/fashion-mnist")
-
 
 def write_image(path: Path, color: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (20, 16)) -> Path:
     """A small real image file (format from the extension)."""
@@ -375,7 +373,7 @@ def test_fashion_mnist_missing_says_how_to_install(tmp_path: Path):
     assert "sudo apt-get install dataset-fashion-mnist" in str(err.value)
 
 
-@pytest.mark.skipif(not (REAL_FMNIST / "train-images-idx3-ubyte.gz").is_file(), reason="dataset-fashion-mnist absent")
+@pytest.mark.fashion_mnist
 def test_real_fashion_mnist():
     train, test = FashionMNIST("train"), FashionMNIST("test")
     assert len(train) == 60000 and len(test) == 10000

@@ -87,3 +87,25 @@ def test_cross_attention_maps_are_distributions_over_image_tokens():
     maps = _fusion("cross_attention").attention_maps(img, txt, valid)
     assert maps.shape == (B, 2, 2, T, N)
     torch.testing.assert_close(maps.sum(-1), torch.ones(B, 2, 2, T))
+
+
+def test_ablate_fusion_defaults_to_the_readme_tables_15_minutes_per_fusion(monkeypatch, tmp_path):
+    from vislang.cli import main
+    from vislang.understand import ablate
+
+    calls = []
+
+    def fake_ablate(out, **kw):  # record the settings instead of training four models
+        calls.append(kw)
+        (tmp_path / "ablation.md").write_text("table")
+        return tmp_path / "ablation.md"
+
+    monkeypatch.setattr(ablate, "ablate_fusion", fake_ablate)
+    assert main(["ablate-fusion", "--out", str(tmp_path)]) == 0
+    assert calls[-1]["time_budget_s"] == 900 and calls[-1]["epochs"] >= 20  # the budget, not epochs, ends training
+    assert main(["ablate-fusion", "--out", str(tmp_path), "--time-budget", "0"]) == 0
+    assert calls[-1]["time_budget_s"] is None and calls[-1]["epochs"] == 5
+    assert main(["ablate-fusion", "--out", str(tmp_path), "--time-budget", "60", "--epochs", "2"]) == 0
+    assert calls[-1]["time_budget_s"] == 60 and calls[-1]["epochs"] == 2
+    assert main(["ablate-fusion", "--out", str(tmp_path), "--time-budget", "-1"]) == 2  # a clear error, no run
+    assert len(calls) == 3

@@ -83,6 +83,7 @@ def test_text_only_conditions_draw_an_instance_of_that_caption_from_the_bank():
         inner_config(GANModelConfig(instance_bank=4))
 
 
+@pytest.mark.fashion_mnist
 @pytest.mark.parametrize("features,dim", [("clip", 16), ("pixels", 64)])
 def test_instance_gan_trains_saves_and_samples_reproducibly(tmp_path, features, dim):
     from vislang.train.tasks.gan import train_gan

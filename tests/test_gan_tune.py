@@ -56,6 +56,7 @@ def test_parse_scales():
             parse_scales(bad)
 
 
+@pytest.mark.fashion_mnist
 def test_tune_writes_a_copy_that_samples_with_the_best_scale(tmp_path):
     text = fm_text_model_dir(tmp_path / "text")
     src = _save_member(tmp_path / "g", text, 1)
@@ -77,6 +78,7 @@ def test_tune_writes_a_copy_that_samples_with_the_best_scale(tmp_path):
         tune_noise_scale(tmp_path / "g", judge, [1.0], n=40, out=tmp_path / "g")
 
 
+@pytest.mark.fashion_mnist
 def test_cli_generate_tune(tmp_path, capsys):
     from vislang.cli.main import main
 

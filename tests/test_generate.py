@@ -423,6 +423,7 @@ def _generator_state(model_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(model_dir / "model.safetensors"))
 
 
+@pytest.mark.fashion_mnist
 def test_train_resumes_exactly_and_writes_the_run(text_model_dir, tmp_path):
     from vislang.train.tasks.gan import train_gan
 
@@ -439,6 +440,7 @@ def test_train_resumes_exactly_and_writes_the_run(text_model_dir, tmp_path):
         train_gan(_cfg(text_model_dir, run, 6))
 
 
+@pytest.mark.fashion_mnist
 def test_resnet_gan_trains_and_saves_a_loadable_generator(text_model_dir, tmp_path):
     from vislang.train.tasks.gan import train_gan
 
@@ -448,6 +450,7 @@ def test_resnet_gan_trains_and_saves_a_loadable_generator(text_model_dir, tmp_pa
     assert t2i.generate("a photo of a bag.", n=2, seed=0).shape == (2, 1, 28, 28)
 
 
+@pytest.mark.fashion_mnist
 def test_mixture_gan_trains_saves_and_samples_each_component(text_model_dir, tmp_path):
     import dataclasses
 
@@ -465,6 +468,7 @@ def test_mixture_gan_trains_saves_and_samples_each_component(text_model_dir, tmp
     assert x.shape == (6, 1, 28, 28) and torch.equal(t2i.generate("a photo of a bag.", n=2, seed=0), x[:2])
 
 
+@pytest.mark.fashion_mnist
 def test_projected_gan_trains_and_its_generator_loads_without_the_discriminator(text_model_dir, tmp_path, monkeypatch):
     from vislang.models.gan import projected
     from vislang.train.tasks.gan import train_gan
@@ -479,6 +483,7 @@ def test_projected_gan_trains_and_its_generator_loads_without_the_discriminator(
     assert t2i.cfg.arch == "projected" and t2i.generate("a photo of a bag.", n=2, seed=0).shape == (2, 1, 28, 28)
 
 
+@pytest.mark.fashion_mnist
 def test_lr_decay_falls_linearly_to_zero_and_resumes_exactly(text_model_dir, tmp_path):
     import dataclasses
 
@@ -508,6 +513,7 @@ def test_lr_decay_falls_linearly_to_zero_and_resumes_exactly(text_model_dir, tmp
         train_gan(cfg("d", 2, decay_from=1.5))
 
 
+@pytest.mark.fashion_mnist
 def test_d_steps_trains_the_generator_on_every_kth_batch_and_logs_its_loss_over_those(text_model_dir, tmp_path):
     import dataclasses
 
@@ -545,6 +551,7 @@ def test_spread_match_is_zero_for_equal_spread_and_grows_as_the_fakes_collapse()
     assert h.grad is not None and real.grad is None  # the real side is a target
 
 
+@pytest.mark.fashion_mnist
 def test_spread_match_changes_the_generator_update_only_when_on(text_model_dir, tmp_path):
     import dataclasses
 
@@ -563,6 +570,7 @@ def test_spread_match_changes_the_generator_update_only_when_on(text_model_dir, 
     assert any(not torch.allclose(a[k], b[k]) for k in a)  # the term reached G's weights
 
 
+@pytest.mark.fashion_mnist
 def test_group_by_label_orders_each_batch_by_class(text_model_dir, tmp_path, monkeypatch):
     import dataclasses
 
@@ -595,6 +603,7 @@ def test_group_by_label_orders_each_batch_by_class(text_model_dir, tmp_path, mon
         train_gan(dataclasses.replace(cfg, out_dir=str(tmp_path / "y"), gan=odd))
 
 
+@pytest.mark.fashion_mnist
 def test_cli_train_generate_and_eval(text_model_dir, tmp_path, monkeypatch):
     from PIL import Image
 
@@ -693,8 +702,19 @@ def test_missing_text_model_is_a_clear_error(tmp_path):
     from vislang.train.tasks.gan import train_gan
 
     cfg = _cfg(tmp_path / "nope", tmp_path / "run", 1)
-    with pytest.raises(FileNotFoundError, match="gan.text_model"):
+    with pytest.raises(FileNotFoundError, match="gan.text_model") as err:
         train_gan(cfg)
+    assert "make demo" in str(err.value) and "--gan.text_model=DIR" in str(err.value)  # says how to get one
+    assert not (tmp_path / "run").exists()  # nothing written for a run that cannot start
+
+
+def test_gan_text_model_defaults_to_what_make_demo_writes():
+    from vislang.cli import PACKAGED_CONFIGS
+    from vislang.train.config import GANConfig, load_train_config
+
+    assert GANConfig().text_model == "runs/demo/model"
+    for name in ("gan", "gan-mlp", "gan-gpu", "gan-projected"):  # the Fashion-MNIST GANs borrow the demo's tower
+        assert load_train_config(PACKAGED_CONFIGS / f"{name}.yaml").gan.text_model == "runs/demo/model", name
 
 
 def test_packaged_gan_configs_load():
@@ -729,6 +749,7 @@ def test_gan_throughput_benchmark_smoke(tmp_path):
     assert json.loads((tmp_path / "b.json").read_text())["ratio"]["train_dcgan_over_mlp"] > 0
 
 
+@pytest.mark.fashion_mnist
 def test_train_with_diff_augment_differs_and_checks_the_policy_first(text_model_dir, tmp_path):
     import dataclasses
 
@@ -746,6 +767,7 @@ def test_train_with_diff_augment_differs_and_checks_the_policy_first(text_model_
     assert not (tmp_path / "bad" / "checkpoints").exists()
 
 
+@pytest.mark.fashion_mnist
 def test_fid_tracking_leaves_training_alone_and_keep_best_saves_the_best_step(text_model_dir, tmp_path, monkeypatch):
     import dataclasses
 
@@ -792,8 +814,6 @@ def test_fid_tracking_leaves_training_alone_and_keep_best_saves_the_best_step(te
 
 
 def test_train_gan_puts_cudnn_benchmark_back_even_when_the_run_fails(monkeypatch, tmp_path):
-    from vislang.generate import train as gan_train
-
     from vislang.train.config import GANConfig, TrainConfig
     from vislang.train.tasks import gan as gan_task
 
@@ -804,7 +824,7 @@ def test_train_gan_puts_cudnn_benchmark_back_even_when_the_run_fails(monkeypatch
     before = torch.backends.cudnn.benchmark
     monkeypatch.setattr(gan_task, "check_gan_config", setup_that_fails)
     with pytest.raises(RuntimeError, match="stopped"):
-        gan_train.train_gan(TrainConfig(task="gan", out_dir=str(tmp_path), gan=GANConfig(), progress=False))
+        gan_task.train_gan(TrainConfig(task="gan", out_dir=str(tmp_path), gan=GANConfig(), progress=False))
     assert torch.backends.cudnn.benchmark == before
 
 

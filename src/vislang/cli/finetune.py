@@ -6,9 +6,9 @@ import argparse
 
 EXAMPLES = """
 examples:
-  vislang finetune --model runs/acc1/model --method probe,full,scratch --out runs/finetune
+  vislang finetune --model runs/demo/model --method probe,full,scratch --out runs/finetune
       # the three methods on Fashion-MNIST; prints and writes runs/finetune/results.md
-  vislang finetune --model runs/acc1/model --method full --epochs 5 --time-budget 10 --threads 1
+  vislang finetune --model runs/demo/model --method full --epochs 5 --time-budget 10 --threads 1
   vislang finetune --model fmnist-cnn --method scratch --epochs 10     # a named architecture from random init
   vislang finetune --model runs/shapes/model --data my_photos/ --method probe   # my_photos/<class>/*.jpg
   vislang finetune --model runs/x/model --data train.csv --test-data test.csv --label-key label

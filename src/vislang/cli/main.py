@@ -9,6 +9,7 @@ import os
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a stray hub call must fail at once, never hang
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -59,10 +60,22 @@ def _overrides(extra: list[str]) -> list[str]:
     return out
 
 
-def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
-    from ..train import load_train_config, train
+def train_run_config(config: str | None, extra: list[str]) -> tuple[str, Any]:
+    """``(task, run config)`` that ``vislang train --config CONFIG EXTRA...`` would train, without training.
 
-    cfg = load_train_config(_config_path(args.config), _overrides(extra))
+    Apart from ``cmd_train`` so that a command can be checked (unknown config, misspelt ``--a.b=value`` key) without
+    running it: tests/test_readme_commands.py checks README's commands this way.
+    """
+    from ..train import load_train_config
+
+    cfg = load_train_config(_config_path(config), _overrides(extra))
+    return cfg.task, cfg  # an override may change the task (--task=gan)
+
+
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from ..train import train
+
+    _, cfg = train_run_config(args.config, extra)
     model_dir = train(cfg, resume=args.resume)
     if cfg.task in ("vqa", "vqa-gen"):
         _print_vqa(Path(cfg.out_dir))
@@ -365,11 +378,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_command(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """Parse a command line as ``main`` does, running nothing: ``(args, extra)``; bad input exits with usage (2).
+
+    ``extra`` holds the ``--a.b=value`` overrides that only ``train`` and ``demo`` take.
+    """
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command not in ("train", "demo", "finetune"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args, extra
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = parse_command(argv)
     try:
         return args.fn(args, extra) or 0
     except KeyboardInterrupt:

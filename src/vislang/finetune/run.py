@@ -94,7 +94,7 @@ def tower_source(cfg: FinetuneConfig, method: str) -> tuple[VisionConfig, dict[s
     if Path(cfg.model).is_dir():
         raise FileNotFoundError(
             f"{cfg.model} is not a vislang model directory (needs config.json and model.safetensors); pass one "
-            "written by `vislang train` or `vislang finetune` (e.g. runs/acc1/model), or a named config for scratch"
+            "written by `vislang train` or `vislang finetune` (e.g. runs/demo/model), or a named config for scratch"
         )
     vision = get_model_config(cfg.model).vision
     if method == "scratch":
@@ -102,7 +102,7 @@ def tower_source(cfg: FinetuneConfig, method: str) -> tuple[VisionConfig, dict[s
     if not vision.pretrained:
         raise ValueError(
             f"{cfg.model!r} is a model config without pretrained weights, so --method {method} has nothing to start "
-            "from; pass a trained model directory (e.g. runs/acc1/model) or use --method scratch"
+            "from; pass a trained model directory (e.g. runs/demo/model) or use --method scratch"
         )
     return vision, None  # the tower loads vision.pretrained when it is built
 

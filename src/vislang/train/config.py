@@ -25,7 +25,7 @@ class OptimConfig:
 class GANConfig:
     """Settings of a text-conditioned GAN run (``task: gan``; trained by ``vislang.train.tasks.gan``)."""
 
-    text_model: str = "runs/acc1/model"  # trained dual encoder whose frozen text tower conditions G and D
+    text_model: str = "runs/demo/model"  # trained dual encoder whose frozen text tower conditions G and D (make demo)
     model: dict[str, Any] = field(default_factory=dict)  # GANModelConfig overrides: --gan.model.arch=mlp
     loss: str = "hinge"  # hinge | bce (the non-saturating loss of the original GAN)
     lr_g: float = 2e-4  # generator Adam learning rate (constant until lr_decay_from)

@@ -26,7 +26,7 @@ from ..loop import Run, Task
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    model: str = "runs/acc1/model"  # model directory whose image tower is used; scratch: also a named config
+    model: str = "runs/demo/model"  # model directory whose image tower is used; scratch: also a named config
     data: str = "fashion-mnist"  # fashion-mnist | shapes | a class-per-folder tree | a .csv/.tsv with a label column
     test_data: str | None = None  # test set for a path dataset; None = the named dataset's test split, or a holdout
     train_split: str = "train"  # splits of a named dataset

@@ -78,8 +78,8 @@ class GANTask(Task):
             torch.backends.cudnn.benchmark = True
         if not Path(gan.text_model).is_dir():
             raise FileNotFoundError(
-                f"gan.text_model {gan.text_model!r} is not a model directory; train a dual encoder first "
-                "(vislang train --config demo) and pass --gan.text_model=runs/NAME/model"
+                f"gan.text_model {gan.text_model!r} is not a model directory; make one with `make demo` or "
+                "`vislang train --config demo` (both write runs/demo/model), or pass --gan.text_model=DIR"
             )
         self.encoder = from_pretrained(gan.text_model, run.device).eval()
         for p in self.encoder.parameters():
