@@ -6,7 +6,7 @@ token pooling), embed dim 128 — is built twice: by vislang and by OpenCLIP as 
 ``CLIPVisionCfg`` / ``CLIPTextCfg``. Both train with the CLIP loss, AdamW (same lr, betas, eps, decay), gradient
 clipping at 1.0 and fp32 on the CPU, each with its own training step:
 
-* vislang: the step of ``vislang.train.loop.train`` — ``ContrastiveTask`` (normalise uint8 → float, dedupe the
+* vislang: the step of ``vislang.train.train`` — ``ContrastiveTask`` (normalise uint8 → float, dedupe the
   batch's captions, forward, ``ClipLoss``), backward, ``lr_at``/``set_lr``, ``clip_grad_norm_``, AdamW step.
 * OpenCLIP: the step of ``open_clip_train.train.train_one_epoch`` — scheduler, ``model(images, texts)`` →
   ``open_clip.ClipLoss`` → backward → ``clip_grad_norm_`` → AdamW step → clamp ``logit_scale`` to log(100).
@@ -120,7 +120,7 @@ def open_source(name: str, limit: int | None):
 def load_data(
     workdir: Path, limit: int | None, mcfg: ModelConfig, source_name: str = "fashion-mnist"
 ) -> tuple[TokenizedPairs, ModelConfig, int, int]:
-    """Prepared train pairs tokenized as ``vislang.train.loop.train`` does.
+    """Prepared train pairs tokenized as ``vislang.train.train`` does.
 
     Returns the pairs, the model config fitted to the tokenizer, the end-token id and the number of distinct captions.
     """
@@ -203,7 +203,7 @@ def openclip_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 
 # ------------------------------------------------------------------------------------------------------ the steps
 class VislangStep:
-    """One optimizer step exactly as ``vislang.train.loop.train`` runs it on the CPU (accum_steps=1, fp32)."""
+    """One optimizer step exactly as ``vislang.train.train`` runs it on the CPU (accum_steps=1, fp32)."""
 
     def __init__(self, model: CLIP, cfg: OptimConfig, dedupe_text: bool, total_steps: int) -> None:
         self.core, self.cfg, self.total_steps = model, cfg, total_steps

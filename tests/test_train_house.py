@@ -222,3 +222,20 @@ def test_the_loop_imports_no_task_and_no_model_family():
     banned = [m for m in imported if any(w in m for w in ("tasks", "models", "generate", "understand", "factory",
                                                           "finetune", "compress", "caption"))]  # fmt: skip
     assert not banned, banned
+
+
+def test_compress_reads_a_config_file_then_flags_then_dotted_overrides(tmp_path):
+    """`vislang compress --config`: the file's options, a flag given over the file, a dotted override over both;
+    an unknown option is a clear error."""
+    from vislang.cli import build_parser
+    from vislang.compress.commands import compress_options
+
+    (tmp_path / "c.yaml").write_text("steps: 40\nlr: 0.001\nbatch_size: 32\ndata: shapes\n")
+    argv = ["compress", "runs/x/model", "--method", "prune", "-o", "out", "--config", str(tmp_path / "c.yaml")]
+    args, extra = build_parser().parse_known_args([*argv, "--lr", "0.01", "--batch_size=8"])
+    opts = compress_options(args, extra)
+    assert (opts["steps"], opts["lr"], opts["batch_size"], opts["data"]) == (40, 0.01, 8, "shapes")
+    assert opts["sparsity"] == 0.5  # a flag left at its default fills what the file does not set
+    args, extra = build_parser().parse_known_args([*argv, "--bogus=1"])
+    with pytest.raises(SystemExit, match="unknown compress option"):
+        compress_options(args, extra)

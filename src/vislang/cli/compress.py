@@ -7,28 +7,34 @@ import json
 
 from ..compress.api import METHODS
 
+# compress_model_dir keywords a --config file (YAML/JSON) may set; a flag given with another value than its default
+# and then leftover --a.b=value overrides win over the file
+OPTIONS = ("data", "data_options", "sparsity", "prune_kind", "steps", "lr", "batch_size", "student",
+           "calibration_images", "keep_fp32", "max_pairs", "cache_dir", "seed", "log_every", "adv_weight")  # fmt: skip
+
+
+def compress_options(args: argparse.Namespace, extra: list[str]) -> dict:
+    """Keyword arguments of ``compress_model_dir``: the --config file, the flags given, then dotted overrides."""
+    from ..cli import _overrides
+    from ..config import apply_overrides, load_file
+
+    opts = load_file(args.config) if args.config else {}
+    for key in OPTIONS:
+        if hasattr(args, key) and (key not in opts or getattr(args, key) != args.flag_defaults.get(key)):
+            opts[key] = getattr(args, key)
+    if extra:
+        opts = apply_overrides(opts, _overrides(extra))
+    unknown = sorted(set(opts) - set(OPTIONS))
+    if unknown:
+        raise SystemExit(f"error: unknown compress option(s) {unknown}; valid ones are {list(OPTIONS)}")
+    opts["keep_fp32"] = tuple(opts.get("keep_fp32") or ())
+    return opts
+
 
 def cmd_compress(args: argparse.Namespace, extra: list[str]) -> int:
     from ..compress.api import compress_model_dir
 
-    info = compress_model_dir(
-        args.model_dir,
-        args.method,
-        args.out,
-        data=args.data,
-        sparsity=args.sparsity,
-        prune_kind=args.prune_kind,
-        steps=args.steps,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        student=args.student,
-        calibration_images=args.calibration_images,
-        keep_fp32=tuple(args.keep_fp32 or ()),
-        max_pairs=args.max_pairs,
-        cache_dir=args.cache_dir,
-        log_every=args.log_every,
-        adv_weight=args.adv_weight,
-    )
+    info = compress_model_dir(args.model_dir, args.method, args.out, **compress_options(args, extra))
     print(json.dumps({k: v for k, v in info.items() if k != "modules"}, indent=2))
     for note in info.get("notes", []):
         print(f"note: {note}")
@@ -92,6 +98,7 @@ def cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
 def register(add) -> None:
     sp = add("compress", "int8-quantise, prune or distil a model directory into a smaller one", cmd_compress)
     sp.add_argument("model_dir", help="a model or run directory (e.g. runs/demo/model, or a GAN run runs/gan-fm)")
+    sp.add_argument("--config", help="YAML/JSON of options (data, steps, lr, ...); flags and --a.b=value override it")
     sp.add_argument(
         "--method",
         required=True,
@@ -138,6 +145,7 @@ def register(add) -> None:
     sp.add_argument("--max-pairs", type=int, default=None, help="use only the first N training pairs")
     sp.add_argument("--cache-dir", default=".cache/vislang/prepared")
     sp.add_argument("--log-every", type=int, default=50)
+    sp.set_defaults(flag_defaults={a.dest: a.default for a in sp._actions})
 
     sp = add("export", "export a model's image and text towers to ONNX, checked against PyTorch", cmd_export)
     sp.add_argument("model_dir", help="a model directory")

@@ -385,7 +385,7 @@ def parse_command(argv: list[str] | None = None) -> tuple[argparse.Namespace, li
     """
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command not in ("train", "demo", "finetune"):
+    if extra and args.command not in ("train", "demo", "finetune", "compress"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args, extra
 
