@@ -709,7 +709,7 @@ def test_missing_text_model_is_a_clear_error(tmp_path):
 
 
 def test_gan_text_model_defaults_to_what_make_demo_writes():
-    from vislang.cli import PACKAGED_CONFIGS
+    from vislang.config import PACKAGED_CONFIGS
     from vislang.train.config import GANConfig, load_train_config
 
     assert GANConfig().text_model == "runs/demo/model"

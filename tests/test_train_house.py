@@ -228,7 +228,7 @@ def test_compress_reads_a_config_file_then_flags_then_dotted_overrides(tmp_path)
     """`vislang compress --config`: the file's options, a flag given over the file, a dotted override over both;
     an unknown option is a clear error."""
     from vislang.cli import build_parser
-    from vislang.compress.commands import compress_options
+    from vislang.cli.compress import compress_options
 
     (tmp_path / "c.yaml").write_text("steps: 40\nlr: 0.001\nbatch_size: 32\ndata: shapes\n")
     argv = ["compress", "runs/x/model", "--method", "prune", "-o", "out", "--config", str(tmp_path / "c.yaml")]

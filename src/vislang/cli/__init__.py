@@ -2,6 +2,6 @@
 parser over library functions (``register(add)`` adds its subcommands). ``python -m vislang.cli`` runs it too (what
 torchrun needs)."""
 
-from .main import build_parser, main
+from .main import build_parser, main, parse_command, train_run_config
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "parse_command", "train_run_config"]
