@@ -15,6 +15,8 @@ The task protocol
 A task is an object (subclass ``Task`` for the defaults) that owns its data, its model(s), its forward and loss,
 and its evaluation. The loop calls, in this order:
 
+``check(cfg)``
+    Optional: refuse a config before anything is written (e.g. a missing input model directory).
 ``setup(run)``
     Build data, model(s) and optimizers. ``run`` (a ``Run``) gives ``cfg`` (the ``TrainConfig``), ``device``,
     ``rank``, ``world``, ``main``, ``out_dir`` (None in memory) and ``resume``. Wrap a module that trains under
@@ -199,6 +201,9 @@ class Task:
     nonfinite_hint = "lower --optim.lr or use --precision=fp32"
     run: Run
 
+    def check(self, cfg: TrainConfig) -> None:
+        """Refuse a config the task cannot run, before the loop writes anything (the run folder included)."""
+
     def setup(self, run: Run) -> None:
         raise NotImplementedError
 
@@ -327,6 +332,7 @@ class Loop:
         cfg, run = self.cfg, self.run
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        self.task.check(cfg)
         if run.out_dir is not None and run.main:
             run.out_dir.mkdir(parents=True, exist_ok=True)
             if not self.resume and self.ckpt_path.exists():

@@ -26,7 +26,6 @@ from ..models.fusion import FUSIONS
 from ..models.vqa import VQAConfig, VQAModel, load_vqa
 from ..train.config import OptimConfig, VQATrainConfig  # noqa: F401  (VQATrainConfig: re-exported)
 
-CONFIG_DIR = Path(__file__).parent / "model_configs"
 EVAL_DIR = "eval"  # OUT/eval: the per-type accuracy table of every evaluated split
 RunConfig = TypeVar("RunConfig")
 
@@ -56,13 +55,17 @@ def load_run_config(
 
 
 def load_vqa_config(name_or_path: str, overrides: tuple[str, ...] | list[str] | dict[str, Any] = ()) -> VQAConfig:
+    from ..models.vqa import MODEL_TYPE as VQA_TYPE
+    from ..registry import named_config, named_configs
+
     p = Path(name_or_path)
-    if (CONFIG_DIR / f"{name_or_path}.json").is_file():
-        data = json.loads((CONFIG_DIR / f"{name_or_path}.json").read_text())
+    if name_or_path in named_configs(VQA_TYPE):
+        data = named_config(name_or_path, VQA_TYPE)
     elif p.is_file():
         data = json.loads(p.read_text())
+        data.pop("model_type", None)
     else:
-        names = sorted(x.stem for x in CONFIG_DIR.glob("*.json"))
+        names = sorted(named_configs(VQA_TYPE))
         raise ValueError(f"unknown VQA model config {name_or_path!r}; use one of {names} or a JSON file")
     if overrides:
         data = apply_overrides(data, overrides if isinstance(overrides, dict) else list(overrides))

@@ -64,6 +64,15 @@ class GANTask(Task):
     budget_fit_from = None  # the budget ends the run when spent (a decaying rate is cut where it stands)
     nonfinite_hint = "lower --gan.lr_d/--gan.lr_g"
 
+    def check(self, cfg: TrainConfig) -> None:
+        """A missing text tower is refused before the run folder is made: a fresh clone has none until `make demo`."""
+        gan = cfg.gan or GANConfig()
+        if not Path(gan.text_model).is_dir():
+            raise FileNotFoundError(
+                f"gan.text_model {gan.text_model!r} is not a model directory; make one with `make demo` or "
+                "`vislang train --config demo` (both write runs/demo/model), or pass --gan.text_model=DIR"
+            )
+
     def setup(self, run: Run) -> None:
         from ...factory import from_pretrained, get_tokenizer
 
@@ -76,11 +85,7 @@ class GANTask(Task):
             raise ValueError("task gan runs on one process (its D is called through methods DDP does not see)")
         if run.device.type == "cuda":  # the same shapes every step: let cuDNN time its convolution algorithms once
             torch.backends.cudnn.benchmark = True
-        if not Path(gan.text_model).is_dir():
-            raise FileNotFoundError(
-                f"gan.text_model {gan.text_model!r} is not a model directory; make one with `make demo` or "
-                "`vislang train --config demo` (both write runs/demo/model), or pass --gan.text_model=DIR"
-            )
+        self.check(cfg)
         self.encoder = from_pretrained(gan.text_model, run.device).eval()
         for p in self.encoder.parameters():
             p.requires_grad_(False)
