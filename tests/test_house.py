@@ -208,3 +208,15 @@ def test_every_import_inside_the_package_resolves():
                 if not hasattr(imported, alias.name) and f"{target}.{alias.name}" not in modules:
                     broken.append(f"{path.relative_to(SRC)}:{node.lineno}: {target} has no {alias.name}")
     assert not broken, "imports that fail:\n" + "\n".join(broken)
+
+
+def test_importing_the_library_loads_no_optional_heavy_dependency():
+    """``import vislang`` (and the registry behind ``vislang.load``) stays light: the heavy or optional packages load
+    only when a model, index or server that needs them is used."""
+    import subprocess
+    import sys
+
+    heavy = ["transformers", "timm", "faiss", "fastapi", "onnxruntime", "open_clip", "sklearn", "matplotlib"]
+    code = f"import sys, vislang, vislang.registry; print([m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", f"import vislang loaded {out}"
