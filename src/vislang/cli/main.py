@@ -23,7 +23,7 @@ COMMAND_MODULES = (
     "vislang.cli.serve",
     "vislang.cli.compress",
     "vislang.cli.caption",
-    "vislang.cli.understand",
+    "vislang.cli.vqa",
     "vislang.cli.generate",
     "vislang.cli.finetune",
 )
