@@ -6,12 +6,11 @@ import argparse
 import json
 
 from ..evaluation.explain import explain
+from ..models.vqa_generative import answer_probability, predict_answer
 from ..train import ablate  # the module, so ablate.ablate_fusion is looked up per call (a test replaces it)
 
 
 def cmd_vqa(args: argparse.Namespace, extra: list[str]) -> int:
-    from ..understand.vqa_train import answer_probability, predict_answer
-
     if args.answer:
         ranked = [(args.answer, answer_probability(args.model, args.image, args.question, args.answer))]
     else:
