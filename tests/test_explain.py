@@ -46,7 +46,7 @@ def _scene():
 
 
 def test_grad_cam_peak_lies_on_the_named_object(tmp_path):
-    from vislang.understand.explain import saliency
+    from vislang.evaluation.explain import saliency
 
     model_dir = _red_detector(tmp_path)
     img, red = _scene()

@@ -91,7 +91,7 @@ def test_cross_attention_maps_are_distributions_over_image_tokens():
 
 def test_ablate_fusion_defaults_to_the_readme_tables_15_minutes_per_fusion(monkeypatch, tmp_path):
     from vislang.cli import main
-    from vislang.understand import ablate
+    from vislang.train import ablate
 
     calls = []
 

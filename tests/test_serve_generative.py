@@ -96,7 +96,7 @@ def test_caption_matches_the_caption_command(client, world):
 
 
 def test_vqa_matches_the_vqa_command(client, world):
-    from vislang.understand.vqa_train import predict_answer
+    from vislang.models.vqa_generative import predict_answer
 
     p = world["images"][2]
     want = predict_answer(str(world["vqa"]), p, QUESTIONS[0], top_k=3)

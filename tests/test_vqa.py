@@ -11,9 +11,9 @@ from vislang.cli.main import main
 from vislang.data.vqa import answer_targets, answer_vocab, read_vqa_file, shapes_vqa
 from vislang.evaluation.vqa_metrics import vqa_accuracy, vqa_score
 from vislang.models.vqa import load_vqa
+from vislang.models.vqa_generative import answer_probability, predict_answer
+from vislang.train.config import VQATrainConfig
 from vislang.train.tasks.vqa import train_vqa
-from vislang.understand import VQATrainConfig
-from vislang.understand.vqa_train import answer_probability, predict_answer
 
 TINY = (
     "vision.width=4",

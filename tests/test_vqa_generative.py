@@ -13,10 +13,13 @@ import vislang
 from vislang.cli.main import main
 from vislang.data.vqa import VQASet
 from vislang.decoding import _beam_search, generate
+from vislang.evaluation import vqa as vqa_eval
+from vislang.losses import answer_loss, answer_mask
+from vislang.models import vqa_generative as vg
 from vislang.models.clip import DecoderConfig
 from vislang.models.vqa import load_vqa, vqa_head
 from vislang.tokenizers import Tokenizer
-from vislang.understand import vqa_generative as vg
+from vislang.train.config import load_vqa_gen_config
 
 
 # ------------------------------------------------------------------------------------------ generation with a prefix
@@ -91,13 +94,13 @@ def test_caption_logits_with_image_index_equal_forward_on_repeated_images(coca):
 def test_answer_mask_covers_only_answer_tokens_hand_checked():
     # [BOS] what colour ? [SEP] deep blue [EOS] [PAD] [PAD]
     tokens = torch.tensor([[2, 10, 11, 12, 4, 13, 14, 3, 0, 0], [2, 10, 4, 15, 3, 0, 0, 0, 0, 0]])
-    mask = vg.answer_mask(tokens, sep=4, pad=0)  # over the targets tokens[:, 1:]
+    mask = answer_mask(tokens, sep=4, pad=0)  # over the targets tokens[:, 1:]
     assert mask.tolist() == [
         [False, False, False, False, True, True, True, False, False],  # targets: deep, blue, [EOS]
         [False, False, True, True, False, False, False, False, False],  # targets: the answer 15 and [EOS]
     ]
     logits = torch.randn(2, 9, 20)
-    loss = vg.answer_loss(logits, tokens, sep=4, pad=0)
+    loss = answer_loss(logits, tokens, sep=4, pad=0)
     picked = [(0, 4, 13), (0, 5, 14), (0, 6, 3), (1, 2, 15), (1, 3, 3)]  # (row, position, target)
     by_hand = torch.stack([-F.log_softmax(logits[r, t], -1)[y] for r, t, y in picked]).mean()
     torch.testing.assert_close(loss, by_hand)
@@ -125,8 +128,8 @@ def test_encode_pairs_layout(tokenizer):
 def test_new_answers_are_counted(monkeypatch, tokenizer, coca):
     data = VQASet(np.zeros((1, 16, 16, 3), np.uint8), np.zeros(3, np.int64), ["is it red?"] * 3,
                   [["yes"], ["no"], ["mauve"]], ["yes/no", "yes/no", "colour"])  # fmt: skip
-    monkeypatch.setattr(vg, "generate_answers", lambda *a, **k: ["yes", "teal", "Mauve."])
-    res = vg.evaluate_generative(coca, tokenizer, data, ["yes", "no"], 4)
+    monkeypatch.setattr(vqa_eval, "generate_answers", lambda *a, **k: ["yes", "teal", "Mauve."])
+    res = vqa_eval.evaluate_generative(coca, tokenizer, data, ["yes", "no"], 4)
     assert res["overall"] == pytest.approx(2 / 3) and res["per_type"] == {"colour": 1.0, "yes/no": 0.5}
     assert res["new_answers"] == 2 and res["new_answers_correct"] == 1
     assert res["new_answer_examples"] == {"mauve": 1, "teal": 1}
@@ -143,7 +146,7 @@ def test_packaged_config_loads_and_routes_by_task():
     assert mcfg.decoder is not None and mcfg.text.causal and mcfg.vision.image_size == 64
     assert load_train_config(PACKAGED_CONFIGS / "vqa.yaml").vqa.n_train == 6000
     with pytest.raises(ValueError, match="task: vqa-gen"):
-        vg.load_vqa_gen_config(PACKAGED_CONFIGS / "vqa.yaml")
+        load_vqa_gen_config(PACKAGED_CONFIGS / "vqa.yaml")
 
 
 # -------------------------------------------------------------------------- a tiny model learns a handful of rows
@@ -237,8 +240,8 @@ def test_server_answers_with_a_generative_model(trained, tmp_path):
 
     from test_index import make_tiny_model, write_images
     from vislang.index import build_index
+    from vislang.models.vqa_generative import predict_answer
     from vislang.serve import create_app
-    from vislang.understand.vqa_train import predict_answer
 
     write_images(tmp_path / "images", 2)
     build_index(str(tmp_path / "images"), tmp_path / "ix", make_tiny_model(tmp_path), progress=False)

@@ -14,10 +14,13 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError, from_dict
+from .config import ConfigError, apply_overrides, from_dict
 from .model_dir import __version__
 from .models.clip import CLIP, ModelConfig
 from .models.dual_encoder import ITM_MODEL_TYPE, MODEL_TYPE, build_model, load_weights, save_pretrained
+from .models.fusion import FUSIONS
+from .models.vqa import MODEL_TYPE as VQA_TYPE
+from .models.vqa import VQAConfig
 from .pretrained import OfflineError, _looks_like_hub_id
 from .registry import load, named_config, named_configs
 from .tokenizers import HFTokenizer, Tokenizer, load_tokenizer
@@ -38,8 +41,6 @@ def is_model_dir(path: str | os.PathLike) -> bool:
 
 def get_model_config(name_or_path: str | os.PathLike, overrides: dict[str, Any] | None = None) -> ModelConfig:
     """A ``ModelConfig`` from a built-in name, a JSON file, or a model directory; ``overrides`` are dotted keys."""
-    from .config import apply_overrides
-
     spec = str(name_or_path)
     p = Path(spec)
     if spec in list_models():
@@ -61,6 +62,30 @@ def get_model_config(name_or_path: str | os.PathLike, overrides: dict[str, Any] 
     if overrides:
         data = apply_overrides(data, overrides)
     return from_dict(ModelConfig, data, "model")
+
+
+def load_vqa_config(name_or_path: str, overrides: tuple[str, ...] | list[str] | dict[str, Any] = ()) -> VQAConfig:
+    """A VQA classifier's ``VQAConfig`` from a built-in name (``model_configs/``, model_type vislang-vqa) or a JSON
+    file, plus dotted overrides (a list of ``key=value`` or a nested dict).
+
+    It lives here, beside ``get_model_config``, rather than in ``models.vqa``: the named configs are the registry's,
+    and the registry imports ``models.vqa``."""
+    p = Path(name_or_path)
+    if name_or_path in named_configs():
+        data = named_config(name_or_path, VQA_TYPE)  # a clear error for a built-in config of another family
+    elif p.is_file():
+        data = json.loads(p.read_text())
+        if data.pop("model_type", VQA_TYPE) != VQA_TYPE:
+            raise ValueError(f"{p} is not a VQA model config (its model_type is not {VQA_TYPE!r})")
+    else:
+        names = sorted(named_configs(VQA_TYPE))
+        raise ValueError(f"unknown VQA model config {name_or_path!r}; use one of {names} or a JSON file")
+    if overrides:
+        data = apply_overrides(data, overrides if isinstance(overrides, dict) else list(overrides))
+    cfg = from_dict(VQAConfig, data, "model")
+    if cfg.fusion.kind not in FUSIONS:
+        raise ValueError(f"unknown fusion {cfg.fusion.kind!r}; choose one of {list(FUSIONS)}")
+    return cfg
 
 
 def build_tokenizer(cfg: ModelConfig, texts: list[str] | None = None) -> Tokenizer | HFTokenizer:

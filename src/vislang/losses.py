@@ -255,6 +255,29 @@ def caption_loss(logits: torch.Tensor, tokens: torch.Tensor, pad_id: int) -> tor
     return F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=pad_id)
 
 
+def vqa_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """VQA answer classifier: soft-target cross-entropy; targets are VQA scores normalised per question (one-hot for
+    one answer)."""
+    t = targets / targets.sum(1, keepdim=True).clamp(min=1e-6)  # (B, A)
+    return -(t * F.log_softmax(logits, dim=-1)).sum(1).mean()
+
+
+def answer_mask(tokens: torch.Tensor, sep: int, pad: int) -> torch.Tensor:
+    """(B, T-1): which next-token targets ``tokens[:, 1:]`` the generative VQA loss counts — the answer tokens and the
+    end token, i.e. every non-padding token after the first separator."""
+    is_sep = (tokens == sep).long()
+    after = (is_sep.cumsum(1) - is_sep) > 0  # (B, T): strictly after the first separator
+    return (after & (tokens != pad))[:, 1:]
+
+
+def answer_loss(logits: torch.Tensor, tokens: torch.Tensor, sep: int, pad: int) -> torch.Tensor:
+    """Generative VQA: ``caption_loss`` over the answer tokens only; question targets are set to padding, which it
+    ignores."""
+    targets = tokens.clone()
+    targets[:, 1:] = tokens[:, 1:].masked_fill(~answer_mask(tokens, sep, pad), pad)
+    return caption_loss(logits, targets, pad)
+
+
 def group_size(group: int, n: int) -> int:
     """The largest group size up to ``group`` that divides a batch of ``n`` (1 if none larger does)."""
     return next(k for k in range(min(group, n), 0, -1) if n % k == 0)

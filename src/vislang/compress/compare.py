@@ -214,7 +214,7 @@ def vqa_rows(model, tokenizer, answers: list[str], data: str, n: int, batch_size
     """(VQA metrics, speed inputs) of a VQA model on ``n`` test scenes of shapes or a VQA file."""
     from ..data.transforms import normalize
     from ..data.vqa import read_vqa_file, shapes_vqa
-    from ..understand.vqa_train import evaluate_vqa
+    from ..evaluation.vqa import evaluate_vqa
 
     v = model.cfg.vision
     if data == "shapes":

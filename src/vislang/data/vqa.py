@@ -6,11 +6,15 @@ ten questions and the image tower should run once per image.
 File rows: ``image`` (path, relative to the file or ``image_dir``), ``question`` and ``answer`` — a string, a JSON
 list, or in CSV several answers separated by ``|`` (JSONL may also use ``answers``). An optional ``type`` column
 groups accuracy. Rows with a missing field or an unreadable image are skipped and counted (``VQASet.skips``).
+
+Batches (``make_batch``) are a few images plus every question about them (``QuestionIndex`` finds them), for training
+(``train.tasks.vqa``) and evaluation (``evaluation.vqa``) of both VQA heads alike.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 from collections import Counter
@@ -19,10 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from ..evaluation.vqa_metrics import normalize_answer, vqa_score
 from .readers import SkipCounter, clean_caption, decode_image, resolve_path
 from .shapes import ShapesConfig, ShapesDataset, render
-from .transforms import pil_to_array
+from .transforms import normalize, pil_to_array
 
 
 @dataclass
@@ -46,8 +52,6 @@ def shapes_vqa(
     split: str = "train", n: int = 2000, image_size: int = 64, seed: int = 0, cfg: ShapesConfig | None = None
 ) -> VQASet:
     """All questions of ``n`` shapes scenes (each answer is one exact word)."""
-    import dataclasses
-
     cfg = dataclasses.replace(cfg or ShapesConfig(), image_size=image_size)
     ds = ShapesDataset(split, n=n, cfg=cfg, seed=seed)
     images = np.empty((n, image_size, image_size, 3), dtype=np.uint8)
@@ -143,8 +147,6 @@ def read_vqa_file(
 
 def answer_vocab(answers: Sequence[Sequence[str]], max_answers: int | None = None) -> list[str]:
     """Training answers by frequency (ties alphabetical), optionally the ``max_answers`` most common."""
-    from ..evaluation.vqa_metrics import normalize_answer
-
     counts = Counter(normalize_answer(a) for refs in answers for a in refs)
     vocab = sorted(counts, key=lambda a: (-counts[a], a))
     return vocab[:max_answers] if max_answers else vocab
@@ -152,8 +154,6 @@ def answer_vocab(answers: Sequence[Sequence[str]], max_answers: int | None = Non
 
 def answer_targets(answers: Sequence[Sequence[str]], vocab: Sequence[str]) -> np.ndarray:
     """Soft targets (Q, A): the VQA score each vocabulary answer would get (one-hot with a single reference)."""
-    from ..evaluation.vqa_metrics import normalize_answer, vqa_score
-
     pos = {a: i for i, a in enumerate(vocab)}
     out = np.zeros((len(answers), len(vocab)), dtype=np.float32)
     for q, refs in enumerate(answers):
@@ -161,3 +161,46 @@ def answer_targets(answers: Sequence[Sequence[str]], vocab: Sequence[str]) -> np
             if a in pos:
                 out[q, pos[a]] = vqa_score(a, refs)
     return out
+
+
+def load_sets(cfg, seed: int, image_size: int, channels: int) -> dict[str, VQASet]:
+    """Train and held-out sets of a VQA run (``cfg``: a ``VQATaskConfig`` or ``VQATrainConfig``)."""
+    if cfg.data == "shapes":
+        return {
+            "train": shapes_vqa("train", cfg.n_train, image_size, seed=seed),
+            "test": shapes_vqa("test", cfg.n_test, image_size, seed=seed),
+            "holdout": shapes_vqa("holdout", cfg.n_test, image_size, seed=seed),
+        }
+    sets = {"train": read_vqa_file(cfg.data, image_size, channels, cfg.image_dir)}
+    if cfg.test_data:
+        sets["test"] = read_vqa_file(cfg.test_data, image_size, channels, cfg.image_dir)
+    return sets
+
+
+def image_batches(n_images: int, batch: int, rng: np.random.Generator) -> list[np.ndarray]:
+    perm = rng.permutation(n_images)
+    return [np.sort(perm[i : i + batch]) for i in range(0, n_images, batch)]
+
+
+class QuestionIndex:
+    """Which questions belong to which images, so a batch of images gathers its questions in one slice each."""
+
+    def __init__(self, image_index: np.ndarray, n_images: int) -> None:
+        self.order = np.argsort(image_index, kind="stable")
+        self.starts = np.searchsorted(image_index[self.order], np.arange(n_images + 1))
+
+    def questions_of(self, images: np.ndarray) -> np.ndarray:
+        return np.concatenate([self.order[self.starts[i] : self.starts[i + 1]] for i in images])
+
+
+def make_batch(data: VQASet, tokens: torch.Tensor, qindex: QuestionIndex, images: np.ndarray, vcfg) -> dict:
+    """Images (B_img, C, H, W) normalised, question tokens (B_q, T), image_index (B_q,), question ids (B_q,)."""
+    q = qindex.questions_of(images)
+    local = {int(g): i for i, g in enumerate(images)}
+    img = torch.from_numpy(data.images[images]).permute(0, 3, 1, 2)  # (B_img, C, H, W) uint8
+    return {
+        "images": normalize(img, vcfg.mean, vcfg.std),
+        "tokens": tokens[torch.from_numpy(q)],
+        "image_index": torch.tensor([local[int(data.image_index[j])] for j in q], dtype=torch.long),
+        "questions": q,
+    }

@@ -7,8 +7,13 @@ A saved VQA model directory holds ``config.json`` (model_type "vislang-vqa"), ``
 tokenizer and ``answers.json`` (the answer vocabulary, in class order).
 
 The other VQA head is generative: a CoCa captioner saved as a normal CoCa model directory whose ``config.json`` also
-holds a ``"vqa"`` entry (``GENERATIVE_KEY``; see ``vislang.understand.vqa_generative``). ``vqa_head`` tells the two
+holds a ``"vqa"`` entry (``GENERATIVE_KEY``; see ``vislang.models.vqa_generative``). ``vqa_head`` tells the two
 apart, so a command given either directory can dispatch.
+
+``ClassifierAnswerer`` answers one question at a time (``vislang vqa``, the server); ``clean_question`` and
+``image_tensor`` are the input checks both heads share. ``models.vqa_generative.load_answerer`` picks the head of a
+directory; it lives there because loading the generative head goes through ``vislang.factory``, which sits above this
+module (the registry imports it).
 """
 
 from __future__ import annotations
@@ -19,9 +24,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from PIL import Image
+from safetensors.torch import load_file
 from torch import nn
 
+from ..config import from_dict, to_dict
+from ..data.transforms import normalize, pil_to_array
+from ..evaluation.vqa_metrics import normalize_answer
+from ..model_dir import __version__, atomic_dir, write_weights
+from ..tokenizers import load_tokenizer
 from .fusion import FusionConfig, build_fusion
+from .quantized import load_int8_state
 from .towers import TextConfig, VisionConfig, build_text_tower, build_vision_tower
 
 MODEL_TYPE = "vislang-vqa"
@@ -90,9 +103,6 @@ def num_parameters(model: nn.Module) -> int:
 
 def save_vqa(model: VQAModel, directory: str | os.PathLike, tokenizer, answers: list[str], extra: dict | None = None):
     """Write the model directory atomically (temp folder, then rename)."""
-    from ..config import to_dict
-    from ..model_dir import __version__, atomic_dir, write_weights
-
     if len(answers) != model.cfg.num_answers:
         raise ValueError(f"{len(answers)} answers for a head of {model.cfg.num_answers} classes")
     meta = {"model_type": MODEL_TYPE, "vislang_version": __version__, "model": to_dict(model.cfg), **(extra or {})}
@@ -121,11 +131,6 @@ def vqa_head(directory: str | os.PathLike) -> str | None:
 
 def load_vqa(directory: str | os.PathLike, device: str | torch.device = "cpu"):
     """``(model, tokenizer, answers)`` from a directory written by ``save_vqa``."""
-    from safetensors.torch import load_file
-
-    from ..config import from_dict
-    from ..tokenizers import load_tokenizer
-
     d = Path(directory)
     if not (d / "config.json").is_file() or not (d / "model.safetensors").is_file():
         raise FileNotFoundError(
@@ -136,7 +141,7 @@ def load_vqa(directory: str | os.PathLike, device: str | torch.device = "cpu"):
     if vqa_head(d) == "generative":
         raise ValueError(
             f"{d} holds a generative VQA model (a captioner); load it with "
-            "vislang.understand.vqa_generative.load_generative_vqa, or ask it with `vislang vqa`"
+            "vislang.models.vqa_generative.load_generative_vqa, or ask it with `vislang vqa`"
         )
     if meta.get("model_type") != MODEL_TYPE:
         raise ValueError(f"{d} holds a {meta.get('model_type')!r} model, not a VQA model ({MODEL_TYPE!r})")
@@ -144,8 +149,6 @@ def load_vqa(directory: str | os.PathLike, device: str | torch.device = "cpu"):
     state = load_file(str(d / "model.safetensors"))
     comp = meta.get("compression") or {}
     if comp.get("method", "").endswith("int8"):  # `vislang compress`: the int8 modules are rebuilt, then filled
-        from .quantized import load_int8_state
-
         if torch.device(device).type != "cpu":
             raise ValueError(f"int8 models run on the CPU only; load {d} with device='cpu'")
         model = load_int8_state(model, state, comp, str(d))
@@ -153,3 +156,64 @@ def load_vqa(directory: str | os.PathLike, device: str | torch.device = "cpu"):
         model.load_state_dict(state)
     answers = json.loads((d / ANSWERS_FILE).read_text())
     return model.to(device).eval(), load_tokenizer(d), answers
+
+
+# ------------------------------------------------------------------------------------------------------- answering
+
+
+def clean_question(question: str) -> str:
+    """The question with its whitespace collapsed; a clear error for an empty one."""
+    question = " ".join(str(question).split())
+    if not question:
+        raise ValueError('the question is empty; ask something about the image, e.g. "what colour is the circle?"')
+    return question
+
+
+def image_tensor(image, vision) -> torch.Tensor:
+    """One image (path or PIL image) as uint8 pixels (1, C, H, W) at the model's size; clear errors for bad files."""
+    if not isinstance(image, Image.Image):
+        try:
+            with Image.open(image) as im:
+                im.load()
+                image = im.copy()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no image at {image}; give the path of a PNG or JPEG file") from None
+        except Exception as e:
+            raise ValueError(f"cannot read {image} as an image ({type(e).__name__}); give a PNG or JPEG file") from e
+    return torch.from_numpy(pil_to_array(image, vision.image_size, vision.channels)).permute(2, 0, 1)[None]
+
+
+class ClassifierAnswerer:
+    """An answer-classifier VQA directory, loaded once, ready to answer one question at a time (the CLI and the
+    server share it; ``vqa_generative.GenerativeAnswerer`` is its generative twin)."""
+
+    def __init__(self, model_dir: str | os.PathLike, device: str = "cpu") -> None:
+        self.model, self.tokenizer, self.answers = load_vqa(model_dir, device)
+        self.device = device
+
+    @torch.no_grad()
+    def answer(self, image, question: str, top_k: int = 1) -> list[tuple[str, float]]:
+        """``[(answer, probability), ...]``, the ``top_k`` most probable training answers, best first."""
+        question = clean_question(question)
+        n_tokens = len(self.tokenizer.encode_ids([question])[0]) + 2  # + begin and end tokens
+        if n_tokens > self.tokenizer.context_length:
+            raise ValueError(
+                f"the question has {n_tokens} tokens but the model reads at most {self.tokenizer.context_length}; "
+                "ask a shorter question"
+            )
+        v = self.model.cfg.vision
+        x = normalize(image_tensor(image, v), v.mean, v.std).to(self.device)
+        probs = self.model(x, self.tokenizer([question]).to(self.device))["logits"][0].softmax(-1)  # (A,)
+        p, k = probs.topk(min(top_k, len(self.answers)))
+        return [(self.answers[i], float(q)) for q, i in zip(p.tolist(), k.tolist())]
+
+
+def check_known_answer(answer: str, answers: list[str]) -> int:
+    """Index of ``answer`` in the training vocabulary; a clear error when training never saw it."""
+    a = normalize_answer(answer)
+    if a not in answers:
+        raise ValueError(
+            f"the answer {answer!r} never appeared in training, so the model cannot give it; it knows "
+            f"{len(answers)} answers, e.g. {', '.join(answers[:8])}"
+        )
+    return answers.index(a)

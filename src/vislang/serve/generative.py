@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..models.vqa_generative import load_answerer
+
 
 class Captioner:
     """A captioning (CoCa) model directory, ready to caption one image at a time.
@@ -53,7 +55,7 @@ class Captioner:
 class QuestionAnswerer:
     """A VQA model directory, ready to answer one question at a time: an answer classifier (``vislang ablate-fusion``,
     ``vislang train --config vqa``) or a generative answerer (``vislang train --config vqa-gen``), with the same checks
-    and scoring as ``vislang vqa`` (``understand.vqa_train.load_answerer``).
+    and scoring as ``vislang vqa`` (``models.vqa_generative.load_answerer``).
 
     Args:
         model_dir: a directory written by ``vislang.models.vqa.save_vqa`` or ``train_vqa_generative``.
@@ -61,8 +63,6 @@ class QuestionAnswerer:
     """
 
     def __init__(self, model_dir: str | os.PathLike, device: str = "cpu") -> None:
-        from ..understand.vqa_train import load_answerer
-
         self.answerer = load_answerer(model_dir, device)
 
     def __call__(self, image: Image.Image, question: str, top_k: int = 1) -> list[dict[str, Any]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..config import apply_overrides, from_dict, load_file, to_dict
 from ..data.config import DataConfig
@@ -63,7 +63,7 @@ class GANConfig:
 class VQATaskConfig:
     """Settings of a VQA run (``task: vqa``, the answer classifier, or ``vqa-gen``, the generative answerer).
 
-    The model is ``model_name`` (vqa: a config of understand/model_configs or a JSON file; vqa-gen: a `vislang models`
+    The model is ``model_name`` (vqa: a vislang-vqa config of model_configs/ or a JSON file; vqa-gen: a `vislang models`
     name, a decoder is added if it has none) with the ``model`` overrides; ``batch_size`` counts images per step,
     every question about them comes along."""
 
@@ -107,7 +107,7 @@ class TrainConfig:
     vqa: VQATaskConfig | None = None  # tasks "vqa" and "vqa-gen": data and answer settings
 
 
-# The old flat VQA run configs (still read: ``flat_vqa_config``; ``vislang.understand`` re-exports them).
+# The old flat VQA run configs (still read: ``flat_vqa_config``, ``load_vqa_train_config``, ``load_vqa_gen_config``).
 @dataclass(frozen=True)
 class VQATrainConfig:
     model: str = "shapes-vqa"  # a VQA config name (model_configs/, model_type vislang-vqa) or a JSON path
@@ -132,6 +132,39 @@ class VQAGenConfig(VQATrainConfig):
     overrides: tuple[str, ...] = ()  # dotted model-config overrides: "decoder.layers=2", "vision.image_size=32"
     max_answer_tokens: int = 6  # most tokens generated per answer, the end token included
     out_dir: str = "runs/vqa-gen"
+
+
+RunConfig = TypeVar("RunConfig")
+
+
+def load_flat_run_config(
+    path: str | Path | None, overrides: list[str] | tuple[str, ...], task: str, cls: type[RunConfig]
+) -> RunConfig:
+    """An old flat run config file of ``task`` (``vqa``, ``vqa-gen``) plus ``key=value`` overrides, as dataclass
+    ``cls``; a file of another task is a clear error."""
+    data = load_file(path) if path else {}
+    if overrides:
+        data = apply_overrides(data, list(overrides))
+    got = data.pop("task", task)
+    if got != task:
+        raise ValueError(f"this run config needs task: {task}, got task: {got!r}")
+    if isinstance(data.get("overrides"), list):
+        data["overrides"] = tuple(data["overrides"])
+    return from_dict(cls, data)
+
+
+def load_vqa_train_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> VQATrainConfig:
+    """A flat VQA run config (YAML/JSON with ``task: vqa``) plus ``key=value`` overrides, as ``VQATrainConfig``.
+
+    ``task`` only routes the file here; every other key is a ``VQATrainConfig`` field (``overrides`` lists dotted
+    model-config changes, e.g. ``fusion.kind=gated``). ``load_train_config`` reads the same files as a
+    ``TrainConfig``."""
+    return load_flat_run_config(path, overrides, "vqa", VQATrainConfig)
+
+
+def load_vqa_gen_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> VQAGenConfig:
+    """A flat generative VQA run config (``task: vqa-gen``) plus ``key=value`` overrides, as ``VQAGenConfig``."""
+    return load_flat_run_config(path, overrides, "vqa-gen", VQAGenConfig)
 
 
 def vqa_defaults(task: str) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """VQA tasks in the one loop: the answer classifier (``task: vqa``) and the generative answerer (``task: vqa-gen``).
 
-A batch is ``batch_size`` images plus every question about them (``understand.vqa_train.make_batch``), so the image
+A batch is ``batch_size`` images plus every question about them (``data.vqa.make_batch``), so the image
 tower runs once per image; the images of an epoch come in the order of one ``numpy`` generator seeded with
 ``cfg.seed`` and drawn once per epoch (a resumed run replays the draws up to its epoch). Under torchrun each rank
 takes every ``world``-th image of a batch. Training ends with the evaluation on the test (and shapes holdout) sets,
@@ -22,8 +22,16 @@ import torch
 from torch import nn
 
 from ...config import to_dict
+from ...data.vqa import QuestionIndex, answer_targets, answer_vocab, image_batches, load_sets, make_batch
+from ...evaluation.vqa import evaluate_generative, evaluate_vqa, write_eval
+from ...factory import get_model_config, load_vqa_config, save_pretrained
+from ...losses import answer_loss, vqa_loss
+from ...models.vqa import GENERATIVE_KEY, VQAModel, num_parameters, save_vqa
+from ...models.vqa_generative import build_model, encode_pairs, separator_id
+from ...tokenizers import Tokenizer, load_tokenizer
 from ..config import VQATaskConfig, to_train_config
 from ..loop import Run, Task, fit
+from ..optim import build_optimizer
 
 
 class _VQABase(Task):
@@ -39,12 +47,8 @@ class _VQABase(Task):
         t0 = time.perf_counter()
         self.build()  # sets self.sets, self.tokens, self.model (core), self.forward_model
         self.data_s = time.perf_counter() - t0
-        from ...understand.vqa_train import QuestionIndex
-
         train = self.sets["train"]
         self.qindex = QuestionIndex(train.image_index, len(train.images))
-        from ..optim import build_optimizer
-
         self.model.to(run.device)
         self.optimizer = build_optimizer(self.model, self.cfg.optim)
         self._order: tuple[int, list[np.ndarray]] | None = None
@@ -56,8 +60,6 @@ class _VQABase(Task):
     def question_tokenizer(self, texts: list[str], text_cfg: Any):
         """The run's tokenizer: trained on ``texts`` and kept in OUT/tokenizer, read back from there on resume (a
         WordPiece trainer may split ties differently from one call to the next, and a resumed run must keep ids)."""
-        from ...tokenizers import Tokenizer, load_tokenizer
-
         out = self.run.out_dir
         if self.run.resume and out is not None and (out / "tokenizer").is_dir():
             return load_tokenizer(out / "tokenizer")
@@ -78,8 +80,6 @@ class _VQABase(Task):
 
     def _epoch(self, epoch: int) -> list[np.ndarray]:
         """The image batches of ``epoch``: one permutation per epoch from a generator seeded once, replayed."""
-        from ...understand.vqa_train import image_batches
-
         if self._order is None or self._order[0] != epoch:
             rng = np.random.default_rng(self.cfg.seed)
             for _ in range(epoch + 1):
@@ -88,8 +88,6 @@ class _VQABase(Task):
         return self._order[1]
 
     def batches(self, epoch: int, start: int) -> Iterator[dict[str, Any]]:
-        from ...understand.vqa_train import make_batch
-
         run = self.run
         for imgs in self._epoch(epoch)[start:]:
             imgs = imgs[run.rank :: run.world]  # (B_img / world,): this rank's share of the step's images
@@ -113,9 +111,6 @@ class _VQABase(Task):
 
     def finish(self) -> Path | None:
         """Evaluate on every held-out set, save the model, ``results.json`` and ``eval/vqa.md``; the model dir."""
-        from ...models.vqa import num_parameters
-        from ...understand.vqa_train import write_eval
-
         run, train = self.run, self.sets["train"]
         results: dict[str, Any] = {
             **self.results_head(),
@@ -144,10 +139,6 @@ class VQAClassifierTask(_VQABase):
     title = ""
 
     def build(self) -> None:
-        from ...data.vqa import answer_targets, answer_vocab
-        from ...models.vqa import VQAModel
-        from ...understand.vqa_train import load_sets, load_vqa_config
-
         mcfg = load_vqa_config(self.cfg.model_name, self.cfg.model)
         self.sets = load_sets(self.vqa, self.cfg.seed, mcfg.vision.image_size, mcfg.vision.channels)
         train = self.sets["train"]
@@ -163,8 +154,6 @@ class VQAClassifierTask(_VQABase):
         self.title = f"VQA answer classifier ({mcfg.fusion.kind} fusion)"
 
     def training_step(self, b: dict[str, Any], step: int) -> torch.Tensor:
-        from ...understand.vqa_train import vqa_loss
-
         logits = self.forward_model(b["images"], b["tokens"], b["image_index"])["logits"]  # (B_q, A)
         return vqa_loss(logits, self.targets[torch.from_numpy(b["questions"])].to(logits.device))
 
@@ -172,14 +161,10 @@ class VQAClassifierTask(_VQABase):
         return {"fusion": self.model.cfg.fusion.kind}
 
     def evaluate_sets(self) -> dict[str, Any]:
-        from ...understand.vqa_train import evaluate_vqa
-
         model = self.model.cpu()
         return {n: evaluate_vqa(model, d, self.tokenizer, self.answers) for n, d in self.sets.items() if n != "train"}
 
     def save_model(self, out: Path, results: dict[str, Any]) -> None:
-        from ...models.vqa import save_vqa
-
         extra = {"train": to_dict(self.cfg), "results": results}
         save_vqa(self.model, out / "model", self.tokenizer, self.answers, extra=extra)
 
@@ -198,11 +183,6 @@ class VQAGenerativeTask(_VQABase):
         super().setup(run)
 
     def build(self) -> None:
-        from ...data.vqa import answer_vocab
-        from ...factory import get_model_config
-        from ...understand.vqa_generative import build_model, encode_pairs, separator_id
-        from ...understand.vqa_train import load_sets
-
         v = get_model_config(self.cfg.model_name, self.cfg.model).vision
         self.sets = load_sets(self.vqa, self.cfg.seed, v.image_size, v.channels)
         train = self.sets["train"]
@@ -215,8 +195,6 @@ class VQAGenerativeTask(_VQABase):
         self.tokens = encode_pairs(self.tokenizer, train.questions, labels, self.sep, ctx)  # (Q, ctx)
 
     def training_step(self, b: dict[str, Any], step: int) -> torch.Tensor:
-        from ...understand.vqa_generative import answer_loss
-
         ids = b["tokens"]
         ids = ids[:, : int((ids != self.pad).sum(1).max())]  # drop columns that are padding in every row
         return answer_loss(self.model.caption_logits(b["images"], ids, b["image_index"]), ids, self.sep, self.pad)
@@ -225,8 +203,6 @@ class VQAGenerativeTask(_VQABase):
         return {"head": "generative"}
 
     def evaluate_sets(self) -> dict[str, Any]:
-        from ...understand.vqa_generative import evaluate_generative
-
         t_eval, n = time.perf_counter(), self.vqa.max_answer_tokens
         model = self.model.cpu()
         sets = {k: d for k, d in self.sets.items() if k != "train"}
@@ -234,9 +210,6 @@ class VQAGenerativeTask(_VQABase):
         return {**res, "eval_time_s": round(time.perf_counter() - t_eval, 1)}
 
     def save_model(self, out: Path, results: dict[str, Any]) -> None:
-        from ...factory import save_pretrained
-        from ...models.vqa import GENERATIVE_KEY
-
         marker = {"head": "generative", "separator_id": self.sep, "max_answer_tokens": self.vqa.max_answer_tokens,
                   "answers": self.answers}  # fmt: skip
         extra = {GENERATIVE_KEY: marker, "train": to_dict(self.cfg), "results": results}
@@ -244,7 +217,7 @@ class VQAGenerativeTask(_VQABase):
 
 
 def train_vqa(cfg: Any, progress: bool = True, resume: bool = False) -> dict[str, Any]:
-    """A VQA classifier from the flat ``understand.VQATrainConfig``: trained in the one loop, evaluated on the test
+    """A VQA classifier from the flat ``train.config.VQATrainConfig``: trained in the one loop, evaluated on the test
     (and shapes holdout) sets, saved; returns the results."""
     task = VQAClassifierTask()
     fit(task, to_train_config(cfg, "vqa", progress), resume)
@@ -252,7 +225,7 @@ def train_vqa(cfg: Any, progress: bool = True, resume: bool = False) -> dict[str
 
 
 def train_vqa_generative(cfg: Any, progress: bool = True, resume: bool = False) -> dict[str, Any]:
-    """The generative answerer from the flat ``understand.VQAGenConfig``, like :func:`train_vqa`."""
+    """The generative answerer from the flat ``train.config.VQAGenConfig``, like :func:`train_vqa`."""
     task = VQAGenerativeTask()
     fit(task, to_train_config(cfg, "vqa-gen", progress), resume)
     return task.results

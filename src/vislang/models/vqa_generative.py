@@ -1,19 +1,22 @@
 """Generative VQA: a CoCa captioner that reads the question and writes the answer, token by token.
 
-Why a second head: the classifier (``vqa_train``) can only pick one of the answers training saw; a decoder spells its
+Why a second head: the classifier (``models.vqa``) can only pick one of the answers training saw; a decoder spells its
 answer, so it can give one training never saw. It reuses the captioning model (``models.captioner.CoCa``) and its
-search (``vislang.decoding``) rather than a decoder of its own, and the classifier's data, loop and scoring.
+search (``vislang.decoding``) rather than a decoder of its own, and the classifier's data (``data.vqa``), loop
+(``train.tasks.vqa``) and scoring (``evaluation.vqa``).
 
 A training row is the token sequence ``[BOS] question [SEP] answer [EOS]``. The separator is the vislang tokenizer's
 ``[MASK]`` special: no caption uses it and no question can end where an answer starts by accident (a question that
-spells "[MASK]" is refused). The caption loss counts only the answer tokens and the end token (``answer_mask``); the
-contrastive loss is off, since the ten or so questions of a scene are no image–text pairs to contrast. At answer time
-the question and separator are the generation ``prefix``; the answer is the continuation, and its probability is the
-product of its tokens' probabilities, the end token included.
+spells "[MASK]" is refused). The caption loss counts only the answer tokens and the end token
+(``losses.answer_loss``); the contrastive loss is off, since the ten or so questions of a scene are no image–text
+pairs to contrast. At answer time the question and separator are the generation ``prefix``; the answer is the
+continuation, and its probability is the product of its tokens' probabilities, the end token included.
 
 The model is saved as a normal CoCa model directory (``factory.save_pretrained``) whose ``config.json`` also holds
 ``"vqa": {"head": "generative", "separator_id", "max_answer_tokens", "answers"}`` (``models.vqa.GENERATIVE_KEY``), so
-``vislang vqa`` answers with it and ``models.vqa.vqa_head`` tells it from a classifier.
+``vislang vqa`` answers with it and ``models.vqa.vqa_head`` tells it from a classifier. ``load_answerer`` (and
+``predict_answer``, ``answer_probability``) take a directory of either head; they live here, not in ``models.vqa``,
+because this head loads through ``vislang.factory``, which sits above ``models.vqa`` (the registry imports it).
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,22 +32,24 @@ import numpy as np
 import torch
 
 from ..data.transforms import normalize
-from ..data.vqa import VQASet
-from ..evaluation.vqa_metrics import normalize_answer, vqa_accuracy, vqa_score
-from ..losses import caption_loss
-from ..models.vqa import GENERATIVE_KEY, vqa_head
+from ..decoding import generate
+from ..evaluation.vqa_metrics import normalize_answer
+from ..factory import build_model as build_from_config
+from ..factory import fit_config_to_tokenizer, from_pretrained, get_model_config, get_tokenizer, is_model_dir
 from ..tokenizers import Tokenizer
-from ..train.config import VQAGenConfig
-from .vqa_train import clean_question, image_tensor, load_run_config
+from .clip import DecoderConfig
+from .vqa import (
+    ANSWERS_FILE,
+    GENERATIVE_KEY,
+    ClassifierAnswerer,
+    check_known_answer,
+    clean_question,
+    image_tensor,
+    vqa_head,
+)
 
-TASK = "vqa-gen"  # the run config's task: key that routes `vislang train` here
 SEPARATOR = "[MASK]"  # the vislang tokenizer's special that sits between question and answer
 MIN_ANSWER_TOKENS = 2  # room an answer needs in the context: one token and the end token
-
-
-def load_vqa_gen_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> VQAGenConfig:
-    """A generative VQA run config (``task: vqa-gen``) plus ``key=value`` overrides: what ``vislang train`` reads."""
-    return load_run_config(path, overrides, TASK, VQAGenConfig)
 
 
 # --------------------------------------------------------------------------------------------------- token layout
@@ -110,76 +114,11 @@ def encode_pairs(
     return out
 
 
-def answer_mask(tokens: torch.Tensor, sep: int, pad: int) -> torch.Tensor:
-    """(B, T-1): which next-token targets ``tokens[:, 1:]`` the loss counts — the answer tokens and the end token,
-    i.e. every non-padding token after the first separator."""
-    is_sep = (tokens == sep).long()
-    after = (is_sep.cumsum(1) - is_sep) > 0  # (B, T): strictly after the first separator
-    return (after & (tokens != pad))[:, 1:]
-
-
-def answer_loss(logits: torch.Tensor, tokens: torch.Tensor, sep: int, pad: int) -> torch.Tensor:
-    """``losses.caption_loss`` over the answer tokens only: question targets are set to padding, which it ignores."""
-    targets = tokens.clone()
-    targets[:, 1:] = tokens[:, 1:].masked_fill(~answer_mask(tokens, sep, pad), pad)
-    return caption_loss(logits, targets, pad)
-
-
 # ------------------------------------------------------------------------------------------------------- answering
-
-
-@torch.no_grad()
-def generate_answers(
-    model,
-    tokenizer,
-    images: np.ndarray,
-    image_index: np.ndarray,
-    prompts: list[list[int]],
-    max_answer_tokens: int,
-    batch_size: int = 512,
-    beam: int = 1,
-) -> list[str]:
-    """The answer to each prompt about ``images[image_index[i]]`` (uint8 (N, H, W, C)); prompts are batched by length,
-    since the generation prefix of one call has one length."""
-    from ..decoding import generate
-
-    model.eval()
-    ctx = model.cfg.text.context_length
-    by_len: dict[int, list[int]] = defaultdict(list)
-    for i, p in enumerate(prompts):
-        by_len[len(p)].append(i)
-    out = [""] * len(prompts)
-    for P, idx in sorted(by_len.items()):
-        for s in range(0, len(idx), batch_size):
-            chunk = idx[s : s + batch_size]
-            x = torch.from_numpy(images[image_index[chunk]]).permute(0, 3, 1, 2)  # (B, C, H, W) uint8
-            prefix = torch.tensor([prompts[i] for i in chunk], dtype=torch.long)  # (B, P)
-            ids = generate(model, x, max_length=min(max_answer_tokens, ctx - 1 - P), beam=beam, prefix=prefix,
-                           bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)  # fmt: skip
-            for i, row in zip(chunk, ids.tolist()):
-                out[i] = tokenizer.decode(row)
-    return out
-
-
-def evaluate_generative(
-    model, tokenizer, data: VQASet, answers: Sequence[str], max_answer_tokens: int, beam: int = 1
-) -> dict[str, Any]:
-    """The classifier's scoring (``vqa_accuracy``, per question type) plus how many answers training never saw."""
-    prompts = encode_questions(tokenizer, data.questions, separator_id(tokenizer), model.cfg.text.context_length)
-    preds = generate_answers(model, tokenizer, data.images, data.image_index, prompts, max_answer_tokens, beam=beam)
-    res = vqa_accuracy(preds, data.answers, data.types)
-    known = set(answers)
-    new = [(normalize_answer(p), refs) for p, refs in zip(preds, data.answers) if normalize_answer(p) not in known]
-    res["new_answers"] = len(new)  # answers outside the training answer vocabulary
-    res["new_answers_correct"] = sum(vqa_score(p, refs) > 0 for p, refs in new)
-    res["new_answer_examples"] = dict(Counter(p for p, _ in new).most_common(10))
-    return res
 
 
 def load_generative_vqa(directory: str | os.PathLike, device: str | torch.device = "cpu"):
     """``(model, tokenizer, marker)`` from a directory written by ``train_vqa_generative``; marker: its "vqa" entry."""
-    from ..factory import from_pretrained, get_tokenizer, is_model_dir
-
     d = Path(directory)
     if not is_model_dir(d):
         raise FileNotFoundError(
@@ -234,8 +173,6 @@ class GenerativeAnswerer:
     def answer(self, image, question: str, top_k: int = 1) -> list[tuple[str, float]]:
         """``[(answer, probability), ...]``: the generated (greedy) answer; with ``top_k`` > 1 also the training
         answers, every one scored by the same product of token probabilities, most probable first."""
-        from ..decoding import generate
-
         x, prompt = self._inputs(image, question)
         tok, ctx = self.tokenizer, self.model.cfg.text.context_length
         room = ctx - 1 - len(prompt)
@@ -281,10 +218,6 @@ def build_model(
 ):
     """``(CoCa, tokenizer)``: the model config with a decoder (one of the text tower's width if it has none), and a
     tokenizer trained on the questions and answers (answers must be spellable to be generated)."""
-    from ..factory import build_model as build
-    from ..factory import fit_config_to_tokenizer, get_model_config
-    from ..models.clip import DecoderConfig
-
     mcfg = get_model_config(name, overrides if isinstance(overrides, dict) else list(overrides))
     if mcfg.text.tokenizer == "hf" or mcfg.text.arch != "transformer":
         raise ValueError(
@@ -301,4 +234,30 @@ def build_model(
     mcfg = fit_config_to_tokenizer(mcfg, tokenizer)
     dec = mcfg.decoder or DecoderConfig(width=tc.width, heads=tc.heads)
     mcfg = dataclasses.replace(mcfg, decoder=dataclasses.replace(dec, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id))
-    return build(mcfg), tokenizer
+    return build_from_config(mcfg), tokenizer
+
+
+# ------------------------------------------------------------------------------------------------- either VQA head
+
+
+def load_answerer(model_dir: str | os.PathLike, device: str = "cpu"):
+    """The answerer for a VQA directory: ``ClassifierAnswerer`` or, for ``vislang train --config vqa-gen`` output,
+    ``GenerativeAnswerer``; both have ``answer(image, question, top_k)``."""
+    if vqa_head(model_dir) == "generative":
+        return GenerativeAnswerer(model_dir, device)
+    return ClassifierAnswerer(model_dir, device)
+
+
+def predict_answer(model_dir: str, image, question: str, top_k: int = 1) -> list[tuple[str, float]]:
+    """``[(answer, probability), ...]`` for one image (path or PIL image) and one question, either VQA head."""
+    return load_answerer(model_dir).answer(image, question, top_k)
+
+
+def answer_probability(model_dir: str, image, question: str, answer: str) -> float:
+    """Probability the model gives ``answer``; a clear error for an answer training never saw (a generative
+    answerer scores any answer)."""
+    if vqa_head(model_dir) == "generative":
+        return generative_answer_probability(model_dir, image, question, answer)
+    answers = json.loads((Path(model_dir) / ANSWERS_FILE).read_text())
+    check_known_answer(answer, answers)
+    return dict(predict_answer(model_dir, image, question, top_k=len(answers)))[normalize_answer(answer)]

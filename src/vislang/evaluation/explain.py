@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..data.transforms import normalize, pil_to_array
+from ..factory import from_pretrained, get_tokenizer
+from ..models.vqa import load_vqa
 
 
 def _open_image(image) -> Image.Image:
@@ -98,7 +100,7 @@ def _upsample(grid: torch.Tensor, size: int) -> np.ndarray:
 
 def overlay(image: Image.Image, heat: np.ndarray, side: int = 256, alpha: float = 0.5) -> Image.Image:
     """The image (centre-cropped like the model saw it) with a jet-coloured heatmap blended on top."""
-    import matplotlib
+    import matplotlib  # here, not at the top: only the overlay needs it, and it is slow to import
 
     base = Image.fromarray(pil_to_array(image, side, 3))
     colours = matplotlib.colormaps["jet"](heat)[..., :3]  # (h, w, 3) in [0, 1]
@@ -117,12 +119,8 @@ def saliency(model_dir: str, image, text: str) -> np.ndarray:
     kind = json.loads((d / "config.json").read_text()).get("model_type")
     pil = _open_image(image)
     if kind == "vislang-vqa":
-        from ..models.vqa import load_vqa
-
         model, tok, _ = load_vqa(d)
         return vqa_saliency(model, tok, pil, text)
-    from ..factory import from_pretrained, get_tokenizer
-
     return clip_saliency(from_pretrained(d), get_tokenizer(d), pil, text)
 
 

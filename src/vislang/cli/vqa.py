@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 
+from ..evaluation.explain import explain
+from ..models.vqa_generative import answer_probability, predict_answer
+from ..train import ablate  # the module, so ablate.ablate_fusion is looked up per call (a test replaces it)
+
 
 def cmd_vqa(args: argparse.Namespace, extra: list[str]) -> int:
-    from ..understand.vqa_train import answer_probability, predict_answer
-
     if args.answer:
         ranked = [(args.answer, answer_probability(args.model, args.image, args.question, args.answer))]
     else:
@@ -41,9 +43,7 @@ def ablate_epochs(epochs: int | None, time_budget_s: float | None) -> int:
 
 
 def cmd_ablate_fusion(args: argparse.Namespace, extra: list[str]) -> int:
-    from ..understand.ablate import ablate_fusion
-
-    md = ablate_fusion(
+    md = ablate.ablate_fusion(
         args.out,
         fusions=args.fusions.split(","),
         n_train=args.n_train,
@@ -58,8 +58,6 @@ def cmd_ablate_fusion(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_explain(args: argparse.Namespace, extra: list[str]) -> int:
-    from ..understand.explain import explain
-
     out = explain(args.model, args.image, args.text, args.out)
     print(f"wrote {out}")
     return 0

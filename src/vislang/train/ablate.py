@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..train.tasks.vqa import train_vqa
-from .vqa_train import VQATrainConfig
+from .config import VQATrainConfig
+from .tasks.vqa import train_vqa
 
 
 def results_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
@@ -24,7 +24,7 @@ def results_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
 
 
 def write_png(header: list[str], body: list[list[str]], path: Path) -> None:
-    import matplotlib
+    import matplotlib  # here, not at the top: only this table needs it, and it is slow to import
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
