@@ -15,8 +15,8 @@ OPTIONS = ("data", "data_options", "sparsity", "prune_kind", "steps", "lr", "bat
 
 def compress_options(args: argparse.Namespace, extra: list[str]) -> dict:
     """Keyword arguments of ``compress_model_dir``: the --config file, the flags given, then dotted overrides."""
-    from .main import _overrides
     from ..config import apply_overrides, load_file
+    from .main import _overrides
 
     opts = load_file(args.config) if args.config else {}
     for key in OPTIONS:
