@@ -21,7 +21,7 @@ LIBRARY = {
     "distributed", "decoding", "registry", "factory", "inference",
 }  # fmt: skip
 # What runs the library: training, compression, export, the service and the command line (and its command modules).
-RUNNERS = {"train", "serve", "cli", "compress", "export", "demo", "understand", "caption", "finetune"}
+RUNNERS = {"train", "serve", "cli", "compress", "export", "demo", "understand", "caption"}
 
 
 def module_name(path: Path) -> str:
