@@ -9,10 +9,9 @@ import torch
 from PIL import Image
 
 import vislang
-from vislang.data.labelled import LabelledImages
-from vislang.finetune import FinetuneConfig, NoLabelsError, finetune, load_labelled, run_method
-from vislang.finetune.run import Splits, fit_probe_head
+from vislang.data.labelled import LabelledImages, NoLabelsError, load_labelled
 from vislang.models.classifier import ClassifierConfig, ImageClassifier
+from vislang.train.finetune import FinetuneConfig, Splits, finetune, fit_probe_head, run_method
 from vislang.train.tasks.finetune import augment
 
 LEVELS = {"bright": 220, "dark": 30, "mid": 125}
@@ -73,7 +72,7 @@ def test_probe_full_scratch_end_to_end(setup):
 def test_probe_head_matches_sklearn(setup):
     """The probe folded into a linear layer gives the same logits as the fitted sklearn pipeline."""
     from vislang.evaluation.linear_probe import fit_probe
-    from vislang.finetune.run import tower_features
+    from vislang.train.finetune import tower_features
 
     _, cfg = setup
     rng = np.random.default_rng(0)

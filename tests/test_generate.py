@@ -21,11 +21,10 @@ from vislang.evaluation.gan_metrics import (
     frechet_distance,
     inception_style_score,
 )
-from vislang.losses import mismatched
+from vislang.losses import d_loss, mismatched
 from vislang.models.gan.networks import (
     GANModelConfig,
     build_gan,
-    d_loss,
     diff_augment,
     from_uint8,
     minibatch_std,

@@ -28,7 +28,7 @@ def test_discriminator_scores_features_under_any_text(arch, projection):
 def test_training_step_scores_wrong_texts_as_three_passes_would():
     """gan_step reuses the real images' features for the wrong-text pairs: the discriminator loss (and so its update)
     equals the one from scoring real, fake and mismatched pairs in one concatenated pass, as before."""
-    from vislang.models.gan.networks import d_loss
+    from vislang.losses import d_loss
     from vislang.train.config import GANConfig
     from vislang.train.tasks.gan_step import gan_step
 
@@ -53,7 +53,7 @@ def test_training_step_scores_wrong_texts_as_three_passes_would():
 
 
 def test_text_match_loss_is_the_log_softmax_mass_on_the_right_texts():
-    from vislang.models.gan.networks import text_match_loss
+    from vislang.losses import text_match_loss
 
     pos = torch.eye(4, dtype=torch.bool)
     assert text_match_loss(torch.zeros(4, 4), pos).item() == pytest.approx(torch.log(torch.tensor(4.0)).item())
@@ -165,7 +165,7 @@ def test_relation_prompts_come_from_real_scenes_the_judge_gets_right():
 def test_flipped_relation_texts_count_as_wrong_in_both_discriminator_terms():
     """With c_flip the discriminator scores each of the first F real images under its flipped caption as a wrong
     pair and adds the flipped captions to the text-matching softmax: its loss is the reference computed by hand."""
-    from vislang.models.gan.networks import d_loss, text_match_loss
+    from vislang.losses import d_loss, text_match_loss
     from vislang.train.config import GANConfig
     from vislang.train.tasks.gan_step import gan_step
 

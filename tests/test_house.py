@@ -21,7 +21,7 @@ LIBRARY = {
     "distributed", "decoding", "registry", "factory", "inference",
 }  # fmt: skip
 # What runs the library: training, compression, export, the service and the command line (and its command modules).
-RUNNERS = {"train", "serve", "cli", "compress", "export", "demo", "caption", "finetune"}
+RUNNERS = {"train", "serve", "cli", "compress", "export"}
 
 
 def module_name(path: Path) -> str:
@@ -177,6 +177,39 @@ def test_files_stay_readable(limit):
         if (n := len(p.read_text().splitlines())) > limit and str(p.relative_to(SRC)) not in exceptions
     }
     assert not long, f"files over {limit} lines: {long}"
+
+
+# Functions over ~80 lines, each with why it stays whole. Keys are "path under vislang/:function" (a nested or
+# method name is its own name); a function that grows past the limit is split or listed here with a reason.
+LONG_FUNCTIONS = {
+    "serve/app.py:create_app": "FastAPI routes are closures over the app state; issue 28 restructures serve/",
+    "train/tasks/gan_step.py:gan_step": "D and G updates share one batch's noise draws, features and text masks in a "
+    "fixed RNG order; helpers would thread ~10 intermediates through for no gain",
+}
+
+
+def long_functions(limit: int) -> dict[str, int]:
+    """``path:function`` → lines (def to last line, docstring included) of every function over ``limit`` lines."""
+    out = {}
+    for p in sorted(SRC.rglob("*.py")):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > limit:
+                    out[f"{p.relative_to(SRC).as_posix()}:{node.name}"] = n
+    return out
+
+
+@pytest.mark.parametrize("limit", [80])
+def test_functions_stay_readable(limit):
+    """A function over ~80 lines is an exception with a reason, listed in LONG_FUNCTIONS; a listed one that has come
+    under the limit (or gone) is dropped from the list, so the list stays true."""
+    long = long_functions(limit)
+    unlisted = {k: n for k, n in long.items() if k not in LONG_FUNCTIONS}
+    assert not unlisted, f"functions over {limit} lines: split them or list them with a reason: {unlisted}"
+    stale = sorted(set(LONG_FUNCTIONS) - set(long))
+    assert not stale, f"LONG_FUNCTIONS lists functions no longer over {limit} lines: {stale}"
+    assert all(reason.strip() for reason in LONG_FUNCTIONS.values()), "every exception needs its reason"
 
 
 def test_every_import_inside_the_package_resolves():

@@ -85,9 +85,9 @@ def _finetune(tmp: Path, name: str) -> Runner:
     import numpy as np
     from PIL import Image
 
-    from vislang.finetune.run import FinetuneConfig, load_splits
     from vislang.models.classifier import ClassifierConfig, ImageClassifier
     from vislang.models.towers import VisionConfig
+    from vislang.train.finetune import FinetuneConfig, load_splits
     from vislang.train.loop import fit
     from vislang.train.tasks.finetune import FinetuneTask, finetune_train_config
 

@@ -1,5 +1,6 @@
 """Image-text losses: CLIP's softmax InfoNCE, SigLIP's pairwise sigmoid loss, image–text matching (ITM)
-and the captioning (next-token) loss.
+and the captioning (next-token) loss; below them the text-to-image GAN's terms (adversarial, text matching,
+mismatched texts, mode seeking, spread, coverage).
 
 Both take the L2-normalised features the model returns plus its (already exponentiated) ``logit_scale`` and
 optional ``logit_bias``, and both work unchanged on one process or under DDP: with several ranks they gather the
@@ -284,6 +285,53 @@ def group_size(group: int, n: int) -> int:
 
 
 # --- GAN terms (train.tasks.gan_step) --------------------------------------------------------------------------------
+def d_real_loss(scores: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
+    """Discriminator loss for scores that should read "real" (hinge: max(0, 1 - s); bce: -log sigmoid(s))."""
+    if kind == "hinge":
+        return F.relu(1 - scores).mean()
+    if kind == "bce":
+        return F.softplus(-scores).mean()
+    raise ValueError(f"unknown GAN loss {kind!r}; choose hinge or bce")
+
+
+def d_fake_loss(scores: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
+    """Discriminator loss for scores that should read "fake" (hinge: max(0, 1 + s); bce: -log(1 - sigmoid(s)))."""
+    if kind == "hinge":
+        return F.relu(1 + scores).mean()
+    if kind == "bce":
+        return F.softplus(scores).mean()
+    raise ValueError(f"unknown GAN loss {kind!r}; choose hinge or bce")
+
+
+def d_loss(
+    real: torch.Tensor, fake: torch.Tensor, mismatch: torch.Tensor | None = None, weight: float = 1.0,
+    kind: str = "hinge",
+) -> torch.Tensor:  # fmt: skip
+    """real term + (fake term + weight · mismatch term) / (1 + weight): with ``mismatch`` the scores of real images
+    under wrong texts, the matching-aware loss of GAN-INT-CLS / DF-GAN; without it the plain GAN loss."""
+    if mismatch is None or mismatch.numel() == 0 or weight <= 0:
+        return d_real_loss(real, kind) + d_fake_loss(fake, kind)
+    return d_real_loss(real, kind) + (d_fake_loss(fake, kind) + weight * d_fake_loss(mismatch, kind)) / (1 + weight)
+
+
+def g_loss(fake: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
+    """Generator loss: hinge's -D, or the non-saturating -log sigmoid(D) of the original GAN."""
+    if kind == "hinge":
+        return -fake.mean()
+    if kind == "bce":
+        return F.softplus(-fake).mean()
+    raise ValueError(f"unknown GAN loss {kind!r}; choose hinge or bce")
+
+
+def text_match_loss(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """-log of the softmax mass on the right texts, per image, averaged: ``logits`` (B, T) from the discriminator's
+    ``match``, ``positives`` (B, T) True where a text describes the image (its own, and texts that mean the same).
+    The batch-wide form of the matching-aware term: every image is compared with every text, not with one wrong
+    text."""
+    log_p = logits.log_softmax(dim=1)
+    return -(log_p.masked_fill(~positives, -float("inf")).logsumexp(dim=1)).mean()
+
+
 def mismatched(cond: torch.Tensor, max_cos: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices of wrong texts, keep mask): each item takes the text of the item ``shift`` places on; pairs whose
     texts mean the same (cosine >= ``max_cos``, e.g. two templates of one class) are dropped, not counted as fake."""

@@ -32,7 +32,7 @@ FLAGS = {
 def finetune_config(args: argparse.Namespace, extra: list[str]):
     """``FinetuneConfig`` from ``--config`` (YAML/JSON), then the flags given, then ``--a.b=value`` overrides."""
     from ..config import apply_overrides, from_dict, load_file
-    from ..finetune.run import FinetuneConfig
+    from ..train.finetune import FinetuneConfig
     from .main import _overrides
 
     data = load_file(args.config) if args.config else {}
@@ -51,7 +51,7 @@ def finetune_config(args: argparse.Namespace, extra: list[str]):
 
 
 def cmd_finetune(args: argparse.Namespace, extra: list[str]) -> int:
-    from ..finetune.run import comparison_table, finetune
+    from ..train.finetune import comparison_table, finetune
 
     cfg = finetune_config(args, extra)
     results = finetune(cfg, args.method.split(","))

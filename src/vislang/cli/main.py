@@ -288,6 +288,22 @@ def build_parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         return sp
 
+    _add_training_commands(add)
+    _add_data_commands(add)
+    _add_run_commands(add)
+    for name in COMMAND_MODULES:  # other homes register their own subcommands: register(add) -> None
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if not (e.name and name.startswith(e.name)):
+                raise
+            continue
+        module.register(add)
+    return p
+
+
+def _add_training_commands(add) -> None:
+    """train, eval and rerank-eval."""
     sp = add(
         "train", "train any vislang model from a YAML config (its task: key) plus --key=value overrides", cmd_train
     )
@@ -319,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--cache-dir", default=".cache/vislang/prepared", help="where prepared images are kept")
     sp.add_argument("--device", default="cpu")
 
+
+def _add_data_commands(add) -> None:
+    """export-images, prepare, embed and zero-shot."""
     sp = add("export-images", "write a dataset's images as PNG files with same-named .txt captions", cmd_export_images)
     sp.add_argument("src", help="fashion-mnist | shapes | openclipart | a file or folder any command reads")
     sp.add_argument("out", help="output folder")
@@ -359,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--template", action="append", help="prompt template(s) with {} (default: a few photo prompts)")
     sp.add_argument("--json", action="store_true", help="print JSON")
 
+
+def _add_run_commands(add) -> None:
+    """report, demo and models."""
     sp = add("report", "write report.html (with PNG plots) for a run directory", cmd_report)
     sp.add_argument("run_dir", help="a run directory (e.g. runs/demo)")
 
@@ -367,15 +389,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--fresh", action="store_true", help="delete an existing run in --out first")
 
     add("models", "list the built-in model configs", cmd_models)
-    for name in COMMAND_MODULES:  # other homes register their own subcommands: register(add) -> None
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if not (e.name and name.startswith(e.name)):
-                raise
-            continue
-        module.register(add)
-    return p
 
 
 def parse_command(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:

@@ -229,6 +229,62 @@ def vqa_rows(model, tokenizer, answers: list[str], data: str, n: int, batch_size
     return {"vqa_accuracy": acc["overall"]}, (x, tokenizer(test.questions[:batch_size]))
 
 
+def model_row(
+    p: Path,
+    data: str | None,
+    split: str,
+    max_images: int | None,
+    batch_size: int,
+    cache_dir: str,
+    data_options: dict[str, Any] | None,
+    caption_images: int,
+) -> tuple[dict[str, Any], Any, tuple[torch.Tensor, torch.Tensor]]:
+    """(row, model, speed inputs) of one model directory: its size and parameters, and its task metrics on ``data``
+    (none when ``data`` is None); the inputs are a batch of its test images (random ones without data) and texts."""
+    from ..data.config import DataConfig
+    from ..data.loading import load_prepared
+    from ..evaluation.run import templates_for
+    from .quantize import model_family
+
+    model, tokenizer, kind, meta = _load(p)
+    family = model_family(meta)
+    cfg = model.cfg
+    params, nonzero = param_counts(p, meta)
+    row: dict[str, Any] = {
+        "model": str(p),
+        "kind": kind,
+        "family": family,
+        "size_mb": weight_bytes(p) / 1e6,
+        "params": params,
+        "nonzero_params": nonzero,
+    }
+    if family == "vqa":
+        answers = json.loads((p / "answers.json").read_text())
+        metrics, (x, ids) = vqa_rows(model, tokenizer, answers, data or "shapes", max_images or 300, batch_size)
+        row.update(metrics if data else {})
+        return row, model, (x, ids)
+    test = None
+    if data:
+        v = cfg.vision
+        dc = DataConfig(train=data, cache_dir=cache_dir, options=dict(data_options or {}))
+        test = load_prepared(data, split, v.image_size, v.channels, dc, progress=False)
+        if max_images:
+            test = test.head(max_images)
+    if test is not None:
+        idx = torch.arange(min(batch_size, len(test))).numpy()
+        x = to_model_input(model, test.get_batch(idx)["image"], torch.device("cpu"))  # (B, C, H, W)
+        texts = list(test.captions)[: len(idx)] if getattr(test, "captions", None) else None
+    else:
+        x, texts = torch.randn(batch_size, cfg.vision.channels, cfg.vision.image_size, cfg.vision.image_size), None
+    ids = tokenizer(texts or [f"a photo of item {i}" for i in range(x.shape[0])])  # (B, T)
+    if test is not None:
+        row.update(task_metrics(model, tokenizer, test, templates_for(test), batch_size))
+        if family == "captioner" and hasattr(model, "generate"):  # an ONNX export has the towers only
+            n = min(caption_images, max_images or caption_images)
+            row["cider"] = caption_cider(model, tokenizer, data, split, n, cache_dir, data_options, batch_size)
+    return row, model, (x, ids)
+
+
 def compare_models(
     paths: list[str | os.PathLike],
     data: str | None = "fashion-mnist",
@@ -252,11 +308,6 @@ def compare_models(
     """
     if speed_batches and min(speed_batches) < 1:
         raise ValueError(f"--speed-batches {speed_batches}: every batch size must be at least 1")
-    from ..data.config import DataConfig
-    from ..data.loading import load_prepared
-    from ..evaluation.run import templates_for
-    from .quantize import model_family
-
     if len(paths) < 1:
         raise ValueError("give at least one model directory to compare")
     from .compare_gan import compare_generators, is_generator_path
@@ -272,48 +323,10 @@ def compare_models(
         return rows
     rows, models, inputs = [], [], []
     for p in map(Path, paths):
-        model, tokenizer, kind, meta = _load(p)
-        family = model_family(meta)
-        cfg = model.cfg
-        params, nonzero = param_counts(p, meta)
-        row: dict[str, Any] = {
-            "model": str(p),
-            "kind": kind,
-            "family": family,
-            "size_mb": weight_bytes(p) / 1e6,
-            "params": params,
-            "nonzero_params": nonzero,
-        }
-        if family == "vqa":
-            answers = json.loads((p / "answers.json").read_text())
-            metrics, (x, ids) = vqa_rows(model, tokenizer, answers, data or "shapes", max_images or 300, batch_size)
-            row.update(metrics if data else {})
-            rows.append(row)
-            models.append(model)
-            inputs.append((x, ids))
-            continue
-        test = None
-        if data:
-            v = cfg.vision
-            dc = DataConfig(train=data, cache_dir=cache_dir, options=dict(data_options or {}))
-            test = load_prepared(data, split, v.image_size, v.channels, dc, progress=False)
-            if max_images:
-                test = test.head(max_images)
-        if test is not None:
-            idx = torch.arange(min(batch_size, len(test))).numpy()
-            x = to_model_input(model, test.get_batch(idx)["image"], torch.device("cpu"))  # (B, C, H, W)
-            texts = list(test.captions)[: len(idx)] if getattr(test, "captions", None) else None
-        else:
-            x, texts = torch.randn(batch_size, cfg.vision.channels, cfg.vision.image_size, cfg.vision.image_size), None
-        ids = tokenizer(texts or [f"a photo of item {i}" for i in range(x.shape[0])])  # (B, T)
-        if test is not None:
-            row.update(task_metrics(model, tokenizer, test, templates_for(test), batch_size))
-            if family == "captioner" and hasattr(model, "generate"):  # an ONNX export has the towers only
-                n = min(caption_images, max_images or caption_images)
-                row["cider"] = caption_cider(model, tokenizer, data, split, n, cache_dir, data_options, batch_size)
+        row, model, x_ids = model_row(p, data, split, max_images, batch_size, cache_dir, data_options, caption_images)
         rows.append(row)
         models.append(model)
-        inputs.append((x, ids))
+        inputs.append(x_ids)
     for row, speed in zip(rows, measure_speed(models, inputs, rounds)):
         row.update(speed)
         row["threads"] = torch.get_num_threads()

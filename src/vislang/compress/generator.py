@@ -161,6 +161,21 @@ def student_gan_config(teacher: GANModelConfig, overrides: list[str] | dict[str,
     return cfg
 
 
+def prune_critic(
+    src: Path, cfg: GANModelConfig, adv_weight: float, info: dict[str, Any]
+) -> tuple[nn.Module | None, str]:
+    """(critic, loss kind) for a pruned generator's fine-tune: the frozen discriminator of the run beside ``src``,
+    or None (L1 alone) without one; records which in ``info`` (``critic``, ``adv_weight``, a note when missing)."""
+    critic, loss_kind, ckpt = run_critic(src, cfg)
+    info.update(critic=str(ckpt) if ckpt else None, adv_weight=adv_weight if ckpt else 0.0)
+    if ckpt is None:
+        info["notes"] = [
+            f"no training run beside {src} (RUN/checkpoints/last.pt with the discriminator): the student learnt "
+            "from L1 to the teacher's images alone, which blurs; compress the run directory when you have it"
+        ]
+    return critic, loss_kind
+
+
 def compress_generator(
     src: Path,
     method: str,
@@ -196,17 +211,11 @@ def compress_generator(
     torch.manual_seed(seed)
     conds = training_conditions(model, data, cache_dir, max_pairs, data_options)
     info: dict[str, Any] = {"method": method, "family": "generator", "source": str(src), "data": data}
-    critic, loss_kind, ckpt = (None, "hinge", None)
+    critic, loss_kind = None, "hinge"
     # The critic sharpens a pruned generator, which starts at the teacher; a student from scratch did worse with it
     # (FID-FM 1.60 with the critic for the second half of 3,000 steps, 0.95 with L1 alone), so distillation is L1.
     if method == "prune" and adv_weight > 0:
-        critic, loss_kind, ckpt = run_critic(src, cfg)
-        info.update(critic=str(ckpt) if ckpt else None, adv_weight=adv_weight if ckpt else 0.0)
-        if ckpt is None:
-            info["notes"] = [
-                f"no training run beside {src} (RUN/checkpoints/last.pt with the discriminator): the student learnt "
-                "from L1 to the teacher's images alone, which blurs; compress the run directory when you have it"
-            ]
+        critic, loss_kind = prune_critic(src, cfg, adv_weight, info)
     fit = dict(critic=critic, adv_weight=adv_weight, loss_kind=loss_kind, log_every=log_every)
     t0 = time.time()
     if method == "dynamic-int8":

@@ -29,6 +29,16 @@ def default_max_length(model) -> int:
     return model.cfg.text.context_length - 1
 
 
+def load_captioner(model_dir: str | Path, device: str = "cpu") -> tuple[Any, Any]:
+    """(model, tokenizer) of a model directory trained to caption; a dual encoder without a decoder is refused."""
+    from ..factory import from_pretrained, get_tokenizer
+
+    model = from_pretrained(model_dir, device)
+    if getattr(model.cfg, "decoder", None) is None:
+        raise ValueError(f"{model_dir} holds a dual encoder without a caption decoder; train one with --config caption")
+    return model, get_tokenizer(model_dir)
+
+
 def caption_files(
     model_dir: str | Path,
     images: Sequence[str | Path],
@@ -40,13 +50,10 @@ def caption_files(
 ) -> list[tuple[str, str]]:
     """(path, caption) for image files or folders of images, with a model directory trained to caption."""
     from ..decoding import caption
-    from ..factory import from_pretrained, get_tokenizer, image_transforms
+    from ..factory import image_transforms
     from ..inference import list_images, open_image
 
-    model = from_pretrained(model_dir, device)
-    if getattr(model.cfg, "decoder", None) is None:
-        raise ValueError(f"{model_dir} holds a dual encoder without a caption decoder; train one with --config caption")
-    tokenizer = get_tokenizer(model_dir)
+    model, tokenizer = load_captioner(model_dir, device)
     max_length = max_length or default_max_length(model)
     _, preprocess = image_transforms(model.cfg)
     paths = list_images(images)
@@ -126,6 +133,54 @@ def caption_subsets(data: str, split: str, max_images: int | None, size: int, ch
     return [sub]
 
 
+def decoding_methods(methods: Sequence[str] | None) -> dict[str, dict[str, Any]]:
+    """Name → ``generate`` keyword arguments of the decoding methods asked for (default all of
+    ``DECODING_METHODS``), each checked to be one of them."""
+    from .caption_metrics import DECODING_METHODS
+
+    names = list(methods or DECODING_METHODS)
+    unknown = [m for m in names if m not in DECODING_METHODS]
+    if unknown:
+        raise ValueError(f"unknown decoding method(s) {unknown}; choose from {list(DECODING_METHODS)}")
+    return {m: DECODING_METHODS[m] for m in names}
+
+
+def _neighbour_source(model, data: str, nn_model: str | Path | None, nn_train: str | None, cache_dir: str,
+                      device: str) -> tuple[tuple[Any, Any, list[str]], str]:  # fmt: skip
+    """The nearest-neighbour baseline's (embedding model, training images, their captions) and the report's note on
+    it: ``nn_model`` (default the captioner) embeds ``nn_train``'s (default ``data``'s) train split."""
+    from ..data.readers import NAMED_DATASETS
+    from ..factory import from_pretrained
+    from .caption_metrics import NN_BASELINE
+
+    nn = from_pretrained(nn_model, device) if nn_model else model
+    if nn_train is None and data not in NAMED_DATASETS:  # a file or folder has no train split of its own
+        raise ValueError(f"--nn-baseline on {data} needs --nn-train SPEC: the dataset the neighbours come from "
+                         "(e.g. a folder written by `render-text --split train`)")  # fmt: skip
+    train_spec = nn_train or data
+    train = _prepared(train_spec, "train", cache_dir)(nn.cfg.vision.image_size, nn.cfg.vision.channels)
+    by = "the captioner" if nn is model else nn_model
+    note = (f"{NN_BASELINE}: the caption of the most similar of {len(train)} training images ({train_spec}), "
+            f"by {by}'s image embedding")  # fmt: skip
+    return (nn, train, list(train.captions)), note
+
+
+def _score_neighbours(neighbours: tuple[Any, Any, list[str]], sub: _Subset, scores: dict[str, Any],
+                      captions: dict[str, list[str]], with_meteor: bool, reading: bool,
+                      device: str) -> None:  # fmt: skip
+    """Add the nearest-neighbour baseline to a subset's ``scores`` and ``captions``: each image gets the caption of
+    its most similar training image."""
+    from .caption_metrics import NN_BASELINE, caption_scores, nearest_neighbour_captions, reading_scores
+
+    nn, train, train_caps = neighbours
+    test = sub.images(nn.cfg.vision.image_size, nn.cfg.vision.channels)
+    borrowed, _ = nearest_neighbour_captions(nn, train, train_caps, test, device=device)
+    scores[NN_BASELINE] = caption_scores(borrowed, sub.references, with_meteor)
+    if reading:
+        scores[NN_BASELINE].update(reading_scores(borrowed, [r[0] for r in sub.references]))
+    captions[NN_BASELINE] = borrowed
+
+
 def evaluate_captions(
     model_dir: str | Path,
     data: str = "shapes",
@@ -158,29 +213,11 @@ def evaluate_captions(
         nn_train: the dataset the neighbours come from (default: ``data``'s train split).
         samples: images shown with their captions in the report.
     """
-    from ..factory import from_pretrained, get_tokenizer
-    from .caption_metrics import (
-        CAPTION_RESULTS,
-        CAPTION_SAMPLES_DIR,
-        DECODING_METHODS,
-        NN_BASELINE,
-        caption_eval,
-        caption_scores,
-        markdown_table,
-        meteor_unavailable,
-        nearest_neighbour_captions,
-        reading_scores,
-    )
+    from .caption_metrics import CAPTION_RESULTS, CAPTION_SAMPLES_DIR, caption_eval, meteor_unavailable
 
-    names = list(methods or DECODING_METHODS)
-    unknown = [m for m in names if m not in DECODING_METHODS]
-    if unknown:
-        raise ValueError(f"unknown decoding method(s) {unknown}; choose from {list(DECODING_METHODS)}")
-    model = from_pretrained(model_dir, device)
+    decoding = decoding_methods(methods)
+    model, tokenizer = load_captioner(model_dir, device)
     max_length = max_length or default_max_length(model)
-    if getattr(model.cfg, "decoder", None) is None:
-        raise ValueError(f"{model_dir} holds a dual encoder without a caption decoder; train one with --config caption")
-    tokenizer = get_tokenizer(model_dir)
     v = model.cfg.vision
     reading = data == "rendered-text"
     subsets = caption_subsets(data, split, max_images, v.image_size, v.channels, cache_dir)
@@ -190,18 +227,8 @@ def evaluate_captions(
 
     neighbours = None
     if nn_baseline:
-        nn = from_pretrained(nn_model, device) if nn_model else model
-        from ..data.readers import NAMED_DATASETS
-
-        if nn_train is None and data not in NAMED_DATASETS:  # a file or folder has no train split of its own
-            raise ValueError(f"--nn-baseline on {data} needs --nn-train SPEC: the dataset the neighbours come from "
-                             "(e.g. a folder written by `render-text --split train`)")  # fmt: skip
-        train_spec = nn_train or data
-        train = _prepared(train_spec, "train", cache_dir)(nn.cfg.vision.image_size, nn.cfg.vision.channels)
-        neighbours = (nn, train, list(train.captions))
-        by = "the captioner" if nn is model else nn_model
-        notes.append(f"{NN_BASELINE}: the caption of the most similar of {len(train)} training images ({train_spec}), "
-                     f"by {by}'s image embedding")  # fmt: skip
+        neighbours, note = _neighbour_source(model, data, nn_model, nn_train, cache_dir, device)
+        notes.append(note)
 
     table: dict[str, Any] = {}
     shown: list[dict[str, Any]] = []
@@ -210,17 +237,10 @@ def evaluate_captions(
     sample_dir = out_dir / CAPTION_SAMPLES_DIR
     for sub in subsets:
         images = sub.images(v.image_size, v.channels)
-        decoding = {m: DECODING_METHODS[m] for m in names}
         scores, captions = caption_eval(model, tokenizer, images, sub.references, decoding, max_length, batch_size,
                                         device, with_meteor, reading)  # fmt: skip
         if neighbours is not None:
-            nn, train, train_caps = neighbours
-            test = sub.images(nn.cfg.vision.image_size, nn.cfg.vision.channels)
-            borrowed, _ = nearest_neighbour_captions(nn, train, train_caps, test, device=device)
-            scores[NN_BASELINE] = caption_scores(borrowed, sub.references, with_meteor)
-            if reading:
-                scores[NN_BASELINE].update(reading_scores(borrowed, [r[0] for r in sub.references]))
-            captions[NN_BASELINE] = borrowed
+            _score_neighbours(neighbours, sub, scores, captions, with_meteor, reading, device)
         table[sub.name] = {"about": sub.about, "images": len(sub.references), "methods": scores}
         k = min(samples, len(sub.references)) if sub is subsets[0] else min(samples // 3, len(sub.references))
         shown += _write_samples(sub, images, captions, k, sample_dir, out_dir)
@@ -228,17 +248,24 @@ def evaluate_captions(
     results = {
         "model": str(model_dir),
         "data": data,
-        "decoding": {m: DECODING_METHODS[m] for m in names},
+        "decoding": decoding,
         "max_length": max_length,
         "subsets": table,
         "notes": notes,
         "samples": shown,
     }
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(results, indent=2))
-    out_json.with_suffix(".md").write_text(markdown_table(table, notes) + "\n")
+    write_caption_results(results, out_json)
     results["written"] = str(out_json)
     return results
+
+
+def write_caption_results(results: dict[str, Any], out_json: Path) -> None:
+    """``captions.json`` and, beside it, ``captions.md``: the table of every subset and method, with the notes."""
+    from .caption_metrics import markdown_table
+
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps(results, indent=2))
+    out_json.with_suffix(".md").write_text(markdown_table(results["subsets"], results["notes"]) + "\n")
 
 
 def _write_samples(sub: _Subset, images, captions: dict[str, list[str]], k: int, sample_dir: Path,
@@ -263,5 +290,3 @@ def _write_samples(sub: _Subset, images, captions: dict[str, list[str]], k: int,
             "captions": {m: caps[i] for m, caps in captions.items()},
         })  # fmt: skip
     return rows
-
-

@@ -16,7 +16,8 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +200,54 @@ def zero_shot_section(zs: dict[str, Any], out_dir: Path) -> dict[str, Any]:
     }
 
 
+@contextmanager
+def timed(timing: dict[str, float], part: str) -> Iterator[None]:
+    """``timing[part]``: the seconds the block took (not set when it raises)."""
+    t = time.perf_counter()
+    yield
+    timing[part] = time.perf_counter() - t
+
+
+def embed_test_images(
+    model: nn.Module, test_dataset: Any, batch_size: int, device, progress: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(image embeddings, tower features for the probe) of the test images, in one pass where the model has both;
+    features None otherwise (the probe then embeds again)."""
+    if hasattr(model, "visual") and hasattr(model, "image_proj"):
+        return embed_images_and_features(model, test_dataset, batch_size, device, progress)
+    return embed_images(model, test_dataset, batch_size, device, progress), None
+
+
+def retrieval_sections(
+    model: nn.Module, tokenizer: Callable, test_dataset: Any, image_emb: torch.Tensor, device, batch_size: int
+) -> dict[str, Any]:
+    """``retrieval`` (Recall@K both ways) of a captioned test set and, when some captions state a spatial relation,
+    ``relations`` (does each image prefer its caption to the caption with the relation turned round)."""
+    out: dict[str, Any] = {
+        "retrieval": retrieval_eval(model, tokenizer, test_dataset, device, batch_size, image_emb=image_emb)
+    }
+    caps = list(test_dataset.captions)  # one per image: each image against its own caption, turned round
+    relations = None
+    if len(caps) == len(image_emb):
+        relations = relation_flip_eval(model, tokenizer, caps, image_emb, device)
+    if relations is not None:  # only captions that state a relation have a flipped twin
+        out["relations"] = relations
+    return out
+
+
+def probe_skip_reason(train_dataset: Any | None, labels: Any | None) -> str | None:
+    """Why the linear probe cannot run on these sets, or None when it can."""
+    if train_dataset is None:
+        return "no training set given"
+    if labels_of(train_dataset) is None or labels is None:
+        return "the training or test set has no labels"
+    if len(set(np.asarray(labels).tolist())) > len(labels) // 2:
+        # e.g. shapes scenes, whose label is the item's index: a probe over thousands of one-image "classes" takes
+        # minutes and scores 0%
+        return "the labels are per-item ids, not classes"
+    return None
+
+
 def evaluate_run(
     model: nn.Module,
     tokenizer: Callable[[list[str]], torch.Tensor],
@@ -245,63 +294,38 @@ def evaluate_run(
     results: dict[str, Any] = {"n_test": num_images(test_dataset), "skipped": {}, "timing_s": {}}
     timing = results["timing_s"]
 
-    t = time.perf_counter()
-    if hasattr(model, "visual") and hasattr(model, "image_proj"):  # one pass for embeddings and probe features
-        image_emb, test_feats = embed_images_and_features(model, test_dataset, batch_size, device, progress)
-    else:
-        image_emb, test_feats = embed_images(model, test_dataset, batch_size, device, progress), None
-    timing["embed_images"] = time.perf_counter() - t
+    with timed(timing, "embed_images"):
+        image_emb, test_feats = embed_test_images(model, test_dataset, batch_size, device, progress)
+    with timed(timing, "zero_shot"):
+        if not classnames or labels is None:
+            results["skipped"]["zero_shot"] = "the test set has no class names or labels"
+        else:
+            zs = zero_shot_eval(
+                model, tokenizer, test_dataset, classnames, templates, device, batch_size, labels, image_emb
+            )
+            results["zero_shot"] = zero_shot_section(zs, out)
+    with timed(timing, "retrieval"):
+        if not getattr(test_dataset, "captions", None):
+            results["skipped"]["retrieval"] = "the test set has no captions"
+        else:
+            results.update(retrieval_sections(model, tokenizer, test_dataset, image_emb, device, batch_size))
+    with timed(timing, "gallery"):
+        queries, flag_fn = gallery_plan(test_dataset, classnames, templates, labels, gallery_queries)
+        if queries:
+            results["gallery"] = write_gallery(
+                model, tokenizer, test_dataset, image_emb, queries, flag_fn, out / "gallery.png", gallery_k, device
+            )
+        else:
+            results["skipped"]["gallery"] = "no gallery queries (no class names and no captions)"
+    with timed(timing, "linear_probe"):
+        if why_not := probe_skip_reason(train_dataset, labels):
+            results["skipped"]["linear_probe"] = why_not
+        else:
+            results["linear_probe"] = probe_eval(
+                model, train_dataset, test_dataset, device, batch_size, probe_max_train, test_feats, progress=progress
+            )
 
-    t = time.perf_counter()
-    if not classnames or labels is None:
-        results["skipped"]["zero_shot"] = "the test set has no class names or labels"
-    else:
-        zs = zero_shot_eval(
-            model, tokenizer, test_dataset, classnames, templates, device, batch_size, labels, image_emb
-        )
-        results["zero_shot"] = zero_shot_section(zs, out)
-    timing["zero_shot"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    if not getattr(test_dataset, "captions", None):
-        results["skipped"]["retrieval"] = "the test set has no captions"
-    else:
-        results["retrieval"] = retrieval_eval(model, tokenizer, test_dataset, device, batch_size, image_emb=image_emb)
-        caps = list(test_dataset.captions)  # one per image: each image against its own caption, turned round
-        relations = None
-        if len(caps) == len(image_emb):
-            relations = relation_flip_eval(model, tokenizer, caps, image_emb, device)
-        if relations is not None:  # only captions that state a relation have a flipped twin
-            results["relations"] = relations
-    timing["retrieval"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    queries, flag_fn = gallery_plan(test_dataset, classnames, templates, labels, gallery_queries)
-    if queries:
-        results["gallery"] = write_gallery(
-            model, tokenizer, test_dataset, image_emb, queries, flag_fn, out / "gallery.png", gallery_k, device
-        )
-    else:
-        results["skipped"]["gallery"] = "no gallery queries (no class names and no captions)"
-    timing["gallery"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    if train_dataset is None:
-        results["skipped"]["linear_probe"] = "no training set given"
-    elif labels_of(train_dataset) is None or labels is None:
-        results["skipped"]["linear_probe"] = "the training or test set has no labels"
-    elif len(set(np.asarray(labels).tolist())) > len(labels) // 2:
-        # e.g. shapes scenes, whose label is the item's index: a probe over thousands of one-image "classes" takes
-        # minutes and scores 0%
-        results["skipped"]["linear_probe"] = "the labels are per-item ids, not classes"
-    else:
-        results["linear_probe"] = probe_eval(
-            model, train_dataset, test_dataset, device, batch_size, probe_max_train, test_feats, progress=progress
-        )
-    timing["linear_probe"] = time.perf_counter() - t
-
-    results = {"headline": headline_of(results), **results}
-    results = to_jsonable(results)
+    results = to_jsonable({"headline": headline_of(results), **results})
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=2))
     return results
 

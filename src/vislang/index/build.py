@@ -289,40 +289,7 @@ def build_index(
             from tqdm.auto import tqdm
 
             bar = tqdm(desc="indexing", unit="img")
-        seen: set[str] = set()
-        pending_vecs: list[np.ndarray] = []
-        pending_meta: list[dict[str, Any]] = []
-        batches = 0
-
-        def commit() -> None:
-            if pending_meta:
-                index.add(np.concatenate(pending_vecs), pending_meta)
-                counts["added"] += len(pending_meta)
-                pending_vecs.clear()
-                pending_meta.clear()
-
-        for batch in batched(items, batch_size):
-            fresh = []
-            for it in batch:
-                if it.key in seen:
-                    counts["duplicates"] += 1
-                else:
-                    seen.add(it.key)
-                    fresh.append(it)
-            done = index.ids_for_keys([it.key for it in fresh])
-            counts["already"] += len(done)
-            todo = [it for it in fresh if it.key not in done]
-            vecs, kept = embed_items(model, preprocess, todo, device)
-            counts["unreadable"] += len(todo) - len(kept)
-            if kept:
-                pending_vecs.append(vecs)
-                pending_meta.extend(it.metadata() for it in kept)
-            batches += 1
-            if batches % commit_every == 0:
-                commit()
-            if bar is not None:
-                bar.update(len(batch))
-        commit()
+        add_items(index, items, model, preprocess, device, batch_size, commit_every, counts, bar)
         counts["seconds"] = round(time.perf_counter() - t0, 3)
         if bar is not None:
             bar.close()
@@ -333,6 +300,56 @@ def build_index(
     if counts["unreadable"]:
         print(f"[vislang] skipped {counts['unreadable']} unreadable image(s)")
     return counts
+
+
+def add_items(
+    index: Index,
+    items: Iterator[SourceItem],
+    model: Any,
+    preprocess: Any,
+    device: str,
+    batch_size: int,
+    commit_every: int,
+    counts: dict[str, Any],
+    bar: Any = None,
+) -> None:
+    """Embed the items and add them to the index, a transaction every ``commit_every`` batches; items repeated in
+    the source or already in the index are counted (``duplicates``, ``already``), not embedded, and so are images
+    that cannot be read (``unreadable``)."""
+    seen: set[str] = set()
+    pending_vecs: list[np.ndarray] = []
+    pending_meta: list[dict[str, Any]] = []
+    batches = 0
+
+    def commit() -> None:
+        if pending_meta:
+            index.add(np.concatenate(pending_vecs), pending_meta)
+            counts["added"] += len(pending_meta)
+            pending_vecs.clear()
+            pending_meta.clear()
+
+    for batch in batched(items, batch_size):
+        fresh = []
+        for it in batch:
+            if it.key in seen:
+                counts["duplicates"] += 1
+            else:
+                seen.add(it.key)
+                fresh.append(it)
+        done = index.ids_for_keys([it.key for it in fresh])
+        counts["already"] += len(done)
+        todo = [it for it in fresh if it.key not in done]
+        vecs, kept = embed_items(model, preprocess, todo, device)
+        counts["unreadable"] += len(todo) - len(kept)
+        if kept:
+            pending_vecs.append(vecs)
+            pending_meta.extend(it.metadata() for it in kept)
+        batches += 1
+        if batches % commit_every == 0:
+            commit()
+        if bar is not None:
+            bar.update(len(batch))
+    commit()
 
 
 def batched(items: Iterator[SourceItem], n: int) -> Iterator[list[SourceItem]]:

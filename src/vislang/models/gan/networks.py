@@ -567,53 +567,6 @@ def build_gan(cfg: GANModelConfig) -> tuple[nn.Module, nn.Module]:
     return build_generator(cfg), _classes(cfg)[1](inner_config(cfg))
 
 
-# --- losses ----------------------------------------------------------------------------------------------------------
-def d_real_loss(scores: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
-    """Discriminator loss for scores that should read "real" (hinge: max(0, 1 - s); bce: -log sigmoid(s))."""
-    if kind == "hinge":
-        return F.relu(1 - scores).mean()
-    if kind == "bce":
-        return F.softplus(-scores).mean()
-    raise ValueError(f"unknown GAN loss {kind!r}; choose hinge or bce")
-
-
-def d_fake_loss(scores: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
-    """Discriminator loss for scores that should read "fake" (hinge: max(0, 1 + s); bce: -log(1 - sigmoid(s)))."""
-    if kind == "hinge":
-        return F.relu(1 + scores).mean()
-    if kind == "bce":
-        return F.softplus(scores).mean()
-    raise ValueError(f"unknown GAN loss {kind!r}; choose hinge or bce")
-
-
-def d_loss(
-    real: torch.Tensor, fake: torch.Tensor, mismatch: torch.Tensor | None = None, weight: float = 1.0,
-    kind: str = "hinge",
-) -> torch.Tensor:  # fmt: skip
-    """real term + (fake term + weight · mismatch term) / (1 + weight): with ``mismatch`` the scores of real images
-    under wrong texts, the matching-aware loss of GAN-INT-CLS / DF-GAN; without it the plain GAN loss."""
-    if mismatch is None or mismatch.numel() == 0 or weight <= 0:
-        return d_real_loss(real, kind) + d_fake_loss(fake, kind)
-    return d_real_loss(real, kind) + (d_fake_loss(fake, kind) + weight * d_fake_loss(mismatch, kind)) / (1 + weight)
-
-
-def g_loss(fake: torch.Tensor, kind: str = "hinge") -> torch.Tensor:
-    """Generator loss: hinge's -D, or the non-saturating -log sigmoid(D) of the original GAN."""
-    if kind == "hinge":
-        return -fake.mean()
-    if kind == "bce":
-        return F.softplus(-fake).mean()
-    raise ValueError(f"unknown GAN loss {kind!r}; choose hinge or bce")
-
-
-def text_match_loss(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
-    """-log of the softmax mass on the right texts, per image, averaged: ``logits`` (B, T) from ``match``,
-    ``positives`` (B, T) True where a text describes the image (its own, and texts that mean the same). The
-    batch-wide form of the matching-aware term: every image is compared with every text, not with one wrong text."""
-    log_p = logits.log_softmax(dim=1)
-    return -(log_p.masked_fill(~positives, -float("inf")).logsumexp(dim=1)).mean()
-
-
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """ema ← decay·ema + (1-decay)·model for weights; buffers (BatchNorm statistics) are copied."""

@@ -139,7 +139,7 @@ class TeacherFitTask(Task):
         return self.lr * 0.5 * (1 + np.cos(np.pi * step / total))  # the last steps settle rather than wander
 
     def training_step(self, batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
-        from ...models.gan.networks import g_loss
+        from ...losses import g_loss
 
         z, c = batch["z"], batch["c"]
         with torch.no_grad():

@@ -31,8 +31,8 @@ from collections.abc import Callable
 
 import torch
 
-from ...losses import coverage_loss, mismatched, mode_seeking_loss, spread_match_loss
-from ...models.gan.networks import d_loss, diff_augment, ema_update, g_loss, parse_augment, text_match_loss
+from ...losses import coverage_loss, d_loss, g_loss, mismatched, mode_seeking_loss, spread_match_loss, text_match_loss
+from ...models.gan.networks import diff_augment, ema_update, parse_augment
 from ..config import GANConfig
 from ..loop import optimizer_step
 

@@ -35,7 +35,7 @@ from ..data.transforms import normalize
 from ..models.classifier import MODEL_TYPE as CLASSIFIER_TYPE
 from ..models.classifier import ClassifierConfig, ImageClassifier
 from ..models.towers import VisionConfig
-from ..train.tasks.finetune import FinetuneConfig, accuracy_report, predict
+from .tasks.finetune import FinetuneConfig, accuracy_report, predict
 
 METHODS = ("probe", "full", "scratch")
 # Adam moves every weight by about lr per step, so a pretrained network needs a much smaller lr than a fresh one: on
@@ -159,8 +159,8 @@ def train_end_to_end(
 ) -> dict[str, Any]:
     """Minibatch AdamW with warmup + cosine over tower and head, in the one training loop (``train.tasks.finetune``);
     returns the peak learning rate, steps, epochs and the validation curve."""
-    from ..train.loop import fit
-    from ..train.tasks.finetune import FinetuneTask, finetune_train_config
+    from .loop import fit
+    from .tasks.finetune import FinetuneTask, finetune_train_config
 
     lr = cfg.lr or DEFAULT_LR[method]
     tcfg = finetune_train_config(cfg, method, lr, min(cfg.batch_size, len(splits.train)), device)
@@ -200,7 +200,7 @@ def run_method(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)} (comma-separated for several)")
-    from ..train.loop import pick_device
+    from .loop import pick_device
 
     device = pick_device(cfg.device)
     vision, state = tower_source(cfg, method)
