@@ -15,13 +15,14 @@ from typing import Any
 import torch
 
 from .config import ConfigError, apply_overrides, from_dict
+from .data.transforms import ImageTransform
 from .model_dir import __version__
 from .models.clip import CLIP, ModelConfig
 from .models.dual_encoder import ITM_MODEL_TYPE, MODEL_TYPE, build_model, load_weights, save_pretrained
 from .models.fusion import FUSIONS
 from .models.vqa import MODEL_TYPE as VQA_TYPE
 from .models.vqa import VQAConfig
-from .pretrained import OfflineError, _looks_like_hub_id
+from .pretrained import OfflineError, _looks_like_hub_id, read_state_dict, resolve_local_path
 from .registry import load, named_config, named_configs
 from .tokenizers import HFTokenizer, Tokenizer, load_tokenizer
 
@@ -92,7 +93,6 @@ def build_tokenizer(cfg: ModelConfig, texts: list[str] | None = None) -> Tokeniz
     """The tokenizer a config asks for: the HF encoder's own, or one trained on ``texts``."""
     tc = cfg.text
     if tc.arch == "hf" or tc.tokenizer == "hf":
-        from .pretrained import resolve_local_path
 
         return HFTokenizer(resolve_local_path(tc.hf_path, "text encoder (text.hf_path)"), tc.context_length)
     if texts is None:
@@ -110,7 +110,6 @@ def fit_config_to_tokenizer(cfg: ModelConfig, tokenizer: Tokenizer | HFTokenizer
 
 def image_transforms(cfg: ModelConfig):
     """(train, eval) callables PIL image → normalised float tensor (C, H, W)."""
-    from .data.transforms import ImageTransform
 
     v = cfg.vision
     return (
@@ -141,7 +140,6 @@ def create_model(
         if is_model_dir(p):
             load_weights(model, p / "model.safetensors")
         else:
-            from .pretrained import read_state_dict, resolve_local_path
 
             model.load_state_dict(read_state_dict(resolve_local_path(pretrained)))
     return model.to(device)

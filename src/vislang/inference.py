@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .factory import get_tokenizer
+from .evaluation.embed import embed_texts as _embed
+from .factory import get_tokenizer, load_embedding_model
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
@@ -69,7 +70,6 @@ def embed_images(model, preprocess, paths: Sequence[Path], batch_size: int = 256
 
 def embed_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 1024, device: str = "cpu") -> np.ndarray:
     """Normalised text embeddings; empty texts are refused (they would all map to the same vector)."""
-    from .evaluation.embed import embed_texts as _embed
 
     texts = list(texts)
     if not texts or any(not t.strip() for t in texts):
@@ -91,7 +91,6 @@ def embed_to_file(
     out_path = Path(out)
     if out_path.suffix not in (".npy", ".parquet"):
         raise ValueError(f"output {out} must end in .npy or .parquet")
-    from .factory import load_embedding_model
 
     model, preprocess = load_embedding_model(model_dir, backend)
     if images:

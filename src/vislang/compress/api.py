@@ -18,6 +18,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..factory import get_tokenizer, save_pretrained
+from ..model_dir import run_or_model_dir
+from ..models.quantized_static import calibration_images as sample
+from ..models.quantized_static import quantize_static
+from ..models.vqa import GENERATIVE_KEY
+from .distill import distill, param_count, student_config
+from .finetune import contrastive_loss_fn, run_steps, training_pairs
+from .generator import compress_generator
+from .prune import check_sparsity, make_permanent, prune_model, sparsity_of
+from .quantize import QUANTISED_METHODS, load_model, model_family, quantize_dynamic, read_meta, save_quantized
+
 METHODS = ("dynamic-int8", "static-int8", "prune", "distill")
 SUPPORTED = {
     "dual-encoder": METHODS,
@@ -63,12 +74,9 @@ def compress_model_dir(
         adv_weight: a GAN generator's prune fine-tune: weight of the frozen discriminator's term
             (0 = L1 to the teacher's images only), see :func:`vislang.compress.generator.fit_to_teacher`.
     """
-    from ..factory import get_tokenizer
-    from .quantize import load_model
 
     src, out, meta, family = _check_request(model_dir, method, out_dir, sparsity)
     if family == "generator":
-        from .generator import compress_generator
 
         data = data or (meta.get("data") or {}).get("train") or "fashion-mnist"
         return compress_generator(
@@ -80,7 +88,6 @@ def compress_model_dir(
     model = load_model(src)
     tokenizer = get_tokenizer(src)
     answers = json.loads((src / "answers.json").read_text()) if family == "vqa" else None
-    from ..models.vqa import GENERATIVE_KEY
 
     # A captioner trained to answer questions says so in its config (the "vqa" entry); the int8 copy must too, or it
     # loads as a plain captioner.
@@ -109,8 +116,6 @@ def _check_request(
 ) -> tuple[Path, Path, dict[str, Any], str]:
     """(source directory, output directory, source config, family) of a compression the source allows: a known
     method its family supports, an fp32 source, an output that is not the source, a valid sparsity."""
-    from ..model_dir import run_or_model_dir
-    from .quantize import QUANTISED_METHODS, model_family, read_meta
 
     if method not in METHODS:
         raise ValueError(f"unknown compression method {method!r}; choose one of {', '.join(METHODS)}")
@@ -127,7 +132,6 @@ def _check_request(
     if out.resolve() == src.resolve():
         raise ValueError(f"the output directory {out} is the input model; choose another -o")
     if method == "prune":
-        from .prune import check_sparsity
 
         check_sparsity(sparsity)
     return src, out, meta, family
@@ -135,7 +139,6 @@ def _check_request(
 
 def _dynamic_int8(model, out: Path, tokenizer, info: dict[str, Any], keep: dict, answers: list[str] | None) -> None:
     """Int8 weights, activations quantised on the fly; saves into ``out`` and adds what it did to ``info``."""
-    from .quantize import quantize_dynamic, save_quantized
 
     q = quantize_dynamic(model)
     info["modules"] = q._compression["modules"]
@@ -147,9 +150,6 @@ def _static_int8(model, out: Path, tokenizer, info: dict[str, Any], keep: dict, 
                  keep_fp32: tuple[str, ...]) -> None:  # fmt: skip
     """Int8 weights and activations, calibrated on ``calibration_images`` images of ``data``; saves into ``out`` and
     adds what it did to ``info``."""
-    from ..models.quantized_static import calibration_images as sample
-    from ..models.quantized_static import quantize_static
-    from .quantize import save_quantized
 
     calib = sample(data, model.cfg.vision, calibration_images, cache_dir, data_options, seed)
     q = quantize_static(model, calib, keep_fp32=tuple(keep_fp32))
@@ -169,9 +169,6 @@ def _prune(model, out: Path, tokenizer, info: dict[str, Any], sparsity: float, p
            batch_size: int, seed: int, log_every: int) -> None:  # fmt: skip
     """Prune to ``sparsity``, fine-tune ``steps`` steps (default 200) on the contrastive loss, make the zeros
     permanent; saves into ``out`` and adds what it did to ``info``."""
-    from ..factory import save_pretrained
-    from .finetune import contrastive_loss_fn, run_steps, training_pairs
-    from .prune import make_permanent, prune_model, sparsity_of
 
     prune_model(model, sparsity, prune_kind)
     info.update(kind=prune_kind, target_sparsity=sparsity, sparsity_before_finetune=sparsity_of(model))
@@ -193,9 +190,6 @@ def _distill(model, out: Path, tokenizer, info: dict[str, Any], student: list[st
              log_every: int) -> None:  # fmt: skip
     """Train a smaller student (``student`` overrides of the teacher's config) ``steps`` steps (default 600) to match
     the teacher's embeddings; saves it into ``out`` and adds what it did to ``info``."""
-    from ..factory import save_pretrained
-    from .distill import distill, param_count, student_config
-    from .finetune import training_pairs
 
     cfg = student_config(model.cfg, student)
     pairs = training_pairs(data, model, tokenizer, cache_dir, max_pairs, options=data_options)

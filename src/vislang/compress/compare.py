@@ -26,14 +26,24 @@ from typing import Any
 
 import torch
 
+from ..data.config import DataConfig
+from ..data.loading import load_prepared
+from ..data.shapes import ShapesDataset
+from ..data.transforms import normalize, pil_to_array
+from ..data.vqa import read_vqa_file, shapes_vqa
+from ..evaluation.caption_metrics import caption_scores, generate_captions, shapes_references
 from ..evaluation.embed import embed_images, to_model_input
+from ..evaluation.retrieval import retrieval_eval
+from ..evaluation.run import templates_for
+from ..evaluation.vqa import evaluate_vqa
+from ..evaluation.zero_shot import zero_shot_eval
+from ..factory import get_tokenizer
+from ..models.onnx_runtime import OnnxCLIP, is_onnx_dir
+from .quantize import build_fp32, load_model, model_family, read_meta
 
 
 def _load(path: Path):
     """(model, tokenizer, kind, config meta) of a model directory or an ONNX export."""
-    from ..factory import get_tokenizer
-    from ..models.onnx_runtime import OnnxCLIP, is_onnx_dir
-    from .quantize import load_model, read_meta
 
     if is_onnx_dir(path):
         model, kind = OnnxCLIP(path), "onnx"
@@ -56,7 +66,6 @@ def param_counts(path: Path, meta: dict[str, Any]) -> tuple[int, int | None]:
     A static int8 tower stores its convolutions with BatchNorm folded in (weights and biases only), so its non-zero
     count is the folded model's.
     """
-    from .quantize import build_fp32
 
     fp32 = build_fp32(meta, path)
     names = {n for n, _ in fp32.named_parameters()}
@@ -156,8 +165,6 @@ def paired_ratios(base_s: list[float], other_s: list[float], base_n: int, other_
 
 def task_metrics(model, tokenizer, test, templates, batch_size: int = 256) -> dict[str, float]:
     """Zero-shot top-1 (labelled data) and retrieval R@1/R@5 (captioned data) on ``test``."""
-    from ..evaluation.retrieval import retrieval_eval
-    from ..evaluation.zero_shot import zero_shot_eval
 
     out: dict[str, float] = {}
     emb = embed_images(model, test, batch_size)
@@ -185,13 +192,9 @@ def caption_cider(
     data set against its own caption."""
     import numpy as np
 
-    from ..evaluation.caption_metrics import caption_scores, generate_captions
 
     v = model.cfg.vision
     if data == "shapes":
-        from ..data.shapes import ShapesDataset
-        from ..data.transforms import pil_to_array
-        from ..evaluation.caption_metrics import shapes_references
 
         opts = dict(data_options or {})
         ds = ShapesDataset(split, n=min(n, opts.pop("n", n)), **opts)
@@ -199,8 +202,6 @@ def caption_cider(
         arrays = np.stack([pil_to_array(ds[i][0], v.image_size, v.channels) for i in range(len(ds))])
         images = torch.from_numpy(arrays.transpose(0, 3, 1, 2).copy())  # (N, C, H, W) uint8
     else:
-        from ..data.config import DataConfig
-        from ..data.loading import load_prepared
 
         dc = DataConfig(train=data, cache_dir=cache_dir, options=dict(data_options or {}))
         test = load_prepared(data, split, v.image_size, v.channels, dc, progress=False).head(n)
@@ -212,9 +213,6 @@ def caption_cider(
 
 def vqa_rows(model, tokenizer, answers: list[str], data: str, n: int, batch_size: int):
     """(VQA metrics, speed inputs) of a VQA model on ``n`` test scenes of shapes or a VQA file."""
-    from ..data.transforms import normalize
-    from ..data.vqa import read_vqa_file, shapes_vqa
-    from ..evaluation.vqa import evaluate_vqa
 
     v = model.cfg.vision
     if data == "shapes":
@@ -241,10 +239,6 @@ def model_row(
 ) -> tuple[dict[str, Any], Any, tuple[torch.Tensor, torch.Tensor]]:
     """(row, model, speed inputs) of one model directory: its size and parameters, and its task metrics on ``data``
     (none when ``data`` is None); the inputs are a batch of its test images (random ones without data) and texts."""
-    from ..data.config import DataConfig
-    from ..data.loading import load_prepared
-    from ..evaluation.run import templates_for
-    from .quantize import model_family
 
     model, tokenizer, kind, meta = _load(p)
     family = model_family(meta)

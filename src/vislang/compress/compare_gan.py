@@ -18,17 +18,19 @@ from typing import Any
 
 import torch
 
+from ..config import from_dict
+from ..evaluation.gan import DEFAULT_JUDGE, RealReference, evaluate_classes, load_judge, real_reference
+from ..factory import get_tokenizer
+from ..model_dir import run_or_model_dir
 from ..models.gan.networks import GANModelConfig, build_generator
+from ..models.gan.pipeline import TextToImage, is_gan_dir
+from ..models.onnx_runtime import OnnxCLIP, OnnxGenerator, is_onnx_generator
 
 
 def load_generator(path: Path):
     """(TextToImage, kind) of a GAN model directory or of its ONNX export (whose generator is then onnxruntime's)."""
-    from ..config import from_dict
-    from ..models.gan.pipeline import TextToImage
-    from ..models.onnx_runtime import OnnxCLIP, OnnxGenerator, is_onnx_generator
 
     if is_onnx_generator(path):  # the export's own ONNX text tower embeds the prompts: no torch weights needed
-        from ..factory import get_tokenizer
 
         meta = json.loads((path / "config.json").read_text())
         cfg = from_dict(GANModelConfig, meta["model"], "model")
@@ -91,8 +93,6 @@ def compare_generators(
     speed_batches: list[int] | None,
 ) -> list[dict[str, Any]]:
     """Rows of :func:`vislang.compress.compare.compare_models` for GAN generators (see the module docstring)."""
-    from ..evaluation.gan import DEFAULT_JUDGE, RealReference, evaluate_classes, load_judge, real_reference
-    from ..model_dir import run_or_model_dir
     from .compare import weight_bytes
 
     paths = [run_or_model_dir(p) for p in paths]
@@ -124,8 +124,6 @@ def compare_generators(
 
 def is_generator_path(path: str | Path) -> bool:
     """A GAN model or run directory, or an ONNX export of one."""
-    from ..models.gan.pipeline import is_gan_dir
-    from ..models.onnx_runtime import is_onnx_generator
 
     p = Path(path)
     return is_gan_dir(p) or is_onnx_generator(p)

@@ -25,6 +25,7 @@ from ..data.transforms import normalize
 from ..evaluation.embed import embed_images, eval_mode
 from ..models.clip import CLIP, ModelConfig
 from ..train.tasks import unique_rows
+from .finetune import run_steps
 
 
 def param_count(model: torch.nn.Module) -> int:
@@ -124,7 +125,6 @@ def distill(
     log_every: int = 0,
 ) -> tuple[CLIP, list[float]]:
     """Train a fresh student of ``student_cfg`` to match ``teacher``; returns the student (eval mode) and losses."""
-    from .finetune import run_steps
 
     torch.manual_seed(seed)
     student = CLIP(student_cfg)

@@ -15,6 +15,9 @@ from ..data.config import DataConfig
 from ..data.loading import TokenizedPairs, load_prepared
 from ..models.clip import CLIP
 from ..train.config import OptimConfig
+from ..train.loop import fit
+from ..train.tasks import ContrastiveTask
+from ..train.tasks.distill import StepsTask, memory_config, module_device
 
 LossFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
@@ -53,8 +56,6 @@ def run_steps(
 ) -> list[float]:
     """Train ``model``'s trainable parameters for ``steps`` AdamW steps on ``loss_fn(batch)`` in the one training loop
     (``train.tasks.distill.StepsTask``); returns the losses. In memory unless ``out_dir`` (then resumable)."""
-    from ..train.loop import fit
-    from ..train.tasks.distill import StepsTask, memory_config, module_device
 
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
@@ -68,7 +69,6 @@ def run_steps(
 
 def contrastive_loss_fn(model: CLIP) -> LossFn:
     """The model's own training objective (CLIP loss, captions deduplicated), as ``vislang train`` uses it."""
-    from ..train.tasks import ContrastiveTask
 
     task = ContrastiveTask(model, "siglip" if model.logit_bias is not None else "clip")
     return lambda batch: task(batch)[0]

@@ -39,16 +39,27 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..config import apply_overrides, from_dict, to_dict
+from ..data.config import DataConfig
+from ..data.loading import load_prepared
+from ..evaluation.embed import embed_texts
 from ..models.gan.networks import (
     INTERFACE_FIELDS,
     GANModelConfig,
+    build_gan,
     build_generator,
     require_single_generator,
     standing_stats,
 )
 from ..models.gan.pipeline import TextToImage
 from ..models.gan.quantized import quantize_generator_static
+from ..models.quantized import quantize_dynamic, quantized_state_dict
+from ..train.checkpoint import load_checkpoint
 from ..train.config import OptimConfig
+from ..train.loop import fit
+from ..train.tasks.distill import TeacherFitTask, memory_config, module_device
+from .distill import param_count
+from .prune import make_permanent, prune_model, sparsity_of
 
 
 def training_conditions(
@@ -60,9 +71,6 @@ def training_conditions(
 ) -> torch.Tensor:
     """(N, E) text embeddings of the training captions of ``data``, one row per training image (so a caption is drawn
     as often as it occurs), each distinct caption embedded once."""
-    from ..data.config import DataConfig
-    from ..data.loading import load_prepared
-    from ..evaluation.embed import embed_texts
 
     cfg = model.cfg
     dc = DataConfig(train=data, cache_dir=cache_dir, options=dict(options or {}))
@@ -80,7 +88,6 @@ def save_generator(
 ) -> Path:
     """A GAN model directory of ``generator`` (fp32, or int8 with its stored integer values) beside ``model``'s text
     tower and sample prompts, its config recording ``compression``; written atomically like any model directory."""
-    from ..models.quantized import quantized_state_dict
 
     state = quantized_state_dict(generator) if compression.get("method", "").endswith("int8") else None
     student = TextToImage(cfg, generator, model.encoder, model.tokenizer, model.meta)
@@ -91,8 +98,6 @@ def save_generator(
 def run_critic(src: Path, cfg: GANModelConfig) -> tuple[nn.Module | None, str, Path | None]:
     """(the discriminator the generator was trained against, frozen; its loss kind; the checkpoint) from the last
     checkpoint of the run whose ``model/`` is ``src``, or (None, "hinge", None) for a model directory on its own."""
-    from ..models.gan.networks import build_gan
-    from ..train.checkpoint import load_checkpoint
 
     ckpt = src.parent / "checkpoints" / "last.pt"
     if not ckpt.is_file():
@@ -135,8 +140,6 @@ def fit_to_teacher(
 
     ``train_norms`` False keeps the student's BatchNorm statistics frozen (eval mode): a pruned generator keeps the
     teacher's; a student from scratch has none yet and trains them. Returns the per-step L1 losses."""
-    from ..train.loop import fit
-    from ..train.tasks.distill import TeacherFitTask, memory_config, module_device
 
     if steps < 1:
         raise ValueError(f"steps must be at least 1, got {steps}")
@@ -149,7 +152,6 @@ def fit_to_teacher(
 def student_gan_config(teacher: GANModelConfig, overrides: list[str] | dict[str, Any] | None) -> GANModelConfig:
     """The teacher's config with ``g_width`` halved, then ``overrides`` (``["g_width=4"]``); the noise, text and image
     sizes must stay the teacher's."""
-    from ..config import apply_overrides, from_dict, to_dict
 
     data = to_dict(dataclasses.replace(teacher, g_width=max(2, teacher.g_width // 2)))
     if overrides:
@@ -196,9 +198,6 @@ def compress_generator(
     adv_weight: float = 0.1,
 ) -> dict[str, Any]:
     """``vislang compress`` of a GAN model directory: see the module docstring. Returns what it did."""
-    from ..models.quantized import quantize_dynamic
-    from .distill import param_count
-    from .prune import make_permanent, prune_model, sparsity_of
 
     if method == "prune" and prune_kind != "unstructured":
         raise ValueError(

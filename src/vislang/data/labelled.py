@@ -16,7 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import DataConfig
+from .loading import load_prepared
 from .readers import _NAME_ALIASES, IMAGE_EXTENSIONS, NAMED_DATASETS, csv_separator, find_images, resolve_path
+from .transforms import pil_to_array
 
 LABEL_HELP = (
     "give a dataset with class labels: fashion-mnist or shapes, a folder with one sub-folder of images per class, "
@@ -71,7 +74,6 @@ def _decode(paths: list[str], image_size: int, channels: int, progress: bool) ->
     """Decode image files to uint8 (N, S, S, C); returns the pixels and the positions that could be read."""
     from PIL import Image
 
-    from .transforms import pil_to_array
 
     if progress:
         from tqdm.auto import tqdm
@@ -158,8 +160,6 @@ def read_named(
     name: str, split: str, image_size: int, channels: int, cache_dir: str, progress: bool = False
 ) -> LabelledImages:
     """A built-in dataset's split, through the prepared cache shared with ``vislang train``."""
-    from .config import DataConfig
-    from .loading import load_prepared
 
     ds = load_prepared(name, split, image_size, channels, DataConfig(train=name, cache_dir=cache_dir), progress)
     labels = np.asarray(ds.labels, dtype=np.int64)

@@ -22,6 +22,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
+from .shapes import ShapesDataset
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 NAMED_DATASETS = ("fashion-mnist", "shapes", "openclipart")
 _NAME_ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist"}
@@ -497,7 +499,6 @@ def open_named(name: str, split: str, **kw: Any) -> Dataset:
 
         return FashionMNIST(split=split, **kw)
     if name == "shapes":
-        from .shapes import ShapesDataset
 
         return ShapesDataset(split=split, **kw)
     from .openclipart import OpenClipart

@@ -12,6 +12,30 @@ from typing import Any
 
 import torch
 
+from ..data.config import DataConfig
+from ..data.loading import load_prepared
+from ..data.readers import NAMED_DATASETS
+from ..data.rendered_text import RenderedText
+from ..data.shapes import ShapesConfig, ShapesDataset
+from ..data.transforms import pil_to_array
+from ..decoding import caption
+from ..factory import from_pretrained, get_tokenizer, image_transforms
+from ..inference import list_images, open_image
+from .caption_metrics import (
+    CAPTION_RESULTS,
+    CAPTION_SAMPLES_DIR,
+    DECODING_METHODS,
+    NN_BASELINE,
+    caption_eval,
+    caption_scores,
+    markdown_table,
+    meteor_unavailable,
+    nearest_neighbour_captions,
+    reading_scores,
+    shapes_references,
+)
+from .embed import image_batch
+
 
 def _decoding(beam: int = 1, top_p: float | None = None, top_k: int | None = None, temperature: float = 1.0,
               seed: int | None = None) -> dict[str, Any]:  # fmt: skip
@@ -31,7 +55,6 @@ def default_max_length(model) -> int:
 
 def load_captioner(model_dir: str | Path, device: str = "cpu") -> tuple[Any, Any]:
     """(model, tokenizer) of a model directory trained to caption; a dual encoder without a decoder is refused."""
-    from ..factory import from_pretrained, get_tokenizer
 
     model = from_pretrained(model_dir, device)
     if getattr(model.cfg, "decoder", None) is None:
@@ -49,9 +72,6 @@ def caption_files(
     **decoding: Any,
 ) -> list[tuple[str, str]]:
     """(path, caption) for image files or folders of images, with a model directory trained to caption."""
-    from ..decoding import caption
-    from ..factory import image_transforms
-    from ..inference import list_images, open_image
 
     model, tokenizer = load_captioner(model_dir, device)
     max_length = max_length or default_max_length(model)
@@ -83,7 +103,6 @@ def _pil_images(ds) -> Callable[[int, int], torch.Tensor]:
     def convert(size: int, channels: int) -> torch.Tensor:
         import numpy as np
 
-        from ..data.transforms import pil_to_array
 
         arrays = [pil_to_array(ds[i][0], size, channels) for i in range(len(ds))]
         return torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy())  # (N, C, H, W) uint8
@@ -95,8 +114,6 @@ def _prepared(spec: str, split: str, cache_dir: str, limit: int | None = None) -
     """A prepared (memory-mapped, cached) copy of ``spec``'s ``split`` at the asked size: what training reads."""
 
     def load(size: int, channels: int):
-        from ..data.config import DataConfig
-        from ..data.loading import load_prepared
 
         ds = load_prepared(spec, split, size, channels, DataConfig(train=spec, cache_dir=cache_dir), progress=False)
         return ds.head(limit) if limit else ds
@@ -110,8 +127,6 @@ def caption_subsets(data: str, split: str, max_images: int | None, size: int, ch
     colour–shape combinations (every phrasing of a scene is a reference); for rendered text the text (test words are
     never seen in training); for anything else (openclipart, a folder, a CSV...) its own caption of each image."""
     if data == "shapes":
-        from ..data.shapes import ShapesConfig, ShapesDataset
-        from .caption_metrics import shapes_references
 
         about = {"test": "held-out images", "val": "validation images", "train": "training images",
                  "holdout": "held-out colour-shape combinations"}  # fmt: skip
@@ -122,7 +137,6 @@ def caption_subsets(data: str, split: str, max_images: int | None, size: int, ch
             subsets.append(_Subset(sp, about.get(sp, sp), shapes_references(ds), _pil_images(ds)))
         return subsets
     if data == "rendered-text":
-        from ..data.rendered_text import RenderedText
 
         ds = RenderedText(split if split != "holdout" else "test", n=max_images)  # rendered as `render-text` writes
         return [_Subset(ds.split, "rendered words", [[ds.caption(i)] for i in range(len(ds))], _pil_images(ds))]
@@ -136,7 +150,6 @@ def caption_subsets(data: str, split: str, max_images: int | None, size: int, ch
 def decoding_methods(methods: Sequence[str] | None) -> dict[str, dict[str, Any]]:
     """Name → ``generate`` keyword arguments of the decoding methods asked for (default all of
     ``DECODING_METHODS``), each checked to be one of them."""
-    from .caption_metrics import DECODING_METHODS
 
     names = list(methods or DECODING_METHODS)
     unknown = [m for m in names if m not in DECODING_METHODS]
@@ -149,9 +162,6 @@ def _neighbour_source(model, data: str, nn_model: str | Path | None, nn_train: s
                       device: str) -> tuple[tuple[Any, Any, list[str]], str]:  # fmt: skip
     """The nearest-neighbour baseline's (embedding model, training images, their captions) and the report's note on
     it: ``nn_model`` (default the captioner) embeds ``nn_train``'s (default ``data``'s) train split."""
-    from ..data.readers import NAMED_DATASETS
-    from ..factory import from_pretrained
-    from .caption_metrics import NN_BASELINE
 
     nn = from_pretrained(nn_model, device) if nn_model else model
     if nn_train is None and data not in NAMED_DATASETS:  # a file or folder has no train split of its own
@@ -170,7 +180,6 @@ def _score_neighbours(neighbours: tuple[Any, Any, list[str]], sub: _Subset, scor
                       device: str) -> None:  # fmt: skip
     """Add the nearest-neighbour baseline to a subset's ``scores`` and ``captions``: each image gets the caption of
     its most similar training image."""
-    from .caption_metrics import NN_BASELINE, caption_scores, nearest_neighbour_captions, reading_scores
 
     nn, train, train_caps = neighbours
     test = sub.images(nn.cfg.vision.image_size, nn.cfg.vision.channels)
@@ -213,7 +222,6 @@ def evaluate_captions(
         nn_train: the dataset the neighbours come from (default: ``data``'s train split).
         samples: images shown with their captions in the report.
     """
-    from .caption_metrics import CAPTION_RESULTS, CAPTION_SAMPLES_DIR, caption_eval, meteor_unavailable
 
     decoding = decoding_methods(methods)
     model, tokenizer = load_captioner(model_dir, device)
@@ -261,7 +269,6 @@ def evaluate_captions(
 
 def write_caption_results(results: dict[str, Any], out_json: Path) -> None:
     """``captions.json`` and, beside it, ``captions.md``: the table of every subset and method, with the notes."""
-    from .caption_metrics import markdown_table
 
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(results, indent=2))
@@ -273,7 +280,6 @@ def _write_samples(sub: _Subset, images, captions: dict[str, list[str]], k: int,
     """The first ``k`` images of a subset as PNGs, with every method's caption and the references."""
     from PIL import Image
 
-    from .embed import image_batch
 
     if k <= 0:
         return []

@@ -29,6 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.shapes import generate_scene, scene_captions
+from ..decoding import caption
+from .embed import embed_images, image_batch, num_images
+
 _WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
 
 
@@ -254,8 +258,6 @@ def generate_captions(
     model, tokenizer, images, batch_size: int = 256, device: str | torch.device = "cpu", **kw
 ) -> list[str]:
     """Captions for a prepared dataset or a uint8 (N, C, H, W) tensor, in batches."""
-    from ..decoding import caption
-    from .embed import image_batch, num_images
 
     model = model.to(device)
     n = num_images(images)
@@ -314,7 +316,6 @@ def nearest_neighbour_captions(
     Returns:
         The borrowed captions and the index of the training image each came from.
     """
-    from .embed import embed_images, num_images
 
     if num_images(train_images) != len(train_captions):
         raise ValueError(f"{num_images(train_images)} training images but {len(train_captions)} captions")
@@ -342,7 +343,6 @@ def markdown_table(subsets: Mapping[str, Mapping[str, Any]], notes: Sequence[str
 
 def shapes_references(dataset) -> list[list[str]]:
     """Every phrasing of each shapes scene (from the scene's own random stream), as that image's references."""
-    from ..data.shapes import generate_scene, scene_captions
 
     refs = []
     for i in range(len(dataset)):

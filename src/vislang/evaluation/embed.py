@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.transforms import normalize
+
 ImageSource = Any  # a prepared dataset (``get_batch``) or a (N, C, H, W) tensor
 
 
@@ -68,7 +70,6 @@ def to_model_input(model: nn.Module, images: torch.Tensor, device: torch.device)
     images = images.to(device, non_blocking=True)
     if images.dtype != torch.uint8:
         return images.float()
-    from ..data.transforms import normalize
 
     v = model.cfg.vision
     return normalize(images, v.mean, v.std)

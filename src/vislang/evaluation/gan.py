@@ -21,6 +21,20 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.config import DataConfig
+from ..data.fashion_mnist import format_caption
+from ..data.loading import load_prepared
+from ..data.shapes import (
+    COLOR_RGB,
+    ShapesConfig,
+    ShapesDataset,
+    relation,
+    render,
+    single_object_caption,
+    single_object_scene,
+)
+from ..models.classifier import ImageClassifier
+from ..models.gan.networks import to_uint8
 from ..models.gan.pipeline import TextToImage, save_grid
 from .gan_metrics import (
     attribute_match,
@@ -41,7 +55,6 @@ DEFAULT_JUDGE = "runs/gan-judge/model"  # a copy of `vislang finetune --model fm
 
 def load_judge(path: str | Path, device: str = "cpu") -> torch.nn.Module:
     """The fixed classifier whose feature space FID-FM uses."""
-    from ..models.classifier import ImageClassifier
 
     p = Path(path)
     if not (p / "config.json").is_file():
@@ -55,8 +68,6 @@ def load_judge(path: str | Path, device: str = "cpu") -> torch.nn.Module:
 
 def _real_split(data: str, split: str, size: int, channels: int, n: int | None, seed: int = 0):
     """(uint8 images (N, C, H, W), labels, captions) of a prepared split: a fixed random subset of ``n`` items."""
-    from ..data.config import DataConfig
-    from ..data.loading import load_prepared
 
     ds = load_prepared(data, split, size, channels, DataConfig(), progress=False)
     idx = np.arange(len(ds))
@@ -135,7 +146,6 @@ def evaluate_classes(
     """Class-conditional evaluation (datasets with class names): see the module docstring. ``n_real`` limits the real
     test images (default: the whole split); ``reference`` reuses the real side measured for another generator (same
     data, judge, ``n_per_class`` and seed)."""
-    from ..data.fashion_mnist import format_caption
 
     cfg = model.cfg
     ref = reference or real_reference(
@@ -218,7 +228,6 @@ class FIDTracker:
     @torch.no_grad()
     def __call__(self, generator: torch.nn.Module, z_dim: int) -> dict[str, float]:
         """{"fid_fm", "class_consistency"} of ``generator`` (left in eval mode) on this tracker's prompts."""
-        from ..models.gan.networks import to_uint8
 
         generator.eval()
         dev = self.conds.device
@@ -239,7 +248,6 @@ class FIDTracker:
 def relation_prompts(n: int, seed: int = 0, split: str = "test") -> list[tuple[str, tuple[str, str, str], Any]]:
     """``n`` (prompt, (colour_a, relation, colour_b), scene) from real two-object scenes of ``split`` whose objects
     differ in colour and stand in a relation: "a red circle to the left of a blue square", as the captions say it."""
-    from ..data.shapes import ShapesDataset, relation, single_object_caption
 
     ds = ShapesDataset(split, n=20 * n, seed=seed, min_objects=2, max_objects=2)
     out = []
@@ -265,7 +273,6 @@ def evaluate_relations(model: TextToImage, n: int = 400, seed: int = 0) -> dict[
     were taken from gives its own accuracy."""
     from PIL import Image
 
-    from ..data.shapes import COLOR_RGB, ShapesConfig, render
 
     items = relation_prompts(n, seed)
     palette = {c: COLOR_RGB[c] for c in ShapesConfig().colors}
@@ -286,7 +293,6 @@ def evaluate_shapes(model: TextToImage, n_per_prompt: int = 50, seed: int = 0) -
     the dual encoder over all pairs; real single-object scenes of the same pairs give the judge's own accuracy."""
     from PIL import Image
 
-    from ..data.shapes import ShapesConfig, render, single_object_caption, single_object_scene
 
     world = ShapesConfig()
     held = world.holdout_set

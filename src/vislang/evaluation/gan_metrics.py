@@ -19,7 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data.shapes import single_object_caption
 from ..data.transforms import normalize
+from .embed import model_device
 
 
 def _prep(judge: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -158,7 +160,6 @@ def class_consistency(judge: nn.Module, images: torch.Tensor, labels: torch.Tens
 @torch.no_grad()
 def clip_score(encoder: nn.Module, images: torch.Tensor, text_emb: torch.Tensor, batch_size: int = 500) -> float:
     """Mean cosine similarity between each uint8 image and its text embedding (N, E) under the dual encoder."""
-    from .embed import model_device
 
     v = encoder.cfg.vision
     dev = model_device(encoder)  # an ONNX export has no parameters
@@ -212,7 +213,6 @@ def attribute_match(
 ) -> dict[str, float]:
     """Judge single-object images zero-shot with the dual encoder over every "a {colour} {shape}" prompt; the
     share whose predicted colour, shape, and both, match the (colour, shape) each was made for."""
-    from ..data.shapes import single_object_caption
 
     pairs = [(c, s) for c in colors for s in shapes]
     ids = tokenizer([single_object_caption(c, s) for c, s in pairs]).to(next(encoder.parameters()).device)

@@ -19,7 +19,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ..config import number_list
+from ..data.fashion_mnist import format_caption
 from ..models.gan.networks import GANModelConfig, build_generator
+from ..models.gan.pipeline import TextToImage
+from .gan import FIDTracker, _real_split
 
 DEFAULT_SCALES = (0.9, 1.0, 1.05, 1.1, 1.15, 1.2, 1.3)
 
@@ -42,7 +46,6 @@ def with_noise_scale(cfg: GANModelConfig, scale: float) -> GANModelConfig:
 
 def parse_scales(text: str) -> list[float]:
     """'0.9,1,1.1' → [0.9, 1.0, 1.1] (sorted, each once), each in range, with a clear error for anything else."""
-    from ..config import number_list
 
     scales = sorted(set(number_list(text, float, "numbers", "0.9,1,1.1")))
     for s in scales:
@@ -63,9 +66,6 @@ def tune_noise_scale(
     Returns {"rows": [{"noise_scale", "fid_fm", "class_consistency"}], "best", "floor", ...}."""
     from tqdm import tqdm
 
-    from ..data.fashion_mnist import format_caption
-    from ..models.gan.pipeline import TextToImage
-    from .gan import FIDTracker, _real_split
 
     src = Path(model_dir)
     for s in scales:  # out-of-range scales fail here, before minutes of sampling

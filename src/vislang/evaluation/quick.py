@@ -8,7 +8,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from .caption_metrics import caption_scores, generate_captions
+from .embed import embed_images, image_batch
+from .retrieval import retrieval_eval
 from .run import templates_for
+from .zero_shot import zero_shot_eval
 
 CAPTION_EVAL_MAX = 256  # images captioned at each periodic evaluation: about a second for the small configs
 
@@ -19,8 +23,6 @@ def caption_quick_eval(model, tokenizer, dataset: Any, max_images: int, device: 
     One reference per image makes these lower than ``vislang caption-eval``'s numbers on shapes (which count every
     phrasing of a scene as a reference): they are for watching a run improve, not for reporting.
     """
-    from .caption_metrics import caption_scores, generate_captions
-    from .embed import image_batch
 
     captions = list(getattr(dataset, "captions", None) or [])
     n = min(len(captions), max_images, CAPTION_EVAL_MAX)
@@ -42,15 +44,12 @@ def quick_eval(model, tokenizer, dataset: Any, max_images: int, device: torch.de
 
 
 def _contrastive_quick_eval(model, tokenizer, dataset: Any, max_images: int, device: torch.device) -> dict[str, float]:
-    from .retrieval import retrieval_eval
-    from .zero_shot import zero_shot_eval
 
     n = min(len(dataset), max_images)
     idx = np.arange(n)
     classnames = getattr(dataset, "classnames", None)
     labels = np.asarray(getattr(dataset, "labels", []))
     if classnames and labels.size and (labels[:n] >= 0).any():
-        from .embed import embed_images
 
         emb = embed_images(model, dataset, 512, device, indices=idx)
         zs = zero_shot_eval(
@@ -59,7 +58,6 @@ def _contrastive_quick_eval(model, tokenizer, dataset: Any, max_images: int, dev
         return {"zero_shot_top1": float(zs["top1"])}
     caps = getattr(dataset, "captions", None)
     if caps:
-        from .embed import embed_images
 
         emb = embed_images(model, dataset, 512, device, indices=idx)
         rt = retrieval_eval(model, tokenizer, dataset, device, captions=list(caps[:n]), image_emb=emb)

@@ -21,6 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data.config import DataConfig
+from ..data.loading import load_prepared
+from ..factory import from_pretrained, get_tokenizer
 from .embed import ImageSource, eval_mode, map_images, resolve_device
 from .retrieval import DEFAULT_KS, dedupe_captions, relevance_pairs
 
@@ -218,9 +221,6 @@ def rerank_model_dir(
 ) -> dict[str, Any]:
     """``rerank_eval`` of a saved ITM model directory on each split of a named dataset (what `vislang rerank-eval`
     runs); shapes has "test" and "holdout" (scenes with colour–shape pairs never seen in training)."""
-    from ..data.config import DataConfig
-    from ..data.loading import load_prepared
-    from ..factory import from_pretrained, get_tokenizer
 
     model = from_pretrained(model_dir, device=device)
     require_itm(model, str(Path(model_dir)))

@@ -6,7 +6,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .zero_shot import DEFAULT_TEMPLATES
+from ..data.config import DataConfig
+from ..data.fashion_mnist import ZERO_SHOT_TEMPLATES
+from ..data.loading import load_prepared
+from ..factory import create_model_and_transforms, from_pretrained, get_tokenizer
+from ..inference import open_image
+from .report import evaluate_run
+from .zero_shot import DEFAULT_TEMPLATES, zero_shot_predict
 
 
 def templates_for(dataset: Any) -> tuple[str, ...]:
@@ -15,7 +21,6 @@ def templates_for(dataset: Any) -> tuple[str, ...]:
     if meta.get("zero_shot_templates"):
         return tuple(meta["zero_shot_templates"])
     if "fashion" in str(meta.get("source", "")).lower():
-        from ..data.fashion_mnist import ZERO_SHOT_TEMPLATES
 
         return tuple(ZERO_SHOT_TEMPLATES)
     return DEFAULT_TEMPLATES
@@ -34,10 +39,6 @@ def evaluate_model_dir(
 ) -> dict[str, Any]:
     """Zero-shot, retrieval and linear probe for a model directory; writes results.json + PNGs to ``out_dir``."""
 
-    from ..data.config import DataConfig
-    from ..data.loading import load_prepared
-    from ..factory import from_pretrained, get_tokenizer
-    from .report import evaluate_run
 
     model = from_pretrained(model_dir, device=device)
     tokenizer = get_tokenizer(model_dir)
@@ -69,9 +70,6 @@ def zero_shot_image(
     model_dir: str | os.PathLike, image: str, labels: list[str], templates: list[str] | None = None
 ) -> list[tuple[str, float]]:
     """Candidate labels for one image file, most probable first."""
-    from ..factory import create_model_and_transforms, get_tokenizer
-    from ..inference import open_image
-    from .zero_shot import zero_shot_predict
 
     if len(labels) < 2:
         raise ValueError("give at least two candidate labels, e.g. --labels 'sneaker,sandal'")

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.fashion_mnist import format_caption
 from .embed import ImageSource, embed_images, embed_texts, eval_mode, resolve_device
 
 DEFAULT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.", "a picture of a {}.", "an image of a {}.", "{}")
@@ -26,7 +27,6 @@ def fill_template(template: Template, classname: str) -> str:
     """A prompt from a template: ``"a photo of a {}."`` style format strings or callables (OpenCLIP accepts both)."""
     if callable(template):
         return template(classname)
-    from ..data.fashion_mnist import format_caption
 
     return format_caption(template, classname)  # "a {}" + "ankle boot" → "an ankle boot"
 

@@ -24,7 +24,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..factory import get_tokenizer
+from ..model_dir import run_or_model_dir
+from ..models.gan.networks import GeneratorMixture, require_single_generator
 from ..models.gan.pipeline import MODEL_TYPE as GAN_TYPE
+from ..models.gan.pipeline import TextToImage
 from ..models.onnx_runtime import (
     CONTEXT_FILE,
     GENERATOR_FILE,
@@ -33,6 +37,7 @@ from ..models.onnx_runtime import (
     TEXT_FILE,
     _require,
 )
+from ..registry import load as load_model
 
 PARITY_TOL = 1e-4  # fp32 ONNX Runtime vs eager PyTorch, max abs difference of unnormalised embeddings
 
@@ -156,9 +161,6 @@ def export_onnx(
         and ``"step_max_abs_diff"`` for a captioner.
     """
     _require("onnx"), _require("onnxscript")
-    from ..factory import get_tokenizer
-    from ..model_dir import run_or_model_dir
-    from ..registry import load as load_model
 
     src, out = run_or_model_dir(model_dir), Path(out_dir)
     meta = json.loads((src / "config.json").read_text()) if (src / "config.json").is_file() else {}
@@ -257,8 +259,6 @@ def export_generator(src: Path, out: Path, check: bool = True, tol: float = PARI
     [-1, 1], dynamic batch) and its frozen text tower exported as a dual encoder under ``text_encoder/``, each
     checked against PyTorch at two batch sizes. Sampling needs only these two: embed the prompt, draw noise, decode.
     """
-    from ..models.gan.networks import GeneratorMixture, require_single_generator
-    from ..models.gan.pipeline import TextToImage
 
     t2i = TextToImage.from_pretrained(src)
     require_single_generator(t2i.cfg, src, "exporting")

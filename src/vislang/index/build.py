@@ -22,7 +22,19 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..data.readers import (
+    SkipCounter,
+    check_shards_exist,
+    csv_separator,
+    expand_urls,
+    jsonl_rows,
+    looks_like_shards,
+    sample_key,
+)
+from ..evaluation.embed import embed_images
+from ..factory import get_model_config, load_embedding_model
 from ..inference import IMAGE_EXTS, list_images, open_image
+from ..models.onnx_runtime import is_onnx_dir
 from .base import HEADER, Index, create_index, open_index
 
 IMG_COLUMNS = ("filepath", "path", "image", "file", "filename", "img")  # tried in order when img_key is not given
@@ -68,7 +80,6 @@ def read_item_bytes(path: str | os.PathLike, offset: int | None = None, size: in
 
 
 def is_shard_spec(src: str) -> bool:
-    from ..data.readers import looks_like_shards
 
     return looks_like_shards(src)
 
@@ -97,7 +108,6 @@ def pick_column(header: Sequence[str], wanted: str | None, candidates: Sequence[
 
 def table_items(path: Path, img_key: str | None = None, caption_key: str | None = None) -> Iterator[SourceItem]:
     """Rows of a CSV/TSV (header row) or JSONL file; relative image paths resolve against the file's folder."""
-    from ..data.readers import SkipCounter, csv_separator, jsonl_rows
 
     if path.suffix.lower() == ".jsonl":
         rows = (row for _, row in jsonl_rows(path, SkipCounter()))
@@ -129,7 +139,6 @@ def rows_to_items(
 
 def shard_items(shards: Sequence[str]) -> Iterator[SourceItem]:
     """The images of uncompressed tar shards, as byte ranges (so search results can be served without unpacking)."""
-    from ..data.readers import sample_key
 
     for shard in shards:
         shard_path = str(Path(shard).resolve())
@@ -166,7 +175,6 @@ def shard_items(shards: Sequence[str]) -> Iterator[SourceItem]:
 def open_source(src: str, img_key: str | None = None, caption_key: str | None = None) -> Iterator[SourceItem]:
     """The items of a source spec (see the module docstring)."""
     if is_shard_spec(src):
-        from ..data.readers import check_shards_exist, expand_urls
 
         shards = expand_urls(src)
         check_shards_exist(shards)
@@ -193,8 +201,6 @@ def load_embedder(model_dir: str | os.PathLike, device: str = "cpu"):
     index building, search and the HTTP service take an export wherever they take a model."""
     import torch
 
-    from ..factory import load_embedding_model
-    from ..models.onnx_runtime import is_onnx_dir
 
     onnx = is_onnx_dir(model_dir)
     if onnx and torch.device(device).type != "cpu":
@@ -230,7 +236,6 @@ def open_or_create(
         return index, model
     if model_dir is None:
         raise ValueError(f"{d} holds no index yet; pass --model DIR to build one")
-    from ..factory import get_model_config
 
     dim = get_model_config(model_dir).embed_dim
     return create_index(d, dim, backend=backend, model=str(Path(model_dir).resolve()), **options), str(model_dir)
@@ -367,7 +372,6 @@ def embed_items(model, preprocess, items: Sequence[SourceItem], device: str = "c
     """Normalised embeddings (N, E) of the readable items, and those items; unreadable ones are left out."""
     import torch
 
-    from ..evaluation.embed import embed_images
 
     tensors, kept = [], []
     for it in items:

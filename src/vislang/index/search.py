@@ -15,7 +15,10 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..factory import get_tokenizer
+from ..inference import embed_texts, open_image
 from .base import Index, open_index
+from .build import load_embedder
 
 
 class Searcher:
@@ -40,8 +43,6 @@ class Searcher:
             return
         if not self.model_dir:
             raise ValueError(f"{self.index.directory} records no model; pass --model DIR")
-        from ..factory import get_tokenizer
-        from .build import load_embedder
 
         model, preprocess = load_embedder(self.model_dir, self.device)  # a torch model or an ONNX export
         if model.cfg.embed_dim != self.index.dim:
@@ -65,7 +66,6 @@ class Searcher:
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:
         """(N, E) normalised text embeddings."""
-        from ..inference import embed_texts
 
         return embed_texts(self.model, self.tokenizer, list(texts), device=self.device)
 
@@ -84,7 +84,6 @@ class Searcher:
 
     def search_image(self, image: Image.Image | str | os.PathLike, k: int = 10) -> list[dict[str, Any]]:
         if not isinstance(image, Image.Image):
-            from ..inference import open_image
 
             image = open_image(Path(image))
         return self.search_vectors(self.embed_images([image]), k)[0]

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..decoding import generate
 from ..layers.transformer import Block
 from .clip import CLIP, DecoderConfig, ModelConfig
 
@@ -222,6 +223,5 @@ class CoCa(CLIP):
     @torch.no_grad()
     def generate(self, images: torch.Tensor, **kw) -> torch.Tensor:
         """Caption token ids (B, L) without the begin token, ``eos_id`` then padding; see ``vislang.decoding``."""
-        from ..decoding import generate
 
         return generate(self, images, **kw)

@@ -20,6 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..config import from_dict, to_dict
+from ..data.transforms import normalize
+from ..model_dir import __version__, atomic_dir, write_weights
 from .towers import VisionConfig, build_vision_tower
 
 MODEL_TYPE = "vislang-classifier"
@@ -98,7 +101,6 @@ class ImageClassifier(nn.Module):
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, C, H, W) pixels, or floats in [0, 1], → the normalised float input ``forward`` expects."""
-        from ..data.transforms import normalize
 
         v = self.cfg.vision
         return normalize(images.to(next(self.parameters()).device), v.mean, v.std)
@@ -134,8 +136,6 @@ class ImageClassifier(nn.Module):
     def save_pretrained(self, directory: str | os.PathLike, extra: dict | None = None) -> Path:
         """Write ``config.json`` (model_type, config, class names) and ``model.safetensors``; atomic, like
         ``factory.save_pretrained``: a temporary folder renamed into place, so a crash never leaves half a model."""
-        from ..config import to_dict
-        from ..model_dir import __version__, atomic_dir, write_weights
 
         cfg = self.cfg
         if cfg.vision.pretrained:  # the weights now live in model.safetensors
@@ -158,7 +158,6 @@ class ImageClassifier(nn.Module):
         """Load a directory written by ``save_pretrained`` (in eval mode)."""
         from safetensors.torch import load_file
 
-        from ..config import from_dict
 
         d = Path(directory)
         cfg_file, weights = d / "config.json", d / "model.safetensors"

@@ -20,6 +20,7 @@ from ..model_dir import __version__, atomic_dir, write_weights
 from .captioner import CoCa
 from .clip import CLIP, ModelConfig
 from .itm import ITMModel
+from .quantized import load_int8_state
 
 MODEL_TYPE = "vislang-clip"  # dual encoders and captioners
 ITM_MODEL_TYPE = "vislang-itm"  # a dual encoder with an image-text matching head, loaded like one
@@ -83,7 +84,6 @@ def load_pretrained(directory: str | os.PathLike, device: str | torch.device = "
     """A ``vislang-clip`` / ``vislang-itm`` directory as its model (fp32 or int8), in eval mode."""
     from safetensors.torch import load_file
 
-    from .quantized import load_int8_state
 
     d = Path(directory)
     meta = json.loads((d / "config.json").read_text())

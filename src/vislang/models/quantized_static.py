@@ -26,6 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.config import DataConfig
+from ..data.loading import load_prepared
+from ..data.transforms import normalize
 from .towers import CompactCNN
 
 ENGINE = "x86"  # torch's default quantised engine on x86 CPUs (fbgemm kernels, onednn where it is faster)
@@ -117,9 +120,6 @@ def calibration_images(
     """``n`` training images of ``data`` drawn at random (seeded), normalised for the model: (n, C, H, W) float."""
     import numpy as np
 
-    from ..data.config import DataConfig
-    from ..data.loading import load_prepared
-    from ..data.transforms import normalize
 
     if n < 1:
         raise ValueError(f"static int8 needs at least one calibration image, got calibration_images={n}")

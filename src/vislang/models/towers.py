@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers.transformer import Transformer, padding_mask
+from ..layers.transformer import GELU, Transformer, padding_mask
+from ..pretrained import load_vision_weights, resolve_local_path
 
 
 @dataclass(frozen=True)
@@ -186,7 +187,6 @@ def inplace_mlp_gelu(model: nn.Module) -> int:
     many were swapped. In timm's Mlp nothing but fc2's input path reads fc1's output, so overwriting it is safe."""
     from timm.layers.mlp import Mlp
 
-    from ..layers.transformer import GELU
 
     n = 0
     for m in model.modules():
@@ -201,7 +201,6 @@ VISION_ARCHS = {"cnn": CompactCNN, "cnn-text": TextLineCNN}  # vislang's own tow
 def build_vision_tower(cfg: VisionConfig) -> VisionTower:
     tower: VisionTower = VISION_ARCHS[cfg.arch](cfg) if cfg.arch in VISION_ARCHS else TimmTower(cfg)
     if cfg.pretrained:
-        from ..pretrained import load_vision_weights
 
         load_vision_weights(tower, cfg.pretrained)
     return tower
@@ -292,7 +291,6 @@ class HFText(TextTower):
         super().__init__(cfg)
         from transformers import AutoConfig, AutoModel
 
-        from ..pretrained import resolve_local_path
 
         path = resolve_local_path(cfg.hf_path, what="text encoder (text.hf_path)")
         if cfg.hf_load_weights:

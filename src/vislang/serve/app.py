@@ -32,9 +32,11 @@ from PIL import Image
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..evaluation.zero_shot import logit_scale_of, zero_shot_classifier
 from ..index.build import read_item_bytes, read_item_image
 from ..index.search import Searcher
 from .batching import SearchBatcher
+from .generative import Captioner, ImageGenerator, QuestionAnswerer
 
 OPEN_PATHS = ("/healthz",)  # reachable without the API key
 HTML_PATHS = ("/", "/docs", "/openapi.json")  # a browser asking for these gets a login prompt
@@ -310,7 +312,6 @@ class Service:
 
     def classifier(self, labels: tuple[str, ...]):
         """(E, K) zero-shot weights for ``labels``, cached (a page asks for the same labels again and again)."""
-        from ..evaluation.zero_shot import zero_shot_classifier
 
         with self._lock:
             if labels in self._classifiers:
@@ -326,7 +327,6 @@ class Service:
     def classify(self, image_emb: np.ndarray, labels: list[str]) -> list[dict[str, Any]]:
         import torch
 
-        from ..evaluation.zero_shot import logit_scale_of
 
         weights = self.classifier(tuple(labels))  # (E, K)
         with torch.inference_mode():
@@ -462,7 +462,6 @@ def create_app(
         vqa_model: a VQA model directory: turns on ``/v1/vqa`` (else it answers 501).
         generate_model: a text-to-image GAN run or model directory: turns on ``/v1/generate`` (else it answers 501).
     """
-    from .generative import Captioner, ImageGenerator, QuestionAnswerer
 
     searcher = Searcher(index_dir, model_dir, device=device)
     searcher.model  # noqa: B018 -- load now: the first request must not pay for it, nor race to load it twice

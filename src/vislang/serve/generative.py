@@ -20,6 +20,9 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..decoding import caption
+from ..factory import from_pretrained, get_tokenizer, image_transforms
+from ..models.gan.pipeline import TextToImage, save_grid
 from ..models.vqa_generative import load_answerer
 
 
@@ -32,7 +35,6 @@ class Captioner:
     """
 
     def __init__(self, model_dir: str | os.PathLike, device: str = "cpu") -> None:
-        from ..factory import from_pretrained, get_tokenizer, image_transforms
 
         self.model = from_pretrained(model_dir, device).eval()
         if getattr(self.model.cfg, "decoder", None) is None:
@@ -46,7 +48,6 @@ class Captioner:
         self.max_tokens = self.model.cfg.text.context_length - 1  # the begin token takes one place of the context
 
     def __call__(self, image: Image.Image, max_length: int = 20, beam: int = 1) -> str:
-        from ..decoding import caption
 
         x = self.preprocess(image).unsqueeze(0).to(self.device)  # (1, C, H, W) normalised
         return caption(self.model, self.tokenizer, x, max_length=max_length, beam=beam)[0]
@@ -82,7 +83,6 @@ class ImageGenerator:
     """
 
     def __init__(self, model_dir: str | os.PathLike, device: str = "cpu") -> None:
-        from ..models.gan.pipeline import TextToImage
 
         self.model = TextToImage.from_pretrained(model_dir, device)
         self._lock = threading.Lock()
@@ -97,7 +97,6 @@ class ImageGenerator:
     @staticmethod
     def grid_png(images: torch.Tensor, scale: int = 2) -> bytes:
         """One PNG grid, laid out and scaled as ``vislang generate -o grid.png`` writes it (so the bytes match)."""
-        from ..models.gan.pipeline import save_grid
 
         with tempfile.TemporaryDirectory(prefix="vislang-grid-") as d:  # save_grid writes files; read it back
             return save_grid(images, Path(d) / "grid.png", ncol=min(len(images), 16), scale=scale).read_bytes()

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ...evaluation.embed import embed_images, image_batch, num_images
 from .networks import normal_to_uniform
 
 MATCH_COS = 0.9  # a bank caption "means the same" as a prompt at this text cosine (as gan.mismatch_max_cos)
@@ -96,7 +97,6 @@ def instance_features(kind: str, encoder: nn.Module, images, dim: int, n: int | 
     """(N, Ei) instance features of the first ``n`` (default all) uint8 training images of ``images`` (a prepared
     dataset or a tensor): ``clip``, the frozen dual encoder's normalised image embeddings (IC-GAN's choice of a
     pretrained embedding); ``pixels``, their ``dim`` principal components."""
-    from ...evaluation.embed import embed_images, image_batch, num_images
 
     idx = np.arange(num_images(images) if n is None else n)
     if kind == "clip":

@@ -23,6 +23,10 @@ import torch
 from torch import nn
 
 from ...config import from_dict, to_dict
+from ...evaluation.embed import model_device
+from ...model_dir import __version__, atomic_dir, run_or_model_dir, write_weights
+from ...tokenizers import load_tokenizer
+from ..dual_encoder import load_pretrained, save_pretrained
 from .networks import GANModelConfig, build_generator, to_uint8
 
 MODEL_TYPE = "vislang-gan"
@@ -101,7 +105,6 @@ class TextToImage(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        from ...evaluation.embed import model_device
 
         return model_device(self.generator)  # the CPU for an int8 or ONNX generator, which have no float parameters
 
@@ -161,8 +164,6 @@ class TextToImage(nn.Module):
         """Atomic, like ``factory.save_pretrained``: written to a temporary folder that is renamed into place.
         ``state``: the weights to store instead of the generator's state dict (an int8 generator's, see
         :mod:`vislang.compress.generator`)."""
-        from ...model_dir import __version__, atomic_dir, write_weights
-        from ..dual_encoder import save_pretrained
 
         meta = {
             "model_type": MODEL_TYPE,
@@ -180,9 +181,6 @@ class TextToImage(nn.Module):
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> TextToImage:
         from safetensors.torch import load_file
 
-        from ...model_dir import run_or_model_dir
-        from ...tokenizers import load_tokenizer
-        from ..dual_encoder import load_pretrained
 
         d = run_or_model_dir(directory)  # a run directory: its model/ subfolder
         cfg_file = d / "config.json"

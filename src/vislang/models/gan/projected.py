@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...pretrained import load_vision_weights
 from .networks import DCDiscriminator, GANModelConfig, _sn, d_widths, minibatch_std, text_head
 
 FEATURE_NET = "tf_efficientnet_lite0"
@@ -44,7 +45,6 @@ def frozen_feature_net(weights: str) -> nn.Module:
     last = int(net.feature_info.module_name()[-1].split(".")[1])  # "blocks.4": the block of the deepest output
     net.blocks = net.blocks[: last + 1]  # the later blocks would run (and be stored) for nothing
     if weights:
-        from ...pretrained import load_vision_weights
 
         load_vision_weights(net, weights)
     return net.eval().requires_grad_(False)
