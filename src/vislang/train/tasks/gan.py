@@ -211,6 +211,12 @@ class GANTask(Task):
         # own rows (gan_step.noise), so the step is one process's on the global batch.
         torch.manual_seed(cfg.seed)
         G, D = build_gan(mcfg)
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in G.modules())
+        if self.run.world > 1 and mcfg.mixture > 1 and has_bn:
+            raise ValueError(
+                f"gan.model.mixture={mcfg.mixture} with a BatchNorm generator cannot run under torchrun: a component "
+                "that draws no image on one rank would leave the others waiting in its BatchNorm; use one process"
+            )
         G, D = G.to(device), D.to(device)
         if self.bank is not None:
             G.set_bank(self.bank, self.bank_keys)
