@@ -1,11 +1,10 @@
-"""Two CPU ranks (gloo) must reproduce one process on the global batch: loss and DDP-averaged gradients.
+"""Two CPU ranks (gloo) with real DistributedDataParallel must reproduce one process on the global batch: the
+contrastive losses' gathers, BatchNorm over ranks with different row counts, ``global_share`` and ``Calls``.
 
-One ``torch.multiprocessing.spawn`` runs every case (process start-up dominates the cost); each rank writes its
-results to ``tmp_path`` and the parent compares them with a single-process reference computed here.
-
-Gradients are averaged over ranks by hand (all-reduce SUM / world), which is exactly what DDP does: constructing
-the first ``DistributedDataParallel`` imports ``torch._dynamo`` (~8 s on a 2-core box). Set
-``VISLANG_TEST_REAL_DDP=1`` to wrap the model in real DDP instead.
+One ``torch.multiprocessing.spawn`` runs every case (process start-up dominates the cost); each rank wraps its model
+with ``Run.ddp`` (what every task does), writes its loss and DDP-averaged gradients to ``tmp_path``, and the parent
+compares them with a single-process reference computed here. End-to-end runs of ``vislang train`` under torchrun
+are in ``test_torchrun.py``.
 """
 
 from __future__ import annotations
@@ -24,12 +23,14 @@ from torch import nn
 
 from vislang import distributed as vdist
 from vislang.losses import ClipLoss, SigLipLoss
+from vislang.train.config import TrainConfig
+from vislang.train.loop import Calls, Run
 
 WORLD = 2
 GLOBAL_BATCH = 8
 IN_IMG, IN_TXT, EMBED = 6, 5, 4
 ATOL = 1e-5
-USE_DDP = os.environ.get("VISLANG_TEST_REAL_DDP") == "1"
+UNEVEN = [3, 5]  # rows per rank of the BatchNorm case: ranks need not hold equal shares
 
 # name -> (loss kind, kwargs); the reference is always the single-process loss on the global batch.
 CASES: dict[str, tuple[str, dict]] = {
@@ -58,6 +59,22 @@ class Tiny(nn.Module):
         txt = F.normalize(self.txt(x_txt), dim=-1)
         return img, txt, self.log_scale.exp(), self.bias
 
+    def image_energy(self, x_img: torch.Tensor) -> torch.Tensor:
+        """A method other than forward (the text tower and scale sit it out): what ``Calls`` carries into DDP."""
+        return self.img(x_img).pow(2).mean()
+
+
+class TinyBN(nn.Module):
+    """Linear → BatchNorm → Linear: its loss depends on the batch's statistics, not on each row alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin, self.bn, self.out = nn.Linear(IN_IMG, EMBED), nn.BatchNorm1d(EMBED), nn.Linear(EMBED, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.bn(self.lin(x)))).squeeze(1)  # (B,)
+
 
 def _inputs() -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1234)
@@ -68,17 +85,27 @@ def _make_loss(kind: str, kwargs: dict) -> nn.Module:
     return ClipLoss(**kwargs) if kind == "clip" else SigLipLoss(**kwargs)
 
 
-def _run(model: nn.Module, loss_fn: nn.Module, x_img: torch.Tensor, x_txt: torch.Tensor, average: bool = False):
-    """One forward/backward; ``average`` all-reduces the gradients to their mean over ranks, as DDP does."""
+def _grads(model: nn.Module) -> dict[str, torch.Tensor]:
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    inner = inner.module if isinstance(inner, Calls) else inner
+    return {name: p.grad.detach().clone() for name, p in inner.named_parameters() if p.grad is not None}
+
+
+def _run(model: nn.Module, loss_fn: nn.Module, x_img: torch.Tensor, x_txt: torch.Tensor):
+    """One forward/backward (under DDP its backward averages the gradients over ranks); the loss and gradients."""
     loss = loss_fn(*model(x_img, x_txt))
     loss.backward()
-    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    grads = {name: p.grad.detach().clone() for name, p in inner.named_parameters()}
-    if average:
-        for g in grads.values():
-            dist.all_reduce(g, op=dist.ReduceOp.SUM)
-            g /= dist.get_world_size()
-    return loss.detach(), grads
+    return loss.detach(), _grads(model)
+
+
+def _bn_loss(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Mean square output: on a rank, scaled by its share, so that DDP's average is the global batch's mean."""
+    loss = model(x).pow(2).mean()
+    return loss * vdist.global_share(len(x)) if vdist.world_size() > 1 else loss
+
+
+def _bn_inputs() -> torch.Tensor:
+    return torch.randn(sum(UNEVEN), IN_IMG, generator=torch.Generator().manual_seed(99)) * 3 + 1
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -94,13 +121,28 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
         x_img, x_txt = _inputs()
         local = slice(rank * GLOBAL_BATCH // world, (rank + 1) * GLOBAL_BATCH // world)
+        run = Run(TrainConfig(), torch.device("cpu"), rank, world)
         results = {}
         for name, (kind, kwargs) in CASES.items():
-            model = Tiny(with_bias=kind == "siglip")
-            if USE_DDP:
-                model = nn.parallel.DistributedDataParallel(model)
-            loss, grads = _run(model, _make_loss(kind, kwargs), x_img[local], x_txt[local], average=not USE_DDP)
+            model = run.ddp(Tiny(with_bias=kind == "siglip"))
+            assert isinstance(model, nn.parallel.DistributedDataParallel)
+            loss, grads = _run(model, _make_loss(kind, kwargs), x_img[local], x_txt[local])
             results[name] = {"loss": loss, "loss_mean": vdist.all_reduce_mean(loss), "grads": grads}
+
+        # BatchNorm over ranks holding 3 and 5 rows: run.ddp makes it a GlobalBatchNorm.
+        core = TinyBN()
+        model = run.ddp(core)
+        assert isinstance(core.bn, vdist.GlobalBatchNorm)
+        rows = slice(sum(UNEVEN[:rank]), sum(UNEVEN[: rank + 1]))
+        loss = _bn_loss(model, _bn_inputs()[rows])
+        loss.backward()
+        results["bn"] = {"grads": _grads(model), "running_mean": core.bn.running_mean.clone(),
+                         "running_var": core.bn.running_var.clone()}  # fmt: skip
+
+        # A method other than forward, through Calls inside DDP (the text tower and scale get no gradient).
+        model = run.ddp(Calls(Tiny(with_bias=False)), find_unused_parameters=True)
+        model(Tiny.image_energy, x_img[local]).backward()
+        results["calls"] = _grads(model)
 
         results["itm"] = _itm_on_rank(local)
 
@@ -177,6 +219,43 @@ def ddp_results(tmp_path_factory) -> list[dict]:
     out_dir = tmp_path_factory.mktemp("ddp")
     _spawn(out_dir)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def test_ddp_batchnorm_over_uneven_ranks_matches_one_process(ddp_results: list[dict]) -> None:
+    """Gradients and running statistics of one process on all 8 rows, from ranks holding 3 and 5."""
+    model = TinyBN()
+    _bn_loss(model, _bn_inputs()).backward()
+    want = _grads(model)
+    for r in ddp_results:
+        _assert_grads_close(r["bn"]["grads"], want)
+        assert torch.allclose(r["bn"]["running_mean"], model.bn.running_mean, atol=ATOL)
+        assert torch.allclose(r["bn"]["running_var"], model.bn.running_var, atol=ATOL)
+
+
+def test_ddp_sees_the_parameters_of_a_method_run_through_calls(ddp_results: list[dict]) -> None:
+    x_img, _ = _inputs()
+    model = Tiny(with_bias=False)
+    model.image_energy(x_img).backward()
+    want = {k: v for k, v in _grads(model).items() if k.startswith("img.")}
+    for r in ddp_results:
+        got = {k: v for k, v in r["calls"].items() if k.startswith("img.")}
+        _assert_grads_close(got, want)  # averaged over ranks: the global batch's gradient
+
+
+def test_global_batchnorm_is_batchnorm_on_one_process() -> None:
+    """One process: the converted model computes bit for bit what it did, with the very same tensors (optimizers
+    built before the conversion keep working) and the same checkpoint keys."""
+    plain, converted = TinyBN(), TinyBN()
+    params = list(converted.parameters())
+    keys = list(converted.state_dict())
+    assert vdist.global_batchnorm(converted) is converted and isinstance(converted.bn, vdist.GlobalBatchNorm)
+    assert list(converted.parameters()) == params and list(converted.state_dict()) == keys
+    x = _bn_inputs()
+    for train in (True, False):
+        plain.train(train), converted.train(train)
+        assert torch.equal(plain(x), converted(x))
+    assert torch.equal(plain.bn.running_var, converted.bn.running_var)
+    assert Calls(plain)(TinyBN.forward, x).equal(plain(x))
 
 
 def _reference(kind: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -260,6 +339,7 @@ def test_single_process_helpers_are_noops(monkeypatch) -> None:
     assert all_img is img and all_txt is txt
     with pytest.raises(ValueError, match="batch sizes differ"):
         vdist.gather_features(img, txt[:2])
+    assert vdist.global_share(5) == 1.0 and vdist.all_reduce_sum(t) is t
 
 
 def test_init_distributed_rejects_bad_env(monkeypatch) -> None:

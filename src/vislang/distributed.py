@@ -10,12 +10,17 @@ import os
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 __all__ = [
+    "GlobalBatchNorm",
     "all_reduce_mean",
+    "all_reduce_sum",
     "barrier",
     "gather_features",
     "gather_tensor",
+    "global_batchnorm",
+    "global_share",
     "init_distributed",
     "is_dist",
     "rank",
@@ -202,3 +207,101 @@ def gather_features(
     all_image = gather_tensor(image_features, gather_with_grad=gather_with_grad, keep_local_grad=keep)
     all_text = gather_tensor(text_features, gather_with_grad=gather_with_grad, keep_local_grad=keep)
     return all_image, all_text
+
+
+class _AllReduceSumWithGrad(torch.autograd.Function):
+    """Sum over ranks whose backward sums the incoming gradients over ranks too: every rank's loss reads the sum, so
+    each rank's contribution gets the gradient of all of those losses (with DDP's averaging, that of one process)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> torch.Tensor:
+        grad = grad_output.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Differentiable sum of ``t`` over ranks (``t`` itself on one process): statistics every rank's loss must read
+    over the global batch, such as :class:`GlobalBatchNorm`'s."""
+    if not is_dist() or world_size() == 1:
+        return t
+    return _AllReduceSumWithGrad.apply(t)
+
+
+@torch.no_grad()
+def global_share(count: int, device: torch.device | None = None) -> float:
+    """``count · world / (sum of count over ranks)``: the factor that turns this rank's mean over its ``count`` items
+    into its part of the mean over the global batch, once DDP averages the ranks' gradients. Ranks whose batches hold
+    different numbers of loss terms (a VQA step's questions) need it to match one process; 1.0 on one process."""
+    if not is_dist() or world_size() == 1:
+        return 1.0
+    total = torch.tensor([int(count)], dtype=torch.int64, device=device)
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    if int(total.item()) == 0:
+        raise ValueError("no rank has anything to learn from in this step (an empty global batch)")
+    return int(count) * world_size() / int(total.item())
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose training statistics are those of the global batch (all ranks' rows), as one process on that
+    batch would compute them; on one process, or in eval mode, plain BatchNorm.
+
+    Why not ``nn.SyncBatchNorm``: it runs on GPUs only, and ``torchrun`` on CPUs (gloo) must train as one process does
+    too. Two differentiable all-reduces (the sum, then the squared deviations from the global mean, as a two-pass
+    variance is exact where E[x²] - E[x]² cancels) work on every backend and with different row counts per rank.
+    Parameters and buffers are BatchNorm's, so checkpoints and saved models do not change."""
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"GlobalBatchNorm expects at least 2-D input (N, C, ...), got {x.dim()}-D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        if not (self.training and is_dist() and world_size() > 1):
+            return super().forward(x)
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        xf = x.float()
+        n = all_reduce_sum(torch.tensor(float(xf.numel() // max(xf.shape[1], 1)), device=x.device))
+        mean = all_reduce_sum(xf.sum(dims)) / n  # (C,)
+        var = all_reduce_sum((xf - mean.view(shape)).pow(2).sum(dims)) / n  # (C,) biased, as BatchNorm normalises
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                unbiased = var * (n / (n - 1).clamp(min=1))
+                self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
+                self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
+        y = (xf - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(x.dtype)
+
+
+def global_batchnorm(module: nn.Module) -> nn.Module:
+    """``module`` with every BatchNorm (1-D, 2-D, 3-D) replaced, in place, by a :class:`GlobalBatchNorm` holding the
+    same parameters and buffers; returns the module (a new one only if ``module`` itself is a BatchNorm).
+
+    ``Run.ddp`` applies it, so that under ``torchrun`` a model with BatchNorm trains as one process on the global batch
+    does (per-rank statistics would normalise each rank's rows by its own batch alone)."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(
+        module, (GlobalBatchNorm, nn.SyncBatchNorm)
+    ):
+        m = module
+        new = GlobalBatchNorm(m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats)
+        # The very tensors, not copies: optimizers built before the conversion keep updating them.
+        for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            setattr(new, name, t)
+        new.train(module.training)
+        return new
+    for name, child in list(module.named_children()):
+        new_child = global_batchnorm(child)
+        if new_child is not child:
+            setattr(module, name, new_child)
+    return module

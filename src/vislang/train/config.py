@@ -64,8 +64,8 @@ class VQATaskConfig:
     """Settings of a VQA run (``task: vqa``, the answer classifier, or ``vqa-gen``, the generative answerer).
 
     The model is ``model_name`` (vqa: a vislang-vqa config of model_configs/ or a JSON file; vqa-gen: a `vislang models`
-    name, a decoder is added if it has none) with the ``model`` overrides; ``batch_size`` counts images per step,
-    every question about them comes along."""
+    name, a decoder is added if it has none) with the ``model`` overrides; ``batch_size`` counts images per step (and
+    process), every question about them comes along."""
 
     data: str = "shapes"  # "shapes" or a JSONL/CSV file of image, question, answer
     test_data: str | None = None  # file for evaluation (shapes: the test split)

@@ -20,7 +20,11 @@ and its evaluation. The loop calls, in this order:
 ``setup(run)``
     Build data, model(s) and optimizers. ``run`` (a ``Run``) gives ``cfg`` (the ``TrainConfig``), ``device``,
     ``rank``, ``world``, ``main``, ``out_dir`` (None in memory) and ``resume``. Wrap a module that trains under
-    DDP with ``run.ddp(module)`` (the identity on one process) and keep the wrapped one for the forward.
+    DDP with ``run.ddp(module)`` (the identity on one process) and keep the wrapped one for the forward; methods
+    other than ``forward`` go through ``run.ddp(Calls(module))``. Under torchrun a step must equal one process's
+    step on the global batch (``cfg.batch_size`` per rank × ``world``): each rank takes its part of that batch,
+    DDP averages the gradients, BatchNorm uses global statistics (``run.ddp`` sees to it), and a loss that is a mean
+    over a number of terms that differs between ranks is scaled by ``distributed.global_share``.
     Put modules in train mode here. The loop has already seeded torch with ``cfg.seed + rank`` (unless the task
     sets ``seeds_globally = False``: a task run inside a larger job keeps that job's random stream).
 ``modules()`` → ``{name: nn.Module}``
@@ -145,6 +149,22 @@ def optimizer_step(
         optimizer.step()
 
 
+class Calls(nn.Module):
+    """A module whose forward runs any function of another: ``Calls(m)(fn, *args)`` is ``fn(m, *args)``.
+
+    DistributedDataParallel only sees a module's ``forward``: it averages gradients of what ran inside it. A task
+    whose step calls other methods (a GAN discriminator's ``features``/``score``/``match``, a captioner's
+    ``caption_logits``) wraps ``run.ddp(Calls(module))`` and passes those calls in as ``fn``; on one process the
+    wrapper is this module, and ``fn(module, *args)`` runs as before."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return fn(self.module, *args, **kwargs)
+
+
 @dataclass
 class Run:
     """What a task sees of the run: its config, where it runs, and the loop's helpers (``ddp``, ``step``, ``log``)."""
@@ -168,9 +188,18 @@ class Run:
         return self.rank == 0
 
     def ddp(self, module: nn.Module, **kwargs: Any) -> nn.Module:
-        """``module`` wrapped in DistributedDataParallel under torchrun (gradients averaged over ranks), else itself."""
+        """``module`` wrapped in DistributedDataParallel under torchrun, else ``module`` itself.
+
+        Under torchrun a step must do what one process does on the global batch (every rank's batch together): DDP
+        averages the ranks' gradients, and its BatchNorms are made :class:`~vislang.distributed.GlobalBatchNorm`
+        (in place; same parameters and buffers), which normalise by the global batch's statistics. Only a forward
+        through the returned wrapper is seen by DDP: to run other methods (a discriminator's ``features`` and
+        ``score``, a captioner's ``caption_logits``), wrap ``Calls(module)`` and call ``wrapped(fn, *args)``.
+        ``kwargs`` go to DistributedDataParallel (``find_unused_parameters=True`` where a step may leave some
+        parameters out)."""
         if self.world == 1:
             return module
+        module = dist.global_batchnorm(module)
         wrapped = nn.parallel.DistributedDataParallel(
             module, device_ids=[self.device.index] if self.device.type == "cuda" else None, **kwargs
         )

@@ -6,6 +6,11 @@ EMA update), whose optimizers step through the loop's ``Run.step``; the learning
 tables, IC-GAN instance banks, sample grids (``samples/``), tracked FID-FM with a judge (``fid.png``, ``keep_best``),
 the EMA generator's standing BatchNorm statistics and the ``TextToImage`` model directory. A time budget simply
 ends the run when it is spent (``budget_fit_from`` None). Run layout: see ``gan_step``.
+
+Under torchrun a step is one process's step on the global batch (``batch_size`` × ranks): each rank takes its rows
+of that batch, G trains through its DDP wrapper (BatchNorm over the global batch), D's update pass through
+``Calls(D)``'s, and noise, wrong-text pairs and the text-matching softmax are the global batch's (``gan_step``).
+Rank 0 alone tracks FID, writes samples and saves.
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ... import distributed as dist
 from ...config import from_dict, to_dict
 from ..config import GANConfig, TrainConfig
-from ..loop import Run, Task, fit
+from ..loop import Calls, Run, Task, fit
 
 
 def check_gan_config(gan: GANConfig) -> None:
@@ -81,8 +87,6 @@ class GANTask(Task):
         self.run, self.cfg = run, cfg
         gan = self.gan = cfg.gan or GANConfig()
         check_gan_config(gan)
-        if run.world > 1:
-            raise ValueError("task gan runs on one process (its D is called through methods DDP does not see)")
         if run.device.type == "cuda":  # the same shapes every step: let cuDNN time its convolution algorithms once
             torch.backends.cudnn.benchmark = True
         self.check(cfg)
@@ -93,7 +97,7 @@ class GANTask(Task):
         self.mcfg = self._model_config()
         self._conditions()
         self._build()
-        if run.out_dir is not None:
+        if run.out_dir is not None and run.main:
             (run.out_dir / "gan_model_config.json").write_text(json.dumps(to_dict(self.mcfg), indent=2))
 
     def _model_config(self):
@@ -123,11 +127,17 @@ class GANTask(Task):
 
         cfg, gan, device, enc, tok = self.cfg, self.gan, self.run.device, self.encoder, self.tokenizer
         d, v = cfg.data, enc.cfg.vision
-        self.data = load_prepared(d.train, d.train_split, v.image_size, v.channels, d, cfg.progress)
+        main = self.run.main
+        if main:  # rank 0 prepares (and caches) the data, the others then read it
+            self.data = load_prepared(d.train, d.train_split, v.image_size, v.channels, d, cfg.progress)
+        dist.barrier()
+        if not main:
+            self.data = load_prepared(d.train, d.train_split, v.image_size, v.channels, d, False)
         n = self.n = min(len(self.data), d.max_train) if d.max_train else len(self.data)
         self.captions = self.data.captions[:n]
         uniq, inverse = np.unique(np.asarray(self.captions, dtype=object).astype(str), return_inverse=True)
-        print(f"[vislang] embedding {len(uniq)} distinct captions of {n} images with the frozen text tower")
+        if main:
+            print(f"[vislang] embedding {len(uniq)} distinct captions of {n} images with the frozen text tower")
         self.cond_table = embed_texts(enc, tok, list(uniq), batch_size=512).to(device)  # (U, E)
         self.cap_index = torch.from_numpy(inverse.astype(np.int64))  # (N,)
         self.flip_table = self.has_flip = None
@@ -140,8 +150,9 @@ class GANTask(Task):
             rows = self.has_flip.nonzero().squeeze(1)
             flips = embed_texts(enc, tok, [flipped[i] for i in rows.tolist()], batch_size=512).to(device)
             self.flip_table[rows.to(device)] = flips
-            print(f"[vislang] relation negatives: {int(self.has_flip.sum())} of {len(uniq)} distinct captions state a "
-                  "relation")  # fmt: skip
+            if main:
+                print(f"[vislang] relation negatives: {int(self.has_flip.sum())} of {len(uniq)} distinct captions "
+                      "state a relation")  # fmt: skip
         self._instances()
         self.sort_labels = None
         if gan.group_by_label:
@@ -160,10 +171,11 @@ class GANTask(Task):
             raise ValueError(f"gan.model.instance_bank={mcfg.instance_bank} exceeds the {n} training images")
         from ...models.gan.instance import instance_features, neighbours
 
-        print(
-            f"[vislang] instance conditioning: {mcfg.instance_features} features of {n} training images, "
-            f"a bank of {mcfg.instance_bank}, {mcfg.instance_k} neighbours each"
-        )
+        if self.run.main:
+            print(
+                f"[vislang] instance conditioning: {mcfg.instance_features} features of {n} training images, "
+                f"a bank of {mcfg.instance_bank}, {mcfg.instance_k} neighbours each"
+            )
         feats = instance_features(mcfg.instance_features, self.encoder, self.data, mcfg.instance_dim, n).to(device)
         pick = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed))[: mcfg.instance_bank]
         self.bank, self.bank_keys = feats[pick.to(device)], self.cond_table[self.cap_index[pick].to(device)]
@@ -177,7 +189,7 @@ class GANTask(Task):
         gan, cfg, d, v = self.gan, self.cfg, self.cfg.data, self.encoder.cfg.vision
         self.prompts = default_prompts(gan, self.data.classnames, self.captions)
         self.tracker = None
-        if gan.judge:
+        if gan.judge and self.run.main:  # tracked on rank 0 only: it alone logs and saves
             from ...data.fashion_mnist import format_caption
             from ...evaluation.gan import FIDTracker
 
@@ -195,12 +207,21 @@ class GANTask(Task):
         from ...models.gan.networks import build_gan
 
         cfg, gan, mcfg, device = self.cfg, self.gan, self.mcfg, self.run.device
-        if self.n // cfg.batch_size == 0:
+        per_step = cfg.batch_size * self.run.world
+        if self.n // per_step == 0:
             raise ValueError(
-                f"the training set has {self.n} images, fewer than one batch of {cfg.batch_size}; lower --batch_size"
+                f"the training set has {self.n} images, fewer than one step's {per_step}; lower --batch_size"
             )
+        # Also makes every rank's stream one: under torchrun each rank draws the global batch's noise and keeps its
+        # own rows (gan_step.noise), so the step is one process's on the global batch.
         torch.manual_seed(cfg.seed)
         G, D = build_gan(mcfg)
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in G.modules())
+        if self.run.world > 1 and mcfg.mixture > 1 and has_bn:
+            raise ValueError(
+                f"gan.model.mixture={mcfg.mixture} with a BatchNorm generator cannot run under torchrun: a component "
+                "that draws no image on one rank would leave the others waiting in its BatchNorm; use one process"
+            )
         G, D = G.to(device), D.to(device)
         if self.bank is not None:
             G.set_bank(self.bank, self.bank_keys)
@@ -224,6 +245,11 @@ class GANTask(Task):
         self.best: dict[str, Any] = {}  # with a judge: {"step", "fid_fm", "G_ema"} of the lowest tracked FID-FM so far
         self.f = 1.0
         G.train(), D.train()
+        # Under torchrun G's and D's gradients are averaged by DDP: G's forward goes through its wrapper (its BatchNorms
+        # then normalise over the global batch), D's update pass through Calls (it uses features, score and match).
+        # Mixtures and optional terms leave some parameters out of a step. On one process: G itself, Calls(D).
+        self.G_train = self.run.ddp(G, find_unused_parameters=True)
+        self.D_call = self.run.ddp(Calls(D), find_unused_parameters=True)
 
     # --- the loop's protocol -----------------------------------------------------------------------------------------
     def modules(self) -> dict[str, nn.Module]:
@@ -234,32 +260,41 @@ class GANTask(Task):
         return {"opt_g": self.opt_g, "opt_d": self.opt_d}
 
     def epoch_length(self, epoch: int) -> int:
-        return self.n // self.cfg.batch_size
+        return self.n // (self.cfg.batch_size * self.run.world)
 
     def batches(self, epoch: int, start: int) -> Iterator[dict[str, Any]]:
+        """One process's batch of ``batch_size`` × world items per step, ordered as one process orders it (by class,
+        items with a flipped relation first), its conditions drawn for all of it; this rank keeps rows
+        ``[rank·B, (rank+1)·B)`` and, under torchrun, the whole batch's conditions (``c_all``, ``c_flip_all``)."""
         from ...data.loading import epoch_batches
         from ...models.gan.networks import from_uint8
 
-        cfg, device = self.cfg, self.run.device
-        for idx in epoch_batches(self.n, cfg.batch_size, cfg.seed, epoch)[: self.epoch_length(epoch)][start:]:
+        cfg, device, run = self.cfg, self.run.device, self.run
+        b = cfg.batch_size
+        mine = slice(run.rank * b, (run.rank + 1) * b)
+        for idx in epoch_batches(self.n, b * run.world, cfg.seed, epoch)[: self.epoch_length(epoch)][start:]:
             if self.sort_labels is not None:  # one class per minibatch-std group: D compares spread within a class
                 idx = np.asarray(idx)
                 idx = idx[np.argsort(self.sort_labels[idx], kind="stable")]
-            cap = self.cap_index[torch.as_tensor(idx)]  # (B,) distinct-caption ids
+            cap = self.cap_index[torch.as_tensor(idx)]  # (world·B,) distinct-caption ids
             c_flip = None
             if self.flip_table is not None:  # items whose caption states a relation go first, with their flipped text
                 order = torch.argsort((~self.has_flip[cap]).to(torch.int8), stable=True)
                 idx, cap = np.asarray(idx)[order.numpy()], cap[order]
-                c_flip = self.flip_table[cap[self.has_flip[cap]].to(device)]  # (F, E)
-            real = from_uint8(self.data.get_batch(idx)["image"]).to(device)  # (B, C, H, W) in [-1, 1]
+                c_flip = self.flip_table[cap[self.has_flip[cap]].to(device)]  # (F, E): of the whole batch
+            real = from_uint8(self.data.get_batch(idx[mine])["image"]).to(device)  # (B, C, H, W) in [-1, 1]
             if self.channels_last:
                 real = real.contiguous(memory_format=torch.channels_last)
-            c = self.cond_table[cap.to(device)]  # (B, E)
+            c = self.cond_table[cap.to(device)]  # (world·B, E)
             if self.nn_table is not None:  # IC-GAN: each real image with one of its k nearest bank instances
                 k = torch.randint(self.mcfg.instance_k, (len(idx),)).to(device)
                 near = self.nn_table[torch.as_tensor(idx).to(device), k]
-                c = torch.cat([c, self.bank[near]], dim=1)  # (B, E + Ei)
-            yield {"real": real, "c": c, "c_flip": c_flip}
+                c = torch.cat([c, self.bank[near]], dim=1)  # (world·B, E + Ei)
+            batch = {"real": real, "c": c[mine], "c_flip": c_flip}
+            if run.world > 1:  # flipped items come first in the whole batch: this rank's are those among its rows
+                flips = None if c_flip is None else c_flip[min(mine.start, len(c_flip)) : min(mine.stop, len(c_flip))]
+                batch.update(c_flip=flips, c_all=c, c_flip_all=c_flip)
+            yield batch
 
     def learning_rates(self, step: int, total: int) -> dict[str, float]:
         from .gan_step import lr_factor
@@ -273,8 +308,11 @@ class GANTask(Task):
         gan = self.gan
         update_g = (step + 1) % gan.d_steps == 0  # the last of every d_steps batches also updates G
         regularize = step % gan.r1_every == 0
+        run = self.run
         return gan_step(self.G, self.D, self.G_ema, self.opt_g, self.opt_d, batch["real"], batch["c"], gan,
-                        self.mis_gen, batch["c_flip"], update_g, regularize, stepper=self.run.step)  # fmt: skip
+                        self.mis_gen, batch["c_flip"], update_g, regularize, stepper=run.step, G_train=self.G_train,
+                        D_call=self.D_call, rank=run.rank, world=run.world, c_all=batch.get("c_all"),
+                        c_flip_all=batch.get("c_flip_all"))  # fmt: skip
 
     def samples(self, batch: dict[str, Any]) -> int:
         return int(batch["real"].shape[0])
@@ -286,7 +324,7 @@ class GANTask(Task):
         gan = self.gan
         if self.tracker is not None and ((gan.fid_every and step % gan.fid_every == 0) or step == self.run.total_steps):
             self.track(step)
-        if gan.sample_every and step % gan.sample_every == 0:
+        if gan.sample_every and step % gan.sample_every == 0 and self.run.main:
             self.write_samples(step)
 
     def close(self) -> None:
@@ -341,6 +379,8 @@ class GANTask(Task):
         from ...models.gan.pipeline import TextToImage
 
         gan, cfg, run, best = self.gan, self.cfg, self.run, self.best
+        if not run.main:  # rank 0 alone tracks, samples and saves
+            return run.out_dir / "model"
         step = chosen = run.global_step
         if best and (gan.keep_best or best["step"] == step):  # the snapshot already has its standing statistics
             self.G_ema.load_state_dict(best["G_ema"])

@@ -28,10 +28,21 @@ classes are, which the generator gets right anyway.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
-from ...losses import coverage_loss, d_loss, g_loss, mismatched, mode_seeking_loss, spread_match_loss, text_match_loss
+from ...losses import (
+    coverage_loss,
+    d_fake_loss,
+    d_loss,
+    d_real_loss,
+    g_loss,
+    mismatched,
+    mode_seeking_loss,
+    spread_match_loss,
+    text_match_loss,
+)
 from ...models.gan.networks import diff_augment, ema_update, parse_augment
 from ..config import GANConfig
 from ..loop import optimizer_step
@@ -67,6 +78,29 @@ def lr_factor(step: int, total_steps: int, decay_from: float) -> float:
     return max(0.0, 1.0 - (step - start) / (total_steps - start))
 
 
+def noise(n: int, dim: int, device: torch.device, rank: int = 0, world: int = 1) -> torch.Tensor:
+    """Noise (n, dim) for this rank's ``n`` rows of a global batch of ``world``·n rows.
+
+    Under torchrun every rank draws from one shared stream (``GANTask`` seeds it alike on every rank), draws the
+    whole global batch's noise and keeps its own rows: each row gets the noise one process would give it, and the
+    ranks' noises differ. On one process this is ``torch.randn(n, dim)``."""
+    z = torch.randn(world * n, dim, device=device)
+    return z[rank * n : (rank + 1) * n] if world > 1 else z
+
+
+def _d_loss(
+    s_real: torch.Tensor, s_fake: torch.Tensor, s_mis: torch.Tensor, n_mis_all: int, gan: GANConfig, world: int
+) -> torch.Tensor:
+    """``d_loss`` whose mismatched-pair term is this rank's part of the mean over the global batch's ``n_mis_all``
+    pairs (a rank's count varies, so DDP's average of per-rank means would weigh the pairs unevenly)."""
+    if world == 1 or gan.matching_aware <= 0 or n_mis_all == 0:
+        return d_loss(s_real, s_fake, s_mis if world == 1 else None, gan.matching_aware, gan.loss)
+    n = len(s_mis)
+    mis = d_fake_loss(s_mis, gan.loss) * (n * world / n_mis_all) if n else s_mis.sum()
+    fake = d_fake_loss(s_fake, gan.loss)
+    return d_real_loss(s_real, gan.loss) + (fake + gan.matching_aware * mis) / (1 + gan.matching_aware)
+
+
 def gan_step(
     G: torch.nn.Module,
     D: torch.nn.Module,
@@ -81,6 +115,13 @@ def gan_step(
     update_g: bool = True,
     regularize: bool = True,
     stepper: Callable[[torch.optim.Optimizer, torch.Tensor], None] | None = None,
+    *,
+    G_train: torch.nn.Module | None = None,
+    D_call: Callable[..., Any] | None = None,
+    rank: int = 0,
+    world: int = 1,
+    c_all: torch.Tensor | None = None,
+    c_flip_all: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """One discriminator update, one generator update through the updated D, one EMA update; returns the stats.
     ``regularize`` False skips R1 on this step (``gan.r1_every``).
@@ -96,58 +137,92 @@ def gan_step(
 
     ``stepper(optimizer, loss)`` makes each update (zero_grad, backward, step): inside the loop ``Run.step``, which
     also scales and clips; by default ``train.loop.optimizer_step``.
+
+    Under torchrun (``world`` > 1) this rank holds rows ``[rank·B, (rank+1)·B)`` of one process's global batch, whose
+    conditions are ``c_all`` (world·B, E) and flipped texts ``c_flip_all``; G's training forward goes through
+    ``G_train`` and D's update pass through ``D_call(fn)`` (``fn(D)`` inside D's DDP wrapper), so DDP averages
+    their gradients. Noise, the wrong-text pairs and the text-matching softmax are then those of the global batch,
+    and the step equals one process's on it; DiffAugment, mode seeking and coverage draw per rank (from a stream
+    the ranks share), so with those on it is only close. The generator's update reads D directly: D's weights get
+    no gradient from it.
     """
+    if world > 1 and c_all is None:
+        raise ValueError("gan_step on several ranks needs c_all, the conditions of the whole global batch")
     step = stepper or optimizer_step
+    G_fwd = G_train if G_train is not None else G
+    d_call = D_call if D_call is not None else (lambda fn: fn(D))
     b = real.shape[0]
-    c_text = c[:, : G.cfg.cond_dim]  # IC-GAN: c is [text, instance]; whether a text is wrong is the text's business
+    dev = real.device
+    cond_dim = G.cfg.cond_dim
+    c_text = c[:, :cond_dim]  # IC-GAN: c is [text, instance]; whether a text is wrong is the text's business
+    c_glob = c if c_all is None else c_all  # (world·B, E): the global batch's conditions, this rank's at lo
+    lo = rank * b
     n_flip = 0 if c_flip is None else len(c_flip)
-    z = torch.randn(b, G.cfg.z_dim, device=real.device)
+    flips_all = c_flip if c_flip_all is None else c_flip_all
+    n_flip_all = 0 if flips_all is None else len(flips_all)
+    z = noise(b, G.cfg.z_dim, dev, rank, world)
     # Extra fakes ride in the same G pass (and BatchNorm batch) as the batch's own: a second noise for the first
     # half of the batch (mode seeking), several candidates for each of a few real images' texts (coverage).
     extra_z, extra_c = [], []
     if gan.mode_seeking > 0:
-        extra_z.append(torch.randn(b // 2, G.cfg.z_dim, device=real.device)), extra_c.append(c[: b // 2])
+        extra_z.append(noise(b // 2, G.cfg.z_dim, dev, rank, world)), extra_c.append(c[: b // 2])
     n_cov = min(gan.coverage_images, b) if gan.coverage > 0 and update_g else 0
     if n_cov:
-        pick = torch.randperm(b, device=real.device)[:n_cov]
-        extra_z.append(torch.randn(n_cov * gan.coverage_candidates, G.cfg.z_dim, device=real.device))
+        pick = torch.randperm(b, device=dev)[:n_cov]
+        extra_z.append(noise(n_cov * gan.coverage_candidates, G.cfg.z_dim, dev, rank, world))
         extra_c.append(c[pick].repeat_interleave(gan.coverage_candidates, dim=0))
     with torch.set_grad_enabled(update_g):  # a D-only step needs no graph through G
-        fake_all = G(torch.cat([z, *extra_z]), torch.cat([c, *extra_c])) if extra_z else G(z, c)
+        fake_all = G_fwd(torch.cat([z, *extra_z]), torch.cat([c, *extra_c])) if extra_z else G_fwd(z, c)
     fake = fake_all[:b]  # (B, C, H, W)
     if gan.mode_seeking > 0:
         fake2, z = fake_all[b : b + b // 2], torch.cat([z, extra_z[0]])
     aug = parse_augment(gan.augment)  # DiffAugment: D sees real and fake through the same random transformations
     use_r1 = gan.r1 > 0 and regularize
     real_in = real.detach().requires_grad_(True) if use_r1 else real  # R1 needs D's gradient at the real images
-    h = D.features(diff_augment(torch.cat([real_in, fake.detach()]), aug))  # (2B, W): each image through D's body once
-    hs, conds = [h], [c, c]
-    n_mis = 0
+    conds_mis: list[torch.Tensor] = []
+    keep = None
+    n_mis = n_mis_all = 0
     if gan.matching_aware > 0:
         # The real image under a wrong text reuses the real image's features: D's body never sees the text, and
-        # skipping a third pass makes the step ~20% cheaper on a CPU, with the same scores.
-        wrong, keep = mismatched(c_text.cpu(), gan.mismatch_max_cos, mis_gen)
-        keep = keep.to(real.device)
-        hs.append(h[:b][keep]), conds.append(c[wrong.to(real.device)][keep])
+        # skipping a third pass makes the step ~20% cheaper on a CPU, with the same scores. The pairs are drawn over
+        # the global batch (the same draw on every rank), so each rank scores its rows' pairs of one process's.
+        wrong, keep = mismatched(c_glob[:, :cond_dim].cpu(), gan.mismatch_max_cos, mis_gen)
+        n_mis_all = int(keep.sum()) + n_flip_all
+        wrong, keep = wrong[lo : lo + b].to(dev), keep[lo : lo + b].to(dev)
+        conds_mis.append(c_glob[wrong][keep])
         n_mis = int(keep.sum())
         if n_flip:
-            hs.append(h[:n_flip]), conds.append(c_flip)
+            conds_mis.append(c_flip)
             n_mis += n_flip
-    scores = D.score(torch.cat(hs), torch.cat(conds))  # (2B + M,): real, fake, real-with-wrong-text
+    texts = torch.cat([c_glob, flips_all]) if n_flip_all else c_glob  # flipped captions are never right for anyone
+    if gan.text_match > 0:
+        positives = (c_text @ c_glob[:, :cond_dim].T) >= gan.mismatch_max_cos  # (B, world·B): own and same-meaning
+        if n_flip_all:
+            positives = torch.cat([positives, positives.new_zeros(b, n_flip_all)], dim=1)  # (B, world·B + F)
+
+    def d_pass(D: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """D's part of its update, in one call (under torchrun inside D's DDP wrapper): features, scores, matching."""
+        h = D.features(diff_augment(torch.cat([real_in, fake.detach()]), aug))  # (2B, W): each image through D once
+        hs = [h]
+        if keep is not None:
+            hs.append(h[:b][keep])
+            if n_flip:
+                hs.append(h[:n_flip])
+        scores = D.score(torch.cat(hs), torch.cat([c, c, *conds_mis]))  # (2B + M,): real, fake, real-with-wrong-text
+        match = D.match(h[:b], texts) if gan.text_match > 0 else None  # real images pick their texts out of the batch
+        return h, scores, match
+
+    h, scores, match = d_call(d_pass)
     s_real, s_fake, s_mis = scores[:b], scores[b : 2 * b], scores[2 * b :]
-    loss_d = d_loss(s_real, s_fake, s_mis, gan.matching_aware, gan.loss)
+    loss_d = _d_loss(s_real, s_fake, s_mis, n_mis_all, gan, world)
     stats: dict[str, float] = {}
     if use_r1:  # R1: a flat discriminator around the real data, instead of (or beside) spectral norm
         (grad,) = torch.autograd.grad(s_real.sum(), real_in, create_graph=True)
         r1 = grad.float().pow(2).sum(dim=(1, 2, 3)).mean()
         loss_d = loss_d + gan.r1 * gan.r1_every / 2 * r1  # lazy: k× the weight on every k-th step
         stats["r1"] = r1.item()
-    texts = torch.cat([c, c_flip]) if n_flip else c  # (B + F, E): flipped captions are never right for anyone
     if gan.text_match > 0:
-        positives = (c_text @ c_text.T) >= gan.mismatch_max_cos  # (B, B): own text and texts that mean the same
-        if n_flip:
-            positives = torch.cat([positives, positives.new_zeros(b, n_flip)], dim=1)  # (B, B + F)
-        match_d = text_match_loss(D.match(h[:b], texts), positives)  # real images pick their texts out of the batch
+        match_d = text_match_loss(match, positives)
         loss_d = loss_d + gan.text_match * match_d
         stats["match_d"] = match_d.item()
     step(opt_d, loss_d)

@@ -1,10 +1,13 @@
 """VQA tasks in the one loop: the answer classifier (``task: vqa``) and the generative answerer (``task: vqa-gen``).
 
-A batch is ``batch_size`` images plus every question about them (``data.vqa.make_batch``), so the image
-tower runs once per image; the images of an epoch come in the order of one ``numpy`` generator seeded with
-``cfg.seed`` and drawn once per epoch (a resumed run replays the draws up to its epoch). Under torchrun each rank
-takes every ``world``-th image of a batch. Training ends with the evaluation on the test (and shapes holdout) sets,
-the model directory, ``results.json`` and ``eval/vqa.md`` (``finish``).
+A batch is ``batch_size`` images (per process, as in every task) plus every question about them
+(``data.vqa.make_batch``), so the image tower runs once per image; the images of an epoch come in the
+order of one ``numpy`` generator seeded with ``cfg.seed`` and drawn once per epoch (a resumed run replays the draws up
+to its epoch). Under torchrun a step holds ``batch_size`` × world images; each rank takes every ``world``-th with its
+questions and scales its mean loss by its share of the step's questions (answer tokens for vqa-gen;
+``distributed.global_share``), so that DDP's average of the ranks' gradients is one process's on the whole batch.
+Training ends with the evaluation on the test (and shapes holdout) sets, the model directory, ``results.json`` and
+``eval/vqa.md`` (``finish``).
 """
 
 from __future__ import annotations
@@ -25,12 +28,12 @@ from ...config import to_dict
 from ...data.vqa import QuestionIndex, answer_targets, answer_vocab, image_batches, load_sets, make_batch
 from ...evaluation.vqa import evaluate_generative, evaluate_vqa, write_eval
 from ...factory import get_model_config, load_vqa_config, save_pretrained
-from ...losses import answer_loss, vqa_loss
+from ...losses import answer_loss, answer_mask, vqa_loss
 from ...models.vqa import GENERATIVE_KEY, VQAModel, num_parameters, save_vqa
 from ...models.vqa_generative import build_model, encode_pairs, separator_id
 from ...tokenizers import Tokenizer, load_tokenizer
 from ..config import VQATaskConfig, to_train_config
-from ..loop import Run, Task, fit
+from ..loop import Calls, Run, Task, fit
 from ..optim import build_optimizer
 
 
@@ -45,11 +48,18 @@ class _VQABase(Task):
         self.run, self.cfg = run, run.cfg
         self.vqa = run.cfg.vqa or VQATaskConfig()
         t0 = time.perf_counter()
-        self.build()  # sets self.sets, self.tokens, self.model (core), self.forward_model
+        self.build()  # sets self.sets, self.tokens, self.model (core)
         self.data_s = time.perf_counter() - t0
+        n, b = len(self.sets["train"].images), self.per_step()
+        if run.world > 1 and 0 < n % b < run.world:
+            raise ValueError(
+                f"under torchrun every rank needs an image of every step: the {n} training images leave a last step "
+                f"of {n % b} for {run.world} ranks; choose n_train or --batch_size so that it has at least one each"
+            )
         train = self.sets["train"]
         self.qindex = QuestionIndex(train.image_index, len(train.images))
         self.model.to(run.device)
+        self.forward_model = self.wrap(run)  # the module the training forward goes through (DDP's under torchrun)
         self.optimizer = build_optimizer(self.model, self.cfg.optim)
         self._order: tuple[int, list[np.ndarray]] | None = None
         self.model.train()
@@ -57,16 +67,34 @@ class _VQABase(Task):
     def build(self) -> None:
         raise NotImplementedError
 
+    def wrap(self, run: Run) -> nn.Module:
+        return run.ddp(self.model)
+
+    def share(self, count: int) -> float:
+        """This rank's factor for a mean over ``count`` loss terms (1 on one process: the loss is left untouched)."""
+        from ... import distributed as dist
+
+        return dist.global_share(count, self.run.device)
+
     def question_tokenizer(self, texts: list[str], text_cfg: Any):
         """The run's tokenizer: trained on ``texts`` and kept in OUT/tokenizer, read back from there on resume (a
         WordPiece trainer may split ties differently from one call to the next, and a resumed run must keep ids)."""
-        out = self.run.out_dir
-        if self.run.resume and out is not None and (out / "tokenizer").is_dir():
+        from ... import distributed as dist
+
+        out, run = self.run.out_dir, self.run
+        if run.resume and out is not None and (out / "tokenizer").is_dir():
             return load_tokenizer(out / "tokenizer")
+        if run.world > 1 and out is None:
+            raise ValueError("a VQA run under torchrun needs an out_dir: rank 0 leaves its tokenizer there for others")
         t = text_cfg
-        tokenizer = Tokenizer.train(texts, vocab_size=t.vocab_size, kind=t.tokenizer, context_length=t.context_length)
-        if out is not None and self.run.main:
-            tokenizer.save(out / "tokenizer")
+        if run.main:  # under torchrun the other ranks read rank 0's: a retrained one might split ties differently
+            kw = dict(vocab_size=t.vocab_size, kind=t.tokenizer, context_length=t.context_length)
+            tokenizer = Tokenizer.train(texts, **kw)
+            if out is not None:
+                tokenizer.save(out / "tokenizer")
+        dist.barrier()
+        if not run.main:
+            tokenizer = load_tokenizer(out / "tokenizer")
         return tokenizer
 
     def modules(self) -> dict[str, nn.Module]:
@@ -76,14 +104,18 @@ class _VQABase(Task):
         return {"optimizer": self.optimizer}
 
     def epoch_length(self, epoch: int) -> int:
-        return math.ceil(len(self.sets["train"].images) / self.cfg.batch_size)
+        return math.ceil(len(self.sets["train"].images) / self.per_step())
+
+    def per_step(self) -> int:
+        """Images of one step: ``batch_size`` per process."""
+        return self.cfg.batch_size * self.run.world
 
     def _epoch(self, epoch: int) -> list[np.ndarray]:
         """The image batches of ``epoch``: one permutation per epoch from a generator seeded once, replayed."""
         if self._order is None or self._order[0] != epoch:
             rng = np.random.default_rng(self.cfg.seed)
             for _ in range(epoch + 1):
-                order = image_batches(len(self.sets["train"].images), self.cfg.batch_size, rng)
+                order = image_batches(len(self.sets["train"].images), self.per_step(), rng)
             self._order = (epoch, order)
         return self._order[1]
 
@@ -148,14 +180,14 @@ class VQAClassifierTask(_VQABase):
         text = dataclasses.replace(t, vocab_size=self.tokenizer.vocab_size, pad_id=self.tokenizer.pad_id)
         mcfg = dataclasses.replace(mcfg, text=text, num_answers=len(self.answers))
         self.model = VQAModel(mcfg)
-        self.forward_model = self.run.ddp(self.model)
         self.tokens = self.tokenizer(train.questions)
         self.targets = torch.from_numpy(answer_targets(train.answers, self.answers))
         self.title = f"VQA answer classifier ({mcfg.fusion.kind} fusion)"
 
     def training_step(self, b: dict[str, Any], step: int) -> torch.Tensor:
         logits = self.forward_model(b["images"], b["tokens"], b["image_index"])["logits"]  # (B_q, A)
-        return vqa_loss(logits, self.targets[torch.from_numpy(b["questions"])].to(logits.device))
+        loss = vqa_loss(logits, self.targets[torch.from_numpy(b["questions"])].to(logits.device))
+        return loss * self.share(len(b["questions"])) if self.run.world > 1 else loss
 
     def results_head(self) -> dict[str, Any]:
         return {"fusion": self.model.cfg.fusion.kind}
@@ -174,14 +206,6 @@ class VQAGenerativeTask(_VQABase):
 
     title = "Generative VQA (CoCa decoder)"
 
-    def setup(self, run: Run) -> None:
-        if run.world > 1:
-            raise ValueError(
-                "task vqa-gen trains through the decoder's own entry point, which DDP does not see; run it on one "
-                "process (without torchrun)"
-            )
-        super().setup(run)
-
     def build(self) -> None:
         v = get_model_config(self.cfg.model_name, self.cfg.model).vision
         self.sets = load_sets(self.vqa, self.cfg.seed, v.image_size, v.channels)
@@ -194,10 +218,19 @@ class VQAGenerativeTask(_VQABase):
         ctx = self.model.cfg.text.context_length
         self.tokens = encode_pairs(self.tokenizer, train.questions, labels, self.sep, ctx)  # (Q, ctx)
 
+    def wrap(self, run: Run) -> nn.Module:
+        """Training reads ``caption_logits``, not ``forward``: under torchrun it runs inside DDP through ``Calls``
+        (the contrastive parts of the model sit the step out, hence ``find_unused_parameters``)."""
+        return run.ddp(Calls(self.model), find_unused_parameters=True)
+
     def training_step(self, b: dict[str, Any], step: int) -> torch.Tensor:
         ids = b["tokens"]
         ids = ids[:, : int((ids != self.pad).sum(1).max())]  # drop columns that are padding in every row
-        return answer_loss(self.model.caption_logits(b["images"], ids, b["image_index"]), ids, self.sep, self.pad)
+        logits = self.forward_model(type(self.model).caption_logits, b["images"], ids, b["image_index"])
+        loss = answer_loss(logits, ids, self.sep, self.pad)
+        if self.run.world == 1:
+            return loss
+        return loss * self.share(int(answer_mask(ids, self.sep, self.pad).sum()))  # a mean over answer tokens
 
     def results_head(self) -> dict[str, Any]:
         return {"head": "generative"}
