@@ -253,3 +253,23 @@ def test_importing_the_library_loads_no_optional_heavy_dependency():
     code = f"import sys, vislang, vislang.registry; print([m for m in {heavy!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]", f"import vislang loaded {out}"
+
+
+def test_function_level_imports_say_why():
+    """Imports inside functions hide the graph and cost every call a lookup; each one left says why it is lazy (an
+    optional heavy package, one folder's import cycle, the command line's start-up) in a ``# lazy:`` comment."""
+    silent = []
+    for path in sorted(SRC.rglob("*.py")):
+        text = path.read_text()
+        lines = text.splitlines()
+        for func in ast.walk(ast.parse(text)):
+            if not isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef):
+                continue
+            for node in ast.walk(func):
+                if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("vislang")):
+                    around = lines[node.lineno - 2 : node.end_lineno]
+                    if not any("# lazy:" in line for line in around):
+                        silent.append(f"{path.relative_to(SRC)}:{node.lineno}")
+    assert not silent, "function-level imports without a `# lazy:` reason (or move them to the top):\n" + "\n".join(
+        sorted(set(silent))
+    )

@@ -37,7 +37,7 @@ def cmd_caption(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_caption_eval(args: argparse.Namespace, extra: list[str]) -> int:
-    from ..evaluation.caption_metrics import markdown_table
+    from ..evaluation.caption_metrics import markdown_table  # lazy: `vislang --help` starts without loading torch
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
     res = evaluate_captions(args.model, args.data, args.split, args.max_images, args.max_length, args.device,
@@ -52,6 +52,7 @@ def cmd_caption_eval(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_render_text(args: argparse.Namespace, extra: list[str]) -> int:
+    # lazy: `vislang --help` starts without loading torch
     from ..data.rendered_text import RenderConfig, RenderedText, write_folder
 
     if not 0.0 <= args.random_fraction < 1.0:

@@ -15,8 +15,8 @@ OPTIONS = ("data", "data_options", "sparsity", "prune_kind", "steps", "lr", "bat
 
 def compress_options(args: argparse.Namespace, extra: list[str]) -> dict:
     """Keyword arguments of ``compress_model_dir``: the --config file, the flags given, then dotted overrides."""
-    from ..config import apply_overrides, load_file
-    from .main import _overrides
+    from ..config import apply_overrides, load_file  # lazy: `vislang --help` starts without loading torch
+    from .main import _overrides  # lazy: `vislang --help` starts without loading torch
 
     opts = load_file(args.config) if args.config else {}
     for key in OPTIONS:
@@ -32,7 +32,7 @@ def compress_options(args: argparse.Namespace, extra: list[str]) -> dict:
 
 
 def cmd_compress(args: argparse.Namespace, extra: list[str]) -> int:
-    from ..compress.api import compress_model_dir
+    from ..compress.api import compress_model_dir  # lazy: `vislang --help` starts without loading torch
 
     info = compress_model_dir(args.model_dir, args.method, args.out, **compress_options(args, extra))
     print(json.dumps({k: v for k, v in info.items() if k != "modules"}, indent=2))
@@ -43,7 +43,7 @@ def cmd_compress(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
-    from ..export.onnx import export_onnx
+    from ..export.onnx import export_onnx  # lazy: `vislang --help` starts without loading torch
 
     report = export_onnx(args.model_dir, args.onnx, check=not args.no_check, tol=args.tol)
     if "image_max_abs_diff" in report:
@@ -61,7 +61,7 @@ def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
 
 def _int_list(text: str) -> list[int]:
     """argparse type for "1,8,256": positive integers, or a usage error that names the bad item."""
-    from ..config import number_list
+    from ..config import number_list  # lazy: `vislang --help` starts without loading torch
 
     try:
         sizes = number_list(text, int, "batch sizes", "1,8,256")
@@ -75,7 +75,7 @@ def _int_list(text: str) -> list[int]:
 def cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
     from pathlib import Path
 
-    from ..compress.compare import compare_models, markdown_table
+    from ..compress.compare import compare_models, markdown_table  # lazy: `vislang --help` starts without loading torch
 
     out = args.out or str(Path(args.models[0]).parent / "compare")
     rows = compare_models(

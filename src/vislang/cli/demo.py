@@ -14,7 +14,7 @@ def export_sample_images(folder: Path, n: int = 500) -> Path:
     in the README (`vislang index build runs/demo/images ...`) have a folder of real images to work on."""
     from PIL import Image
 
-    from ..data import FashionMNIST
+    from ..data import FashionMNIST  # lazy: `vislang --help` starts without loading torch
 
     ds = FashionMNIST("test")
     folder.mkdir(parents=True, exist_ok=True)
@@ -27,10 +27,10 @@ def export_sample_images(folder: Path, n: int = 500) -> Path:
 
 
 def run_demo(out: str = "runs/demo", overrides: list[str] | None = None, fresh: bool = False) -> int:
-    from ..evaluation.report import write_report
-    from ..evaluation.run import evaluate_model_dir
-    from ..factory import is_model_dir
-    from ..train import load_train_config, train
+    from ..evaluation.report import write_report  # lazy: `vislang --help` starts without loading torch
+    from ..evaluation.run import evaluate_model_dir  # lazy: `vislang --help` starts without loading torch
+    from ..factory import is_model_dir  # lazy: `vislang --help` starts without loading torch
+    from ..train import load_train_config, train  # lazy: `vislang --help` starts without loading torch
 
     run = Path(out)
     if fresh and run.exists():

@@ -31,9 +31,9 @@ FLAGS = {
 
 def finetune_config(args: argparse.Namespace, extra: list[str]):
     """``FinetuneConfig`` from ``--config`` (YAML/JSON), then the flags given, then ``--a.b=value`` overrides."""
-    from ..config import apply_overrides, from_dict, load_file
-    from ..train.finetune import FinetuneConfig
-    from .main import _overrides
+    from ..config import apply_overrides, from_dict, load_file  # lazy: `vislang --help` starts without loading torch
+    from ..train.finetune import FinetuneConfig  # lazy: `vislang --help` starts without loading torch
+    from .main import _overrides  # lazy: `vislang --help` starts without loading torch
 
     data = load_file(args.config) if args.config else {}
     data.update({field: getattr(args, flag) for flag, field in FLAGS.items() if getattr(args, flag) is not None})
@@ -51,7 +51,7 @@ def finetune_config(args: argparse.Namespace, extra: list[str]):
 
 
 def cmd_finetune(args: argparse.Namespace, extra: list[str]) -> int:
-    from ..train.finetune import comparison_table, finetune
+    from ..train.finetune import comparison_table, finetune  # lazy: `vislang --help` starts without loading torch
 
     cfg = finetune_config(args, extra)
     results = finetune(cfg, args.method.split(","))

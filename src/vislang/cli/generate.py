@@ -28,6 +28,7 @@ def generate_to_file(
 ) -> str:
     """Write a PNG grid (one row of ``n`` per prompt, ``n`` up to 16 per row), or with ``to`` an interpolation strip
     from ``prompts[0]`` to ``to`` under one fixed noise."""
+    # lazy: `vislang --help` starts without loading torch
     from ..models.gan.pipeline import TextToImage, check_count, save_grid
 
     check_count(n)
@@ -55,11 +56,12 @@ def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_generate_eval(args: argparse.Namespace, extra: list[str]) -> int:
+    # lazy: `vislang --help` starts without loading torch
     from ..evaluation.gan import evaluate_gan_seeds, results_table
 
     if args.out and len(args.model) > 1:
         raise ValueError("--out takes one model; leave it out to write each run's own eval/ folder")
-    from ..config import number_list
+    from ..config import number_list  # lazy: `vislang --help` starts without loading torch
 
     seeds = number_list(args.seed, int, "seeds", "0 or 0,1,2")
     results = {
@@ -84,7 +86,7 @@ def cmd_generate_eval(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_generate_ensemble(args: argparse.Namespace, extra: list[str]) -> int:
-    from ..models.gan.ensemble import build_ensemble
+    from ..models.gan.ensemble import build_ensemble  # lazy: `vislang --help` starts without loading torch
 
     model = build_ensemble(args.members, args.out)
     k = len(model.cfg.members)
@@ -94,6 +96,7 @@ def cmd_generate_ensemble(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_generate_tune(args: argparse.Namespace, extra: list[str]) -> int:
+    # lazy: `vislang --help` starts without loading torch
     from ..evaluation.gan_tune import format_rows, parse_scales, tune_noise_scale
 
     res = tune_noise_scale(args.model, args.judge, parse_scales(args.scales), n=args.n, seed=args.seed, out=args.out)

@@ -8,11 +8,11 @@ import textwrap
 
 
 def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
-    from ..index.build import build_index, remove_from_index
+    from ..index.build import build_index, remove_from_index  # lazy: `vislang --help` starts without loading torch
 
     if args.action in ("build", "add"):
         if args.action == "add":
-            from ..index.base import read_header
+            from ..index.base import read_header  # lazy: `vislang --help` starts without loading torch
 
             read_header(args.index)  # `add` never creates: a typo in --index must not start a new index
         options = {}
@@ -44,7 +44,7 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
         n = remove_from_index(args.index, args.targets)
         print(f"removed {n} item(s) from {args.index}")
         return 0
-    from ..index.base import open_index
+    from ..index.base import open_index  # lazy: `vislang --help` starts without loading torch
 
     with open_index(args.index) as index:
         print(json.dumps(index.info(), indent=2))
@@ -52,7 +52,7 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_search(args: argparse.Namespace, extra: list[str]) -> int:
-    from ..index.search import Searcher
+    from ..index.search import Searcher  # lazy: `vislang --help` starts without loading torch
 
     if (args.text is None) == (args.image is None):
         raise ValueError("give a query text or --image PATH (one of the two)")

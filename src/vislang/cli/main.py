@@ -66,14 +66,14 @@ def train_run_config(config: str | None, extra: list[str]) -> tuple[str, Any]:
     Apart from ``cmd_train`` so that a command can be checked (unknown config, misspelt ``--a.b=value`` key) without
     running it: tests/test_readme_commands.py checks README's commands this way.
     """
-    from ..train import load_train_config
+    from ..train import load_train_config  # lazy: `vislang --help` starts without loading torch
 
     cfg = load_train_config(_config_path(config), _overrides(extra))
     return cfg.task, cfg  # an override may change the task (--task=gan)
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
-    from ..train import train
+    from ..train import train  # lazy: `vislang --help` starts without loading torch
 
     _, cfg = train_run_config(args.config, extra)
     model_dir = train(cfg, resume=args.resume)
@@ -96,7 +96,7 @@ def _print_vqa(out: Path) -> None:
 
 
 def cmd_export_images(args: argparse.Namespace, extra: list[str]) -> int:
-    from ..data.export import export_images
+    from ..data.export import export_images  # lazy: `vislang --help` starts without loading torch
 
     out = export_images(args.src, args.out, split=args.split, n=args.n)
     print(f"wrote {args.n if args.n else 'all'} image(s) with .txt captions to {out}")
@@ -104,11 +104,11 @@ def cmd_export_images(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
-    from ..evaluation.run import evaluate_model_dir
-    from ..models.gan.pipeline import is_gan_dir
+    from ..evaluation.run import evaluate_model_dir  # lazy: `vislang --help` starts without loading torch
+    from ..models.gan.pipeline import is_gan_dir  # lazy: `vislang --help` starts without loading torch
 
     if is_gan_dir(args.model):  # a text-to-image GAN: FID-FM, KID, IS-style, class consistency, CLIP score
-        from ..evaluation.gan import evaluate_gan
+        from ..evaluation.gan import evaluate_gan  # lazy: `vislang --help` starts without loading torch
 
         print(json.dumps(evaluate_gan(args.model, judge=args.judge, out_dir=args.out, device=args.device), indent=2))
         return 0
@@ -127,7 +127,7 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_rerank_eval(args: argparse.Namespace, extra: list[str]) -> int:
-    from ..evaluation.rerank import rerank_model_dir
+    from ..evaluation.rerank import rerank_model_dir  # lazy: `vislang --help` starts without loading torch
 
     results = rerank_model_dir(
         args.model,
@@ -147,19 +147,19 @@ def cmd_rerank_eval(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
-    from ..data.config import DataConfig
-    from ..data.loading import load_prepared
+    from ..data.config import DataConfig  # lazy: `vislang --help` starts without loading torch
+    from ..data.loading import load_prepared  # lazy: `vislang --help` starts without loading torch
 
     size, channels = args.image_size, args.channels
     if args.model:
-        from ..factory import get_model_config
+        from ..factory import get_model_config  # lazy: `vislang --help` starts without loading torch
 
         v = get_model_config(args.model).vision
         size, channels = v.image_size, v.channels
     dc = DataConfig(train=args.src, cache_dir=args.cache_dir, img_key=args.img_key, caption_key=args.caption_key)
     tokenizer = None
     if args.tokenizer:
-        from ..tokenizers import load_tokenizer
+        from ..tokenizers import load_tokenizer  # lazy: `vislang --help` starts without loading torch
 
         tokenizer = load_tokenizer(args.tokenizer)
     ds = load_prepared(
@@ -177,7 +177,7 @@ def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_embed(args: argparse.Namespace, extra: list[str]) -> int:
-    from ..inference import embed_to_file
+    from ..inference import embed_to_file  # lazy: `vislang --help` starts without loading torch
 
     out = embed_to_file(
         args.model,
@@ -194,7 +194,7 @@ def cmd_embed(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_zero_shot(args: argparse.Namespace, extra: list[str]) -> int:
-    from ..evaluation.run import zero_shot_image
+    from ..evaluation.run import zero_shot_image  # lazy: `vislang --help` starts without loading torch
 
     labels = [s.strip() for s in args.labels.split(",") if s.strip()]
     ranked = zero_shot_image(args.model, args.image, labels, templates=args.template)
@@ -207,20 +207,20 @@ def cmd_zero_shot(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
-    from ..evaluation.report import write_report
+    from ..evaluation.report import write_report  # lazy: `vislang --help` starts without loading torch
 
     print(f"report: {write_report(args.run_dir)}")
     return 0
 
 
 def cmd_demo(args: argparse.Namespace, extra: list[str]) -> int:
-    from .demo import run_demo
+    from .demo import run_demo  # lazy: `vislang --help` starts without loading torch
 
     return run_demo(args.out, _overrides(extra), fresh=args.fresh)
 
 
 def cmd_models(args: argparse.Namespace, extra: list[str]) -> int:
-    from ..registry import FAMILIES, named_config, named_configs
+    from ..registry import FAMILIES, named_config, named_configs  # lazy: `vislang --help` starts without loading torch
 
     for name, kind in named_configs().items():
         c = named_config(name, kind)

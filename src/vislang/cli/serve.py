@@ -34,7 +34,7 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     try:
         import uvicorn
 
-        from ..serve.app import create_app
+        from ..serve.app import create_app  # lazy: `vislang --help` starts without loading torch
     except ModuleNotFoundError as e:
         raise RuntimeError(f"`vislang serve` needs {e.name}: pip install 'vislang[serve]'") from e
     api_key = args.api_key or os.environ.get("VISLANG_API_KEY") or None

@@ -304,6 +304,7 @@ def compare_models(
         raise ValueError(f"--speed-batches {speed_batches}: every batch size must be at least 1")
     if len(paths) < 1:
         raise ValueError("give at least one model directory to compare")
+    # lazy: compare_gan and this module import each other (one folder)
     from .compare_gan import compare_generators, is_generator_path
 
     gans = [is_generator_path(p) for p in paths]

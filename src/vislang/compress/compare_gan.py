@@ -63,6 +63,7 @@ def measure_generation(
 ) -> list[dict[str, Any]]:
     """Images drawn per second by each generator on batches of ``n`` (same noise and conditions for all), timed in
     interleaved rounds after a warmup, with the paired ratio to the first generator."""
+    # lazy: compare and this module import each other (one folder)
     from .compare import interleaved_times, paired_ratios
 
     def draw(cfg: GANModelConfig) -> tuple[torch.Tensor, torch.Tensor]:  # the same draw for the same sizes
@@ -93,7 +94,7 @@ def compare_generators(
     speed_batches: list[int] | None,
 ) -> list[dict[str, Any]]:
     """Rows of :func:`vislang.compress.compare.compare_models` for GAN generators (see the module docstring)."""
-    from .compare import weight_bytes
+    from .compare import weight_bytes  # lazy: compare and this module import each other (one folder)
 
     paths = [run_or_model_dir(p) for p in paths]
     loaded = [load_generator(p) for p in paths]

@@ -495,13 +495,14 @@ def check_shards_exist(shards: Iterable[str]) -> None:
 def open_named(name: str, split: str, **kw: Any) -> Dataset:
     """The built-in datasets by name (imported lazily; each module imports this one)."""
     if name == "fashion-mnist":
+        # lazy: fashion_mnist and this module import each other (one folder)
         from .fashion_mnist import FashionMNIST
 
         return FashionMNIST(split=split, **kw)
     if name == "shapes":
 
         return ShapesDataset(split=split, **kw)
-    from .openclipart import OpenClipart
+    from .openclipart import OpenClipart  # lazy: openclipart and this module import each other (one folder)
 
     return OpenClipart(split=split, **kw)
 

@@ -220,10 +220,12 @@ def open_index(directory: str | os.PathLike) -> Index:
     header = read_header(directory)
     backend = header.get("backend")
     if backend == "faiss":
+        # lazy: this back end's optional package (faiss / psycopg) loads only when chosen
         from .faiss_index import FaissIndex
 
         return FaissIndex(directory, int(header["dim"]), **header.get("options", {}))
     if backend == "pgvector":
+        # lazy: this back end's optional package (faiss / psycopg) loads only when chosen
         from .pgvector_index import PgVectorIndex
 
         return PgVectorIndex(directory, int(header["dim"]), **header.get("options", {}))

@@ -141,12 +141,12 @@ class CLIP(nn.Module):
 
     # --- model directories (Hugging Face convention) -------------------------------------------------------------
     def save_pretrained(self, directory, tokenizer=None) -> None:
-        from .dual_encoder import save_pretrained  # same folder; dual_encoder imports this module at its top
+        from .dual_encoder import save_pretrained  # lazy: dual_encoder imports this module at its top
 
         save_pretrained(self, directory, tokenizer)
 
     @classmethod
     def from_pretrained(cls, directory, device: str | torch.device = "cpu") -> CLIP:
-        from .dual_encoder import load_pretrained  # same folder; dual_encoder imports this module at its top
+        from .dual_encoder import load_pretrained  # lazy: dual_encoder imports this module at its top
 
         return load_pretrained(directory, device)

@@ -66,6 +66,7 @@ def quantize_dynamic(model: nn.Module, modules: list[str] | None = None) -> nn.M
 def quantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """A safetensors-friendly state dict: int8 weights plus scale/zero point for each dynamic int8 Linear, and every
     other quantised tensor (a static int8 tower's) split by :func:`vislang.compress.static.encode_quantized`."""
+    # lazy: quantized_static and this module import each other (one folder)
     from .quantized_static import encode_quantized
 
     qcls = _dynamic_linear_cls()
@@ -102,6 +103,7 @@ def load_int8_state(model: nn.Module, state: dict[str, torch.Tensor], comp: dict
     exactly: fp32 tensors loaded first, the same modules quantised again (for static int8: the same FX
     prepare/convert, without calibration), then the stored integers and scales set. ``comp`` is config.json's
     ``compression`` record; ``where`` names the directory in errors."""
+    # lazy: quantized_static and this module import each other (one folder)
     from .quantized_static import decode_quantized, quantize_static
 
     method = comp.get("method")

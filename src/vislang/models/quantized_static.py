@@ -87,7 +87,7 @@ def quantize_cnn(
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-    from .quantized import _quiet
+    from .quantized import _quiet  # lazy: quantized and this module import each other (one folder)
 
     if calibration.ndim != 4 or calibration.shape[0] == 0:
         shape = tuple(calibration.shape)
@@ -139,6 +139,7 @@ def quantize_static(
     ``calibration`` = normalised training images; ``None`` builds the structure only (one dummy image), for loading
     stored int8 values into. The result carries ``_compression`` (what :func:`save_quantized` records).
     """
+    # lazy: quantized and this module import each other (one folder)
     from .quantized import linear_names, quantize_dynamic
 
     notes: list[str] = []

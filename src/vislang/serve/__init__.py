@@ -3,7 +3,7 @@
 
 def create_app(*args, **kwargs):
     """See :func:`vislang.serve.app.create_app` (imported on use: FastAPI is an optional dependency)."""
-    from .app import create_app as _create_app
+    from .app import create_app as _create_app  # lazy: fastapi (the serve extra) loads only when the app is made
 
     return _create_app(*args, **kwargs)
 

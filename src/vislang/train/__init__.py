@@ -6,11 +6,11 @@ from typing import Any
 
 from .config import DataConfig, OptimConfig, TrainConfig, load_train_config
 from .loop import Run, Task, fit
+from .tasks import make_task
 
 
 def train(cfg: TrainConfig, resume: bool = False) -> Any:
     """Run the task ``cfg.task`` in the one loop; returns what the task returns (its saved model directory)."""
-    from .tasks import make_task
 
     return fit(make_task(cfg.task), cfg, resume)
 

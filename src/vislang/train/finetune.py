@@ -32,10 +32,13 @@ import torch
 
 from ..data.labelled import LabelledImages, load_labelled, split_holdout
 from ..data.transforms import normalize
+from ..evaluation.linear_probe import fit_probe
+from ..factory import from_pretrained, get_model_config, is_model_dir
 from ..models.classifier import MODEL_TYPE as CLASSIFIER_TYPE
 from ..models.classifier import ClassifierConfig, ImageClassifier
 from ..models.towers import VisionConfig
-from .tasks.finetune import FinetuneConfig, accuracy_report, predict
+from .loop import fit, pick_device
+from .tasks.finetune import FinetuneConfig, FinetuneTask, accuracy_report, finetune_train_config, predict
 
 METHODS = ("probe", "full", "scratch")
 # Adam moves every weight by about lr per step, so a pretrained network needs a much smaller lr than a fresh one: on
@@ -83,7 +86,6 @@ def load_splits(cfg: FinetuneConfig, vision: VisionConfig) -> Splits:
 def tower_source(cfg: FinetuneConfig, method: str) -> tuple[VisionConfig, dict[str, torch.Tensor] | None]:
     """The tower's config and, for probe / full, its pretrained weights (from a model directory or a named config
     whose tower has ``vision.pretrained``)."""
-    from ..factory import from_pretrained, get_model_config, is_model_dir
 
     if is_model_dir(cfg.model):
         model = from_pretrained(cfg.model)
@@ -123,7 +125,6 @@ def fit_probe_head(model: ImageClassifier, splits: Splits, cfg: FinetuneConfig, 
     """Fit logistic regression on frozen features (C chosen on validation) and write it into the linear head."""
     from threadpoolctl import threadpool_limits
 
-    from ..evaluation.linear_probe import fit_probe
 
     if cfg.progress:
         n_tr, n_val = len(splits.train), len(splits.val)
@@ -159,8 +160,6 @@ def train_end_to_end(
 ) -> dict[str, Any]:
     """Minibatch AdamW with warmup + cosine over tower and head, in the one training loop (``train.tasks.finetune``);
     returns the peak learning rate, steps, epochs and the validation curve."""
-    from .loop import fit
-    from .tasks.finetune import FinetuneTask, finetune_train_config
 
     lr = cfg.lr or DEFAULT_LR[method]
     tcfg = finetune_train_config(cfg, method, lr, min(cfg.batch_size, len(splits.train)), device)
@@ -170,7 +169,6 @@ def train_end_to_end(
 def classifier_head(model_dir: str, class_names: list[str]) -> dict[str, Any] | None:
     """The linear head of a classifier directory with these classes (full then continues from it, e.g. from a
     probe's ``OUT/probe/model``, instead of fitting a probe again); None for any other model."""
-    from ..factory import is_model_dir
 
     if (
         not is_model_dir(model_dir)
@@ -200,7 +198,6 @@ def run_method(
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)} (comma-separated for several)")
-    from .loop import pick_device
 
     device = pick_device(cfg.device)
     vision, state = tower_source(cfg, method)

@@ -74,7 +74,7 @@ def _same_weights(a: nn.Module, b: nn.Module) -> bool:
 def build_ensemble(sources: Sequence[str | os.PathLike], out: str | os.PathLike):
     """Load the generators in ``sources`` (model or run directories), check that they can be pooled, and write one
     model directory ``out`` (atomically) holding them all with the shared text tower. Returns the TextToImage."""
-    from .pipeline import TextToImage
+    from .pipeline import TextToImage  # lazy: pipeline and this module import each other (one folder)
 
     if len(sources) < 2:
         raise ValueError("give at least two GAN model or run directories to pool into an ensemble")

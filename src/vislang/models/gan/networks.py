@@ -463,6 +463,7 @@ ARCHS = {
 
 def _classes(cfg: GANModelConfig) -> tuple[type[nn.Module], type[nn.Module]]:
     if cfg.arch == "projected":  # imported here: it needs timm and the pretrained weights only when used
+        # lazy: projected and this module import each other (one folder)
         from .projected import ProjectedDiscriminator
 
         return DCGenerator, ProjectedDiscriminator
@@ -549,11 +550,12 @@ def require_single_generator(cfg: GANModelConfig, src: object, action: str) -> N
 def build_generator(cfg: GANModelConfig) -> nn.Module:
     """The generator alone (sampling a saved model needs no discriminator, nor a projected D's pretrained weights)."""
     if cfg.members:
+        # lazy: ensemble and this module import each other (one folder)
         from .ensemble import GeneratorEnsemble, member_configs
 
         return GeneratorEnsemble([build_generator(m) for m in member_configs(cfg)])
     if cfg.instance_bank > 0:
-        from .instance import InstanceGenerator
+        from .instance import InstanceGenerator  # lazy: instance and this module import each other (one folder)
 
         return InstanceGenerator(cfg, build_generator(inner_config(cfg)))
     if cfg.mixture < 1:

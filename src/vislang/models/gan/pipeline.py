@@ -197,6 +197,7 @@ class TextToImage(nn.Module):
         state = load_file(str(d / "model.safetensors"))
         comp = meta.get("compression") or {}
         if comp.get("method", "").endswith("int8"):  # `vislang compress`: the int8 modules are rebuilt, then filled
+            # lazy: quantized and this module import each other (one folder)
             from .quantized import load_quantized_generator
 
             if torch.device(device).type != "cpu":

@@ -19,9 +19,23 @@ from torch import nn
 
 from ... import distributed as dist
 from ...config import to_dict
+from ...data.loading import TokenizedPairs, batch_loader, epoch_batches, load_prepared
+from ...data.prepare import summarize_skips
+from ...data.shapes import relation_flips
 from ...data.transforms import normalize
+from ...evaluation.quick import quick_eval
+from ...factory import (
+    build_model,
+    build_tokenizer,
+    fit_config_to_tokenizer,
+    from_pretrained,
+    get_model_config,
+    save_pretrained,
+)
 from ...losses import ClipLoss, SigLipLoss, caption_loss, itm_loss  # caption_loss: re-exported, it moved there
+from ...tokenizers import load_tokenizer
 from ..loop import Task
+from ..optim import build_optimizer, lr_at
 
 
 def unique_rows(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,7 +197,6 @@ def _text_of(ds) -> list[str]:
 
 def setup_data(cfg, image_size: int, channels: int, main: bool = True):
     """Prepared train/val sets and the training captions; rank 0 prepares, the others wait and then read the cache."""
-    from ...data.loading import load_prepared
 
     d = cfg.data
     progress = cfg.progress and main
@@ -213,7 +226,6 @@ def setup_data(cfg, image_size: int, channels: int, main: bool = True):
 def relation_negative_tokens(tokenizer, captions: list[str], main: bool = True) -> np.ndarray:
     """Token ids of each caption with its spatial relation flipped (an all-zero row where it has none, which the
     contrastive task reads as "no negative"), for ``relation_negatives``."""
-    from ...data.shapes import relation_flips
 
     flipped = relation_flips(captions, "relation_negatives")
     has = np.array([f is not None for f in flipped])
@@ -230,10 +242,6 @@ class DualEncoderTask(Task):
     name = "train"
 
     def setup(self, run) -> None:
-        from ...data.loading import TokenizedPairs
-        from ...factory import build_model, build_tokenizer, fit_config_to_tokenizer, get_model_config
-        from ...tokenizers import load_tokenizer
-        from ..optim import build_optimizer
 
         cfg, main, out = run.cfg, run.main, run.out_dir
         self.run, self.cfg = run, cfg
@@ -257,7 +265,6 @@ class DualEncoderTask(Task):
             print(f"[vislang] {caught[0].message}")
         neg = relation_negative_tokens(tokenizer, train_caps, main) if cfg.relation_negatives > 0 else None
         self.data = TokenizedPairs(train_imgs, train_tokens, cfg.data.max_train, neg)
-        from ...data.prepare import summarize_skips
 
         skipped = summarize_skips(train_imgs.meta.get("skipped", {}))
         self.skip_note = f"{len(self.data)} pairs; at preparation {skipped}"
@@ -270,7 +277,6 @@ class DualEncoderTask(Task):
         torch.manual_seed(cfg.seed)  # model init depends on the seed alone, not on what data preparation consumed
         model = build_model(mcfg)
         if cfg.pretrained:
-            from ...factory import from_pretrained
 
             model.load_state_dict(from_pretrained(cfg.pretrained).state_dict())
         model.to(run.device)
@@ -292,7 +298,6 @@ class DualEncoderTask(Task):
         return {"optimizer": self.optimizer}
 
     def _epoch(self, epoch: int) -> list[np.ndarray]:
-        from ...data.loading import epoch_batches
 
         return epoch_batches(len(self.data), self.cfg.batch_size, self.cfg.seed, epoch, self.run.rank, self.run.world)
 
@@ -300,7 +305,6 @@ class DualEncoderTask(Task):
         return len(self._epoch(epoch))
 
     def batches(self, epoch: int, start: int) -> Iterator[dict[str, torch.Tensor]]:
-        from ...data.loading import batch_loader
 
         steps = len(self._epoch(epoch)) // self.cfg.accum_steps * self.cfg.accum_steps
         dev = self.run.device
@@ -324,7 +328,6 @@ class DualEncoderTask(Task):
         return self.objective(batch)
 
     def learning_rates(self, step: int, total: int) -> float:
-        from ..optim import lr_at
 
         return lr_at(step, total, self.cfg.optim)
 
@@ -338,7 +341,6 @@ class DualEncoderTask(Task):
         """A quick look during training: zero-shot top-1 if the data has classes, else text→image R@1."""
         if not self.run.main or self.val is None:
             return None
-        from ...evaluation.quick import quick_eval
 
         was_training = self.core.training
         metrics = quick_eval(self.core, self.tokenizer, self.val, self.cfg.eval_max, self.run.device)
@@ -349,7 +351,6 @@ class DualEncoderTask(Task):
         return self.skip_note
 
     def finish(self) -> Path:
-        from ...factory import save_pretrained
 
         model_dir = self.run.out_dir / "model"
         if self.run.main:

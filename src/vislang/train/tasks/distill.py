@@ -15,8 +15,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from ...data.loading import epoch_batches
+from ...losses import g_loss
 from ..config import OptimConfig, TrainConfig
 from ..loop import Run, Task
+from ..optim import build_optimizer
 
 LossFn = Callable[[dict[str, torch.Tensor]], torch.Tensor]
 
@@ -46,7 +49,6 @@ class StepsTask(Task):
         self.losses: list[float] = []
 
     def setup(self, run: Run) -> None:
-        from ..optim import build_optimizer
 
         self.run, self.cfg = run, run.cfg
         self.optimizer = build_optimizer(self.model, self.cfg.optim)
@@ -65,7 +67,6 @@ class StepsTask(Task):
         return len(self.data) // self.cfg.batch_size
 
     def batches(self, epoch: int, start: int) -> Iterator[dict[str, torch.Tensor]]:
-        from ...data.loading import epoch_batches
 
         for idx in epoch_batches(len(self.data), self.cfg.batch_size, self.cfg.seed, epoch)[start:]:
             yield self.data.get_batch(idx)
@@ -139,7 +140,6 @@ class TeacherFitTask(Task):
         return self.lr * 0.5 * (1 + np.cos(np.pi * step / total))  # the last steps settle rather than wander
 
     def training_step(self, batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
-        from ...losses import g_loss
 
         z, c = batch["z"], batch["c"]
         with torch.no_grad():

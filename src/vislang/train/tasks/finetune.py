@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...data.labelled import LabelledImages
+from ...data.loading import epoch_batches
 from ...data.transforms import normalize
 from ...models.classifier import ImageClassifier
 from ..config import OptimConfig, TrainConfig
@@ -148,7 +149,6 @@ class FinetuneTask(Task):
         return self.n // self.bs
 
     def batches(self, epoch: int, start: int) -> Iterator[dict[str, torch.Tensor]]:
-        from ...data.loading import epoch_batches
 
         for idx in epoch_batches(self.n, self.bs, self.cfg.seed, epoch)[start:]:
             batch = self.splits.train.get_batch(idx)

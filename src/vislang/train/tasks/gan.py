@@ -28,13 +28,23 @@ from torch import nn
 
 from ... import distributed as dist
 from ...config import from_dict, to_dict
+from ...data.fashion_mnist import format_caption
+from ...data.loading import epoch_batches, load_prepared
+from ...data.shapes import relation_flips
+from ...evaluation.embed import embed_texts
+from ...evaluation.gan import FIDTracker
+from ...evaluation.plots import plot_tracked_fid
+from ...factory import from_pretrained, get_tokenizer
+from ...models.gan.instance import instance_features, neighbours
+from ...models.gan.networks import GANModelConfig, build_gan, from_uint8, parse_augment, standing_stats, to_uint8
+from ...models.gan.pipeline import TextToImage, save_grid
 from ..config import GANConfig, TrainConfig
 from ..loop import Calls, Run, Task, fit
+from .gan_step import default_prompts, gan_step, instance_dim, lr_factor
 
 
 def check_gan_config(gan: GANConfig) -> None:
     """Refuse inconsistent GAN settings before anything loads, saying which to change."""
-    from ...models.gan.networks import parse_augment
 
     if gan.group_by_label and gan.relation_negatives:
         raise ValueError("gan.group_by_label and gan.relation_negatives each order the batch; choose one")
@@ -80,7 +90,6 @@ class GANTask(Task):
             )
 
     def setup(self, run: Run) -> None:
-        from ...factory import from_pretrained, get_tokenizer
 
         self.cudnn_before = torch.backends.cudnn.benchmark  # close() puts it back, also after an error
         cfg = run.cfg
@@ -101,8 +110,6 @@ class GANTask(Task):
             (run.out_dir / "gan_model_config.json").write_text(json.dumps(to_dict(self.mcfg), indent=2))
 
     def _model_config(self):
-        from ...models.gan.networks import GANModelConfig
-        from .gan_step import instance_dim
 
         gan, enc, cfg = self.gan, self.encoder, self.cfg
         v = enc.cfg.vision
@@ -122,8 +129,6 @@ class GANTask(Task):
 
     def _conditions(self) -> None:
         """The data, the frozen tower's embedding of every distinct caption, relation flips, the instance bank."""
-        from ...data.loading import load_prepared
-        from ...evaluation.embed import embed_texts
 
         cfg, gan, device, enc, tok = self.cfg, self.gan, self.run.device, self.encoder, self.tokenizer
         d, v = cfg.data, enc.cfg.vision
@@ -142,7 +147,6 @@ class GANTask(Task):
         self.cap_index = torch.from_numpy(inverse.astype(np.int64))  # (N,)
         self.flip_table = self.has_flip = None
         if gan.relation_negatives:
-            from ...data.shapes import relation_flips
 
             flipped = relation_flips(list(uniq), "gan.relation_negatives", off="false")
             self.has_flip = torch.tensor([f is not None for f in flipped])  # (U,)
@@ -169,7 +173,6 @@ class GANTask(Task):
             return
         if mcfg.instance_bank > n:
             raise ValueError(f"gan.model.instance_bank={mcfg.instance_bank} exceeds the {n} training images")
-        from ...models.gan.instance import instance_features, neighbours
 
         if self.run.main:
             print(
@@ -183,15 +186,11 @@ class GANTask(Task):
                                    mcfg.instance_k)  # (N, k) fmt: skip
 
     def _tracker(self) -> None:
-        from ...evaluation.embed import embed_texts
-        from .gan_step import default_prompts
 
         gan, cfg, d, v = self.gan, self.cfg, self.cfg.data, self.encoder.cfg.vision
         self.prompts = default_prompts(gan, self.data.classnames, self.captions)
         self.tracker = None
         if gan.judge and self.run.main:  # tracked on rank 0 only: it alone logs and saves
-            from ...data.fashion_mnist import format_caption
-            from ...evaluation.gan import FIDTracker
 
             if not self.data.classnames:
                 raise ValueError(f"gan.judge tracks FID-FM per class, so it needs class names; {d.train} has none")
@@ -204,7 +203,6 @@ class GANTask(Task):
 
     def _build(self) -> None:
         """G, D, the EMA copy, both Adams, the fixed sample noise, the wrong-text generator, the standing conditions."""
-        from ...models.gan.networks import build_gan
 
         cfg, gan, mcfg, device = self.cfg, self.gan, self.mcfg, self.run.device
         per_step = cfg.batch_size * self.run.world
@@ -266,8 +264,6 @@ class GANTask(Task):
         """One process's batch of ``batch_size`` × world items per step, ordered as one process orders it (by class,
         items with a flipped relation first), its conditions drawn for all of it; this rank keeps rows
         ``[rank·B, (rank+1)·B)`` and, under torchrun, the whole batch's conditions (``c_all``, ``c_flip_all``)."""
-        from ...data.loading import epoch_batches
-        from ...models.gan.networks import from_uint8
 
         cfg, device, run = self.cfg, self.run.device, self.run
         b = cfg.batch_size
@@ -297,13 +293,11 @@ class GANTask(Task):
             yield batch
 
     def learning_rates(self, step: int, total: int) -> dict[str, float]:
-        from .gan_step import lr_factor
 
         self.f = lr_factor(step, total, self.gan.lr_decay_from)
         return {"opt_g": self.gan.lr_g * self.f, "opt_d": self.gan.lr_d * self.f}
 
     def training_step(self, batch: dict[str, Any], step: int) -> dict[str, float]:
-        from .gan_step import gan_step
 
         gan = self.gan
         update_g = (step + 1) % gan.d_steps == 0  # the last of every d_steps batches also updates G
@@ -340,8 +334,6 @@ class GANTask(Task):
 
     # --- samples, tracking, the saved model --------------------------------------------------------------------------
     def write_samples(self, step: int) -> None:
-        from ...models.gan.networks import to_uint8
-        from ...models.gan.pipeline import save_grid
 
         self.G_ema.eval()
         with torch.no_grad():
@@ -354,8 +346,6 @@ class GANTask(Task):
 
     def track(self, step: int) -> None:
         """Tracked FID-FM of the EMA generator as it would be saved now (standing statistics on a copy)."""
-        from ...evaluation.plots import plot_tracked_fid
-        from ...models.gan.networks import standing_stats
 
         gan, cfg = self.gan, self.cfg
         snap = copy.deepcopy(self.G_ema)
@@ -375,8 +365,6 @@ class GANTask(Task):
 
     def finish(self) -> Path:
         """Keep the best (or last) EMA generator with its standing statistics, the last samples, the model dir."""
-        from ...models.gan.networks import standing_stats
-        from ...models.gan.pipeline import TextToImage
 
         gan, cfg, run, best = self.gan, self.cfg, self.run, self.best
         if not run.main:  # rank 0 alone tracks, samples and saves

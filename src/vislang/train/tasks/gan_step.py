@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ...data.fashion_mnist import format_caption
 from ...losses import (
     coverage_loss,
     d_fake_loss,
@@ -61,7 +62,6 @@ def default_prompts(gan: GANConfig, classnames: list[str] | None, captions: list
     if gan.sample_prompts:
         return list(gan.sample_prompts)
     if classnames:
-        from ...data.fashion_mnist import format_caption
 
         return [format_caption("a photo of a {}.", c) for c in classnames]
     return list(dict.fromkeys(captions))[:8]

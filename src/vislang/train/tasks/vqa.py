@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ... import distributed as dist
 from ...config import to_dict
 from ...data.vqa import QuestionIndex, answer_targets, answer_vocab, image_batches, load_sets, make_batch
 from ...evaluation.vqa import evaluate_generative, evaluate_vqa, write_eval
@@ -72,14 +73,12 @@ class _VQABase(Task):
 
     def share(self, count: int) -> float:
         """This rank's factor for a mean over ``count`` loss terms (1 on one process: the loss is left untouched)."""
-        from ... import distributed as dist
 
         return dist.global_share(count, self.run.device)
 
     def question_tokenizer(self, texts: list[str], text_cfg: Any):
         """The run's tokenizer: trained on ``texts`` and kept in OUT/tokenizer, read back from there on resume (a
         WordPiece trainer may split ties differently from one call to the next, and a resumed run must keep ids)."""
-        from ... import distributed as dist
 
         out, run = self.run.out_dir, self.run
         if run.resume and out is not None and (out / "tokenizer").is_dir():
