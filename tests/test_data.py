@@ -33,10 +33,10 @@ from vislang.data.readers import (
     drop_none,
     expand_braces,
     expand_urls,
-    open_dataset,
     split_shards,
 )
 from vislang.data.shapes import ShapesDataset
+from vislang.data.sources import open_dataset
 from vislang.data.transforms import ImageTransform, normalize, pil_to_array
 
 

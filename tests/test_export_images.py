@@ -3,7 +3,7 @@
 from PIL import Image
 
 from vislang.cli.main import main
-from vislang.data.readers import open_dataset
+from vislang.data.sources import open_dataset
 
 
 def test_export_shapes_round_trips_through_the_folder_reader(tmp_path, capsys):

@@ -17,9 +17,9 @@ from .readers import (
     SkipCounter,
     WebDatasetShards,
     drop_none,
-    open_dataset,
 )
 from .shapes import ShapesConfig, ShapesDataset, generate_scene, render, single_object_caption
+from .sources import open_dataset
 from .transforms import ImageTransform, normalize, pil_to_array
 
 __all__ = [

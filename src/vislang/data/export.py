@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .readers import open_dataset
+from .sources import open_dataset
 
 
 def export_images(src: str, out: str | Path, split: str = "test", n: int | None = 16) -> Path:

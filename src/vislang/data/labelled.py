@@ -18,7 +18,8 @@ import torch
 
 from .config import DataConfig
 from .loading import load_prepared
-from .readers import _NAME_ALIASES, IMAGE_EXTENSIONS, NAMED_DATASETS, csv_separator, find_images, resolve_path
+from .readers import IMAGE_EXTENSIONS, csv_separator, find_images, resolve_path
+from .sources import _NAME_ALIASES, NAMED_DATASETS
 from .transforms import pil_to_array
 
 LABEL_HELP = (

@@ -11,7 +11,7 @@ import torch
 
 from .config import DataConfig
 from .prepare import PreparedDataset, prepare, prepared_dir_for
-from .readers import open_dataset
+from .sources import open_dataset
 
 
 def _source_key(spec: str, kw: dict[str, Any]) -> str:

@@ -22,11 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from .shapes import ShapesDataset
-
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
-NAMED_DATASETS = ("fashion-mnist", "shapes", "openclipart")
-_NAME_ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist"}
 _MAX_EXAMPLES = 5
 
 
@@ -475,9 +471,6 @@ class WebDatasetShards(IterableDataset):
             yield from self.iter_shard(shard)
 
 
-# --------------------------------------------------------------------------------------------------- dispatch
-
-
 def looks_like_shards(spec: str) -> bool:
     """Whether a spec names tar shards (``.tar`` in it, or a ``{..}`` brace pattern)."""
     return ".tar" in spec or "{" in spec
@@ -490,73 +483,3 @@ def check_shards_exist(shards: Iterable[str]) -> None:
         raise FileNotFoundError(
             f"{len(missing)} shard file(s) not found, e.g. {missing[:3]}; check the path and brace range"
         )
-
-
-def open_named(name: str, split: str, **kw: Any) -> Dataset:
-    """The built-in datasets by name (imported lazily; each module imports this one)."""
-    if name == "fashion-mnist":
-        # lazy: fashion_mnist and this module import each other (one folder)
-        from .fashion_mnist import FashionMNIST
-
-        return FashionMNIST(split=split, **kw)
-    if name == "shapes":
-
-        return ShapesDataset(split=split, **kw)
-    from .openclipart import OpenClipart  # lazy: openclipart and this module import each other (one folder)
-
-    return OpenClipart(split=split, **kw)
-
-
-def open_path(path: Path, **kw: Any) -> Dataset:
-    """A dataset from a file or folder, chosen by its type."""
-    suffix = path.suffix.lower()
-    if path.is_dir():
-        return FolderDataset(path, **kw)
-    if suffix in (".csv", ".tsv"):
-        return CsvDataset(path, **kw)
-    if suffix == ".jsonl":
-        return JsonlDataset(path, **kw)
-    if suffix == ".json":
-        if "image_dir" not in kw:
-            raise ValueError(
-                f"{path} looks like COCO captions; pass the folder holding its images as image_dir=... "
-                "(e.g. image_dir='coco/train2017')"
-            )
-        return CocoCaptions(path, **kw)
-    raise ValueError(
-        f"don't know how to read {path}: use a .csv/.tsv, .jsonl, COCO .json, .tar shards or a folder of "
-        f"images with .txt captions, or one of {list(NAMED_DATASETS)}"
-    )
-
-
-def open_dataset(spec: str | os.PathLike, split: str = "train", **kw: Any) -> Dataset:
-    """Open a dataset from a short spec.
-
-    Args:
-        spec: ``fashion-mnist``, ``shapes``, ``openclipart``, or a path: ``.csv``/``.tsv`` → CsvDataset, ``.jsonl``
-            → JsonlDataset, ``.json`` → CocoCaptions (``image_dir`` keyword required), ``.tar`` or brace pattern →
-            WebDatasetShards, a directory → FolderDataset.
-        split: split of a named dataset (a path already is one split, so it is ignored there).
-        **kw: passed to the reader's constructor.
-
-    Raises:
-        FileNotFoundError: the path does not exist.
-        ValueError: an unknown name or file type; the message lists the valid ones.
-    """
-    text = str(spec)
-    name = _NAME_ALIASES.get(text.lower(), text.lower())
-    if name in NAMED_DATASETS:
-        return open_named(name, split, **kw)
-    if looks_like_shards(text):
-        shards = expand_urls(text)
-        check_shards_exist(shards)
-        return WebDatasetShards(shards, **kw)
-    path = Path(os.path.expanduser(text))
-    if not path.exists():
-        looks_like_name = not any(c in text for c in "/\\.")
-        hint = f"; named datasets are {list(NAMED_DATASETS)}" if looks_like_name else ""
-        raise FileNotFoundError(
-            f"dataset {text!r} not found: no such file or folder{hint}. Give a .csv/.tsv, .jsonl, COCO .json, "
-            ".tar shard pattern, or a folder of images with .txt captions"
-        )
-    return open_path(path, **kw)

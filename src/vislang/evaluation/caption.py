@@ -14,9 +14,9 @@ import torch
 
 from ..data.config import DataConfig
 from ..data.loading import load_prepared
-from ..data.readers import NAMED_DATASETS
 from ..data.rendered_text import RenderedText
 from ..data.shapes import ShapesConfig, ShapesDataset
+from ..data.sources import NAMED_DATASETS
 from ..data.transforms import pil_to_array
 from ..decoding import caption
 from ..factory import from_pretrained, get_tokenizer, image_transforms
