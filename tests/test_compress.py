@@ -167,7 +167,7 @@ def test_compare_times_each_batch_size(tiny, tmp_path, capsys):
 
 
 def test_paired_ratios_cancel_the_machines_drift():
-    from vislang.compress.compare import paired_ratios
+    from vislang.compress.measure import paired_ratios
 
     # The machine slows down tenfold half-way through; the second model is twice as fast in every round except one.
     base, other = [1.0, 1.0, 1.0, 10.0, 10.0], [0.5, 0.5, 5.0, 5.0, 5.0]

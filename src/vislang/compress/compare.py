@@ -19,8 +19,6 @@ import functools
 import json
 import os
 import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +37,8 @@ from ..evaluation.vqa import evaluate_vqa
 from ..evaluation.zero_shot import zero_shot_eval
 from ..factory import get_tokenizer
 from ..models.onnx_runtime import OnnxCLIP, is_onnx_dir
+from .compare_gan import compare_generators, is_generator_path
+from .measure import interleaved_times, paired_ratios, weight_bytes
 from .quantize import build_fp32, load_model, model_family, read_meta
 
 
@@ -52,12 +52,6 @@ def _load(path: Path):
         meta = read_meta(path)
         model, kind = load_model(path), (meta.get("compression") or {}).get("method", "fp32")
     return model, get_tokenizer(path), kind, meta
-
-
-def weight_bytes(path: Path) -> int:
-    """Bytes of the weight files (``model.safetensors`` or the ``.onnx`` files), tokenizer and config left out."""
-    files = [path / "model.safetensors"] if (path / "model.safetensors").is_file() else list(path.glob("*.onnx*"))
-    return sum(f.stat().st_size for f in files)
 
 
 def param_counts(path: Path, meta: dict[str, Any]) -> tuple[int, int | None]:
@@ -82,27 +76,6 @@ def param_counts(path: Path, meta: dict[str, Any]) -> tuple[int, int | None]:
             if k in names or (static and k.startswith(static) and k.endswith((".weight", ".bias"))):
                 nonzero += int((st.get_tensor(k) != 0).sum())
     return total, nonzero
-
-
-@torch.inference_mode()
-def interleaved_times(
-    work: list[dict[str, Callable[[], Any]]], rounds: int = 5, calls: int = 2
-) -> list[dict[str, list[float]]]:
-    """Seconds of each call in ``work`` (per model, {name: a call}), ``calls`` times per round: every call once as
-    a warmup, then the models taken in turn, round after round. Why interleaved: on a shared machine the load
-    changes over minutes, and timing one model after the other would charge that change to the models."""
-    for calls_of in work:
-        for fn in calls_of.values():
-            fn()
-    times: list[dict[str, list[float]]] = [{k: [] for k in calls_of} for calls_of in work]
-    for _ in range(rounds):
-        for calls_of, t in zip(work, times):
-            for key, fn in calls_of.items():
-                for _ in range(calls):
-                    t0 = time.perf_counter()
-                    fn()
-                    t[key].append(time.perf_counter() - t0)
-    return times
 
 
 @torch.inference_mode()
@@ -151,16 +124,6 @@ def speed_by_batch(
         for per_model, speed in zip(out, measure_speed(models, [batch_of(x, ids, n) for x, ids in inputs], rounds)):
             per_model[n] = speed
     return out
-
-
-def paired_ratios(base_s: list[float], other_s: list[float], base_n: int, other_n: int) -> dict[str, Any]:
-    """Throughput ratio other/base per timed call pair (the i-th call of each, made in the same round), as the median
-    and the interquartile range [q1, q3] of those ratios: the drift of a shared machine between rounds cancels."""
-    ratios = sorted((other_n / o) / (base_n / b) for b, o in zip(base_s, other_s))
-    if len(ratios) < 2:
-        return {"median": ratios[0], "iqr": [ratios[0], ratios[0]]}
-    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
-    return {"median": statistics.median(ratios), "iqr": [q1, q3]}
 
 
 def task_metrics(model, tokenizer, test, templates, batch_size: int = 256) -> dict[str, float]:
@@ -304,9 +267,6 @@ def compare_models(
         raise ValueError(f"--speed-batches {speed_batches}: every batch size must be at least 1")
     if len(paths) < 1:
         raise ValueError("give at least one model directory to compare")
-    # lazy: compare_gan and this module import each other (one folder)
-    from .compare_gan import compare_generators, is_generator_path
-
     gans = [is_generator_path(p) for p in paths]
     if any(gans):
         if not all(gans):

@@ -4,7 +4,7 @@ A generator's task metric is the quality of what it draws, so each one is judged
 ``vislang generate-eval`` (``n_per_class`` images per class prompt against the test split, in the feature space of a
 fixed judge classifier), with the same noise for every model, so that a compressed generator is compared with its
 source on the same draws. Speed is generation alone (noise and text embeddings in, images out), timed in interleaved
-rounds with paired ratios as for the other families (:func:`vislang.compress.compare.paired_ratios`). Models can be
+rounds with paired ratios as for the other families (:func:`vislang.compress.measure.paired_ratios`). Models can be
 GAN model directories (fp32, pruned, distilled, int8) or ONNX exports of one (run by onnxruntime).
 """
 
@@ -25,6 +25,7 @@ from ..model_dir import run_or_model_dir
 from ..models.gan.networks import GANModelConfig, build_generator
 from ..models.gan.pipeline import TextToImage, is_gan_dir
 from ..models.onnx_runtime import OnnxCLIP, OnnxGenerator, is_onnx_generator
+from .measure import interleaved_times, paired_ratios, weight_bytes
 
 
 def load_generator(path: Path):
@@ -63,8 +64,6 @@ def measure_generation(
 ) -> list[dict[str, Any]]:
     """Images drawn per second by each generator on batches of ``n`` (same noise and conditions for all), timed in
     interleaved rounds after a warmup, with the paired ratio to the first generator."""
-    # lazy: compare and this module import each other (one folder)
-    from .compare import interleaved_times, paired_ratios
 
     def draw(cfg: GANModelConfig) -> tuple[torch.Tensor, torch.Tensor]:  # the same draw for the same sizes
         g = torch.Generator().manual_seed(seed)
@@ -94,8 +93,6 @@ def compare_generators(
     speed_batches: list[int] | None,
 ) -> list[dict[str, Any]]:
     """Rows of :func:`vislang.compress.compare.compare_models` for GAN generators (see the module docstring)."""
-    from .compare import weight_bytes  # lazy: compare and this module import each other (one folder)
-
     paths = [run_or_model_dir(p) for p in paths]
     loaded = [load_generator(p) for p in paths]
     judge_model = load_judge(judge or DEFAULT_JUDGE) if data else None
