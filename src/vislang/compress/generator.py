@@ -53,7 +53,8 @@ from ..models.gan.networks import (
 )
 from ..models.gan.pipeline import TextToImage
 from ..models.gan.quantized import quantize_generator_static
-from ..models.quantized import quantize_dynamic, quantized_state_dict
+from ..models.int8_io import quantized_state_dict
+from ..models.quantized import quantize_dynamic
 from ..train.checkpoint import load_checkpoint
 from ..train.config import OptimConfig
 from ..train.loop import fit

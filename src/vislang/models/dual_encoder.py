@@ -19,8 +19,8 @@ from ..config import from_dict, to_dict
 from ..model_dir import __version__, atomic_dir, write_weights
 from .captioner import CoCa
 from .clip import CLIP, ModelConfig
+from .int8_io import load_int8_state
 from .itm import ITMModel
-from .quantized import load_int8_state
 
 MODEL_TYPE = "vislang-clip"  # dual encoders and captioners
 ITM_MODEL_TYPE = "vislang-itm"  # a dual encoder with an image-text matching head, loaded like one
