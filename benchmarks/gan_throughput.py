@@ -20,7 +20,8 @@ import time
 import torch
 
 from vislang.config import from_dict, load_file
-from vislang.models.gan.networks import GANModelConfig, build_gan, to_uint8
+from vislang.models.gan.build import build_gan
+from vislang.models.gan.networks import GANModelConfig, to_uint8
 from vislang.train.config import GANConfig
 from vislang.train.tasks.gan_step import gan_step
 
@@ -74,8 +75,8 @@ def generate_speed(g: torch.nn.Module, z_dim: int, gen_images: int, repeats: int
 def shipped_pool(bank: int) -> torch.nn.Module:
     """The Fashion-MNIST model the README reports, with random weights: a pool (`vislang generate-ensemble`) of one
     `gan`-config generator and two IC-GANs, each IC-GAN holding a bank of ``bank`` instances it searches per image."""
+    from vislang.models.gan.build import build_generator
     from vislang.models.gan.ensemble import GeneratorEnsemble
-    from vislang.models.gan.networks import build_generator
 
     run = load_file(CONFIGS["dcgan"])
     base = {**run["gan"]["model"], "cond_dim": 128, "image_size": 28, "channels": 1}

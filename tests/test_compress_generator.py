@@ -13,7 +13,8 @@ from test_compress_tiny import SHAPES, tiny_model_dir
 from vislang.compress import compress_model_dir
 from vislang.compress.prune import prunable
 from vislang.factory import from_pretrained, get_tokenizer
-from vislang.models.gan.networks import GANModelConfig, build_generator
+from vislang.models.gan.build import build_generator
+from vislang.models.gan.networks import GANModelConfig
 from vislang.models.gan.pipeline import TextToImage
 
 INT8_REL_TOL = 0.1  # mean abs pixel difference of an int8 generator from its fp32 source / mean abs deviation of the
@@ -177,7 +178,7 @@ def test_compare_generators_fid_speed_and_size(tmp_path, cache):
 
 
 def test_pruning_uses_the_runs_discriminator_when_it_is_there(tmp_path, cache):
-    from vislang.models.gan.networks import build_gan
+    from vislang.models.gan.build import build_gan
 
     src = tiny_gan_dir(tmp_path)  # tmp_path/gan: a run directory's model/ needs tmp_path/checkpoints/last.pt
     kw = dict(steps=5, batch_size=8, cache_dir=cache, **SHAPES)

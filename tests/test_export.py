@@ -144,7 +144,8 @@ def test_index_and_search_run_an_onnx_export(exported, tmp_path):
 
 @pytest.mark.parametrize("mixture, noise_scale", [(1, 1.0), (2, 1.0), (1, 1.2)])  # 1.2: `generate-tune`d
 def test_gan_generator_exports_with_its_text_tower(tmp_path, capsys, mixture, noise_scale):
-    from vislang.models.gan.networks import GANModelConfig, build_generator
+    from vislang.models.gan.build import build_generator
+    from vislang.models.gan.networks import GANModelConfig
     from vislang.models.gan.pipeline import TextToImage
 
     enc_dir = tiny_model_dir(tmp_path)

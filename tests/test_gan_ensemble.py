@@ -10,10 +10,11 @@ import pytest
 import torch
 
 from test_generate import fm_text_model_dir
-from vislang.models.gan.ensemble import GeneratorEnsemble, build_ensemble, ensemble_config
+from vislang.models.gan.build import build_generator
+from vislang.models.gan.ensemble import GeneratorEnsemble, ensemble_config
 from vislang.models.gan.instance import InstanceGenerator
-from vislang.models.gan.networks import GANModelConfig, build_generator
-from vislang.models.gan.pipeline import TextToImage
+from vislang.models.gan.networks import GANModelConfig
+from vislang.models.gan.pipeline import TextToImage, build_ensemble
 
 PROMPT = "a photo of a bag."
 

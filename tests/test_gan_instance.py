@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from test_generate import _cfg, fm_text_model_dir
+from vislang.models.gan.build import build_gan
 from vislang.models.gan.instance import (
     InstanceGenerator,
     candidates,
@@ -19,7 +20,7 @@ from vislang.models.gan.instance import (
     pick_from_noise,
     pixel_pca,
 )
-from vislang.models.gan.networks import GANModelConfig, build_gan, inner_config
+from vislang.models.gan.networks import GANModelConfig, inner_config
 from vislang.models.gan.pipeline import TextToImage
 
 

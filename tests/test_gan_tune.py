@@ -13,8 +13,9 @@ import torch
 from test_gan_ensemble import PROMPT, _save_member
 from test_generate import _tiny_fm_judge, fm_text_model_dir
 from vislang.evaluation.gan_tune import parse_scales, tune_noise_scale, with_noise_scale
+from vislang.models.gan.build import build_generator
 from vislang.models.gan.instance import InstanceGenerator
-from vislang.models.gan.networks import GANModelConfig, build_generator
+from vislang.models.gan.networks import GANModelConfig
 from vislang.models.gan.pipeline import TextToImage
 
 SMALL = {"z_dim": 8, "cond_dim": 16, "image_size": 28, "channels": 1, "g_width": 4, "d_width": 4}

@@ -22,9 +22,9 @@ from vislang.evaluation.gan_metrics import (
     inception_style_score,
 )
 from vislang.losses import d_loss, mismatched
+from vislang.models.gan.build import build_gan
 from vislang.models.gan.networks import (
     GANModelConfig,
-    build_gan,
     diff_augment,
     from_uint8,
     minibatch_std,
@@ -845,7 +845,8 @@ def test_coverage_loss_pulls_only_the_nearest_candidate():
 def test_coverage_term_reaches_the_generator(text_model_dir, tmp_path):
     import dataclasses
 
-    from vislang.models.gan.networks import GANModelConfig, build_gan
+    from vislang.models.gan.build import build_gan
+    from vislang.models.gan.networks import GANModelConfig
     from vislang.train.config import GANConfig
     from vislang.train.tasks.gan_step import gan_step
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vislang.models.gan.networks import GANModelConfig, build_gan
+from vislang.models.gan.build import build_gan
+from vislang.models.gan.networks import GANModelConfig
 from vislang.models.gan.projected import ProjectedDiscriminator, frozen_feature_net
 from vislang.train.config import GANConfig
 from vislang.train.tasks.gan_step import gan_step

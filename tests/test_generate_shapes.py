@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from vislang.losses import mismatched
-from vislang.models.gan.networks import GANModelConfig, build_gan
+from vislang.models.gan.build import build_gan
+from vislang.models.gan.networks import GANModelConfig
 
 
 @pytest.mark.parametrize("arch", ["dcgan", "resnet", "mlp"])

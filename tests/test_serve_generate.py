@@ -33,7 +33,8 @@ def make_tiny_gan(root: Path) -> Path:
     """An untrained tiny text-to-image GAN run folder (``RUN/model``), as `vislang train --config gan` leaves one."""
     from vislang.factory import fit_config_to_tokenizer
     from vislang.models import CLIP, ModelConfig, TextConfig, VisionConfig
-    from vislang.models.gan.networks import GANModelConfig, build_gan
+    from vislang.models.gan.build import build_gan
+    from vislang.models.gan.networks import GANModelConfig
     from vislang.models.gan.pipeline import TextToImage
     from vislang.tokenizers import Tokenizer
 

@@ -135,7 +135,8 @@ def _steps(tmp: Path, name: str) -> Runner:
 
 
 def _teacher_fit(tmp: Path, name: str) -> Runner:
-    from vislang.models.gan.networks import GANModelConfig, build_gan
+    from vislang.models.gan.build import build_gan
+    from vislang.models.gan.networks import GANModelConfig
     from vislang.train.config import OptimConfig
     from vislang.train.loop import fit
     from vislang.train.tasks.distill import TeacherFitTask, memory_config

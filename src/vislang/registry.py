@@ -24,7 +24,8 @@ from .models import dual_encoder
 from .models.classifier import MODEL_TYPE as CLASSIFIER_TYPE
 from .models.classifier import ClassifierConfig, ImageClassifier
 from .models.clip import ModelConfig
-from .models.gan.networks import GANModelConfig, build_generator
+from .models.gan.build import build_generator
+from .models.gan.networks import GANModelConfig
 from .models.gan.pipeline import MODEL_TYPE as GAN_TYPE
 from .models.gan.pipeline import TextToImage
 from .models.onnx_runtime import OnnxCLIP, is_onnx_dir

@@ -86,7 +86,7 @@ def cmd_generate_eval(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_generate_ensemble(args: argparse.Namespace, extra: list[str]) -> int:
-    from ..models.gan.ensemble import build_ensemble  # lazy: `vislang --help` starts without loading torch
+    from ..models.gan.pipeline import build_ensemble  # lazy: `vislang --help` starts without loading torch
 
     model = build_ensemble(args.members, args.out)
     k = len(model.cfg.members)

@@ -22,7 +22,8 @@ from ..config import from_dict
 from ..evaluation.gan import DEFAULT_JUDGE, RealReference, evaluate_classes, load_judge, real_reference
 from ..factory import get_tokenizer
 from ..model_dir import run_or_model_dir
-from ..models.gan.networks import GANModelConfig, build_generator
+from ..models.gan.build import build_generator
+from ..models.gan.networks import GANModelConfig
 from ..models.gan.pipeline import TextToImage, is_gan_dir
 from ..models.onnx_runtime import OnnxCLIP, OnnxGenerator, is_onnx_generator
 from .measure import interleaved_times, paired_ratios, weight_bytes

@@ -43,17 +43,12 @@ from ..config import apply_overrides, from_dict, to_dict
 from ..data.config import DataConfig
 from ..data.loading import load_prepared
 from ..evaluation.embed import embed_texts
-from ..models.gan.networks import (
-    INTERFACE_FIELDS,
-    GANModelConfig,
-    build_gan,
-    build_generator,
-    require_single_generator,
-    standing_stats,
-)
+from ..models.gan.build import build_gan, build_generator
+from ..models.gan.networks import INTERFACE_FIELDS, GANModelConfig, require_single_generator, standing_stats
 from ..models.gan.pipeline import TextToImage
 from ..models.gan.quantized import quantize_generator_static
-from ..models.quantized import quantize_dynamic, quantized_state_dict
+from ..models.int8_io import quantized_state_dict
+from ..models.quantized import quantize_dynamic
 from ..train.checkpoint import load_checkpoint
 from ..train.config import OptimConfig
 from ..train.loop import fit

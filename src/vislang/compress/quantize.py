@@ -1,7 +1,7 @@
 """Saving int8 models, and reading any model directory compression handles.
 
 The int8 mechanics (dynamic and static quantisation, the on-disk encoding, loading stored integers back) live below
-the registry in :mod:`vislang.models.quantized`, because loading an int8 directory is every loader's business; this
+the registry in :mod:`vislang.models.int8_io`, because loading an int8 directory is every loader's business; this
 module writes them and names the families compression handles.
 """
 
@@ -18,7 +18,8 @@ from torch import nn
 from ..models.dual_encoder import MODEL_TYPE as CLIP_TYPE
 from ..models.dual_encoder import build_model, save_pretrained
 from ..models.gan.pipeline import MODEL_TYPE as GAN_TYPE
-from ..models.quantized import QUANTISED_METHODS, quantize_dynamic, quantized_state_dict
+from ..models.int8_io import QUANTISED_METHODS, quantized_state_dict
+from ..models.quantized import quantize_dynamic
 from ..models.vqa import MODEL_TYPE as VQA_TYPE
 from ..models.vqa import VQAModel, save_vqa
 from ..registry import build_from_meta, family_of, load, read_meta

@@ -21,7 +21,8 @@ from typing import Any
 
 from ..config import number_list
 from ..data.fashion_mnist import format_caption
-from ..models.gan.networks import GANModelConfig, build_generator
+from ..models.gan.build import build_generator
+from ..models.gan.networks import GANModelConfig
 from ..models.gan.pipeline import TextToImage
 from .gan import FIDTracker, _real_split
 

@@ -6,15 +6,23 @@ the model knowing which loss trains it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import to_dict
+from ..model_dir import __version__, atomic_dir, write_weights
 from .fusion import FusionConfig
 from .towers import TextConfig, VisionConfig, build_text_tower, build_vision_tower
+
+MODEL_TYPE = "vislang-clip"  # dual encoders and captioners
+ITM_MODEL_TYPE = "vislang-itm"  # a dual encoder with an image-text matching head, loaded like one
 
 
 @dataclass(frozen=True)
@@ -141,12 +149,35 @@ class CLIP(nn.Module):
 
     # --- model directories (Hugging Face convention) -------------------------------------------------------------
     def save_pretrained(self, directory, tokenizer=None) -> None:
-        from .dual_encoder import save_pretrained  # lazy: dual_encoder imports this module at its top
-
         save_pretrained(self, directory, tokenizer)
 
     @classmethod
     def from_pretrained(cls, directory, device: str | torch.device = "cpu") -> CLIP:
-        from .dual_encoder import load_pretrained  # lazy: dual_encoder imports this module at its top
+        # lazy: dual_encoder imports this module at its top (its build_model picks CoCa or ITMModel, CLIP subclasses)
+        from .dual_encoder import load_pretrained
 
         return load_pretrained(directory, device)
+
+
+def model_type_of(cfg: ModelConfig) -> str:
+    return ITM_MODEL_TYPE if cfg.itm is not None else MODEL_TYPE
+
+
+def save_pretrained(model: CLIP, directory: str | os.PathLike, tokenizer=None, extra: dict | None = None) -> Path:
+    """Write ``config.json``, ``model.safetensors`` and tokenizer files; atomic (temp dir, then rename)."""
+    with atomic_dir(directory) as tmp:
+        cfg = model.cfg
+        if cfg.text.arch == "hf":
+            text_dir = tmp / "text_encoder"
+            model.text.model.config.save_pretrained(str(text_dir))
+            cfg = dataclasses.replace(
+                cfg, text=dataclasses.replace(cfg.text, hf_path="text_encoder", hf_load_weights=False)
+            )
+        if cfg.vision.pretrained:  # the weights now live in model.safetensors
+            cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, pretrained=None))
+        meta = {"model_type": model_type_of(cfg), "vislang_version": __version__, "model": to_dict(cfg)}
+        meta.update(extra or {})
+        write_weights(tmp, meta, model)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return Path(directory)

@@ -1,5 +1,7 @@
 """The dual-encoder family: CLIP, CoCa (a CLIP with a caption decoder) and ALBEF-style ITM (a CLIP with a match
-head). One config class (``ModelConfig``) describes all three; this module builds, saves and loads them.
+head). One config class (``ModelConfig``) describes all three; this module builds and loads them. Saving
+(``save_pretrained``, ``MODEL_TYPE``) lives in ``clip`` with ``CLIP.save_pretrained``, since it needs only the config,
+not the subclasses, and is re-exported here.
 
 Why a module of its own: the family has three classes in three files (``clip``, ``captioner``, ``itm``) and the one
 function that picks among them must import all three; the registry (``vislang.registry``) points here for the
@@ -15,15 +17,22 @@ from pathlib import Path
 
 import torch
 
-from ..config import from_dict, to_dict
-from ..model_dir import __version__, atomic_dir, write_weights
+from ..config import from_dict
 from .captioner import CoCa
-from .clip import CLIP, ModelConfig
+from .clip import CLIP, ITM_MODEL_TYPE, MODEL_TYPE, ModelConfig, model_type_of, save_pretrained
+from .int8_io import load_int8_state
 from .itm import ITMModel
-from .quantized import load_int8_state
 
-MODEL_TYPE = "vislang-clip"  # dual encoders and captioners
-ITM_MODEL_TYPE = "vislang-itm"  # a dual encoder with an image-text matching head, loaded like one
+__all__ = [
+    "ITM_MODEL_TYPE",
+    "MODEL_TYPE",
+    "build_model",
+    "config_from_meta",
+    "load_pretrained",
+    "load_weights",
+    "model_type_of",
+    "save_pretrained",
+]
 
 
 def build_model(cfg: ModelConfig) -> CLIP:
@@ -35,30 +44,6 @@ def build_model(cfg: ModelConfig) -> CLIP:
     if cfg.decoder is not None:
         return CoCa(cfg)
     return CLIP(cfg)
-
-
-def model_type_of(cfg: ModelConfig) -> str:
-    return ITM_MODEL_TYPE if cfg.itm is not None else MODEL_TYPE
-
-
-def save_pretrained(model: CLIP, directory: str | os.PathLike, tokenizer=None, extra: dict | None = None) -> Path:
-    """Write ``config.json``, ``model.safetensors`` and tokenizer files; atomic (temp dir, then rename)."""
-    with atomic_dir(directory) as tmp:
-        cfg = model.cfg
-        if cfg.text.arch == "hf":
-            text_dir = tmp / "text_encoder"
-            model.text.model.config.save_pretrained(str(text_dir))
-            cfg = dataclasses.replace(
-                cfg, text=dataclasses.replace(cfg.text, hf_path="text_encoder", hf_load_weights=False)
-            )
-        if cfg.vision.pretrained:  # the weights now live in model.safetensors
-            cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, pretrained=None))
-        meta = {"model_type": model_type_of(cfg), "vislang_version": __version__, "model": to_dict(cfg)}
-        meta.update(extra or {})
-        write_weights(tmp, meta, model)
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-    return Path(directory)
 
 
 def config_from_meta(meta: dict, directory: Path) -> ModelConfig:

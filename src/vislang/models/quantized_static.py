@@ -29,6 +29,7 @@ from torch import nn
 from ..data.config import DataConfig
 from ..data.loading import load_prepared
 from ..data.transforms import normalize
+from .quantized import _quiet, linear_names, quantize_dynamic
 from .towers import CompactCNN
 
 ENGINE = "x86"  # torch's default quantised engine on x86 CPUs (fbgemm kernels, onednn where it is faster)
@@ -87,8 +88,6 @@ def quantize_cnn(
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-    from .quantized import _quiet  # lazy: quantized and this module import each other (one folder)
-
     if calibration.ndim != 4 or calibration.shape[0] == 0:
         shape = tuple(calibration.shape)
         raise ValueError(f"calibration images must be a non-empty (N, C, H, W) batch, got shape {shape}")
@@ -139,9 +138,6 @@ def quantize_static(
     ``calibration`` = normalised training images; ``None`` builds the structure only (one dummy image), for loading
     stored int8 values into. The result carries ``_compression`` (what :func:`save_quantized` records).
     """
-    # lazy: quantized and this module import each other (one folder)
-    from .quantized import linear_names, quantize_dynamic
-
     notes: list[str] = []
     static = isinstance(getattr(model, "visual", None), CompactCNN)
     if static:

@@ -34,7 +34,7 @@ from ..evaluation.vqa_metrics import normalize_answer
 from ..model_dir import __version__, atomic_dir, write_weights
 from ..tokenizers import load_tokenizer
 from .fusion import FusionConfig, build_fusion
-from .quantized import load_int8_state
+from .int8_io import load_int8_state
 from .towers import TextConfig, VisionConfig, build_text_tower, build_vision_tower
 
 MODEL_TYPE = "vislang-vqa"

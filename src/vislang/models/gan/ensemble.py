@@ -13,13 +13,14 @@ first noise entry z₀ picks member j = ⌊K·Φ(z₀)⌋ and is then mapped bac
 Every member therefore draws 1/K of the images and sees noise distributed exactly as in its training (picking by the
 argmax of K entries, as the trained-together mixture does, would hand each member noise it never saw: the picked
 entry biased upwards, the others downwards).
+
+Pooling saved generators into such a directory is :func:`vislang.models.gan.pipeline.build_ensemble`, next to the
+``TextToImage`` it loads and writes.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -64,42 +65,6 @@ def ensemble_config(members: Sequence[GANModelConfig]) -> GANModelConfig:
                 )
     shared = {f: getattr(first, f) for f in INTERFACE_FIELDS}
     return GANModelConfig(arch=first.arch, **shared, members=tuple(to_dict(m) for m in members))
-
-
-def _same_weights(a: nn.Module, b: nn.Module) -> bool:
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-
-
-def build_ensemble(sources: Sequence[str | os.PathLike], out: str | os.PathLike):
-    """Load the generators in ``sources`` (model or run directories), check that they can be pooled, and write one
-    model directory ``out`` (atomically) holding them all with the shared text tower. Returns the TextToImage."""
-    from .pipeline import TextToImage  # lazy: pipeline and this module import each other (one folder)
-
-    if len(sources) < 2:
-        raise ValueError("give at least two GAN model or run directories to pool into an ensemble")
-    if Path(out).resolve() in {Path(s).resolve() for s in sources}:
-        raise ValueError(f"-o {out} is one of the members; write the ensemble to a new directory")
-    models = [TextToImage.from_pretrained(s) for s in sources]
-    for s, m in zip(sources, models):
-        if (m.meta.get("compression") or {}).get("method"):
-            raise ValueError(f"{s} is a compressed generator; pool the full-precision ones, then compress the members")
-    cfg = ensemble_config([m.cfg for m in models])
-    first = models[0]
-    for s, m in zip(sources[1:], models[1:]):
-        if not _same_weights(first.encoder, m.encoder):
-            raise ValueError(
-                f"{s} was conditioned on another text tower than {sources[0]}: an ensemble's generators must read the "
-                "same prompts the same way; train each with the same text_model"
-            )
-        if m.meta.get("data") != first.meta.get("data"):
-            raise ValueError(f"{s} was trained on {m.meta.get('data')}, {sources[0]} on {first.meta.get('data')}")
-    generator = GeneratorEnsemble([m.generator for m in models])
-    meta = {k: v for k, v in first.meta.items() if k != "train"}
-    meta["ensemble"] = [{"source": str(s), "train": m.meta.get("train")} for s, m in zip(sources, models)]
-    model = TextToImage(cfg, generator, first.encoder, first.tokenizer, meta)
-    model.save_pretrained(out)
-    return model
 
 
 def member_configs(cfg: GANModelConfig) -> list[GANModelConfig]:

@@ -461,17 +461,6 @@ ARCHS = {
 }
 
 
-def _classes(cfg: GANModelConfig) -> tuple[type[nn.Module], type[nn.Module]]:
-    if cfg.arch == "projected":  # imported here: it needs timm and the pretrained weights only when used
-        # lazy: projected and this module import each other (one folder)
-        from .projected import ProjectedDiscriminator
-
-        return DCGenerator, ProjectedDiscriminator
-    if cfg.arch not in ARCHS:
-        raise ValueError(f"unknown GAN arch {cfg.arch!r}; choose one of {sorted([*ARCHS, 'projected'])}")
-    return ARCHS[cfg.arch]
-
-
 class GeneratorMixture(nn.Module):
     """``cfg.mixture`` generators of one architecture behind one (z, c) → image interface (MIX+GAN, Arora et al.
     2017): each image comes from the component that the largest of its first K noise entries names.
@@ -545,28 +534,6 @@ def require_single_generator(cfg: GANModelConfig, src: object, action: str) -> N
             f"{src} is an instance-conditioned GAN (gan.model.instance_bank): {action} it is not supported yet; "
             "sample it with PyTorch (`vislang generate`)"
         )
-
-
-def build_generator(cfg: GANModelConfig) -> nn.Module:
-    """The generator alone (sampling a saved model needs no discriminator, nor a projected D's pretrained weights)."""
-    if cfg.members:
-        # lazy: ensemble and this module import each other (one folder)
-        from .ensemble import GeneratorEnsemble, member_configs
-
-        return GeneratorEnsemble([build_generator(m) for m in member_configs(cfg)])
-    if cfg.instance_bank > 0:
-        from .instance import InstanceGenerator  # lazy: instance and this module import each other (one folder)
-
-        return InstanceGenerator(cfg, build_generator(inner_config(cfg)))
-    if cfg.mixture < 1:
-        raise ValueError(f"gan.model.mixture={cfg.mixture} must be at least 1 (generators in the model)")
-    g_cls = _classes(cfg)[0]
-    return GeneratorMixture(cfg, g_cls) if cfg.mixture > 1 else g_cls(cfg)
-
-
-def build_gan(cfg: GANModelConfig) -> tuple[nn.Module, nn.Module]:
-    """(generator, discriminator) for ``cfg.arch``."""
-    return build_generator(cfg), _classes(cfg)[1](inner_config(cfg))
 
 
 @torch.no_grad()

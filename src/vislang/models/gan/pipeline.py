@@ -27,7 +27,10 @@ from ...evaluation.embed import model_device
 from ...model_dir import __version__, atomic_dir, run_or_model_dir, write_weights
 from ...tokenizers import load_tokenizer
 from ..dual_encoder import load_pretrained, save_pretrained
-from .networks import GANModelConfig, build_generator, to_uint8
+from .build import build_generator
+from .ensemble import GeneratorEnsemble, ensemble_config
+from .networks import GANModelConfig, to_uint8
+from .quantized import load_quantized_generator
 
 MODEL_TYPE = "vislang-gan"
 MAX_IMAGES = 4096  # per call: more is a batch job, not an interactive request (and a typo like -n 100000)
@@ -197,9 +200,6 @@ class TextToImage(nn.Module):
         state = load_file(str(d / "model.safetensors"))
         comp = meta.get("compression") or {}
         if comp.get("method", "").endswith("int8"):  # `vislang compress`: the int8 modules are rebuilt, then filled
-            # lazy: quantized and this module import each other (one folder)
-            from .quantized import load_quantized_generator
-
             if torch.device(device).type != "cpu":
                 raise ValueError(f"{d} is an int8 generator, which runs on the CPU only; load it with device='cpu'")
             generator = load_quantized_generator(cfg, state, comp)
@@ -210,6 +210,40 @@ class TextToImage(nn.Module):
         tokenizer = load_tokenizer(d / "text_encoder")
         keep = {k: v for k, v in meta.items() if k not in ("model_type", "vislang_version")}
         return cls(cfg, generator.to(device), encoder, tokenizer, keep).eval()
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def build_ensemble(sources: Sequence[str | os.PathLike], out: str | os.PathLike):
+    """Load the generators in ``sources`` (model or run directories), check that they can be pooled, and write one
+    model directory ``out`` (atomically) holding them all with the shared text tower. Returns the TextToImage."""
+    if len(sources) < 2:
+        raise ValueError("give at least two GAN model or run directories to pool into an ensemble")
+    if Path(out).resolve() in {Path(s).resolve() for s in sources}:
+        raise ValueError(f"-o {out} is one of the members; write the ensemble to a new directory")
+    models = [TextToImage.from_pretrained(s) for s in sources]
+    for s, m in zip(sources, models):
+        if (m.meta.get("compression") or {}).get("method"):
+            raise ValueError(f"{s} is a compressed generator; pool the full-precision ones, then compress the members")
+    cfg = ensemble_config([m.cfg for m in models])
+    first = models[0]
+    for s, m in zip(sources[1:], models[1:]):
+        if not _same_weights(first.encoder, m.encoder):
+            raise ValueError(
+                f"{s} was conditioned on another text tower than {sources[0]}: an ensemble's generators must read the "
+                "same prompts the same way; train each with the same text_model"
+            )
+        if m.meta.get("data") != first.meta.get("data"):
+            raise ValueError(f"{s} was trained on {m.meta.get('data')}, {sources[0]} on {first.meta.get('data')}")
+    generator = GeneratorEnsemble([m.generator for m in models])
+    meta = {k: v for k, v in first.meta.items() if k != "train"}
+    meta["ensemble"] = [{"source": str(s), "train": m.meta.get("train")} for s, m in zip(sources, models)]
+    model = TextToImage(cfg, generator, first.encoder, first.tokenizer, meta)
+    model.save_pretrained(out)
+    return model
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike, ncol: int, scale: int = 1) -> Path:

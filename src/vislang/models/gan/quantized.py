@@ -18,9 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quantized import _quiet, quantize_dynamic, set_dynamic_weights
+from ..int8_io import set_dynamic_weights
+from ..quantized import _quiet, quantize_dynamic
 from ..quantized_static import decode_quantized
-from .networks import GANModelConfig, GeneratorMixture, build_generator
+from .build import build_generator
+from .networks import GANModelConfig, GeneratorMixture
 
 
 def sample_inputs(conds: torch.Tensor, z_dim: int, n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

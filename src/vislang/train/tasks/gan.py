@@ -35,8 +35,9 @@ from ...evaluation.embed import embed_texts
 from ...evaluation.gan import FIDTracker
 from ...evaluation.plots import plot_tracked_fid
 from ...factory import from_pretrained, get_tokenizer
+from ...models.gan.build import build_gan
 from ...models.gan.instance import instance_features, neighbours
-from ...models.gan.networks import GANModelConfig, build_gan, from_uint8, parse_augment, standing_stats, to_uint8
+from ...models.gan.networks import GANModelConfig, from_uint8, parse_augment, standing_stats, to_uint8
 from ...models.gan.pipeline import TextToImage, save_grid
 from ..config import GANConfig, TrainConfig
 from ..loop import Calls, Run, Task, fit
