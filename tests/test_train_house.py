@@ -160,10 +160,19 @@ TASK_RUNS = {
     "contrastive": (_dual("contrastive"), 3),
     "coca": (_dual("coca", "model.decoder={width: 16, layers: 1, heads: 2}"), 3),
     "itm": (_dual("itm", "model.itm={fusion: {kind: cross_attention, dim: 16, depth: 1, heads: 2}}"), 3),
-    "vqa": (_vqa("vqa", "model.fusion.dim=16", "model.fusion.heads=2", "model.fusion.depth=1",
-                 "model.head_hidden=16"), 3),  # fmt: skip
-    "vqa-gen": (_vqa("vqa-gen", "model.text.context_length=32", "model.text.vocab_size=100",
-                     "model.decoder={width: 16, layers: 1, heads: 2}"), 3),  # fmt: skip
+    "vqa": (
+        _vqa("vqa", "model.fusion.dim=16", "model.fusion.heads=2", "model.fusion.depth=1", "model.head_hidden=16"),
+        3,
+    ),  # fmt: skip
+    "vqa-gen": (
+        _vqa(
+            "vqa-gen",
+            "model.text.context_length=32",
+            "model.text.vocab_size=100",
+            "model.decoder={width: 16, layers: 1, heads: 2}",
+        ),
+        3,
+    ),  # fmt: skip
     "gan": (_gan, 3),
     "finetune": (_finetune, 2),
     "steps": (_steps, 3),

@@ -93,7 +93,6 @@ def build_tokenizer(cfg: ModelConfig, texts: list[str] | None = None) -> Tokeniz
     """The tokenizer a config asks for: the HF encoder's own, or one trained on ``texts``."""
     tc = cfg.text
     if tc.arch == "hf" or tc.tokenizer == "hf":
-
         return HFTokenizer(resolve_local_path(tc.hf_path, "text encoder (text.hf_path)"), tc.context_length)
     if texts is None:
         raise ValueError("this model trains its own tokenizer: pass the training captions (texts=...)")
@@ -140,7 +139,6 @@ def create_model(
         if is_model_dir(p):
             load_weights(model, p / "model.safetensors")
         else:
-
             model.load_state_dict(read_state_dict(resolve_local_path(pretrained)))
     return model.to(device)
 

@@ -23,7 +23,6 @@ EVAL_EXAMPLES = """
     Then `vislang report runs/caption` shows the table and sample captions."""
 
 
-
 def cmd_caption(args: argparse.Namespace, extra: list[str]) -> int:
     decoding = _decoding(args.beam, args.top_p, args.top_k, args.temperature, args.seed)
     pairs = caption_files(args.model, args.images, args.max_length, args.batch_size, args.device,

@@ -77,7 +77,6 @@ def compress_model_dir(
 
     src, out, meta, family = _check_request(model_dir, method, out_dir, sparsity)
     if family == "generator":
-
         data = data or (meta.get("data") or {}).get("train") or "fashion-mnist"
         return compress_generator(
             src, method, out, data, data_options=data_options, sparsity=sparsity, prune_kind=prune_kind,
@@ -132,7 +131,6 @@ def _check_request(
     if out.resolve() == src.resolve():
         raise ValueError(f"the output directory {out} is the input model; choose another -o")
     if method == "prune":
-
         check_sparsity(sparsity)
     return src, out, meta, family
 

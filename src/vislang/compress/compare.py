@@ -155,17 +155,14 @@ def caption_cider(
     data set against its own caption."""
     import numpy as np
 
-
     v = model.cfg.vision
     if data == "shapes":
-
         opts = dict(data_options or {})
         ds = ShapesDataset(split, n=min(n, opts.pop("n", n)), **opts)
         refs = shapes_references(ds)
         arrays = np.stack([pil_to_array(ds[i][0], v.image_size, v.channels) for i in range(len(ds))])
         images = torch.from_numpy(arrays.transpose(0, 3, 1, 2).copy())  # (N, C, H, W) uint8
     else:
-
         dc = DataConfig(train=data, cache_dir=cache_dir, options=dict(data_options or {}))
         test = load_prepared(data, split, v.image_size, v.channels, dc, progress=False).head(n)
         images = test.get_batch(np.arange(len(test)))["image"]

@@ -33,7 +33,6 @@ def load_generator(path: Path):
     """(TextToImage, kind) of a GAN model directory or of its ONNX export (whose generator is then onnxruntime's)."""
 
     if is_onnx_generator(path):  # the export's own ONNX text tower embeds the prompts: no torch weights needed
-
         meta = json.loads((path / "config.json").read_text())
         cfg = from_dict(GANModelConfig, meta["model"], "model")
         keep = {k: v for k, v in meta.items() if k not in ("model", "model_type", "vislang_version", "onnx")}

@@ -75,7 +75,6 @@ def _decode(paths: list[str], image_size: int, channels: int, progress: bool) ->
     """Decode image files to uint8 (N, S, S, C); returns the pixels and the positions that could be read."""
     from PIL import Image
 
-
     if progress:
         from tqdm.auto import tqdm
 

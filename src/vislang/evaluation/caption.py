@@ -103,7 +103,6 @@ def _pil_images(ds) -> Callable[[int, int], torch.Tensor]:
     def convert(size: int, channels: int) -> torch.Tensor:
         import numpy as np
 
-
         arrays = [pil_to_array(ds[i][0], size, channels) for i in range(len(ds))]
         return torch.from_numpy(np.stack(arrays).transpose(0, 3, 1, 2).copy())  # (N, C, H, W) uint8
 
@@ -127,7 +126,6 @@ def caption_subsets(data: str, split: str, max_images: int | None, size: int, ch
     colour–shape combinations (every phrasing of a scene is a reference); for rendered text the text (test words are
     never seen in training); for anything else (openclipart, a folder, a CSV...) its own caption of each image."""
     if data == "shapes":
-
         about = {"test": "held-out images", "val": "validation images", "train": "training images",
                  "holdout": "held-out colour-shape combinations"}  # fmt: skip
         splits = [split] + (["holdout"] if split != "holdout" else [])
@@ -137,7 +135,6 @@ def caption_subsets(data: str, split: str, max_images: int | None, size: int, ch
             subsets.append(_Subset(sp, about.get(sp, sp), shapes_references(ds), _pil_images(ds)))
         return subsets
     if data == "rendered-text":
-
         ds = RenderedText(split if split != "holdout" else "test", n=max_images)  # rendered as `render-text` writes
         return [_Subset(ds.split, "rendered words", [[ds.caption(i)] for i in range(len(ds))], _pil_images(ds))]
     load = _prepared(data, split, cache_dir, max_images)
@@ -279,7 +276,6 @@ def _write_samples(sub: _Subset, images, captions: dict[str, list[str]], k: int,
                    out_dir: Path) -> list[dict[str, Any]]:  # fmt: skip
     """The first ``k`` images of a subset as PNGs, with every method's caption and the references."""
     from PIL import Image
-
 
     if k <= 0:
         return []

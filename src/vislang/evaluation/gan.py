@@ -273,7 +273,6 @@ def evaluate_relations(model: TextToImage, n: int = 400, seed: int = 0) -> dict[
     were taken from gives its own accuracy."""
     from PIL import Image
 
-
     items = relation_prompts(n, seed)
     palette = {c: COLOR_RGB[c] for c in ShapesConfig().colors}
     triples = [t for _, t, _ in items]
@@ -292,7 +291,6 @@ def evaluate_shapes(model: TextToImage, n_per_prompt: int = 50, seed: int = 0) -
     """Single-object prompts ("a red circle") for every colour–shape pair of the shapes world, judged zero-shot by
     the dual encoder over all pairs; real single-object scenes of the same pairs give the judge's own accuracy."""
     from PIL import Image
-
 
     world = ShapesConfig()
     held = world.holdout_set

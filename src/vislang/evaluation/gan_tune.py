@@ -67,7 +67,6 @@ def tune_noise_scale(
     Returns {"rows": [{"noise_scale", "fid_fm", "class_consistency"}], "best", "floor", ...}."""
     from tqdm import tqdm
 
-
     src = Path(model_dir)
     for s in scales:  # out-of-range scales fail here, before minutes of sampling
         check_scale(s)

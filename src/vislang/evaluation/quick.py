@@ -50,7 +50,6 @@ def _contrastive_quick_eval(model, tokenizer, dataset: Any, max_images: int, dev
     classnames = getattr(dataset, "classnames", None)
     labels = np.asarray(getattr(dataset, "labels", []))
     if classnames and labels.size and (labels[:n] >= 0).any():
-
         emb = embed_images(model, dataset, 512, device, indices=idx)
         zs = zero_shot_eval(
             model, tokenizer, dataset, classnames, templates_for(dataset), device, labels=labels[:n], image_emb=emb
@@ -58,7 +57,6 @@ def _contrastive_quick_eval(model, tokenizer, dataset: Any, max_images: int, dev
         return {"zero_shot_top1": float(zs["top1"])}
     caps = getattr(dataset, "captions", None)
     if caps:
-
         emb = embed_images(model, dataset, 512, device, indices=idx)
         rt = retrieval_eval(model, tokenizer, dataset, device, captions=list(caps[:n]), image_emb=emb)
         return {"text_to_image_R@1": float(rt["text_to_image_R@1"])}

@@ -21,7 +21,6 @@ def templates_for(dataset: Any) -> tuple[str, ...]:
     if meta.get("zero_shot_templates"):
         return tuple(meta["zero_shot_templates"])
     if "fashion" in str(meta.get("source", "")).lower():
-
         return tuple(ZERO_SHOT_TEMPLATES)
     return DEFAULT_TEMPLATES
 
@@ -38,7 +37,6 @@ def evaluate_model_dir(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Zero-shot, retrieval and linear probe for a model directory; writes results.json + PNGs to ``out_dir``."""
-
 
     model = from_pretrained(model_dir, device=device)
     tokenizer = get_tokenizer(model_dir)

@@ -238,8 +238,6 @@ def check_parity(
     return {"image_max_abs_diff": diffs["image"], "text_max_abs_diff": diffs["text"], "batch_sizes": batch_sizes}
 
 
-
-
 class _AllComponents(nn.Module):
     """A mixture generator for export: every component draws every image, and each image keeps its own component's
     output. K times the work of picking, but no data-dependent shapes, which the exporter cannot trace."""

@@ -175,7 +175,6 @@ def shard_items(shards: Sequence[str]) -> Iterator[SourceItem]:
 def open_source(src: str, img_key: str | None = None, caption_key: str | None = None) -> Iterator[SourceItem]:
     """The items of a source spec (see the module docstring)."""
     if is_shard_spec(src):
-
         shards = expand_urls(src)
         check_shards_exist(shards)
         return shard_items(shards)
@@ -200,7 +199,6 @@ def load_embedder(model_dir: str | os.PathLike, device: str = "cpu"):
     export --onnx`), which onnxruntime runs on the CPU. Which one is the directory's choice, as in `vislang embed`, so
     index building, search and the HTTP service take an export wherever they take a model."""
     import torch
-
 
     onnx = is_onnx_dir(model_dir)
     if onnx and torch.device(device).type != "cpu":
@@ -371,7 +369,6 @@ def batched(items: Iterator[SourceItem], n: int) -> Iterator[list[SourceItem]]:
 def embed_items(model, preprocess, items: Sequence[SourceItem], device: str = "cpu") -> tuple[np.ndarray, list]:
     """Normalised embeddings (N, E) of the readable items, and those items; unreadable ones are left out."""
     import torch
-
 
     tensors, kept = [], []
     for it in items:

@@ -84,7 +84,6 @@ class Searcher:
 
     def search_image(self, image: Image.Image | str | os.PathLike, k: int = 10) -> list[dict[str, Any]]:
         if not isinstance(image, Image.Image):
-
             image = open_image(Path(image))
         return self.search_vectors(self.embed_images([image]), k)[0]
 

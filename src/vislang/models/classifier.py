@@ -158,7 +158,6 @@ class ImageClassifier(nn.Module):
         """Load a directory written by ``save_pretrained`` (in eval mode)."""
         from safetensors.torch import load_file
 
-
         d = Path(directory)
         cfg_file, weights = d / "config.json", d / "model.safetensors"
         if not (cfg_file.is_file() and weights.is_file()):

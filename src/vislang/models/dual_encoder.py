@@ -69,7 +69,6 @@ def load_pretrained(directory: str | os.PathLike, device: str | torch.device = "
     """A ``vislang-clip`` / ``vislang-itm`` directory as its model (fp32 or int8), in eval mode."""
     from safetensors.torch import load_file
 
-
     d = Path(directory)
     meta = json.loads((d / "config.json").read_text())
     model = build_model(config_from_meta(meta, d))

@@ -39,7 +39,6 @@ def is_onnx_dir(path: str | os.PathLike) -> bool:
     return p.is_dir() and all((p / f).is_file() for f in ("config.json", IMAGE_FILE, TEXT_FILE))
 
 
-
 def is_onnx_generator(path: Path) -> bool:
     """A directory written by :func:`export_generator`."""
     return (path / GENERATOR_FILE).is_file() and (path / "config.json").is_file()

@@ -119,7 +119,6 @@ def calibration_images(
     """``n`` training images of ``data`` drawn at random (seeded), normalised for the model: (n, C, H, W) float."""
     import numpy as np
 
-
     if n < 1:
         raise ValueError(f"static int8 needs at least one calibration image, got calibration_images={n}")
     dc = DataConfig(train=data, cache_dir=cache_dir, options=dict(options or {}))

@@ -187,7 +187,6 @@ def inplace_mlp_gelu(model: nn.Module) -> int:
     many were swapped. In timm's Mlp nothing but fc2's input path reads fc1's output, so overwriting it is safe."""
     from timm.layers.mlp import Mlp
 
-
     n = 0
     for m in model.modules():
         if isinstance(m, Mlp) and type(m.act) is nn.GELU and m.act.approximate == "none":
@@ -201,7 +200,6 @@ VISION_ARCHS = {"cnn": CompactCNN, "cnn-text": TextLineCNN}  # vislang's own tow
 def build_vision_tower(cfg: VisionConfig) -> VisionTower:
     tower: VisionTower = VISION_ARCHS[cfg.arch](cfg) if cfg.arch in VISION_ARCHS else TimmTower(cfg)
     if cfg.pretrained:
-
         load_vision_weights(tower, cfg.pretrained)
     return tower
 
@@ -290,7 +288,6 @@ class HFText(TextTower):
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__(cfg)
         from transformers import AutoConfig, AutoModel
-
 
         path = resolve_local_path(cfg.hf_path, what="text encoder (text.hf_path)")
         if cfg.hf_load_weights:

@@ -327,7 +327,6 @@ class Service:
     def classify(self, image_emb: np.ndarray, labels: list[str]) -> list[dict[str, Any]]:
         import torch
 
-
         weights = self.classifier(tuple(labels))  # (E, K)
         with torch.inference_mode():
             scale = logit_scale_of(self.searcher.model)

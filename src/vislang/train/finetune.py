@@ -125,7 +125,6 @@ def fit_probe_head(model: ImageClassifier, splits: Splits, cfg: FinetuneConfig, 
     """Fit logistic regression on frozen features (C chosen on validation) and write it into the linear head."""
     from threadpoolctl import threadpool_limits
 
-
     if cfg.progress:
         n_tr, n_val = len(splits.train), len(splits.val)
         print(f"[finetune] probe: tower features of {n_tr} + {n_val} images, then a fit per C in {cfg.probe_cs}")

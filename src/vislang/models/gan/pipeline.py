@@ -184,7 +184,6 @@ class TextToImage(nn.Module):
     def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> TextToImage:
         from safetensors.torch import load_file
 
-
         d = run_or_model_dir(directory)  # a run directory: its model/ subfolder
         cfg_file = d / "config.json"
         if not cfg_file.is_file():

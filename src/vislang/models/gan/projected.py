@@ -45,7 +45,6 @@ def frozen_feature_net(weights: str) -> nn.Module:
     last = int(net.feature_info.module_name()[-1].split(".")[1])  # "blocks.4": the block of the deepest output
     net.blocks = net.blocks[: last + 1]  # the later blocks would run (and be stored) for nothing
     if weights:
-
         load_vision_weights(net, weights)
     return net.eval().requires_grad_(False)
 

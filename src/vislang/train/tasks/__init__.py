@@ -34,7 +34,6 @@ TASKS: dict[str, str] = {
 }
 
 
-
 def task_class(name: str) -> type:
     """The task class of ``name``; a clear error for an unknown one."""
     if name not in TASKS:

@@ -277,7 +277,6 @@ class DualEncoderTask(Task):
         torch.manual_seed(cfg.seed)  # model init depends on the seed alone, not on what data preparation consumed
         model = build_model(mcfg)
         if cfg.pretrained:
-
             model.load_state_dict(from_pretrained(cfg.pretrained).state_dict())
         model.to(run.device)
         self.channels_last = run.device.type == "cpu" and mcfg.vision.arch in ("cnn", "cnn-text")

@@ -148,7 +148,6 @@ class GANTask(Task):
         self.cap_index = torch.from_numpy(inverse.astype(np.int64))  # (N,)
         self.flip_table = self.has_flip = None
         if gan.relation_negatives:
-
             flipped = relation_flips(list(uniq), "gan.relation_negatives", off="false")
             self.has_flip = torch.tensor([f is not None for f in flipped])  # (U,)
             self.flip_table = torch.zeros_like(self.cond_table)  # (U, E): rows without a relation stay unused
@@ -183,8 +182,9 @@ class GANTask(Task):
         feats = instance_features(mcfg.instance_features, self.encoder, self.data, mcfg.instance_dim, n).to(device)
         pick = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed))[: mcfg.instance_bank]
         self.bank, self.bank_keys = feats[pick.to(device)], self.cond_table[self.cap_index[pick].to(device)]
-        self.nn_table = neighbours(feats, self.cond_table[self.cap_index.to(device)], self.bank, self.bank_keys,
-                                   mcfg.instance_k)  # (N, k) fmt: skip
+        self.nn_table = neighbours(
+            feats, self.cond_table[self.cap_index.to(device)], self.bank, self.bank_keys, mcfg.instance_k
+        )  # (N, k) fmt: skip
 
     def _tracker(self) -> None:
 
@@ -192,7 +192,6 @@ class GANTask(Task):
         self.prompts = default_prompts(gan, self.data.classnames, self.captions)
         self.tracker = None
         if gan.judge and self.run.main:  # tracked on rank 0 only: it alone logs and saves
-
             if not self.data.classnames:
                 raise ValueError(f"gan.judge tracks FID-FM per class, so it needs class names; {d.train} has none")
             texts = [format_caption("a photo of a {}.", c) for c in self.data.classnames]

@@ -62,7 +62,6 @@ def default_prompts(gan: GANConfig, classnames: list[str] | None, captions: list
     if gan.sample_prompts:
         return list(gan.sample_prompts)
     if classnames:
-
         return [format_caption("a photo of a {}.", c) for c in classnames]
     return list(dict.fromkeys(captions))[:8]
 
