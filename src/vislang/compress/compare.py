@@ -37,9 +37,10 @@ from ..evaluation.vqa import evaluate_vqa
 from ..evaluation.zero_shot import zero_shot_eval
 from ..factory import get_tokenizer
 from ..models.onnx_runtime import OnnxCLIP, is_onnx_dir
+from ..registry import build_from_meta
 from .compare_gan import compare_generators, is_generator_path
 from .measure import interleaved_times, paired_ratios, weight_bytes
-from .quantize import build_fp32, load_model, model_family, read_meta
+from .quantize import load_model, model_family, read_meta
 
 
 def _load(path: Path):
@@ -61,7 +62,7 @@ def param_counts(path: Path, meta: dict[str, Any]) -> tuple[int, int | None]:
     count is the folded model's.
     """
 
-    fp32 = build_fp32(meta, path)
+    fp32 = build_from_meta(meta, path)
     names = {n for n, _ in fp32.named_parameters()}
     total = sum(p.numel() for p in fp32.parameters())
     f = path / "model.safetensors"

@@ -15,43 +15,38 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..models.dual_encoder import MODEL_TYPE as CLIP_TYPE
 from ..models.dual_encoder import build_model, save_pretrained
 from ..models.gan.pipeline import MODEL_TYPE as GAN_TYPE
 from ..models.int8_io import QUANTISED_METHODS, quantized_state_dict
 from ..models.quantized import quantize_dynamic
 from ..models.vqa import MODEL_TYPE as VQA_TYPE
 from ..models.vqa import VQAModel, save_vqa
-from ..registry import build_from_meta, family_of, load, read_meta
+from ..registry import FAMILIES, load, read_meta
 
-__all__ = ["QUANTISED_METHODS", "build_fp32", "load_model", "load_quantized", "model_family", "quantize_dynamic",
+__all__ = ["QUANTISED_METHODS", "load_model", "load_quantized", "model_family", "quantize_dynamic",
            "read_meta", "save_quantized"]  # fmt: skip
 
 
 def model_family(meta: dict[str, Any]) -> str:
     """``dual-encoder``, ``captioner`` (a CoCa: the config has a decoder), ``vqa`` or ``generator`` (a text-to-image
-    GAN), from a directory's config."""
+    GAN), from a directory's config; the registry's ``compressible`` says which families compression handles."""
     kind = meta.get("model_type")
-    if kind in (CLIP_TYPE, VQA_TYPE, GAN_TYPE) and family_of(meta).compressible:
-        if kind == VQA_TYPE:
-            return "vqa"
-        if kind == GAN_TYPE:
-            return "generator"
-        return "captioner" if (meta.get("model") or {}).get("decoder") else "dual-encoder"
-    raise ValueError(
-        f"compression handles dual encoders, captioners, VQA models and GAN generators ({CLIP_TYPE!r}, "
-        f"{VQA_TYPE!r}, {GAN_TYPE!r}), not model_type {kind!r}"
-    )
+    if kind not in FAMILIES or not FAMILIES[kind].compressible:
+        names = ", ".join(repr(k) for k, f in FAMILIES.items() if f.compressible)
+        raise ValueError(
+            f"compression handles dual encoders, captioners, VQA models and GAN generators ({names}), "
+            f"not model_type {kind!r}"
+        )
+    if kind == VQA_TYPE:
+        return "vqa"
+    if kind == GAN_TYPE:
+        return "generator"
+    return "captioner" if (meta.get("model") or {}).get("decoder") else "dual-encoder"
 
 
 def fp32_twin(model: nn.Module) -> nn.Module:
     """A freshly initialised fp32 model of the same family and config (what the saved config describes)."""
     return VQAModel(model.cfg) if isinstance(model, VQAModel) else build_model(model.cfg)
-
-
-def build_fp32(meta: dict[str, Any], directory: Path) -> nn.Module:
-    """The fp32 model a directory's config describes, untrained (its weights are loaded afterwards)."""
-    return build_from_meta(meta, directory)
 
 
 def save_quantized(
