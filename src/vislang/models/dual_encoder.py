@@ -20,7 +20,7 @@ import torch
 from ..config import from_dict
 from .captioner import CoCa
 from .clip import CLIP, ITM_MODEL_TYPE, MODEL_TYPE, ModelConfig, model_type_of, save_pretrained
-from .int8_io import load_int8_state
+from .int8_io import is_int8, load_int8_state
 from .itm import ITMModel
 
 __all__ = [
@@ -73,9 +73,7 @@ def load_pretrained(directory: str | os.PathLike, device: str | torch.device = "
     meta = json.loads((d / "config.json").read_text())
     model = build_model(config_from_meta(meta, d))
     comp = meta.get("compression") or {}
-    if comp.get("method", "").endswith("int8"):  # the quantised modules are rebuilt, then filled
-        if torch.device(device).type != "cpu":
-            raise ValueError(f"int8 models run on the CPU only; load {d} with device='cpu'")
+    if is_int8(meta, device, str(d)):  # the quantised modules are rebuilt, then filled
         return load_int8_state(model, load_file(str(d / "model.safetensors")), comp, str(d))
     load_weights(model, d / "model.safetensors")
     return model.to(device).eval()

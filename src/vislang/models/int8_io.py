@@ -25,6 +25,16 @@ from .quantized_static import decode_quantized, encode_quantized, quantize_stati
 QUANTISED_METHODS = ("dynamic-int8", "static-int8")
 
 
+def is_int8(meta: dict[str, Any], device: str | torch.device, what: str) -> bool:
+    """Whether a saved directory's config records int8 compression (``vislang compress``), which every family's
+    loader then rebuilds and fills; int8 runs on the CPU only, so another ``device`` is refused here, once."""
+    if not (meta.get("compression") or {}).get("method", "").endswith("int8"):
+        return False
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"{what} is int8, which runs on the CPU only; load it with device='cpu'")
+    return True
+
+
 def _dynamic_linear_cls() -> type[nn.Module]:
     from torch.ao.nn.quantized.dynamic import Linear
 

@@ -34,7 +34,7 @@ from ..evaluation.vqa_metrics import normalize_answer
 from ..model_dir import __version__, atomic_dir, write_weights
 from ..tokenizers import load_tokenizer
 from .fusion import FusionConfig, build_fusion
-from .int8_io import load_int8_state
+from .int8_io import is_int8, load_int8_state
 from .towers import TextConfig, VisionConfig, build_text_tower, build_vision_tower
 
 MODEL_TYPE = "vislang-vqa"
@@ -148,9 +148,7 @@ def load_vqa(directory: str | os.PathLike, device: str | torch.device = "cpu"):
     model = VQAModel(from_dict(VQAConfig, meta["model"], "model"))
     state = load_file(str(d / "model.safetensors"))
     comp = meta.get("compression") or {}
-    if comp.get("method", "").endswith("int8"):  # `vislang compress`: the int8 modules are rebuilt, then filled
-        if torch.device(device).type != "cpu":
-            raise ValueError(f"int8 models run on the CPU only; load {d} with device='cpu'")
+    if is_int8(meta, device, str(d)):  # `vislang compress`: the int8 modules are rebuilt, then filled
         model = load_int8_state(model, state, comp, str(d))
     else:
         model.load_state_dict(state)

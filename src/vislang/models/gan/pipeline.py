@@ -27,6 +27,7 @@ from ...evaluation.embed import model_device
 from ...model_dir import __version__, atomic_dir, run_or_model_dir, write_weights
 from ...tokenizers import load_tokenizer
 from ..dual_encoder import load_pretrained, save_pretrained
+from ..int8_io import is_int8
 from .build import build_generator
 from .ensemble import GeneratorEnsemble, ensemble_config
 from .networks import GANModelConfig, to_uint8
@@ -198,9 +199,7 @@ class TextToImage(nn.Module):
         cfg = from_dict(GANModelConfig, meta.pop("model"), "model")
         state = load_file(str(d / "model.safetensors"))
         comp = meta.get("compression") or {}
-        if comp.get("method", "").endswith("int8"):  # `vislang compress`: the int8 modules are rebuilt, then filled
-            if torch.device(device).type != "cpu":
-                raise ValueError(f"{d} is an int8 generator, which runs on the CPU only; load it with device='cpu'")
+        if is_int8(meta, device, f"{d} (a generator)"):  # `vislang compress`: int8 modules rebuilt, then filled
             generator = load_quantized_generator(cfg, state, comp)
         else:
             generator = build_generator(cfg)
