@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: help install demo test lint bench clean fashion-mnist openclipart java
+.PHONY: help install demo test lint bench clean fashion-mnist openclipart java text-assets
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' Makefile | sed 's/:.*##/\t/'
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[assets,bench,serve,deploy,dev]'
+	$(PY) -m pip install -q -e '.[assets,bench,serve,deploy,video,dev]'
 	@touch $(STAMP)
 
 install: $(STAMP)  ## create .venv with pinned dependencies
@@ -36,6 +36,12 @@ openclipart:  ## install the OpenClipart Debian packages (as root), or say how
 	@if [ -d /usr/share/openclipart/png ] && [ -d /usr/share/openclipart/svg ]; then :; \
 	elif [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q openclipart-png openclipart-svg; \
 	else echo "OpenClipart is missing. Run: sudo apt-get install openclipart-png openclipart-svg"; exit 1; fi
+
+TEXT_DEBS := tesseract-ocr tesseract-ocr-chi-sim tesseract-ocr-eng fonts-noto-cjk fonts-wqy-zenhei fonts-wqy-microhei
+text-assets:  ## install CJK fonts and Tesseract (Chinese + English) for reading text in images (as root), or say how
+	@if command -v tesseract >/dev/null 2>&1 && fc-list :lang=zh | grep -q .; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(TEXT_DEBS); \
+	else echo "CJK fonts or Tesseract are missing. Run: sudo apt-get install $(TEXT_DEBS)"; exit 1; fi
 
 java:  ## install a Java runtime for METEOR (caption-eval; pycocoevalcap comes with `make install`), or say how
 	@if command -v java >/dev/null 2>&1; then :; \
