@@ -266,3 +266,58 @@ def test_readme_command_line_walkthrough_runs(tmp_path, monkeypatch, capsys):
     assert Path(embed.argv[embed.argv.index("-o") + 1]).is_file()
     assert main(list(find(("report",)).argv)) == 0
     assert Path("runs/demo/report.html").is_file()
+
+
+# ------------------------------------------------------------------------- every --help ends with examples that parse
+def all_subparsers() -> list[tuple[tuple[str, ...], object]]:
+    """``(path, parser)`` of every subcommand, nested ones (``index build``) included."""
+    import argparse
+
+    out, todo = [], [((), build_parser())]
+    while todo:
+        path, parser = todo.pop()
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if path and not subs:
+            out.append((path, parser))
+        for action in subs:
+            todo.extend(((*path, name), p) for name, p in action.choices.items())
+    return sorted(out, key=lambda t: t[0])
+
+
+SUBPARSERS = all_subparsers()
+
+
+def help_examples(parser) -> list[str]:
+    """The ``vislang ...`` command lines in a parser's help text (after its 'example(s):' heading), continuations
+    joined."""
+    lines, joined, pending = parser.format_help().splitlines(), [], ""
+    start = next((i for i, line in enumerate(lines) if re.match(r"^\s*examples?:\s*$", line, re.I)), len(lines))
+    for line in lines[start + 1 :]:
+        text = pending + " " + line.strip() if pending else line.strip()
+        if text.endswith("\\"):
+            pending = text[:-1].strip()
+            continue
+        pending = ""
+        joined.append(text)
+    return [line for line in joined if re.match(r"^(vislang|torchrun|python -m vislang)", line)]
+
+
+def test_help_walker_sees_nested_subcommands():
+    paths = {p for p, _ in SUBPARSERS}
+    assert ("index", "build") in paths and ("train",) in paths and ("models",) in paths
+
+
+@pytest.mark.parametrize("path,parser", SUBPARSERS, ids=lambda v: "-".join(v) if isinstance(v, tuple) else "")
+def test_every_subcommand_help_ends_with_examples(path, parser):
+    """The README promises `--help` with examples for every command; the examples are commands too, so they parse."""
+    examples = help_examples(parser)
+    assert examples, f"`vislang {' '.join(path)} --help` has no 'examples:' section with a vislang command"
+    for line in examples:
+        for words in split_commands(line):
+            argv = vislang_argv(words)
+            if argv is None:
+                continue
+            try:
+                parse_command(list(argv))
+            except SystemExit as e:
+                pytest.fail(f"`vislang {' '.join(path)} --help` example does not parse (exit {e.code}): {line}")

@@ -127,3 +127,9 @@ def register(add) -> None:
         "reader that reads letters instead of recalling its word list; test stays real words)",
     )
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sp.epilog = textwrap.dedent("""
+        Writes OUT/000000.png + 000000.txt, ...: a folder any command reads (train, caption-eval, index build).
+        examples:
+          vislang render-text runs/rendered-text/train --split train --n 40000 --random-fraction 0.3
+          vislang render-text runs/rendered-text/val --split val --n 1000 --random-fraction 0.3
+          vislang train --config caption-text                 # reads runs/rendered-text/{train,val}""")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 
 from ..compress.api import METHODS
 
@@ -146,12 +147,26 @@ def register(add) -> None:
     sp.add_argument("--cache-dir", default=".cache/vislang/prepared")
     sp.add_argument("--log-every", type=int, default=50)
     sp.set_defaults(flag_defaults={a.dest: a.default for a in sp._actions})
+    sp.epilog = textwrap.dedent("""
+        examples:
+          vislang compress runs/demo/model --method static-int8 -o runs/demo/int8
+          vislang compress runs/demo/model --method prune --sparsity 0.5 -o runs/demo/prune50
+          vislang compress runs/demo/model --method distill --student text.layers=1 -o runs/demo/student
+          vislang compress runs/gan-fm --method dynamic-int8 -o runs/gan-fm-c/dyn8     # a GAN run's generator
+          vislang compress runs/demo/model --method prune --config my-prune.yaml --steps=400 -o runs/demo/p""")
 
     sp = add("export", "export a model's image and text towers to ONNX, checked against PyTorch", cmd_export)
     sp.add_argument("model_dir", help="a model directory")
     sp.add_argument("--onnx", required=True, metavar="OUT_DIR", help="where the .onnx files, config and tokenizer go")
     sp.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-PyTorch parity check")
     sp.add_argument("--tol", type=float, default=1e-4, help="max abs difference allowed by the check")
+    sp.epilog = textwrap.dedent("""
+        The export directory loads with vislang.load and runs through onnxruntime in embed, index build, search
+        and serve (--backend onnx, or picked by the directory).
+        examples:
+          vislang export runs/demo/model --onnx runs/demo/onnx
+          vislang embed --model runs/demo/onnx --texts "a bag" -o runs/bag.npy
+          vislang export runs/gan-fm --onnx runs/gan-fm/onnx           # a GAN: generator.onnx + its text tower""")
 
     sp = add("compare", "size, parameters, images/s, texts/s and accuracy of several models in one table", cmd_compare)
     sp.add_argument("models", nargs="+", help="model directories or ONNX exports; ratios are against the first")
@@ -174,4 +189,10 @@ def register(add) -> None:
         "--max-images = images generated, 1,000 per class by default",
     )
     sp.add_argument("-o", "--out", default=None, help="where compare.md/.png/.json go (default: FIRST/../compare)")
+    sp.epilog = textwrap.dedent("""
+        Each ratio is the median of per-round paired ratios against the first model, with its interquartile range.
+        examples:
+          vislang compare runs/demo/model runs/demo/int8 runs/demo/onnx
+          vislang compare runs/demo/model runs/demo/int8 --data none --rounds 9 --speed-batches 1,8,256
+          vislang compare runs/gan-fm/model runs/gan-fm-c/static --judge runs/finetune/scratch/model""")
     sp.add_argument("--cache-dir", default=".cache/vislang/prepared")

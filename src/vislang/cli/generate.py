@@ -9,7 +9,7 @@ import warnings
 
 EXAMPLES = """
     examples:
-      vislang generate "a photo of a sneaker" -n 16 -o grid.png --seed 0 --model runs/gan-fm
+      vislang generate "a photo of a sneaker" -n 16 -o runs/grid.png --seed 0 --model runs/gan-fm
       vislang generate "a photo of a sneaker" --to "a photo of a sandal" --steps 10 -o strip.png --model runs/gan-fm
       vislang generate "a red circle" "a blue square" -n 8 -o shapes.png --model runs/gan-shapes
     Train a generator first: vislang train --config gan"""
@@ -43,10 +43,13 @@ def generate_to_file(
 
 
 def cmd_generate(args: argparse.Namespace, extra: list[str]) -> int:
+    from ..model_dir import run_or_model_dir  # lazy: `vislang --help` starts without loading torch
+
+    out = args.out or str(run_or_model_dir(args.model).resolve().parent / "generated" / "grid.png")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         path = generate_to_file(
-            args.model, args.prompts, args.out, n=args.n, seed=args.seed, to=args.to, steps=args.steps,
+            args.model, args.prompts, out, n=args.n, seed=args.seed, to=args.to, steps=args.steps,
             scale=args.scale, device=args.device,
         )  # fmt: skip
     for w in caught:
@@ -121,7 +124,7 @@ def register(add) -> None:
     sp.add_argument("prompts", nargs="+", help='what to draw, e.g. "a photo of a sneaker" (several: one row each)')
     sp.add_argument("--model", default="runs/gan-fm", help="GAN model or run directory (default: runs/gan-fm)")
     sp.add_argument("-n", type=int, default=16, help="images per prompt (default 16)")
-    sp.add_argument("-o", "--out", default="grid.png", help="output PNG (default grid.png)")
+    sp.add_argument("-o", "--out", default=None, help="output PNG (default: RUN/generated/grid.png, beside the model)")
     sp.add_argument("--seed", type=int, default=None, help="fix the noise: the same seed gives the same images")
     sp.add_argument("--to", default=None, help="interpolate from the prompt to this one (a strip PNG)")
     sp.add_argument("--steps", type=int, default=8, help="images in the interpolation strip (default 8)")
@@ -138,6 +141,12 @@ def register(add) -> None:
     sp.add_argument("--seed", default="0", help="noise seed, or several (0,1,2): each in OUT/seed-S, their mean and "
                     "spread in OUT/results.json (default 0)")  # fmt: skip
     sp.add_argument("--device", default="cpu")
+    sp.epilog = textwrap.dedent("""
+        examples:
+          vislang finetune --model fmnist-cnn --method scratch --out runs/finetune    # a fixed judge classifier
+          vislang generate-eval --model runs/gan-fm --judge runs/finetune/scratch/model
+          vislang generate-eval --model runs/gan-fm runs/gan-ens --judge runs/finetune/scratch/model --seed 0,1,2
+          vislang generate-eval --model runs/gan-shapes                 # shapes: colour and shape as asked""")
 
     sp = add("generate-ensemble", "pool separately trained GANs into one model: each image is drawn by one of them, "
              "picked by its noise", cmd_generate_ensemble)  # fmt: skip
@@ -149,7 +158,7 @@ def register(add) -> None:
         example:
           vislang train --config gan --seed=1 --out_dir=runs/gan-s1
           vislang generate-ensemble runs/gan-fm runs/gan-s1 -o runs/gan-ens
-          vislang generate "a photo of a sneaker" --model runs/gan-ens -o grid.png""")
+          vislang generate "a photo of a sneaker" --model runs/gan-ens -o runs/grid.png""")
     sp.add_argument("members", nargs="+", help="GAN model or run directories (two or more)")
     sp.add_argument("-o", "--out", required=True, help="the ensemble's model directory (written atomically)")
 

@@ -98,11 +98,12 @@ def register(add) -> None:
     sp = add("index", "build, extend, shrink or describe an embedding index of images", cmd_index)
     sp.epilog = textwrap.dedent(INDEX_EPILOG)
     actions = sp.add_subparsers(dest="action", required=True, metavar="ACTION")
+    each = dict(epilog=sp.epilog, formatter_class=argparse.RawDescriptionHelpFormatter)  # the examples, on every action
     for name, help_ in (
         ("build", "embed a folder / CSV / JSONL / tar shards into a new (or interrupted) index"),
         ("add", "embed more images into an existing index"),
     ):
-        a = actions.add_parser(name, help=help_, description=help_)
+        a = actions.add_parser(name, help=help_, description=help_, **each)
         a.add_argument("src", help="folder of images, .csv/.tsv/.jsonl of paths (+ captions), or .tar shard pattern")
         a.add_argument("--index", required=True, help="index directory")
         a.add_argument("--model", required=(name == "build"), help="model directory (add: the index's own)")
@@ -120,10 +121,10 @@ def register(add) -> None:
             a.add_argument("--ann", default="hnsw", choices=["hnsw", "ivf"], help="auto: approximate index above it")
             a.add_argument("--nprobe", type=int, default=16, help="IVF lists scanned per query (default 16)")
             a.add_argument("--nlist", type=int, help="IVF lists (default round(4*sqrt(N)), retrained as N grows)")
-    a = actions.add_parser("remove", help="remove items by id, image file or folder")
+    a = actions.add_parser("remove", help="remove items by id, image file or folder", **each)
     a.add_argument("targets", nargs="+", help="ids, image files, folders, or a CSV/JSONL/shards of what to remove")
     a.add_argument("--index", required=True, help="index directory")
-    a = actions.add_parser("info", help="size, embedding size, back end and build state as JSON")
+    a = actions.add_parser("info", help="size, embedding size, back end and build state as JSON", **each)
     a.add_argument("--index", required=True, help="index directory")
 
     sp = add("search", "search an index by text or by image", cmd_search)

@@ -231,6 +231,22 @@ def cmd_models(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 EXAMPLES = {
+    "demo": """
+        Trains the packaged demo config (fmnist-cnn on Fashion-MNIST), evaluates it and writes OUT/report.html;
+        run again, it re-evaluates the saved model. Overrides as in train.
+        examples:
+          vislang demo                                       # runs/demo
+          vislang demo --out runs/demo2 --fresh --epochs=1 --time_budget_min=0""",
+    "models": """
+        The name goes to --model_name= (train) or --model (finetune, prepare); model_type is the family.
+        examples:
+          vislang models
+          vislang train --config demo --model_name=vit-small-p7 --out_dir=runs/vit""",
+    "report": """
+        Reads RUN/metrics.jsonl and RUN/eval/ (results.json, PNGs) and writes RUN/report.html.
+        examples:
+          vislang report runs/demo
+          vislang eval --model runs/short/model && vislang report runs/short""",
     "train": """
         examples:
           vislang train --config demo                       # the packaged Fashion-MNIST run

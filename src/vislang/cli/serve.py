@@ -16,7 +16,7 @@ SERVE_EPILOG = """
           --vqa-model runs/ablate-fusion/cross_attention/model       # + /v1/caption, /v1/vqa
       vislang serve --index photos.index --generate-model runs/gan-fm   # + /v1/generate
       curl -s localhost:8000/v1/generate -H 'content-type: application/json' \\
-          -d '{"prompt": "a photo of a sneaker.", "n": 16, "seed": 0}' -o grid.png
+          -d '{"prompt": "a photo of a sneaker.", "n": 16, "seed": 0}' -o runs/grid.png
       curl -s localhost:8000/v1/search -H 'content-type: application/json' -d '{"text": "a red shoe", "k": 5}'
     Needs the serve extra: pip install 'vislang[serve]'."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import textwrap
 
 from ..evaluation.explain import explain
 from ..models.vqa_generative import answer_probability, predict_answer
@@ -73,6 +74,12 @@ def register(add) -> None:
     sp.add_argument("--top-k", type=int, default=1, help="print the k most probable answers")
     sp.add_argument("--answer", help="print the probability of this answer instead")
     sp.add_argument("--json", action="store_true", help="print JSON")
+    sp.epilog = textwrap.dedent("""
+        examples:
+          vislang train --config vqa                          # the classifier head: runs/vqa/model
+          vislang vqa runs/scenes/000000.png "what colour is the star?" --model runs/vqa/model
+          vislang vqa runs/scenes/000000.png "how many shapes are there?" --model runs/vqa/model --top-k 3
+          vislang vqa runs/scenes/000000.png "is there a red circle?" --model runs/vqa-gen/model --answer yes""")
 
     sp = add(
         "ablate-fusion",
@@ -99,6 +106,12 @@ def register(add) -> None:
         help=f"seconds of training per fusion, the same for each (default {ABLATE_BUDGET_S:g}: the README table's "
         "15 min each; 0 = no limit, train --epochs)",
     )
+    sp.epilog = textwrap.dedent("""
+        Trains one VQA model per fusion (concatenation W[F_I;F_T]+b, sum, gated, cross-attention) on the same
+        scenes and the same time budget, then writes OUT/ablation.md and a PNG table.
+        examples:
+          vislang ablate-fusion --time-budget 900 --out runs/ablate-fusion      # the README table, 15 min each
+          vislang ablate-fusion --fusions concat,gated --time-budget 60 --n-train 500 --out runs/ablate-quick""")
 
     sp = add(
         "explain", "write a PNG saliency overlay: Grad-CAM (dual encoder) or cross-attention (VQA model)", cmd_explain
@@ -106,4 +119,10 @@ def register(add) -> None:
     sp.add_argument("image", help="an image file")
     sp.add_argument("text", help="the text (caption or question) to explain")
     sp.add_argument("--model", required=True, help="a dual-encoder or VQA model directory")
-    sp.add_argument("--out", default="explain.png", help="output PNG")
+    sp.add_argument("--out", default=None, help="output PNG (default: RUN/explain/IMAGE-NAME.png, beside the model)")
+    sp.epilog = textwrap.dedent("""
+        Also writes the raw map as .npy next to the PNG.
+        examples:
+          vislang explain runs/scenes/000000.png "a blue star" --model runs/vqa/model        # cross-attention
+          vislang explain runs/demo/images/test_00000.png "a photo of a bag" --model runs/demo/model \\
+            --out runs/bag.png""")

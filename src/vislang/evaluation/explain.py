@@ -19,6 +19,7 @@ from PIL import Image
 
 from ..data.transforms import normalize, pil_to_array
 from ..factory import from_pretrained, get_tokenizer
+from ..model_dir import run_or_model_dir
 from ..models.vqa import load_vqa
 
 
@@ -124,9 +125,15 @@ def saliency(model_dir: str, image, text: str) -> np.ndarray:
     return clip_saliency(from_pretrained(d), get_tokenizer(d), pil, text)
 
 
-def explain(model_dir: str, image, text: str, out: str = "explain.png") -> Path:
-    """Write the PNG overlay of ``saliency`` and return its path."""
+def explain(model_dir: str, image, text: str, out: str | None = None) -> Path:
+    """Write the PNG overlay of ``saliency`` (and the map as .npy beside it) and return its path.
+
+    Without ``out`` it goes beside the run, ``MODEL/../explain/IMAGE-NAME.png``, never into the working directory.
+    """
     heat = saliency(model_dir, image, text)
+    if out is None:
+        stem = Path(image).stem if isinstance(image, (str, Path)) else "image"
+        out = str(run_or_model_dir(model_dir).resolve().parent / "explain" / f"{stem}.png")
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     overlay(_open_image(image), heat).save(path)

@@ -74,6 +74,7 @@ import contextlib
 import itertools
 import json
 import math
+import shutil
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -325,6 +326,7 @@ class Loop:
 
     def __init__(self, task: Task, cfg: TrainConfig, resume: bool) -> None:
         self.task, self.cfg, self.resume = task, cfg, resume
+        self.created_out: Path | None = None  # the topmost folder prepare() made (see discard_empty_run)
         rank, world, device = dist.init_distributed()
         if cfg.device != "auto" and world == 1:
             device = pick_device(cfg.device)
@@ -363,6 +365,10 @@ class Loop:
             torch.set_num_threads(cfg.threads)
         self.task.check(cfg)
         if run.out_dir is not None and run.main:
+            # the topmost folder this run creates, removed again if the run fails before its first step
+            self.created_out = next((p for p in reversed(run.out_dir.parents) if not p.exists()), None)
+            if self.created_out is None and not run.out_dir.exists():
+                self.created_out = run.out_dir
             run.out_dir.mkdir(parents=True, exist_ok=True)
             if not self.resume and self.ckpt_path.exists():
                 raise FileExistsError(
@@ -428,12 +434,31 @@ class Loop:
         if self.run.scaler is not None and state.get("scaler"):
             self.run.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        self.run.total_steps = self.cfg.max_steps or state["total_steps"]  # --max_steps extends a resumed run
+        self.run.total_steps = self.resumed_total_steps(state)
         self.elapsed_before = state.get("elapsed_s", 0.0)
         set_rng_state(state["rng"])
         self.task.load_state_dict(state)
         if self.run.main:
             print(f"[vislang] resumed {self.ckpt_path} at step {self.step}/{self.run.total_steps} (epoch {self.epoch})")
+            if self.step >= self.run.total_steps:
+                print(
+                    f"[vislang] this run already finished its {self.run.total_steps} steps: nothing to train. To train "
+                    "longer, resume with more --epochs=N (than the run's) or --max_steps=N"
+                )
+
+    def resumed_total_steps(self, state: dict[str, Any]) -> int:
+        """A resumed run's schedule: ``--max_steps``, else more ``--epochs`` than the run had, else the run's own.
+
+        The checkpoint's own count wins when the epochs are unchanged, so a crashed run resumes onto the schedule it
+        started with (a time budget may have shortened it); asking for more epochs than the checkpoint's config
+        extends it, as OpenCLIP continues to the configured epochs.
+        """
+        if self.cfg.max_steps:
+            return self.cfg.max_steps
+        saved_epochs = state.get("config", {}).get("epochs")
+        if saved_epochs is not None and self.cfg.epochs != saved_epochs:
+            return max(1, math.ceil(self.cfg.epochs * self.steps_in_epoch(0)))
+        return state["total_steps"]
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.time() - self.t_start
@@ -528,8 +553,20 @@ class Loop:
     def fit(self) -> Any:
         try:
             return self._fit()
+        except BaseException:
+            self.discard_empty_run()
+            raise
         finally:
             self.task.close()
+
+    def discard_empty_run(self) -> None:
+        """A run that fails before its first step leaves no directory behind (only one this run created itself)."""
+        created = self.created_out
+        if created is None or not self.run.main or self.step > 0:
+            return
+        if self.ckpt_path is not None and self.ckpt_path.exists():
+            return
+        shutil.rmtree(created, ignore_errors=True)
 
     def _fit(self) -> Any:
         self.t_start = time.time()
