@@ -135,3 +135,25 @@ def test_time_budget_refits_when_steps_slow_down(tmp_path, monkeypatch):
     # a fit made only at step 30 (pace 0.01 s) keeps all 240 steps and ends after ~200 s of a 60 s budget
     assert 60 < rec[-1]["step"] < 130
     assert rec[-1]["elapsed_s"] < 60 + 5
+
+
+def test_resume_after_a_finished_run_trains_the_extra_epochs(tmp_path, capsys):
+    """OpenCLIP's convention: resuming with more epochs than the run had continues to the new count."""
+    train(_cfg(tmp_path, "r", "epochs=1"))
+    steps_one_epoch = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1]).get("step")
+    capsys.readouterr()
+    train(_cfg(tmp_path, "r", "epochs=1"), resume=True)  # same epochs: nothing to train, and it says how to go on
+    assert "already finished" in capsys.readouterr().out
+    train(_cfg(tmp_path, "r", "epochs=2"), resume=True)
+    steps = [json.loads(x).get("step") for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert max(s for s in steps if s) == 2 * steps_one_epoch
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_no_folder(tmp_path):
+    with pytest.raises((ValueError, FileNotFoundError), match="not found"):
+        train(_cfg(tmp_path, "runs/broken", "data.train=no-such-pairs.csv"))
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "keep").mkdir()
+    with pytest.raises((ValueError, FileNotFoundError), match="not found"):
+        train(_cfg(tmp_path, "keep/broken", "data.train=no-such-pairs.csv"))
+    assert (tmp_path / "keep").is_dir() and not (tmp_path / "keep" / "broken").exists()  # only what it made goes
