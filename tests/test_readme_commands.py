@@ -321,3 +321,54 @@ def test_every_subcommand_help_ends_with_examples(path, parser):
                 parse_command(list(argv))
             except SystemExit as e:
                 pytest.fail(f"`vislang {' '.join(path)} --help` example does not parse (exit {e.code}): {line}")
+
+
+# ------------------------------------------------------------------------------ inline `vislang ...` commands in prose
+def inline_commands(text: str) -> list[Command]:
+    """Every `vislang ...` code span in the prose (outside fenced blocks; a span may wrap onto the next line) that
+    gives more than a subcommand's name. A bare `vislang index build` is a mention; one with arguments is a command a
+    reader may paste, so it must parse."""
+    prose, fence = [], None
+    for lineno, line in enumerate(text.splitlines(), 1):
+        m = re.match(r"^\s*(`{3,}|~{3,})", line)
+        if m:
+            fence = None if fence and m.group(1).startswith(fence) else (fence or m.group(1))
+            continue
+        if fence is None:
+            prose.append((lineno, line))
+    joined = "\n".join(line for _, line in prose)
+    starts = [0]
+    for _, line in prose:
+        starts.append(starts[-1] + len(line) + 1)
+    found = []
+    for m in re.finditer(r"(?<!`)`([^`]+)`(?!`)", joined):
+        span = " ".join(m.group(1).split())
+        words = span.split()
+        argv = vislang_argv(words) if words else None
+        if argv is None or len(argv) <= len(command_path(argv)):
+            continue
+        lineno = prose[next(i for i, s in enumerate(starts) if s > m.start()) - 1][0]
+        found.append(Command(lineno, span, tuple(shlex.split(" ".join(argv)))))
+    return found
+
+
+INLINE = inline_commands(README.read_text())
+
+
+def test_inline_extractor_reads_wrapped_spans_and_skips_mentions():
+    text = "see `vislang index build` and `vislang compare\nruns/a runs/b --rounds 9`\n```\n`vislang x y`\n```\n"
+    got = [(c.lineno, c.argv) for c in inline_commands(text)]
+    assert got == [(1, ("compare", "runs/a", "runs/b", "--rounds", "9"))]
+
+
+@pytest.mark.parametrize("cmd", INLINE, ids=lambda c: f"L{c.lineno}-{'-'.join(command_path(c.argv)) or c.argv[0]}")
+def test_readme_inline_command_parses(cmd: Command, capsys):
+    try:
+        args, extra = parse_command(list(cmd.argv))
+    except SystemExit as e:
+        pytest.fail(f"{cmd}\nthe CLI rejects this inline command (exit {e.code}): {capsys.readouterr().err.strip()}")
+    if args.command == "train":
+        try:
+            train_run_config(args.config, extra)
+        except (SystemExit, ValueError) as e:
+            pytest.fail(f"{cmd}\nits config does not load: {e}")
