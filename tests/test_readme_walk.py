@@ -1,6 +1,6 @@
-"""README.md is a contract: every `vislang` command in its shell blocks (then each inline one) runs, in order, as a new user would after
-`make demo`, each made tiny by a few appended overrides (fewer steps, fewer images), so CI fails the day the README
-and the code part ways.
+"""README.md is a contract: every `vislang` command in its shell blocks (then each inline one) runs, in order, as a
+new user would after `make demo`, each made tiny by a few appended overrides (fewer steps, fewer images), so CI fails
+the day the README and the code part ways.
 
 `tests/test_readme_commands.py` parses every command; this file runs them. The overrides only shrink work (steps,
 images, rounds); they never change what a command reads or writes, so each command finds the folders the commands
