@@ -1,8 +1,15 @@
-"""Atomic checkpoints with everything needed to resume exactly: weights, optimizer, scaler, step and RNG states."""
+"""Atomic checkpoints with everything needed to resume exactly: weights, optimizer, scaler, step and RNG states.
+
+Checkpoints hold only tensors and plain containers of numbers and strings, so they load with
+``torch.load(..., weights_only=True)``: a run directory someone sends you cannot run code on your machine when you
+resume it (a full unpickler would execute whatever the file names). The RNG states, which Python and NumPy give as
+tuples holding arrays, are stored as tensors for that reason and turned back on load.
+"""
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -11,8 +18,23 @@ import numpy as np
 import torch
 
 
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """Flush a folder's entries (a rename inside it) to disk: without it, a power cut can undo a completed rename."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some file systems (and Windows) cannot open a folder; nothing more to do there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename: a crash never leaves a half-written file."""
+    """Write to a temporary file in the same folder, fsync, rename, fsync the folder: a crash never leaves a
+    half-written file, and a finished save survives a power cut."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -21,25 +43,65 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """``path`` replaced by ``text`` in one rename (temporary file, fsync, rename, fsync the folder)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The Python, NumPy, torch (and CUDA) generator states, as tensors and ints (``weights_only``-loadable)."""
+    version, words, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),  # (624,) uint32 words
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore what :func:`rng_state` recorded."""
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+    keys = npy["keys"].numpy().astype(np.uint32)
+    np.random.set_state((npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint written by the loop, read with ``weights_only=True`` (tensors and plain data only).
+
+    A file that needs the full unpickler is refused with a message rather than loaded: it may be an old checkpoint,
+    or one crafted to run code.
+    """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"no checkpoint at {p}; train first, or drop --resume to start fresh")
-    return torch.load(p, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"{p} holds objects beyond tensors and plain data, so it is not loaded (unpickling it could run code); "
+            "it is either from an older vislang or not a vislang checkpoint: start a new run in another --out_dir"
+        ) from e
