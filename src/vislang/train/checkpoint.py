@@ -17,19 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-
-def fsync_dir(directory: str | os.PathLike) -> None:
-    """Flush a folder's entries (a rename inside it) to disk: without it, a power cut can undo a completed rename."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some file systems (and Windows) cannot open a folder; nothing more to do there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+from ..model_dir import fsync_dir
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
