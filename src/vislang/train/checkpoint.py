@@ -20,9 +20,24 @@ import torch
 from ..model_dir import fsync_dir
 
 
+def plain(obj: Any) -> Any:
+    """``obj`` with NumPy scalars and arrays turned into Python numbers and tensors (what ``weights_only`` reads)."""
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, dict):
+        return type(obj)((k, plain(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(plain(v) for v in obj)
+    return obj
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """Write to a temporary file in the same folder, fsync, rename, fsync the folder: a crash never leaves a
-    half-written file, and a finished save survives a power cut."""
+    half-written file, and a finished save survives a power cut. NumPy values are stored as numbers and tensors
+    (``plain``), so the file loads with ``weights_only=True``."""
+    obj = plain(obj)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
