@@ -357,8 +357,8 @@ def add_items(
         if pending_meta:
             if before_commit is not None:
                 before_commit()
-            index.add(np.concatenate(pending_vecs), pending_meta)
-            counts["added"] += len(pending_meta)
+            counts["added"] += add_new(index, np.concatenate(pending_vecs), pending_meta, counts)
+            index.save()  # publish this version's FAISS file: a server swaps it in instead of rebuilding
             pending_vecs.clear()
             pending_meta.clear()
 
@@ -384,6 +384,28 @@ def add_items(
         if bar is not None:
             bar.update(len(batch))
     commit()
+
+
+def add_new(index: Index, vecs: np.ndarray, meta: list[dict[str, Any]], counts: dict[str, Any]) -> int:
+    """Add the items no other writer indexed meanwhile (those count as ``already``); returns how many were added.
+
+    Why: two ``index add`` runs over one source both find an item missing, embed it, and the second commit then
+    meets the first's key; that must skip the item, not abort the whole build.
+    """
+    for _ in range(8):
+        try:
+            index.add(vecs, meta)
+            return len(meta)
+        except ValueError:
+            done = index.ids_for_keys([m["key"] for m in meta])
+            if not done:
+                raise  # not a duplicate: a real error
+            keep = [i for i, m in enumerate(meta) if m["key"] not in done]
+            counts["already"] += len(done)
+            vecs, meta = vecs[keep], [meta[i] for i in keep]
+            if not meta:
+                return 0
+    raise RuntimeError("other writers keep adding the same items; run `vislang index add` again")
 
 
 def batched(items: Iterator[SourceItem], n: int) -> Iterator[list[SourceItem]]:
