@@ -261,3 +261,20 @@ def test_healthz_reports_a_dead_search_worker_as_503(world):
         r = c.get("/healthz")
         assert r.status_code == 503 and r.json()["search_worker"] == "dead"
         assert json.loads(r.text)["status"] != "ok"
+
+
+def test_serve_refuses_a_public_bind_without_a_key_and_limits_connections(world, monkeypatch):
+    import uvicorn
+
+    from vislang.cli.main import main
+
+    monkeypatch.delenv("VISLANG_API_KEY", raising=False)
+    ran = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: ran.update(app=app, **kw))
+    assert main(["serve", "--index", str(world["index"]), "--host", "0.0.0.0"]) != 0 and not ran  # refused
+    assert main(["serve", "--index", str(world["index"]), "--allowed-host", "photos.example.org"]) == 0
+    assert ran["limit_concurrency"] == 64 and ran["timeout_keep_alive"] == 5
+    with TestClient(ran["app"], base_url="http://photos.example.org", raise_server_exceptions=False) as c:
+        assert c.get("/healthz").status_code == 200
+        assert c.get("/healthz", headers={"Host": "127.0.0.1:8000"}).status_code == 200
+        assert c.get("/healthz", headers={"Host": "rebound.attacker.example"}).status_code == 400
