@@ -79,6 +79,7 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
         vqa_model=args.vqa_model,
         generate_model=args.generate_model,
         allowed_hosts=hosts,
+        body_timeout=args.body_timeout,
     )
     uvicorn.run(
         app,
@@ -110,6 +111,8 @@ def register(add) -> None:
                     help="a Host name clients use besides localhost/127.0.0.1 (repeatable; '*': any)")  # fmt: skip
     sp.add_argument("--limit-concurrency", type=int, default=64,
                     help="most connections at once; more are answered 503 (default 64)")  # fmt: skip
+    sp.add_argument("--body-timeout", type=float, default=30.0,
+                    help="seconds a client may take to send a request body; slower: 408 (default 30)")  # fmt: skip
     sp.add_argument("--timeout-keep-alive", type=int, default=5, help="seconds an idle connection stays open (5)")
     sp.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body (default 10 MB)")
     sp.add_argument("--max-k", type=int, default=1000, help="most results per search (default 1000)")

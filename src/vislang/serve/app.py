@@ -41,7 +41,7 @@ from ..index.files import ROOTS_STATE, served_bytes, strip_metadata
 from ..index.search import Searcher
 from .batching import Overloaded, SearchBatcher
 from .generative import Captioner, ImageGenerator, QuestionAnswerer
-from .guard import RETRY_AFTER, SEARCH_TIMEOUT, ApiError, Guard, Limiter, answered, error
+from .guard import BODY_TIMEOUT, RETRY_AFTER, SEARCH_TIMEOUT, ApiError, Guard, Limiter, answered, error
 
 DOCS_ASSETS = "/docs-assets"  # Swagger UI's own files, served locally so /docs works offline
 MAX_TEXTS = 256  # texts per /v1/embed request
@@ -419,6 +419,7 @@ def create_app(
     generate_model: str | os.PathLike | None = None,
     allowed_hosts: list[str] | None = None,
     max_queue: int = 1024,
+    body_timeout: float = BODY_TIMEOUT,
 ) -> FastAPI:
     """The FastAPI app serving one index.
 
@@ -436,6 +437,7 @@ def create_app(
         allowed_hosts: the names a ``Host`` header may carry (``vislang serve`` passes localhost and 127.0.0.1 by
             default); None accepts any (tests, or a server behind a proxy that checks).
         max_queue: most searches waiting for the batcher; more are answered 503 with ``Retry-After``.
+        body_timeout: seconds a client may take to send its request body (408 after).
     """
 
     searcher = Searcher(index_dir, model_dir, device=device)
@@ -477,7 +479,8 @@ def create_app(
 
     app.state.service = svc
     app.state.batcher = batcher
-    app.add_middleware(Guard, api_key=api_key, max_body=max_body, allowed_hosts=allowed_hosts)
+    app.add_middleware(Guard, api_key=api_key, max_body=max_body, allowed_hosts=allowed_hosts,
+                       body_timeout=body_timeout)  # fmt: skip
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
