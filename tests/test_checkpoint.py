@@ -86,3 +86,62 @@ def test_metrics_hold_each_step_once_after_a_crash_and_resume(tmp_path, monkeypa
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in lines if "loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == 4, steps
+
+
+SLOW_TRAIN = """
+import sys, time
+from vislang.train import loop
+real = loop.Loop.apply_lr
+loop.Loop.apply_lr = lambda self: (time.sleep(0.05), real(self))[1]  # slower steps, same arithmetic: time to kill
+from vislang.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_sigkilled_training_run_resumes_to_the_uninterrupted_weights(tmp_path):
+    """`vislang train` killed with SIGKILL at a random step (between checkpoints, or while writing one), then run
+    again with --resume, ends with exactly the weights of a run that was never interrupted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    args = [f"--{o}" for o in TINY] + ["--task=contrastive", "--data.options={n: 64}", "--batch_size=16",
+                                       "--epochs=4", "--save_every=3", "--log_every=1",
+                                       f"--data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+    def train_cmd(name: str, *extra: str) -> list[str]:
+        return [sys.executable, "-c", SLOW_TRAIN, "train", *args, f"--out_dir={tmp_path / name}", *extra]
+
+    subprocess.run(train_cmd("a"), env=env, check=True, capture_output=True)
+    total = max(json.loads(x)["step"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines())
+    kill_at = random.Random(28).randint(4, total - 2)  # a step past the first checkpoint, before the end
+    proc = subprocess.Popen(train_cmd("b"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "b" / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 120
+
+        def reached() -> bool:
+            lines = metrics.read_text().splitlines() if metrics.is_file() else []
+            return any(json.loads(x).get("step", 0) >= kill_at for x in lines if x.endswith("}"))
+
+        while not reached():
+            assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait(30)
+    assert not (tmp_path / "b" / "model").exists()  # it really died mid-run
+    subprocess.run(train_cmd("b", "--resume"), env=env, check=True, capture_output=True)
+    straight = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))
+    resumed = load_file(str(tmp_path / "b" / "model" / "model.safetensors"))
+    assert straight.keys() == resumed.keys()
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
+    steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines() if "loss" in x]
+    assert steps == sorted(set(steps))  # each step logged once

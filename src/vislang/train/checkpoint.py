@@ -49,18 +49,6 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     fsync_dir(path.parent)
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """``path`` replaced by ``text`` in one rename (temporary file, fsync, rename, fsync the folder)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
 def rng_state() -> dict[str, Any]:
     """The Python, NumPy, torch (and CUDA) generator states, as tensors and ints (``weights_only``-loadable)."""
     version, words, gauss = random.getstate()

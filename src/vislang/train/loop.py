@@ -87,7 +87,8 @@ from tqdm.auto import tqdm
 
 from .. import distributed as dist
 from ..config import to_dict
-from .checkpoint import atomic_torch_save, atomic_write_text, load_checkpoint, rng_state, set_rng_state
+from ..index.base import atomic_write_bytes
+from .checkpoint import atomic_torch_save, load_checkpoint, rng_state, set_rng_state
 from .config import TrainConfig
 from .optim import lr_at, set_lr
 
@@ -131,7 +132,7 @@ class MetricsLog:
         lines = self.path.read_text().splitlines(keepends=True)
         kept = [line for line in lines if line.endswith("\n") and _line_step(line) <= step]  # a torn line goes too
         if len(kept) != len(lines):
-            atomic_write_text(self.path, "".join(kept))
+            atomic_write_bytes(self.path, "".join(kept).encode())
 
 
 def _line_step(line: str) -> float:
