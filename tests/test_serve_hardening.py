@@ -278,3 +278,13 @@ def test_serve_refuses_a_public_bind_without_a_key_and_limits_connections(world,
         assert c.get("/healthz").status_code == 200
         assert c.get("/healthz", headers={"Host": "127.0.0.1:8000"}).status_code == 200
         assert c.get("/healthz", headers={"Host": "rebound.attacker.example"}).status_code == 400
+
+
+def test_an_index_built_before_roots_were_recorded_serves_its_source_folder_only(tmp_path, world):
+    images = write_images(tmp_path / "images", 2)
+    build_index(str(tmp_path / "images"), tmp_path / "ix", world["model"], progress=False)
+    with open_index(tmp_path / "ix") as ix:  # as an older vislang left it: the build's source, no roots
+        ix.db.execute("DELETE FROM state WHERE name = 'roots'")
+        first = ix.ids_for_keys([str(images[0].resolve())])[str(images[0].resolve())]
+    with TestClient(create_app(tmp_path / "ix"), raise_server_exceptions=False) as c:
+        assert c.get(f"/v1/images/{first}").status_code == 200

@@ -192,6 +192,19 @@ def source_roots(src: str) -> set[str]:
     return {str(path if path.is_dir() else path.parent)}
 
 
+def recorded_roots(index: Index) -> list[str]:
+    """The folders an index's images may be served from: those its builds recorded, or, for an index built before
+    they were, the folders of its last build's source."""
+    roots = index.get_state(ROOTS_STATE)
+    if roots is None:
+        src = (index.get_state("build") or {}).get("source")
+        try:
+            roots = sorted(source_roots(src)) if src else []
+        except (OSError, ValueError):
+            roots = []
+    return roots
+
+
 def open_source(
     src: str, img_key: str | None = None, caption_key: str | None = None, allow_outside_root: bool = False
 ) -> Iterator[SourceItem]:

@@ -36,8 +36,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..evaluation.zero_shot import logit_scale_of, zero_shot_classifier
-from ..index.build import read_item_image
-from ..index.files import ROOTS_STATE, served_bytes, strip_metadata
+from ..index.build import read_item_image, recorded_roots
+from ..index.files import served_bytes, strip_metadata
 from ..index.search import Searcher
 from .batching import Overloaded, SearchBatcher
 from .generative import Captioner, ImageGenerator, QuestionAnswerer
@@ -134,8 +134,9 @@ class Service:
         self._classifiers: OrderedDict[tuple, Any] = OrderedDict()
         self._lock = threading.Lock()
         self._checked = 0.0
+        self._counting = threading.Lock()
         self.size = len(searcher.index)  # kept here: /healthz answers without touching the index
-        self.roots = searcher.index.get_state(ROOTS_STATE) or []  # the folders images may be served from
+        self.roots = recorded_roots(searcher.index)  # the folders images may be served from
         self.limiter = Limiter()  # caption, VQA and generate: one at work, a few waiting, 503 beyond
 
     def refresh(self) -> None:
@@ -148,11 +149,17 @@ class Service:
         if refresh is not None:
             refresh()
         self.size = len(self.searcher.index)
-        self.roots = self.searcher.index.get_state(ROOTS_STATE) or []
+        self.roots = recorded_roots(self.searcher.index)
 
     def count(self) -> None:
-        """Count the items again (in a worker thread: the back end may wait for a lock or a database)."""
-        self.size = len(self.searcher.index)
+        """Count the items again (in a worker thread: the back end may wait for a lock or a database); one count at
+        a time, so a flood of /healthz calls against a busy index does not take every worker thread."""
+        if not self._counting.acquire(blocking=False):
+            return
+        try:
+            self.size = len(self.searcher.index)
+        finally:
+            self._counting.release()
 
     def image_bytes(self, image_id: int) -> bytes:
         """What ``/v1/images/{id}`` sends: the file, if it may be served (``index.files``), without its metadata."""
