@@ -285,6 +285,8 @@ def report(res: dict) -> None:
     print("good requests:")
     for name, s in res["phases"].items():
         print(f"  {name:<14} n={s['n']:>7}  p50 {s['p50_ms']:>8.1f} ms  p99 {s['p99_ms']:>8.1f} ms")
+    during, after = res["phases"]["during writer"]["p99_ms"], res["phases"]["after writer"]["p99_ms"]
+    print(f"p99 during the writer / p99 after it (same run): {during / after:.2f}x")
     print(f"longest good request: {res['longest_ms']:.0f} ms")
     w = res["writer"]
     print(f"writer: killed after {w['killed_at']} of {w['new']} new items committed; exit codes {w['codes']}; "
