@@ -145,3 +145,14 @@ def test_a_sigkilled_training_run_resumes_to_the_uninterrupted_weights(tmp_path)
         assert torch.equal(straight[k], resumed[k]), k
     steps = [json.loads(x)["step"] for x in metrics.read_text().splitlines() if "loss" in x]
     assert steps == sorted(set(steps))  # each step logged once
+
+
+def test_a_checkpoint_of_an_older_vislang_still_resumes(tmp_path):
+    """Before RNG states were tensors, they were stored as NumPy arrays and tuples: still data, so still loaded."""
+    np.random.randn()
+    old = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    torch.save({"step": 3, "rng": old, "losses": [np.float32(0.5)]}, tmp_path / "last.pt")
+    want = (random.random(), np.random.randn(), torch.rand(1).item())
+    state = load_checkpoint(tmp_path / "last.pt")
+    set_rng_state(state["rng"])
+    assert (random.random(), np.random.randn(), torch.rand(1).item()) == want and state["losses"] == [0.5]

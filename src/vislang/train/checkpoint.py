@@ -70,11 +70,14 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what :func:`rng_state` recorded."""
+    """Restore what :func:`rng_state` recorded (or the tuples an older vislang stored)."""
     py, npy = state["python"], state["numpy"]
-    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
-    keys = npy["keys"].numpy().astype(np.uint32)
-    np.random.set_state((npy["kind"], keys, npy["pos"], npy["has_gauss"], npy["cached"]))
+    if isinstance(py, dict):
+        py = (py["version"], tuple(py["state"].tolist()), py["gauss"])
+    random.setstate(py)
+    if isinstance(npy, dict):
+        npy = (npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached"])
+    np.random.set_state(npy)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -90,9 +93,18 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not p.is_file():
         raise FileNotFoundError(f"no checkpoint at {p}; train first, or drop --resume to start fresh")
     try:
-        return torch.load(p, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_data()):  # an older vislang's NumPy RNG state: data, no code
+            return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise ValueError(
             f"{p} holds objects beyond tensors and plain data, so it is not loaded (unpickling it could run code); "
             "it is either from an older vislang or not a vislang checkpoint: start a new run in another --out_dir"
         ) from e
+
+
+def _numpy_data() -> list[Any]:
+    """The NumPy array and scalar constructors older checkpoints hold (their RNG states): they rebuild data from
+    bytes and call nothing else, so the restricted unpickler may allow them."""
+    multiarray = getattr(np, "_core", np.core).multiarray
+    dtypes = [getattr(np.dtypes, n) for n in np.dtypes.__all__ if n != "ObjectDType"]  # object arrays stay out
+    return [multiarray._reconstruct, multiarray.scalar, np.ndarray, np.dtype, *dtypes]
