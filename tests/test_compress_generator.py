@@ -180,17 +180,19 @@ def test_compare_generators_fid_speed_and_size(tmp_path, cache):
 def test_pruning_uses_the_runs_discriminator_when_it_is_there(tmp_path, cache):
     from vislang.models.gan.build import build_gan
 
-    src = tiny_gan_dir(tmp_path)  # tmp_path/gan: a run directory's model/ needs tmp_path/checkpoints/last.pt
+    src = tiny_gan_dir(tmp_path).rename(tmp_path / "model")  # a run directory: tmp_path/{model, checkpoints/last.pt}
     kw = dict(steps=5, batch_size=8, cache_dir=cache, **SHAPES)
-    alone = compress_model_dir(src, "prune", tmp_path / "p0", **kw)
+    alone = compress_model_dir(tmp_path, "prune", tmp_path / "p0", **kw)
     assert alone["critic"] is None and "L1" in alone["notes"][0]
     cfg = TextToImage.from_pretrained(src).cfg
     torch.manual_seed(1)
     (tmp_path / "checkpoints").mkdir()
     torch.save({"D": build_gan(cfg)[1].state_dict(), "config": {"gan": {"loss": "hinge"}}},
                tmp_path / "checkpoints" / "last.pt")  # fmt: skip
-    with_d = compress_model_dir(src, "prune", tmp_path / "with-d", **kw)
-    no_d = compress_model_dir(src, "prune", tmp_path / "no-d", adv_weight=0, **kw)
+    unnamed = compress_model_dir(src, "prune", tmp_path / "unnamed", **kw)  # the model named, not its run
+    assert unnamed["critic"] is None and "name the run" in unnamed["notes"][0]
+    with_d = compress_model_dir(tmp_path, "prune", tmp_path / "with-d", **kw)
+    no_d = compress_model_dir(tmp_path, "prune", tmp_path / "no-d", adv_weight=0, **kw)
     assert with_d["critic"].endswith("last.pt") and with_d["adv_weight"] == 0.1 and "critic" not in no_d
     a = TextToImage.from_pretrained(tmp_path / "with-d").generator.state_dict()
     b = TextToImage.from_pretrained(tmp_path / "no-d").generator.state_dict()

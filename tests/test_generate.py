@@ -522,7 +522,7 @@ def test_d_steps_trains_the_generator_on_every_kth_batch_and_logs_its_loss_over_
     train_gan(dataclasses.replace(c, gan=dataclasses.replace(c.gan, d_steps=2)))
     lines = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in lines] == [2, 4] and all("loss_g" in r and "loss_d" in r for r in lines)
-    state = torch.load(tmp_path / "a" / "checkpoints" / "last.pt", weights_only=False)
+    state = torch.load(tmp_path / "a" / "checkpoints" / "last.pt", weights_only=True)
     adam_steps = lambda opt: {float(s["step"]) for s in state[opt]["state"].values()}  # noqa: E731
     assert adam_steps("opt_d") == {4.0} and adam_steps("opt_g") == {2.0}  # four D updates, two G updates
     with pytest.raises(ValueError, match="d_steps"):

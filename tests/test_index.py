@@ -264,7 +264,8 @@ def test_build_from_csv_jsonl_and_shards(world, tmp_path):
     imgs = world["images"]
     csv_file = tmp_path / "pairs.csv"
     csv_file.write_text("path,text\n" + "".join(f"{p},caption {i}\n" for i, p in enumerate(imgs[:3])))
-    c = build_index(str(csv_file), tmp_path / "a", world["model"], progress=False)
+    # absolute paths outside the CSV's folder: indexed only when asked for (a server would send those files)
+    c = build_index(str(csv_file), tmp_path / "a", world["model"], progress=False, allow_outside_root=True)
     assert c["added"] == 3
     with open_index(tmp_path / "a") as ix:
         assert sorted(m["caption"] for m in ix.get([1, 2, 3])) == ["caption 0", "caption 1", "caption 2"]

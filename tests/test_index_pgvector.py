@@ -144,3 +144,20 @@ def test_hnsw_index_of_an_empty_table_waits_for_the_bulk_load(pg, tmp_path):
         ix.add(x, meta(300))
         ix.search(x[:2], 1)
         assert "t_plain_hnsw" not in _indexes(ix)  # hnsw=False never builds one
+
+
+def test_the_embedded_server_needs_a_password(tmp_path):
+    """pgserver initialises with --auth=trust: whoever reaches its socket is the superuser. Opening an embedded
+    index replaces trust with scram-sha-256 and a password kept beside index.json, readable by its owner only."""
+    import psycopg
+
+    ix = create_index(tmp_path / "ix", 4, backend="pgvector")
+    ix.add(np.eye(4, dtype=np.float32)[:2], [{"key": "a", "path": "/a.png"}, {"key": "b", "path": "/b.png"}])
+    hba = (tmp_path / "ix" / "pgdata" / "pg_hba.conf").read_text()
+    assert "trust" not in [w for line in hba.splitlines() if not line.startswith("#") for w in line.split()[-1:]]
+    assert oct((tmp_path / "ix" / "pg-password").stat().st_mode & 0o777) == "0o600"
+    with pytest.raises(psycopg.OperationalError, match="password"):  # reaching the socket is not enough
+        psycopg.connect(ix._server.get_uri(), connect_timeout=10).close()
+    ix.close()
+    with open_index(tmp_path / "ix") as again:  # reopened: the stored password gets in
+        assert len(again) == 2

@@ -84,6 +84,8 @@ def test_healthz_and_page(client):
         "status": "ok",
         "size": 10,
         "dim": 16,
+        "search_worker": "alive",
+        "search_queue": 0,
         "capabilities": {
             "search": True,
             "embed": True,

@@ -68,3 +68,55 @@ def test_submit_needs_exactly_one_query():
         b.submit(3, text="a", vector=np.zeros(8))
     with pytest.raises(ValueError, match="max_batch"):
         SearchBatcher(embed, search, max_batch=0)
+
+
+def _blocked():
+    """A search that waits for ``gate`` and records the batch sizes it saw."""
+    gate, calls = threading.Event(), []
+
+    def blocked(vectors, k):
+        calls.append(len(vectors))
+        gate.wait(10)
+        return search(vectors, k)
+
+    return gate, calls, blocked
+
+
+def test_a_cancelled_search_is_dropped_and_the_worker_keeps_serving():
+    """A client that disconnects cancels its future, mid-search or while queued: the worker must not die of it."""
+    import time
+
+    gate, calls, blocked = _blocked()
+    b = SearchBatcher(embed, blocked)
+    running = b.submit(2, text="taken into a batch")
+    while not calls:  # the worker is inside search() with it
+        time.sleep(0.01)
+    running.cancel()  # the handler was cancelled mid-search
+    queued = b.submit(2, text="still waiting")
+    queued.cancel()  # cancelled while queued
+    gate.set()
+    assert b.submit(2, text="a").result(timeout=10) == search(embed(["a"]), 2)[0]
+    assert b.alive and b.dropped == 1 and calls[1:] == [1]  # the queued one was never searched
+
+
+def test_a_full_queue_refuses_at_once_and_a_late_request_is_not_searched():
+    import time
+
+    from vislang.serve.batching import Overloaded
+
+    gate, calls, blocked = _blocked()
+    b = SearchBatcher(embed, blocked, max_queue=2, timeout=0.05)
+    first = b.submit(1, text="first")
+    while not calls:
+        time.sleep(0.01)
+    late = [b.submit(1, text="x"), b.submit(1, text="y")]
+    assert b.depth == 2
+    with pytest.raises(Overloaded, match="retry"):
+        b.submit(1, text="one too many")
+    time.sleep(0.1)  # the two queued ones pass their deadline
+    gate.set()
+    assert first.result(timeout=10)
+    for f in late:
+        with pytest.raises(TimeoutError):
+            f.result(timeout=10)
+    assert calls == [1] and b.alive

@@ -75,7 +75,7 @@ def _train(args: list[str], out: Path, batch: int, world: int) -> dict[str, Any]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    return torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
 
 
 def _worst(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> tuple[float, str]:

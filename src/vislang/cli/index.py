@@ -32,6 +32,7 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
             progress=not args.no_progress,
             img_key=args.img_key,
             caption_key=args.caption_key,
+            allow_outside_root=args.allow_outside_root,
             **options,
         )
         print(
@@ -113,6 +114,9 @@ def register(add) -> None:
         a.add_argument("--caption-key", help="CSV/JSONL column of captions (default: caption, text, title)")
         a.add_argument("--device", default="cpu")
         a.add_argument("--no-progress", action="store_true", help="no progress bar")
+        a.add_argument("--allow-outside-root", action="store_true",
+                       help="index CSV/JSONL paths that leave the file's folder (absolute, ~, ..) or symlinks out of "
+                            "the source folder; `vislang serve` will send those files to its clients")  # fmt: skip
         if name == "build":
             a.add_argument("--backend", default="faiss", choices=["faiss", "pgvector"], help="default: faiss")
             kinds = ["auto", "flat", "hnsw", "ivf"]

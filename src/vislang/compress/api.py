@@ -82,6 +82,7 @@ def compress_model_dir(
             src, method, out, data, data_options=data_options, sparsity=sparsity, prune_kind=prune_kind,
             steps=steps, lr=lr, batch_size=batch_size, student=student, calibration_images=calibration_images,
             max_pairs=max_pairs, cache_dir=cache_dir, seed=seed, log_every=log_every, adv_weight=adv_weight,
+            run_dir=Path(model_dir) if src != Path(model_dir) else None,  # the user named the run, checkpoints and all
         )  # fmt: skip
     data = data or "fashion-mnist"
     model = load_model(src)

@@ -90,11 +90,15 @@ def save_generator(
 
 
 # --- pruning and distillation -----------------------------------------------------------------------------------------
-def run_critic(src: Path, cfg: GANModelConfig) -> tuple[nn.Module | None, str, Path | None]:
+def run_critic(run_dir: Path | None, cfg: GANModelConfig) -> tuple[nn.Module | None, str, Path | None]:
     """(the discriminator the generator was trained against, frozen; its loss kind; the checkpoint) from the last
-    checkpoint of the run whose ``model/`` is ``src``, or (None, "hinge", None) for a model directory on its own."""
+    checkpoint of ``run_dir``, the training run the user named, or (None, "hinge", None) without one.
 
-    ckpt = src.parent / "checkpoints" / "last.pt"
+    Only a run the user named is read (a model directory's parent is not looked into), and with ``weights_only``
+    (``load_checkpoint``): a model someone sent must not bring a checkpoint that runs code."""
+    if run_dir is None:
+        return None, "hinge", None
+    ckpt = run_dir / "checkpoints" / "last.pt"
     if not ckpt.is_file():
         return None, "hinge", None
     state = load_checkpoint(ckpt)
@@ -159,16 +163,20 @@ def student_gan_config(teacher: GANModelConfig, overrides: list[str] | dict[str,
 
 
 def prune_critic(
-    src: Path, cfg: GANModelConfig, adv_weight: float, info: dict[str, Any]
+    src: Path, cfg: GANModelConfig, adv_weight: float, info: dict[str, Any], run_dir: Path | None = None
 ) -> tuple[nn.Module | None, str]:
-    """(critic, loss kind) for a pruned generator's fine-tune: the frozen discriminator of the run beside ``src``,
-    or None (L1 alone) without one; records which in ``info`` (``critic``, ``adv_weight``, a note when missing)."""
-    critic, loss_kind, ckpt = run_critic(src, cfg)
+    """(critic, loss kind) for a pruned generator's fine-tune: the frozen discriminator of ``run_dir`` (the run the
+    user named), or None (L1 alone) without one; records which in ``info`` (``critic``, ``adv_weight``, a note)."""
+    critic, loss_kind, ckpt = run_critic(run_dir, cfg)
     info.update(critic=str(ckpt) if ckpt else None, adv_weight=adv_weight if ckpt else 0.0)
     if ckpt is None:
+        beside = src.parent / "checkpoints" / "last.pt"
+        hint = "; compress the run directory when you have it"
+        if run_dir is None and beside.is_file():
+            hint = f"; a checkpoint lies beside it: name the run ({src.parent}) to use its discriminator"
         info["notes"] = [
-            f"no training run beside {src} (RUN/checkpoints/last.pt with the discriminator): the student learnt "
-            "from L1 to the teacher's images alone, which blurs; compress the run directory when you have it"
+            f"no training run named for {src} (RUN/checkpoints/last.pt with the discriminator): the student learnt "
+            f"from L1 to the teacher's images alone, which blurs{hint}"
         ]
     return critic, loss_kind
 
@@ -191,8 +199,10 @@ def compress_generator(
     seed: int = 0,
     log_every: int = 0,
     adv_weight: float = 0.1,
+    run_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """``vislang compress`` of a GAN model directory: see the module docstring. Returns what it did."""
+    """``vislang compress`` of a GAN model directory: see the module docstring. Returns what it did. ``run_dir``: the
+    training run the user named (its discriminator checkpoint may be read), None when a model directory was named."""
 
     if method == "prune" and prune_kind != "unstructured":
         raise ValueError(
@@ -209,7 +219,7 @@ def compress_generator(
     # The critic sharpens a pruned generator, which starts at the teacher; a student from scratch did worse with it
     # (FID-FM 1.60 with the critic for the second half of 3,000 steps, 0.95 with L1 alone), so distillation is L1.
     if method == "prune" and adv_weight > 0:
-        critic, loss_kind = prune_critic(src, cfg, adv_weight, info)
+        critic, loss_kind = prune_critic(src, cfg, adv_weight, info, run_dir)
     fit = dict(critic=critic, adv_weight=adv_weight, loss_kind=loss_kind, log_every=log_every)
     t0 = time.time()
     if method == "dynamic-int8":

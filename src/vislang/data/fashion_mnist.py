@@ -82,7 +82,8 @@ def format_caption(template: str, name: str) -> str:
     """Fill a template and fix the article ("a ankle boot" → "an ankle boot")."""
     text = template.format(name)
     if name[:1].lower() in "aeiou":
-        text = re.sub(rf"\b([Aa]) {re.escape(name)}", rf"\1n {name}", text)
+        # a function, not a template: a name is text, and "a\\d" in a template is a bad escape (it was a 500)
+        text = re.sub(rf"\b([Aa]) {re.escape(name)}", lambda m: f"{m.group(1)}n {name}", text)
     return text
 
 

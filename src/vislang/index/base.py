@@ -24,7 +24,10 @@ FIELDS = ("key", "path", "caption", "offset", "size")
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then ``os.replace``: readers see the old or new file."""
+    """Write to a temporary file in the same folder, fsync, ``os.replace``, fsync the folder: readers see the old or
+    new file, and the new one survives a power cut."""
+    from ..model_dir import fsync_dir  # lazy: model_dir loads torch, which reading an index header does not need
+
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "wb") as f:
@@ -32,6 +35,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def normalize_rows(vectors: np.ndarray) -> np.ndarray:

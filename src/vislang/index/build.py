@@ -4,6 +4,9 @@ A build reads the source in order, skips every item whose key is already indexed
 commits every ``commit_every`` batches as one transaction. An interrupted build therefore resumes by running it
 again: committed items are skipped, the uncommitted tail is embedded again, and nothing is lost or indexed twice.
 ``add`` is the same operation on an existing index; ``remove`` takes ids, files or folders.
+
+A build records the folders it reads from (``files.ROOTS_STATE``); the server sends only files inside them, and an
+image path that leaves them (absolute, ``~``, ``..``, a symlink out) is refused unless ``allow_outside_root``.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from ..factory import get_model_config, load_embedding_model
 from ..inference import IMAGE_EXTS, list_images, open_image
 from ..models.onnx_runtime import is_onnx_dir
 from .base import HEADER, Index, create_index, open_index
+from .files import ROOTS_STATE, confine, track_roots
 
 IMG_COLUMNS = ("filepath", "path", "image", "file", "filename", "img")  # tried in order when img_key is not given
 CAPTION_COLUMNS = ("caption", "text", "title", "label")
@@ -84,12 +88,12 @@ def is_shard_spec(src: str) -> bool:
     return looks_like_shards(src)
 
 
-def folder_items(root: Path) -> Iterator[SourceItem]:
+def folder_items(root: Path, allow_outside_root: bool = False) -> Iterator[SourceItem]:
     """Images under a folder (recursive, sorted); a same-named ``.txt`` file is the caption."""
     for p in list_images([root]):
         text = p.with_suffix(".txt")
         caption = text.read_text(encoding="utf-8", errors="replace").strip() if text.is_file() else ""
-        key = str(p.resolve())
+        key = str(confine(p, root, str(root), allow_outside_root))
         yield SourceItem(key, key, caption)
 
 
@@ -106,23 +110,31 @@ def pick_column(header: Sequence[str], wanted: str | None, candidates: Sequence[
     raise ValueError(f"{path}: no image column (tried {list(candidates)}) among {list(header)}; pass --img-key NAME")
 
 
-def table_items(path: Path, img_key: str | None = None, caption_key: str | None = None) -> Iterator[SourceItem]:
-    """Rows of a CSV/TSV (header row) or JSONL file; relative image paths resolve against the file's folder."""
+def table_items(
+    path: Path, img_key: str | None = None, caption_key: str | None = None, allow_outside_root: bool = False
+) -> Iterator[SourceItem]:
+    """Rows of a CSV/TSV (header row) or JSONL file; relative image paths resolve against the file's folder, and
+    must stay inside it unless ``allow_outside_root``."""
 
     if path.suffix.lower() == ".jsonl":
         rows = (row for _, row in jsonl_rows(path, SkipCounter()))
         first = next(rows, None)
         if first is not None:
-            yield from rows_to_items(path, [first], img_key, caption_key, list(first))
-            yield from rows_to_items(path, rows, img_key, caption_key, list(first))
+            yield from rows_to_items(path, [first], img_key, caption_key, list(first), allow_outside_root)
+            yield from rows_to_items(path, rows, img_key, caption_key, list(first), allow_outside_root)
         return
     with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: spreadsheet exports start with a BOM
         reader = csv.DictReader(f, delimiter=csv_separator(path, None))
-        yield from rows_to_items(path, reader, img_key, caption_key, reader.fieldnames or [])
+        yield from rows_to_items(path, reader, img_key, caption_key, reader.fieldnames or [], allow_outside_root)
 
 
 def rows_to_items(
-    path: Path, rows, img_key: str | None, caption_key: str | None, header: Sequence[str]
+    path: Path,
+    rows,
+    img_key: str | None,
+    caption_key: str | None,
+    header: Sequence[str],
+    allow_outside_root: bool = False,
 ) -> Iterator[SourceItem]:
     img = pick_column(header, img_key, IMG_COLUMNS, "image", path)
     cap = pick_column(header, caption_key, CAPTION_COLUMNS, "caption", path)
@@ -130,7 +142,7 @@ def rows_to_items(
         value = row.get(img)
         if not isinstance(value, str) or not value.strip():
             continue
-        file = str((path.parent / os.path.expanduser(value.strip())).resolve())
+        file = str(confine(path.parent / os.path.expanduser(value.strip()), path.parent, str(path), allow_outside_root))
         caption = row.get(cap) if cap else ""
         if isinstance(caption, list):  # JSONL rows may list several captions: the first describes the image
             caption = caption[0] if caption else ""
@@ -172,7 +184,30 @@ def shard_items(shards: Sequence[str]) -> Iterator[SourceItem]:
                 yield SourceItem(f"{shard_path}#{key}", shard_path, caption, image.offset_data, image.size)
 
 
-def open_source(src: str, img_key: str | None = None, caption_key: str | None = None) -> Iterator[SourceItem]:
+def source_roots(src: str) -> set[str]:
+    """The folders a source's images may come from: its folder, the CSV's folder, the shards' folders."""
+    if is_shard_spec(src):
+        return {str(Path(s).resolve().parent) for s in expand_urls(src)}
+    path = Path(os.path.expanduser(src)).resolve()
+    return {str(path if path.is_dir() else path.parent)}
+
+
+def recorded_roots(index: Index) -> list[str]:
+    """The folders an index's images may be served from: those its builds recorded, or, for an index built before
+    they were, the folders of its last build's source."""
+    roots = index.get_state(ROOTS_STATE)
+    if roots is None:
+        src = (index.get_state("build") or {}).get("source")
+        try:
+            roots = sorted(source_roots(src)) if src else []
+        except (OSError, ValueError):
+            roots = []
+    return roots
+
+
+def open_source(
+    src: str, img_key: str | None = None, caption_key: str | None = None, allow_outside_root: bool = False
+) -> Iterator[SourceItem]:
     """The items of a source spec (see the module docstring)."""
     if is_shard_spec(src):
         shards = expand_urls(src)
@@ -180,9 +215,9 @@ def open_source(src: str, img_key: str | None = None, caption_key: str | None = 
         return shard_items(shards)
     path = Path(os.path.expanduser(src))
     if path.is_dir():
-        return folder_items(path)
+        return folder_items(path, allow_outside_root)
     if path.is_file() and path.suffix.lower() in (".csv", ".tsv", ".jsonl"):
-        return table_items(path, img_key, caption_key)
+        return table_items(path, img_key, caption_key, allow_outside_root)
     if path.is_file() and path.suffix.lower() in IMAGE_EXTS:
         key = str(path.resolve())
         return iter([SourceItem(key, key)])
@@ -250,6 +285,7 @@ def build_index(
     img_key: str | None = None,
     caption_key: str | None = None,
     backend: str = "faiss",
+    allow_outside_root: bool = False,
     **options: Any,
 ) -> dict[str, Any]:
     """Embed a source's images into an index, creating it if needed, resuming or adding if it exists.
@@ -265,6 +301,7 @@ def build_index(
         img_key: CSV/JSONL image column (default: the first of filepath, path, image, file, filename, img).
         caption_key: CSV/JSONL caption column (default: caption, text or title when present).
         backend: ``faiss`` or ``pgvector`` for a new index.
+        allow_outside_root: index (and so let a server send) images whose paths leave the source's folder.
         **options: back-end options for a new index (e.g. ``kind``, ``exact_max``).
 
     Returns:
@@ -274,7 +311,7 @@ def build_index(
     """
     if batch_size < 1 or commit_every < 1:
         raise ValueError("batch_size and commit_every must be at least 1")
-    items = open_source(src, img_key, caption_key)
+    items = open_source(src, img_key, caption_key, allow_outside_root)
     first = next(items, None)  # errors about the source come before anything is created
     if first is None:
         raise ValueError(f"{src} holds no images to index")
@@ -286,13 +323,17 @@ def build_index(
         if model.cfg.embed_dim != index.dim:
             raise ValueError(f"the model embeds into {model.cfg.embed_dim} dims but {index_dir} holds {index.dim}")
         index.set_state("build", {"source": src, "status": "running"})
+        roots = set(index.get_state(ROOTS_STATE) or []) | source_roots(src)
+        index.set_state(ROOTS_STATE, sorted(roots))  # before any item: a server may serve each one committed
+        items = track_roots(items, roots)  # adds the folders of allowed outside paths
         t0 = time.perf_counter()
         bar = None
         if progress:
             from tqdm.auto import tqdm
 
             bar = tqdm(desc="indexing", unit="img")
-        add_items(index, items, model, preprocess, device, batch_size, commit_every, counts, bar)
+        add_items(index, items, model, preprocess, device, batch_size, commit_every, counts, bar,
+                  before_commit=lambda: index.set_state(ROOTS_STATE, sorted(roots)))  # fmt: skip
         counts["seconds"] = round(time.perf_counter() - t0, 3)
         if bar is not None:
             bar.close()
@@ -315,6 +356,7 @@ def add_items(
     commit_every: int,
     counts: dict[str, Any],
     bar: Any = None,
+    before_commit: Any = None,
 ) -> None:
     """Embed the items and add them to the index, a transaction every ``commit_every`` batches; items repeated in
     the source or already in the index are counted (``duplicates``, ``already``), not embedded, and so are images
@@ -326,8 +368,10 @@ def add_items(
 
     def commit() -> None:
         if pending_meta:
-            index.add(np.concatenate(pending_vecs), pending_meta)
-            counts["added"] += len(pending_meta)
+            if before_commit is not None:
+                before_commit()
+            counts["added"] += add_new(index, np.concatenate(pending_vecs), pending_meta, counts)
+            index.save()  # publish this version's FAISS file: a server swaps it in instead of rebuilding
             pending_vecs.clear()
             pending_meta.clear()
 
@@ -353,6 +397,28 @@ def add_items(
         if bar is not None:
             bar.update(len(batch))
     commit()
+
+
+def add_new(index: Index, vecs: np.ndarray, meta: list[dict[str, Any]], counts: dict[str, Any]) -> int:
+    """Add the items no other writer indexed meanwhile (those count as ``already``); returns how many were added.
+
+    Why: two ``index add`` runs over one source both find an item missing, embed it, and the second commit then
+    meets the first's key; that must skip the item, not abort the whole build.
+    """
+    for _ in range(8):
+        try:
+            index.add(vecs, meta)
+            return len(meta)
+        except ValueError:
+            done = index.ids_for_keys([m["key"] for m in meta])
+            if not done:
+                raise  # not a duplicate: a real error
+            keep = [i for i, m in enumerate(meta) if m["key"] not in done]
+            counts["already"] += len(done)
+            vecs, meta = vecs[keep], [meta[i] for i in keep]
+            if not meta:
+                return 0
+    raise RuntimeError("other writers keep adding the same items; run `vislang index add` again")
 
 
 def batched(items: Iterator[SourceItem], n: int) -> Iterator[list[SourceItem]]:
@@ -391,7 +457,7 @@ def remove_from_index(index_dir: str | os.PathLike, targets: Sequence[str]) -> i
         if t.isdigit():
             ids.append(int(t))
         else:
-            keys.extend(it.key for it in open_source(t))
+            keys.extend(it.key for it in open_source(t, allow_outside_root=True))  # naming what to drop is harmless
     with open_index(index_dir) as index:
         ids.extend(index.ids_for_keys(keys).values())
         return index.remove(ids)

@@ -13,6 +13,11 @@ deletions in place and is retrained from SQLite when the index has grown enough 
 below half of 4·sqrt(N)). ``nprobe`` lists are scanned per query. Flat and HNSW sit inside ``IndexIDMap2`` and IVF
 stores ids itself, so ids are always the index's own. Every rebuild happens in memory and is saved like any other
 version: the file on disk is the old index or the new one, never half of each.
+
+A reader (the server) catches up with another process's writes in ``refresh`` without stopping its searches: the
+new version's FAISS file (which ``vislang index add`` publishes at every commit), or a rebuild from one consistent
+SQLite read when there is none, is prepared on a connection of its own *beside* the live index, and swapped in with
+one assignment; the lock is held only to compare versions and to swap.
 """
 
 from __future__ import annotations
@@ -103,13 +108,15 @@ class FaissIndex(Index):
         self.kind, self.exact_max, self.ann = kind, int(exact_max), ann
         self.hnsw_m, self.ef_construction, self.ef_search = hnsw_m, ef_construction, ef_search
         self.nlist, self.nprobe = nlist, int(nprobe)
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # writes, version changes and the swap; never held while building
+        self._refreshing = threading.Lock()  # one catch-up build at a time
         # autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT) in _add/_remove
         self.db = sqlite3.connect(self.directory / DB_NAME, check_same_thread=False, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")  # readers (a server) are not blocked by a build writing
         self.db.executescript(SCHEMA)
         self._version = -1
         self._dirty = False
+        self._faiss = None
         self.refresh()
 
     # --- FAISS side ---------------------------------------------------------------------------------------------
@@ -170,34 +177,56 @@ class FaissIndex(Index):
     def _faiss_path(self, version: int) -> Path:
         return self.directory / f"vectors-v{version}.faiss"
 
-    def _rebuild(self) -> None:
-        """Build (and for IVF, train) the FAISS index from the vectors stored in SQLite."""
-        rows = self.db.execute("SELECT id, vector FROM items ORDER BY id").fetchall()
+    def _from_rows(self, db: sqlite3.Connection):
+        """A FAISS index (and for IVF, trained) of the vectors stored in SQLite, read through ``db``."""
+        rows = db.execute("SELECT id, vector FROM items ORDER BY id").fetchall()
         ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))  # (N,)
         vecs = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), self.dim)
-        self._faiss = self._new_faiss(vecs, ids)
+        return self._new_faiss(vecs, ids)
 
-    def refresh(self) -> bool:
-        """Catch up with writes made by another process (or a crash); True when the FAISS index was reloaded."""
-        with self._lock:
-            version = self._db_version()
-            if version == self._version:
-                return False
+    def _rebuild(self) -> None:
+        """Rebuild the FAISS index from SQLite (a writer, under the lock: its own last transaction is the state)."""
+        self._faiss = self._from_rows(self.db)
+
+    def _snapshot(self) -> tuple[int, Any, bool]:
+        """(version, FAISS index, whether it still needs saving) of the database as it is now, read in one read
+        transaction on a connection of its own, so no lock of this object is held and searches go on meanwhile."""
+        db = sqlite3.connect(self.directory / DB_NAME, isolation_level=None)
+        try:
+            db.execute("BEGIN")  # a WAL read snapshot: the version, the count and the rows agree
+            row = db.execute("SELECT value FROM state WHERE name = 'version'").fetchone()
+            version = int(json.loads(row[0])) if row else 0
+            n = db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
             path = self._faiss_path(version)
-            n = self.db.execute("SELECT COUNT(*) FROM items").fetchone()[0]
-            loaded = None
             if path.is_file():
                 try:
                     loaded = self.faiss.read_index(str(path))
+                    if loaded.ntotal == n and loaded.d == self.dim:
+                        return version, loaded, False
                 except RuntimeError:
-                    loaded = None  # unreadable: rebuilt below
-            if loaded is not None and loaded.ntotal == n and loaded.d == self.dim:
-                self._faiss, self._dirty = loaded, False
-            else:
-                self._rebuild()
-                self._dirty = True
-            self._version = version
+                    pass  # unreadable or deleted meanwhile: rebuilt below
+            return version, self._from_rows(db), True
+        finally:
+            db.close()
+
+    def refresh(self) -> bool:
+        """Catch up with writes made by another process (or a crash); True when the FAISS index was swapped."""
+        with self._lock:
+            if self._db_version() == self._version:
+                return False
+        with self._refreshing:
+            version, index, dirty = self._snapshot()  # beside the live index: searches keep running on it
+            with self._lock:
+                if version == self._version or (self._version > version and self._faiss is not None):
+                    return False  # caught up meanwhile (another refresh, or this process's own write)
+                self._faiss, self._version, self._dirty = index, version, dirty
             return True
+
+    def _catch_up_locked(self) -> None:
+        """``refresh`` for a writer, which holds the lock throughout (taking ``_refreshing`` under it could deadlock
+        with a reader's refresh waiting for the lock to swap)."""
+        if self._db_version() != self._version:
+            self._version, self._faiss, self._dirty = self._snapshot()
 
     def save(self) -> None:
         """Write the FAISS index for the current version (atomically) and delete older ones."""
@@ -237,9 +266,9 @@ class FaissIndex(Index):
     # --- the interface ------------------------------------------------------------------------------------------
     def _add(self, vectors: np.ndarray, metadata: list[dict[str, Any]], ids: list[int] | None) -> np.ndarray:
         with self._lock:
-            self.refresh()  # another process may have written since
-            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("BEGIN IMMEDIATE")  # the write lock first: no other process commits until COMMIT
             try:
+                self._catch_up_locked()  # another process may have written since
                 if ids is None:
                     row = self.db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'items'").fetchone()
                     start = (row[0] if row else 0) + 1
@@ -271,9 +300,9 @@ class FaissIndex(Index):
 
     def _remove(self, ids: list[int]) -> int:
         with self._lock:
-            self.refresh()
             self.db.execute("BEGIN IMMEDIATE")
             try:
+                self._catch_up_locked()
                 found = []
                 for part in chunks(ids):
                     q = ",".join("?" * len(part))

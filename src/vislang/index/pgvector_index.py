@@ -18,9 +18,53 @@ from typing import Any
 
 import numpy as np
 
-from .base import Index, item_from_row
+from .base import Index, atomic_write_bytes, item_from_row
 
 URI_ENV = "VISLANG_PG_URI"
+PASSWORD_FILE = "pg-password"  # the embedded server's password, beside index.json (mode 0600)
+HBA = """# written by vislang: every connection needs the password in {index}/pg-password (no trust)
+local   all             all                                     scram-sha-256
+host    all             all             127.0.0.1/32            scram-sha-256
+host    all             all             ::1/128                 scram-sha-256
+"""
+
+
+def close_trust(uri: str, directory: Path, psycopg) -> str:
+    """Give the embedded server's superuser a password and require it (scram-sha-256) instead of ``trust``; returns
+    the password, kept in ``{index}/pg-password`` (mode 0600).
+
+    Why: pgserver initialises its database with ``--auth=trust`` (any local connection is the superuser, no password).
+    Its socket normally sits in ``pgdata/`` (mode 0700, so only its owner gets in), but when that path is too long for
+    a socket it moves to a shared runtime folder, which it makes world-writable when run as root: any local user
+    could then read and rewrite the index. With a password, reaching the socket is no longer enough.
+    Order matters for a crash: password set, then saved, then trust removed; each step is redone until all are done.
+    """
+    import secrets
+
+    from psycopg import sql
+
+    pw_file = directory / PASSWORD_FILE
+    if pw_file.is_file():
+        password = pw_file.read_text().strip()
+    else:
+        password = secrets.token_urlsafe(24)
+        with psycopg.connect(uri, autocommit=True) as conn:  # trust is still in force for this one connection
+            conn.execute(sql.SQL("ALTER USER CURRENT_USER PASSWORD {}").format(sql.Literal(password)))
+        fd = os.open(directory / f".{PASSWORD_FILE}.tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(password)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(directory / f".{PASSWORD_FILE}.tmp", pw_file)
+    hba = directory / "pgdata" / "pg_hba.conf"
+    if any(line.split()[-1:] == ["trust"] for line in hba.read_text().splitlines() if not line.startswith("#")):
+        st = hba.stat()
+        atomic_write_bytes(hba, HBA.encode())
+        os.chown(hba, st.st_uid, st.st_gid)  # the server may run as its own system user (pgserver under root)
+        os.chmod(hba, 0o600)
+        with psycopg.connect(uri, autocommit=True, password=password) as conn:
+            conn.execute("SELECT pg_reload_conf()")
+    return password
 
 
 def vector_literal(v: np.ndarray) -> str:
@@ -67,8 +111,9 @@ class PgVectorIndex(Index):
                 ) from e
             self._server = pgserver.get_server(self.directory / "pgdata", cleanup_mode="stop")
             uri = self._server.get_uri()
+            password = close_trust(self._server.get_uri(), self.directory, psycopg)
         self._lock = threading.RLock()
-        self.conn = psycopg.connect(uri, autocommit=True)
+        self.conn = psycopg.connect(uri, autocommit=True, **({"password": password} if self._server else {}))
         self.psycopg = psycopg
         t = self.table
         with self._lock, self.conn.transaction():

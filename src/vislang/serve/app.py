@@ -4,15 +4,18 @@ draw images from text when the server is given those models, plus a search page 
 A thin layer: each endpoint validates its input, then calls ``vislang.index.Searcher``, the zero-shot functions or
 the caption / VQA / text-to-image models (``generative.py``) in a worker thread. What stands between the network and
 the library is here too: an optional API key, a cap on request bodies (checked before anything is read), image checks
-(real image bytes, a pixel limit against decompression bombs), and one JSON error shape,
+(real image bytes, a pixel limit against decompression bombs), the Host and Origin checks, and one JSON error shape,
 ``{"error": message, "status": code}``, for every failure.
+
+The event loop only routes: every decode, model call and index read runs in a worker thread, so one large upload
+or a slow index never stalls ``/healthz`` or the other requests. Work that can pile up is bounded and answered 503
+with ``Retry-After`` when full: the search queue (``SearchBatcher``) and the generative endpoints (``Limiter``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
 import io
 import json
 import os
@@ -25,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
@@ -33,13 +36,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..evaluation.zero_shot import logit_scale_of, zero_shot_classifier
-from ..index.build import read_item_bytes, read_item_image
+from ..index.build import read_item_image, recorded_roots
+from ..index.files import served_bytes, strip_metadata
 from ..index.search import Searcher
-from .batching import SearchBatcher
+from .batching import Overloaded, SearchBatcher
 from .generative import Captioner, ImageGenerator, QuestionAnswerer
+from .guard import BODY_TIMEOUT, RETRY_AFTER, SEARCH_TIMEOUT, ApiError, Guard, Limiter, answered, error
 
-OPEN_PATHS = ("/healthz",)  # reachable without the API key
-HTML_PATHS = ("/", "/docs", "/openapi.json")  # a browser asking for these gets a login prompt
 DOCS_ASSETS = "/docs-assets"  # Swagger UI's own files, served locally so /docs works offline
 MAX_TEXTS = 256  # texts per /v1/embed request
 MAX_TEXT_CHARS = 2000
@@ -47,6 +50,11 @@ MAX_LABELS = 100
 MAX_CAPTION_TOKENS = 64
 MAX_BEAM = 5
 MAX_ANSWERS = 20  # top_k of /v1/vqa
+MAX_ID = 2**63 - 1  # ids are SQLite / FAISS int64
+PAGE_CSP = (  # the search page: its own files only; no other site may frame it (clickjacking)
+    "default-src 'self'; style-src 'self' 'unsafe-inline'; script-src 'self' 'unsafe-inline'; img-src 'self' blob:; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
 MAX_GENERATE = 64  # images per /v1/generate request: one grid a person looks at; more is `vislang generate`'s job
 GENERATE_FORMATS = ("png", "json")  # one grid PNG, or each image as base64 PNG in JSON
 TASKS = {  # the optional endpoints: what they do, and the `vislang serve` option that turns each on
@@ -63,10 +71,6 @@ IMAGE_MAGIC = (  # (prefix, media type) of the formats we serve and accept
     (b"II*\x00", "image/tiff"),
     (b"MM\x00*", "image/tiff"),
 )
-
-
-class ApiError(HTTPException):
-    """An error answered as ``{"error": detail, "status": code}``."""
 
 
 def sniff_image_type(data: bytes) -> str | None:
@@ -100,82 +104,12 @@ def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
 
 
 def check_id(image_id: Any) -> int:
-    """An ``image_id`` from a JSON body: an integer (not a numeric string, not a bool)."""
+    """An ``image_id`` from a JSON body: an integer (not a numeric string, not a bool) that an index can hold."""
     if isinstance(image_id, bool) or not isinstance(image_id, int):
-        raise ApiError(400, f"'image_id' must be an integer, got {image_id!r}")
+        raise ApiError(400, f"'image_id' must be an integer, got {str(image_id)[:50]!r}")
+    if not 0 <= image_id <= MAX_ID:
+        raise ApiError(404, f"no image with id {str(image_id)[:30]} in the index; ids are the integers search returns")
     return image_id
-
-
-def error(status: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": message, "status": status, **extra}, status_code=status, headers=headers)
-
-
-def key_matches(headers: dict[str, str], api_key: str) -> bool:
-    """Whether a request carries the key: ``Authorization: Bearer KEY``, ``X-API-Key: KEY`` or Basic (password)."""
-    want = api_key.encode()
-    given = headers.get("x-api-key", "")
-    auth = headers.get("authorization", "")
-    scheme, _, value = auth.partition(" ")
-    if scheme.lower() == "bearer":
-        given = value.strip()
-    elif scheme.lower() == "basic":
-        try:
-            given = base64.b64decode(value.strip(), validate=True).decode().partition(":")[2]
-        except ValueError:
-            given = ""
-    return hmac.compare_digest(given.encode(), want)
-
-
-class Guard:
-    """ASGI middleware: the API key check, then the body size cap (413 before the body is read, if announced).
-
-    The body is read here in full (it is at most ``max_body`` bytes) and replayed to the app, so a client that sends
-    more than it announced, or announces nothing, is cut off at the cap as well.
-    """
-
-    def __init__(self, app, api_key: str | None, max_body: int) -> None:
-        self.app, self.api_key, self.max_body = app, api_key, max_body
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        path = scope["path"]
-        if self.api_key and path not in OPEN_PATHS and not key_matches(headers, self.api_key):
-            scheme = "Basic" if path in HTML_PATHS and scope["method"] == "GET" else "Bearer"
-            message = "missing or wrong API key: send it as 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
-            return await error(401, message, {"WWW-Authenticate": f'{scheme} realm="vislang"'})(scope, receive, send)
-        length = headers.get("content-length")
-        too_big = error(413, f"request body over the limit of {self.max_body / 2**20:g} MB; send a smaller image")
-        if length is not None:
-            if not length.isdigit():
-                return await error(400, "invalid Content-Length header")(scope, receive, send)
-            if int(length) > self.max_body:
-                return await too_big(scope, receive, send)
-        if scope["method"] not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body:
-                return await too_big(scope, receive, send)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body, sent = b"".join(chunks), False
-
-        async def replay():
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return await self.app(scope, replay, send)
 
 
 def local_swagger_ui() -> str | None:
@@ -200,14 +134,52 @@ class Service:
         self._classifiers: OrderedDict[tuple, Any] = OrderedDict()
         self._lock = threading.Lock()
         self._checked = 0.0
+        self._counting = threading.Lock()
+        self.size = len(searcher.index)  # kept here: /healthz answers without touching the index
+        self.roots = recorded_roots(searcher.index)  # the folders images may be served from
+        self.limiter = Limiter()  # caption, VQA and generate: one at work, a few waiting, 503 beyond
 
     def refresh(self) -> None:
-        """Pick up items another process added or removed (checked at most once a second)."""
+        """Pick up items another process added or removed (checked at most once a second; call it in a thread)."""
         now = time.monotonic()
+        if now - self._checked <= 1.0:
+            return
+        self._checked = now
         refresh = getattr(self.searcher.index, "refresh", None)
-        if refresh is not None and now - self._checked > 1.0:
-            self._checked = now
+        if refresh is not None:
             refresh()
+        self.size = len(self.searcher.index)
+        self.roots = recorded_roots(self.searcher.index)
+
+    def count(self) -> None:
+        """Count the items again (in a worker thread: the back end may wait for a lock or a database); one count at
+        a time, so a flood of /healthz calls against a busy index does not take every worker thread."""
+        if not self._counting.acquire(blocking=False):
+            return
+        try:
+            self.size = len(self.searcher.index)
+        finally:
+            self._counting.release()
+
+    def image_bytes(self, image_id: int) -> bytes:
+        """What ``/v1/images/{id}`` sends: the file, if it may be served (``index.files``), without its metadata."""
+        item = self.searcher.index.get([image_id])[0]
+        if item is None:
+            raise ApiError(404, f"no image with id {image_id} in the index")
+        try:
+            data = served_bytes(item["path"], item["offset"], item["size"], self.roots)
+        except PermissionError as e:
+            raise ApiError(403, f"image {image_id} is not served: {e}") from None
+        except ValueError as e:
+            raise ApiError(413, f"image {image_id} is not served: {e}") from None
+        except OSError:
+            raise ApiError(404, f"the file of image {image_id} is no longer on disk") from None
+        if sniff_image_type(data) is None:
+            raise ApiError(404, f"image {image_id} is not in a format this server sends")
+        try:
+            return strip_metadata(data, self.max_pixels)
+        except Exception:  # noqa: BLE001 -- a broken file on disk is a missing image to the client, not a 500
+            raise ApiError(404, f"image {image_id} could not be read as an image") from None
 
     def capabilities(self) -> dict[str, bool]:
         """What this server can do (the page shows caption, question and generate controls only where they work)."""
@@ -223,7 +195,8 @@ class Service:
         return self.models[task]
 
     def uploaded_image(self, image: bytes | None, endpoint: str) -> Image.Image:
-        """The decoded image of a multipart request (every upload goes through the same checks)."""
+        """The decoded image of a multipart request (every upload goes through the same checks; decoding takes up to
+        a second for a large image: call it in a worker thread)."""
         if image is None:
             raise ApiError(400, f"multipart {endpoint} needs an image file in the field 'image'")
         return decode_upload(image, self.max_pixels)
@@ -241,8 +214,12 @@ class Service:
     async def query_image(self, kind: str, fields: dict[str, Any], image: bytes | None, endpoint: str) -> Image.Image:
         """The image a caption/VQA request is about: an upload (multipart) or ``image_id`` (JSON)."""
         if kind == "form":
-            return self.uploaded_image(image, endpoint)
+            return await run_in_threadpool(self.uploaded_image, image, endpoint)
         return await run_in_threadpool(self.indexed_image, fields.get("image_id"))
+
+    def embed_upload(self, image: bytes | None, endpoint: str) -> np.ndarray:
+        """(1, dim) embedding of an uploaded image: decode and embed, both in the calling (worker) thread."""
+        return self.searcher.embed_images([self.uploaded_image(image, endpoint)])
 
     def check_int(self, fields: dict[str, Any], name: str, default: int, low: int, high: int) -> int:
         """An integer option from JSON or a form field (where it arrives as text), within [low, high]."""
@@ -286,6 +263,7 @@ class Service:
         return vec[None]  # (1, dim)
 
     def stored_vector(self, image_id: Any) -> np.ndarray:
+        """(1, dim) vector of an indexed item (an index read: call it in a worker thread)."""
         image_id = check_id(image_id)
         try:
             return self.searcher.index.vectors([image_id])  # (1, dim)
@@ -415,8 +393,8 @@ async def read_body(request: Request, max_body: int) -> tuple[str, dict[str, Any
     if ctype == "application/json":
         try:
             body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ApiError(400, "the body is not valid JSON") from None
+        except (ValueError, RecursionError):  # not JSON, not UTF-8, a number of 4,300+ digits, nesting too deep
+            raise ApiError(400, "the body is not valid JSON (or nests too deep, or holds a number too long)") from None
         if not isinstance(body, dict):
             raise ApiError(400, 'the JSON body must be an object, e.g. {"text": "a red circle", "k": 10}')
         return "json", body, None
@@ -446,6 +424,9 @@ def create_app(
     caption_model: str | os.PathLike | None = None,
     vqa_model: str | os.PathLike | None = None,
     generate_model: str | os.PathLike | None = None,
+    allowed_hosts: list[str] | None = None,
+    max_queue: int = 1024,
+    body_timeout: float = BODY_TIMEOUT,
 ) -> FastAPI:
     """The FastAPI app serving one index.
 
@@ -460,6 +441,10 @@ def create_app(
         caption_model: a captioning (CoCa) model directory: turns on ``/v1/caption`` (else it answers 501).
         vqa_model: a VQA model directory: turns on ``/v1/vqa`` (else it answers 501).
         generate_model: a text-to-image GAN run or model directory: turns on ``/v1/generate`` (else it answers 501).
+        allowed_hosts: the names a ``Host`` header may carry (``vislang serve`` passes localhost and 127.0.0.1 by
+            default); None accepts any (tests, or a server behind a proxy that checks).
+        max_queue: most searches waiting for the batcher; more are answered 503 with ``Retry-After``.
+        body_timeout: seconds a client may take to send its request body (408 after).
     """
 
     searcher = Searcher(index_dir, model_dir, device=device)
@@ -472,7 +457,8 @@ def create_app(
     if generate_model is not None:
         models["generate"] = ImageGenerator(generate_model, device)
     svc = Service(searcher, max_k, max_pixels, models)
-    batcher = SearchBatcher(searcher.embed_texts, searcher.search_vectors, before_batch=svc.refresh)
+    batcher = SearchBatcher(searcher.embed_texts, searcher.search_vectors, before_batch=svc.refresh,
+                            max_queue=max_queue, timeout=SEARCH_TIMEOUT)  # fmt: skip
     max_body = int(max_upload_mb * 2**20)
     swagger_assets = local_swagger_ui()
     app = FastAPI(
@@ -500,7 +486,8 @@ def create_app(
 
     app.state.service = svc
     app.state.batcher = batcher
-    app.add_middleware(Guard, api_key=api_key, max_body=max_body)
+    app.add_middleware(Guard, api_key=api_key, max_body=max_body, allowed_hosts=allowed_hosts,
+                       body_timeout=body_timeout)  # fmt: skip
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -510,29 +497,33 @@ def create_app(
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         return error(422, "invalid request", details=json.loads(json.dumps(exc.errors(), default=str)))
 
+    @app.exception_handler(Overloaded)
+    async def overloaded(request: Request, exc: Overloaded) -> JSONResponse:
+        return error(503, str(exc), {"Retry-After": RETRY_AFTER})
+
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         return error(500, f"internal error ({exc.__class__.__name__}); the server log has the details")
 
-    @app.get("/healthz", summary="liveness, index size and which endpoints this server can answer")
-    async def healthz() -> dict[str, Any]:
-        return {
-            "status": "ok",
-            "size": len(searcher.index),
+    @app.get("/healthz", summary="liveness, index size, search queue and which endpoints this server can answer")
+    async def healthz() -> JSONResponse:
+        # the size is counted in a thread; a busy index delays this answer by half a second at most (then: last count)
+        await asyncio.wait({asyncio.get_running_loop().run_in_executor(None, svc.count)}, timeout=0.5)
+        alive = batcher.alive
+        body = {
+            "status": "ok" if alive else "search worker stopped",
+            "size": svc.size,
             "dim": searcher.index.dim,
+            "search_worker": "alive" if alive else "dead",
+            "search_queue": batcher.depth,
             "capabilities": svc.capabilities(),
         }
+        return JSONResponse(body, status_code=200 if alive else 503)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
         html = resources.files(__package__).joinpath("static/index.html").read_text(encoding="utf-8")
-        return HTMLResponse(
-            html,
-            headers={
-                "Content-Security-Policy": "default-src 'self'; style-src 'self' "
-                "'unsafe-inline'; script-src 'self' 'unsafe-inline'; img-src 'self' blob:"
-            },
-        )
+        return HTMLResponse(html, headers={"Content-Security-Policy": PAGE_CSP, "X-Frame-Options": "DENY"})
 
     @app.post(
         "/v1/search",
@@ -543,8 +534,7 @@ def create_app(
         kind, fields, image = await read_body(request, max_body)
         k = svc.check_k(fields.get("k", 10))
         if kind == "form":
-            img = svc.uploaded_image(image, "search")
-            query, vec = "image", await run_in_threadpool(searcher.embed_images, [img])
+            query, vec = "image", await run_in_threadpool(svc.embed_upload, image, "search")
         else:
             given = [f for f in ("text", "embedding", "image_id") if fields.get(f) is not None]
             if len(given) != 1:
@@ -555,16 +545,16 @@ def create_app(
                 if len(text) != 1:
                     raise ApiError(400, "search takes one 'text'")
                 t0 = time.perf_counter()  # text: embedded with the other queries waiting, in the batcher
-                hits = await asyncio.wrap_future(batcher.submit(k, text=text[0]))
+                hits = await answered(batcher.submit(k, text=text[0]))
                 results = svc.format_hits(hits)
                 ms = round(1e3 * (time.perf_counter() - t0), 3)
                 return {"query": query, "k": k, "results": results, "search_ms": ms}
             elif query == "embedding":
                 vec = svc.check_embedding(fields["embedding"])
             else:
-                vec = svc.stored_vector(fields["image_id"])
+                vec = await run_in_threadpool(svc.stored_vector, fields["image_id"])
         t0 = time.perf_counter()
-        hits = await asyncio.wrap_future(batcher.submit(k, vector=vec[0]))
+        hits = await answered(batcher.submit(k, vector=vec[0]))
         results = svc.format_hits(hits)
         return {"query": query, "k": k, "results": results, "search_ms": round(1e3 * (time.perf_counter() - t0), 3)}
 
@@ -572,7 +562,7 @@ def create_app(
     async def embed(request: Request) -> dict[str, Any]:
         kind, fields, image = await read_body(request, max_body)
         if kind == "form":
-            vec = await run_in_threadpool(searcher.embed_images, [svc.uploaded_image(image, "embed")])
+            vec = await run_in_threadpool(svc.embed_upload, image, "embed")
         else:
             vec = await run_in_threadpool(searcher.embed_texts, svc.check_texts(fields.get("texts"), "texts"))
         return {"dim": int(vec.shape[1]), "embeddings": vec.round(7).tolist()}
@@ -593,9 +583,9 @@ def create_app(
             raise ApiError(400, f"at most {MAX_LABELS} labels, got {len(labels)}")
         svc.check_texts(labels, "label")
         if kind == "form":
-            vec = await run_in_threadpool(searcher.embed_images, [svc.uploaded_image(image, "classify")])
+            vec = await run_in_threadpool(svc.embed_upload, image, "classify")
         else:
-            vec = svc.stored_vector(fields.get("image_id"))
+            vec = await run_in_threadpool(svc.stored_vector, fields.get("image_id"))
         return {"labels": await run_in_threadpool(svc.classify, vec, labels)}
 
     @app.post(
@@ -609,8 +599,9 @@ def create_app(
         longest = min(MAX_CAPTION_TOKENS, captioner.max_tokens)
         max_length = svc.check_int(fields, "max_length", min(20, longest), 1, longest)
         beam = svc.check_int(fields, "beam", 1, 1, MAX_BEAM)
-        img = await svc.query_image(kind, fields, image, "caption")
-        return {"caption": await run_in_threadpool(captioner, img, max_length, beam)}
+        async with svc.limiter:
+            img = await svc.query_image(kind, fields, image, "caption")
+            return {"caption": await run_in_threadpool(captioner, img, max_length, beam)}
 
     @app.post(
         "/v1/vqa",
@@ -624,11 +615,12 @@ def create_app(
         if len(question) != 1:
             raise ApiError(400, "ask one 'question' per request")
         top_k = svc.check_int(fields, "top_k", 1, 1, MAX_ANSWERS)
-        img = await svc.query_image(kind, fields, image, "vqa")
-        try:
-            answers = await run_in_threadpool(answerer, img, question[0], top_k)
-        except ValueError as e:  # the question does not fit the model (too many tokens)
-            raise ApiError(400, str(e)) from None
+        async with svc.limiter:
+            img = await svc.query_image(kind, fields, image, "vqa")
+            try:
+                answers = await run_in_threadpool(answerer, img, question[0], top_k)
+            except ValueError as e:  # the question does not fit the model (too many tokens)
+                raise ApiError(400, str(e)) from None
         return {"question": question[0], "answers": answers}
 
     @app.post(
@@ -652,7 +644,8 @@ def create_app(
         if fmt not in GENERATE_FORMATS:
             raise ApiError(400, f"'format' must be 'png' (one grid image) or 'json' (base64 PNGs), got {fmt!r}")
         try:  # the library's prompt checks: empty, or no word the text tower was trained on
-            images, notes = await run_in_threadpool(generator, prompt, n, seed)
+            async with svc.limiter:
+                images, notes = await run_in_threadpool(generator, prompt, n, seed)
         except ValueError as e:
             raise ApiError(400, str(e)) from None
         if fmt == "png":
@@ -678,21 +671,13 @@ def create_app(
         responses={200: {"content": {"image/png": {}, "image/jpeg": {}}}},
     )
     async def image_file(image_id: str) -> Response:
-        if not image_id.isdigit() or len(image_id) > 18:  # ids are integers: nothing else reaches the file system
-            raise ApiError(404, f"no image with id {image_id!r}; ids are the integers search returns")
-        item = searcher.index.get([int(image_id)])[0]
-        if item is None:
-            raise ApiError(404, f"no image with id {image_id} in the index")
-        try:
-            data = await run_in_threadpool(read_item_bytes, item["path"], item["offset"], item["size"])
-        except OSError:
-            raise ApiError(404, f"the file of image {image_id} is no longer on disk") from None
-        media = sniff_image_type(data)
-        if media is None:
-            raise ApiError(404, f"image {image_id} is not in a format this server sends")
+        # ids are ASCII integers ("²".isdigit() is true too): nothing else reaches the index or the file system
+        if not (image_id.isascii() and image_id.isdigit()) or len(image_id) > 18:
+            raise ApiError(404, f"no image with id {image_id[:40]!r}; ids are the integers search returns")
+        data = await run_in_threadpool(svc.image_bytes, int(image_id))
         return Response(
             data,
-            media_type=media,
+            media_type=sniff_image_type(data),
             headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age=3600"},
         )
 

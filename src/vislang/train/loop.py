@@ -88,6 +88,7 @@ from tqdm.auto import tqdm
 
 from .. import distributed as dist
 from ..config import to_dict
+from ..index.base import atomic_write_bytes
 from .checkpoint import atomic_torch_save, load_checkpoint, rng_state, set_rng_state
 from .config import TrainConfig
 from .optim import lr_at, set_lr
@@ -124,6 +125,23 @@ class MetricsLog:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def drop_after(self, step: int) -> None:
+        """Forget lines logged after ``step``: a resumed run logs those steps again, and each must appear once."""
+        if not self.enabled or not self.path.is_file():
+            return
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [line for line in lines if line.endswith("\n") and _line_step(line) <= step]  # a torn line goes too
+        if len(kept) != len(lines):
+            atomic_write_bytes(self.path, "".join(kept).encode())
+
+
+def _line_step(line: str) -> float:
+    """The step of a metrics line; infinity for one a crash cut short (it is dropped with the steps after)."""
+    try:
+        return json.loads(line).get("step", 0)
+    except (json.JSONDecodeError, AttributeError):
+        return math.inf
 
 
 def optimizer_step(
@@ -438,6 +456,8 @@ class Loop:
         self.elapsed_before = state.get("elapsed_s", 0.0)
         set_rng_state(state["rng"])
         self.task.load_state_dict(state)
+        if self.run.metrics is not None:
+            self.run.metrics.drop_after(self.step)
         if self.run.main:
             print(f"[vislang] resumed {self.ckpt_path} at step {self.step}/{self.run.total_steps} (epoch {self.epoch})")
             if self.step >= self.run.total_steps:
