@@ -97,6 +97,12 @@ def cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def register(add) -> None:
+    """Add `compress`, `export` and `compare` (``add(name, help, fn) -> ArgumentParser``)."""
+    _add_compress(add)
+    _add_export_and_compare(add)
+
+
+def _add_compress(add) -> None:
     sp = add("compress", "int8-quantise, prune or distil a model directory into a smaller one", cmd_compress)
     sp.add_argument("model_dir", help="a model or run directory (e.g. runs/demo/model, or a GAN run runs/gan-fm)")
     sp.add_argument("--config", help="YAML/JSON of options (data, steps, lr, ...); flags and --a.b=value override it")
@@ -155,6 +161,8 @@ def register(add) -> None:
           vislang compress runs/gan-fm --method dynamic-int8 -o runs/gan-fm-c/dyn8     # a GAN run's generator
           vislang compress runs/demo/model --method prune --config my-prune.yaml --steps=400 -o runs/demo/p""")
 
+
+def _add_export_and_compare(add) -> None:
     sp = add("export", "export a model's image and text towers to ONNX, checked against PyTorch", cmd_export)
     sp.add_argument("model_dir", help="a model directory")
     sp.add_argument("--onnx", required=True, metavar="OUT_DIR", help="where the .onnx files, config and tokenizer go")
