@@ -37,6 +37,7 @@ from ..index.build import read_item_bytes, read_item_image
 from ..index.search import Searcher
 from .batching import SearchBatcher
 from .generative import Captioner, ImageGenerator, QuestionAnswerer
+from .video import add_video_routes, moments_field, video_hit_fields
 
 OPEN_PATHS = ("/healthz",)  # reachable without the API key
 HTML_PATHS = ("/", "/docs", "/openapi.json")  # a browser asking for these gets a login prompt
@@ -306,6 +307,7 @@ class Service:
                 "caption": h["caption"],
                 "name": Path(h["key"].rpartition("#")[2] or h["key"]).name,
                 "url": f"/v1/images/{h['id']}",
+                **video_hit_fields(h),  # a video frame: its video, time, shot and URLs
             }
             for h in hits
         ]
@@ -558,7 +560,7 @@ def create_app(
                 hits = await asyncio.wrap_future(batcher.submit(k, text=text[0]))
                 results = svc.format_hits(hits)
                 ms = round(1e3 * (time.perf_counter() - t0), 3)
-                return {"query": query, "k": k, "results": results, "search_ms": ms}
+                return {"query": query, "k": k, "results": results, "search_ms": ms, **moments_field(searcher.index, hits)}
             elif query == "embedding":
                 vec = svc.check_embedding(fields["embedding"])
             else:
@@ -566,7 +568,8 @@ def create_app(
         t0 = time.perf_counter()
         hits = await asyncio.wrap_future(batcher.submit(k, vector=vec[0]))
         results = svc.format_hits(hits)
-        return {"query": query, "k": k, "results": results, "search_ms": round(1e3 * (time.perf_counter() - t0), 3)}
+        ms = round(1e3 * (time.perf_counter() - t0), 3)
+        return {"query": query, "k": k, "results": results, "search_ms": ms, **moments_field(searcher.index, hits)}
 
     @app.post("/v1/embed", summary="embed texts or an uploaded image", openapi_extra={"requestBody": EMBED_BODY})
     async def embed(request: Request) -> dict[str, Any]:
@@ -695,5 +698,7 @@ def create_app(
             media_type=media,
             headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age=3600"},
         )
+
+    add_video_routes(app, searcher, ApiError)  # /v1/frames/{id}, /v1/videos/{id}: serve/video.py
 
     return app
