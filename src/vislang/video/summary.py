@@ -75,7 +75,8 @@ def shots_of(table: FrameTable) -> tuple[list[dict[str, Any]], Any]:
     """Shots (start/end seconds, frame range, medoid frame, boundary score) of an analysed video, and the detection."""
     det = detect_boundaries(table.emb, table.grid)
     n = len(table)
-    end_of_video = max(table.info.duration, float(table.times[-1]) + 1.0 / table.fps)
+    last = float(table.times[-1])
+    end_of_video = table.info.duration if table.info.duration > last else last + 1.0 / table.fps
     shots = []
     for k, (a, b) in enumerate(shot_ranges(n, det.index)):
         m = a + medoid(table.emb[a:b])
