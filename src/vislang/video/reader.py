@@ -12,7 +12,7 @@ import glob
 import os
 import queue
 import threading
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -91,11 +91,16 @@ def _open(path: str | os.PathLike):
         raise ValueError(f"{path} is empty (0 bytes); it is not a video")
     try:
         container = av.open(str(p), metadata_errors="ignore")
+    except av.error.EOFError:
+        raise ValueError(f"{path} holds no video frames (a zero-length video); give a video with frames") from None
     except (av.error.FFmpegError, UnicodeDecodeError) as e:
         raise ValueError(
             f"{path} is not a readable video ({e.__class__.__name__}): it is not a video, or it is truncated or "
             "corrupt; re-download or re-encode it (e.g. `ffmpeg -i IN -c:v libx264 OUT.mp4`)"
         ) from None
+    if not container.streams:
+        container.close()
+        raise ValueError(f"{path} holds no streams (a zero-length video); give a video with frames")
     if not container.streams.video:
         kinds = sorted({s.type for s in container.streams}) or ["none"]
         container.close()
@@ -274,9 +279,3 @@ def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: floa
         raise ValueError(f"no frames to write to {path}")
     os.replace(tmp, path)
     return path
-
-
-def call_every(fn: Callable[[], None] | None) -> None:
-    """Call ``fn`` when given (a progress-bar update hook)."""
-    if fn is not None:
-        fn()
