@@ -9,8 +9,8 @@ The boundary score of sampled frame ``i`` adds two changes from frame ``i-1``:
 - half the cosine distance of the frame embeddings, divided by its 95th percentile over the video and capped at 1:
   semantic change, which places a fade's boundary where its content turns over.
 
-Peaks (maxima within 2 frames) above a threshold are boundaries. The threshold is chosen on the video's own peaks
-(Otsu's split of their logarithms) but never below ``MIN_SCORE``, so a single-shot video is not cut in two.
+Peaks (maxima within 2 frames) above a threshold are boundaries. The threshold is chosen on the video's own scores
+(Otsu's split of all its frames' scores) but never below ``MIN_SCORE``, so a single-shot video is not cut in two.
 """
 
 from __future__ import annotations
@@ -102,10 +102,8 @@ def detect_boundaries(
     """
     score = boundary_scores(emb, grid)
     peaks = local_peaks(score, PEAK_RADIUS)
-    if threshold is None:
-        threshold = min_score
-        if len(peaks) >= 2:
-            threshold = max(min_score, float(np.exp(otsu(np.log(score[peaks] + 1e-9)))))
+    if threshold is None:  # Otsu over every frame's score: boundaries are the few high ones, whatever the peaks
+        threshold = max(min_score, otsu(score[1:])) if len(score) > 2 else min_score
     keep = peaks[score[peaks] >= threshold] if len(peaks) else peaks
     return Boundaries(keep, score, float(threshold))
 
