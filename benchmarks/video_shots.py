@@ -123,7 +123,9 @@ def coverage_and_captions(tables, truths, caption_model: str | None) -> dict[str
         from vislang.video.summary import load_captioner_fn
 
         captioner = load_captioner_fn(caption_model)
-        cands = [c for i in range(0, len(images), 64) for c in captioner([Image.fromarray(x) for x in images[i : i + 64]])]
+        cands = [
+            c for i in range(0, len(images), 64) for c in captioner([Image.fromarray(x) for x in images[i : i + 64]])
+        ]
         out["cider_d"] = round(cider_d(cands, refs), 4)
         out["captioned_key_frames"] = len(cands)
         out["example"] = {"caption": cands[0], "references": refs[0]}
@@ -132,7 +134,9 @@ def coverage_and_captions(tables, truths, caption_model: str | None) -> dict[str
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="embedding model directory (a shapes model: vislang train --config shapes)")
+    p.add_argument(
+        "--model", required=True, help="embedding model directory (a shapes model: vislang train --config shapes)"
+    )
     p.add_argument("--caption-model", help="captioner for the key frames (vislang train --config caption)")
     p.add_argument("--movies", type=int, default=50)
     p.add_argument("--data", default=".cache/vislang/video-bench", help="where the movies are written (kept)")
@@ -178,8 +182,9 @@ def main() -> None:
     print(f"summary coverage at one key frame per true shot: {results['summary']['coverage']:.3f} "
           f"({results['summary']['true_shots']} shots)")  # fmt: skip
     if "cider_d" in results["summary"]:
-        print(f"key-frame caption CIDEr-D vs the shot's references: {results['summary']['cider_d']:.3f} "
-              f"({results['summary']['captioned_key_frames']} key frames; e.g. {results['summary']['example']})")  # fmt: skip
+        cap = results["summary"]
+        print(f"key-frame caption CIDEr-D vs the shot's references: {cap['cider_d']:.3f} "
+              f"({cap['captioned_key_frames']} key frames; e.g. {cap['example']})")  # fmt: skip
     tokenizer = get_tokenizer(args.model)
     results["moments"] = moment_search(tables, truths, model, tokenizer, args.fps, args.top_frames,
                                        np.random.default_rng(0))  # fmt: skip

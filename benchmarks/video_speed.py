@@ -94,7 +94,9 @@ def main() -> None:
     p.add_argument("--minutes", type=float, default=3.0, help="length of the speed video")
     p.add_argument("--long-minutes", type=float, default=60.0, help="length of the memory video (0: skip)")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on 2 cores, decoding takes the other)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1: on 2 cores, decoding takes the other)"
+    )
     p.add_argument("--data", default=".cache/vislang/video-speed")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--smoke", action="store_true", help="a 20-second video, one run, no long video")
@@ -115,7 +117,10 @@ def main() -> None:
     if args.long_minutes:
         long_path, long_duration = movie(data, args.long_minutes, f"long_{args.long_minutes:g}min")
         short_path, short_duration = movie(data, 1.0, "short_1min")
-        rss = {"short": peak_rss(args.model, short_path, args.threads), "long": peak_rss(args.model, long_path, args.threads)}
+        rss = {
+            "short": peak_rss(args.model, short_path, args.threads),
+            "long": peak_rss(args.model, long_path, args.threads),
+        }
         results["rss_mib"] = rss | {"short_seconds": short_duration, "long_seconds": long_duration}
         print(f"peak RSS: {rss['long']:.0f} MiB on a {long_duration / 60:.0f}-minute video, {rss['short']:.0f} MiB on "
               f"a {short_duration / 60:.0f}-minute one (ratio {rss['long'] / rss['short']:.2f})")  # fmt: skip

@@ -12,7 +12,6 @@ import pytest
 pytest.importorskip("av", reason="video needs PyAV (pip install av)")
 
 from test_index import make_tiny_model  # noqa: E402
-
 from vislang.video.moments import merge_moments, snap_to_shots, temporal_iou  # noqa: E402
 from vislang.video.reader import iter_frames, probe  # noqa: E402
 from vislang.video.shots import (  # noqa: E402
@@ -188,8 +187,8 @@ def test_summary_budget_from_ratio_and_defaults() -> None:
 
 
 def test_adjacent_frames_merge_into_moments() -> None:
-    hits = [{"video": "a", "t": t, "score": s, "id": i} for i, (t, s) in enumerate([(1.0, .5), (1.5, .9), (2.0, .6),
-                                                                                     (5.0, .95), (3.0, .4)])]  # fmt: skip
+    frames = [(1.0, 0.5), (1.5, 0.9), (2.0, 0.6), (5.0, 0.95), (3.0, 0.4)]
+    hits = [{"video": "a", "t": t, "score": s, "id": i} for i, (t, s) in enumerate(frames)]
     hits.append({"video": "b", "t": 1.5, "score": 0.7, "id": 9})
     moments = merge_moments(hits, step=0.5)
     assert [(m["video"], m["start"], m["end"]) for m in moments] == [("a", 5.0, 5.5), ("a", 1.0, 3.5), ("b", 1.5, 2.0)]

@@ -12,7 +12,6 @@ pytest.importorskip("av", reason="video needs PyAV (pip install av)")
 pytest.importorskip("faiss", reason="the index needs faiss-cpu (pip install faiss-cpu)")
 
 from test_index import make_tiny_model, write_images  # noqa: E402
-
 from vislang.cli.main import main  # noqa: E402
 from vislang.index import build_index, open_index  # noqa: E402
 from vislang.index.video import frame_fields, is_video_source  # noqa: E402

@@ -12,7 +12,6 @@ import pytest
 av = pytest.importorskip("av", reason="video needs PyAV (pip install av)")
 
 from test_index import make_tiny_model  # noqa: E402
-
 from vislang.cli.main import main  # noqa: E402
 from vislang.video.reader import MAX_FRAME_PIXELS, iter_frames, list_videos, probe, write_video  # noqa: E402
 from vislang.video.synthetic import MovieConfig, write_movie  # noqa: E402
@@ -54,8 +53,9 @@ def files(tmp_path_factory):
             plane.update(bytes(plane.buffer_size))
         for packet in [*s.encode(frame), *s.encode()]:
             out.mux(packet)
-    return {"root": root, "good": good, "not_video": not_video, "truncated": truncated, "empty": empty,
-            "no_frames": no_frames["mkv"], "no_frames_mp4": no_frames["mp4"], "audio": audio, "huge": huge, "model": make_tiny_model(root)}  # fmt: skip
+    named = {"good": good, "not_video": not_video, "truncated": truncated, "empty": empty, "audio": audio, "huge": huge}
+    no_video = {"no_frames": no_frames["mkv"], "no_frames_mp4": no_frames["mp4"]}
+    return {"root": root, **named, **no_video, "model": make_tiny_model(root)}
 
 
 @pytest.mark.parametrize(

@@ -119,7 +119,9 @@ def register(add) -> None:
         ("add", "embed more images into an existing index"),
     ):
         a = actions.add_parser(name, help=help_, description=help_)
-        a.add_argument("src", help="folder of images, .csv/.tsv/.jsonl of paths (+ captions), .tar shard pattern, or videos")
+        a.add_argument(
+            "src", help="folder of images, .csv/.tsv/.jsonl of paths (+ captions), .tar shard pattern, or videos"
+        )
         a.add_argument("--index", required=True, help="index directory")
         a.add_argument("--model", required=(name == "build"), help="model directory (add: the index's own)")
         a.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")

@@ -63,8 +63,9 @@ def cmd_summarize(args: argparse.Namespace, extra: list[str]) -> int:
                 raise
             skipped.append(f"{video}: {e}")
             continue
+        files = "summary.json, storyboard.png, summary.html" + (", summary.mp4" if opts.write_video else "")
         print(f"{video}: {s['duration']:.1f} s, {len(s['shots'])} shot(s), {len(s['key_frames'])} key frame(s) "
-              f"-> {target}/summary.json, storyboard.png, summary.html" + (", summary.mp4" if opts.write_video else ""))  # fmt: skip
+              f"-> {target}/: {files}")  # fmt: skip
         if args.json:
             print(json.dumps(s["key_frames"], indent=2))
     if bar is not None:
@@ -96,8 +97,9 @@ SUMMARIZE_EPILOG = """
     examples:
       vislang video summarize --example bikes --model runs/demo/model -o runs/video/bikes
       vislang video summarize talk.mp4 --model runs/demo/model --budget 8 -o runs/video/talk
-      vislang video summarize runs/movies/movie_000.mp4 --model runs/shapes/model --caption-model runs/caption/model -o runs/video/m0
-      vislang video summarize clips/ --model runs/demo/model --ratio 0.1 --labels "a dog,a bike,a street" -o runs/video/all
+      vislang video summarize runs/movies/movie_000.mp4 --model runs/shapes/model \
+          --caption-model runs/caption/model -o runs/video/m0
+      vislang video summarize clips/ --model runs/demo/model --ratio 0.1 --labels "a dog,a bike" -o runs/video/all
     Writes summary.json, storyboard.png, summary.html (click a frame: the video plays from there) and summary.mp4."""
 
 MOVIES_EPILOG = """

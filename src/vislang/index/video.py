@@ -81,7 +81,9 @@ def build_video_index(
     try:
         state = index.get_state(STATE, {"fps": fps, "done": []})
         if abs(state["fps"] - fps) > 1e-9 and state["done"]:
-            raise ValueError(f"{index_dir} holds frames sampled at {state['fps']} fps; add more with --fps {state['fps']}")
+            raise ValueError(
+                f"{index_dir} holds frames sampled at {state['fps']} fps; add more with --fps {state['fps']}"
+            )
         model, _ = load_embedder(model_path, device)
         bar = None
         if progress:

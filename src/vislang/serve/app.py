@@ -560,7 +560,13 @@ def create_app(
                 hits = await asyncio.wrap_future(batcher.submit(k, text=text[0]))
                 results = svc.format_hits(hits)
                 ms = round(1e3 * (time.perf_counter() - t0), 3)
-                return {"query": query, "k": k, "results": results, "search_ms": ms, **moments_field(searcher.index, hits)}
+                return {
+                    "query": query,
+                    "k": k,
+                    "results": results,
+                    "search_ms": ms,
+                    **moments_field(searcher.index, hits),
+                }
             elif query == "embedding":
                 vec = svc.check_embedding(fields["embedding"])
             else:

@@ -26,13 +26,15 @@ def video_hit_fields(hit: dict[str, Any]) -> dict[str, Any]:
     f = frame_fields(hit["key"])
     if f is None:
         return {}
-    return {"name": Path(f["video"]).name, "video": Path(f["video"]).name, "t": f["t"], "shot": f["shot"],
-            "shot_start": f["shot_start"], "shot_end": f["shot_end"], "url": f"/v1/frames/{hit['id']}",
-            "video_url": f"/v1/videos/{hit['id']}#t={f['shot_start']:.2f},{f['shot_end']:.2f}"}  # fmt: skip
+    name, i = Path(f["video"]).name, hit["id"]
+    return {"name": name, "video": name, "t": f["t"], "shot": f["shot"], "shot_start": f["shot_start"],
+            "shot_end": f["shot_end"], "url": f"/v1/frames/{i}",
+            "video_url": f"/v1/videos/{i}#t={f['shot_start']:.2f},{f['shot_end']:.2f}"}  # fmt: skip
 
 
 def moments_field(index: Any, hits: list[dict[str, Any]]) -> dict[str, Any]:
-    """``{"moments": [...]}`` for the raw hits (with ``key``) of a video index (adjacent frames merged), ``{}`` for an image index."""
+    """``{"moments": [...]}`` for the raw hits (with ``key``) of a video index (adjacent frames merged); ``{}`` for
+    an image index."""
     step = video_step(index)
     if step is None:
         return {}

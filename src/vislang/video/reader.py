@@ -189,7 +189,9 @@ def iter_frames(
                     next_t += step
         except (av.error.FFmpegError, EOFError) as e:
             if n == 0:
-                raise ValueError(f"{path} holds no decodable frame ({e.__class__.__name__}); it is truncated or corrupt")
+                raise ValueError(
+                    f"{path} holds no decodable frame ({e.__class__.__name__}); it is truncated or corrupt"
+                ) from None
             print(f"[vislang] {path}: decoding stopped at {t:.1f} s ({e.__class__.__name__}); the file is truncated")
     if n == 0 and start == 0:
         raise ValueError(f"{path} holds no video frames (a zero-length video); give a video with at least one frame")

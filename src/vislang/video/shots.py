@@ -119,7 +119,9 @@ def shot_ranges(n: int, boundaries: Sequence[int]) -> list[tuple[int, int]]:
 
 def match_boundaries(pred: Sequence[int], truth: Sequence[int], tolerance: int = 1) -> list[tuple[int, int]]:
     """(prediction, truth) index pairs matched one-to-one within ``tolerance`` frames, closest pairs first."""
-    pairs = sorted((abs(p - t), i, j) for i, p in enumerate(pred) for j, t in enumerate(truth) if abs(p - t) <= tolerance)
+    pairs = sorted(
+        (abs(p - t), i, j) for i, p in enumerate(pred) for j, t in enumerate(truth) if abs(p - t) <= tolerance
+    )
     used_p, used_t, out = set(), set(), []
     for _, i, j in pairs:
         if i not in used_p and j not in used_t:

@@ -74,7 +74,11 @@ class Shot:
             if self.appear is not None and self.appear[0] == i and t < self.appear[1]:
                 continue
             x, y = (bounce(p, v * (t - self.start), o.r, side) for p, v in zip((o.x, o.y), self.velocity[i]))
-            color = self.recolor[2] if self.recolor is not None and self.recolor[0] == i and t >= self.recolor[1] else o.color
+            color = (
+                self.recolor[2]
+                if self.recolor is not None and self.recolor[0] == i and t >= self.recolor[1]
+                else o.color
+            )
             objs.append(dataclasses.replace(o, x=x, y=y, color=color))
         return dataclasses.replace(self.scene, objects=tuple(objs))
 
