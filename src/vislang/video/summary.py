@@ -309,7 +309,7 @@ def zero_shot_labeler(model: Any, tokenizer: Any, labels: Sequence[str], device:
     if not labels:
         raise ValueError("--labels is empty; give comma-separated labels, e.g. --labels 'a dog,a bike,a street'")
     text = embed_texts(model, tokenizer, labels, device=device)  # (L, E)
-    scale = float(model.get_logit_scale()) if hasattr(model, "get_logit_scale") else 100.0
+    scale = float(model.get_logit_scale().detach()) if hasattr(model, "get_logit_scale") else 100.0
 
     def run(emb: np.ndarray) -> list[tuple[str, float]]:
         logits = scale * emb @ text.T  # (K, L)
