@@ -14,7 +14,6 @@ import pytest
 pytest.importorskip("av", reason="video needs PyAV (pip install av)")
 
 from test_index import make_tiny_model  # noqa: E402
-
 from vislang.cli.main import main  # noqa: E402
 from vislang.video.reader import list_videos  # noqa: E402
 
