@@ -198,12 +198,15 @@ def iter_frames(
 
 
 def frame_at(path: str | os.PathLike, t: float, max_side: int = 512) -> np.ndarray:
-    """The RGB frame shown at second ``t`` (the first frame at or after it)."""
+    """The RGB frame shown at second ``t`` (the first frame at or after it; the last frame when ``t`` is past it)."""
+    last = None
     for f in iter_frames(path, fps=0, max_side=max_side, start=max(0.0, t - 1e-3)):
         if f.t + 1e-3 >= t:
             return f.rgb
         last = f.rgb
-    return last  # t past the last frame: the last one
+    if last is None:
+        raise ValueError(f"{path} has no frame at or after {t:.2f} s")
+    return last
 
 
 def threaded(items: Iterable, maxsize: int = 16) -> Iterator:
