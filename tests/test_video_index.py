@@ -70,6 +70,11 @@ def test_sources_are_told_apart(world, tmp_path: Path) -> None:
     assert is_video_source(str(world["root"] / "movies" / "*.mp4"))
     write_images(tmp_path / "imgs", 2)
     assert not is_video_source(str(tmp_path / "imgs"))
+    table = tmp_path / "videos.csv"
+    table.write_text(f"path\n{world['movies'][0]}\n")
+    assert is_video_source(str(table))
+    (tmp_path / "images.csv").write_text("filepath,caption\nimgs/scene000.png,a scene\n")
+    assert not is_video_source(str(tmp_path / "images.csv"))
 
 
 def test_search_prints_moments(world, capsys) -> None:

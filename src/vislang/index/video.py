@@ -19,15 +19,21 @@ import numpy as np
 
 from ..inference import IMAGE_EXTS
 from ..video.moments import merge_moments
-from ..video.reader import VIDEO_EXTS, list_videos
+from ..video.reader import VIDEO_EXTS, csv_videos, list_videos
 
 STATE = "video"  # index state: {"fps": sampling rate, "done": [finished video paths]}
 
 
 def is_video_source(src: str) -> bool:
-    """Whether ``vislang index build SRC`` means videos: a video file, a glob of them, or a folder holding videos and
-    no images (a folder with both is indexed as images, as before)."""
+    """Whether ``vislang index build SRC`` means videos: a video file, a glob of them, a CSV/TSV whose first path is a
+    video, or a folder holding videos and no images (a folder with both is indexed as images, as before)."""
     p = Path(os.path.expanduser(src))
+    if p.is_file() and p.suffix.lower() in (".csv", ".tsv"):  # a table of video paths (its first row decides)
+        try:
+            first = next(iter(csv_videos(p)), None)
+        except (ValueError, KeyError, UnicodeDecodeError):
+            return False
+        return first is not None and first.suffix.lower() in VIDEO_EXTS
     if p.is_file():
         return p.suffix.lower() in VIDEO_EXTS
     if p.is_dir():
