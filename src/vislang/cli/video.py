@@ -97,8 +97,7 @@ SUMMARIZE_EPILOG = """
     examples:
       vislang video summarize --example bikes --model runs/demo/model -o runs/video/bikes
       vislang video summarize talk.mp4 --model runs/demo/model --budget 8 -o runs/video/talk
-      vislang video summarize runs/movies/movie_000.mp4 --model runs/shapes/model \
-          --caption-model runs/caption/model -o runs/video/m0
+      vislang video summarize movie.mp4 --model runs/shapes/model --caption-model runs/caption/model -o runs/m
       vislang video summarize clips/ --model runs/demo/model --ratio 0.1 --labels "a dog,a bike" -o runs/video/all
     Writes summary.json, storyboard.png, summary.html (click a frame: the video plays from there) and summary.mp4."""
 
