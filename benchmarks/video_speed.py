@@ -73,18 +73,20 @@ def speed(name: str, model, path: Path, duration: float, repeats: int) -> dict[s
 
 
 def peak_rss(model_arg: str, path: Path, threads: int) -> float:
-    """Peak RSS in MiB of a child process that analyses ``path`` with the model."""
+    """Peak RSS in MiB of a child process that analyses ``path`` with the model: VmHWM of /proc/self/status, which
+    belongs to the child's own address space (ru_maxrss would carry the parent's peak over fork and exec)."""
     code = (
-        "import resource, sys, torch; torch.set_num_threads(int(sys.argv[3]));"
+        "import sys, torch; torch.set_num_threads(int(sys.argv[3]));"
         "from vislang.factory import load_embedding_model; from vislang.video.analyze import analyze;"
         "from vislang.video.shots import detect_boundaries;"
         "m, _ = load_embedding_model(sys.argv[1]); t = analyze(sys.argv[2], m.eval(), fps=2.0);"
         "detect_boundaries(t.emb, t.grid);"
-        "print(len(t), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)"
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1];"
+        "print(len(t), hwm)"
     )
     out = subprocess.run([sys.executable, "-c", code, model_arg, str(path), str(threads)], capture_output=True,
                          text=True, check=True).stdout.split()  # fmt: skip
-    return round(int(out[-1]) / 1024, 1)
+    return round(int(out[-1]) / 1024, 1)  # kB -> MiB
 
 
 def main() -> None:
