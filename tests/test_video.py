@@ -199,6 +199,8 @@ def test_adjacent_frames_merge_into_moments() -> None:
     assert [(m["start"], m["end"]) for m in snapped] == [(4.0, 8.0), (0.0, 4.0), (1.5, 2.0)]
     with pytest.raises(ValueError):
         merge_moments(hits, step=0)
+    in_shots = [{"video": "a", "t": t, "score": 0.5, "shot": k} for t, k in ((1.0, 0), (1.5, 0), (2.0, 1), (2.5, 1))]
+    assert [(m["start"], m["end"]) for m in merge_moments(in_shots, 0.5)] == [(1.0, 2.0), (2.0, 3.0)]  # split at cut
 
 
 def test_frame_keys_round_trip() -> None:

@@ -51,7 +51,7 @@ def cmd_summarize(args: argparse.Namespace, extra: list[str]) -> int:
         labeler = zero_shot_labeler(model, get_tokenizer(args.model), args.labels.split(","), args.device)
     from tqdm.auto import tqdm  # lazy: `vislang --help` starts without loading tqdm
 
-    bar = None if args.no_progress else tqdm(desc="decode + embed", unit="frame", total=0)
+    bar = None if args.no_progress else tqdm(desc="decode + embed", unit="frame", total=None)
     skipped: list[str] = []
     out = Path(args.out)
     for video in videos:

@@ -95,7 +95,7 @@ def build_video_index(
         if progress:
             from tqdm.auto import tqdm  # lazy: progress bars only for the command line
 
-            bar = tqdm(desc="indexing video", unit="frame", total=0)
+            bar = tqdm(desc="indexing video", unit="frame", total=None)
         t0 = time.perf_counter()
         for video in dict.fromkeys(videos):
             if video in state["done"]:

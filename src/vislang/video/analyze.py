@@ -95,6 +95,7 @@ def analyze(
         frames = threaded(frames, maxsize=4 * batch_size)
     if bar is not None and info.duration:
         bar.total = (bar.total or 0) + int(info.duration * (fps or info.fps))
+        bar.refresh()
     times, embs, grids = [], [], []
     t0 = time.perf_counter()
     embed_s = 0.0

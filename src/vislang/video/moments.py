@@ -10,7 +10,7 @@ def merge_moments(hits: Iterable[dict[str, Any]], step: float, gap: int = 1) -> 
     """Frame hits (dicts with ``video``, ``t``, ``score``; others kept from the best frame) merged into moments.
 
     Hits of one video whose times are at most ``(gap + 1) * step`` apart join one moment, so a run of matching frames
-    with one miss in it is still one moment. A moment spans ``[first t, last t + step)``: a sampled frame stands for
+    with one miss in it is still one moment; hits that carry a ``shot`` join only hits of the same shot. A moment spans ``[first t, last t + step)``: a sampled frame stands for
     the ``step`` seconds after it. Moments are ranked by their best frame's score.
 
     Args:
@@ -28,7 +28,8 @@ def merge_moments(hits: Iterable[dict[str, Any]], step: float, gap: int = 1) -> 
         hs.sort(key=lambda h: h["t"])
         run = [hs[0]]
         for h in hs[1:]:
-            if h["t"] - run[-1]["t"] <= (gap + 1) * step + 1e-6:
+            same_shot = h.get("shot") == run[-1].get("shot")  # hits that name their shot never span a cut
+            if same_shot and h["t"] - run[-1]["t"] <= (gap + 1) * step + 1e-6:
                 run.append(h)
             else:
                 moments.append(moment(video, run, step))
