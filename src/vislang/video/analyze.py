@@ -94,7 +94,7 @@ def analyze(
     if overlap:
         frames = threaded(frames, maxsize=4 * batch_size)
     if bar is not None and info.duration:
-        bar.total = (bar.total or 0) + int(info.duration * (fps or info.fps))
+        bar.total = (bar.total or 0) + int(np.ceil(info.duration * (fps or info.fps) - 1e-6))
         bar.refresh()
     times, embs, grids = [], [], []
     t0 = time.perf_counter()

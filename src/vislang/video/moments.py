@@ -10,8 +10,9 @@ def merge_moments(hits: Iterable[dict[str, Any]], step: float, gap: int = 1) -> 
     """Frame hits (dicts with ``video``, ``t``, ``score``; others kept from the best frame) merged into moments.
 
     Hits of one video whose times are at most ``(gap + 1) * step`` apart join one moment, so a run of matching frames
-    with one miss in it is still one moment; hits that carry a ``shot`` join only hits of the same shot. A moment spans ``[first t, last t + step)``: a sampled frame stands for
-    the ``step`` seconds after it. Moments are ranked by their best frame's score.
+    with one miss in it is still one moment; hits that carry a ``shot`` join only hits of the same shot. A moment spans
+    ``[first t, last t + step)``: a sampled frame stands for the ``step`` seconds after it. Moments are ranked by their
+    best frame's score.
 
     Args:
         hits: search results of sampled frames (any order).
