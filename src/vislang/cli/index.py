@@ -33,8 +33,14 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
             img_key=args.img_key,
             caption_key=args.caption_key,
             allow_outside_root=args.allow_outside_root,
+            fps=args.fps,
             **options,
         )
+        if "videos" in counts:  # a video source: index/video.py
+            print(f"indexed {counts['added']} frame(s) of {counts['videos']} video(s) ({counts['already']} video(s) "
+                  f"already there, {counts['unreadable']} unreadable) in {counts['seconds']:.1f} s; "
+                  f"{args.index} holds {counts['size']}")  # fmt: skip
+            return 0
         print(
             f"indexed {counts['added']} new image(s) ({counts['already']} already there, {counts['duplicates']} "
             f"repeated, {counts['unreadable']} unreadable) in {counts['seconds']:.1f} s "
@@ -59,15 +65,23 @@ def cmd_search(args: argparse.Namespace, extra: list[str]) -> int:
         raise ValueError("give a query text or --image PATH (one of the two)")
     if not 1 <= args.k <= 10_000:
         raise ValueError(f"-k must be between 1 and 10000, got {args.k}")
+    from ..index.video import moments_of, video_step  # lazy: `vislang --help` starts without loading torch
+
     searcher = Searcher(args.index, args.model, device=args.device)
     try:
-        hits = (
-            searcher.search_text(args.text, args.k)
-            if args.text is not None
-            else searcher.search_image(args.image, args.k)
-        )
+        step = video_step(searcher.index)  # a video index: fetch more frames, merge them into k moments
+        n = args.k if step is None else min(max(10 * args.k, 100), 10_000)
+        hits = searcher.search_text(args.text, n) if args.text is not None else searcher.search_image(args.image, n)
     finally:
         searcher.close()
+    if step is not None:
+        moments = moments_of(hits, step, args.k)
+        if args.json:
+            print(json.dumps(moments, indent=2))
+        for m in [] if args.json else moments:
+            print(f"{m['score']:.4f}  {m['start']:8.2f}-{m['end']:<8.2f} s  (best {m['t']:.2f} s, shot {m['shot']}, "
+                  f"id {m['id']})  {m['video']}")  # fmt: skip
+        return 0
     if args.json:
         print(json.dumps([{k: h[k] for k in ("id", "score", "path", "caption", "key")} for h in hits], indent=2))
     else:
@@ -83,6 +97,7 @@ INDEX_EPILOG = """
       vislang index build photos/ --model runs/demo/model --index big.index --exact-max 50000 --ann ivf
       vislang index build pairs.csv --model runs/demo/model --index pairs.index --img-key path
       vislang index build 'shards/{00000..00009}.tar' --model runs/demo/model --index web.index
+      vislang index build runs/movies --model runs/shapes/model --index runs/movies.index --fps 2   # videos
       vislang index add more_photos/ --index photos.index
       vislang index remove --index photos.index 17 photos/old/
       vislang index info --index photos.index
@@ -91,7 +106,8 @@ INDEX_EPILOG = """
 SEARCH_EPILOG = """
     examples:
       vislang search "a red circle" --index photos.index -k 5
-      vislang search --image query.png --index photos.index --json"""
+      vislang search --image query.png --index photos.index --json
+      vislang search "a red circle" --index runs/movies.index -k 5   # a video index: moments (time ranges)"""
 
 
 def register(add) -> None:
@@ -105,7 +121,9 @@ def register(add) -> None:
         ("add", "embed more images into an existing index"),
     ):
         a = actions.add_parser(name, help=help_, description=help_, **each)
-        a.add_argument("src", help="folder of images, .csv/.tsv/.jsonl of paths (+ captions), or .tar shard pattern")
+        a.add_argument(
+            "src", help="folder of images, .csv/.tsv/.jsonl of paths (+ captions), .tar shard pattern, or videos"
+        )
         a.add_argument("--index", required=True, help="index directory")
         a.add_argument("--model", required=(name == "build"), help="model directory (add: the index's own)")
         a.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
@@ -117,6 +135,7 @@ def register(add) -> None:
         a.add_argument("--allow-outside-root", action="store_true",
                        help="index CSV/JSONL paths that leave the file's folder (absolute, ~, ..) or symlinks out of "
                             "the source folder; `vislang serve` will send those files to its clients")  # fmt: skip
+        a.add_argument("--fps", type=float, default=2.0, help="videos: frames indexed per second (default 2)")
         if name == "build":
             a.add_argument("--backend", default="faiss", choices=["faiss", "pgvector"], help="default: faiss")
             kinds = ["auto", "flat", "hnsw", "ivf"]

@@ -40,6 +40,7 @@ from ..inference import IMAGE_EXTS, list_images, open_image
 from ..models.onnx_runtime import is_onnx_dir
 from .base import HEADER, Index, create_index, open_index
 from .files import ROOTS_STATE, confine, track_roots
+from .video import build_video_index, is_video_source
 
 IMG_COLUMNS = ("filepath", "path", "image", "file", "filename", "img")  # tried in order when img_key is not given
 CAPTION_COLUMNS = ("caption", "text", "title", "label")
@@ -286,6 +287,7 @@ def build_index(
     caption_key: str | None = None,
     backend: str = "faiss",
     allow_outside_root: bool = False,
+    fps: float = 2.0,
     **options: Any,
 ) -> dict[str, Any]:
     """Embed a source's images into an index, creating it if needed, resuming or adding if it exists.
@@ -302,6 +304,7 @@ def build_index(
         caption_key: CSV/JSONL caption column (default: caption, text or title when present).
         backend: ``faiss`` or ``pgvector`` for a new index.
         allow_outside_root: index (and so let a server send) images whose paths leave the source's folder.
+        fps: frames sampled per second when ``src`` is video (each sampled frame becomes an item; index/video.py).
         **options: back-end options for a new index (e.g. ``kind``, ``exact_max``).
 
     Returns:
@@ -311,6 +314,10 @@ def build_index(
     """
     if batch_size < 1 or commit_every < 1:
         raise ValueError("batch_size and commit_every must be at least 1")
+    if is_video_source(src):
+        return build_video_index(
+            src, index_dir, model_dir, fps, batch_size, device, progress, backend, allow_outside_root, **options
+        )
     items = open_source(src, img_key, caption_key, allow_outside_root)
     first = next(items, None)  # errors about the source come before anything is created
     if first is None:

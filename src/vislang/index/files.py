@@ -58,6 +58,23 @@ def track_roots(items: Iterable, roots: set[str]) -> Iterator:
         yield it
 
 
+def servable_path(path: str | os.PathLike, roots: Iterable[str] | None) -> str:
+    """``path`` made absolute, if a server may send it: inside a recorded root, no symlink on the way.
+
+    Raises:
+        PermissionError: the index records no roots, the file lies outside them, or a symlink is on its path.
+    """
+    if not roots:
+        raise PermissionError("this index records no folders its files may be served from (built before they were "
+                              "recorded); run its `vislang index build` again to record them")  # fmt: skip
+    p = os.path.abspath(path)
+    if os.path.realpath(p) != p:
+        raise PermissionError("a symlink lies on the file's path; the server does not follow links")
+    if not any(is_inside(p, r) for r in roots):
+        raise PermissionError("the file lies outside the folders the index was built from")
+    return p
+
+
 def served_bytes(
     path: str | os.PathLike,
     offset: int | None,
@@ -73,14 +90,7 @@ def served_bytes(
         ValueError: the file (or tar member) is over ``max_bytes``.
         OSError: it cannot be read (gone).
     """
-    if not roots:
-        raise PermissionError("this index records no folders its images may be served from (built before they were "
-                              "recorded); run its `vislang index build` again to record them")  # fmt: skip
-    p = os.path.abspath(path)
-    if os.path.realpath(p) != p:
-        raise PermissionError("a symlink lies on the image's path; the server does not follow links")
-    if not any(is_inside(p, r) for r in roots):
-        raise PermissionError("the image lies outside the folders the index was built from")
+    p = servable_path(path, roots)
     fd = os.open(p, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(f.fileno())

@@ -42,6 +42,7 @@ from ..index.search import Searcher
 from .batching import Overloaded, SearchBatcher
 from .generative import Captioner, ImageGenerator, QuestionAnswerer
 from .guard import BODY_TIMEOUT, RETRY_AFTER, SEARCH_TIMEOUT, ApiError, Guard, Limiter, answered, error
+from .video import add_video_routes, moments_field, video_hit_fields
 
 DOCS_ASSETS = "/docs-assets"  # Swagger UI's own files, served locally so /docs works offline
 MAX_TEXTS = 256  # texts per /v1/embed request
@@ -284,6 +285,7 @@ class Service:
                 "caption": h["caption"],
                 "name": Path(h["key"].rpartition("#")[2] or h["key"]).name,
                 "url": f"/v1/images/{h['id']}",
+                **video_hit_fields(h),  # a video frame: its video, time, shot and URLs
             }
             for h in hits
         ]
@@ -548,7 +550,13 @@ def create_app(
                 hits = await answered(batcher.submit(k, text=text[0]))
                 results = svc.format_hits(hits)
                 ms = round(1e3 * (time.perf_counter() - t0), 3)
-                return {"query": query, "k": k, "results": results, "search_ms": ms}
+                return {
+                    "query": query,
+                    "k": k,
+                    "results": results,
+                    "search_ms": ms,
+                    **moments_field(searcher.index, hits),
+                }
             elif query == "embedding":
                 vec = svc.check_embedding(fields["embedding"])
             else:
@@ -556,7 +564,8 @@ def create_app(
         t0 = time.perf_counter()
         hits = await answered(batcher.submit(k, vector=vec[0]))
         results = svc.format_hits(hits)
-        return {"query": query, "k": k, "results": results, "search_ms": round(1e3 * (time.perf_counter() - t0), 3)}
+        ms = round(1e3 * (time.perf_counter() - t0), 3)
+        return {"query": query, "k": k, "results": results, "search_ms": ms, **moments_field(searcher.index, hits)}
 
     @app.post("/v1/embed", summary="embed texts or an uploaded image", openapi_extra={"requestBody": EMBED_BODY})
     async def embed(request: Request) -> dict[str, Any]:
@@ -680,5 +689,7 @@ def create_app(
             media_type=sniff_image_type(data),
             headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "private, max-age=3600"},
         )
+
+    add_video_routes(app, searcher, ApiError)  # /v1/frames/{id}, /v1/videos/{id}: serve/video.py
 
     return app
