@@ -326,8 +326,8 @@ def test_every_subcommand_help_ends_with_examples(path, parser):
 # ------------------------------------------------------------------------------ inline `vislang ...` commands in prose
 def inline_commands(text: str) -> list[Command]:
     """Every `vislang ...` code span in the prose (outside fenced blocks; a span may wrap onto the next line) that
-    gives more than a subcommand's name. A bare `vislang index build` is a mention; one with arguments is a command a
-    reader may paste, so it must parse."""
+    gives more than a subcommand's name. A bare `vislang index build` is a mention and `vislang video example NAME` a
+    template; one with real arguments is a command a reader may paste, so it must parse."""
     prose, fence = [], None
     for lineno, line in enumerate(text.splitlines(), 1):
         m = re.match(r"^\s*(`{3,}|~{3,})", line)
@@ -347,6 +347,8 @@ def inline_commands(text: str) -> list[Command]:
         argv = vislang_argv(words) if words else None
         if argv is None or len(argv) <= len(command_path(argv)):
             continue
+        if any(re.fullmatch(r"[A-Z][A-Z0-9_]*|\.\.\.", w) for w in argv):  # a template: `vislang x NAME`, `...`
+            continue
         lineno = prose[next(i for i, s in enumerate(starts) if s > m.start()) - 1][0]
         found.append(Command(lineno, span, tuple(shlex.split(" ".join(argv)))))
     return found
@@ -356,7 +358,7 @@ INLINE = inline_commands(README.read_text())
 
 
 def test_inline_extractor_reads_wrapped_spans_and_skips_mentions():
-    text = "see `vislang index build` and `vislang compare\nruns/a runs/b --rounds 9`\n```\n`vislang x y`\n```\n"
+    text = "see `vislang index build`, `vislang x NAME` and `vislang compare\nruns/a runs/b --rounds 9`\n```\n`vislang x y`\n```\n"
     got = [(c.lineno, c.argv) for c in inline_commands(text)]
     assert got == [(1, ("compare", "runs/a", "runs/b", "--rounds", "9"))]
 

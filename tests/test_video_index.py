@@ -127,3 +127,19 @@ def test_image_index_has_no_moments(world, tmp_path: Path) -> None:
     body = client.post("/v1/search", json={"text": "a red circle", "k": 2}).json()
     assert "moments" not in body and body["results"][0]["url"].startswith("/v1/images/")
     assert client.get(f"/v1/frames/{body['results'][0]['id']}").status_code == 404
+
+
+def test_a_csv_naming_videos_outside_its_folder_needs_allow_outside_root(world, tmp_path) -> None:
+    """As for images: a server sends indexed videos, so a CSV may not reach outside its folder unless asked."""
+    from vislang.index.files import OutsideRoot
+
+    csv = tmp_path / "list" / "videos.csv"
+    csv.parent.mkdir()
+    csv.write_text("path\n" + "\n".join(str(m.resolve()) for m in world["movies"][:1]) + "\n")
+    with pytest.raises(OutsideRoot, match="--allow-outside-root"):
+        build_index(str(csv), tmp_path / "out.index", world["model"], progress=False, fps=2)
+    counts = build_index(str(csv), tmp_path / "ok.index", world["model"], progress=False, fps=2,
+                         allow_outside_root=True)  # fmt: skip
+    assert counts["videos"] == 1
+    with open_index(tmp_path / "ok.index") as index:
+        assert str(world["movies"][0].resolve().parent) in index.get_state("roots")

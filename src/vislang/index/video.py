@@ -60,6 +60,21 @@ def frame_fields(key: str) -> dict[str, Any] | None:
         return None
 
 
+def video_roots(src: str, videos: list[str], roots: set[str], allow_outside_root: bool) -> set[str]:
+    """The folders the server may send these videos from: the source's, plus (only when allowed) those of videos a
+    CSV names outside it."""
+    roots = set(roots)
+    for video in videos:
+        if not any(is_inside(video, r) for r in roots):
+            if not allow_outside_root:
+                raise OutsideRoot(
+                    f"{src}: the video {video} lies outside {sorted(roots)[0]}, so it is not indexed: a server would "
+                    "send it to its clients; pass --allow-outside-root if you mean to index it"
+                )
+            roots.add(str(Path(video).parent))
+    return roots
+
+
 def build_video_index(
     src: str,
     index_dir: str | os.PathLike,
@@ -87,15 +102,7 @@ def build_video_index(
     if fps <= 0:
         raise ValueError(f"--fps must be positive to index video, got {fps}")
     videos = [str(p.resolve()) for p in list_videos([src])]
-    roots = {str(Path(r)) for r in source_roots(src)}
-    for video in videos:
-        if not any(is_inside(video, r) for r in roots):
-            if not allow_outside_root:
-                raise OutsideRoot(
-                    f"{src}: the video {video} lies outside {sorted(roots)[0]}, so it is not indexed: a server would "
-                    "send it to its clients; pass --allow-outside-root if you mean to index it"
-                )
-            roots.add(str(Path(video).parent))
+    roots = video_roots(src, videos, source_roots(src), allow_outside_root)
     index, model_path = open_or_create(index_dir, model_dir, backend, **options)
     counts: dict[str, Any] = {"added": 0, "already": 0, "duplicates": 0, "unreadable": 0, "videos": 0}
     try:
