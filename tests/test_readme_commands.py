@@ -358,7 +358,8 @@ INLINE = inline_commands(README.read_text())
 
 
 def test_inline_extractor_reads_wrapped_spans_and_skips_mentions():
-    text = "see `vislang index build`, `vislang x NAME` and `vislang compare\nruns/a runs/b --rounds 9`\n```\n`vislang x y`\n```\n"
+    text = "see `vislang index build`, `vislang x NAME` and `vislang compare\nruns/a runs/b --rounds 9`\n"
+    text += "```\n`vislang x y`\n```\n"
     got = [(c.lineno, c.argv) for c in inline_commands(text)]
     assert got == [(1, ("compare", "runs/a", "runs/b", "--rounds", "9"))]
 
