@@ -224,6 +224,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default="auto", help="vislang's precision (auto follows the CPU)")
     p.add_argument("--openclip-precision", default="auto", help="OpenCLIP's: amp_bf16, fp32, or auto (amp_bf16 "
                    "where the CPU has native bf16)")  # fmt: skip
+    p.add_argument("--max-minutes", type=float, help="stop after this much wall time (both arms, evaluations "
+                   "included) and report the levels reached so far; default no limit")  # fmt: skip
     p.add_argument("--threads", type=int, help="torch threads (default torch's own choice; smoke 1)")
     p.add_argument("--smoke", action="store_true", help="a few tiny steps on a data subset: only checks that it runs")
     p.add_argument("--json", type=Path, help="also write the results to this JSON file")
@@ -247,8 +249,8 @@ def vislang_arm(args: argparse.Namespace, out: Path) -> tuple[Arm, DualEncoderTa
         f"model_name={args.model}", f"batch_size={args.batch_size}", f"max_steps={args.steps}",
         "time_budget_min=null", f"precision={args.precision}", "progress=false", f"out_dir={out}",
     ]  # fmt: skip
-    if args.smoke:
-        overrides.append("data.max_train=512")
+    if args.smoke:  # a subset, prepared in the temporary folder
+        overrides += ["data.max_train=512", f"data.cache_dir={out.parent / 'prepared'}"]
     cfg = load_train_config(PACKAGED_CONFIGS / "demo.yaml", overrides)
     task = DualEncoderTask()
     loop = Loop(task, cfg, resume=False)
@@ -291,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"openclip {args.openclip_precision}",
             flush=True,
         )
-        top = args.levels[-1]
+        top, t0 = args.levels[-1], time.time()
         while any(a.steps < args.steps for a in arms):
             for arm in arms:  # interleaved: each arm trains eval_every steps in turn
                 if arm.steps >= args.steps or arm.reached(top):
@@ -303,6 +305,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     f"  {arm.name:8s} step {arm.steps:5d}  {arm.seconds:8.1f} s  loss {loss:.3f}  zero-shot {acc:.2%}"
                 )
             if all(a.reached(top) or a.steps >= args.steps for a in arms):
+                break
+            if args.max_minutes and time.time() - t0 > 60 * args.max_minutes:
+                print(f"  --max-minutes {args.max_minutes:g} spent: stopping here")
                 break
     return report(args, arms)
 
@@ -337,6 +342,7 @@ def report(args: argparse.Namespace, arms: list[Arm]) -> dict[str, Any]:
         "steps": args.steps,
         "eval_every": args.eval_every,
         "eval_images": args.eval_images,
+        "max_minutes": args.max_minutes,
         "threads": torch.get_num_threads(),
         "cpu": prec.cpu_name(),
         "torch": torch.__version__,
