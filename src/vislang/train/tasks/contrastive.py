@@ -284,6 +284,8 @@ class DualEncoderTask(Task):
             model.visual.to(memory_format=torch.channels_last)
         self.core = model
         self.objective = build_task(cfg.task, run.ddp(model), cfg)
+        if cfg.compile:  # the model and its loss as one graph (the caption dedupe's torch.unique splits it in two)
+            self.objective = torch.compile(self.objective)
         self.optimizer = build_optimizer(model, cfg.optim)
         if main:
             out.mkdir(parents=True, exist_ok=True)
