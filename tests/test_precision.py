@@ -180,3 +180,24 @@ def test_the_precision_trial_leaves_no_trace(tmp_path, monkeypatch):
     a, b = load_file(str(tried / "model.safetensors")), load_file(str(plain / "model.safetensors"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_auto_inference_keeps_fp32_where_bf16_outputs_disagree(monkeypatch):
+    """A model whose bf16 outputs stray from fp32's (cosine below 0.999) stays in fp32 even when bf16 is faster."""
+    from vislang.evaluation.embed import inference_precision
+
+    monkeypatch.setattr(prec, "cpu_flags", lambda: frozenset(WITH_BF16))
+    monkeypatch.setattr(prec, "time_precisions", lambda *a, **k: {"fp32": 2.0, "bf16": 1.0})
+    model = build_model(get_model_config("fmnist-cnn", {"text": {"vocab_size": 300}}))
+    x = torch.randn(8, 16)
+
+    def exact() -> torch.Tensor:
+        return x + 0.0
+
+    def strays() -> torch.Tensor:  # under bf16 one row turns by a few degrees
+        bf16 = torch.is_autocast_enabled("cpu")
+        return torch.cat([x[:1] + (torch.randn(1, 16) if bf16 else 0.0), x[1:]])
+
+    assert inference_precision(model, CPU, "auto", exact, "a").precision == "bf16"
+    choice = inference_precision(model, CPU, "auto", strays, "b")
+    assert choice.precision == "fp32" and "differ" in choice.reason
