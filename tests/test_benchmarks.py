@@ -99,7 +99,12 @@ def test_time_to_accuracy_twin_is_the_demo_model() -> None:
 def test_time_to_accuracy_smoke(tmp_path: Path) -> None:
     pytest.importorskip("open_clip")
     out_json = tmp_path / "result.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "VISLANG_PRECISION_CACHE": str(tmp_path / "precision.json"),
+    }
     proc = subprocess.run(
         [sys.executable, str(BENCHMARKS / "time_to_accuracy.py"), "--smoke", "--levels", "0.05,0.1",
          "--json", str(out_json)],

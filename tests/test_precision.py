@@ -21,7 +21,7 @@ WITHOUT_BF16 = {"avx2", "avx512f"}
 @pytest.fixture(autouse=True)
 def own_cache(tmp_path, monkeypatch):
     """Each test starts with an empty precision cache of its own."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("VISLANG_PRECISION_CACHE", str(tmp_path / "cache" / "precision.json"))
 
 
 def fake_step(fp32_s: float, bf16_s: float, calls: list[str]):

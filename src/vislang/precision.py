@@ -6,7 +6,7 @@ with ``avx512_bf16`` or AMX a 2048² matmul runs ~5× faster in bf16 (776 agains
 EPYC) and a small CNN + Transformer trains 1.4× faster; yet a tiny ViT gains nothing. So ``precision: auto`` asks
 the CPU what it has (``native_bf16``), and where it has bf16 times a few steps of the actual model in both precisions
 (``choose``), once per machine and model: the result is cached in ``~/.cache/vislang/precision.json``
-(``$XDG_CACHE_HOME`` moves it), keyed by the CPU's name and flags, the torch version and threads, and the model's
+(``$XDG_CACHE_HOME`` or ``$VISLANG_PRECISION_CACHE`` move it), keyed by the CPU's name and flags, the torch version and threads, and the model's
 shape signature. Training (``train.loop``) and inference (``evaluation.embed``, and through it ``index build`` and
 the server's embedder) both decide here.
 """
@@ -34,7 +34,10 @@ MIN_GAIN = 1.10  # auto picks bf16 only when a trial step runs at least this muc
 
 
 def cache_path() -> Path:
-    """Where trial results and peak probes are kept (one JSON file per user)."""
+    """Where trial results and peak probes are kept: one JSON file per user, or ``$VISLANG_PRECISION_CACHE`` (the
+    tests point it at a temporary file). Delete it to measure again, e.g. on a machine that was busy the first time."""
+    if os.environ.get("VISLANG_PRECISION_CACHE"):
+        return Path(os.environ["VISLANG_PRECISION_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vislang" / "precision.json"
 
 
