@@ -5,10 +5,10 @@ Why measured and not a fixed rule: on AVX2-only CPUs bf16 autocast is emulated a
 with ``avx512_bf16`` or AMX a 2048² matmul runs ~5× faster in bf16 (776 against 158 GFLOP/s on this project's 2-core
 EPYC) and a small CNN + Transformer trains 1.4× faster; yet a tiny ViT gains nothing. So ``precision: auto`` asks
 the CPU what it has (``native_bf16``), and where it has bf16 times a few steps of the actual model in both precisions
-(``choose``), once per machine and model: the result is cached in ``~/.cache/vislang/precision.json``
-(``$XDG_CACHE_HOME`` or ``$VISLANG_PRECISION_CACHE`` move it), keyed by the CPU's name and flags, the torch version and threads, and the model's
-shape signature. Training (``train.loop``) and inference (``evaluation.embed``, and through it ``index build`` and
-the server's embedder) both decide here.
+(``choose``), once per machine and model. The result is cached in ``~/.cache/vislang/precision.json``
+(``$XDG_CACHE_HOME`` or ``$VISLANG_PRECISION_CACHE`` move it), keyed by the CPU's name and bf16 flags, the torch
+version and threads, and the model's shape signature. Training (``train.loop``) and inference
+(``evaluation.embed``, and through it ``index build`` and the server's text embedder) both decide here.
 """
 
 from __future__ import annotations
