@@ -240,25 +240,6 @@ class TransformerText(TextTower):
         self.positional_embedding = nn.Parameter(torch.randn(cfg.context_length, cfg.width) * 0.01)
         self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, cfg.dropout)
         self.ln_final = nn.LayerNorm(cfg.width)
-        self.init_weights()
-
-    def init_weights(self) -> None:
-        """CLIP's (and OpenCLIP's) initialisation: small token embeddings (std 0.02), attention and MLP weights
-        scaled by width and depth, zero biases.
-
-        Why: with PyTorch's defaults (token embeddings of std 1) the end token's own embedding, the same in every
-        caption, dominates the pooled feature, and at initialisation different captions come out nearly parallel
-        (mean cosine 0.99 on Fashion-MNIST's captions, against 0.45 this way); the contrastive loss then spends its
-        first hundreds of steps pulling them apart. Measured in ``benchmarks/time_to_accuracy.py``."""
-        w, layers = self.cfg.width, max(1, self.cfg.layers)
-        attn_std, proj_std, fc_std = w**-0.5, w**-0.5 * (2 * layers) ** -0.5, (2 * w) ** -0.5
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.positional_embedding, std=0.01)
-        for blk in self.transformer.blocks:
-            for lin, std in ((blk.attn.q, attn_std), (blk.attn.kv, attn_std), (blk.attn.out, proj_std),
-                             (blk.mlp.fc1, fc_std), (blk.mlp.fc2, proj_std)):  # fmt: skip
-                nn.init.normal_(lin.weight, std=std)
-                nn.init.zeros_(lin.bias)
 
     def forward_tokens(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, T = ids.shape
