@@ -421,8 +421,9 @@ class Loop:
             rng = rng_state()
             saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in modules]
             try:
-                if not cache:
-                    cache.append(next(iter(task.batches(self.epoch, self.batch_in_epoch))))
+                if not cache:  # the batch the run goes on with (the first of the epoch where none is left)
+                    batch = next(iter(task.batches(self.epoch, self.batch_in_epoch)), None)
+                    cache.append(batch if batch is not None else next(iter(task.batches(self.epoch, 0))))
                 loss, _ = _split_output(task.training_step(cache[0], self.step))
                 if loss is not None:
                     loss.backward()
