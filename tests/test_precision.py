@@ -22,6 +22,7 @@ WITHOUT_BF16 = {"avx2", "avx512f"}
 def own_cache(tmp_path, monkeypatch):
     """Each test starts with an empty precision cache of its own."""
     monkeypatch.setenv("VISLANG_PRECISION_CACHE", str(tmp_path / "cache" / "precision.json"))
+    monkeypatch.delenv("VISLANG_PRECISION", raising=False)
 
 
 def fake_step(fp32_s: float, bf16_s: float, calls: list[str]):
@@ -66,8 +67,13 @@ def test_auto_with_native_bf16_keeps_fp32_when_bf16_does_not_pay():
     assert choice.precision == "fp32" and choice.speedup < 1
 
 
-def test_explicit_precision_is_kept_and_unknown_is_a_clear_error():
+def test_explicit_precision_is_kept_and_unknown_is_a_clear_error(monkeypatch):
     assert prec.choose("bf16", CPU, flags=WITHOUT_BF16).precision == "bf16"
+    monkeypatch.setenv("VISLANG_PRECISION", "fp32")
+    assert prec.choose("auto", CPU, "m", fake_step(0.03, 0.01, []), flags=WITH_BF16).precision == "fp32"
+    monkeypatch.setenv("VISLANG_PRECISION", "fast")
+    with pytest.raises(ValueError, match="VISLANG_PRECISION"):
+        prec.choose("auto", CPU)
     assert prec.choose("fp32", CPU, flags=WITH_BF16).precision == "fp32"
     with pytest.raises(ValueError, match="choose one of"):
         prec.choose("fp8", CPU)

@@ -167,7 +167,8 @@ def choose(
 ) -> Choice:
     """Resolve ``precision`` (``auto`` or an explicit one) for ``device``.
 
-    ``auto``: on CUDA bf16 where supported; on a CPU without native bf16 fp32 (emulated bf16 is slower there); on a
+    ``auto``: ``$VISLANG_PRECISION`` where set (fp32 makes every auto decision reproducible); on CUDA bf16 where
+    supported; on a CPU without native bf16 fp32 (emulated bf16 is slower there); on a
     CPU with it, bf16 if ``trial`` (one forward/backward or inference call of the real model, free of side effects)
     runs ``MIN_GAIN`` times faster under bf16 autocast than in fp32. The trial's result is cached under ``key`` (a
     ``model_key``) for this machine; without a trial and a cached result it stays fp32.
@@ -175,6 +176,11 @@ def choose(
     check(precision)
     if precision != "auto":
         return Choice(precision, "asked for")
+    forced = os.environ.get("VISLANG_PRECISION")
+    if forced:  # one switch for every auto decision: reproducible outputs (the test suite sets fp32)
+        if forced not in PRECISIONS[1:]:
+            raise ValueError(f"VISLANG_PRECISION={forced!r}; set it to one of {', '.join(PRECISIONS[1:])} or unset it")
+        return Choice(forced, "auto: set by $VISLANG_PRECISION")
     if device.type == "cuda":
         ok = torch.cuda.is_bf16_supported()
         return Choice("bf16" if ok else "fp32", "auto: CUDA " + ("with" if ok else "without") + " bf16")
