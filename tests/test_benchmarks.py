@@ -117,3 +117,17 @@ def test_time_to_accuracy_smoke(tmp_path: Path) -> None:
     assert report["accuracy"] in (0.05, 0.1, None)
     if report["ratio"] is not None:
         assert report["ratio"] > 0 and re.search(r"ratio openclip/vislang seconds to \d+% = \d", proc.stdout)
+
+
+def test_precision_speed_smoke(tmp_path: Path) -> None:
+    out_json = tmp_path / "result.json"
+    env = {**os.environ, "VISLANG_PRECISION_CACHE": str(tmp_path / "precision.json")}
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "precision_speed.py"), "--smoke", "--json", str(out_json)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"precision_speed failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert re.search(r"ratio bf16/fp32 training steps/s = \d+\.\d\d", proc.stdout), proc.stdout
+    report = json.loads(out_json.read_text())
+    assert len(report["rows"]) == 4 and all(r["ms_per_step"] > 0 for r in report["rows"].values())
+    assert report["embed"]["min_cosine"] >= 0.999

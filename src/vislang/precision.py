@@ -202,18 +202,18 @@ def choose(
 
 
 def peak_flops(precision: str, device: torch.device, n: int = 2048) -> float:
-    """This machine's measured FLOP/s for an ``n``² matmul in ``precision`` (best of a few): the denominator of MFU.
-    Cached with the trials (the probe takes about a second on a 2-core CPU)."""
+    """This machine's peak FLOP/s for an ``n``² matmul in ``precision``: the denominator of MFU.
+
+    Probed on every call (best of three, well under a second on a 2-core CPU) and kept as the best ever seen on this
+    machine: one probe on a machine busy with other jobs reads far too low (11 instead of ~80 GFLOP/s per core here),
+    and a cached low peak would overstate every later MFU."""
     precision = "fp32" if precision == "auto" else check(precision)
     entry = f"peak | {machine_key(device)} | {precision} | n={n}"
-    cached = read_cache().get(entry)
-    if cached:
-        return float(cached)
     dtype = DTYPES.get(precision, torch.float32)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     best = float("inf")
-    for _ in range(5):
+    for _ in range(3):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
@@ -221,7 +221,7 @@ def peak_flops(precision: str, device: torch.device, n: int = 2048) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - t0)
-    flops = 2 * n**3 / best
+    flops = max(2 * n**3 / best, float(read_cache().get(entry) or 0.0))
     write_cache(entry, flops)
     return flops
 
