@@ -151,9 +151,6 @@ class VislangStep:
 
     def __init__(self, loop: Loop) -> None:
         self.loop = loop
-        # The loop counts model FLOPs (for MFU) on its first step, once per run (about one step's time in ~900);
-        # nothing here reports MFU, so that one-off is left out of the timed steps.
-        loop.flops_per_step = 0
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         loop = self.loop

@@ -159,7 +159,7 @@ def test_the_loop_settles_auto_by_the_cpu_and_a_trial_and_logs_it(
         return trial
 
     monkeypatch.setattr(prec, "time_precisions", fake_times)
-    train(_tiny_cfg(tmp_path, "run"))
+    train(_tiny_cfg(tmp_path, "run", "progress=true"))
     assert bool(tried) == (trial is not None)
     out = capsys.readouterr().out
     assert f"[vislang] precision {expected} (auto:" in out
