@@ -21,6 +21,13 @@ peak learning rate, warmup, betas, eps, weight decay and clipping. Every ``--eva
 prompt templates, in fp32. Only training steps count towards an arm's seconds (batch reading included). The headline
 ``ratio`` is OpenCLIP's seconds over vislang's at the highest level both reached; ``accuracy`` is that level.
 
+Why OpenCLIP's twin gains more per step early on, as far as found: at initialisation vislang's text tower (PyTorch's
+default init, token embeddings of std 1) maps different captions to nearly parallel features (mean cosine 0.99 over
+100 random captions; OpenCLIP's init: 0.45), so the loss first has to pull them apart. A run with OpenCLIP's text init
+in vislang did not reach 80/85% sooner (one noisy run on a loaded machine), so it was not kept. Not yet isolated: the
+CNN weights' random draws (the two arms build their modules in different orders from one seed), weight decay on the
+embeddings (OpenCLIP decays them, vislang does not), the schedule's floor (vislang 2% of the peak, OpenCLIP 0).
+
 Usage::
 
     python benchmarks/time_to_accuracy.py                       # the demo's 4 epochs (936 steps) per arm
