@@ -4,7 +4,8 @@ One dual encoder — the built-in ``vit-tiny-p4`` config: a ViT image tower (28 
 4 layers, 4 heads, MLP ratio 4) and a causal Transformer text tower (context 24, width 128, 2 layers, 4 heads, end
 token pooling), embed dim 128 — is built twice: by vislang and by OpenCLIP as a custom ``open_clip.CLIP`` from
 ``CLIPVisionCfg`` / ``CLIPTextCfg``. Both train with the CLIP loss, AdamW (same lr, betas, eps, decay), gradient
-clipping at 1.0 and fp32 on the CPU, each with its own training step:
+clipping at 1.0 and the same precision on the CPU (``--precision``: auto is bf16 autocast, OpenCLIP's ``amp_bf16``,
+where the CPU has native bf16, else fp32), each with its own training step:
 
 * vislang: the step of ``vislang.train.train`` — ``ContrastiveTask`` (normalise uint8 → float, dedupe the
   batch's captions, forward, ``ClipLoss``), backward, ``lr_at``/``set_lr``, ``clip_grad_norm_``, AdamW step.
@@ -64,6 +65,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from vislang import precision as prec  # noqa: E402
 from vislang.data import FashionMNIST, PreparedDataset, normalize, prepare  # noqa: E402
 from vislang.data.loading import TokenizedPairs, batch_loader, epoch_batches  # noqa: E402
 from vislang.factory import build_tokenizer, fit_config_to_tokenizer, get_model_config  # noqa: E402
@@ -205,8 +207,8 @@ def openclip_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 class VislangStep:
     """One optimizer step exactly as ``vislang.train.train`` runs it on the CPU (accum_steps=1, fp32)."""
 
-    def __init__(self, model: CLIP, cfg: OptimConfig, dedupe_text: bool, total_steps: int) -> None:
-        self.core, self.cfg, self.total_steps = model, cfg, total_steps
+    def __init__(self, model: CLIP, cfg: OptimConfig, dedupe_text: bool, total_steps: int, amp: Any) -> None:
+        self.core, self.cfg, self.total_steps, self.amp = model, cfg, total_steps, amp
         self.task = ContrastiveTask(model, "clip", dedupe_text)
         self.optimizer = build_optimizer(model, cfg)
         self.step = 0
@@ -216,7 +218,8 @@ class VislangStep:
         batch = {k: v.to("cpu", non_blocking=True) for k, v in batch.items()}
         if batch["image"].ndim == 4:
             batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
-        loss, _ = self.task(batch)
+        with self.amp:
+            loss, _ = self.task(batch)
         loss.backward()
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"vislang loss became {loss.item()}")
@@ -232,11 +235,11 @@ class VislangStep:
 class OpenClipStep:
     """One optimizer step as ``open_clip_train.train.train_one_epoch`` runs it (accum_freq=1, fp32, no scaler)."""
 
-    def __init__(self, model: nn.Module, mcfg: ModelConfig, cfg: OptimConfig, total_steps: int) -> None:
+    def __init__(self, model: nn.Module, mcfg: ModelConfig, cfg: OptimConfig, total_steps: int, amp: Any) -> None:
         import open_clip
         from open_clip_train.scheduler import cosine_lr
 
-        self.model, self.cfg = model, cfg
+        self.model, self.cfg, self.amp = model, cfg, amp
         self.mean, self.std = mcfg.vision.mean, mcfg.vision.std
         self.loss = open_clip.ClipLoss(local_loss=False, gather_with_grad=False, cache_labels=True)
         self.optimizer = openclip_optimizer(model, cfg)
@@ -249,9 +252,10 @@ class OpenClipStep:
         images = normalize(batch["image"], self.mean, self.std)  # the same uint8 batch and normalisation as vislang
         texts = batch["tokens"]
         self.optimizer.zero_grad()
-        model_out = self.model(images, texts)
-        losses = self.loss(**model_out, output_dict=True)
-        total_loss = sum(losses.values())
+        with self.amp:  # open_clip_train's autocast (--precision amp_bf16)
+            model_out = self.model(images, texts)
+            losses = self.loss(**model_out, output_dict=True)
+            total_loss = sum(losses.values())
         total_loss.backward()
         if self.cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip, norm_type=2.0)
@@ -287,23 +291,29 @@ class Row:
         return total
 
 
-def build_rows(data: TokenizedPairs, mcfg: ModelConfig, eos_id: int, batch_size: int, total_steps: int) -> list[Row]:
-    """vislang, vislang without caption dedupe (same initial weights) and OpenCLIP, each with its own optimizer."""
+def build_rows(
+    data: TokenizedPairs, mcfg: ModelConfig, eos_id: int, batch_size: int, total_steps: int, precision: str = "fp32"
+) -> list[Row]:
+    """vislang, vislang without caption dedupe (same initial weights) and OpenCLIP, each with its own optimizer, all
+    three under ``precision``'s autocast."""
     optim = OptimConfig()
+    amp = prec.autocast(precision, torch.device("cpu"))
     torch.manual_seed(SEED)
     vislang = CLIP(mcfg)
     nodedupe = copy.deepcopy(vislang)
     torch.manual_seed(SEED)
     openclip = build_openclip(mcfg, eos_id)
     return [
-        Row("vislang", vislang, VislangStep(vislang, optim, True, total_steps), batch_stream(data, batch_size)),
+        Row("vislang", vislang, VislangStep(vislang, optim, True, total_steps, amp), batch_stream(data, batch_size)),
         Row(
             "vislang dedupe_text=False",
             nodedupe,
-            VislangStep(nodedupe, optim, False, total_steps),
+            VislangStep(nodedupe, optim, False, total_steps, amp),
             batch_stream(data, batch_size),
         ),
-        Row("openclip", openclip, OpenClipStep(openclip, mcfg, optim, total_steps), batch_stream(data, batch_size)),
+        Row(
+            "openclip", openclip, OpenClipStep(openclip, mcfg, optim, total_steps, amp), batch_stream(data, batch_size)
+        ),
     ]
 
 
@@ -352,6 +362,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["fashion-mnist", "openclipart"],
         help="training pairs: Fashion-MNIST (100 distinct captions) or OpenClipart (real, distinct titles)",
     )
+    p.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="autocast for all rows; auto = bf16 where the CPU has native bf16 (avx512_bf16 / AMX), else fp32",
+    )
     p.add_argument("--smoke", action="store_true", help="a few tiny steps that only check that everything runs")
     p.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = p.parse_args(argv)
@@ -381,11 +397,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if len(data) < args.batch_size:
             raise SystemExit(f"--batch-size {args.batch_size} is larger than the {len(data)} pairs; lower it")
         schedule_steps = 10_000  # the lr schedules' length: it changes the lr values, not the work per step
-        rows = build_rows(data, mcfg, eos_id, args.batch_size, schedule_steps)
+        if args.precision == "auto":
+            args.precision = "bf16" if prec.native_bf16(torch.device("cpu")) else "fp32"
+        rows = build_rows(data, mcfg, eos_id, args.batch_size, schedule_steps, args.precision)
         n_vislang, n_openclip = param_count(rows[0].model), param_count(rows[-1].model)
 
         v, t, kw = mcfg.vision, mcfg.text, mcfg.vision.timm_kwargs
-        print("train_throughput: CLIP training, vislang vs OpenCLIP, same model config and data, CPU fp32")
+        print(f"train_throughput: CLIP training, vislang vs OpenCLIP, same model config and data, CPU {args.precision}")
         print(
             f"torch {torch.__version__}, open_clip {open_clip.__version__}, timm {timm.__version__}, "
             f"python {platform.python_version()}; torch threads {torch.get_num_threads()}; "
@@ -449,6 +467,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "open_clip": open_clip.__version__,
         "timm": timm.__version__,
         "torch_threads": torch.get_num_threads(),
+        "precision": args.precision,
         "cpu": cpu_model(),
         "smoke": args.smoke,
         "results": results,

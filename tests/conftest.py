@@ -1,8 +1,13 @@
 import os
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Precision trials and peak probes of test runs stay out of the user's cache, and precision: auto is fp32 so that
+# outputs do not depend on a timing trial (tests/test_precision.py unsets it to test auto itself).
+os.environ.setdefault("VISLANG_PRECISION", "fp32")
+os.environ.setdefault("VISLANG_PRECISION_CACHE", os.path.join(tempfile.mkdtemp(), "precision.json"))
 
 from pathlib import Path  # noqa: E402
 

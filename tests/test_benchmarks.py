@@ -76,3 +76,58 @@ def test_train_throughput_smoke(tmp_path: Path) -> None:
     assert report["ratio"] > 0 and report["torch_threads"] == 1
     assert all(r["pairs_per_s"] > 0 for r in report["results"].values())
     assert list(tmp_path.iterdir()) == [out_json]  # the prepared data lived in a temporary folder
+
+
+def test_time_to_accuracy_twin_is_the_demo_model() -> None:
+    """OpenCLIP's twin of the demo CNN model has vislang's parameter count (CNN tower + projection, text Transformer)
+    and OpenCLIP's own text initialisation."""
+    pytest.importorskip("open_clip")
+    tta = load_benchmark("time_to_accuracy")
+    captions = ["a photo of a sneaker.", "a picture of a pair of trousers, a fashion item.", "a bag."]
+    tokenizer = Tokenizer.train(captions, vocab_size=200, context_length=24)
+    mcfg = fit_config_to_tokenizer(get_model_config("fmnist-cnn"), tokenizer)
+    openclip, vislang = tta.build_openclip_twin(mcfg, tokenizer.eos_id), CLIP(mcfg)
+    n_oc = sum(p.numel() for p in openclip.parameters())
+    n_vl = sum(p.numel() for p in vislang.parameters())
+    assert abs(n_vl - n_oc) / n_oc < 0.01, (n_vl, n_oc)
+    images = torch.randn(3, 1, 28, 28)
+    out = openclip(images, tokenizer(captions))
+    assert out["image_features"].shape == out["text_features"].shape == (3, mcfg.embed_dim)
+
+
+@pytest.mark.fashion_mnist
+def test_time_to_accuracy_smoke(tmp_path: Path) -> None:
+    pytest.importorskip("open_clip")
+    out_json = tmp_path / "result.json"
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "VISLANG_PRECISION_CACHE": str(tmp_path / "precision.json"),
+    }
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "time_to_accuracy.py"), "--smoke", "--levels", "0.05,0.1",
+         "--json", str(out_json)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"time_to_accuracy failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    report = json.loads(out_json.read_text())
+    assert set(report["curves"]) == {"vislang", "openclip"}
+    assert all(c and all(0 <= p["accuracy"] <= 1 for p in c) for c in report["curves"].values())
+    assert report["accuracy"] in (0.05, 0.1, None)
+    if report["ratio"] is not None:
+        assert report["ratio"] > 0 and re.search(r"ratio openclip/vislang seconds to \d+% = \d", proc.stdout)
+
+
+def test_precision_speed_smoke(tmp_path: Path) -> None:
+    out_json = tmp_path / "result.json"
+    env = {**os.environ, "VISLANG_PRECISION_CACHE": str(tmp_path / "precision.json")}
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "precision_speed.py"), "--smoke", "--json", str(out_json)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"precision_speed failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert re.search(r"ratio bf16/fp32 training steps/s = \d+\.\d\d", proc.stdout), proc.stdout
+    report = json.loads(out_json.read_text())
+    assert len(report["rows"]) == 4 and all(r["ms_per_step"] > 0 for r in report["rows"].values())
+    assert report["embed"]["min_cosine"] >= 0.999

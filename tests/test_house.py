@@ -18,7 +18,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "vislang"
 # The library core: models, data, losses, evaluation and the index never reach into what runs them.
 LIBRARY = {
     "layers", "models", "losses", "data", "tokenizers", "evaluation", "index", "config", "model_dir", "pretrained",
-    "distributed", "decoding", "registry", "factory", "inference", "video",
+    "distributed", "decoding", "registry", "factory", "inference", "video", "precision",
 }  # fmt: skip
 # What runs the library: training, compression, export, the service and the command line (and its command modules).
 RUNNERS = {"train", "serve", "cli", "compress", "export"}

@@ -92,7 +92,9 @@ class TrainConfig:
     time_budget_min: float | None = None  # sets the schedule length from measured speed so training ends in time
     batch_size: int = 256  # per process, per micro-batch
     accum_steps: int = 1  # micro-batches per optimizer step (effective batch = batch_size * accum * world)
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    precision: str = "auto"  # auto (bf16 autocast where the device has native bf16 and a cached trial says it pays;
+    # else fp32: vislang.precision) | fp32 | bf16 | fp16
+    compile: bool = False  # torch.compile the dual encoder's training forward (contrastive tasks); compiles on step 1
     device: str = "auto"  # auto | cpu | cuda | cuda:1
     seed: int = 0
     threads: int | None = None  # torch CPU threads; None = torch's choice. 1 is faster on a CPU other jobs share

@@ -91,7 +91,7 @@ class ContrastiveTask(nn.Module):
         text_f = out["text_features"]
         b = tokens.shape[0]
         loss = self.loss(out["image_features"], text_f[:b], out["logit_scale"], out.get("logit_bias"))
-        extra = {"logit_scale": float(out["logit_scale"].detach())}
+        extra = {"logit_scale": out["logit_scale"].detach()}
         if n_neg:
             rel_loss, rel_acc = relation_negative_loss(
                 out["image_features"][has_neg], text_f[:b][has_neg], text_f[b:], out["logit_scale"]
@@ -284,6 +284,8 @@ class DualEncoderTask(Task):
             model.visual.to(memory_format=torch.channels_last)
         self.core = model
         self.objective = build_task(cfg.task, run.ddp(model), cfg)
+        if cfg.compile:  # the model and its loss as one graph (the caption dedupe's torch.unique splits it in two)
+            self.objective = torch.compile(self.objective)
         self.optimizer = build_optimizer(model, cfg.optim)
         if main:
             out.mkdir(parents=True, exist_ok=True)
