@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "vislang.cli.vqa",
     "vislang.cli.generate",
     "vislang.cli.finetune",
+    "vislang.cli.read",
 )
 
 

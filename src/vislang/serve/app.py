@@ -37,6 +37,7 @@ from ..index.build import read_item_bytes, read_item_image
 from ..index.search import Searcher
 from .batching import SearchBatcher
 from .generative import Captioner, ImageGenerator, QuestionAnswerer
+from .reading import ReadingModel, add_reading_routes
 
 OPEN_PATHS = ("/healthz",)  # reachable without the API key
 HTML_PATHS = ("/", "/docs", "/openapi.json")  # a browser asking for these gets a login prompt
@@ -53,6 +54,7 @@ TASKS = {  # the optional endpoints: what they do, and the `vislang serve` optio
     "caption": ("captioning", "--caption-model DIR (a model trained with `vislang train --config caption`)"),
     "vqa": ("visual question answering", "--vqa-model DIR (a model from `vislang ablate-fusion` or train_vqa)"),
     "generate": ("text-to-image generation", "--generate-model DIR (a GAN run or model: vislang train --config gan)"),
+    "read": ("reading text in images", "--read-model DIR (a reader: vislang train --config read-zh)"),
 }
 IMAGE_MAGIC = (  # (prefix, media type) of the formats we serve and accept
     (b"\x89PNG\r\n\x1a\n", "image/png"),
@@ -446,6 +448,7 @@ def create_app(
     caption_model: str | os.PathLike | None = None,
     vqa_model: str | os.PathLike | None = None,
     generate_model: str | os.PathLike | None = None,
+    read_model: str | os.PathLike | None = None,
 ) -> FastAPI:
     """The FastAPI app serving one index.
 
@@ -460,6 +463,7 @@ def create_app(
         caption_model: a captioning (CoCa) model directory: turns on ``/v1/caption`` (else it answers 501).
         vqa_model: a VQA model directory: turns on ``/v1/vqa`` (else it answers 501).
         generate_model: a text-to-image GAN run or model directory: turns on ``/v1/generate`` (else it answers 501).
+        read_model: a reading model directory: turns on ``/v1/read`` and ``/v1/translate`` (else they answer 501).
     """
 
     searcher = Searcher(index_dir, model_dir, device=device)
@@ -471,6 +475,8 @@ def create_app(
         models["vqa"] = QuestionAnswerer(vqa_model, device)
     if generate_model is not None:
         models["generate"] = ImageGenerator(generate_model, device)
+    if read_model is not None:
+        models["read"] = ReadingModel(read_model, device)
     svc = Service(searcher, max_k, max_pixels, models)
     batcher = SearchBatcher(searcher.embed_texts, searcher.search_vectors, before_batch=svc.refresh)
     max_body = int(max_upload_mb * 2**20)
@@ -597,6 +603,8 @@ def create_app(
         else:
             vec = svc.stored_vector(fields.get("image_id"))
         return {"labels": await run_in_threadpool(svc.classify, vec, labels)}
+
+    add_reading_routes(app, svc, read_body, max_body)  # /v1/read, /v1/translate
 
     @app.post(
         "/v1/caption",
