@@ -80,7 +80,10 @@ def open_checked(source: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS
             )
         img.load()
         return img
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError:
+        raise ImageInputError(f"{name} is over the {max_pixels / 1e6:.1f} Mpx limit (far over: a decompression "
+                              "bomb); downscale or crop it to the text first") from None  # fmt: skip
+    except (UnidentifiedImageError, OSError) as e:
         raise ImageInputError(f"{name} is not a readable image ({e.__class__.__name__}); pass a PNG/JPEG/WebP file") from e
 
 
@@ -115,6 +118,7 @@ class Reader:
             out.extend(self._judge(t, float(p), e) for t, p, e in zip(texts, probs, ended))
         return out
 
+    @torch.inference_mode()
     def _sequence_probability(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """P(reading | image): product of the token probabilities up to and including the end token."""
         bos = torch.full((ids.shape[0], 1), self.tokenizer.bos_id, dtype=ids.dtype, device=ids.device)

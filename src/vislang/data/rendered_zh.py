@@ -104,13 +104,16 @@ def word_splits(levels: tuple[int, ...], heldout_levels: tuple[int, ...], max_ch
 
     Training words are the HSK words at ``levels``; held-out words are the 2..max_chars-character words at
     ``heldout_levels`` written entirely in characters of the training words (and not training words themselves):
-    new words, familiar characters. Single characters are never held out, since a training image shows each one.
+    new words, familiar characters. Single characters are never held out, since a training image shows each one,
+    nor are words inside a training word (客气 inside 不客气 is a sequence training images show).
     """
     train = chinese_vocabulary(levels, max_chars)
     chars = {c for w in train for c in w}
     known = set(train)
     heldout = tuple(
-        w for w in chinese_vocabulary(heldout_levels, max_chars) if len(w) > 1 and set(w) <= chars and w not in known
+        w
+        for w in chinese_vocabulary(heldout_levels, max_chars)
+        if len(w) > 1 and set(w) <= chars and w not in known and not any(w in t for t in train)  # 客气 in 不客气
     )
     if not heldout:
         raise ValueError(f"no held-out words: HSK levels {heldout_levels} share no words built of the training characters")
