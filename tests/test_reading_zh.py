@@ -242,3 +242,21 @@ def test_read_and_translate_commands(reader_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["read", "--help"])
     assert "Examples:" in capsys.readouterr().out
+
+
+@needs_fonts
+def test_the_tesseract_benchmark_runs(reader_dir, tmp_path):
+    pytest.importorskip("pytesseract")
+    import shutil
+
+    if shutil.which("tesseract") is None:
+        pytest.skip("tesseract is not installed (apt-get install tesseract-ocr tesseract-ocr-chi-sim)")
+    from test_benchmarks import load_benchmark
+
+    res = load_benchmark("read_vs_tesseract").main(["--model", str(reader_dir), "--smoke", "--json",
+                                                    str(tmp_path / "r.json")])  # fmt: skip
+    for split in ("test", "test-font"):
+        row = res["splits"][split]
+        assert set(row) == {"vislang", "tesseract", "samples"}
+        assert all(0 <= row[w]["exact_match"] <= 1 and row[w]["images_per_s"] > 0 for w in ("vislang", "tesseract"))
+    assert json.loads((tmp_path / "r.json").read_text())["lang"] == "zh"
