@@ -26,7 +26,7 @@ from PIL import Image
 
 from vislang.evaluation.caption_metrics import reading_scores
 from vislang.evaluation.reading import LANG_SPLITS, reading_split
-from vislang.reading import Reader, tidy
+from vislang.models.reading import Reader, tidy
 
 TESS_LANG = {"zh": "chi_sim", "en": "eng"}
 
@@ -74,9 +74,11 @@ def main(argv: list[str] | None = None) -> dict:
             truth.append(text)
         vis, vis_s = vislang_read(reader, images)
         tes, tes_s = tesseract_read(images, a.lang)
-        row = {"vislang": {**reading_scores(vis, truth), "images_per_s": len(images) / vis_s},
-               "tesseract": {**reading_scores(tes, truth), "images_per_s": len(images) / tes_s},
-               "samples": [{"truth": t, "vislang": v, "tesseract": s} for t, v, s in zip(truth, vis, tes)][:6]}  # fmt: skip
+        row = {
+            "vislang": {**reading_scores(vis, truth), "images_per_s": len(images) / vis_s},
+            "tesseract": {**reading_scores(tes, truth), "images_per_s": len(images) / tes_s},
+            "samples": [{"truth": t, "vislang": v, "tesseract": s} for t, v, s in zip(truth, vis, tes)][:6],
+        }
         results["splits"][split] = row
         print(f"\n{a.lang} {split} ({len(images)} images)")
         print("| reader | exact match | CER | images/s |\n|---|---:|---:|---:|")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from vislang.cedict import Dictionary, Entry, hsk_words, load_dictionary, numbered_to_marks, parse_line
+from vislang.data.cedict import Dictionary, Entry, hsk_words, load_dictionary, numbered_to_marks, parse_line
 from vislang.data.rendered_zh import (
     NO_TEXT,
     RenderedChinese,
@@ -22,7 +22,7 @@ from vislang.data.rendered_zh import (
     render_chinese,
     split_faces,
 )
-from vislang.reading import ImageInputError, Reader, Reading, open_checked, tidy, translate
+from vislang.models.reading import ImageInputError, Reader, Reading, open_checked, tidy, translate
 
 CEDICT_LINES = """# a comment
 傳統 传统 [chuan2 tong3] /tradition/traditional/convention/
@@ -158,8 +158,9 @@ def make_tiny_reader(root: Path, context_length: int = 6) -> Path:
     cfg = ModelConfig(
         embed_dim=16,
         vision=VisionConfig(arch="cnn-grid", image_size=16, channels=1, width=4, depth=3, context_layers=1),
-        text=TextConfig(arch="transformer", context_length=context_length, width=16, layers=1, heads=2,
-                        tokenizer="char"),  # fmt: skip
+        text=TextConfig(
+            arch="transformer", context_length=context_length, width=16, layers=1, heads=2, tokenizer="char"
+        ),  # fmt: skip
         decoder=DecoderConfig(width=16, layers=1, heads=2),
     )
     return save_pretrained(build_model(fit_config_to_tokenizer(cfg, tokenizer)).eval(), root / "reader", tokenizer)
@@ -177,7 +178,11 @@ def test_confidence_is_the_probability_of_the_reading(reader_dir):
     ids = reader.model.generate(x, max_length=reader.max_length)
     prob = float(reader._sequence_probability(x, ids)[0])
     # the same number by hand: step through the decoder, multiply the chosen tokens' probabilities
-    state, prefix, expect = reader.model.start_decoding(x, use_cache=False), torch.tensor([[reader.tokenizer.bos_id]]), 1.0
+    state, prefix, expect = (
+        reader.model.start_decoding(x, use_cache=False),
+        torch.tensor([[reader.tokenizer.bos_id]]),
+        1.0,
+    )
     for tok in ids[0].tolist():
         p = reader.model.next_logits(state, prefix).softmax(-1)[0, tok].item()
         expect *= p
@@ -223,7 +228,6 @@ def test_bad_images_are_refused_before_decoding(tmp_path):
 
 def test_read_and_translate_commands(reader_dir, tmp_path, capsys):
     from test_serve import png_header_only
-
     from vislang.cli.main import main
 
     good = tmp_path / "sign.png"

@@ -18,7 +18,7 @@ from test_index import make_tiny_model, write_images  # noqa: E402
 from test_reading_zh import make_tiny_reader  # noqa: E402
 from test_serve import assert_alive, assert_error, id_of, png_header_only  # noqa: E402
 from vislang.index import build_index  # noqa: E402
-from vislang.reading import Reader  # noqa: E402
+from vislang.models.reading import Reader  # noqa: E402
 from vislang.serve import create_app  # noqa: E402
 
 
@@ -64,7 +64,7 @@ def test_upload_and_indexed_image_read_as_the_library_reads(client, world, path)
 
 def test_translate_gives_pinyin_and_every_sense(client, monkeypatch):
     """The reading is fixed here (the tiny model reads nothing useful) to check the translation the server adds."""
-    from vislang.reading import Reading
+    from vislang.models.reading import Reading
 
     monkeypatch.setattr(Reader, "read", lambda self, images, batch_size=64: [Reading("出口", 0.9, True)])
     r = client.post("/v1/translate", files={"image": ("a.png", png(Image.new("RGB", (32, 32))), "image/png")})

@@ -53,7 +53,7 @@ def cmd_caption_eval(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_render_text(args: argparse.Namespace, extra: list[str]) -> int:
     # lazy: `vislang --help` starts without loading torch
     from ..data.rendered_text import RenderConfig, RenderedText, write_folder
-    from ..data.rendered_zh import Interleaved, RenderedChinese, ZhRenderConfig
+    from ..data.rendered_zh import Interleaved, RenderedChinese, ZhRenderConfig  # lazy: as above
 
     if not 0.0 <= args.random_fraction < 1.0:
         print(f"error: --random-fraction must be in [0, 1), got {args.random_fraction}", file=sys.stderr)
@@ -62,7 +62,11 @@ def cmd_render_text(args: argparse.Namespace, extra: list[str]) -> int:
         print("error: --split test-font is for --lang zh (the English renderer holds out words, not fonts)",
               file=sys.stderr)  # fmt: skip
         return 2
-    zh = RenderedChinese(args.split, n=args.n, cfg=ZhRenderConfig(image_size=args.image_size)) if args.lang != "en" else None
+    zh = (
+        RenderedChinese(args.split, n=args.n, cfg=ZhRenderConfig(image_size=args.image_size))
+        if args.lang != "en"
+        else None
+    )
     if args.lang == "zh":
         ds = zh
     else:
@@ -128,9 +132,9 @@ def register(add) -> None:
              cmd_render_text)  # fmt: skip
     sp.add_argument("out", help="output folder")
     sp.add_argument("--lang", default="en", choices=["en", "zh", "mixed"],
-                    help="en: English words; zh: Chinese HSK words (horizontal and vertical); mixed: both in turn")  # fmt: skip
+                    help="en: English words; zh: Chinese HSK words, across or down; mixed: both in turn")  # fmt: skip
     sp.add_argument("--split", default="train", choices=["train", "val", "test", "test-font"],
-                    help="test: held-out words; test-font (zh): training words in the held-out font family")  # fmt: skip
+                    help="test: held-out words; test-font (zh): training words in the held-out font")  # fmt: skip
     sp.add_argument("--n", type=_positive(int), default=20_000)
     sp.add_argument("--image-size", type=_positive(int), default=64)
     sp.add_argument(

@@ -1,4 +1,4 @@
-"""`vislang read IMAGE...`, `vislang translate IMAGE...` and `vislang read-eval`: thin layers over vislang.reading."""
+"""`vislang read IMAGE...`, `translate IMAGE...` and `read-eval`: thin layers over vislang.models.reading."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ import textwrap
 
 READ_EXAMPLES = """
     Examples:
-      vislang read docs/images/read-zh-sample.png --model runs/read-zh/model
+      vislang read docs/img/read-zh-sample.png --model runs/read-zh/model
       vislang read signs/ --model runs/read-zh/model --json          # a folder; confidence and notes in JSON
     Train a reader first: vislang train --config read-zh (or read-en, read-mixed)"""
 TRANSLATE_EXAMPLES = """
     Examples:
-      vislang translate docs/images/read-zh-sample.png --model runs/read-zh/model
+      vislang translate docs/img/read-zh-sample.png --model runs/read-zh/model
       vislang translate photo.jpg --model runs/read-zh/model --json  # every sense of every word
     The English is CC-CEDICT's first sense of each word (longest-match segmentation); --json keeps them all."""
 EVAL_EXAMPLES = """
@@ -27,7 +27,7 @@ EVAL_EXAMPLES = """
 def _read_all(args: argparse.Namespace):
     """(path, Reading) per image; an unreadable or oversized file is reported and skipped, never a traceback."""
     from ..inference import list_images  # lazy: `vislang --help` starts without loading torch
-    from ..reading import ImageInputError, Reader, open_checked  # lazy: `vislang --help` starts without loading torch
+    from ..models.reading import ImageInputError, Reader, open_checked  # lazy: `vislang --help` starts without torch
 
     reader = Reader(args.model, args.device, min_confidence=args.min_confidence)
     paths, images, failed = [], [], 0
@@ -58,7 +58,7 @@ def cmd_read(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_translate(args: argparse.Namespace, extra: list[str]) -> int:
-    from ..reading import translate  # lazy: `vislang --help` starts without loading torch
+    from ..models.reading import translate  # lazy: `vislang --help` starts without loading torch
 
     pairs, failed = _read_all(args)
     rows = [{"image": p, **r.as_dict(), **(translate(r.text) if r.has_text else {})} for p, r in pairs]
@@ -99,7 +99,7 @@ def _reading_options(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("images", nargs="+", help="image files or folders of images")
     sp.add_argument("--model", required=True, help="reading model directory (train --config read-zh)")
     sp.add_argument("--min-confidence", type=_probability, default=0.3,
-                    help="readings the model gives less probability are reported as 'no legible text' (default 0.3)")  # fmt: skip
+                    help="readings with less probability are reported as 'no legible text' (default 0.3)")  # fmt: skip
     sp.add_argument("--device", default="cpu")
     sp.add_argument("--json", action="store_true", help="print JSON (confidence, notes, every sense)")
 

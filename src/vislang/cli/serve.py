@@ -16,7 +16,7 @@ SERVE_EPILOG = """
           --vqa-model runs/ablate-fusion/cross_attention/model       # + /v1/caption, /v1/vqa
       vislang serve --index photos.index --generate-model runs/gan-fm   # + /v1/generate
       vislang serve --index photos.index --read-model runs/read-zh/model  # + /v1/read, /v1/translate
-      curl -s localhost:8000/v1/translate -F image=@docs/images/read-zh-sample.png
+      curl -s localhost:8000/v1/translate -F image=@docs/img/read-zh-sample.png
       curl -s localhost:8000/v1/generate -H 'content-type: application/json' \\
           -d '{"prompt": "a photo of a sneaker.", "n": 16, "seed": 0}' -o grid.png
       curl -s localhost:8000/v1/search -H 'content-type: application/json' -d '{"text": "a red shoe", "k": 5}'

@@ -1,7 +1,7 @@
 """Reading Chinese: HSK words rendered with Debian's CJK fonts, horizontal or vertical; the caption is the text itself.
 
 The companion of :mod:`.rendered_text` (English). Words come from the HSK 2.0 lists that ship with CC-CEDICT
-(:func:`vislang.cedict.hsk_words`), kept when they are 1-``max_chars`` Chinese characters. Each item varies font,
+(:func:`vislang.data.cedict.hsk_words`), kept when they are 1-``max_chars`` Chinese characters. Each item varies font,
 size, colour, direction (a fifth are vertical, read top to bottom as on shop signs), rotation, background (plain,
 noise, or a texture cut from an OpenClipart drawing when those are installed), blur and JPEG artefacts, all drawn
 from the item's own seed, so item ``i`` of a split is the same in every run.
@@ -27,14 +27,13 @@ import dataclasses
 import functools
 import io
 import unicodedata
-import zlib
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from torch.utils.data import Dataset
 
-from ..cedict import hsk_words
+from .cedict import hsk_words
 
 SPLITS = ("train", "val", "test", "test-font")
 NO_TEXT = "\u2205"  # ∅: the caption of an image without text; readers report it as "no text", never as a word
@@ -85,7 +84,9 @@ def split_faces(split: str, heldout_font: str) -> tuple[Face, ...]:
     """The held-out family for ``test-font``, every other family for the other splits."""
     faces = cjk_faces()
     if heldout_font not in {f.family for f in faces}:
-        raise ValueError(f"held-out font family {heldout_font!r} is not installed; have {sorted({f.family for f in faces})}")
+        raise ValueError(
+            f"held-out font family {heldout_font!r} is not installed; have {sorted({f.family for f in faces})}"
+        )
     chosen = tuple(f for f in faces if (f.family == heldout_font) == (split == "test-font"))
     if not chosen:
         raise ValueError(f"no fonts left for split {split!r}: install a second family ({INSTALL_FONTS})")
@@ -99,7 +100,9 @@ def chinese_vocabulary(levels: tuple[int, ...], max_chars: int) -> tuple[str, ..
 
 
 @functools.lru_cache(maxsize=8)
-def word_splits(levels: tuple[int, ...], heldout_levels: tuple[int, ...], max_chars: int) -> tuple[tuple[str, ...], ...]:
+def word_splits(
+    levels: tuple[int, ...], heldout_levels: tuple[int, ...], max_chars: int
+) -> tuple[tuple[str, ...], ...]:
     """(training words, held-out words, training characters).
 
     Training words are the HSK words at ``levels``; held-out words are the 2..max_chars-character words at
@@ -116,7 +119,9 @@ def word_splits(levels: tuple[int, ...], heldout_levels: tuple[int, ...], max_ch
         if len(w) > 1 and set(w) <= chars and w not in known and not any(w in t for t in train)  # 客气 in 不客气
     )
     if not heldout:
-        raise ValueError(f"no held-out words: HSK levels {heldout_levels} share no words built of the training characters")
+        raise ValueError(
+            f"no held-out words: HSK levels {heldout_levels} share no words built of the training characters"
+        )
     return train, heldout, tuple(sorted(chars))
 
 
@@ -131,7 +136,7 @@ def clipart_textures(limit: int = 64, side: int = 128) -> tuple[np.ndarray, ...]
     root = Path(CLIPART_DIR)
     if not root.is_dir():
         return ()
-    small = sorted(p for p in root.rglob("*.png") if p.stat().st_size < 60_000)[:: 7][:limit]  # spread over topics
+    small = sorted(p for p in root.rglob("*.png") if p.stat().st_size < 60_000)[::7][:limit]  # spread over topics
     out = []
     for p in small:
         try:

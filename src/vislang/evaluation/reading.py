@@ -17,10 +17,10 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ..cedict import load_dictionary
+from ..data.cedict import load_dictionary
 from ..data.rendered_text import RenderedText
 from ..data.rendered_zh import RenderedChinese
-from ..reading import Reader, translate
+from ..models.reading import Reader, translate
 from .caption_metrics import reading_scores
 
 LANG_SPLITS = {"zh": ("test", "test-font"), "en": ("test",)}

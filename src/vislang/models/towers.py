@@ -237,7 +237,11 @@ def inplace_mlp_gelu(model: nn.Module) -> int:
     return n
 
 
-VISION_ARCHS = {"cnn": CompactCNN, "cnn-text": TextLineCNN, "cnn-grid": TextGridCNN}  # vislang's own towers; any other arch is a timm name
+VISION_ARCHS = {
+    "cnn": CompactCNN,
+    "cnn-text": TextLineCNN,
+    "cnn-grid": TextGridCNN,
+}  # vislang's own towers; any other arch is a timm name
 
 
 def build_vision_tower(cfg: VisionConfig) -> VisionTower:

@@ -1,6 +1,6 @@
 """``/v1/read`` and ``/v1/translate``: the text in an uploaded or indexed image, and its English through CC-CEDICT.
 
-A thin layer over :mod:`vislang.reading`, the code ``vislang read`` and ``vislang translate`` run: the reader is
+A thin layer over :mod:`vislang.models.reading`, the code ``vislang read`` and ``vislang translate`` run: the reader is
 loaded once when the server starts (``vislang serve --read-model DIR``), each request runs one read. The routes live
 here, not in ``app.py``; ``create_app`` adds them with ``add_reading_routes`` and passes in its request parsing, so
 every upload goes through the server's own checks (size, type, pixel limit: 4xx answers, never a 500).
@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from ..reading import Reader, translate
+from ..models.reading import Reader, translate
 
 READ_BODY = {
     "content": {

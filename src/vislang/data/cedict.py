@@ -149,8 +149,12 @@ class Dictionary:
                     "pinyin": entries[0].pinyin_marks if entries else "",
                     "english": entries[0].senses[0] if entries and entries[0].senses else None,
                     "entries": [
-                        {"simplified": e.simplified, "traditional": e.traditional, "pinyin": e.pinyin_marks,
-                         "senses": list(e.senses)}  # fmt: skip
+                        {
+                            "simplified": e.simplified,
+                            "traditional": e.traditional,
+                            "pinyin": e.pinyin_marks,
+                            "senses": list(e.senses),
+                        }  # fmt: skip
                         for e in entries
                     ],
                 }

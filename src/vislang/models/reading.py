@@ -12,7 +12,7 @@ Around its greedy decoding this module adds what a user needs from a reading rat
   header, before the pixels are decoded);
 * the image is letterboxed (padded to a square), not centre-cropped: a wide sign keeps both ends.
 
-``translate`` segments a reading with CC-CEDICT (:mod:`vislang.cedict`) and returns each word's pinyin and senses.
+``translate`` segments a reading with CC-CEDICT (:mod:`vislang.data.cedict`) and returns each word's pinyin and senses.
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from .cedict import load_dictionary
-from .data.rendered_zh import NO_TEXT, is_hanzi
-from .data.transforms import normalize, pil_to_array
-from .decoding import decode
-from .factory import from_pretrained, get_tokenizer
+from ..data.cedict import load_dictionary
+from ..data.rendered_zh import NO_TEXT, is_hanzi
+from ..data.transforms import normalize, pil_to_array
+from ..decoding import decode
+from ..factory import from_pretrained, get_tokenizer
 
 MAX_PIXELS = 4096 * 4096  # larger images are refused before decoding: a reader sees 64 px, and bombs cost gigabytes
 MAX_BYTES = 20 * 1024 * 1024
@@ -84,7 +84,9 @@ def open_checked(source: str | os.PathLike | bytes, max_pixels: int = MAX_PIXELS
         raise ImageInputError(f"{name} is over the {max_pixels / 1e6:.1f} Mpx limit (far over: a decompression "
                               "bomb); downscale or crop it to the text first") from None  # fmt: skip
     except (UnidentifiedImageError, OSError) as e:
-        raise ImageInputError(f"{name} is not a readable image ({e.__class__.__name__}); pass a PNG/JPEG/WebP file") from e
+        raise ImageInputError(
+            f"{name} is not a readable image ({e.__class__.__name__}); pass a PNG/JPEG/WebP file"
+        ) from e
 
 
 class Reader:
@@ -93,7 +95,9 @@ class Reader:
     def __init__(self, model_dir: str | os.PathLike, device: str = "cpu", min_confidence: float = MIN_CONFIDENCE):
         self.model = from_pretrained(model_dir, device).eval()
         if getattr(self.model.cfg, "decoder", None) is None:
-            raise ValueError(f"{model_dir} is not a reading model (no caption decoder); train one with --config read-zh")
+            raise ValueError(
+                f"{model_dir} is not a reading model (no caption decoder); train one with --config read-zh"
+            )
         self.tokenizer = get_tokenizer(model_dir)
         self.device, self.min_confidence = device, min_confidence
         self.max_length = self.model.cfg.text.context_length - 1  # after the begin token, end token included
