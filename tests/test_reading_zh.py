@@ -264,3 +264,22 @@ def test_the_tesseract_benchmark_runs(reader_dir, tmp_path):
         assert set(row) == {"vislang", "tesseract", "samples"}
         assert all(0 <= row[w]["exact_match"] <= 1 and row[w]["images_per_s"] > 0 for w in ("vislang", "tesseract"))
     assert json.loads((tmp_path / "r.json").read_text())["lang"] == "zh"
+
+
+def test_translation_is_right_only_with_one_of_the_words_senses():
+    from vislang.evaluation.reading import translation_correct
+
+    assert translation_correct("出口", "出口")  # first sense "an exit" is one of 出口's senses
+    assert not translation_correct("出", "出口") and not translation_correct("", "出口")
+
+
+@needs_fonts
+def test_read_eval_scores_every_split(reader_dir, capsys):
+    from vislang.cli.main import main
+
+    assert main(["read-eval", "--model", str(reader_dir), "--lang", "zh", "--n", "3", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert set(res["splits"]) == {"test", "test-font"}
+    test = res["splits"]["test"]
+    assert test["n"] == 3 and test["exact_match"] == 0.0 and test["cer"] > 0  # untrained: reads nothing
+    assert 0.5 <= test["translation_if_read_right"] <= 1.0 and test["translation"] == 0.0
