@@ -283,3 +283,13 @@ def test_read_eval_scores_every_split(reader_dir, capsys):
     test = res["splits"]["test"]
     assert test["n"] == 3 and test["exact_match"] == 0.0 and test["cer"] > 0  # untrained: reads nothing
     assert 0.5 <= test["translation_if_read_right"] <= 1.0 and test["translation"] == 0.0
+
+
+@needs_fonts
+def test_rendered_zh_is_a_named_source():
+    from vislang.data.sources import open_dataset
+
+    ds = open_dataset("rendered-zh", split="test-font", n=4)
+    assert isinstance(ds, RenderedChinese) and ds.split == "test-font" and len(ds) == 4
+    img, text, i = ds[2]
+    assert img.size == (64, 64) and text == ds.caption(2) and i == 2
