@@ -77,7 +77,7 @@ def cmd_translate(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_read_eval(args: argparse.Namespace, extra: list[str]) -> int:
     from ..evaluation.reading import evaluate_reader, reading_table  # lazy: `vislang --help` starts without torch
 
-    res = evaluate_reader(args.model, args.lang, args.n, device=args.device)
+    res = evaluate_reader(args.model, args.lang, args.n, device=args.device, min_confidence=args.min_confidence)
     print(json.dumps(res, ensure_ascii=False, indent=2) if args.json else reading_table(res))
     return 0
 
@@ -121,5 +121,7 @@ def register(add) -> None:
     sp.add_argument("--model", required=True, help="reading model directory")
     sp.add_argument("--lang", default="zh", choices=["zh", "en"], help="which renderer's held-out splits")
     sp.add_argument("--n", type=_positive_int, default=500, help="images per split (default 500)")
+    sp.add_argument("--min-confidence", type=_probability, default=0.3,
+                    help="as `read`: weaker readings count as 'no text' (0: score every reading)")  # fmt: skip
     sp.add_argument("--device", default="cpu")
     sp.add_argument("--json", action="store_true", help="print JSON (with sample readings)")

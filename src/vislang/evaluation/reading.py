@@ -21,7 +21,7 @@ from typing import Any
 from ..data.cedict import load_dictionary
 from ..data.rendered_text import RenderedText
 from ..data.rendered_zh import RenderedChinese
-from ..models.reading import Reader, translate
+from ..models.reading import MIN_CONFIDENCE, Reader, translate
 from .caption_metrics import reading_scores
 
 LANG_SPLITS = {"zh": ("test", "test-font"), "en": ("test",)}
@@ -47,9 +47,9 @@ def translation_correct(predicted: str, truth: str) -> bool:
 
 
 def evaluate_reader(model_dir: str, lang: str = "zh", n: int = 500, splits: Sequence[str] | None = None,
-                    device: str = "cpu") -> dict[str, Any]:  # fmt: skip
+                    device: str = "cpu", min_confidence: float = MIN_CONFIDENCE) -> dict[str, Any]:  # fmt: skip
     """Read each split's images with the model; exact match, CER, images/s (and translation accuracy for zh test)."""
-    reader = Reader(model_dir, device)
+    reader = Reader(model_dir, device, min_confidence)  # a refused reading ("no legible text") scores as wrong
     out: dict[str, Any] = {"model": str(model_dir), "lang": lang, "splits": {}}
     for split in splits or LANG_SPLITS[lang]:
         ds = reading_split(lang, split, n)
