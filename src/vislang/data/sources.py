@@ -64,8 +64,8 @@ def open_dataset(spec: str | os.PathLike, split: str = "train", **kw: Any) -> Da
 
     Args:
         spec: ``fashion-mnist``, ``shapes``, ``openclipart``, ``rendered-zh``, or a path: ``.csv``/``.tsv`` →
-            CsvDataset, ``.jsonl`` → JsonlDataset, ``.json`` → CocoCaptions (``image_dir`` keyword required), ``.tar`` or brace pattern →
-            WebDatasetShards, a directory → FolderDataset.
+            CsvDataset, ``.jsonl`` → JsonlDataset, ``.json`` → CocoCaptions (``image_dir`` keyword required),
+            ``.tar`` or brace pattern → WebDatasetShards, a directory → FolderDataset.
         split: split of a named dataset (a path already is one split, so it is ignored there).
         **kw: passed to the reader's constructor.
 
