@@ -93,6 +93,7 @@ def test_healthz_and_page(client):
             "caption": False,
             "vqa": False,
             "generate": False,
+            "read": False,
         },
     }
     page = client.get("/")

@@ -53,12 +53,27 @@ def cmd_caption_eval(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_render_text(args: argparse.Namespace, extra: list[str]) -> int:
     # lazy: `vislang --help` starts without loading torch
     from ..data.rendered_text import RenderConfig, RenderedText, write_folder
+    from ..data.rendered_zh import Interleaved, RenderedChinese, ZhRenderConfig  # lazy: as above
 
     if not 0.0 <= args.random_fraction < 1.0:
         print(f"error: --random-fraction must be in [0, 1), got {args.random_fraction}", file=sys.stderr)
         return 2
-    cfg = RenderConfig(image_size=args.image_size, random_fraction=args.random_fraction)
-    ds = RenderedText(args.split, n=args.n, cfg=cfg)
+    if args.lang == "en" and args.split == "test-font":
+        print("error: --split test-font is for --lang zh (the English renderer holds out words, not fonts)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    zh = (
+        RenderedChinese(args.split, n=args.n, cfg=ZhRenderConfig(image_size=args.image_size))
+        if args.lang != "en"
+        else None
+    )
+    if args.lang == "zh":
+        ds = zh
+    else:
+        cfg = RenderConfig(image_size=args.image_size, random_fraction=args.random_fraction)
+        en_split = "test" if args.split == "test-font" else args.split
+        ds = RenderedText(en_split, n=args.n, cfg=cfg)
+        ds = Interleaved(zh, ds) if zh is not None else ds
     print(f"wrote {len(ds)} images to {write_folder(ds, args.out, progress=not args.no_progress)}")
     return 0
 
@@ -116,15 +131,19 @@ def register(add) -> None:
     sp = add("render-text", "write a folder of rendered words (PNG + .txt) for training a text reader",
              cmd_render_text)  # fmt: skip
     sp.add_argument("out", help="output folder")
-    sp.add_argument("--split", default="train", choices=["train", "val", "test"])
+    sp.add_argument("--lang", default="en", choices=["en", "zh", "mixed"],
+                    help="en: English words; zh: Chinese HSK words, across or down; mixed: both in turn")  # fmt: skip
+    sp.add_argument("--split", default="train", choices=["train", "val", "test", "test-font"],
+                    help="test: held-out words; test-font (zh): training words in the held-out font")  # fmt: skip
     sp.add_argument("--n", type=_positive(int), default=20_000)
     sp.add_argument("--image-size", type=_positive(int), default=64)
     sp.add_argument(
         "--random-fraction",
         type=float,
         default=0.0,
-        help="share of train/val items that are random letter strings rather than words (0.3 trains a "
-        "reader that reads letters instead of recalling its word list; test stays real words)",
+        help="share of English train/val items that are random letter strings rather than words (0.3 trains a "
+        "reader that reads letters instead of recalling its word list; test stays real words; zh always mixes in "
+        "random character strings)",
     )
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")
     sp.epilog = textwrap.dedent("""

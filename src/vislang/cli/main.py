@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "vislang.cli.generate",
     "vislang.cli.finetune",
     "vislang.cli.video",
+    "vislang.cli.read",
 )
 
 

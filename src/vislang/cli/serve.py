@@ -16,6 +16,8 @@ SERVE_EPILOG = """
       vislang serve --index photos.index --caption-model runs/caption/model \\
           --vqa-model runs/ablate-fusion/cross_attention/model       # + /v1/caption, /v1/vqa
       vislang serve --index photos.index --generate-model runs/gan-fm   # + /v1/generate
+      vislang serve --index photos.index --read-model runs/read-zh/model  # + /v1/read, /v1/translate
+      curl -s localhost:8000/v1/translate -F image=@docs/img/read-zh-sample.png
       curl -s localhost:8000/v1/generate -H 'content-type: application/json' \\
           -d '{"prompt": "a photo of a sneaker.", "n": 16, "seed": 0}' -o runs/grid.png
       curl -s localhost:8000/v1/search -H 'content-type: application/json' -d '{"text": "a red shoe", "k": 5}'
@@ -80,6 +82,7 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
         generate_model=args.generate_model,
         allowed_hosts=hosts,
         body_timeout=args.body_timeout,
+        read_model=args.read_model,
     )
     uvicorn.run(
         app,
@@ -119,5 +122,7 @@ def register(add) -> None:
     sp.add_argument("--caption-model", help="captioning (CoCa) model directory: turns on /v1/caption (else 501)")
     sp.add_argument("--vqa-model", help="VQA model directory: turns on /v1/vqa (else 501)")
     sp.add_argument("--generate-model", help="text-to-image GAN run or model folder: turns on /v1/generate (else 501)")
+    sp.add_argument("--read-model", help="reading model directory (train --config read-zh): turns on /v1/read and "
+                    "/v1/translate")  # fmt: skip
     sp.add_argument("--device", default="cpu")
     sp.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

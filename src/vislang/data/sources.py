@@ -24,12 +24,14 @@ from .readers import (
     expand_urls,
     looks_like_shards,
 )
+from .rendered_zh import RenderedChinese
 from .shapes import ShapesDataset
 
 NAMED_SOURCES: dict[str, type[Dataset]] = {
     "fashion-mnist": FashionMNIST,
     "shapes": ShapesDataset,
     "openclipart": OpenClipart,
+    "rendered-zh": RenderedChinese,  # Chinese words rendered on the fly: splits train, val, test, test-font
 }
 NAMED_DATASETS = tuple(NAMED_SOURCES)
 _NAME_ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist"}
@@ -61,9 +63,9 @@ def open_dataset(spec: str | os.PathLike, split: str = "train", **kw: Any) -> Da
     """Open a dataset from a short spec.
 
     Args:
-        spec: ``fashion-mnist``, ``shapes``, ``openclipart``, or a path: ``.csv``/``.tsv`` → CsvDataset, ``.jsonl``
-            → JsonlDataset, ``.json`` → CocoCaptions (``image_dir`` keyword required), ``.tar`` or brace pattern →
-            WebDatasetShards, a directory → FolderDataset.
+        spec: ``fashion-mnist``, ``shapes``, ``openclipart``, ``rendered-zh``, or a path: ``.csv``/``.tsv`` →
+            CsvDataset, ``.jsonl`` → JsonlDataset, ``.json`` → CocoCaptions (``image_dir`` keyword required),
+            ``.tar`` or brace pattern → WebDatasetShards, a directory → FolderDataset.
         split: split of a named dataset (a path already is one split, so it is ignored there).
         **kw: passed to the reader's constructor.
 

@@ -22,7 +22,8 @@ from ..pretrained import load_vision_weights, resolve_local_path
 
 @dataclass(frozen=True)
 class VisionConfig:
-    arch: str = "cnn"  # "cnn" (compact CNN, fast on CPU), "cnn-text" (reads a line of text), or a timm model name
+    arch: str = "cnn"  # "cnn" (compact CNN, fast on CPU), "cnn-text" (reads a line of text), "cnn-grid" (reads
+    # horizontal or vertical text), or a timm model name
     image_size: int = 28  # input side in pixels (square)
     channels: int = 1  # 1 = grayscale, 3 = RGB
     width: int = 32  # cnn, cnn-text: channels of the first stage (doubled at each later stage)
@@ -149,6 +150,48 @@ class TextLineCNN(VisionTower):
             self.context.grad_checkpointing = enable
 
 
+class TextGridCNN(VisionTower):
+    """A reader's CNN for text that may run across or down the image (Chinese signs are often vertical).
+
+    ``TextLineCNN`` max-pools the height away, which loses a vertical word; this tower keeps a grid instead: the
+    first three stages halve both sides (a 64-px image becomes 8x8 tokens), stage ``i`` has ``width * 2**min(i, 2)``
+    channels, and from the third stage on each has two convs. A learned 2-D position embedding and
+    ``context_layers`` bidirectional Transformer blocks let a token know where it sits, so the decoder can read
+    left to right or top to bottom.
+    """
+
+    pools_token_mean = True
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        if cfg.depth < 3 or cfg.image_size % 8:
+            raise ValueError(
+                f"arch 'cnn-grid' needs vision.depth >= 3 and an image_size divisible by 8, got depth {cfg.depth} "
+                f"and image_size {cfg.image_size}"
+            )
+        stages, cin = [], cfg.channels
+        for i in range(cfg.depth):
+            cout = cfg.width * 2 ** min(i, 2)
+            convs = [_conv_bn(cin, cout)] + ([_conv_bn(cout, cout)] if i >= 2 else [])
+            stages.append(nn.Sequential(*convs, nn.MaxPool2d(2) if i < 3 else nn.Identity()))
+            cin = cout
+        self.stages = nn.Sequential(*stages)
+        self.width = cin
+        self.pos_embedding = nn.Parameter(torch.randn((cfg.image_size // 8) ** 2, cin) * 0.02)
+        self.context = Transformer(cin, cfg.context_layers, heads=math.gcd(cin, 4)) if cfg.context_layers else None
+        self.ln_post = nn.LayerNorm(cin)
+
+    def forward_tokens(self, images: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, H/8 * W/8, D)
+        x = self.stages(images).flatten(2).transpose(1, 2) + self.pos_embedding  # (B, N, D), row by row
+        if self.context is not None:
+            x = self.context(x)  # bidirectional: no mask
+        return self.ln_post(x)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if self.context is not None:
+            self.context.grad_checkpointing = enable
+
+
 class TimmTower(VisionTower):
     """Any timm architecture, headless; ViTs get ``img_size`` so small patch sizes work on 28–64 px images."""
 
@@ -194,7 +237,11 @@ def inplace_mlp_gelu(model: nn.Module) -> int:
     return n
 
 
-VISION_ARCHS = {"cnn": CompactCNN, "cnn-text": TextLineCNN}  # vislang's own towers; any other arch is a timm name
+VISION_ARCHS = {
+    "cnn": CompactCNN,
+    "cnn-text": TextLineCNN,
+    "cnn-grid": TextGridCNN,
+}  # vislang's own towers; any other arch is a timm name
 
 
 def build_vision_tower(cfg: VisionConfig) -> VisionTower:

@@ -43,6 +43,7 @@ from .batching import Overloaded, SearchBatcher
 from .generative import Captioner, ImageGenerator, QuestionAnswerer
 from .guard import BODY_TIMEOUT, RETRY_AFTER, SEARCH_TIMEOUT, ApiError, Guard, Limiter, answered, error
 from .video import add_video_routes, moments_field, video_hit_fields
+from .reading import ReadingModel, add_reading_routes
 
 DOCS_ASSETS = "/docs-assets"  # Swagger UI's own files, served locally so /docs works offline
 MAX_TEXTS = 256  # texts per /v1/embed request
@@ -62,6 +63,7 @@ TASKS = {  # the optional endpoints: what they do, and the `vislang serve` optio
     "caption": ("captioning", "--caption-model DIR (a model trained with `vislang train --config caption`)"),
     "vqa": ("visual question answering", "--vqa-model DIR (a model from `vislang ablate-fusion` or train_vqa)"),
     "generate": ("text-to-image generation", "--generate-model DIR (a GAN run or model: vislang train --config gan)"),
+    "read": ("reading text in images", "--read-model DIR (a reader: vislang train --config read-zh)"),
 }
 IMAGE_MAGIC = (  # (prefix, media type) of the formats we serve and accept
     (b"\x89PNG\r\n\x1a\n", "image/png"),
@@ -429,6 +431,7 @@ def create_app(
     allowed_hosts: list[str] | None = None,
     max_queue: int = 1024,
     body_timeout: float = BODY_TIMEOUT,
+    read_model: str | os.PathLike | None = None,
 ) -> FastAPI:
     """The FastAPI app serving one index.
 
@@ -447,6 +450,7 @@ def create_app(
             default); None accepts any (tests, or a server behind a proxy that checks).
         max_queue: most searches waiting for the batcher; more are answered 503 with ``Retry-After``.
         body_timeout: seconds a client may take to send its request body (408 after).
+        read_model: a reading model directory: turns on ``/v1/read`` and ``/v1/translate`` (else they answer 501).
     """
 
     searcher = Searcher(index_dir, model_dir, device=device)
@@ -458,6 +462,8 @@ def create_app(
         models["vqa"] = QuestionAnswerer(vqa_model, device)
     if generate_model is not None:
         models["generate"] = ImageGenerator(generate_model, device)
+    if read_model is not None:
+        models["read"] = ReadingModel(read_model, device)
     svc = Service(searcher, max_k, max_pixels, models)
     batcher = SearchBatcher(searcher.embed_texts, searcher.search_vectors, before_batch=svc.refresh,
                             max_queue=max_queue, timeout=SEARCH_TIMEOUT)  # fmt: skip
@@ -596,6 +602,8 @@ def create_app(
         else:
             vec = await run_in_threadpool(svc.stored_vector, fields.get("image_id"))
         return {"labels": await run_in_threadpool(svc.classify, vec, labels)}
+
+    add_reading_routes(app, svc, read_body, max_body)  # /v1/read, /v1/translate
 
     @app.post(
         "/v1/caption",

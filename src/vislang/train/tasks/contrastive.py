@@ -279,7 +279,7 @@ class DualEncoderTask(Task):
         if cfg.pretrained:
             model.load_state_dict(from_pretrained(cfg.pretrained).state_dict())
         model.to(run.device)
-        self.channels_last = run.device.type == "cpu" and mcfg.vision.arch in ("cnn", "cnn-text")
+        self.channels_last = run.device.type == "cpu" and mcfg.vision.arch in ("cnn", "cnn-text", "cnn-grid")
         if self.channels_last:  # vislang CNNs: NHWC convs are faster on a CPU
             model.visual.to(memory_format=torch.channels_last)
         self.core = model

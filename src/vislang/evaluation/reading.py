@@ -1,0 +1,78 @@
+"""Scoring a reader: exact match and character error rate per held-out split, and translation through CC-CEDICT.
+
+Splits come straight from the renderers (item ``i`` is the same in every run), so the numbers here, the training
+run and the Tesseract benchmark all see the same images:
+
+* ``zh``: ``test`` (held-out words in the training fonts) and ``test-font`` (training words in the held-out font
+  family), from :class:`vislang.data.rendered_zh.RenderedChinese`;
+* ``en``: ``test`` (held-out English words), from :class:`vislang.data.rendered_text.RenderedText`.
+
+Translation accuracy (zh ``test``): the English ``vislang translate`` shows for an image is one of CC-CEDICT's senses
+of the true word; ``translation_if_read_right`` is the same with the true text as the reading (the ceiling that
+segmentation and lookup leave).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from ..data.cedict import load_dictionary
+from ..data.rendered_text import RenderedText
+from ..data.rendered_zh import RenderedChinese
+from ..models.reading import MIN_CONFIDENCE, Reader, translate
+from .caption_metrics import reading_scores
+
+LANG_SPLITS = {"zh": ("test", "test-font"), "en": ("test",)}
+ABOUT = {
+    ("zh", "test"): "held-out words (HSK 3-6 words in training characters), training fonts",
+    ("zh", "test-font"): "training words in the held-out font family",
+    ("en", "test"): "held-out English words",
+}
+
+
+def reading_split(lang: str, split: str, n: int):
+    """The rendered dataset of a language's split (``n`` items)."""
+    if lang not in LANG_SPLITS or split not in LANG_SPLITS[lang]:
+        raise ValueError(f"no split {split!r} for language {lang!r}; choose from {LANG_SPLITS}")
+    return RenderedChinese(split, n=n) if lang == "zh" else RenderedText(split, n=n)
+
+
+def translation_correct(predicted: str, truth: str) -> bool:
+    """Whether the English shown for ``predicted`` is one of CC-CEDICT's senses of ``truth``."""
+    shown = translate(predicted)["english"]
+    senses = {s for e in load_dictionary().lookup(truth) for s in e.senses}
+    return bool(shown) and shown in senses
+
+
+def evaluate_reader(model_dir: str, lang: str = "zh", n: int = 500, splits: Sequence[str] | None = None,
+                    device: str = "cpu", min_confidence: float = MIN_CONFIDENCE) -> dict[str, Any]:  # fmt: skip
+    """Read each split's images with the model; exact match, CER, images/s (and translation accuracy for zh test)."""
+    reader = Reader(model_dir, device, min_confidence)  # a refused reading ("no legible text") scores as wrong
+    out: dict[str, Any] = {"model": str(model_dir), "lang": lang, "splits": {}}
+    for split in splits or LANG_SPLITS[lang]:
+        ds = reading_split(lang, split, n)
+        images, truth = zip(*((im, t) for im, t, _ in (ds[i] for i in range(len(ds)))))
+        t0 = time.perf_counter()
+        readings = reader.read(list(images))
+        seconds = time.perf_counter() - t0
+        texts = [r.text for r in readings]
+        row: dict[str, Any] = {"about": ABOUT[lang, split], "n": len(ds), **reading_scores(texts, list(truth))}
+        row["images_per_s"] = len(ds) / seconds
+        if lang == "zh" and split == "test":
+            row["translation"] = sum(translation_correct(p, t) for p, t in zip(texts, truth)) / len(ds)
+            row["translation_if_read_right"] = sum(translation_correct(t, t) for t in truth) / len(ds)
+        row["samples"] = [{"truth": t, "read": p} for p, t in list(zip(texts, truth))[:8]]
+        out["splits"][split] = row
+    return out
+
+
+def reading_table(result: dict[str, Any]) -> str:
+    """A markdown table of ``evaluate_reader``'s result."""
+    lines = ["| split | images | exact match | CER | translation | images/s |", "|---|---:|---:|---:|---:|---:|"]
+    for split, r in result["splits"].items():
+        tr = f"{r['translation']:.1%} (read right: {r['translation_if_read_right']:.1%})" if "translation" in r else "-"
+        lines.append(f"| {split}: {r['about']} | {r['n']} | {r['exact_match']:.1%} | {r['cer']:.2%} | {tr} | "
+                     f"{r['images_per_s']:.0f} |")  # fmt: skip
+    return "\n".join(lines)
