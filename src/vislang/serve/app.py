@@ -42,8 +42,8 @@ from ..index.search import Searcher
 from .batching import Overloaded, SearchBatcher
 from .generative import Captioner, ImageGenerator, QuestionAnswerer
 from .guard import BODY_TIMEOUT, RETRY_AFTER, SEARCH_TIMEOUT, ApiError, Guard, Limiter, answered, error
-from .video import add_video_routes, moments_field, video_hit_fields
 from .reading import ReadingModel, add_reading_routes
+from .video import add_video_routes, moments_field, video_hit_fields
 
 DOCS_ASSETS = "/docs-assets"  # Swagger UI's own files, served locally so /docs works offline
 MAX_TEXTS = 256  # texts per /v1/embed request
