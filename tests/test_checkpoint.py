@@ -98,9 +98,54 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_a_sigkilled_training_run_resumes_to_the_uninterrupted_weights(tmp_path):
-    """`vislang train` killed with SIGKILL at a random step (between checkpoints, or while writing one), then run
-    again with --resume, ends with exactly the weights of a run that was never interrupted."""
+TINY_VQA = ["--model.vision.width=4", "--model.vision.depth=2", "--model.vision.image_size=16", "--model.text.width=16",
+            "--model.text.layers=1", "--model.text.heads=2", "--model.text.tokenizer=bpe", "--vqa.n_train=40",
+            "--vqa.n_test=8", "--batch_size=8", "--progress=false", "--threads=1"]  # fmt: skip
+DECODER = "--model.decoder={width: 16, layers: 1, heads: 2}"
+SHAPES = [*(f"--{o}" for o in TINY), "--data.options={n: 64}", "--batch_size=16", "--eval_max=16"]
+KILL_RUNS = {  # every task `vislang train` runs, tiny: (arguments, seed of the step it is killed at)
+    "contrastive": ([*SHAPES, "--task=contrastive"], 28),
+    "coca": ([*SHAPES, "--task=coca", DECODER], 29),
+    "itm": ([*SHAPES, "--task=itm", "--model.itm={fusion: {kind: cross_attention, dim: 16, depth: 1, heads: 2}}"], 30),
+    "vqa": (
+        [
+            *TINY_VQA,
+            "--task=vqa",
+            "--model.fusion.dim=16",
+            "--model.fusion.heads=2",
+            "--model.fusion.depth=1",
+            "--model.head_hidden=16",
+        ],
+        31,
+    ),  # fmt: skip
+    "vqa-gen": (
+        [*TINY_VQA, "--task=vqa-gen", "--model.text.context_length=32", "--model.text.vocab_size=100", DECODER],
+        32,
+    ),  # fmt: skip
+    "gan": (
+        [
+            "--task=gan",
+            "--data.train=shapes",
+            "--data.options={n: 64}",
+            "--batch_size=16",
+            "--progress=false",
+            "--threads=1",
+            "--gan.model={g_width: 4, d_width: 4, z_dim: 4}",
+            "--gan.sample_every=2",
+            "--gan.sample_per_prompt=2",
+            "--gan.standing_stats=2",
+            "--gan.mismatch_max_cos=1.5",
+            "--gan.d_steps=2",
+        ],
+        33,
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("task", list(KILL_RUNS))
+def test_a_sigkilled_training_run_resumes_to_the_uninterrupted_weights(task, tmp_path):
+    """`vislang train` of each task killed with SIGKILL at a random step (between checkpoints, or while writing one),
+    then run again with --resume, ends with exactly the weights of a run that was never interrupted."""
     import os
     import signal
     import subprocess
@@ -109,17 +154,21 @@ def test_a_sigkilled_training_run_resumes_to_the_uninterrupted_weights(tmp_path)
 
     from safetensors.torch import load_file
 
-    args = [f"--{o}" for o in TINY] + ["--task=contrastive", "--data.options={n: 64}", "--batch_size=16",
-                                       "--epochs=4", "--save_every=3", "--log_every=1",
-                                       f"--data.cache_dir={tmp_path / 'cache'}"]  # fmt: skip
+    task_args, seed = KILL_RUNS[task]
+    args = [*task_args, "--epochs=4", "--save_every=3", "--log_every=1", f"--data.cache_dir={tmp_path / 'cache'}"]
+    if task == "gan":
+        from test_train_house import _text_model
+
+        args.append(f"--gan.text_model={_text_model(tmp_path)}")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
     def train_cmd(name: str, *extra: str) -> list[str]:
         return [sys.executable, "-c", SLOW_TRAIN, "train", *args, f"--out_dir={tmp_path / name}", *extra]
 
-    subprocess.run(train_cmd("a"), env=env, check=True, capture_output=True)
+    first = subprocess.run(train_cmd("a"), env=env, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
     total = max(json.loads(x)["step"] for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines())
-    kill_at = random.Random(28).randint(4, total - 2)  # a step past the first checkpoint, before the end
+    kill_at = random.Random(seed).randint(4, total - 2)  # a step past the first checkpoint, before the end
     proc = subprocess.Popen(train_cmd("b"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = tmp_path / "b" / "metrics.jsonl"
     try:
