@@ -44,10 +44,34 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
         n = remove_from_index(args.index, args.targets)
         print(f"removed {n} item(s) from {args.index}")
         return 0
+    if args.action == "duplicates":
+        return cmd_duplicates(args)
     from ..index.base import open_index  # lazy: `vislang --help` starts without loading torch
 
     with open_index(args.index) as index:
         print(json.dumps(index.info(), indent=2))
+    return 0
+
+
+def cmd_duplicates(args: argparse.Namespace) -> int:
+    """Print (or write as JSON) the exact and near-duplicate groups of an index."""
+    from ..index.base import atomic_write_bytes  # lazy: `vislang --help` starts without loading torch
+    from ..index.duplicates import duplicates_report  # lazy: `vislang --help` starts without loading torch
+
+    report = duplicates_report(args.index, args.threshold, args.k, exact=not args.no_exact)
+    if args.json:
+        atomic_write_bytes(args.json, json.dumps(report, indent=2, ensure_ascii=False).encode())
+    print(
+        f"{args.index}: {report['size']} images; {report['exact_groups']} exact and {report['near_groups']} "
+        f"near-duplicate group(s) (cosine >= {args.threshold}), {report['items_in_groups']} images in them"
+    )
+    for g in report["groups"][: args.show]:
+        score = "identical bytes" if g["kind"] == "exact" else f"cosine >= {g['min_score']:.3f}"
+        print(f"  {g['kind']} ({score}):")
+        for m in g["items"]:
+            print(f"    {m['id']:>6}  {m['key']}")
+    if len(report["groups"]) > args.show:
+        print(f"  ... {len(report['groups']) - args.show} more group(s)" + ("" if args.json else "; --json FILE for all"))
     return 0
 
 
@@ -85,6 +109,7 @@ INDEX_EPILOG = """
       vislang index add more_photos/ --index photos.index
       vislang index remove --index photos.index 17 photos/old/
       vislang index info --index photos.index
+      vislang index duplicates --index photos.index --threshold 0.9 --json dups.json
     An interrupted build continues where it stopped when run again."""
 
 SEARCH_EPILOG = """
@@ -123,6 +148,13 @@ def register(add) -> None:
     a = actions.add_parser("remove", help="remove items by id, image file or folder")
     a.add_argument("targets", nargs="+", help="ids, image files, folders, or a CSV/JSONL/shards of what to remove")
     a.add_argument("--index", required=True, help="index directory")
+    a = actions.add_parser("duplicates", help="groups of exact (same bytes) and near-duplicate (similar) images")
+    a.add_argument("--index", required=True, help="index directory")
+    a.add_argument("--threshold", type=float, default=0.9, help="cosine similarity for near-duplicates (default 0.9)")
+    a.add_argument("-k", type=int, default=10, help="neighbours compared per image (default 10)")
+    a.add_argument("--no-exact", action="store_true", help="skip hashing the image files")
+    a.add_argument("--json", help="write the whole report to this JSON file")
+    a.add_argument("--show", type=int, default=20, help="groups printed (default 20)")
     a = actions.add_parser("info", help="size, embedding size, back end and build state as JSON")
     a.add_argument("--index", required=True, help="index directory")
 
