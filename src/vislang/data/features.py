@@ -87,7 +87,8 @@ def data_fingerprint(dataset: Any) -> str:
     changes it; other readers (generated or packaged sets, shards) by their length and ``repr``.
     """
     h = hashlib.blake2b(digest_size=16)
-    h.update(f"{type(dataset).__name__}|{repr(dataset)}".encode())
+    own_repr = type(dataset).__repr__ is not object.__repr__  # the default one holds a memory address
+    h.update(f"{type(dataset).__name__}|{repr(dataset) if own_repr else ''}".encode())
     items = getattr(dataset, "items", None)
     if not isinstance(items, list):
         try:

@@ -266,8 +266,9 @@ class LiTTask(Task):
         save_pretrained(self.core.eval(), model_dir, self.tokenizer, extra=extra)
         (out / "eval").mkdir(parents=True, exist_ok=True)
         (out / "eval" / "retrieval.json").write_text(json.dumps(result, indent=2))
-        print(f"[vislang] trained {self.run.global_step} steps in {self.run.elapsed():.0f} s (best step "
-              f"{self.best['step']}); model saved to {model_dir}")  # fmt: skip
+        best = f" (heads of step {self.best['step']}, best on the held-back pairs)" if self.best["state"] else ""
+        print(f"[vislang] trained {self.run.global_step} steps in {self.run.elapsed():.0f} s{best}; model saved to "
+              f"{model_dir}")  # fmt: skip
         if "test" in result:
             print(retrieval_line(result["test"]))
         return model_dir
