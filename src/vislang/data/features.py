@@ -119,6 +119,30 @@ def cache_key(parts: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------------- reading
 
 
+class FirstN(Dataset):
+    """The first ``n`` items of a map-style dataset (``data.max_train`` / ``max_val``), limited before extraction so
+    a quick run pays for ``n`` tower passes, not for the whole set; its fingerprint covers those items only."""
+
+    def __init__(self, dataset: Any, n: int) -> None:
+        self.dataset, self.n = dataset, min(int(n), len(dataset))
+        items = getattr(dataset, "items", None)
+        self.items = items[: self.n] if isinstance(items, list) else None
+        if hasattr(dataset, "caption"):
+            self.caption = dataset.caption
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        return self.dataset[i]
+
+    def __repr__(self) -> str:
+        inner = repr(self.dataset) if type(self.dataset).__repr__ is not object.__repr__ else type(self.dataset).__name__
+        return f"FirstN({inner}, {self.n})"
+
+
 class _Indexed(Dataset):
     """Items ``start .. stop`` of a map-style dataset as (index, uint8 (H, W, C) array, caption); None if unusable."""
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...config import to_dict
-from ...data.features import Features, cached_features, tensors_hash
+from ...data.features import Features, FirstN, cached_features, tensors_hash
 from ...data.loading import epoch_batches
 from ...data.sources import NAMED_DATASETS, open_dataset
 from ...data.transforms import normalize
@@ -150,9 +150,7 @@ class LiTTask(Task):
         if cfg.pretrained:
             model.load_state_dict(from_pretrained(cfg.pretrained).state_dict())
         self.core = model.eval()
-        train = self.features(cfg.data.train, cfg.data.train_split)
-        if cfg.data.max_train:
-            train = train.subset(np.arange(min(cfg.data.max_train, len(train))))
+        train = self.features(cfg.data.train, cfg.data.train_split, cfg.data.max_train)
         fit_rows, val_rows = split_rows(len(train), self.lit.val_fraction, cfg.seed)
         self.fit_feats = train.subset(fit_rows)
         self.val_feats = train.subset(val_rows) if len(val_rows) else None
@@ -175,8 +173,8 @@ class LiTTask(Task):
             run.out_dir.mkdir(parents=True, exist_ok=True)
             (run.out_dir / "model_config.json").write_text(json.dumps(to_dict(mcfg), indent=2))
 
-    def features(self, spec: str, split: str) -> Features:
-        """The cached tower outputs of one dataset split (extracted on first use; only rank 0 extracts)."""
+    def features(self, spec: str, split: str, limit: int | None = None) -> Features:
+        """The cached tower outputs of one dataset split (its first ``limit`` items), extracted on first use."""
         d = self.cfg.data
         kw: dict[str, Any] = dict(d.options)
         if spec.endswith((".csv", ".tsv", ".jsonl")):
@@ -184,6 +182,8 @@ class LiTTask(Task):
         if d.image_dir:
             kw["image_dir"] = d.image_dir
         dataset = open_dataset(spec, split=split, **kw)
+        if limit:
+            dataset = FirstN(dataset, limit)
         image_fn, text_fn = tower_functions(self.core, self.tokenizer)
         v = self.core.cfg.vision
         lit = self.lit
@@ -198,9 +198,9 @@ class LiTTask(Task):
         folder (its "test split" would be the training data itself)."""
         d = self.cfg.data
         if d.val:
-            return self.features(d.val, d.val_split)
+            return self.features(d.val, d.val_split, d.max_val)
         if d.train.lower() in NAMED_DATASETS and d.val_split != d.train_split:
-            return self.features(d.train, d.val_split)
+            return self.features(d.train, d.val_split, d.max_val)
         return None
 
     def modules(self) -> dict[str, nn.Module]:
