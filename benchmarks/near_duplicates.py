@@ -101,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.n, args.thresholds = 6, "0.9"
     if not Path(args.model).is_dir():
-        raise SystemExit(f"error: no model directory {args.model}; train one (vislang train --config lit) or pass --model")
+        raise SystemExit(
+            f"error: no model directory {args.model}; train one (vislang train --config lit) or pass --model"
+        )
     work = Path(tempfile.mkdtemp(prefix="near-dups-"))
     try:
         folder = work / "images"

@@ -80,7 +80,9 @@ def table(rows: dict[str, dict]) -> list[str]:
     for name, r in rows.items():
         lines.append(f"{name:36s}  {cell(r, 'text_to_image')}   {cell(r, 'image_to_text')}")
     r = next(iter(rows.values()))
-    lines.append(f"{'chance (random ranking)':36s}  {cell(r, 'text_to_image_chance')}   {cell(r, 'image_to_text_chance')}")
+    lines.append(
+        f"{'chance (random ranking)':36s}  {cell(r, 'text_to_image_chance')}   {cell(r, 'image_to_text_chance')}"
+    )
     return lines
 
 

@@ -53,7 +53,9 @@ def test_exact_and_near_groups(tmp_path: Path) -> None:
         assert ("near", frozenset({ids["c"], ids["d"]})) in as_sets
         assert len(groups) == 3  # e, f, g are in none
         strict = find_duplicates(ix, threshold=0.97)
-        assert {frozenset(g.ids) for g in strict if g.kind == "near"} == {frozenset({ids["a"], ids["a_copy"], ids["b"]})}
+        assert {frozenset(g.ids) for g in strict if g.kind == "near"} == {
+            frozenset({ids["a"], ids["a_copy"], ids["b"]})
+        }
         assert all(g.min_score >= 0.97 for g in strict if g.kind == "near")
         only_near = find_duplicates(ix, threshold=0.9, exact=False)
         assert all(g.kind == "near" for g in only_near) and len(only_near) == 2

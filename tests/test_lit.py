@@ -125,7 +125,9 @@ def test_cache_is_reused_and_invalidated_by_data_and_weights(lit_run):
     before = {p.name: (p / "meta.json").stat().st_mtime_ns for p in cache.iterdir() if p.is_dir()}
 
     def again(name: str, *extra: str) -> int:
-        return main([a for a in args if not a.startswith("--out_dir")] + [f"--out_dir={lit_run['root'] / name}", *extra])
+        return main(
+            [a for a in args if not a.startswith("--out_dir")] + [f"--out_dir={lit_run['root'] / name}", *extra]
+        )
 
     assert again("again") == 0
     after = {p.name: (p / "meta.json").stat().st_mtime_ns for p in cache.iterdir() if p.is_dir()}
@@ -184,7 +186,10 @@ def test_folder_to_served_index(lit_run, tmp_path):
 
     ix = tmp_path / "ix"
     model = lit_run["run"] / "model"
-    assert main(["index", "build", str(lit_run["folder"]), "--model", str(model), "--index", str(ix), "--no-progress"]) == 0
+    assert (
+        main(["index", "build", str(lit_run["folder"]), "--model", str(model), "--index", str(ix), "--no-progress"])
+        == 0
+    )
     with TestClient(create_app(ix)) as client:
         r = client.post("/v1/search", json={"text": "a red circle", "k": 3})
         assert r.status_code == 200 and len(r.json()["results"]) == 3

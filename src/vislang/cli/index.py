@@ -71,7 +71,9 @@ def cmd_duplicates(args: argparse.Namespace) -> int:
         for m in g["items"]:
             print(f"    {m['id']:>6}  {m['key']}")
     if len(report["groups"]) > args.show:
-        print(f"  ... {len(report['groups']) - args.show} more group(s)" + ("" if args.json else "; --json FILE for all"))
+        print(
+            f"  ... {len(report['groups']) - args.show} more group(s)" + ("" if args.json else "; --json FILE for all")
+        )
     return 0
 
 

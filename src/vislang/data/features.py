@@ -139,7 +139,9 @@ class FirstN(Dataset):
         return self.dataset[i]
 
     def __repr__(self) -> str:
-        inner = repr(self.dataset) if type(self.dataset).__repr__ is not object.__repr__ else type(self.dataset).__name__
+        inner = (
+            repr(self.dataset) if type(self.dataset).__repr__ is not object.__repr__ else type(self.dataset).__name__
+        )
         return f"FirstN({inner}, {self.n})"
 
 
