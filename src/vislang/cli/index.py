@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import textwrap
 
 
@@ -22,7 +23,12 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
                 options.update(kind=args.kind, exact_max=args.exact_max, ann=args.ann, nprobe=args.nprobe)
                 if args.nlist is not None:
                     options["nlist"] = args.nlist
-        counts = build_index(
+        build = build_index
+        if args.action == "build" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: one share each
+            from ..index.sharded import build_index_sharded  # lazy: `vislang --help` starts without loading torch
+
+            build = build_index_sharded
+        counts = build(
             args.src,
             args.index,
             model_dir=args.model,
@@ -34,6 +40,10 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
             caption_key=args.caption_key,
             **options,
         )
+        if "per_rank" in counts and os.environ.get("RANK", "0") != "0":
+            return 0  # rank 0 reports for all
+        if "per_rank" in counts:
+            print(f"{len(counts['per_rank'])} processes embedded {counts['per_rank']} image(s)")
         print(
             f"indexed {counts['added']} new image(s) ({counts['already']} already there, {counts['duplicates']} "
             f"repeated, {counts['unreadable']} unreadable) in {counts['seconds']:.1f} s "
@@ -109,6 +119,8 @@ INDEX_EPILOG = """
       vislang index build pairs.csv --model runs/demo/model --index pairs.index --img-key path
       vislang index build 'shards/{00000..00009}.tar' --model runs/demo/model --index web.index
       vislang index add more_photos/ --index photos.index
+      VISLANG_PG_URI=postgresql://host/db torchrun --nproc-per-node 4 -m vislang.cli index build photos/ \
+          --model runs/demo/model --index shared.index --backend pgvector    # each process embeds a share
       vislang index remove --index photos.index 17 photos/old/
       vislang index info --index photos.index
       vislang index duplicates --index photos.index --threshold 0.9 --json dups.json
