@@ -87,6 +87,7 @@ class LiTConfig:
     fit: str = "crop"  # how a photo becomes a square: "crop" (shorter side, centre crop) or "pad" (white letterbox)
     val_fraction: float = 0.1  # share of the training pairs held back to pick the best epoch; 0 = keep the last
     train_threads: int | None = 1  # torch threads while training the small heads (None: leave as is)
+    feature_dropout: float = 0.0  # dropout on the cached features while training (regularises; the model has none)
 
 
 @dataclass(frozen=True)

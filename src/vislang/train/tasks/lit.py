@@ -50,16 +50,17 @@ class Heads(nn.Module):
     """What a LiT run trains, as one module over the model's own parameters (shared, not copied): the projections,
     the temperature and the SigLIP bias. Checkpoints hold these few weights, not the frozen towers."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, feature_dropout: float = 0.0) -> None:
         super().__init__()
+        self.dropout = nn.Dropout(feature_dropout)  # training only: the saved model projects features as they are
         self.image_proj, self.text_proj = model.image_proj, model.text_proj
         self.logit_scale, self.logit_bias = model.logit_scale, model.logit_bias
         self.max_logit_scale = model.cfg.max_logit_scale
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
         out = {
-            "image_features": F.normalize(self.image_proj(image), dim=-1),  # (B, E)
-            "text_features": F.normalize(self.text_proj(text), dim=-1),  # (B, E)
+            "image_features": F.normalize(self.image_proj(self.dropout(image)), dim=-1),  # (B, E)
+            "text_features": F.normalize(self.text_proj(self.dropout(text)), dim=-1),  # (B, E)
             "logit_scale": self.logit_scale.exp().clamp(max=self.max_logit_scale),
         }
         if self.logit_bias is not None:
@@ -105,7 +106,9 @@ def feature_key(model: nn.Module, tokenizer: Any, name: str) -> dict[str, Any]:
 @torch.no_grad()
 def feature_retrieval(heads: Heads, feats: Features) -> dict[str, float]:
     """R@k both ways on cached features, identical captions merged into one query (as ``vislang eval`` does)."""
-    out = heads(torch.from_numpy(np.asarray(feats.image)), torch.from_numpy(np.asarray(feats.text)))
+    was = heads.training
+    out = heads.eval()(torch.from_numpy(np.array(feats.image)), torch.from_numpy(np.array(feats.text)))
+    heads.train(was)
     texts, text_to_images = dedupe_captions(feats.captions)
     first: dict[str, int] = {}
     for i, c in enumerate(feats.captions):
@@ -156,12 +159,8 @@ class LiTTask(Task):
         self.val_feats = train.subset(val_rows) if len(val_rows) else None
         self.test_feats = self.held_out()
         self.skip_note = f"{len(train)} pairs with features ({len(self.fit_feats)} fit, {len(val_rows)} held back)"
-        per_step = cfg.batch_size * run.world * cfg.accum_steps
-        if len(self.fit_feats) < per_step:
-            raise ValueError(
-                f"{len(self.fit_feats)} training pairs, fewer than one step's {per_step}; lower --batch_size"
-            )
-        self.heads = Heads(model)
+        self.batch_size = self.fit_batch(len(self.fit_feats))
+        self.heads = Heads(model, self.lit.feature_dropout).train()
         self.wrapped = run.ddp(self.heads)
         self.loss = SigLipLoss() if cfg.loss == "siglip" else ClipLoss()
         self.optimizer = build_optimizer(self.heads, cfg.optim)
@@ -172,6 +171,21 @@ class LiTTask(Task):
         if run.main and run.out_dir is not None:
             run.out_dir.mkdir(parents=True, exist_ok=True)
             (run.out_dir / "model_config.json").write_text(json.dumps(to_dict(mcfg), indent=2))
+
+    def fit_batch(self, n: int) -> int:
+        """``batch_size``, or less when a small folder holds fewer pairs than one step takes (said, not refused)."""
+        cfg, run = self.cfg, self.run
+        shares = run.world * cfg.accum_steps
+        if n >= cfg.batch_size * shares:
+            return cfg.batch_size
+        if n < 2 * shares:
+            raise ValueError(f"{n} training pairs with features: a contrastive step needs at least {2 * shares}")
+        if run.main:
+            print(
+                f"[vislang] {n} training pairs, fewer than one step's {cfg.batch_size * shares}: "
+                f"batch size {n // shares}"
+            )
+        return n // shares
 
     def features(self, spec: str, split: str, limit: int | None = None) -> Features:
         """The cached tower outputs of one dataset split (its first ``limit`` items), extracted on first use."""
@@ -210,7 +224,7 @@ class LiTTask(Task):
         return {"optimizer": self.optimizer}
 
     def _epoch(self, epoch: int) -> list[np.ndarray]:
-        return epoch_batches(len(self.fit_feats), self.cfg.batch_size, self.cfg.seed, epoch, self.run.rank,
+        return epoch_batches(len(self.fit_feats), self.batch_size, self.cfg.seed, epoch, self.run.rank,
                              self.run.world)  # fmt: skip
 
     def epoch_length(self, epoch: int) -> int:
