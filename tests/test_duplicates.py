@@ -18,7 +18,7 @@ def unit(x: np.ndarray) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
 
 
-def archive(tmp_path: Path) -> tuple[Path, dict[str, int]]:
+def archive(tmp_path: Path, **backend) -> tuple[Path, dict[str, int]]:
     """An index of 8 files: a and a_copy share bytes and vector; b is a's near copy (cosine ~0.99); c and d are near
     each other (~0.95) with different bytes; e, f, g stand alone."""
     rng = np.random.default_rng(0)
@@ -34,7 +34,7 @@ def archive(tmp_path: Path) -> tuple[Path, dict[str, int]]:
         p = tmp_path / f"{name}.bin"
         p.write_bytes(b"same bytes" if name in ("a", "a_copy") else name.encode() * 10)
         files[name] = p
-    with create_index(tmp_path / "ix", 16) as ix:
+    with create_index(tmp_path / "ix", 16, **backend) as ix:
         names = list(vecs)
         meta = [{"key": str(files[n]), "path": str(files[n]), "caption": n} for n in names]
         ids = ix.add(np.stack([vecs[n] for n in names]), meta)
@@ -74,3 +74,20 @@ def test_cli_duplicates_prints_and_writes_the_report(tmp_path: Path, capsys) -> 
     report = json.loads(out.read_text())
     assert report["exact_groups"] == 1 and report["near_groups"] == 2 and report["items_in_groups"] == 7
     assert main(["index", "duplicates", "--index", str(tmp_path / "nowhere")]) != 0
+
+
+def test_pgvector_index_finds_the_same_groups(tmp_path: Path, monkeypatch) -> None:
+    pgserver = pytest.importorskip("pgserver", reason="PostgreSQL from the pgserver package")
+    server = pgserver.get_server(tmp_path / "pgdata", cleanup_mode="stop")
+    try:
+        monkeypatch.setenv("VISLANG_PG_URI", server.get_uri())
+        ix_dir, ids = archive(tmp_path, backend="pgvector", hnsw=False)
+        with open_index(ix_dir) as ix:
+            groups = {(g.kind, frozenset(g.ids)) for g in find_duplicates(ix, threshold=0.9)}
+        assert groups == {
+            ("exact", frozenset({ids["a"], ids["a_copy"]})),
+            ("near", frozenset({ids["a"], ids["a_copy"], ids["b"]})),
+            ("near", frozenset({ids["c"], ids["d"]})),
+        }
+    finally:
+        server.cleanup()

@@ -65,12 +65,8 @@ class UnionFind:
 
 
 def index_ids(index: Index) -> np.ndarray:
-    """Every id of an index, ascending, whatever the back end."""
-    if hasattr(index, "all_ids"):
-        return np.asarray(index.all_ids(), dtype=np.int64)
-    with index._lock:  # pgvector: one query
-        rows = index.conn.execute(f"SELECT id FROM {index.table} ORDER BY id").fetchall()
-    return np.array([r[0] for r in rows], dtype=np.int64)
+    """Every id of an index, ascending (both back ends answer ``all_ids``)."""
+    return np.asarray(index.all_ids(), dtype=np.int64)
 
 
 def batches(ids: np.ndarray, n: int) -> Iterator[np.ndarray]:

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ... import distributed as dist
 from ...config import to_dict
 from ...data.features import Features, FirstN, cached_features, tensors_hash
 from ...data.loading import epoch_batches
@@ -153,11 +154,15 @@ class LiTTask(Task):
         if cfg.pretrained:
             model.load_state_dict(from_pretrained(cfg.pretrained).state_dict())
         self.core = model.eval()
-        train = self.features(cfg.data.train, cfg.data.train_split, cfg.data.max_train)
+        if run.main:  # rank 0 extracts; under torchrun the others wait, then read the finished cache
+            train, test = self.features(cfg.data.train, cfg.data.train_split, cfg.data.max_train), self.held_out()
+        dist.barrier()
+        if not run.main:
+            train, test = self.features(cfg.data.train, cfg.data.train_split, cfg.data.max_train), self.held_out()
         fit_rows, val_rows = split_rows(len(train), self.lit.val_fraction, cfg.seed)
         self.fit_feats = train.subset(fit_rows)
         self.val_feats = train.subset(val_rows) if len(val_rows) else None
-        self.test_feats = self.held_out()
+        self.test_feats = test
         self.skip_note = f"{len(train)} pairs with features ({len(self.fit_feats)} fit, {len(val_rows)} held back)"
         self.batch_size = self.fit_batch(len(self.fit_feats))
         self.heads = Heads(model, self.lit.feature_dropout).train()
