@@ -60,5 +60,5 @@ def test_openclipart_frozen_smoke(tmp_path: Path) -> None:
         pytest.skip(reason)
     out = run_example("openclipart_frozen.py", "--smoke", tmp_path=tmp_path)
     assert "match the feature path" in out
-    for row in ("pretrained towers (frozen)", "random towers (frozen, same seed)", "chance (random ranking)", "k/N"):
+    for row in ("pretrained towers (locked)", "random towers (locked, same seed)", "chance (random ranking)"):
         assert any(line.startswith(row) for line in out.splitlines()), f"no {row!r} row in:\n{out}"

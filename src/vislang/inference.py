@@ -13,10 +13,12 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .data.readers import IMAGE_EXTENSIONS, register_optional_formats
+from .data.transforms import upright
 from .evaluation.embed import embed_texts as _embed
 from .factory import get_tokenizer, load_embedding_model
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+IMAGE_EXTS = set(IMAGE_EXTENSIONS) | set(register_optional_formats())
 
 
 def list_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
@@ -35,11 +37,11 @@ def list_images(paths: Sequence[str | os.PathLike]) -> list[Path]:
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image or raise a ValueError that names the file and the problem."""
+    """Open an image, upright by its EXIF orientation, or raise a ValueError that names the file and the problem."""
     try:
         img = Image.open(path)
         img.load()
-        return img
+        return upright(img)
     except FileNotFoundError:
         raise
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import textwrap
 
 
@@ -22,7 +23,12 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
                 options.update(kind=args.kind, exact_max=args.exact_max, ann=args.ann, nprobe=args.nprobe)
                 if args.nlist is not None:
                     options["nlist"] = args.nlist
-        counts = build_index(
+        build = build_index
+        if args.action == "build" and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: one share each
+            from ..index.sharded import build_index_sharded  # lazy: `vislang --help` starts without loading torch
+
+            build = build_index_sharded
+        counts = build(
             args.src,
             args.index,
             model_dir=args.model,
@@ -36,6 +42,10 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
             fps=args.fps,
             **options,
         )
+        if "per_rank" in counts and os.environ.get("RANK", "0") != "0":
+            return 0  # rank 0 reports for all
+        if "per_rank" in counts:
+            print(f"{len(counts['per_rank'])} processes embedded {counts['per_rank']} image(s)")
         if "videos" in counts:  # a video source: index/video.py
             print(f"indexed {counts['added']} frame(s) of {counts['videos']} video(s) ({counts['already']} video(s) "
                   f"already there, {counts['unreadable']} unreadable) in {counts['seconds']:.1f} s; "
@@ -51,10 +61,36 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
         n = remove_from_index(args.index, args.targets)
         print(f"removed {n} item(s) from {args.index}")
         return 0
+    if args.action == "duplicates":
+        return cmd_duplicates(args)
     from ..index.base import open_index  # lazy: `vislang --help` starts without loading torch
 
     with open_index(args.index) as index:
         print(json.dumps(index.info(), indent=2))
+    return 0
+
+
+def cmd_duplicates(args: argparse.Namespace) -> int:
+    """Print (or write as JSON) the exact and near-duplicate groups of an index."""
+    from ..index.base import atomic_write_bytes  # lazy: `vislang --help` starts without loading torch
+    from ..index.duplicates import duplicates_report  # lazy: `vislang --help` starts without loading torch
+
+    report = duplicates_report(args.index, args.threshold, args.k, exact=not args.no_exact)
+    if args.json:
+        atomic_write_bytes(args.json, json.dumps(report, indent=2, ensure_ascii=False).encode())
+    print(
+        f"{args.index}: {report['size']} images; {report['exact_groups']} exact and {report['near_groups']} "
+        f"near-duplicate group(s) (cosine >= {args.threshold}), {report['items_in_groups']} images in them"
+    )
+    for g in report["groups"][: args.show]:
+        score = "identical bytes" if g["kind"] == "exact" else f"cosine >= {g['min_score']:.3f}"
+        print(f"  {g['kind']} ({score}):")
+        for m in g["items"]:
+            print(f"    {m['id']:>6}  {m['key']}")
+    if len(report["groups"]) > args.show:
+        print(
+            f"  ... {len(report['groups']) - args.show} more group(s)" + ("" if args.json else "; --json FILE for all")
+        )
     return 0
 
 
@@ -99,8 +135,11 @@ INDEX_EPILOG = """
       vislang index build 'shards/{00000..00009}.tar' --model runs/demo/model --index web.index
       vislang index build runs/movies --model runs/shapes/model --index runs/movies.index --fps 2   # videos
       vislang index add more_photos/ --index photos.index
+      VISLANG_PG_URI=postgresql://host/db torchrun --nproc-per-node 4 -m vislang.cli index build photos/ \
+          --model runs/demo/model --index shared.index --backend pgvector    # each process embeds a share
       vislang index remove --index photos.index 17 photos/old/
       vislang index info --index photos.index
+      vislang index duplicates --index photos.index --threshold 0.9 --json dups.json
     An interrupted build continues where it stopped when run again."""
 
 SEARCH_EPILOG = """
@@ -147,6 +186,15 @@ def register(add) -> None:
     a = actions.add_parser("remove", help="remove items by id, image file or folder", **each)
     a.add_argument("targets", nargs="+", help="ids, image files, folders, or a CSV/JSONL/shards of what to remove")
     a.add_argument("--index", required=True, help="index directory")
+    a = actions.add_parser(
+        "duplicates", help="groups of exact (same bytes) and near-duplicate (similar) images", **each
+    )
+    a.add_argument("--index", required=True, help="index directory")
+    a.add_argument("--threshold", type=float, default=0.9, help="cosine similarity for near-duplicates (default 0.9)")
+    a.add_argument("-k", type=int, default=10, help="neighbours compared per image (default 10)")
+    a.add_argument("--no-exact", action="store_true", help="skip hashing the image files")
+    a.add_argument("--json", help="write the whole report to this JSON file")
+    a.add_argument("--show", type=int, default=20, help="groups printed (default 20)")
     a = actions.add_parser("info", help="size, embedding size, back end and build state as JSON", **each)
     a.add_argument("--index", required=True, help="index directory")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .sources import open_dataset
+from .transforms import to_mode
 
 
 def export_images(src: str, out: str | Path, split: str = "test", n: int | None = 16) -> Path:
@@ -21,6 +22,6 @@ def export_images(src: str, out: str | Path, split: str = "test", n: int | None 
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(count):
         image, caption = ds[i][0], ds[i][1]
-        image.convert("RGB").save(folder / f"{i:06d}.png")
+        to_mode(image, 3).save(folder / f"{i:06d}.png")  # transparent clip-art on white, not on black
         (folder / f"{i:06d}.txt").write_text(str(caption).strip() + "\n", encoding="utf-8")
     return folder

@@ -22,7 +22,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+from .transforms import upright
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".avif", ".bmp", ".gif", ".tif", ".tiff")
 _MAX_EXAMPLES = 5
 
 
@@ -83,10 +85,30 @@ def drop_none(batch: list) -> list:
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Decode image bytes fully (``load()``), so truncated files fail here rather than later in a worker."""
+    """Decode image bytes fully (``load()``), so truncated files fail here rather than later in a worker, and turn
+    the photo upright by its EXIF orientation (``transforms.upright``). HEIC/HEIF decode where the optional
+    ``pillow-heif`` plugin is installed (``register_optional_formats``)."""
+    register_optional_formats()
     img = Image.open(io.BytesIO(data))
     img.load()
-    return img
+    return upright(img)
+
+
+_OPTIONAL_FORMATS: list[str] = []
+
+
+def register_optional_formats() -> list[str]:
+    """Register the image formats of optional Pillow plugins once (HEIC/HEIF from ``pillow-heif``); returns the
+    extensions they added. AVIF and WebP are built into Pillow 11+."""
+    if not _OPTIONAL_FORMATS:
+        _OPTIONAL_FORMATS.append("")  # marks the attempt: done once per process
+        try:
+            from pillow_heif import register_heif_opener  # optional: only where it is installed
+        except ImportError:
+            return []
+        register_heif_opener()
+        _OPTIONAL_FORMATS.extend([".heic", ".heif"])
+    return _OPTIONAL_FORMATS[1:]
 
 
 def load_pair(path: str | os.PathLike, caption: str | None, skips: SkipCounter) -> tuple[Image.Image, str] | None:

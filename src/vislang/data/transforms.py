@@ -12,9 +12,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 _MODES = {1: "L", 3: "RGB"}
+ORIENTATION = 0x0112  # the EXIF tag holding how a photo is turned
 _TRANSPARENT_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
 # Below this size augmentation would delete too much of a tiny image (Fashion-MNIST is 28 px): keep it as is.
 MIN_AUGMENT_SIZE = 32
@@ -32,13 +33,41 @@ def has_transparency(img: Image.Image) -> bool:
     return img.mode in _TRANSPARENT_MODES or (img.mode in ("P", "L", "RGB") and "transparency" in img.info)
 
 
+def upright(img: Image.Image) -> Image.Image:
+    """The image as a person sees it: rotated/flipped by its EXIF orientation tag (phones store portrait photos
+    sideways and set the tag). Call right after decoding, while the EXIF block is still attached."""
+    try:
+        if img.getexif().get(ORIENTATION, 1) == 1:
+            return img  # nothing to turn: skip exif_transpose's copy
+        return ImageOps.exif_transpose(img) or img
+    except Exception:  # a malformed EXIF block is no reason to lose the photo: keep it as stored
+        return img
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit and 32-bit grayscale ("I;16", "I", "F": scans, medical and astronomy images) as 8-bit "L".
+
+    PIL's own conversion clips every value over 255 to white, so a 16-bit image came out almost blank; values are
+    scaled instead (16-bit range → 0–255; float images in [0, 1] or [0, 255])."""
+    if not (img.mode.startswith("I") or img.mode == "F"):
+        return img
+    arr = np.asarray(img, dtype=np.float64)
+    top = float(arr.max()) if arr.size else 0.0
+    scale = 1.0 if top <= 255 else 65535.0 / 255 if top <= 65535 else top / 255
+    if img.mode == "F" and 0 < top <= 1.0:
+        scale = 1.0 / 255
+    return Image.fromarray(np.clip(arr / scale, 0, 255).round().astype(np.uint8), mode="L")
+
+
 def to_mode(img: Image.Image, channels: int) -> Image.Image:
     """Convert to "L" or "RGB", compositing transparent images on white.
 
     Clip-art is mostly transparent; converting RGBA straight to RGB would expose whatever colour the invisible pixels
-    happen to store (often black), which turns a drawing into a black square.
+    happen to store (often black), which turns a drawing into a black square. CMYK, palette, bilevel and YCbCr images
+    convert with PIL; 16/32-bit grayscale is scaled to 8 bits (``to_8bit``).
     """
     mode = target_mode(channels)
+    img = to_8bit(img)
     if has_transparency(img):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -260,5 +260,11 @@ class PgVectorIndex(Index):
             rows = self.conn.execute(f"SELECT key, id FROM {self.table} WHERE key = ANY(%s)", (list(keys),)).fetchall()
         return dict(rows)
 
+    def all_ids(self) -> np.ndarray:
+        """Every id, ascending (as the FAISS back end's ``all_ids``)."""
+        with self._lock:
+            rows = self.conn.execute(f"SELECT id FROM {self.table} ORDER BY id").fetchall()
+        return np.array([r[0] for r in rows], dtype=np.int64)
+
     def info(self) -> dict[str, Any]:
         return {**super().info(), "table": self.table, "embedded_server": self._server is not None}

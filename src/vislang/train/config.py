@@ -76,6 +76,21 @@ class VQATaskConfig:
 
 
 @dataclass(frozen=True)
+class LiTConfig:
+    """Settings of a locked-tower run (``task: lit``): the towers run once into a feature cache, the projections and
+    the temperature train on it (``vislang.train.tasks.lit``)."""
+
+    cache_dir: str = ".cache/vislang/features"  # where tower outputs are cached (keyed by weights, preprocessing, data)
+    chunk: int = 1024  # items per resumable extraction chunk (a killed extraction redoes at most one)
+    extract_batch: int = 64  # images per tower call during extraction
+    workers: int = 2  # DataLoader processes decoding images during extraction
+    fit: str = "crop"  # how a photo becomes a square: "crop" (shorter side, centre crop) or "pad" (white letterbox)
+    val_fraction: float = 0.1  # share of the training pairs held back to pick the best epoch; 0 = keep the last
+    train_threads: int | None = 1  # torch threads while training the small heads (None: leave as is)
+    feature_dropout: float = 0.0  # dropout on the cached features while training (regularises; the model has none)
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model_name: str = "fmnist-cnn"  # a built-in config (`vislang.list_models()`), a config .json or a model directory
     model: dict[str, Any] = field(default_factory=dict)  # overrides of the model config: --model.vision.width=48
@@ -107,6 +122,7 @@ class TrainConfig:
     progress: bool = True  # show a progress bar
     gan: GANConfig | None = None  # task "gan": the GAN's settings (None for every other task)
     vqa: VQATaskConfig | None = None  # tasks "vqa" and "vqa-gen": data and answer settings
+    lit: LiTConfig | None = None  # task "lit": the feature cache and the held-back split
 
 
 # The old flat VQA run configs (still read: ``flat_vqa_config``, ``load_vqa_train_config``, ``load_vqa_gen_config``).

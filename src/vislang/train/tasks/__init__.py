@@ -31,6 +31,7 @@ TASKS: dict[str, str] = {
     "gan": "vislang.train.tasks.gan:GANTask",
     "vqa": "vislang.train.tasks.vqa:VQAClassifierTask",
     "vqa-gen": "vislang.train.tasks.vqa:VQAGenerativeTask",
+    "lit": "vislang.train.tasks.lit:LiTTask",
 }
 
 

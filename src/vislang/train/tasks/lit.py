@@ -1,0 +1,303 @@
+"""LiT (locked-image tuning) in the one loop: towers locked, their outputs cached once, heads trained on the cache.
+
+With both towers of a dual encoder frozen (``lock_image``/``lock_text``, e.g. ``effnet-lite0-minilm``: ImageNet
+EfficientNet-Lite0 + all-MiniLM-L6-v2), only ``image_proj``, ``text_proj`` and the temperature train. Their inputs,
+the towers' pooled outputs, never change, so ``data.features.cached_features`` computes them once per dataset and
+keeps them on disk (keyed by tower weights, preprocessing and data; resumable; memory-mapped). An epoch then costs
+a few matrix products instead of a pass of both towers over every image: about a second instead of minutes.
+
+A share of the training pairs (``lit.val_fraction``) is held back to pick the best epoch (LiT heads overfit a few
+thousand pairs within a few epochs), so a test split is touched once, at the end, where its R@k both ways, with
+chance, go to ``eval/retrieval.json``. The saved model is the whole dual encoder (towers + trained heads): it loads
+with ``vislang.load`` and serves, indexes and evaluates like any other.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ... import distributed as dist
+from ...config import to_dict
+from ...data.features import Features, FirstN, cached_features, tensors_hash
+from ...data.loading import epoch_batches
+from ...data.sources import NAMED_DATASETS, open_dataset
+from ...data.transforms import normalize
+from ...evaluation.retrieval import dedupe_captions, retrieval_metrics
+from ...factory import (
+    build_model,
+    build_tokenizer,
+    from_pretrained,
+    get_model_config,
+    get_tokenizer,
+    save_pretrained,
+)
+from ...losses import ClipLoss, SigLipLoss
+from ..config import LiTConfig
+from ..loop import Task
+from ..optim import build_optimizer
+
+KS = (1, 5, 10)
+
+
+class Heads(nn.Module):
+    """What a LiT run trains, as one module over the model's own parameters (shared, not copied): the projections,
+    the temperature and the SigLIP bias. Checkpoints hold these few weights, not the frozen towers."""
+
+    def __init__(self, model: nn.Module, feature_dropout: float = 0.0) -> None:
+        super().__init__()
+        self.dropout = nn.Dropout(feature_dropout)  # training only: the saved model projects features as they are
+        self.image_proj, self.text_proj = model.image_proj, model.text_proj
+        self.logit_scale, self.logit_bias = model.logit_scale, model.logit_bias
+        self.max_logit_scale = model.cfg.max_logit_scale
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {
+            "image_features": F.normalize(self.image_proj(self.dropout(image)), dim=-1),  # (B, E)
+            "text_features": F.normalize(self.text_proj(self.dropout(text)), dim=-1),  # (B, E)
+            "logit_scale": self.logit_scale.exp().clamp(max=self.max_logit_scale),
+        }
+        if self.logit_bias is not None:
+            out["logit_bias"] = self.logit_bias
+        return out
+
+
+def tower_functions(model: nn.Module, tokenizer: Any) -> tuple[Any, Any]:
+    """The locked towers as the feature cache calls them: uint8 images → pooled features, captions → pooled features.
+
+    Captions are padded to the context length; padding is masked out of attention and pooling, so it is trimmed to
+    the longest caption of the batch first (same features, a fraction of the work).
+    """
+    v = model.cfg.vision
+    visual = model.visual.to(memory_format=torch.channels_last) if v.arch != "cnn-text" else model.visual
+    pad = model.cfg.text.pad_id
+
+    def image_fn(x: torch.Tensor) -> torch.Tensor:
+        x = normalize(x, v.mean, v.std).contiguous(memory_format=torch.channels_last)  # (B, C, H, W)
+        return visual(x)  # (B, D_image)
+
+    def text_fn(captions: list[str]) -> torch.Tensor:
+        ids = tokenizer(captions)  # (B, T)
+        longest = max(1, int((ids != pad).sum(1).max()))
+        return model.text(ids[:, :longest])  # (B, D_text)
+
+    return image_fn, text_fn
+
+
+def feature_key(model: nn.Module, tokenizer: Any, name: str) -> dict[str, Any]:
+    """Everything besides the data that the cached features depend on."""
+    v, t = model.cfg.vision, model.cfg.text
+    return {
+        "name": name,
+        "image_tower": tensors_hash(model.visual),
+        "text_tower": tensors_hash(model.text),
+        "vision": {"arch": v.arch, "mean": list(v.mean), "std": list(v.std)},
+        "text": {"arch": t.arch, "pool": t.pool, "context_length": t.context_length, "pad_id": t.pad_id},
+        "tokenizer": f"{type(tokenizer).__name__}|{getattr(tokenizer, 'vocab_size', '')}",
+    }
+
+
+@torch.no_grad()
+def feature_retrieval(heads: Heads, feats: Features) -> dict[str, float]:
+    """R@k both ways on cached features, identical captions merged into one query (as ``vislang eval`` does)."""
+    was = heads.training
+    out = heads.eval()(torch.from_numpy(np.array(feats.image)), torch.from_numpy(np.array(feats.text)))
+    heads.train(was)
+    texts, text_to_images = dedupe_captions(feats.captions)
+    first: dict[str, int] = {}
+    for i, c in enumerate(feats.captions):
+        first.setdefault(c, i)
+    return retrieval_metrics(out["image_features"], out["text_features"][[first[t] for t in texts]], text_to_images, KS)
+
+
+def split_rows(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit rows, held-back rows): a seeded random ``fraction`` held back, none when too few pairs to spare."""
+    n_val = int(round(fraction * n))
+    if fraction <= 0 or n_val < 2 or n - n_val < 2:
+        return np.arange(n), np.zeros(0, np.int64)
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+class LiTTask(Task):
+    """``vislang train --config lit``: locked towers, cached features, trained projections + temperature."""
+
+    name = "lit"
+
+    def check(self, cfg) -> None:
+        mcfg = get_model_config(cfg.model_name, cfg.model)
+        if not (mcfg.lock_image and mcfg.lock_text):
+            raise ValueError(
+                f"task lit trains on cached tower outputs, so both towers must be locked; {cfg.model_name} has "
+                f"lock_image={mcfg.lock_image}, lock_text={mcfg.lock_text}: set --model.lock_image=true "
+                "--model.lock_text=true, or use --task=contrastive to train a tower"
+            )
+        if getattr(mcfg, "decoder", None) is not None or getattr(mcfg, "itm", None) is not None:
+            raise ValueError("task lit trains a plain dual encoder; drop model.decoder / model.itm or use their tasks")
+        if (cfg.lit or LiTConfig()).fit not in ("crop", "pad"):
+            raise ValueError(f"lit.fit must be 'crop' or 'pad', got {cfg.lit.fit!r}")
+
+    def setup(self, run) -> None:
+        cfg = run.cfg
+        self.run, self.cfg, self.lit = run, cfg, cfg.lit or LiTConfig()
+        mcfg = get_model_config(cfg.model_name, cfg.model)
+        self.tokenizer = get_tokenizer(cfg.pretrained) if cfg.pretrained else build_tokenizer(mcfg)
+        torch.manual_seed(cfg.seed)  # the heads' initial weights (and random towers) depend on the seed alone
+        model = build_model(mcfg)
+        if cfg.pretrained:
+            model.load_state_dict(from_pretrained(cfg.pretrained).state_dict())
+        self.core = model.eval()
+        if run.main:  # rank 0 extracts; under torchrun the others wait, then read the finished cache
+            train, test = self.features(cfg.data.train, cfg.data.train_split, cfg.data.max_train), self.held_out()
+        dist.barrier()
+        if not run.main:
+            train, test = self.features(cfg.data.train, cfg.data.train_split, cfg.data.max_train), self.held_out()
+        fit_rows, val_rows = split_rows(len(train), self.lit.val_fraction, cfg.seed)
+        self.fit_feats = train.subset(fit_rows)
+        self.val_feats = train.subset(val_rows) if len(val_rows) else None
+        self.test_feats = test
+        self.skip_note = f"{len(train)} pairs with features ({len(self.fit_feats)} fit, {len(val_rows)} held back)"
+        self.batch_size = self.fit_batch(len(self.fit_feats))
+        self.heads = Heads(model, self.lit.feature_dropout).train()
+        self.wrapped = run.ddp(self.heads)
+        self.loss = SigLipLoss() if cfg.loss == "siglip" else ClipLoss()
+        self.optimizer = build_optimizer(self.heads, cfg.optim)
+        self.threads = torch.get_num_threads()
+        if self.lit.train_threads:  # small matrices: a second thread mostly waits on a shared CPU
+            torch.set_num_threads(self.lit.train_threads)
+        self.best: dict[str, Any] = {"score": -1.0, "step": 0, "state": None}
+        if run.main and run.out_dir is not None:
+            run.out_dir.mkdir(parents=True, exist_ok=True)
+            (run.out_dir / "model_config.json").write_text(json.dumps(to_dict(mcfg), indent=2))
+
+    def fit_batch(self, n: int) -> int:
+        """``batch_size``, or less when a small folder holds fewer pairs than one step takes (said, not refused)."""
+        cfg, run = self.cfg, self.run
+        shares = run.world * cfg.accum_steps
+        if n >= cfg.batch_size * shares:
+            return cfg.batch_size
+        if n < 2 * shares:
+            raise ValueError(f"{n} training pairs with features: a contrastive step needs at least {2 * shares}")
+        if run.main:
+            print(
+                f"[vislang] {n} training pairs, fewer than one step's {cfg.batch_size * shares}: "
+                f"batch size {n // shares}"
+            )
+        return n // shares
+
+    def features(self, spec: str, split: str, limit: int | None = None) -> Features:
+        """The cached tower outputs of one dataset split (its first ``limit`` items), extracted on first use."""
+        d = self.cfg.data
+        kw: dict[str, Any] = dict(d.options)
+        if spec.endswith((".csv", ".tsv", ".jsonl")):
+            kw.update(img_key=d.img_key, caption_key=d.caption_key)
+        if d.image_dir:
+            kw["image_dir"] = d.image_dir
+        dataset = open_dataset(spec, split=split, **kw)
+        if limit:
+            dataset = FirstN(dataset, limit)
+        image_fn, text_fn = tower_functions(self.core, self.tokenizer)
+        v = self.core.cfg.vision
+        lit = self.lit
+        return cached_features(
+            dataset, image_fn, text_fn, lit.cache_dir, feature_key(self.core, self.tokenizer, f"{spec}-{split}"),
+            v.image_size, v.channels, self.core.visual.width, self.core.text.width, lit.fit, lit.extract_batch,
+            lit.chunk, lit.workers, self.cfg.progress and self.run.main,
+        )  # fmt: skip
+
+    def held_out(self) -> Features | None:
+        """Test features: ``data.val`` if given, else the named dataset's ``val_split``; None for a single file or
+        folder (its "test split" would be the training data itself)."""
+        d = self.cfg.data
+        if d.val:
+            return self.features(d.val, d.val_split, d.max_val)
+        if d.train.lower() in NAMED_DATASETS and d.val_split != d.train_split:
+            return self.features(d.train, d.val_split, d.max_val)
+        return None
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"heads": self.heads}
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"optimizer": self.optimizer}
+
+    def _epoch(self, epoch: int) -> list[np.ndarray]:
+        return epoch_batches(len(self.fit_feats), self.batch_size, self.cfg.seed, epoch, self.run.rank,
+                             self.run.world)  # fmt: skip
+
+    def epoch_length(self, epoch: int) -> int:
+        return len(self._epoch(epoch))
+
+    def batches(self, epoch: int, start: int) -> Iterator[dict[str, torch.Tensor]]:
+        dev, f = self.run.device, self.fit_feats
+        for rows in self._epoch(epoch)[start:]:
+            yield {"image": torch.from_numpy(f.image[rows]).to(dev), "text": torch.from_numpy(f.text[rows]).to(dev)}
+
+    def training_step(self, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
+        out = self.wrapped(batch["image"], batch["text"])
+        loss = self.loss(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"))
+        return loss, {"logit_scale": float(out["logit_scale"].detach())}
+
+    def evaluate(self, step: int) -> dict[str, float] | None:
+        """R@k on the held-back pairs; the heads of the best text→image R@10 so far are kept for the end."""
+        if not self.run.main or self.val_feats is None:
+            return None
+        r = feature_retrieval(self.heads, self.val_feats)
+        score = r["text_to_image_R@10"]
+        if score > self.best["score"]:
+            state = {k: v.detach().clone() for k, v in self.heads.state_dict().items()}
+            self.best = {"score": score, "step": step, "state": state}
+        return {f"eval/val_{k}": v for k, v in r.items() if "chance" not in k and not k.startswith("n_")}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lit_best": self.best}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = state.get("lit_best", self.best)
+
+    def epoch_note(self) -> str:
+        return self.skip_note
+
+    def close(self) -> None:
+        if getattr(self, "threads", None):
+            torch.set_num_threads(self.threads)
+
+    def finish(self) -> Path | None:
+        """Restore the best heads, evaluate on the test split, save the whole model."""
+        if self.best["state"] is not None:
+            self.heads.load_state_dict(self.best["state"])
+        result = {"best_step": self.best["step"], "val_text_to_image_R@10": self.best["score"]}
+        if self.test_feats is not None:
+            result["test"] = feature_retrieval(self.heads, self.test_feats)
+        self.result = result
+        out = self.run.out_dir
+        if not self.run.main or out is None:
+            return None
+        model_dir = out / "model"
+        extra = {"train": {"steps": self.run.global_step, "task": "lit", "best_step": self.best["step"]}}
+        save_pretrained(self.core.eval(), model_dir, self.tokenizer, extra=extra)
+        (out / "eval").mkdir(parents=True, exist_ok=True)
+        (out / "eval" / "retrieval.json").write_text(json.dumps(result, indent=2))
+        best = f" (heads of step {self.best['step']}, best on the held-back pairs)" if self.best["state"] else ""
+        print(f"[vislang] trained {self.run.global_step} steps in {self.run.elapsed():.0f} s{best}; model saved to "
+              f"{model_dir}")  # fmt: skip
+        if "test" in result:
+            print(retrieval_line(result["test"]))
+        return model_dir
+
+
+def retrieval_line(r: dict[str, float]) -> str:
+    """One line of held-out R@k both ways with chance, in percent."""
+    cell = lambda key: "/".join(f"{100 * r[f'{key}_R@{k}']:.1f}" for k in KS)  # noqa: E731
+    return (
+        f"[vislang] test split ({r['n_images']} images, {r['n_texts']} distinct captions): text→image R@1/5/10 "
+        f"{cell('text_to_image')}% (chance {cell('text_to_image_chance')}%), image→text {cell('image_to_text')}% "
+        f"(chance {cell('image_to_text_chance')}%)"
+    )

