@@ -53,6 +53,8 @@ def tiny(argv: tuple[str, ...]) -> list[str]:
             more += SHAPES
         if task in ("vqa", "vqa-gen"):
             more += VQA
+        if task == "lit":  # the locked towers' features: 128 training pairs extracted, not thousands
+            more += ["--data.max_train=128"]
         if task == "gan":
             more += ["--gan.fid_images=100"]
         return [*argv, *more]
