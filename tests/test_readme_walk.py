@@ -20,7 +20,7 @@ import urllib.request
 
 import pytest
 
-from test_readme_commands import COMMANDS, INLINE, Command, command_path
+from test_readme_commands import COMMANDS, INLINE, README, Command, command_path
 from vislang.cli import main, parse_command, train_run_config
 
 TRAIN = ["--max_steps=2", "--time_budget_min=0", "--progress=false", "--threads=1", "--eval_max=64"]
@@ -39,6 +39,8 @@ TINY: dict[tuple[str, ...], list[str]] = {
     ("compress",): ["--steps", "2", "--max-pairs", "256", "--calibration-images", "64"],
     ("compare",): ["--rounds", "1", "--max-images", "64"],
     ("prepare",): [],
+    ("render-text",): ["--n", "64"],
+    ("read-eval",): ["--n", "16"],
 }
 
 
@@ -72,8 +74,8 @@ def free_port() -> int:
 def run_serve(argv: list[str], env: dict[str, str]) -> None:
     """Start `vislang serve` as written (on a free port), wait for /healthz, search once, stop it."""
     port = free_port()
-    argv = [*argv]
-    argv[argv.index("--port") + 1] = str(port)
+    argv = [a for i, a in enumerate(argv) if a != "--port" and (i == 0 or argv[i - 1] != "--port")]
+    argv += ["--port", str(port)]
     proc = subprocess.Popen([sys.executable, "-m", "vislang.cli", *argv], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
@@ -118,6 +120,7 @@ def run_one(cmd: Command, env: dict[str, str]) -> str | None:
 @pytest.mark.fashion_mnist
 def test_every_readme_command_runs_in_order(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "docs").symlink_to(README.parent / "docs")  # the clone's files README commands read (pictures)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p), "HF_HUB_OFFLINE": "1"}
     assert main(["demo", "--out", "runs/demo", *TRAIN]) == 0  # what `make demo` does, tiny
     failures, times = [], []
@@ -131,5 +134,5 @@ def test_every_readme_command_runs_in_order(tmp_path, monkeypatch, capsys):
     with capsys.disabled():
         print("\nslowest README commands:", *(f"{t:6.1f}s  {c}" for t, c in sorted(times, reverse=True)[:8]), sep="\n")
     assert not failures, f"{len(failures)} README command(s) fail as written:\n" + "\n".join(failures)
-    outside = sorted(p.name for p in tmp_path.iterdir() if p.name not in {"runs", ".cache"})
+    outside = sorted(p.name for p in tmp_path.iterdir() if p.name not in {"runs", ".cache", "docs"})
     assert not outside, f"README commands wrote outside runs/ (and the cache): {outside}"
