@@ -79,17 +79,6 @@ SEED = 0
 
 
 # ----------------------------------------------------------------------------------------------------- environment
-def cpu_model() -> str:
-    """The CPU's marketing name, for the report (Linux /proc/cpuinfo, else what platform knows)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -407,7 +396,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(
             f"torch {torch.__version__}, open_clip {open_clip.__version__}, timm {timm.__version__}, "
             f"python {platform.python_version()}; torch threads {torch.get_num_threads()}; "
-            f"CPU: {cpu_model()} ({os.cpu_count()} logical)"
+            f"CPU: {prec.cpu_name()} ({os.cpu_count()} logical)"
         )
         print(
             f"model {MODEL_NAME}: ViT {v.image_size}px/{v.channels}ch patch {kw['patch_size']} width "
@@ -468,7 +457,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "timm": timm.__version__,
         "torch_threads": torch.get_num_threads(),
         "precision": args.precision,
-        "cpu": cpu_model(),
+        "cpu": prec.cpu_name(),
         "smoke": args.smoke,
         "results": results,
         "ratio": ratio,
