@@ -146,17 +146,16 @@ def render_text(text: str, rng: np.random.Generator, cfg: RenderConfig) -> Image
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
-class RenderedText(Dataset):
-    """Rendered words and phrases as ``(PIL RGB image, text, index)``; item ``i`` depends only on its seed."""
+class SeededRendering(Dataset):
+    """A rendered-text dataset whose item ``i`` depends only on its seed: ``(PIL RGB image, text, index)``.
 
-    def __init__(self, split: str = "train", n: int | None = None, cfg: RenderConfig | None = None, seed: int = 0):
-        if split not in SPLITS:
-            raise ValueError(f"rendered-text split must be one of {list(SPLITS)}, got {split!r}")
-        self.split, self.seed = split, seed
-        self.cfg = cfg or RenderConfig()
-        self.n = (20_000 if split == "train" else 1_000) if n is None else int(n)
-        self.image_size, self.channels = self.cfg.image_size, 3
-        self.words = split_vocabulary(tuple(self.cfg.vocabulary), split, self.cfg.heldout_fraction)
+    Why a base: the English and Chinese renderers share how an item is drawn (its generator from the config seed,
+    the dataset seed, the split and the index; the text from the generator's first draws, so ``caption(i)`` and
+    ``self[i]`` agree); each says only its splits, its salt, how it picks a text and how it draws it.
+    """
+
+    splits: tuple[str, ...] = SPLITS
+    salt = 7  # keeps the renderers' random streams apart
 
     def __len__(self) -> int:
         return self.n
@@ -164,7 +163,7 @@ class RenderedText(Dataset):
     def rng(self, index: int) -> np.random.Generator:
         if not 0 <= index < self.n:
             raise IndexError(f"index {index} out of range for {self.n} items")
-        return np.random.default_rng([self.cfg.seed, self.seed, SPLITS.index(self.split), index, 7])
+        return np.random.default_rng([self.cfg.seed, self.seed, self.splits.index(self.split), index, self.salt])
 
     def caption(self, index: int) -> str:
         return self._text(self.rng(index))
@@ -176,7 +175,29 @@ class RenderedText(Dataset):
     def __getitem__(self, index: int) -> tuple[Image.Image, str, int]:
         rng = self.rng(index)
         text = self._text(rng)
-        return render_text(text, rng, self.cfg), text, index
+        return self.render(text, rng), text, index
+
+    def _text(self, rng: np.random.Generator) -> str:
+        raise NotImplementedError
+
+    def render(self, text: str, rng: np.random.Generator) -> Image.Image:
+        raise NotImplementedError
+
+
+class RenderedText(SeededRendering):
+    """Rendered words and phrases as ``(PIL RGB image, text, index)``; item ``i`` depends only on its seed."""
+
+    def __init__(self, split: str = "train", n: int | None = None, cfg: RenderConfig | None = None, seed: int = 0):
+        if split not in SPLITS:
+            raise ValueError(f"rendered-text split must be one of {list(SPLITS)}, got {split!r}")
+        self.split, self.seed = split, seed
+        self.cfg = cfg or RenderConfig()
+        self.n = (20_000 if split == "train" else 1_000) if n is None else int(n)
+        self.image_size, self.channels = self.cfg.image_size, 3
+        self.words = split_vocabulary(tuple(self.cfg.vocabulary), split, self.cfg.heldout_fraction)
+
+    def render(self, text: str, rng: np.random.Generator) -> Image.Image:
+        return render_text(text, rng, self.cfg)
 
     def _text(self, rng: np.random.Generator) -> str:
         """Draw the item's words from ``rng`` (first draws of the item, so caption() and __getitem__ agree)."""

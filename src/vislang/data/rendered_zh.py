@@ -34,6 +34,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from torch.utils.data import Dataset
 
 from .cedict import hsk_words
+from .rendered_text import SeededRendering
 
 SPLITS = ("train", "val", "test", "test-font")
 NO_TEXT = "\u2205"  # ∅: the caption of an image without text; readers report it as "no text", never as a word
@@ -258,8 +259,11 @@ def render_chinese(text: str, rng: np.random.Generator, faces: tuple[Face, ...],
     return img
 
 
-class RenderedChinese(Dataset):
+class RenderedChinese(SeededRendering):
     """Rendered Chinese words as ``(PIL RGB image, text, index)``; item ``i`` depends only on its seed."""
+
+    splits = SPLITS
+    salt = 11
 
     def __init__(self, split: str = "train", n: int | None = None, cfg: ZhRenderConfig | None = None, seed: int = 0):
         if split not in SPLITS:
@@ -274,25 +278,8 @@ class RenderedChinese(Dataset):
         self._heldout_set = frozenset(self.heldout)
         self.faces = split_faces(split, self.cfg.heldout_font)
 
-    def __len__(self) -> int:
-        return self.n
-
-    def rng(self, index: int) -> np.random.Generator:
-        if not 0 <= index < self.n:
-            raise IndexError(f"index {index} out of range for {self.n} items")
-        return np.random.default_rng([self.cfg.seed, self.seed, SPLITS.index(self.split), index, 11])
-
-    def caption(self, index: int) -> str:
-        return self._text(self.rng(index))
-
-    @property
-    def captions(self) -> list[str]:
-        return [self.caption(i) for i in range(self.n)]
-
-    def __getitem__(self, index: int) -> tuple[Image.Image, str, int]:
-        rng = self.rng(index)
-        text = self._text(rng)
-        return render_chinese(text, rng, self.faces, self.cfg), text, index
+    def render(self, text: str, rng: np.random.Generator) -> Image.Image:
+        return render_chinese(text, rng, self.faces, self.cfg)
 
     def _text(self, rng: np.random.Generator) -> str:
         """The item's text from the first draws of its generator (so caption() and __getitem__ agree)."""
