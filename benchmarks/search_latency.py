@@ -81,8 +81,28 @@ def row(name: str, ms: list[float], wall: float, n: int) -> dict:
     return {"name": name, "p50_ms": p50, "p99_ms": p99, "qps": n / wall, "n": n}
 
 
-def http_rows(url: str, texts: list[str], k: int, concurrencies: list[int], workers: int = 1) -> list[dict]:
-    """One row per concurrency: each client thread keeps its own keep-alive connection."""
+def process_cpu_s(pid: int | None) -> float | None:
+    """User + system CPU seconds of a process and its descendants (uvicorn's workers) so far; None off Linux."""
+    if pid is None:
+        return None
+    try:
+        pids, todo = [], [pid]
+        while todo:
+            p = todo.pop()
+            pids.append(p)
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+        fields = [Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split() for p in pids]
+        return sum(int(f[11]) + int(f[12]) for f in fields) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def http_rows(
+    url: str, texts: list[str], k: int, concurrencies: list[int], workers: int = 1, server_pid: int | None = None
+) -> list[dict]:
+    """One row per concurrency: each client thread keeps its own keep-alive connection; with ``server_pid``, the
+    server's CPU time per query too."""
     import httpx
 
     rows = []
@@ -101,15 +121,16 @@ def http_rows(url: str, texts: list[str], k: int, concurrencies: list[int], work
 
         with ThreadPoolExecutor(c) as pool:
             list(pool.map(one, range(min(len(texts), 4 * c))))  # warm up connections and threads
-            t0 = time.perf_counter()
+            cpu0, t0 = process_cpu_s(server_pid), time.perf_counter()
             ms = list(pool.map(one, range(len(texts))))
-            wall = time.perf_counter() - t0
+            wall, cpu1 = time.perf_counter() - t0, process_cpu_s(server_pid)
         for cl in clients:
             cl.close()
         plural = "s" if workers > 1 else ""
         rows.append(
             {**row(f"HTTP, {workers} worker{plural}, concurrency {c}", ms, wall, len(texts)), "workers": workers,
-             "concurrency": c}
+             "concurrency": c, "server_cpu_ms_per_query": None if None in (cpu0, cpu1) else
+             1e3 * (cpu1 - cpu0) / len(texts)}
         )  # fmt: skip
     return rows
 
@@ -157,7 +178,7 @@ def serve_rows(index_dir: Path, texts: list[str], args: argparse.Namespace, work
     proc = subprocess.Popen(cmd, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     try:
         wait_healthy(url, proc, workers=workers)
-        return http_rows(url, texts, args.k, args.concurrency, workers)
+        return http_rows(url, texts, args.k, args.concurrency, workers, proc.pid)
     finally:
         proc.terminate()
         try:
@@ -247,9 +268,11 @@ def main(argv: list[str] | None = None) -> dict:
         finally:
             searcher.close()
 
-    print(f"\n{'row':42s} {'p50 ms':>9s} {'p99 ms':>9s} {'queries/s':>10s}")
+    print(f"\n{'row':42s} {'p50 ms':>9s} {'p99 ms':>9s} {'queries/s':>10s} {'srv CPU ms/q':>13s}")
     for r in rows:
-        print(f"{r['name']:42s} {r['p50_ms']:9.2f} {r['p99_ms']:9.2f} {r['qps']:10.1f}")
+        cpu = r.get("server_cpu_ms_per_query")
+        cpu_s = "" if cpu is None else f"{cpu:13.2f}"
+        print(f"{r['name']:42s} {r['p50_ms']:9.2f} {r['p99_ms']:9.2f} {r['qps']:10.1f} {cpu_s}")
     http1, lib, faiss_row = rows[0], rows[-2], rows[-1]
     busiest = max(rows[:-2], key=lambda r: (r["concurrency"], r["qps"]))
     result = {
