@@ -84,3 +84,14 @@ def test_thread_defaults_leave_cores_for_http():
 def test_workers_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="--workers must be at least 1"):
         serve({"index_dir": str(tmp_path)}, 0, None)
+
+
+def test_a_worker_that_could_not_start_stops_the_command_at_once(tmp_path):
+    """uvicorn restarts dying workers for ever; the options are checked before any worker starts instead."""
+    with pytest.raises(FileNotFoundError, match="is not a vislang index"):
+        serve({"index_dir": str(tmp_path / "missing")}, 2, None, port=0)
+    model = make_tiny_model(tmp_path)
+    write_images(tmp_path / "images", 2)
+    build_index(str(tmp_path / "images"), tmp_path / "ix", model, progress=False)
+    with pytest.raises(FileNotFoundError, match="--caption-model .* is not a directory"):
+        serve({"index_dir": str(tmp_path / "ix"), "caption_model": str(tmp_path / "nope")}, 2, None, port=0)

@@ -67,5 +67,27 @@ def serve(app_config: dict[str, Any], workers: int, threads: int | None, **uvico
         set_threads(threads)
         uvicorn.run(create_app(**app_config), **uvicorn_options)
         return
+    check_config(app_config)
     os.environ[CONFIG_ENV] = json.dumps({**app_config, "threads": threads})
     uvicorn.run(FACTORY, factory=True, workers=workers, **uvicorn_options)
+
+
+def check_config(app_config: dict[str, Any]) -> None:
+    """Open the index and load its model here, once, before any worker starts, then let them go.
+
+    Why: uvicorn restarts a worker that dies, so a worker that cannot start (a mistyped --index, a model of another
+    embedding size) would be restarted for ever, printing the same traceback; checked here, the command stops at once
+    with the library's message, as it does with one worker."""
+    from ..index.search import Searcher  # lazy: as in app_from_env
+
+    searcher = Searcher(app_config["index_dir"], app_config.get("model_dir"), app_config.get("device", "cpu"),
+                        read_only=True)  # fmt: skip
+    try:
+        searcher.model  # noqa: B018 -- loads it: a wrong directory or embedding size raises here
+    finally:
+        searcher.close()
+    for option in ("caption_model", "vqa_model", "generate_model", "read_model"):
+        folder = app_config.get(option)
+        if folder is not None and not os.path.isdir(folder):
+            flag = "--" + option.replace("_", "-")
+            raise FileNotFoundError(f"{flag} {folder} is not a directory; pass the folder the model was saved in")
