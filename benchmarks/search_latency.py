@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.smoke:
         args.n, args.queries, args.dim, args.concurrency = 2000, 12, 32, [1, 4]
     from vislang.index import Searcher
-    from vislang.serve.workers import default_threads, set_threads
+    from vislang.serve.workers import default_threads, freeze_startup_objects, set_threads
 
     threads = args.threads or default_threads(1)
     set_threads(threads)  # the in-process peers compute like one server process
@@ -252,6 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{os.cpu_count()} cores; compute threads per process: "
               f"{args.threads or 'vislang serve default'} (peers here: {threads})")  # fmt: skip
 
+        freeze_startup_objects()  # as the server does: no 100+ ms full collection stalls this client or the peers
         rows = []
         for w in args.workers:
             rows += serve_rows(index_dir, texts, args, w)
