@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from vislang.cli.demo import export_sample_images
+from vislang.evaluation.embed import inference_precision
 from vislang.factory import (
     build_model,
     create_model_and_transforms,
@@ -43,11 +44,12 @@ from vislang.factory import (
     save_pretrained,
 )
 from vislang.index import build_index, open_index
-from vislang.index.build import embed_items, load_embedder, open_source
+from vislang.index.build import load_embedder, open_source, read_item_image
 from vislang.tokenizers import Tokenizer
 
 OPENCLIPART = Path("/usr/share/openclipart/png")
 PRECISIONS = ("fp32", "auto")
+CPU = torch.device("cpu")
 
 
 def demo_model(root: Path) -> Path:
@@ -77,11 +79,15 @@ def openclipart_images(folder: Path, n: int) -> Path:
     return folder
 
 
-def auto_choice(model_dir: Path, images: Path, batch_size: int) -> str:
-    """What ``auto`` resolves to on the first batch of this source (the build keeps it for every batch)."""
+def auto_choice(model_dir: Path, images: Path, batch_size: int) -> tuple[str, str]:
+    """What ``auto`` resolves to on the first batch of this source (the build keeps it for every batch), and why:
+    the same call ``embed_items`` makes, answered from the cache the builds filled."""
     model, preprocess = load_embedder(model_dir)
     items = [it for _, it in zip(range(batch_size), open_source(str(images)))]
-    return embed_items(model, preprocess, items, "cpu", "auto")[2]
+    x = torch.stack([preprocess(read_item_image(it.path, it.offset, it.size)) for it in items])  # (B, C, H, W)
+    with torch.inference_mode():
+        choice = inference_precision(model, CPU, "auto", lambda: model.encode_image(x, normalize=True), tuple(x.shape))
+    return choice.precision, choice.reason
 
 
 def min_cosine(a: Path, b: Path) -> float:
@@ -114,12 +120,14 @@ def measure(name: str, model_dir: Path, images: Path, n: int, args: argparse.Nam
             speeds[p].append(counts["added"] / counts["seconds"])
             print(f"  {name} round {r + 1} {p:4s} {speeds[p][-1]:8.1f} images/s", flush=True)
     row = {p: statistics.median(v) for p, v in speeds.items()}
+    chose, why = auto_choice(model_dir, images, args.batch_size)
     return {
         "model": name,
         "images": counts["added"],  # the readable ones (an OpenClipart file or two may not decode)
         "images_per_s": row,
         "all_images_per_s": speeds,
-        "auto_chose": auto_choice(model_dir, images, args.batch_size),
+        "auto_chose": chose,
+        "auto_reason": why,
         "min_cosine_auto_vs_fp32": min_cosine(tmp / f"{name}-fp32-0", tmp / f"{name}-auto-0"),
         "ratio_auto_over_fp32": row["auto"] / row["fp32"],
     }
@@ -161,6 +169,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         s = r["images_per_s"]
         print(f"{r['label']:48s} {r['images']:6d} {s['fp32']:11.1f} {s['auto']:11.1f} {r['auto_chose']:>10s} "
               f"{r['min_cosine_auto_vs_fp32']:8.5f}")  # fmt: skip
+    for r in results:
+        print(f"{r['model']}: auto chose {r['auto_chose']} ({r['auto_reason']})")
     for r in results:
         print(f"ratio auto/fp32 index build images/s, {r['model']} = {r['ratio_auto_over_fp32']:.2f}")
     out = {"config": {k: v for k, v in vars(args).items() if k != "json"}, "results": results}
