@@ -76,3 +76,10 @@ def test_search_queries_follow_the_precision(world, tmp_path):
     assert not np.array_equal(out["fp32"], out["bf16"])  # image queries no longer run in fp32 whatever was asked
     with pytest.raises(ValueError, match="unknown precision"):
         Searcher(tmp_path / "ix", precision="fp8")
+
+
+def test_precision_on_a_video_source_is_refused_not_ignored(world, tmp_path):
+    (tmp_path / "clip.mp4").write_bytes(b"\x00" * 64)  # only its name is looked at before the refusal
+    with pytest.raises(ValueError, match="applies to images"):
+        build_index(str(tmp_path / "clip.mp4"), tmp_path / "ix", world["model"], progress=False, precision="fp32")
+    assert not (tmp_path / "ix").exists()
