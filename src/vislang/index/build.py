@@ -318,14 +318,8 @@ def build_index(
     if batch_size < 1 or commit_every < 1:
         raise ValueError("batch_size and commit_every must be at least 1")
     if is_video_source(src):
-        if precision != "auto":
-            raise ValueError(
-                f"--precision {precision} applies to images; video frames are embedded at auto (bf16 where it pays "
-                "and agrees with fp32): leave --precision out for a video source"
-            )
-        return build_video_index(
-            src, index_dir, model_dir, fps, batch_size, device, progress, backend, allow_outside_root, **options
-        )
+        return build_video_index(src, index_dir, model_dir, fps, batch_size, device, progress, backend,
+                                 allow_outside_root, precision, **options)  # fmt: skip
     items = open_source(src, img_key, caption_key, allow_outside_root)
     first = next(items, None)  # errors about the source come before anything is created
     if first is None:
