@@ -84,7 +84,7 @@ def serve(app_config: dict[str, Any], workers: int, threads: int | None, **uvico
         uvicorn.run(app, **uvicorn_options)
         return
     check_config(app_config)
-    os.environ[CONFIG_ENV] = json.dumps({**app_config, "threads": threads})
+    os.environ[CONFIG_ENV] = json.dumps({**app_config, "threads": threads}, default=str)  # paths as text
     uvicorn.run(FACTORY, factory=True, workers=workers, **uvicorn_options)
 
 
