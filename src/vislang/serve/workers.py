@@ -19,6 +19,8 @@ import json
 import os
 from typing import Any
 
+import torch
+
 CONFIG_ENV = "VISLANG_SERVE_CONFIG"  # create_app's arguments (JSON) for the processes uvicorn starts
 FACTORY = "vislang.serve.workers:app_from_env"  # what those processes import: uvicorn needs an import string
 
@@ -32,8 +34,6 @@ def default_threads(workers: int, cpus: int | None = None) -> int:
 
 def set_threads(n: int) -> None:
     """Use ``n`` compute threads in this process: torch's pool and FAISS's (with the BLAS it calls)."""
-    import torch  # lazy: the supervisor of several workers computes nothing and never needs torch
-
     torch.set_num_threads(n)
     try:
         import faiss  # lazy: the index back end may be pgvector, without faiss installed
@@ -46,9 +46,10 @@ def freeze_startup_objects() -> None:
     """Take everything loaded at start (model, library, web framework: ~230k objects) out of the garbage
     collector's full collections.
 
-    Why: a full collection scans every tracked object with the GIL held, 100-450 ms here, and runs whenever enough
-    objects have survived since the last one, which under load is every few seconds; every request in flight
-    waits that long. Those objects live as long as the server does, so scanning them finds nothing."""
+    Why: a full collection scans every tracked object with the GIL held (170-470 ms on the shared 2-core machine
+    under load) and runs whenever enough objects have survived since the last one, under load every few seconds;
+    every request in flight waits that long. Those objects live as long as the server does, so scanning them finds
+    nothing."""
     gc.collect()
     gc.freeze()
 
