@@ -131,3 +131,22 @@ def test_precision_speed_smoke(tmp_path: Path) -> None:
     report = json.loads(out_json.read_text())
     assert len(report["rows"]) == 4 and all(r["ms_per_step"] > 0 for r in report["rows"].values())
     assert report["embed"]["min_cosine"] >= 0.999
+
+
+@pytest.mark.fashion_mnist
+def test_index_build_speed_smoke(tmp_path: Path) -> None:
+    """fp32 against auto on the demo model: both build the same 64 images, and when auto picks bf16 every stored
+    vector agrees with fp32's to the promised cosine (``inference_precision`` checks only its trial batch)."""
+    out_json = tmp_path / "result.json"
+    env = {k: v for k, v in os.environ.items() if k != "VISLANG_PRECISION"}  # auto decides for itself here
+    env.update(HF_HUB_OFFLINE="1", VISLANG_PRECISION_CACHE=str(tmp_path / "precision.json"))
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "index_build_speed.py"), "--smoke", "--json", str(out_json)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, f"index_build_speed failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert re.search(r"ratio auto/fp32 index build images/s, demo = \d+\.\d\d", proc.stdout), proc.stdout
+    (row,) = json.loads(out_json.read_text())["results"]
+    assert row["images"] == 64 and all(v > 0 for v in row["images_per_s"].values())
+    assert row["auto_chose"] in ("fp32", "bf16")
+    assert row["min_cosine_auto_vs_fp32"] >= (0.999 if row["auto_chose"] == "bf16" else 0.999999)

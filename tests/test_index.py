@@ -237,11 +237,11 @@ def test_build_folder_then_search_finds_each_image_first(world, tmp_path):
 def test_interrupted_build_resumes_without_loss_or_duplicates(world, tmp_path, monkeypatch):
     calls = {"n": 0}
 
-    def flaky_embed(model, preprocess, items, device="cpu"):
+    def flaky_embed(*args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 3:  # the third batch dies mid-build, after the first commit
             raise KeyboardInterrupt
-        return real_embed(model, preprocess, items, device)
+        return real_embed(*args, **kwargs)
 
     real_embed = build_mod.embed_items
     monkeypatch.setattr(build_mod, "embed_items", flaky_embed)

@@ -5,6 +5,7 @@ a CSV or folder cannot smuggle in files from outside the source's folder."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -192,3 +193,31 @@ def test_strip_metadata_drops_exif_and_text_but_keeps_the_pixels(tmp_path):
         clean.load()
         assert clean.size == img.size and not clean.getexif(), fmt
         assert clean.convert("RGB").getpixel((5, 5)) == Image.open(io.BytesIO(data)).convert("RGB").getpixel((5, 5))
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw", "ivf"])
+def test_a_read_only_reader_shares_the_file_and_still_catches_up(tmp_path, kind):
+    """A server process opens the index read-only: same answers as a writer's view, its vectors file memory-mapped
+    (N server workers share one copy in the page cache), every write refused, nothing written on close, and a
+    writer's later commit still picked up by refresh."""
+    with create_index(tmp_path / "ix", DIM, kind=kind) as writer:
+        writer.add(*_items(300))
+    files = sorted(p.name for p in (tmp_path / "ix").iterdir())
+    reader = open_index(tmp_path / "ix", read_only=True)
+    queries = _items(4, start=7)[0]
+    with open_index(tmp_path / "ix") as own:
+        assert np.array_equal(reader.search(queries, 5)[1], own.search(queries, 5)[1])
+    maps = Path("/proc/self/maps")
+    if kind != "ivf" and maps.is_file():  # IVF keeps its lists in memory; flat and HNSW storage is mapped
+        assert "vectors-v1.faiss" in maps.read_text(), "the read-only index did not memory-map its vectors file"
+    for write in (lambda: reader.add(*_items(1, start=900)), lambda: reader.remove([1]),
+                  lambda: reader.set_state("build", {})):  # fmt: skip
+        with pytest.raises(PermissionError, match="read-only"):
+            write()
+    with open_index(tmp_path / "ix") as writer:
+        writer.add(*_items(10, start=500))
+    assert reader.refresh() and len(reader) == 310
+    new = _items(10, start=500)[0][3:4]
+    assert reader.search(new, 1)[1][0, 0] == 304  # the 4th of the new items: ids 301..310
+    reader.close()
+    assert (tmp_path / "ix" / "vectors-v2.faiss").is_file() and len(files) > 0

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import struct
+import threading
+import time
 import zlib
 
 import numpy as np
@@ -18,8 +21,9 @@ pytest.importorskip("httpx", reason="FastAPI's TestClient needs httpx")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from test_index import make_tiny_model, write_images  # noqa: E402
-from vislang.index import build_index, open_index  # noqa: E402
+from vislang.index import Searcher, build_index, open_index  # noqa: E402
 from vislang.serve import create_app  # noqa: E402
+from vislang.serve.batching import SearchBatcher  # noqa: E402
 
 KEY = "s3cret-key"
 
@@ -80,7 +84,8 @@ def png_header_only(width: int, height: int) -> bytes:
 
 def test_healthz_and_page(client):
     r = client.get("/healthz")
-    assert r.json() == {
+    assert r.json().pop("pid") == os.getpid()  # the test client runs the app in this process
+    assert {k: v for k, v in r.json().items() if k != "pid"} == {
         "status": "ok",
         "size": 10,
         "dim": 16,
@@ -192,6 +197,33 @@ def test_server_sees_items_added_by_another_process(client, world, tmp_path):
     assert remove_from_index(world["index"], [str(p) for p in extra]) == 2
     client.app.state.service._checked = 0.0
     assert len(client.post("/v1/search", json={"text": "x", "k": 100}).json()["results"]) == 10
+
+
+def test_a_batch_embeds_once_and_reads_its_metadata_once(world):
+    """Queries queued together cost one text-tower call and one SQLite read for all their hits, and each still
+    gets the answer it would get alone."""
+    searcher = Searcher(world["index"], read_only=True)
+    texts = ["a red circle", "a blue square", "a green star", "a small yellow triangle"] * 2
+    alone = {t: [h["id"] for h in searcher.search_text(t, 3)] for t in texts}
+    embeds, gets, gate = [], [], threading.Event()
+    real_get = searcher.index.get
+
+    def embed(batch):
+        embeds.append(len(batch))
+        if len(embeds) == 1:
+            gate.wait(10)  # hold the first batch: the others queue up behind it
+        return searcher.embed_texts(batch)
+
+    searcher.index.get = lambda ids: gets.append(len(ids)) or real_get(ids)
+    batcher = SearchBatcher(embed, searcher.search_vectors)
+    futures = [batcher.submit(3, text=texts[0])]
+    while not embeds:
+        time.sleep(0.01)
+    futures += [batcher.submit(3, text=t) for t in texts[1:]]
+    gate.set()
+    assert [[h["id"] for h in f.result(10)] for f in futures] == [alone[t] for t in texts]
+    assert embeds == [1, 7] and len(gets) == 2  # two batches: one tower call and one metadata read each
+    searcher.close()
 
 
 # --------------------------------------------------------------------------------------------- bad input

@@ -70,13 +70,15 @@ def embed_images(model, preprocess, paths: Sequence[Path], batch_size: int = 256
     return torch.cat(feats).numpy(), kept
 
 
-def embed_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 1024, device: str = "cpu") -> np.ndarray:
+def embed_texts(
+    model, tokenizer, texts: Sequence[str], batch_size: int = 1024, device: str = "cpu", precision: str = "auto"
+) -> np.ndarray:
     """Normalised text embeddings; empty texts are refused (they would all map to the same vector)."""
 
     texts = list(texts)
     if not texts or any(not t.strip() for t in texts):
         raise ValueError("empty text given; every text to embed needs at least one word")
-    return _embed(model, tokenizer, texts, batch_size, device).numpy()
+    return _embed(model, tokenizer, texts, batch_size, device, precision=precision).numpy()
 
 
 def embed_to_file(

@@ -40,6 +40,7 @@ def cmd_index(args: argparse.Namespace, extra: list[str]) -> int:
             caption_key=args.caption_key,
             allow_outside_root=args.allow_outside_root,
             fps=args.fps,
+            precision=args.precision,
             **options,
         )
         if "per_rank" in counts and os.environ.get("RANK", "0") != "0":
@@ -175,6 +176,8 @@ def register(add) -> None:
                        help="index CSV/JSONL paths that leave the file's folder (absolute, ~, ..) or symlinks out of "
                             "the source folder; `vislang serve` will send those files to its clients")  # fmt: skip
         a.add_argument("--fps", type=float, default=2.0, help="videos: frames indexed per second (default 2)")
+        a.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                       help="embedding precision (auto: bf16 where it pays and agrees with fp32; default)")  # fmt: skip
         if name == "build":
             a.add_argument("--backend", default="faiss", choices=["faiss", "pgvector"], help="default: faiss")
             kinds = ["auto", "flat", "hnsw", "ivf"]

@@ -11,6 +11,7 @@ import textwrap
 SERVE_EPILOG = """
     examples:
       vislang serve --index photos.index                       # http://127.0.0.1:8000/ (docs at /docs)
+      vislang serve --index photos.index --workers 2 --threads 1  # two processes, one shared index
       VISLANG_API_KEY=secret vislang serve --index photos.index --host 0.0.0.0 --port 8080 \\
           --allowed-host photos.example.org                       # behind a TLS proxy; see README
       vislang serve --index photos.index --caption-model runs/caption/model \\
@@ -59,9 +60,9 @@ def check_exposure(host: str, api_key: str | None) -> None:
 
 def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401 -- checked here: a missing extra is named before anything loads
 
-        from ..serve.app import create_app  # lazy: `vislang --help` starts without loading torch
+        from ..serve.workers import serve  # lazy: `vislang --help` starts without loading torch
     except ModuleNotFoundError as e:
         raise RuntimeError(f"`vislang serve` needs {e.name}: pip install 'vislang[serve]'") from e
     api_key = args.api_key or os.environ.get("VISLANG_API_KEY") or None
@@ -70,22 +71,25 @@ def cmd_serve(args: argparse.Namespace, extra: list[str]) -> int:
     if args.host in WILDCARDS and not args.allowed_host:
         print(f"note: answering only Host {', '.join(hosts)}; add --allowed-host NAME for the names clients use",
               file=sys.stderr)  # fmt: skip
-    app = create_app(
-        args.index,
-        args.model,
-        api_key=api_key,
-        max_upload_mb=args.max_upload_mb,
-        max_k=args.max_k,
-        device=args.device,
-        caption_model=args.caption_model,
-        vqa_model=args.vqa_model,
-        generate_model=args.generate_model,
-        allowed_hosts=hosts,
-        body_timeout=args.body_timeout,
-        read_model=args.read_model,
-    )
-    uvicorn.run(
-        app,
+    app_config = {
+        "index_dir": args.index,
+        "model_dir": args.model,
+        "api_key": api_key,
+        "max_upload_mb": args.max_upload_mb,
+        "max_k": args.max_k,
+        "device": args.device,
+        "caption_model": args.caption_model,
+        "vqa_model": args.vqa_model,
+        "generate_model": args.generate_model,
+        "allowed_hosts": hosts,
+        "body_timeout": args.body_timeout,
+        "read_model": args.read_model,
+        "precision": args.precision,
+    }
+    serve(
+        app_config,
+        args.workers,
+        args.threads,
         host=args.host,
         port=args.port,
         log_level=args.log_level,
@@ -125,4 +129,10 @@ def register(add) -> None:
     sp.add_argument("--read-model", help="reading model directory (train --config read-zh): turns on /v1/read and "
                     "/v1/translate")  # fmt: skip
     sp.add_argument("--device", default="cpu")
+    sp.add_argument("--workers", type=int, default=1,
+                    help="server processes sharing the port and the (memory-mapped) index (default 1)")  # fmt: skip
+    sp.add_argument("--threads", type=int,
+                    help="compute threads per process (default: half the cores over the workers, >= 1)")  # fmt: skip
+    sp.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="query embedding precision (auto: bf16 where it pays and agrees with fp32)")  # fmt: skip
     sp.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

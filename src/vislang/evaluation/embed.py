@@ -71,11 +71,13 @@ def inference_precision(
     cosine at least ``AGREEMENT``; a pretrained EfficientNet-Lite0 on noise images gave 0.998, so this is checked
     per model rather than assumed); fp32 elsewhere and always for int8 models. Results are cached per machine, model
     and input shape (``vislang.precision``); outputs are float32 either way."""
-    if precision == "auto" and not float_model(model):
+    if precision != "auto":
+        return prec.choose(precision, device)  # asked for: no key to hash, no cache to read (a server's every batch)
+    if not float_model(model):
         return prec.Choice("fp32", "auto: an int8 model")
     key = prec.model_key([model], ("inference", what))
     choice = prec.choose(precision, device, key, trial)
-    if precision != "auto" or choice.precision != "bf16":
+    if choice.precision != "bf16":
         return choice
     entry = f"agreement | {prec.machine_key(device)} | {key}"
     agree = prec.read_cache().get(entry)

@@ -219,15 +219,19 @@ def create_index(
     return open_index(d)
 
 
-def open_index(directory: str | os.PathLike) -> Index:
-    """Open an existing index directory with the back end its ``index.json`` names."""
+def open_index(directory: str | os.PathLike, read_only: bool = False) -> Index:
+    """Open an existing index directory with the back end its ``index.json`` names.
+
+    ``read_only`` (a server): the FAISS back end opens SQLite read-only and memory-maps its vectors file, so several
+    server processes share one copy of the vectors; pgvector reads through its database server either way.
+    """
     header = read_header(directory)
     backend = header.get("backend")
     if backend == "faiss":
         # lazy: this back end's optional package (faiss / psycopg) loads only when chosen
         from .faiss_index import FaissIndex
 
-        return FaissIndex(directory, int(header["dim"]), **header.get("options", {}))
+        return FaissIndex(directory, int(header["dim"]), **header.get("options", {}), read_only=read_only)
     if backend == "pgvector":
         # lazy: this back end's optional package (faiss / psycopg) loads only when chosen
         from .pgvector_index import PgVectorIndex

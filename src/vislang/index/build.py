@@ -34,7 +34,7 @@ from ..data.readers import (
     looks_like_shards,
     sample_key,
 )
-from ..evaluation.embed import embed_images
+from ..evaluation.embed import embed_images, inference_precision
 from ..factory import get_model_config, load_embedding_model
 from ..inference import IMAGE_EXTS, list_images, open_image
 from ..models.onnx_runtime import is_onnx_dir
@@ -288,6 +288,7 @@ def build_index(
     backend: str = "faiss",
     allow_outside_root: bool = False,
     fps: float = 2.0,
+    precision: str = "auto",
     **options: Any,
 ) -> dict[str, Any]:
     """Embed a source's images into an index, creating it if needed, resuming or adding if it exists.
@@ -305,6 +306,8 @@ def build_index(
         backend: ``faiss`` or ``pgvector`` for a new index.
         allow_outside_root: index (and so let a server send) images whose paths leave the source's folder.
         fps: frames sampled per second when ``src`` is video (each sampled frame becomes an item; index/video.py).
+        precision: ``auto`` (bf16 autocast where this machine has native bf16, a trial says it pays and the
+            embeddings agree with fp32's: ``evaluation.embed.inference_precision``), ``fp32`` or ``bf16``.
         **options: back-end options for a new index (e.g. ``kind``, ``exact_max``).
 
     Returns:
@@ -315,9 +318,8 @@ def build_index(
     if batch_size < 1 or commit_every < 1:
         raise ValueError("batch_size and commit_every must be at least 1")
     if is_video_source(src):
-        return build_video_index(
-            src, index_dir, model_dir, fps, batch_size, device, progress, backend, allow_outside_root, **options
-        )
+        return build_video_index(src, index_dir, model_dir, fps, batch_size, device, progress, backend,
+                                 allow_outside_root, precision, **options)  # fmt: skip
     items = open_source(src, img_key, caption_key, allow_outside_root)
     first = next(items, None)  # errors about the source come before anything is created
     if first is None:
@@ -340,7 +342,7 @@ def build_index(
 
             bar = tqdm(desc="indexing", unit="img")
         add_items(index, items, model, preprocess, device, batch_size, commit_every, counts, bar,
-                  before_commit=lambda: index.set_state(ROOTS_STATE, sorted(roots)))  # fmt: skip
+                  before_commit=lambda: index.set_state(ROOTS_STATE, sorted(roots)), precision=precision)  # fmt: skip
         counts["seconds"] = round(time.perf_counter() - t0, 3)
         if bar is not None:
             bar.close()
@@ -364,10 +366,11 @@ def add_items(
     counts: dict[str, Any],
     bar: Any = None,
     before_commit: Any = None,
+    precision: str = "auto",
 ) -> None:
     """Embed the items and add them to the index, a transaction every ``commit_every`` batches; items repeated in
     the source or already in the index are counted (``duplicates``, ``already``), not embedded, and so are images
-    that cannot be read (``unreadable``)."""
+    that cannot be read (``unreadable``). ``precision`` is settled on the first batch and kept for the rest."""
     seen: set[str] = set()
     pending_vecs: list[np.ndarray] = []
     pending_meta: list[dict[str, Any]] = []
@@ -393,7 +396,7 @@ def add_items(
         done = index.ids_for_keys([it.key for it in fresh])
         counts["already"] += len(done)
         todo = [it for it in fresh if it.key not in done]
-        vecs, kept = embed_items(model, preprocess, todo, device)
+        vecs, kept, precision = embed_items(model, preprocess, todo, device, precision)
         counts["unreadable"] += len(todo) - len(kept)
         if kept:
             pending_vecs.append(vecs)
@@ -439,8 +442,14 @@ def batched(items: Iterator[SourceItem], n: int) -> Iterator[list[SourceItem]]:
         yield batch
 
 
-def embed_items(model, preprocess, items: Sequence[SourceItem], device: str = "cpu") -> tuple[np.ndarray, list]:
-    """Normalised embeddings (N, E) of the readable items, and those items; unreadable ones are left out."""
+def embed_items(
+    model, preprocess, items: Sequence[SourceItem], device: str = "cpu", precision: str = "auto"
+) -> tuple[np.ndarray, list, str]:
+    """Normalised embeddings (N, E) of the readable items, those items (unreadable ones are left out), and the
+    precision they were computed in: ``auto`` resolved on this batch, for the caller to pass to the next batches.
+
+    Why resolve here: ``auto`` is settled per input shape, so a build's last, smaller batch would pay a timed trial
+    of its own (ten forward passes of the image tower) and every batch a cache lookup."""
     import torch
 
     tensors, kept = [], []
@@ -451,9 +460,18 @@ def embed_items(model, preprocess, items: Sequence[SourceItem], device: str = "c
         except (ValueError, FileNotFoundError, OSError):
             continue
     if not tensors:
-        return np.zeros((0, model.cfg.embed_dim), np.float32), []
-    emb = embed_images(model, torch.stack(tensors), batch_size=len(tensors), device=device)  # (N, E)
-    return emb.numpy(), kept
+        return np.zeros((0, model.cfg.embed_dim), np.float32), [], precision
+    x = torch.stack(tensors)  # (N, C, H, W), model input
+    if precision == "auto":
+        dev = torch.device(device)
+
+        def trial() -> torch.Tensor:  # what embed_images runs on this batch
+            return model.encode_image(x.to(dev), normalize=True)
+
+        with torch.inference_mode():
+            precision = inference_precision(model, dev, "auto", trial, tuple(x.shape)).precision
+    emb = embed_images(model, x, batch_size=len(tensors), device=device, precision=precision)  # (N, E)
+    return emb.numpy(), kept, precision
 
 
 def remove_from_index(index_dir: str | os.PathLike, targets: Sequence[str]) -> int:

@@ -18,6 +18,11 @@ A reader (the server) catches up with another process's writes in ``refresh`` wi
 new version's FAISS file (which ``vislang index add`` publishes at every commit), or a rebuild from one consistent
 SQLite read when there is none, is prepared on a connection of its own *beside* the live index, and swapped in with
 one assignment; the lock is held only to compare versions and to swap.
+
+A server's processes open the index ``read_only``: SQLite through a read-only URI (no schema or journal change, so a
+reader can never write), and the FAISS file memory-mapped (``IO_FLAG_MMAP_IFC``), so N server workers share one copy
+of the vectors in the page cache instead of holding N. A reader never saves: when the file of the current version is
+missing it builds the index in memory, and waits for a writer to publish the file.
 """
 
 from __future__ import annotations
@@ -77,6 +82,7 @@ class FaissIndex(Index):
         ef_search: HNSW search-time beam width (raised to k when k is larger).
         nlist: IVF lists; default ``round(4 * sqrt(N))`` at each (re)training.
         nprobe: IVF lists scanned per query (more = better recall, slower).
+        read_only: open for searching only (a server): SQLite read-only, the FAISS file memory-mapped; writes raise.
     """
 
     def __init__(
@@ -91,6 +97,7 @@ class FaissIndex(Index):
         ef_search: int = 128,
         nlist: int | None = None,
         nprobe: int = 16,
+        read_only: bool = False,
     ) -> None:
         import faiss
 
@@ -108,16 +115,33 @@ class FaissIndex(Index):
         self.kind, self.exact_max, self.ann = kind, int(exact_max), ann
         self.hnsw_m, self.ef_construction, self.ef_search = hnsw_m, ef_construction, ef_search
         self.nlist, self.nprobe = nlist, int(nprobe)
+        self.read_only = bool(read_only)
         self._lock = threading.RLock()  # writes, version changes and the swap; never held while building
         self._refreshing = threading.Lock()  # one catch-up build at a time
         # autocommit mode: transactions are explicit (BEGIN IMMEDIATE ... COMMIT) in _add/_remove
-        self.db = sqlite3.connect(self.directory / DB_NAME, check_same_thread=False, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")  # readers (a server) are not blocked by a build writing
-        self.db.executescript(SCHEMA)
+        self.db = self._connect(check_same_thread=False)
+        if not self.read_only:
+            self.db.execute("PRAGMA journal_mode=WAL")  # readers (a server) are not blocked by a build writing
+            self.db.executescript(SCHEMA)
         self._version = -1
         self._dirty = False
         self._faiss = None
         self.refresh()
+
+    def _connect(self, check_same_thread: bool = True) -> sqlite3.Connection:
+        """A connection to the metadata database; read-only (``mode=ro``) for a read-only index."""
+        path = self.directory / DB_NAME
+        if not self.read_only:
+            return sqlite3.connect(path, check_same_thread=check_same_thread, isolation_level=None)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist; build the index first (`vislang index build`)")
+        uri = f"{path.resolve().as_uri()}?mode=ro"
+        return sqlite3.connect(uri, uri=True, check_same_thread=check_same_thread, isolation_level=None)
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise PermissionError(f"{self.directory} is open read-only (a server's view); write with `vislang index "
+                                  "add` / `index remove`, which the server picks up by itself")  # fmt: skip
 
     # --- FAISS side ---------------------------------------------------------------------------------------------
     def _kind_for(self, n: int) -> str:
@@ -191,7 +215,7 @@ class FaissIndex(Index):
     def _snapshot(self) -> tuple[int, Any, bool]:
         """(version, FAISS index, whether it still needs saving) of the database as it is now, read in one read
         transaction on a connection of its own, so no lock of this object is held and searches go on meanwhile."""
-        db = sqlite3.connect(self.directory / DB_NAME, isolation_level=None)
+        db = self._connect()
         try:
             db.execute("BEGIN")  # a WAL read snapshot: the version, the count and the rows agree
             row = db.execute("SELECT value FROM state WHERE name = 'version'").fetchone()
@@ -200,12 +224,15 @@ class FaissIndex(Index):
             path = self._faiss_path(version)
             if path.is_file():
                 try:
-                    loaded = self.faiss.read_index(str(path))
+                    # read-only: memory-mapped, so server processes share the vectors in the page cache (a writer
+                    # must not map: it adds to the index it loaded)
+                    flags = self.faiss.IO_FLAG_MMAP_IFC if self.read_only else 0
+                    loaded = self.faiss.read_index(str(path), flags)
                     if loaded.ntotal == n and loaded.d == self.dim:
                         return version, loaded, False
                 except RuntimeError:
                     pass  # unreadable or deleted meanwhile: rebuilt below
-            return version, self._from_rows(db), True
+            return version, self._from_rows(db), not self.read_only  # a reader never saves
         finally:
             db.close()
 
@@ -231,7 +258,7 @@ class FaissIndex(Index):
     def save(self) -> None:
         """Write the FAISS index for the current version (atomically) and delete older ones."""
         with self._lock:
-            if not self._dirty:
+            if not self._dirty or self.read_only:
                 return
             data = self.faiss.serialize_index(self._faiss)  # uint8 array
             atomic_write_bytes(self._faiss_path(self._version), data.tobytes())
@@ -260,11 +287,13 @@ class FaissIndex(Index):
         return json.loads(row[0]) if row else default
 
     def set_state(self, name: str, value: Any) -> None:
+        self._check_writable()
         with self._lock:
             self.db.execute("INSERT OR REPLACE INTO state VALUES (?, ?)", (name, json.dumps(value)))
 
     # --- the interface ------------------------------------------------------------------------------------------
     def _add(self, vectors: np.ndarray, metadata: list[dict[str, Any]], ids: list[int] | None) -> np.ndarray:
+        self._check_writable()
         with self._lock:
             self.db.execute("BEGIN IMMEDIATE")  # the write lock first: no other process commits until COMMIT
             try:
@@ -299,6 +328,7 @@ class FaissIndex(Index):
             return new_ids
 
     def _remove(self, ids: list[int]) -> int:
+        self._check_writable()
         with self._lock:
             self.db.execute("BEGIN IMMEDIATE")
             try:

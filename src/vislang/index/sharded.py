@@ -47,6 +47,7 @@ def build_index_sharded(
     img_key: str | None = None,
     caption_key: str | None = None,
     backend: str = "pgvector",
+    precision: str = "auto",
     **options: Any,
 ) -> dict[str, Any]:
     """``build_index`` run by every torchrun process on its share; returns the counts summed over all processes,
@@ -75,7 +76,7 @@ def build_index_sharded(
 
             bar = tqdm(desc=f"indexing (rank 0 of {world})", unit="img")
         add_items(index, shard(open_source(src, img_key, caption_key), rank, world), model, preprocess, device,
-                  batch_size, commit_every, counts, bar)  # fmt: skip
+                  batch_size, commit_every, counts, bar, precision=precision)  # fmt: skip
         if bar is not None:
             bar.close()
         mine = torch.tensor([counts[k] for k in ("added", "already", "duplicates", "unreadable")], dtype=torch.long)

@@ -85,6 +85,7 @@ def build_video_index(
     progress: bool = True,
     backend: str = "faiss",
     allow_outside_root: bool = False,
+    precision: str = "auto",
     **options: Any,
 ) -> dict[str, Any]:
     """Index the sampled frames of videos (``src``: a video, a folder or glob of them, or a CSV of paths).
@@ -101,6 +102,9 @@ def build_video_index(
 
     if fps <= 0:
         raise ValueError(f"--fps must be positive to index video, got {fps}")
+    if precision != "auto":  # frames are embedded by video.analyze, at auto
+        raise ValueError(f"--precision {precision} applies to images; video frames are embedded at auto (bf16 where "
+                         "it pays and agrees with fp32): leave --precision out for a video source")  # fmt: skip
     videos = [str(p.resolve()) for p in list_videos([src])]
     roots = video_roots(src, videos, source_roots(src), allow_outside_root)
     index, model_path = open_or_create(index_dir, model_dir, backend, **options)

@@ -24,7 +24,6 @@ import time
 import warnings
 from collections import OrderedDict
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,6 +38,7 @@ from ..evaluation.zero_shot import logit_scale_of, zero_shot_classifier
 from ..index.build import read_item_image, recorded_roots
 from ..index.files import served_bytes, strip_metadata
 from ..index.search import Searcher
+from ..index.video import video_step
 from .batching import Overloaded, SearchBatcher
 from .generative import Captioner, ImageGenerator, QuestionAnswerer
 from .guard import BODY_TIMEOUT, RETRY_AFTER, SEARCH_TIMEOUT, ApiError, Guard, Limiter, answered, error
@@ -140,19 +140,24 @@ class Service:
         self._counting = threading.Lock()
         self.size = len(searcher.index)  # kept here: /healthz answers without touching the index
         self.roots = recorded_roots(searcher.index)  # the folders images may be served from
+        self.video_step = video_step(searcher.index)  # None for images; kept here: no SQL on the event loop
         self.limiter = Limiter()  # caption, VQA and generate: one at work, a few waiting, 503 beyond
 
     def refresh(self) -> None:
-        """Pick up items another process added or removed (checked at most once a second; call it in a thread)."""
+        """Pick up items another process added or removed (checked at most once a second; call it in a thread).
+
+        The FAISS back end says whether anything changed (one version read); only then are the items counted again
+        (a scan of the table: milliseconds on 100k items, which every batch would otherwise pay once a second)."""
         now = time.monotonic()
         if now - self._checked <= 1.0:
             return
         self._checked = now
         refresh = getattr(self.searcher.index, "refresh", None)
-        if refresh is not None:
-            refresh()
+        if refresh is not None and not refresh():
+            return
         self.size = len(self.searcher.index)
         self.roots = recorded_roots(self.searcher.index)
+        self.video_step = video_step(self.searcher.index)
 
     def count(self) -> None:
         """Count the items again (in a worker thread: the back end may wait for a lock or a database); one count at
@@ -285,12 +290,27 @@ class Service:
                 "id": h["id"],
                 "score": round(h["score"], 6),
                 "caption": h["caption"],
-                "name": Path(h["key"].rpartition("#")[2] or h["key"]).name,
+                "name": os.path.basename(h["key"].rpartition("#")[2] or h["key"]),
                 "url": f"/v1/images/{h['id']}",
                 **video_hit_fields(h),  # a video frame: its video, time, shot and URLs
             }
             for h in hits
         ]
+
+    def search_answer(self, query: str, k: int, hits: list[dict[str, Any]], t0: float) -> Response:
+        """The JSON answer of ``/v1/search``, encoded here.
+
+        Why not return the dict: FastAPI would validate and re-encode it through pydantic on the event loop (a few
+        per cent of the loop's time in a profile at 16 concurrent searches), where one ``json.dumps`` of a few hits
+        is all the answer needs."""
+        body = {
+            "query": query,
+            "k": k,
+            "results": self.format_hits(hits),
+            "search_ms": round(1e3 * (time.perf_counter() - t0), 3),
+            **moments_field(self.video_step, hits),
+        }
+        return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
 
     def classifier(self, labels: tuple[str, ...]):
         """(E, K) zero-shot weights for ``labels``, cached (a page asks for the same labels again and again)."""
@@ -432,6 +452,7 @@ def create_app(
     max_queue: int = 1024,
     body_timeout: float = BODY_TIMEOUT,
     read_model: str | os.PathLike | None = None,
+    precision: str = "auto",
 ) -> FastAPI:
     """The FastAPI app serving one index.
 
@@ -451,10 +472,13 @@ def create_app(
         max_queue: most searches waiting for the batcher; more are answered 503 with ``Retry-After``.
         body_timeout: seconds a client may take to send its request body (408 after).
         read_model: a reading model directory: turns on ``/v1/read`` and ``/v1/translate`` (else they answer 501).
+        precision: what queries are embedded in: ``auto`` (bf16 where it pays and agrees with fp32), ``fp32``, ``bf16``.
     """
 
-    searcher = Searcher(index_dir, model_dir, device=device)
+    # read-only: the server never writes the index; several server processes share its memory-mapped vectors
+    searcher = Searcher(index_dir, model_dir, device=device, precision=precision, read_only=True)
     searcher.model  # noqa: B018 -- load now: the first request must not pay for it, nor race to load it twice
+    searcher.text_precision  # noqa: B018 -- settled now too: a trial inside a request would stall its batch
     models: dict[str, Any] = {}  # loaded now too, so a wrong directory stops the server before it listens
     if caption_model is not None:
         models["caption"] = Captioner(caption_model, device)
@@ -524,6 +548,7 @@ def create_app(
             "dim": searcher.index.dim,
             "search_worker": "alive" if alive else "dead",
             "search_queue": batcher.depth,
+            "pid": os.getpid(),  # which server process answered (--workers N runs N of them)
             "capabilities": svc.capabilities(),
         }
         return JSONResponse(body, status_code=200 if alive else 503)
@@ -538,7 +563,7 @@ def create_app(
         summary="search by text, uploaded image, indexed image or embedding",
         openapi_extra={"requestBody": SEARCH_BODY},
     )
-    async def search(request: Request) -> dict[str, Any]:
+    async def search(request: Request) -> Response:
         kind, fields, image = await read_body(request, max_body)
         k = svc.check_k(fields.get("k", 10))
         if kind == "form":
@@ -553,25 +578,13 @@ def create_app(
                 if len(text) != 1:
                     raise ApiError(400, "search takes one 'text'")
                 t0 = time.perf_counter()  # text: embedded with the other queries waiting, in the batcher
-                hits = await answered(batcher.submit(k, text=text[0]))
-                results = svc.format_hits(hits)
-                ms = round(1e3 * (time.perf_counter() - t0), 3)
-                return {
-                    "query": query,
-                    "k": k,
-                    "results": results,
-                    "search_ms": ms,
-                    **moments_field(searcher.index, hits),
-                }
+                return svc.search_answer(query, k, await answered(batcher.submit(k, text=text[0])), t0)
             elif query == "embedding":
                 vec = svc.check_embedding(fields["embedding"])
             else:
                 vec = await run_in_threadpool(svc.stored_vector, fields["image_id"])
         t0 = time.perf_counter()
-        hits = await answered(batcher.submit(k, vector=vec[0]))
-        results = svc.format_hits(hits)
-        ms = round(1e3 * (time.perf_counter() - t0), 3)
-        return {"query": query, "k": k, "results": results, "search_ms": ms, **moments_field(searcher.index, hits)}
+        return svc.search_answer(query, k, await answered(batcher.submit(k, vector=vec[0])), t0)
 
     @app.post("/v1/embed", summary="embed texts or an uploaded image", openapi_extra={"requestBody": EMBED_BODY})
     async def embed(request: Request) -> dict[str, Any]:

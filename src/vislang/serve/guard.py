@@ -94,12 +94,12 @@ class Guard:
             message = "missing or wrong API key: send it as 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
             return await error(401, message, {"WWW-Authenticate": f'{scheme} realm="vislang"'})(scope, receive, send)
         length = headers.get("content-length")
-        too_big = error(413, f"request body over the limit of {self.max_body / 2**20:g} MB; send a smaller image")
+        too_big = f"request body over the limit of {self.max_body / 2**20:g} MB; send a smaller image"
         if length is not None:
             if not length.isdigit():
                 return await error(400, "invalid Content-Length header")(scope, receive, send)
             if int(length) > self.max_body:
-                return await too_big(scope, receive, send)
+                return await error(413, too_big)(scope, receive, send)
         if scope["method"] not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
         chunks, size = [], 0
@@ -115,7 +115,7 @@ class Guard:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self.max_body:
-                return await too_big(scope, receive, send)
+                return await error(413, too_big)(scope, receive, send)
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break

@@ -15,7 +15,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..index.build import recorded_roots
 from ..index.files import servable_path
-from ..index.video import frame_fields, moments_of, video_step
+from ..index.video import frame_fields, moments_of
 from ..video.reader import VIDEO_EXTS, frame_at
 
 MEDIA = {".mp4": "video/mp4", ".m4v": "video/mp4", ".webm": "video/webm", ".mkv": "video/x-matroska",
@@ -34,10 +34,9 @@ def video_hit_fields(hit: dict[str, Any]) -> dict[str, Any]:
             "video_url": f"/v1/videos/{i}#t={f['shot_start']:.2f},{f['shot_end']:.2f}"}  # fmt: skip
 
 
-def moments_field(index: Any, hits: list[dict[str, Any]]) -> dict[str, Any]:
-    """``{"moments": [...]}`` for the raw hits (with ``key``) of a video index (adjacent frames merged); ``{}`` for
-    an image index."""
-    step = video_step(index)
+def moments_field(step: float | None, hits: list[dict[str, Any]]) -> dict[str, Any]:
+    """``{"moments": [...]}`` for the raw hits (with ``key``) of a video index whose frames are ``step`` seconds
+    apart (``index.video.video_step``; adjacent frames merged); ``{}`` for an image index (``step`` None)."""
     if step is None:
         return {}
     moments = moments_of(hits, step)
