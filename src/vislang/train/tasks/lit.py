@@ -266,7 +266,8 @@ class LiTTask(Task):
         key = feature_key(self.core, self.tokenizer, f"{spec}-{split}", lit.unlock_last_image)
         return cached_features(
             dataset, image_fn, text_fn, lit.cache_dir, key, v.image_size, v.channels, self.image_row,
-            self.core.text.width, lit.fit, lit.extract_batch, lit.chunk, lit.workers, self.cfg.progress and self.run.main,
+            self.core.text.width, lit.fit, lit.extract_batch, lit.chunk, lit.workers,
+            self.cfg.progress and self.run.main,
         )  # fmt: skip
 
     def held_out(self) -> Features | None:
