@@ -176,6 +176,8 @@ class LiTTask(Task):
         lit = cfg.lit or LiTConfig()
         if lit.fit not in ("crop", "pad"):
             raise ValueError(f"lit.fit must be 'crop' or 'pad', got {lit.fit!r}")
+        if lit.same_caption not in ("negative", "positive"):
+            raise ValueError(f"lit.same_caption must be 'negative' or 'positive', got {lit.same_caption!r}")
         if lit.unlock_last_image < 0 or lit.unlock_lr_scale <= 0:
             raise ValueError(
                 f"lit.unlock_last_image must be >= 0 (got {lit.unlock_last_image}) and lit.unlock_lr_scale > 0 "
@@ -203,6 +205,7 @@ class LiTTask(Task):
         torch.manual_seed(cfg.seed + run.rank)
         fit_rows, val_rows = split_rows(len(train), self.lit.val_fraction, cfg.seed)
         self.fit_feats = train.subset(fit_rows)
+        self.caption_ids = np.unique(self.fit_feats.captions, return_inverse=True)[1].astype(np.int64)  # (N_fit,)
         self.val_feats = train.subset(val_rows) if len(val_rows) else None
         self.test_feats = test
         self.skip_note = f"{len(train)} pairs with features ({len(self.fit_feats)} fit, {len(val_rows)} held back)"
@@ -296,11 +299,14 @@ class LiTTask(Task):
     def batches(self, epoch: int, start: int) -> Iterator[dict[str, torch.Tensor]]:
         dev, f = self.run.device, self.fit_feats
         for rows in self._epoch(epoch)[start:]:
-            yield {"image": torch.from_numpy(f.image[rows]).to(dev), "text": torch.from_numpy(f.text[rows]).to(dev)}
+            yield {"image": torch.from_numpy(f.image[rows]).to(dev), "text": torch.from_numpy(f.text[rows]).to(dev),
+                   "caption": torch.from_numpy(self.caption_ids[rows]).to(dev)}  # fmt: skip
 
     def training_step(self, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict[str, float]]:
         out = self.wrapped(batch["image"], batch["text"])
-        loss = self.loss(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"))
+        positives = same_caption(batch["caption"], self.cfg.loss) if self.lit.same_caption == "positive" else None
+        loss = self.loss(out["image_features"], out["text_features"], out["logit_scale"], out.get("logit_bias"),
+                         positives=positives)  # fmt: skip
         return loss, {"logit_scale": float(out["logit_scale"].detach())}
 
     def evaluate(self, step: int) -> dict[str, float] | None:
@@ -349,6 +355,14 @@ class LiTTask(Task):
         if "test" in result:
             print(retrieval_line(result["test"]))
         return model_dir
+
+
+def same_caption(ids: torch.Tensor, loss: str) -> torch.Tensor:
+    """Which pairs of the (global) batch share a caption, in the shape of the loss's logits: ``[N, N]`` for CLIP's
+    global loss, ``[B, N]`` (this rank's images against every text) for SigLIP; ``[B, B]`` on one process."""
+    every = dist.gather_tensor(ids, gather_with_grad=False, keep_local_grad=False)  # (N,)
+    rows = ids if loss == "siglip" else every
+    return rows[:, None] == every[None, :]
 
 
 def retrieval_line(r: dict[str, float]) -> str:
