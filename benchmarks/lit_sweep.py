@@ -56,7 +56,8 @@ def run_one(name: str, overrides: list[str], extra: list[str], out: Path, val_fr
     seconds = time.perf_counter() - t0
     result = json.loads((run_dir / "eval" / "retrieval.json").read_text())
     assert "test" not in result, "the test split must stay out of the sweep"
-    evals = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "eval/val_text_to_image_R@10" in r]  # fmt: skip
+    lines = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    evals = [r for r in lines if "eval/val_text_to_image_R@10" in r]
     best = next(r for r in evals if r["step"] == result["best_step"])
     return {
         "name": name,
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(r)
             print(f"[sweep] {name:12s} held-back text→image R@10 {100 * r['val_t2i_R@10']:.1f}% (step "
                   f"{r['best_step']}), image→text {100 * r['val_i2t_R@10']:.1f}%; last epoch "
-                  f"{100 * r['last_val_t2i_R@10']:.1f}% (step {r['last_step']}); {r['seconds']:.0f} s", flush=True)  # fmt: skip
+                  f"{100 * r['last_val_t2i_R@10']:.1f}% (step {r['last_step']}); {r['seconds']:.0f} s",
+                  flush=True)  # fmt: skip
     print(f"\n{'config':12s} {'t→i R@10':>9s} {'i→t R@10':>9s} {'last t→i':>9s} {'s':>5s}  (held-back pairs)")
     for r in sorted(results, key=lambda r: -r["val_t2i_R@10"]):
         print(f"{r['name']:12s} {100 * r['val_t2i_R@10']:8.1f}% {100 * r['val_i2t_R@10']:8.1f}% "
