@@ -41,6 +41,14 @@ CONFIGS: dict[str, list[str]] = {
     "epochs80": ["--epochs=80"],
     "wd0.5": ["--optim.weight_decay=0.5"],
     "batch512": ["--batch_size=512"],
+    # round 2: around the best of round 1 (feature dropout 0.3)
+    "dropout0.1": ["--lit.feature_dropout=0.1"],
+    "dropout0.2": ["--lit.feature_dropout=0.2"],
+    "d0.3-positive": ["--lit.feature_dropout=0.3", "--lit.same_caption=positive"],
+    "d0.3-siglip": ["--lit.feature_dropout=0.3", *SIGLIP],
+    "d0.3-epochs80": ["--lit.feature_dropout=0.3", "--epochs=80"],
+    "d0.3-embed1024": ["--lit.feature_dropout=0.3", "--model.embed_dim=1024"],
+    "d0.3-lr1e-3": ["--lit.feature_dropout=0.3", "--optim.lr=0.001"],
 }
 SMOKE = ["--data.max_train=64", "--model.vision.image_size=64", "--epochs=2", "--batch_size=16", "--lit.workers=0"]
 
@@ -79,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", help="comma-separated config names (default: all)")
     p.add_argument("--list", action="store_true", help="print the configs and exit")
     p.add_argument("--val-fraction", type=float, default=0.1, help="share of training pairs held back (default 0.1)")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (each holds back other pairs; default 0)")
     p.add_argument("--out", help="run folders (default: a temporary folder)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--smoke", action="store_true", help="2 configs on 64 pairs at 64 px: checks that it runs")
@@ -95,17 +104,21 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out or tmp)
-        for name in names:
-            r = run_one(name, CONFIGS[name], extra, out, args.val_fraction)
+        for name, seed in [(n, int(s)) for n in names for s in args.seeds.split(",")]:
+            r = run_one(f"{name}@{seed}", [*CONFIGS[name], f"--seed={seed}"], extra, out, args.val_fraction)
+            r.update(config=name, seed=seed)
             results.append(r)
-            print(f"[sweep] {name:12s} held-back text→image R@10 {100 * r['val_t2i_R@10']:.1f}% (step "
+            print(f"[sweep] {r['name']:16s} held-back text→image R@10 {100 * r['val_t2i_R@10']:.1f}% (step "
                   f"{r['best_step']}), image→text {100 * r['val_i2t_R@10']:.1f}%; last epoch "
                   f"{100 * r['last_val_t2i_R@10']:.1f}% (step {r['last_step']}); {r['seconds']:.0f} s",
                   flush=True)  # fmt: skip
-    print(f"\n{'config':12s} {'t→i R@10':>9s} {'i→t R@10':>9s} {'last t→i':>9s} {'s':>5s}  (held-back pairs)")
-    for r in sorted(results, key=lambda r: -r["val_t2i_R@10"]):
-        print(f"{r['name']:12s} {100 * r['val_t2i_R@10']:8.1f}% {100 * r['val_i2t_R@10']:8.1f}% "
-              f"{100 * r['last_val_t2i_R@10']:8.1f}% {r['seconds']:5.0f}")  # fmt: skip
+    print(f"\n{'config':16s} {'t→i R@10':>9s} {'i→t R@10':>9s} {'last t→i':>9s} {'s':>5s}  (held-back pairs, mean over "
+          f"seeds {args.seeds})")  # fmt: skip
+    mean = lambda rs, k: sum(r[k] for r in rs) / len(rs)  # noqa: E731
+    by_config = {n: [r for r in results if r["config"] == n] for n in names}
+    for n, rs in sorted(by_config.items(), key=lambda kv: -mean(kv[1], "val_t2i_R@10")):
+        print(f"{n:16s} {100 * mean(rs, 'val_t2i_R@10'):8.1f}% {100 * mean(rs, 'val_i2t_R@10'):8.1f}% "
+              f"{100 * mean(rs, 'last_val_t2i_R@10'):8.1f}% {mean(rs, 'seconds'):5.0f}")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
