@@ -51,6 +51,7 @@ CONFIGS: dict[str, list[str]] = {
     "d0.3-epochs80": [*D3, "--epochs=80"],
     "d0.3-embed1024": [*D3, "--model.embed_dim=1024"],
     "d0.3-lr1e-3": [*D3, "--optim.lr=0.001"],
+    "d0.3-pad": [*D3, "--lit.fit=pad"],  # whole drawings letterboxed on white instead of centre-cropped
 }
 SMOKE = ["--data.max_train=64", "--model.vision.image_size=64", "--epochs=2", "--batch_size=16", "--lit.workers=0"]
 
