@@ -4,7 +4,9 @@ Each process (rank) reads the source in the same order and embeds every ``world`
 the shares are disjoint and together cover the source; all of them write into one PostgreSQL/pgvector table, whose
 id sequence and ``UNIQUE`` key make concurrent inserts safe. Rank 0 creates the index before the others open it, and
 builds the deferred HNSW graph once everyone is done. A killed sharded build resumes like a single one (each rank
-skips the keys already committed), with the same or another number of processes.
+skips the keys already committed), with the same or another number of processes. It takes ``build_index``'s
+arguments and records the folders a server may send files from as ``build_index`` does (``--allow-outside-root``
+included), each process adding its own before it commits.
 
 Every process must see the index directory (one machine, or a shared folder) and reach the database
 (``VISLANG_PG_URI``; an embedded pgserver would be one per process, so it is refused here).
