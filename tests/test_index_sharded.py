@@ -63,4 +63,44 @@ def test_two_processes_fill_one_pgvector_index(tmp_path: Path, monkeypatch) -> N
         server.cleanup()
 
 
+def test_sharded_build_records_roots_and_honours_allow_outside_root(tmp_path: Path, monkeypatch) -> None:
+    """A CSV whose rows point out of its folder: refused without --allow-outside-root; with it, the index records the
+    CSV's folder (rank 0, before any item) and the outside folders of both ranks (rank 0's share reads folder a,
+    rank 1's folder b), so the server may send every indexed image, as after a build by one process."""
+    from vislang.index.files import ROOTS_STATE, servable_path
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not on PATH")
+    inside = write_images(tmp_path / "data" / "imgs", 2)
+    out_a, out_b = write_images(tmp_path / "a", 2), write_images(tmp_path / "b", 2, split="train")
+    rows = [f"imgs/{inside[0].name}", f"imgs/{inside[1].name}", out_a[0], out_b[0], out_a[1], out_b[1]]
+    (tmp_path / "data" / "pairs.csv").write_text("path\n" + "".join(f"{r}\n" for r in rows))
+    server = pgserver.get_server(tmp_path / "pgdata", cleanup_mode="stop")
+    try:
+        uri = server.get_uri()
+        monkeypatch.setenv(URI, uri)
+        model = make_tiny_model(tmp_path)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "VISLANG_PG_URI": uri}
+
+        def build(index: str, *extra: str) -> subprocess.CompletedProcess:
+            cmd = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "vislang.cli", "index", "build",
+                   str(tmp_path / "data" / "pairs.csv"), "--model", str(model), "--index", str(tmp_path / index),
+                   "--backend", "pgvector", "--batch-size", "2", "--no-progress", *extra]  # fmt: skip
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+
+        refused = build("refused")
+        assert refused.returncode != 0 and "--allow-outside-root" in refused.stdout + refused.stderr
+        proc = build("allowed", "--allow-outside-root")
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        assert "indexed 6 new image(s)" in proc.stdout
+        with open_index(tmp_path / "allowed") as ix:
+            roots = ix.get_state(ROOTS_STATE)
+            assert roots == sorted(str(d.resolve()) for d in (tmp_path / "data", tmp_path / "a", tmp_path / "b"))
+            for p in [*inside, *out_a, *out_b]:
+                assert servable_path(p.resolve(), roots) == str(p.resolve())
+    finally:
+        server.cleanup()
+
+
 URI = "VISLANG_PG_URI"

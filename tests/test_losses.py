@@ -200,3 +200,30 @@ def test_float_logit_scale_accepted() -> None:
     img, txt = _features(4, 3, 1)
     assert torch.allclose(ClipLoss()(img, txt, 3.0), ClipLoss()(img, txt, torch.tensor(3.0, dtype=torch.float64)))
     assert torch.allclose(SigLipLoss()(img, txt, 3.0, -1.0), naive_siglip_loss(img, txt, 3.0, -1.0), atol=1e-10)
+
+
+@pytest.mark.parametrize("loss_fn", [ClipLoss(), SigLipLoss()])
+def test_positives_of_the_diagonal_alone_change_nothing(loss_fn) -> None:
+    img, txt = _features(6, 8, 0)
+    scale, bias = torch.tensor(10.0, dtype=torch.float64), torch.tensor(-2.0, dtype=torch.float64)
+    plain = loss_fn(img, txt, scale, bias)
+    torch.testing.assert_close(loss_fn(img, txt, scale, bias, positives=torch.eye(6, dtype=torch.bool)), plain)
+
+
+def test_pairs_of_one_caption_share_the_target() -> None:
+    """Rows 0 and 1 hold the same caption: with them marked positive CLIP's loss is the naive soft-target CE, and
+    SigLIP no longer penalises an image for scoring its twin's copy of its caption high."""
+    img = _features(4, 8, 0)[0].detach()
+    txt = img.clone()
+    txt[1] = txt[0]  # the same caption twice
+    img[1] = img[0]
+    same = torch.eye(4, dtype=torch.bool)
+    same[0, 1] = same[1, 0] = True
+    scale = torch.tensor(20.0, dtype=torch.float64)
+    logits = scale * img @ txt.T
+    target = same.double() / same.double().sum(1, keepdim=True)
+    ref = (-(target * logits.log_softmax(1)).sum(1).mean() - (target * logits.T.log_softmax(1)).sum(1).mean()) / 2
+    got = ClipLoss()(img, txt, scale, positives=same)
+    torch.testing.assert_close(got, ref.to(got.dtype))
+    sig = SigLipLoss()(img, txt, scale, torch.tensor(-5.0, dtype=torch.float64), positives=same)
+    assert sig < SigLipLoss()(img, txt, scale, torch.tensor(-5.0, dtype=torch.float64))

@@ -55,8 +55,8 @@ def tiny(argv: tuple[str, ...]) -> list[str]:
             more += SHAPES
         if task in ("vqa", "vqa-gen"):
             more += VQA
-        if task == "lit":  # the locked towers' features: 128 training pairs extracted, not thousands
-            more += ["--data.max_train=128"]
+        if task == "lit":  # the locked towers' features: 128 training pairs (64 test images) extracted, not thousands
+            more += ["--data.max_train=128", "--data.max_val=64"]
         if task == "gan":
             more += ["--gan.fid_images=100"]
         return [*argv, *more]

@@ -70,6 +70,18 @@ def _text_model(tmp: Path) -> Path:
     return d
 
 
+def _lit_unlocked(tmp: Path, name: str) -> Runner:
+    """LiT on the cached input of the image tower's last stage, that stage trained (dropout draws included)."""
+    model = _text_model(tmp)
+    cfg = load_train_config(None, [
+        "task=lit", f"model_name={model}", f"pretrained={model}", "model.embed_dim=8", "model.lock_image=true",
+        "model.lock_text=true", "data.train=shapes", "data.options={n: 64}", "data.max_val=8", "batch_size=8",
+        "epochs=2", "save_every=3", "log_every=2", "progress=false", "threads=1", f"out_dir={tmp / name}",
+        f"lit.cache_dir={tmp / 'features'}", "lit.workers=0", "lit.unlock_last_image=1", "lit.feature_dropout=0.3",
+    ])  # fmt: skip
+    return lambda resume: _dir_weights(train(cfg, resume=resume))
+
+
 def _gan(tmp: Path, name: str) -> Runner:
     cfg = load_train_config(None, [
         "task=gan", "data.train=shapes", "data.options={n: 64}", "batch_size=16", "epochs=2", "save_every=3",
@@ -173,6 +185,7 @@ TASK_RUNS = {
         ),
         3,
     ),  # fmt: skip
+    "lit-unlocked": (_lit_unlocked, 3),
     "gan": (_gan, 3),
     "finetune": (_finetune, 2),
     "steps": (_steps, 3),

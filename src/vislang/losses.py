@@ -121,10 +121,21 @@ class ClipLoss(nn.Module):
         logit_scale: Scalar,  # already exponentiated, scalar tensor
         logit_bias: Scalar | None = None,
         output_dict: bool = False,
+        positives: torch.Tensor | None = None,  # [rows, cols] bool, symmetric: pairs that match (diagonal included)
     ) -> torch.Tensor | dict[str, torch.Tensor]:
-        """Scalar loss, or ``{"contrastive_loss": loss}`` when ``output_dict``."""
+        """Scalar loss, or ``{"contrastive_loss": loss}`` when ``output_dict``.
+
+        ``positives`` marks more than the diagonal as a match (pairs of one caption, e.g. "computer" under a dozen
+        images): the target of each row is then spread evenly over its positives instead of being ``labels[i]``, so
+        an image is not pushed away from its own caption held by another row. Shape of the logits; under DDP the
+        caller builds it from gathered ids."""
         _check_features(image_features, text_features)
         logits_per_image, logits_per_text = self.get_logits(image_features, text_features, logit_scale, logit_bias)
+        if positives is not None:
+            target = positives.to(logits_per_image.dtype)
+            target = target / target.sum(1, keepdim=True)  # [rows, cols], rows sum to 1
+            loss = (F.cross_entropy(logits_per_image, target) + F.cross_entropy(logits_per_text, target)) / 2
+            return _wrap(loss, output_dict)
         labels = self.get_ground_truth(logits_per_image.device, logits_per_image.shape[0])  # [rows]
         loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
         return _wrap(loss, output_dict)
@@ -171,8 +182,10 @@ class SigLipLoss(nn.Module):
         logit_scale: Scalar,  # already exponentiated
         logit_bias: Scalar | None = None,
         output_dict: bool = False,
+        positives: torch.Tensor | None = None,  # [B, N] bool: more matches than the diagonal (see ClipLoss)
     ) -> torch.Tensor | dict[str, torch.Tensor]:
-        """Scalar loss for this rank's images (see the class docstring for the DDP normalisation)."""
+        """Scalar loss for this rank's images (see the class docstring for the DDP normalisation); ``positives``
+        labels every marked pair +1 instead of the diagonal alone."""
         _check_features(image_features, text_features)
         batch = image_features.shape[0]
         if vdist.world_size() > 1:
@@ -187,6 +200,8 @@ class SigLipLoss(nn.Module):
         if logit_bias is not None:
             logits = logits + logit_bias
         labels = self.get_labels(batch, all_text.shape[0], offset, logits.device, logits.dtype)  # [B, N]
+        if positives is not None:
+            labels = positives.to(logits.dtype) * 2 - 1  # [B, N]
         loss = -F.logsigmoid(labels * logits).sum() / batch
         return _wrap(loss, output_dict)
 

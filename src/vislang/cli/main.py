@@ -45,8 +45,12 @@ def _packaged_names() -> list[str]:
     return sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml"))
 
 
+OVERRIDE_ALIASES = {"unlock_last": "lit.unlock_last_image"}  # short spellings of long run-config keys
+
+
 def _overrides(extra: list[str]) -> list[str]:
-    """Turn leftover ``--a.b=1``, ``--a.b 1`` and ``a.b=1`` tokens into ``a.b=1`` strings (dashes → underscores)."""
+    """Turn leftover ``--a.b=1``, ``--a.b 1`` and ``a.b=1`` tokens into ``a.b=1`` strings (dashes → underscores;
+    ``OVERRIDE_ALIASES`` spelled out: ``--unlock-last 1`` is ``lit.unlock_last_image=1``)."""
     out, i = [], 0
     while i < len(extra):
         tok = extra[i]
@@ -57,7 +61,8 @@ def _overrides(extra: list[str]) -> list[str]:
         key, _, value = tok.lstrip("-").partition("=")
         if not _:
             raise SystemExit(f"error: unexpected argument {tok!r}; overrides look like --optim.lr=1e-3")
-        out.append(f"{key.replace('-', '_')}={value}")
+        key = key.replace("-", "_")
+        out.append(f"{OVERRIDE_ALIASES.get(key, key)}={value}")
         i += 1
     return out
 
@@ -253,6 +258,7 @@ EXAMPLES = {
         examples:
           vislang train --config demo                       # the packaged Fashion-MNIST run
           vislang train --config lit --data.train=photos/   # locked pretrained towers, cached features (LiT)
+          vislang train --config lit --unlock-last 1 --epochs=5   # LiT also training the image tower's last block
           vislang train --config my.yaml --epochs=3 --optim.lr=1e-3 --model.vision.width=48
           vislang train --config my.yaml --resume            # continue from runs/.../checkpoints/last.pt
           torchrun --nproc-per-node 2 -m vislang.cli train --config my.yaml

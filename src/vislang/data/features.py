@@ -50,7 +50,8 @@ TextFn = Callable[[list[str]], torch.Tensor]  # captions -> float (B, D_text)
 class Features:
     """Tower outputs of one dataset: the inputs of the trained projections, row i for item ``index[i]``."""
 
-    image: np.ndarray  # (N, D_image) float32, memory-mapped when read from the cache
+    image: np.ndarray  # (N, D_image) float32, memory-mapped when read from the cache; (N, C, h, w) etc. when the
+    # cache holds the input of an unlocked block (``lit.unlock_last_image``) instead of the pooled output
     text: np.ndarray  # (N, D_text) float32
     index: np.ndarray  # (N,) int64: item index in the dataset (unreadable items are left out)
     captions: list[str]
@@ -216,14 +217,17 @@ def extract_chunk(
         texts.append(text_fn(caps).float().cpu().numpy())  # (B, D_text)
         kept.extend(b[0] for b in good)
         captions.extend(caps)
-    dims = (opts["image_dim"], opts["text_dim"])
     return {
-        "image": np.concatenate(images) if images else np.zeros((0, dims[0]), np.float32),
-        "text": np.concatenate(texts) if texts else np.zeros((0, dims[1]), np.float32),
+        "image": np.concatenate(images) if images else np.zeros((0, *_shape(opts["image_dim"])), np.float32),
+        "text": np.concatenate(texts) if texts else np.zeros((0, *_shape(opts["text_dim"])), np.float32),
         "index": np.asarray(kept, dtype=np.int64),
         "captions": np.asarray(captions, dtype=np.str_),
         "skipped": np.asarray(skipped, dtype=np.str_),
     }
+
+
+def _shape(dim: int | tuple[int, ...]) -> tuple[int, ...]:
+    return (dim,) if isinstance(dim, int) else tuple(dim)
 
 
 def assemble(parts_dir: Path, starts: list[int], folder: Path, meta: dict[str, Any]) -> None:
@@ -266,8 +270,8 @@ def cached_features(
     key_parts: dict[str, Any],
     image_size: int,
     channels: int,
-    image_dim: int,
-    text_dim: int,
+    image_dim: int | tuple[int, ...],
+    text_dim: int | tuple[int, ...],
     fit: str = "crop",
     batch_size: int = 64,
     chunk: int = 1024,
@@ -284,7 +288,7 @@ def cached_features(
         key_parts: what else the outputs depend on (tower weights hash, tokenizer, ...); the data fingerprint,
             sizes and ``fit`` are added here.
         image_size, channels, fit: how each image becomes the tower's input (``pil_to_array``).
-        image_dim, text_dim: feature sizes, for chunks in which nothing was readable.
+        image_dim, text_dim: feature sizes (or a row's shape), for chunks in which nothing was readable.
         batch_size: items per tower call.
         chunk: items per resumable chunk file.
         workers: DataLoader processes decoding images.

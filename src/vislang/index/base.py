@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +150,15 @@ class Index(ABC):
 
     @abstractmethod
     def set_state(self, name: str, value: Any) -> None: ...
+
+    def add_to_state_list(self, name: str, values: Iterable[str]) -> list[str]:
+        """Union ``values`` into the sorted list of strings held in state ``name``; returns the new list.
+
+        Read, merge, write: enough where one process writes (FAISS). A back end that several processes write at
+        once (pgvector under a sharded build) does it in one statement instead, so no process's values are lost."""
+        merged = sorted(set(self.get_state(name) or []) | set(values))
+        self.set_state(name, merged)
+        return merged
 
     # --- shared helpers ------------------------------------------------------------------------------------------
     @property

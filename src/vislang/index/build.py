@@ -332,8 +332,8 @@ def build_index(
         if model.cfg.embed_dim != index.dim:
             raise ValueError(f"the model embeds into {model.cfg.embed_dim} dims but {index_dir} holds {index.dim}")
         index.set_state("build", {"source": src, "status": "running"})
-        roots = set(index.get_state(ROOTS_STATE) or []) | source_roots(src)
-        index.set_state(ROOTS_STATE, sorted(roots))  # before any item: a server may serve each one committed
+        roots = set(index.add_to_state_list(ROOTS_STATE, source_roots(src)))  # before any item: a server may serve
+        # each one committed
         items = track_roots(items, roots)  # adds the folders of allowed outside paths
         t0 = time.perf_counter()
         bar = None
@@ -342,7 +342,7 @@ def build_index(
 
             bar = tqdm(desc="indexing", unit="img")
         add_items(index, items, model, preprocess, device, batch_size, commit_every, counts, bar,
-                  before_commit=lambda: index.set_state(ROOTS_STATE, sorted(roots)), precision=precision)  # fmt: skip
+                  before_commit=lambda: index.add_to_state_list(ROOTS_STATE, roots), precision=precision)  # fmt: skip
         counts["seconds"] = round(time.perf_counter() - t0, 3)
         if bar is not None:
             bar.close()

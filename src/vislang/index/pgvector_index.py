@@ -12,7 +12,7 @@ import json
 import os
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +174,20 @@ class PgVectorIndex(Index):
                 "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value",
                 (name, json.dumps(value)),
             )
+
+    def add_to_state_list(self, name: str, values: Iterable[str]) -> list[str]:
+        """One upsert that unions in SQL: the row lock of ``ON CONFLICT DO UPDATE`` makes concurrent calls of the
+        processes of a sharded build add up instead of overwriting each other."""
+        t = self.table
+        with self._lock:
+            row = self.conn.execute(
+                f"INSERT INTO {t}_state VALUES (%s, %s::jsonb) ON CONFLICT (name) DO UPDATE SET value = ("
+                "SELECT coalesce(jsonb_agg(DISTINCT x ORDER BY x), '[]'::jsonb) FROM ("
+                f"SELECT jsonb_array_elements({t}_state.value) UNION SELECT jsonb_array_elements(EXCLUDED.value)"
+                ") AS u(x)) RETURNING value",
+                (name, json.dumps(sorted(set(values)))),
+            ).fetchone()
+        return list(row[0])
 
     # --- the interface ------------------------------------------------------------------------------------------
     def _add(self, vectors: np.ndarray, metadata: list[dict[str, Any]], ids: list[int] | None) -> np.ndarray:

@@ -9,6 +9,7 @@ text towers are a Transformer, an LSTM/GRU, or a pretrained Hugging Face encoder
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +69,36 @@ class VisionTower(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         pass
 
+    def split_last(self, n: int) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module]:
+        """``(trunk, tail)`` with ``tail(trunk(x)) == self(x)``: the tail is the last ``n`` blocks and what follows
+        them (final norm / head conv and pooling), the trunk everything before, returning the first tail block's
+        input. LiT with ``lit.unlock_last_image`` caches the trunk's output and trains the tail on it. The tail
+        shares its parameters with this tower; the trunk is a plain function (it is never trained)."""
+        raise ValueError(
+            f"the image tower {type(self).__name__} cannot be cut into trunk and tail; unlock-last supports the "
+            "compact CNN (arch 'cnn') and timm towers with a `blocks` sequence (EfficientNet, MobileNet, ViT)"
+        )
+
+
+def check_blocks(n: int, count: int, what: str) -> None:
+    """A clear error for an unlock count the tower cannot give."""
+    if not 1 <= n <= count:
+        raise ValueError(f"cannot unlock the last {n} blocks of {what}: it has {count} (choose 1..{count})")
+
+
+class _CNNTail(nn.Module):
+    """The last stages of a ``CompactCNN`` (2x max-pooling between stages, as there) and its mean pooling."""
+
+    def __init__(self, stages: list[nn.Module], pool_after: list[bool]) -> None:
+        super().__init__()
+        self.stages, self.pool_after = nn.ModuleList(stages), pool_after
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, D_in, h, w) -> (B, D)
+        for stage, pool in zip(self.stages, self.pool_after, strict=True):
+            x = stage(x)
+            x = F.max_pool2d(x, 2) if pool else x
+        return x.mean(dim=(2, 3))
+
 
 def _conv_bn(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
@@ -101,6 +132,22 @@ class CompactCNN(VisionTower):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.feature_map(images).mean(dim=(2, 3))  # (B, D)
+
+    def split_last(self, n: int) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module]:
+        """Blocks are the stages: the trunk runs the first ``depth - n`` (each pooled), the tail the rest."""
+        depth = len(self.stages)
+        check_blocks(n, depth, "the compact CNN")
+        cut = depth - n
+        pool_after = [i < depth - 1 for i in range(depth)]
+
+        def trunk(images: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, D_cut, h, w)
+            x = images
+            for i in range(cut):
+                x = self.stages[i](x)
+                x = F.max_pool2d(x, 2) if pool_after[i] else x
+            return x
+
+        return trunk, _CNNTail(list(self.stages)[cut:], pool_after[cut:])
 
 
 class TextLineCNN(VisionTower):
@@ -208,6 +255,7 @@ class TimmTower(VisionTower):
         if any(k in cfg.arch for k in ("vit", "deit", "eva", "beit")):
             kw.setdefault("img_size", cfg.image_size)
         self.model = timm.create_model(cfg.arch, pretrained=False, num_classes=0, in_chans=cfg.channels, **kw)
+        self.cfg_arch = cfg.arch
         self.width = self.model.num_features
         inplace_mlp_gelu(self.model)
 
@@ -222,6 +270,79 @@ class TimmTower(VisionTower):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.model.set_grad_checkpointing(enable)
+
+    def blocks(self) -> list[nn.Module]:
+        """The model's blocks in order: ``model.blocks`` with stages (EfficientNet's nested Sequentials) flattened."""
+        seq = getattr(self.model, "blocks", None)
+        if not isinstance(seq, nn.Sequential):
+            return []
+        return [b for stage in seq for b in (stage if isinstance(stage, nn.Sequential) else [stage])]
+
+    def split_last(self, n: int) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module]:
+        """The trunk stops ``forward_features`` at the first tail block's input (a pre-hook that raises); the tail is
+        those blocks, the modules registered between ``blocks`` and the head (EfficientNet: ``conv_head``, ``bn2``;
+        ViT: ``norm``) and ``forward_head``. Callers check ``tail(trunk(x)) == self(x)`` (``check_split``), which
+        catches a timm family whose ``forward_features`` is not stem → blocks → those modules."""
+        blocks = self.blocks()
+        if not blocks:
+            return super().split_last(n)
+        check_blocks(n, len(blocks), f"the image tower {self.cfg_arch}")
+        names = list(self.model._modules)
+        head = {"global_pool", "fc_norm", "head_drop", "head", "classifier", "attn_pool"}
+        after = [self.model._modules[k] for k in names[names.index("blocks") + 1 :] if k not in head]
+        first = blocks[-n]
+
+        def trunk(images: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> the first tail block's input
+            seen: list[torch.Tensor] = []
+
+            def stop(_module: nn.Module, args: tuple) -> None:
+                seen.append(args[0])
+                raise _Cut
+
+            hook = first.register_forward_pre_hook(stop)
+            try:
+                self.model.forward_features(images)
+            except _Cut:
+                pass
+            finally:
+                hook.remove()
+            return seen[0]
+
+        return trunk, _TimmTail(blocks[-n:], after, self.model.forward_head)
+
+
+class _Cut(Exception):
+    """Raised by the trunk's hook: the forward stops where the cached part ends."""
+
+
+class _TimmTail(nn.Module):
+    """The last blocks of a timm model, the layers after them, and its pooling head (pre-logits)."""
+
+    def __init__(self, blocks: list[nn.Module], after: list[nn.Module], head: Callable) -> None:
+        super().__init__()
+        self.blocks, self.after = nn.Sequential(*blocks), nn.Sequential(*after)
+        self._head = head  # the timm model's bound forward_head: its parameters stay the tower's (locked)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # first tail block's input -> (B, D)
+        return self._head(self.after(self.blocks(x)), pre_logits=True)
+
+
+def check_split(tower: VisionTower, trunk: Callable, tail: nn.Module, size: int, channels: int) -> torch.Tensor:
+    """Raise unless ``tail(trunk(x))`` equals ``tower(x)`` on a random image (eval mode); returns the trunk's output
+    shape as a (1, ...) tensor, which tells the cache how big a row is."""
+    was = tower.training
+    tower.eval()
+    with torch.no_grad():
+        x = torch.rand(2, channels, size, size, generator=torch.Generator().manual_seed(0))
+        cut = trunk(x)
+        whole, split = tower(x), tail(cut)
+    tower.train(was)
+    if whole.shape != split.shape or not torch.allclose(whole, split, atol=1e-4, rtol=1e-3):
+        raise ValueError(
+            f"cutting the image tower {type(tower).__name__} before its last blocks does not reproduce its output; "
+            "unlock-last does not support this architecture: use lit.unlock_last_image=0"
+        )
+    return cut[:1]
 
 
 def inplace_mlp_gelu(model: nn.Module) -> int:

@@ -88,6 +88,11 @@ class LiTConfig:
     val_fraction: float = 0.1  # share of the training pairs held back to pick the best epoch; 0 = keep the last
     train_threads: int | None = 1  # torch threads while training the small heads (None: leave as is)
     feature_dropout: float = 0.0  # dropout on the cached features while training (regularises; the model has none)
+    same_caption: str = "negative"  # pairs of a batch sharing a caption: "negative" (CLIP: only the own pair
+    # matches) or "positive" (they match each other; captions repeat in tagged collections such as OpenClipart)
+    unlock_last_image: int = 0  # also train the image tower's last N blocks (cache: the first one's input); CLI
+    # shorthand --unlock-last N
+    unlock_lr_scale: float = 0.1  # learning rate of the unlocked blocks, as a share of optim.lr (they are pretrained)
 
 
 @dataclass(frozen=True)

@@ -10,17 +10,30 @@ from torch import nn
 from .config import OptimConfig
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW with two groups: weights decay; norms, biases, embeddings and the temperature do not (as CLIP trains)."""
+def build_optimizer(model: nn.Module, cfg: OptimConfig, scales: dict[str, float] | None = None) -> torch.optim.AdamW:
+    """AdamW with two groups: weights decay; norms, biases, embeddings and the temperature do not (as CLIP trains).
+
+    ``scales`` maps a parameter-name prefix to a learning-rate scale (``set_lr`` reads a group's ``"scale"``): LiT's
+    unlocked pretrained blocks learn slower than its fresh projections. Each prefix gets its own pair of groups."""
     skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
-    decay, no_decay = [], []
+    scales = scales or {}
+    grouped: dict[tuple[str | None, bool], list[nn.Parameter]] = {}
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if n in skip or p.ndim < 2 else decay).append(p)
-    if not decay and not no_decay:
+        prefix = next((k for k in scales if n.startswith(k)), None)
+        grouped.setdefault((prefix, not (n in skip or p.ndim < 2)), []).append(p)
+    if not grouped:
         raise ValueError("the model has no trainable parameters; unlock a tower or add a trainable head")
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = []
+    for prefix in [None, *scales]:
+        for decays in (True, False):
+            group = {"params": grouped.get((prefix, decays), []), "weight_decay": cfg.weight_decay if decays else 0.0}
+            if prefix is not None:
+                if not group["params"]:
+                    continue
+                group["scale"] = scales[prefix]
+            groups.append(group)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
 
 
