@@ -38,6 +38,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -106,6 +107,19 @@ def build_openclip_twin(mcfg: ModelConfig, eos_id: int) -> nn.Module:
     return model
 
 
+def share_image_tower(twin: nn.Module, core: nn.Module) -> bool:
+    """Start the twin's CNN image tower and projection from vislang's initial weights (same modules, same shapes),
+    so the arms differ only in what each library does itself (text tower and its initialisation, loss, step) and
+    not in the luck of two random draws; False (nothing copied) for a ViT, whose towers are different modules."""
+    if not isinstance(twin.visual, CNNTower):
+        return False
+    with torch.no_grad():
+        twin.visual.trunk.load_state_dict(core.visual.state_dict())
+        twin.visual.proj.weight.copy_(core.image_proj.weight)
+        twin.logit_scale.copy_(core.logit_scale)
+    return True
+
+
 def openclip_optimizer(model: nn.Module, lr: float, wd: float, betas: tuple[float, float], eps: float):
     """The AdamW of ``open_clip_train.main``: no decay on gains, biases, norms and the temperature."""
 
@@ -123,9 +137,12 @@ def openclip_optimizer(model: nn.Module, lr: float, wd: float, betas: tuple[floa
 class OpenClipStep:
     """One step of ``open_clip_train.train.train_one_epoch`` (accum_freq 1, no grad scaler: bf16 needs none)."""
 
-    def __init__(self, model: nn.Module, mcfg: ModelConfig, optim: Any, total: int, precision: str) -> None:
+    def __init__(
+        self, model: nn.Module, mcfg: ModelConfig, optim: Any, total: int, precision: str, attention: str = "sdpa"
+    ) -> None:
         import open_clip
         from open_clip_train.scheduler import cosine_lr
+        from torch.nn.attention import SDPBackend, sdpa_kernel
 
         self.model, self.clip = model, optim.grad_clip
         self.mean, self.std = mcfg.vision.mean, mcfg.vision.std
@@ -133,6 +150,9 @@ class OpenClipStep:
         self.optimizer = openclip_optimizer(model, optim.lr, optim.weight_decay, optim.betas, optim.eps)
         self.scheduler = cosine_lr(self.optimizer, optim.lr, optim.warmup_steps, total)
         self.amp = prec.autocast(precision, torch.device("cpu"))
+        # "math": PyTorch's unfused attention for OpenCLIP's nn.MultiheadAttention (a global PyTorch switch, not an
+        # OpenCLIP option), to show how much of the gap is the fused CPU kernel vislang's own attention avoids
+        self.kernel = (lambda: sdpa_kernel(SDPBackend.MATH)) if attention == "math" else contextlib.nullcontext
         self.step = 0
         model.train()
 
@@ -140,10 +160,11 @@ class OpenClipStep:
         self.scheduler(self.step)
         images = normalize(batch["image"], self.mean, self.std)
         self.optimizer.zero_grad()
-        with self.amp:
-            losses = self.loss(**self.model(images, batch["tokens"]), output_dict=True)
-            total_loss = sum(losses.values())
-        total_loss.backward()
+        with self.kernel():
+            with self.amp:
+                losses = self.loss(**self.model(images, batch["tokens"]), output_dict=True)
+                total_loss = sum(losses.values())
+            total_loss.backward()
         if self.clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip, norm_type=2.0)
         self.optimizer.step()
@@ -230,6 +251,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default="auto", help="vislang's precision (auto follows the CPU)")
     p.add_argument("--openclip-precision", default="auto", help="OpenCLIP's: amp_bf16, fp32, or auto (amp_bf16 "
                    "where the CPU has native bf16)")  # fmt: skip
+    p.add_argument("--openclip-attention", choices=("sdpa", "math"), default="sdpa", help="sdpa: OpenCLIP as "
+                   "shipped (nn.MultiheadAttention on SDPA's fused kernel); math: with PyTorch's unfused attention "
+                   "forced (sdpa_kernel(MATH)), what vislang's own attention picks on a CPU in bf16")  # fmt: skip
     p.add_argument("--max-minutes", type=float, help="stop after this much wall time (both arms, evaluations "
                    "included) and report the levels reached so far; default no limit")  # fmt: skip
     p.add_argument("--threads", type=int, help="torch threads (default torch's own choice; smoke 1)")
@@ -276,8 +300,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         mcfg, cfg = task.mcfg, task.cfg
         torch.manual_seed(cfg.seed)
         oc_model = build_openclip_twin(mcfg, task.tokenizer.eos_id)
+        shared = share_image_tower(oc_model, task.core)  # before either arm's first step
         oc_prec = "bf16" if args.openclip_precision == "amp_bf16" else "fp32"
-        oc_step = OpenClipStep(oc_model, mcfg, cfg.optim, args.steps, oc_prec)
+        oc_step = OpenClipStep(oc_model, mcfg, cfg.optim, args.steps, oc_prec, args.openclip_attention)
         seed, workers = cfg.seed, cfg.data.num_workers  # the same batches in the same order as vislang's
         oc_batches = stream(
             lambda e: batch_loader(task.data, epoch_batches(len(task.data), args.batch_size, seed, e), workers)
@@ -296,7 +321,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(
             f"model {args.model}; batch {args.batch_size}; up to {args.steps} steps; eval every {args.eval_every} "
             f"steps on {n} test images; precision vislang {vis.precision} ({vis.step.loop.choice.reason}), "
-            f"openclip {args.openclip_precision}",
+            f"openclip {args.openclip_precision} (attention kernel: {args.openclip_attention}); image tower "
+            f"{'starts from the same weights in both' if shared else 'initialised by each library'}",
             flush=True,
         )
         top, t0 = args.levels[-1], time.time()
@@ -321,10 +347,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if args.max_minutes and time.time() - t0 > 60 * args.max_minutes:
                 print(f"  --max-minutes {args.max_minutes:g} spent: stopping here")
                 break
-    return report(args, arms)
+    return report(args, arms, shared)
 
 
-def report(args: argparse.Namespace, arms: list[Arm]) -> dict[str, Any]:
+def report(args: argparse.Namespace, arms: list[Arm], shared: bool) -> dict[str, Any]:
     vis, oc = arms
     levels: dict[str, Any] = {}
     ratio = accuracy = None
@@ -359,6 +385,8 @@ def report(args: argparse.Namespace, arms: list[Arm]) -> dict[str, Any]:
         "cpu": prec.cpu_name(),
         "torch": torch.__version__,
         "precision": {"vislang": vis.precision, "openclip": args.openclip_precision},
+        "openclip_attention": args.openclip_attention,
+        "shared_image_init": shared,
         "smoke": args.smoke,
         "levels": levels,
         "seconds_per_step": per_step,
