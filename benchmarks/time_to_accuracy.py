@@ -28,7 +28,8 @@ What separates the arms, as found (one thread each, a machine loaded by other jo
   evaluations 25 steps apart (both arms, at the peak learning rate), and the lead changes sides with the random
   draws. Swapping OpenCLIP's text initialisation into vislang (token embeddings of std 0.02, scaled projections:
   text features' mean cosine at init 0.63 instead of 0.99) did not make vislang's curve better (89.6% at step 225
-  and 91.2% at 250, against 90.0% and 91.1% without). The image towers now start from the same weights (``share_image_tower``), so that luck is gone.
+  and 91.2% at 250, against 90.0% and 91.1% without). The image towers now start from the same weights
+  (``share_image_tower``), so that luck is gone.
 * **The step is what differs.** PyTorch's fused CPU attention kernel (SDPA's flash attention for CPU) is 5-8x
   slower in bf16 than the explicit softmax(QKᵀ/√d)V at these lengths: 34% of OpenCLIP's step (its
   ``nn.MultiheadAttention`` calls it), while vislang's attention takes the explicit path in half precision on a
