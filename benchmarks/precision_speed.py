@@ -23,9 +23,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +36,23 @@ import torch
 from vislang import precision as prec
 from vislang.evaluation.embed import embed_images
 from vislang.factory import build_model, get_model_config
+from vislang.layers import transformer
 from vislang.train.config import OptimConfig
 from vislang.train.optim import build_optimizer
 from vislang.train.tasks import ContrastiveTask
 
 CPU = torch.device("cpu")
 PEAK_N = 2048  # the matmul size MFU's peak is measured on (as the issue measured it: 776 GFLOP/s bf16 then)
+
+
+@contextlib.contextmanager
+def fused_attention() -> Iterator[None]:
+    """SDPA's fused kernel everywhere, as before vislang computed attention explicitly in half precision on a CPU."""
+    saved, transformer.EXPLICIT_MAX_SCORES = transformer.EXPLICIT_MAX_SCORES, -1
+    try:
+        yield
+    finally:
+        transformer.EXPLICIT_MAX_SCORES = saved
 
 
 def make_row(mcfg, fused: bool) -> tuple[torch.nn.Module, ContrastiveTask, torch.optim.Optimizer]:
@@ -81,11 +94,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--rounds", type=int, default=6, help="timed rounds (each row one step per round) after one warmup")
     p.add_argument("--embed-images", type=int, default=2048, help="images embedded per precision and round; 0 = skip")
     p.add_argument("--threads", type=int, help="torch threads (default torch's own choice)")
+    p.add_argument("--sdpa-row", action="store_true", help="one more bf16 row with SDPA's fused attention kernel "
+                   "(what vislang used before its explicit CPU attention), interleaved with the others")  # fmt: skip
     p.add_argument("--smoke", action="store_true", help="tiny sizes: only checks that it runs")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     if args.smoke:
-        args.batch_size, args.rounds, args.embed_images, args.threads = 16, 1, 32, 1
+        args.batch_size, args.rounds, args.embed_images, args.threads, args.sdpa_row = 16, 1, 32, 1, True
     if args.threads:
         torch.set_num_threads(args.threads)
     mcfg = get_model_config(args.model, {"text": {"vocab_size": 1000}})
@@ -97,12 +112,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     times: dict[tuple[str, bool], list[float]] = {k: [] for k in rows}
     matmul = {pr: torch.randn(PEAK_N, PEAK_N).to(prec.DTYPES.get(pr, torch.float32)) for pr in ("fp32", "bf16")}
     now: dict[str, list[float]] = {pr: [] for pr in matmul}  # a 2048² matmul's FLOP/s in the same rounds
+    sdpa_row, sdpa_times = (make_row(mcfg, False) if args.sdpa_row else None), []
     for r in range(args.rounds + 1):
         for (pr, fused), row in rows.items():
             t0 = time.perf_counter()
             train_step(row, batch, pr)
             if r:
                 times[(pr, fused)].append(time.perf_counter() - t0)
+        if sdpa_row is not None:
+            with fused_attention():
+                t0 = time.perf_counter()
+                train_step(sdpa_row, batch, "bf16")
+                if r:
+                    sdpa_times.append(time.perf_counter() - t0)
         for pr, m in matmul.items():
             t0 = time.perf_counter()
             m @ m
@@ -126,13 +148,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ratio = med[("fp32", False)] / med[("bf16", False)]
     fused = {pr: med[(pr, False)] / med[(pr, True)] for pr in ("fp32", "bf16")}
     print(f"fused/foreach AdamW: fp32 {fused['fp32']:.2f}x, bf16 {fused['bf16']:.2f}x")
+    sdpa = None
+    if sdpa_times:
+        t = statistics.median(sdpa_times)
+        sdpa = {"ms_per_step": 1000 * t, "mfu": flops / t / peak["bf16"], "explicit_speedup": t / med[("bf16", False)]}
+        print(f"  bf16 with SDPA's fused attention {1000 * t:8.0f} ms/step: explicit attention "
+              f"{sdpa['explicit_speedup']:.2f}x its steps/s")  # fmt: skip
     embed = embed_speed(mcfg, args.embed_images, args.rounds) if args.embed_images else None
     print(f"ratio bf16/fp32 training steps/s = {ratio:.2f}")
     result = {"benchmark": "precision_speed", "model": args.model, "batch_size": args.batch_size,
               "threads": torch.get_num_threads(), "cpu": prec.cpu_name(), "gflop_per_step": flops / 1e9,
               "peak_gflop_per_s": {k: v / 1e9 for k, v in peak.items()},
               "peak_same_rounds_gflop_per_s": {k: v / 1e9 for k, v in peak_now.items()}, "rows": rows_out,
-              "fused_ratio": fused,
+              "fused_ratio": fused, "sdpa_attention": sdpa,
               "embed": embed, "ratio": ratio, "smoke": args.smoke}  # fmt: skip
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -134,6 +134,9 @@ def test_precision_speed_smoke(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, f"precision_speed failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert re.search(r"ratio bf16/fp32 training steps/s = \d+\.\d\d", proc.stdout), proc.stdout
+    assert re.search(r"explicit attention \d+\.\d\dx its steps/s", proc.stdout), proc.stdout  # --sdpa-row in smoke
+    report = json.loads(out_json.read_text())
+    assert report["sdpa_attention"]["ms_per_step"] > 0 and report["rows"]["bf16 foreach AdamW"]["mfu_same_rounds"] > 0
     report = json.loads(out_json.read_text())
     assert len(report["rows"]) == 4 and all(r["ms_per_step"] > 0 for r in report["rows"].values())
     assert report["embed"]["min_cosine"] >= 0.999
