@@ -43,8 +43,8 @@ What separates the arms, as found (one thread each, a machine loaded by other jo
   each evaluation and before saving (``precise_bn``); here that runs before each of vislang's evaluations and its
   time counts as vislang's training time. OpenCLIP's loop has nothing of the kind, so its model is scored, as its
   own evaluation would score it, with the running averages. One run each under load (one thread, 2,000 images every
-  50 steps): 80/85/90% at 3.16/5.22/2.06x OpenCLIP's seconds over vislang's as shipped, 2.12/2.89/1.78x with
-  ``--openclip-attention math`` (that run before ``precise_bn`` ran in bf16).
+  50 steps): 80/85/90% at 3.16/5.22/2.06x OpenCLIP's seconds over vislang's as shipped, 2.55/3.85/1.94x with
+  ``--openclip-attention math``.
 
 Usage::
 
