@@ -6,9 +6,12 @@ CLIP loss) under the precision's autocast, backward, gradient clipping, AdamW. R
 AdamW's default ``foreach`` kernels and with ``fused=True`` (the fused CPU kernel), each row its own model and optimizer
 from the same initial weights, on the same batch (random images, 100 distinct captions as Fashion-MNIST's templates
 give). Model FLOPs per step are counted once (``torch.utils.flop_counter``); MFU divides the achieved FLOP/s by the
-measured matmul peak of the precision (``vislang.precision.peak_flops``, cached per machine: delete
-``~/.cache/vislang/precision.json`` to probe again on a quiet machine). Embedding: ``embed_images`` of random images
-in fp32 and bf16, images/s and the smallest cosine between the two precisions' embeddings.
+measured matmul peak of the precision (``vislang.precision.peak_flops``: a 2048² matmul, the best ever probed on
+this machine at this thread count, cached: delete ``~/.cache/vislang/precision.json`` to probe again on a quiet
+machine), and, for a machine other jobs share, also by the same matmul timed once per round between the steps
+(median): both slow down alike, so that ratio holds under load where the first does not. Embedding:
+``embed_images`` of random images in fp32 and bf16, images/s and the smallest cosine between the two precisions'
+embeddings.
 
 Usage::
 
@@ -20,9 +23,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +36,23 @@ import torch
 from vislang import precision as prec
 from vislang.evaluation.embed import embed_images
 from vislang.factory import build_model, get_model_config
+from vislang.layers import transformer
 from vislang.train.config import OptimConfig
 from vislang.train.optim import build_optimizer
 from vislang.train.tasks import ContrastiveTask
 
 CPU = torch.device("cpu")
+PEAK_N = 2048  # the matmul size MFU's peak is measured on (as the issue measured it: 776 GFLOP/s bf16 then)
+
+
+@contextlib.contextmanager
+def fused_attention() -> Iterator[None]:
+    """SDPA's fused kernel everywhere, as before vislang computed attention explicitly in half precision on a CPU."""
+    saved, transformer.EXPLICIT_MAX_SCORES = transformer.EXPLICIT_MAX_SCORES, -1
+    try:
+        yield
+    finally:
+        transformer.EXPLICIT_MAX_SCORES = saved
 
 
 def make_row(mcfg, fused: bool) -> tuple[torch.nn.Module, ContrastiveTask, torch.optim.Optimizer]:
@@ -77,11 +94,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--rounds", type=int, default=6, help="timed rounds (each row one step per round) after one warmup")
     p.add_argument("--embed-images", type=int, default=2048, help="images embedded per precision and round; 0 = skip")
     p.add_argument("--threads", type=int, help="torch threads (default torch's own choice)")
+    p.add_argument("--sdpa-row", action="store_true", help="one more bf16 row with SDPA's fused attention kernel "
+                   "(what vislang used before its explicit CPU attention), interleaved with the others")  # fmt: skip
     p.add_argument("--smoke", action="store_true", help="tiny sizes: only checks that it runs")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     if args.smoke:
-        args.batch_size, args.rounds, args.embed_images, args.threads = 16, 1, 32, 1
+        args.batch_size, args.rounds, args.embed_images, args.threads, args.sdpa_row = 16, 1, 32, 1, True
     if args.threads:
         torch.set_num_threads(args.threads)
     mcfg = get_model_config(args.model, {"text": {"vocab_size": 1000}})
@@ -91,31 +110,57 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     flops = prec.count_flops(lambda: task(batch)[0].backward())
     model.zero_grad(set_to_none=True)
     times: dict[tuple[str, bool], list[float]] = {k: [] for k in rows}
+    matmul = {pr: torch.randn(PEAK_N, PEAK_N).to(prec.DTYPES.get(pr, torch.float32)) for pr in ("fp32", "bf16")}
+    now: dict[str, list[float]] = {pr: [] for pr in matmul}  # a 2048² matmul's FLOP/s in the same rounds
+    sdpa_row, sdpa_times = (make_row(mcfg, False) if args.sdpa_row else None), []
     for r in range(args.rounds + 1):
         for (pr, fused), row in rows.items():
             t0 = time.perf_counter()
             train_step(row, batch, pr)
             if r:
                 times[(pr, fused)].append(time.perf_counter() - t0)
-    peak = {pr: prec.peak_flops(pr, CPU) for pr in ("fp32", "bf16")}
+        if sdpa_row is not None:
+            with fused_attention():
+                t0 = time.perf_counter()
+                train_step(sdpa_row, batch, "bf16")
+                if r:
+                    sdpa_times.append(time.perf_counter() - t0)
+        for pr, m in matmul.items():
+            t0 = time.perf_counter()
+            m @ m
+            if r:
+                now[pr].append(2 * PEAK_N**3 / (time.perf_counter() - t0))
+    peak = {pr: prec.peak_flops(pr, CPU, PEAK_N) for pr in ("fp32", "bf16")}
+    peak_now = {pr: statistics.median(v) for pr, v in now.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"precision_speed: {args.model}, batch {args.batch_size}, torch {torch.__version__}, threads "
           f"{torch.get_num_threads()}, CPU {prec.cpu_name()} (native bf16: {prec.native_bf16(CPU)})")  # fmt: skip
-    print(f"{flops / 1e9:.1f} GFLOP per step; measured peak fp32 {peak['fp32'] / 1e9:.0f}, bf16 "
-          f"{peak['bf16'] / 1e9:.0f} GFLOP/s")  # fmt: skip
+    print(f"{flops / 1e9:.1f} GFLOP per step; measured peak (best probe on this machine) fp32 "
+          f"{peak['fp32'] / 1e9:.0f}, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s; a {PEAK_N}² matmul timed between the "
+          f"steps of each round: fp32 {peak_now['fp32'] / 1e9:.0f}, bf16 {peak_now['bf16'] / 1e9:.0f}")  # fmt: skip
     rows_out = {}
     for (pr, fused), t in med.items():
         name = f"{pr} {'fused' if fused else 'foreach'} AdamW"
-        rows_out[name] = {"ms_per_step": 1000 * t, "gflop_per_s": flops / t / 1e9, "mfu": flops / t / peak[pr]}
-        print(f"  {name:22s} {1000 * t:8.0f} ms/step {flops / t / 1e9:8.1f} GFLOP/s  MFU {flops / t / peak[pr]:.1%}")
+        mfu, mfu_now = flops / t / peak[pr], flops / t / peak_now[pr]
+        rows_out[name] = dict(ms_per_step=1000 * t, gflop_per_s=flops / t / 1e9, mfu=mfu, mfu_same_rounds=mfu_now)
+        print(f"  {name:22s} {1000 * t:8.0f} ms/step {flops / t / 1e9:8.1f} GFLOP/s  MFU {mfu:.1%} of the best "
+              f"probe, {mfu_now:.1%} of the matmul in the same rounds")  # fmt: skip
     ratio = med[("fp32", False)] / med[("bf16", False)]
     fused = {pr: med[(pr, False)] / med[(pr, True)] for pr in ("fp32", "bf16")}
     print(f"fused/foreach AdamW: fp32 {fused['fp32']:.2f}x, bf16 {fused['bf16']:.2f}x")
+    sdpa = None
+    if sdpa_times:
+        t = statistics.median(sdpa_times)
+        sdpa = {"ms_per_step": 1000 * t, "mfu": flops / t / peak["bf16"], "explicit_speedup": t / med[("bf16", False)]}
+        print(f"  bf16 with SDPA's fused attention {1000 * t:8.0f} ms/step: explicit attention "
+              f"{sdpa['explicit_speedup']:.2f}x its steps/s")  # fmt: skip
     embed = embed_speed(mcfg, args.embed_images, args.rounds) if args.embed_images else None
     print(f"ratio bf16/fp32 training steps/s = {ratio:.2f}")
     result = {"benchmark": "precision_speed", "model": args.model, "batch_size": args.batch_size,
               "threads": torch.get_num_threads(), "cpu": prec.cpu_name(), "gflop_per_step": flops / 1e9,
-              "peak_gflop_per_s": {k: v / 1e9 for k, v in peak.items()}, "rows": rows_out, "fused_ratio": fused,
+              "peak_gflop_per_s": {k: v / 1e9 for k, v in peak.items()},
+              "peak_same_rounds_gflop_per_s": {k: v / 1e9 for k, v in peak_now.items()}, "rows": rows_out,
+              "fused_ratio": fused, "sdpa_attention": sdpa,
               "embed": embed, "ratio": ratio, "smoke": args.smoke}  # fmt: skip
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -21,12 +21,30 @@ peak learning rate, warmup, betas, eps, weight decay and clipping. Every ``--eva
 prompt templates, in fp32. Only training steps count towards an arm's seconds (batch reading included). The headline
 ``ratio`` is OpenCLIP's seconds over vislang's at the highest level both reached; ``accuracy`` is that level.
 
-Why OpenCLIP's twin gains more per step early on, as far as found: at initialisation vislang's text tower (PyTorch's
-default init, token embeddings of std 1) maps different captions to nearly parallel features (mean cosine 0.99 over
-100 random captions; OpenCLIP's init: 0.45), so the loss first has to pull them apart. A run with OpenCLIP's text init
-in vislang did not reach 80/85% sooner (one noisy run on a loaded machine), so it was not kept. Not yet isolated: the
-CNN weights' random draws (the two arms build their modules in different orders from one seed), weight decay on the
-embeddings (OpenCLIP decays them, vislang does not), the schedule's floor (vislang 2% of the peak, OpenCLIP 0).
+What separates the arms, as found (one thread each, a machine loaded by other jobs, so step-indexed curves):
+
+* **Per step they learn alike.** With a 300-step schedule both reached 90% zero-shot (1,000 test images) by step
+  225-250. OpenCLIP's twin looked ahead early in single runs, but the curves swing by up to 35 points between
+  evaluations 25 steps apart (both arms, at the peak learning rate), and the lead changes sides with the random
+  draws. Swapping OpenCLIP's text initialisation into vislang (token embeddings of std 0.02, scaled projections:
+  text features' mean cosine at init 0.63 instead of 0.99) did not make vislang's curve better (89.6% at step 225
+  and 91.2% at 250, against 90.0% and 91.1% without). The image towers now start from the same weights
+  (``share_image_tower``), so that luck is gone.
+* **The step is what differs.** PyTorch's fused CPU attention kernel (SDPA's flash attention for CPU) is 5-8x
+  slower in bf16 than the explicit softmax(QKᵀ/√d)V at these lengths: 34% of OpenCLIP's step (its
+  ``nn.MultiheadAttention`` calls it), while vislang's attention takes the explicit path in half precision on a
+  CPU (``vislang.layers.transformer.attention``). vislang also encodes each distinct caption of a batch once (~92
+  of 256 here) with the same gradients. Measured interleaved, one thread: vislang 221 ms a step, OpenCLIP 417 ms
+  (1.89x); with ``--openclip-attention math`` (PyTorch's unfused kernel forced, a global PyTorch switch rather
+  than an OpenCLIP option) 296 ms (1.34x).
+* **What the evaluation sees.** The CNN's BatchNorm running averages trail the weights by ~10 steps, and at the
+  demo's learning rate that costs eval-mode zero-shot up to 18 points mid-run (step 75: 64.1% against 82.1% with
+  statistics recomputed under the current weights). vislang's loop recomputes them from 2,048 training images before
+  each evaluation and before saving (``precise_bn``); here that runs before each of vislang's evaluations and its
+  time counts as vislang's training time. OpenCLIP's loop has nothing of the kind, so its model is scored, as its
+  own evaluation would score it, with the running averages. One run each under load (one thread, 2,000 images every
+  50 steps): 80/85/90% at 3.16/5.22/2.06x OpenCLIP's seconds over vislang's as shipped, 2.55/3.85/1.94x with
+  ``--openclip-attention math``.
 
 Usage::
 
@@ -38,6 +56,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -106,6 +125,19 @@ def build_openclip_twin(mcfg: ModelConfig, eos_id: int) -> nn.Module:
     return model
 
 
+def share_image_tower(twin: nn.Module, core: nn.Module) -> bool:
+    """Start the twin's CNN image tower and projection from vislang's initial weights (same modules, same shapes),
+    so the arms differ only in what each library does itself (text tower and its initialisation, loss, step) and
+    not in the luck of two random draws; False (nothing copied) for a ViT, whose towers are different modules."""
+    if not isinstance(twin.visual, CNNTower):
+        return False
+    with torch.no_grad():
+        twin.visual.trunk.load_state_dict(core.visual.state_dict())
+        twin.visual.proj.weight.copy_(core.image_proj.weight)
+        twin.logit_scale.copy_(core.logit_scale)
+    return True
+
+
 def openclip_optimizer(model: nn.Module, lr: float, wd: float, betas: tuple[float, float], eps: float):
     """The AdamW of ``open_clip_train.main``: no decay on gains, biases, norms and the temperature."""
 
@@ -123,9 +155,12 @@ def openclip_optimizer(model: nn.Module, lr: float, wd: float, betas: tuple[floa
 class OpenClipStep:
     """One step of ``open_clip_train.train.train_one_epoch`` (accum_freq 1, no grad scaler: bf16 needs none)."""
 
-    def __init__(self, model: nn.Module, mcfg: ModelConfig, optim: Any, total: int, precision: str) -> None:
+    def __init__(
+        self, model: nn.Module, mcfg: ModelConfig, optim: Any, total: int, precision: str, attention: str = "sdpa"
+    ) -> None:
         import open_clip
         from open_clip_train.scheduler import cosine_lr
+        from torch.nn.attention import SDPBackend, sdpa_kernel
 
         self.model, self.clip = model, optim.grad_clip
         self.mean, self.std = mcfg.vision.mean, mcfg.vision.std
@@ -133,6 +168,9 @@ class OpenClipStep:
         self.optimizer = openclip_optimizer(model, optim.lr, optim.weight_decay, optim.betas, optim.eps)
         self.scheduler = cosine_lr(self.optimizer, optim.lr, optim.warmup_steps, total)
         self.amp = prec.autocast(precision, torch.device("cpu"))
+        # "math": PyTorch's unfused attention for OpenCLIP's nn.MultiheadAttention (a global PyTorch switch, not an
+        # OpenCLIP option), to show how much of the gap is the fused CPU kernel vislang's own attention avoids
+        self.kernel = (lambda: sdpa_kernel(SDPBackend.MATH)) if attention == "math" else contextlib.nullcontext
         self.step = 0
         model.train()
 
@@ -140,10 +178,11 @@ class OpenClipStep:
         self.scheduler(self.step)
         images = normalize(batch["image"], self.mean, self.std)
         self.optimizer.zero_grad()
-        with self.amp:
-            losses = self.loss(**self.model(images, batch["tokens"]), output_dict=True)
-            total_loss = sum(losses.values())
-        total_loss.backward()
+        with self.kernel():
+            with self.amp:
+                losses = self.loss(**self.model(images, batch["tokens"]), output_dict=True)
+                total_loss = sum(losses.values())
+            total_loss.backward()
         if self.clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip, norm_type=2.0)
         self.optimizer.step()
@@ -179,6 +218,7 @@ class Arm:
     seconds: float = 0.0  # training time so far (steps only)
     steps: int = 0
     curve: list[dict[str, float]] = field(default_factory=list)  # {step, seconds, accuracy, loss}
+    before_eval: Callable[[], Any] | None = None  # what the library's loop does before it evaluates (timed)
 
     def train(self, n: int) -> float:
         """``n`` timed steps; the last step's loss."""
@@ -189,6 +229,13 @@ class Arm:
             self.seconds += time.perf_counter() - t0
             self.steps += 1
         return float(loss)
+
+    def ready(self) -> None:
+        """The library's own preparation for an evaluation, counted as training time."""
+        if self.before_eval is not None:
+            t0 = time.perf_counter()
+            self.before_eval()
+            self.seconds += time.perf_counter() - t0
 
     def reached(self, level: float) -> dict[str, float] | None:
         return next((p for p in self.curve if p["accuracy"] >= level), None)
@@ -230,6 +277,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default="auto", help="vislang's precision (auto follows the CPU)")
     p.add_argument("--openclip-precision", default="auto", help="OpenCLIP's: amp_bf16, fp32, or auto (amp_bf16 "
                    "where the CPU has native bf16)")  # fmt: skip
+    p.add_argument("--openclip-attention", choices=("sdpa", "math"), default="sdpa", help="sdpa: OpenCLIP as "
+                   "shipped (nn.MultiheadAttention on SDPA's fused kernel); math: with PyTorch's unfused attention "
+                   "forced (sdpa_kernel(MATH)), what vislang's own attention picks on a CPU in bf16")  # fmt: skip
     p.add_argument("--max-minutes", type=float, help="stop after this much wall time (both arms, evaluations "
                    "included) and report the levels reached so far; default no limit")  # fmt: skip
     p.add_argument("--threads", type=int, help="torch threads (default torch's own choice; smoke 1)")
@@ -262,7 +312,8 @@ def vislang_arm(args: argparse.Namespace, out: Path) -> tuple[Arm, DualEncoderTa
     loop = Loop(task, cfg, resume=False)
     loop.prepare()  # data, tokenizer, model, AdamW, and the precision choice (a trial on first use)
     batches = stream(lambda epoch: task.batches(epoch, 0))
-    return Arm("vislang", task.core, VislangStep(loop), batches, loop.choice.precision), task
+    arm = Arm("vislang", task.core, VislangStep(loop), batches, loop.choice.precision, before_eval=task.calibrate)
+    return arm, task
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -276,8 +327,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         mcfg, cfg = task.mcfg, task.cfg
         torch.manual_seed(cfg.seed)
         oc_model = build_openclip_twin(mcfg, task.tokenizer.eos_id)
+        shared = share_image_tower(oc_model, task.core)  # before either arm's first step
         oc_prec = "bf16" if args.openclip_precision == "amp_bf16" else "fp32"
-        oc_step = OpenClipStep(oc_model, mcfg, cfg.optim, args.steps, oc_prec)
+        oc_step = OpenClipStep(oc_model, mcfg, cfg.optim, args.steps, oc_prec, args.openclip_attention)
         seed, workers = cfg.seed, cfg.data.num_workers  # the same batches in the same order as vislang's
         oc_batches = stream(
             lambda e: batch_loader(task.data, epoch_batches(len(task.data), args.batch_size, seed, e), workers)
@@ -296,7 +348,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(
             f"model {args.model}; batch {args.batch_size}; up to {args.steps} steps; eval every {args.eval_every} "
             f"steps on {n} test images; precision vislang {vis.precision} ({vis.step.loop.choice.reason}), "
-            f"openclip {args.openclip_precision}",
+            f"openclip {args.openclip_precision} (attention kernel: {args.openclip_attention}); image tower "
+            f"{'starts from the same weights in both' if shared else 'initialised by each library'}; before each "
+            f"evaluation vislang's loop recomputes BatchNorm statistics (precise_bn {task.cfg.precise_bn} images, "
+            "timed as training), OpenCLIP's has nothing of the kind",
             flush=True,
         )
         top, t0 = args.levels[-1], time.time()
@@ -308,6 +363,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 for arm in active:
                     losses[arm.name] = arm.train(min(CHUNK, n - done, args.steps - arm.steps))
             for arm in active:
+                arm.ready()
                 acc = zero_shot(arm.model, task.tokenizer, val, images, labels)
                 arm.curve.append(
                     dict(step=arm.steps, seconds=round(arm.seconds, 2), accuracy=acc, loss=losses[arm.name])
@@ -321,10 +377,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             if args.max_minutes and time.time() - t0 > 60 * args.max_minutes:
                 print(f"  --max-minutes {args.max_minutes:g} spent: stopping here")
                 break
-    return report(args, arms)
+    return report(args, arms, shared)
 
 
-def report(args: argparse.Namespace, arms: list[Arm]) -> dict[str, Any]:
+def report(args: argparse.Namespace, arms: list[Arm], shared: bool) -> dict[str, Any]:
     vis, oc = arms
     levels: dict[str, Any] = {}
     ratio = accuracy = None
@@ -359,6 +415,8 @@ def report(args: argparse.Namespace, arms: list[Arm]) -> dict[str, Any]:
         "cpu": prec.cpu_name(),
         "torch": torch.__version__,
         "precision": {"vislang": vis.precision, "openclip": args.openclip_precision},
+        "openclip_attention": args.openclip_attention,
+        "shared_image_init": shared,
         "smoke": args.smoke,
         "levels": levels,
         "seconds_per_step": per_step,

@@ -93,6 +93,11 @@ def test_time_to_accuracy_twin_is_the_demo_model() -> None:
     images = torch.randn(3, 1, 28, 28)
     out = openclip(images, tokenizer(captions))
     assert out["image_features"].shape == out["text_features"].shape == (3, mcfg.embed_dim)
+    # the image towers start from the same weights: same image features before training
+    openclip.eval(), vislang.eval()
+    assert not torch.allclose(openclip.encode_image(images), vislang.encode_image(images))
+    assert tta.share_image_tower(openclip, vislang)
+    torch.testing.assert_close(openclip.encode_image(images, normalize=True), vislang.encode_image(images))
 
 
 @pytest.mark.fashion_mnist
@@ -107,12 +112,13 @@ def test_time_to_accuracy_smoke(tmp_path: Path) -> None:
     }
     proc = subprocess.run(
         [sys.executable, str(BENCHMARKS / "time_to_accuracy.py"), "--smoke", "--levels", "0.05,0.1",
-         "--json", str(out_json)],
+         "--openclip-attention", "math", "--json", str(out_json)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, f"time_to_accuracy failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     report = json.loads(out_json.read_text())
     assert set(report["curves"]) == {"vislang", "openclip"}
+    assert report["openclip_attention"] == "math" and "attention kernel: math" in proc.stdout
     assert all(c and all(0 <= p["accuracy"] <= 1 for p in c) for c in report["curves"].values())
     assert report["accuracy"] in (0.05, 0.1, None)
     if report["ratio"] is not None:
@@ -128,6 +134,9 @@ def test_precision_speed_smoke(tmp_path: Path) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, f"precision_speed failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert re.search(r"ratio bf16/fp32 training steps/s = \d+\.\d\d", proc.stdout), proc.stdout
+    assert re.search(r"explicit attention \d+\.\d\dx its steps/s", proc.stdout), proc.stdout  # --sdpa-row in smoke
+    report = json.loads(out_json.read_text())
+    assert report["sdpa_attention"]["ms_per_step"] > 0 and report["rows"]["bf16 foreach AdamW"]["mfu_same_rounds"] > 0
     report = json.loads(out_json.read_text())
     assert len(report["rows"]) == 4 and all(r["ms_per_step"] > 0 for r in report["rows"].values())
     assert report["embed"]["min_cosine"] >= 0.999

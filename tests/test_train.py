@@ -157,3 +157,48 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_folder(tmp_path):
     with pytest.raises((ValueError, FileNotFoundError), match="not found"):
         train(_cfg(tmp_path, "keep/broken", "data.train=no-such-pairs.csv"))
     assert (tmp_path / "keep").is_dir() and not (tmp_path / "keep" / "broken").exists()  # only what it made goes
+
+
+def test_precise_batchnorm_sets_the_statistics_of_the_given_images():
+    """After ``precise_batchnorm`` the image tower in eval mode computes what train mode (batch statistics) computes
+    on the same batch; the momentum is restored; a locked tower keeps its statistics."""
+    from vislang.factory import build_model, get_model_config
+    from vislang.train.tasks.contrastive import precise_batchnorm
+
+    torch.manual_seed(0)
+    model = build_model(get_model_config("fmnist-cnn", {"text": {"vocab_size": 64}})).eval()
+    images = torch.randn(64, 1, 28, 28) * 2 + 1  # far from the initial statistics (mean 0, variance 1)
+    stale = model.visual(images)
+    with torch.no_grad():
+        batch_stats = model.visual.train()(images)
+    model.eval()
+    assert not torch.allclose(stale, batch_stats, atol=1e-2)
+    assert precise_batchnorm(model, iter([images[:32], images[32:]])) == 6  # two conv-BN-ReLU per stage, 3 stages
+    assert not model.visual.training
+    torch.testing.assert_close(model.visual(images), batch_stats, atol=2e-2, rtol=2e-2)  # unbiased vs biased variance
+    bns = [m for m in model.visual.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(m.momentum == 0.1 for m in bns)
+    model.lock_image_tower()
+    before = [m.running_mean.clone() for m in bns]
+    assert precise_batchnorm(model, iter([images + 5])) == 0
+    assert all(torch.equal(a, m.running_mean) for a, m in zip(before, bns))
+
+
+def test_training_recomputes_batchnorm_statistics_before_saving(tmp_path, monkeypatch):
+    """``precise_bn`` images decide the BatchNorm statistics at each evaluation and of the saved model; 0 keeps the
+    running averages."""
+    from vislang.train.tasks import contrastive
+
+    seen, real = [], contrastive.precise_batchnorm
+
+    def spy(model, batches):
+        batches = list(batches)
+        seen.append([len(b) for b in batches])
+        return real(model, iter(batches))
+
+    monkeypatch.setattr(contrastive, "precise_batchnorm", spy)
+    train(_cfg(tmp_path, "on", "precise_bn=40"))
+    assert len(seen) >= 2 and all(s == [16, 16, 8] for s in seen)  # each evaluation and the saved model
+    seen.clear()
+    train(_cfg(tmp_path, "off", "precise_bn=0"))
+    assert seen == []

@@ -2,8 +2,8 @@
 pays, fp32 elsewhere; and the machine's measured peak FLOP/s for each, which model FLOP utilisation (MFU) divides by.
 
 Why measured and not a fixed rule: on AVX2-only CPUs bf16 autocast is emulated and slower than fp32, while on a CPU
-with ``avx512_bf16`` or AMX a 2048² matmul runs ~5× faster in bf16 (776 against 158 GFLOP/s on this project's 2-core
-EPYC) and a small CNN + Transformer trains 1.4× faster; yet a tiny ViT gains nothing. So ``precision: auto`` asks
+with ``avx512_bf16`` or AMX a 2048² matmul runs ~4.5× faster in bf16 (1,036 against 233 GFLOP/s on this project's
+quiet 2-core EPYC) and a small CNN + Transformer trains 1.4× faster; yet a tiny ViT gains nothing. So ``auto`` asks
 the CPU what it has (``native_bf16``), and where it has bf16 times a few steps of the actual model in both precisions
 (``choose``), once per machine and model. The result is cached in ``~/.cache/vislang/precision.json``
 (``$XDG_CACHE_HOME`` or ``$VISLANG_PRECISION_CACHE`` move it), keyed by the CPU's name and bf16 flags, the torch
@@ -201,26 +201,31 @@ def choose(
     return Choice(pick, f"auto: native bf16, {source}: bf16 {speedup:.2f}x fp32's speed", round(float(speedup), 3))
 
 
-def peak_flops(precision: str, device: torch.device, n: int = 2048) -> float:
-    """This machine's peak FLOP/s for an ``n``² matmul in ``precision``: the denominator of MFU.
+def peak_flops(precision: str, device: torch.device, n: int = 2048, rounds: int = 5) -> float:
+    """This machine's peak FLOP/s for an ``n``² matmul in ``precision`` at the current thread count: the denominator
+    of MFU.
 
-    Probed on every call (best of three, well under a second on a 2-core CPU) and kept as the best ever seen on this
-    machine: one probe on a machine busy with other jobs reads far too low (11 instead of ~80 GFLOP/s per core here),
-    and a cached low peak would overstate every later MFU."""
+    One untimed call first (oneDNN builds its kernel on the first call of a shape, which made an earlier probe read
+    424 instead of ~1,000 GFLOP/s in bf16 on this project's 2 cores), then the best of ``rounds`` calls (about a
+    second in fp32 on one core). Kept as the best ever seen on this machine: one probe on a machine busy with other
+    jobs reads far too low (11 instead of ~80 GFLOP/s per core here), and a cached low peak would overstate every
+    later MFU. Measured on the quiet 2-core EPYC (load average 0.1, 2 threads): bf16 1,036 GFLOP/s, fp32 233; a
+    1,024² bf16 matmul 1,051, 4,096² 865, so 2,048² is as good a peak as larger ones."""
     precision = "fp32" if precision == "auto" else check(precision)
     entry = f"peak | {machine_key(device)} | {precision} | n={n}"
     dtype = DTYPES.get(precision, torch.float32)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     best = float("inf")
-    for _ in range(3):
+    for r in range(rounds + 1):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         a @ b
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t0)
+        if r:  # the first call builds the kernel
+            best = min(best, time.perf_counter() - t0)
     flops = max(2 * n**3 / best, float(read_cache().get(entry) or 0.0))
     write_cache(entry, flops)
     return flops

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..decoding import generate
-from ..layers.transformer import Block
+from ..layers.transformer import Block, attention
 from .clip import CLIP, DecoderConfig, ModelConfig
 
 KV = tuple[torch.Tensor, torch.Tensor]  # keys, values: (B, heads, S, head_dim) each
@@ -58,10 +58,10 @@ def block_step(block: Block, x: torch.Tensor, past: KV | None, ctx: KV | None = 
     causal = x.shape[1] > 1  # one new query sees every cached key; several new ones need the causal mask
     if causal and past is not None:
         raise ValueError("block_step takes several new positions only without a cache (a prefill)")
-    x = x + attn.out(_merge(F.scaled_dot_product_attention(q, k, v, is_causal=causal)))
+    x = x + attn.out(_merge(attention(q, k, v, is_causal=causal)))
     if block.cross is not None and ctx is not None:
         cq = _heads(block.cross.q(block.ln_cross(x)), block.cross.heads)
-        x = x + block.cross.out(_merge(F.scaled_dot_product_attention(cq, *ctx)))
+        x = x + block.cross.out(_merge(attention(cq, *ctx)))
     return x + block.mlp(block.ln2(x)), (k, v)
 
 

@@ -119,6 +119,8 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None  # torch CPU threads; None = torch's choice. 1 is faster on a CPU other jobs share
     dedupe_text: bool = True  # encode each distinct caption of a batch once (same gradients, less work)
+    precise_bn: int = 2048  # training images whose BatchNorm statistics replace the running averages before each
+    # evaluation and the saved model (dual encoders with BatchNorm in the image tower); 0 = keep the running averages
     log_every: int = 50  # steps between metric lines / progress updates
     eval_every: int = 0  # steps between evaluations; 0 = at the end of each epoch
     save_every: int = 500  # steps between checkpoints (also at each epoch end and at the end)

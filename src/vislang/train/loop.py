@@ -199,6 +199,7 @@ class Run:
     wrapped: list[nn.Module] = field(default_factory=list)
     metrics: MetricsLog | None = None
     clock: Any = None  # the loop's elapsed-time function
+    precision: str = "fp32"  # the training precision, once the loop has resolved it (``vislang.precision``)
 
     @property
     def main(self) -> bool:
@@ -426,6 +427,7 @@ class Loop:
         trial = self.trial_step()
         self.choice = prec.choose(cfg.precision, run.device, key, trial)
         self.amp = prec.autocast(self.choice.precision, run.device)
+        run.precision = self.choice.precision
         if cfg.progress and trial is not None:
             # Counted on a trial step, not a real one: under FlopCounterMode attention may dispatch to another
             # kernel, and a resumed run's first step must compute exactly what the uninterrupted run's did. Only

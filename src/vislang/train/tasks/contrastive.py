@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ... import distributed as dist
+from ... import precision as prec
 from ...config import to_dict
 from ...data.loading import TokenizedPairs, batch_loader, epoch_batches, load_prepared
 from ...data.prepare import summarize_skips
@@ -42,6 +43,36 @@ def unique_rows(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Distinct token rows and, for each input row, the index of its distinct row."""
     uniq, inverse = torch.unique(tokens, dim=0, return_inverse=True)
     return uniq, inverse
+
+
+def precise_batchnorm(model: nn.Module, batches: Iterator[torch.Tensor]) -> int:
+    """Set the running mean and variance of every BatchNorm in ``model.visual`` to the statistics of ``batches``
+    (normalised image batches) under the current weights ("precise BN"); returns how many layers were set.
+
+    Why: the running averages trail the weights by ~1/momentum = 10 steps, and at a high learning rate the weights
+    move faster than that, so an evaluation in eval mode sees stale statistics. Measured on the demo model
+    (fmnist-cnn, lr 2e-3, zero-shot on 1,000 test images): step 75 64.1% with the running averages, 82.1% with
+    statistics of 2,048 training images; step 100 76.3 / 86.3%; step 150 83.5 / 87.6%. Training is unaffected (it
+    normalises by batch statistics); a locked image tower keeps its pretrained statistics.
+    """
+    if getattr(model, "_locked_image", False):
+        return 0
+    bns = [m for m in model.visual.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns = [m for m in bns if m.track_running_stats]
+    if not bns:
+        return 0
+    was, momenta = model.visual.training, [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches below
+    model.visual.train()
+    with torch.no_grad():
+        for images in batches:
+            model.visual(images)
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+    model.visual.train(was)
+    return len(bns)
 
 
 class ContrastiveTask(nn.Module):
@@ -344,9 +375,29 @@ class DualEncoderTask(Task):
             return None
 
         was_training = self.core.training
+        self.calibrate()
         metrics = quick_eval(self.core, self.tokenizer, self.val, self.cfg.eval_max, self.run.device)
         self.core.train(was_training)
         return {f"eval/{k}": v for k, v in metrics.items()} if metrics else None
+
+    def calibrate(self) -> int:
+        """``precise_bn``: the image tower's BatchNorm statistics from ``cfg.precise_bn`` training images (the same
+        seeded pick every time), before an evaluation or saving; the number of layers set (0: none, or off)."""
+        n = min(self.cfg.precise_bn, len(self.data))
+        if n <= 0:
+            return 0
+        pick = np.sort(np.random.default_rng(self.cfg.seed).choice(len(self.data), n, replace=False))
+        v = self.mcfg.vision
+
+        def batches() -> Iterator[torch.Tensor]:
+            for i in range(0, n, self.cfg.batch_size):
+                images = self.data.get_batch(pick[i : i + self.cfg.batch_size])["image"].to(self.run.device)
+                if self.channels_last and images.ndim == 4:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                yield normalize(images, v.mean, v.std)  # (b, C, H, W) float
+
+        with prec.autocast(self.run.precision, self.run.device):  # as training computes them: bf16 halves the time
+            return precise_batchnorm(self.core, batches())
 
     def epoch_note(self) -> str:
         return self.skip_note
@@ -356,6 +407,7 @@ class DualEncoderTask(Task):
         model_dir = self.run.out_dir / "model"
         if self.run.main:
             extra = {"train": {"steps": self.run.global_step, "epochs_seen": self.run.epoch}}
+            self.calibrate()
             save_pretrained(self.core.eval(), model_dir, self.tokenizer, extra=extra)
             steps, secs = self.run.global_step, self.run.elapsed()
             print(f"[vislang] trained {steps} steps in {secs:.0f} s; model saved to {model_dir}")
