@@ -70,7 +70,7 @@ def _text_model(tmp: Path) -> Path:
     return d
 
 
-def _lit_unlocked(tmp: Path, name: str) -> Runner:
+def _lit_unlocked(tmp: Path, name: str, *extra: str) -> Runner:
     """LiT on the cached input of the image tower's last stage, that stage trained (dropout draws included)."""
     model = _text_model(tmp)
     cfg = load_train_config(None, [
@@ -78,6 +78,7 @@ def _lit_unlocked(tmp: Path, name: str) -> Runner:
         "model.lock_text=true", "data.train=shapes", "data.options={n: 64}", "data.max_val=8", "batch_size=8",
         "epochs=2", "save_every=3", "log_every=2", "progress=false", "threads=1", f"out_dir={tmp / name}",
         f"lit.cache_dir={tmp / 'features'}", "lit.workers=0", "lit.unlock_last_image=1", "lit.feature_dropout=0.3",
+        *extra,
     ])  # fmt: skip
     return lambda resume: _dir_weights(train(cfg, resume=resume))
 
@@ -262,3 +263,19 @@ def test_compress_reads_a_config_file_then_flags_then_dotted_overrides(tmp_path)
     args, extra = build_parser().parse_known_args([*argv, "--bogus=1"])
     with pytest.raises(SystemExit, match="unknown compress option"):
         compress_options(args, extra)
+
+
+@pytest.mark.parametrize("task", ["itm", "lit-unlocked"])
+def test_showing_progress_leaves_the_weights_as_they_are(task, tmp_path):
+    """With the progress bar on, the loop counts the step's FLOPs and probes the machine's peak FLOP/s for the MFU
+    column. Neither may touch the run's random stream: before the peak probe drew its matrices from the global
+    generator, ITM's hard negatives and LiT's feature dropout came out different with the bar on than off."""
+    if task == "itm":
+        itm = "model.itm={fusion: {kind: cross_attention, dim: 16, depth: 1, heads: 2}}"
+        quiet, shown = _dual("itm", itm)(tmp_path, "a"), _dual("itm", itm, "progress=true")(tmp_path, "b")
+    else:
+        quiet, shown = _lit_unlocked(tmp_path, "a"), _lit_unlocked(tmp_path, "b", "progress=true")
+    a, b = quiet(False), shown(False)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -214,8 +214,9 @@ def peak_flops(precision: str, device: torch.device, n: int = 2048, rounds: int 
     precision = "fp32" if precision == "auto" else check(precision)
     entry = f"peak | {machine_key(device)} | {precision} | n={n}"
     dtype = DTYPES.get(precision, torch.float32)
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
+    g = torch.Generator(device=device).manual_seed(0)  # its own generator: a run's RNG stream stays untouched
+    a = torch.randn(n, n, device=device, generator=g).to(dtype)
+    b = torch.randn(n, n, device=device, generator=g).to(dtype)
     best = float("inf")
     for r in range(rounds + 1):
         if device.type == "cuda":

@@ -430,9 +430,9 @@ class Loop:
         run.precision = self.choice.precision
         if cfg.progress and trial is not None:
             # Counted on a trial step, not a real one: under FlopCounterMode attention may dispatch to another
-            # kernel, and a resumed run's first step must compute exactly what the uninterrupted run's did. Only
-            # for runs that show progress: after the count, ITM/VQA fusion runs in one process drifted in the 4th
-            # digit (tests/test_train_house.py's crash-and-resume, progress off, stays exact); cause not found yet.
+            # kernel, and a resumed run's first step must compute exactly what the uninterrupted run's did. Neither
+            # the count nor the peak probe touches the run's random stream, so the bar changes no weight
+            # (tests/test_train_house.py::test_showing_progress_leaves_the_weights_as_they_are).
             with self.amp:
                 self.flops_per_step = prec.count_flops(trial) * cfg.accum_steps
             self.peak = prec.peak_flops(self.choice.precision, run.device)
