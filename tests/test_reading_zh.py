@@ -123,6 +123,25 @@ def test_no_text_items_show_only_background():
 
 
 @needs_fonts
+def test_some_no_text_items_show_a_picture_and_training_is_mostly_random_strings():
+    """A reader trained on bare backgrounds alone invents characters for any drawing: some ∅ items carry one."""
+    cfg = ZhRenderConfig(noise=0, clipart_fraction=0, jpeg_fraction=0, blur_fraction=0)
+    pic = np.asarray(render_chinese(NO_TEXT, np.random.default_rng(1), cjk_faces(), cfg, picture=True))
+    assert pic.reshape(-1, 3).std(0).max() > 10  # something is drawn on the flat background
+    ds = RenderedChinese("train", n=1500)
+    blank = [i for i in range(len(ds)) if ds.caption(i) == NO_TEXT]
+    spread = [np.asarray(ds[i][0].convert("L"), dtype=float).std() for i in blank]
+    drawn = sum(s > 20 for s in spread)  # noise alone (8 grey levels) stays far below 20
+    assert 0.3 * len(blank) < drawn < 0.9 * len(blank)  # picture_fraction 0.6 of the no-text items
+    known = set(ds.words)
+    words = sum(len(c) > 1 and c in known for c in ds.captions)  # 1-character strings are often words; longer, rarely
+    assert 0 < words < 0.06 * len(ds)  # random_fraction 0.4 gave 28% here: the decoder learnt the word list
+    none = ZhRenderConfig(picture_fraction=0.0, noise=0, clipart_fraction=0, jpeg_fraction=0, blur_fraction=0)
+    bare = RenderedChinese("train", n=1500, cfg=none)
+    assert all(np.asarray(bare[i][0]).reshape(-1, 3).std(0).max() < 1.0 for i in blank[:10])
+
+
+@needs_fonts
 def test_no_held_out_word_reaches_training_and_every_character_does():
     train, test = RenderedChinese("train", n=3000), RenderedChinese("test", n=50)
     heldout = frozenset(test.words)

@@ -132,14 +132,38 @@ def contains_any(text: str, words: frozenset[str], longest: int) -> bool:
 
 
 @functools.lru_cache(maxsize=1)
+def _small_clipart() -> tuple[Path, ...]:
+    root = Path(CLIPART_DIR)
+    return tuple(sorted(p for p in root.rglob("*.png") if p.stat().st_size < 60_000)) if root.is_dir() else ()
+
+
+def clipart_files(offset: int, limit: int = 64) -> tuple[Path, ...]:
+    """Every 7th small OpenClipart PNG from ``offset`` (spread over topics): offset 0 gives the background textures,
+    1 the no-text drawings of training, 5 the drawings a no-text check may use (never seen in training)."""
+    return _small_clipart()[offset::7][:limit]
+
+
+@functools.lru_cache(maxsize=1)
+def clipart_drawings(limit: int = 64, side: int = 96) -> tuple[Image.Image, ...]:
+    """RGBA OpenClipart drawings (at most side x side) for the no-text pictures; empty when none are installed."""
+    out = []
+    for p in clipart_files(1, limit):
+        try:
+            with Image.open(p) as im:
+                im.draft("RGBA", (side, side))
+                d = im.convert("RGBA")
+                d.thumbnail((side, side))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+        out.append(d)
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=1)
 def clipart_textures(limit: int = 64, side: int = 128) -> tuple[np.ndarray, ...]:
     """Grey textures (side x side, in [-1, 1]) from small OpenClipart PNGs; empty when none are installed."""
-    root = Path(CLIPART_DIR)
-    if not root.is_dir():
-        return ()
-    small = sorted(p for p in root.rglob("*.png") if p.stat().st_size < 60_000)[::7][:limit]  # spread over topics
     out = []
-    for p in small:
+    for p in clipart_files(0, limit):
         try:
             with Image.open(p) as im:
                 im.draft("L", (side, side))
@@ -171,8 +195,12 @@ class ZhRenderConfig:
         jpeg_fraction: share of items saved through JPEG at quality 25-90.
         heldout_levels: HSK levels the held-out ``test`` words come from (those built of training characters).
         heldout_font: the font family only ``test-font`` uses.
-        random_fraction: share of ``train``/``val`` items that are random strings of training characters.
+        random_fraction: share of ``train``/``val`` items that are random strings of training characters (0.4 read
+            14% of held-out words: the decoder completed training words; 0.9 leaves it no word list to recall).
         blank_fraction: share of ``train``/``val`` items with no text at all (captioned ``NO_TEXT``).
+        picture_fraction: share of those no-text items that show a picture (an OpenClipart drawing or a few filled
+            shapes) instead of a bare background: trained on bare backgrounds alone, a reader invents characters
+            for any drawing.
         seed: base seed of the world.
     """
 
@@ -189,8 +217,9 @@ class ZhRenderConfig:
     jpeg_fraction: float = 0.2
     heldout_levels: tuple[int, ...] = (3, 4, 5, 6)
     heldout_font: str = "WenQuanYi Micro Hei"
-    random_fraction: float = 0.4
-    blank_fraction: float = 0.03
+    random_fraction: float = 0.9
+    blank_fraction: float = 0.05
+    picture_fraction: float = 0.6
     seed: int = 0
 
 
@@ -230,15 +259,46 @@ def _background(rng: np.random.Generator, bg: tuple[int, ...], big: int, cfg: Zh
     return Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
 
 
-def render_chinese(text: str, rng: np.random.Generator, faces: tuple[Face, ...], cfg: ZhRenderConfig) -> Image.Image:
-    """One image of ``text`` (``NO_TEXT``: background only): random face, size, colours, direction and artefacts."""
+def _paste_picture(canvas: Image.Image, rng: np.random.Generator, fg: tuple[int, ...]) -> None:
+    """A picture without text on ``canvas``: an OpenClipart drawing (half the time, when installed) or 1-4 filled
+    ellipses, rectangles and polygons. Filled, never outlined or thin: an outlined square is 口, a bar is 一."""
+    big = canvas.width
+    drawings = clipart_drawings()
+    if drawings and rng.random() < 0.5:
+        d = drawings[int(rng.integers(len(drawings)))]
+        scale = big * rng.uniform(0.4, 1.0) / max(d.size)
+        d = d.resize((max(1, int(d.width * scale)), max(1, int(d.height * scale))), Image.LANCZOS)
+        canvas.paste(d, (int(rng.integers(0, big - d.width + 1)), int(rng.integers(0, big - d.height + 1))), d)
+        return
+    draw = ImageDraw.Draw(canvas)
+    for _ in range(int(rng.integers(1, 5))):
+        colour = fg if rng.random() < 0.5 else tuple(int(v) for v in rng.integers(0, 256, 3))
+        x, y = (int(v) for v in rng.integers(0, big * 3 // 4, 2))
+        w, h = (int(v) for v in rng.integers(big // 6, big // 2, 2))
+        kind = int(rng.integers(3))
+        if kind == 0:
+            draw.ellipse([x, y, x + w, y + h], fill=colour)
+        elif kind == 1:
+            draw.rectangle([x, y, x + w, y + h], fill=colour)
+        else:
+            points = [(int(a), int(b)) for a, b in rng.integers(0, big, (int(rng.integers(3, 7)), 2))]
+            draw.polygon(points, fill=colour)
+
+
+def render_chinese(
+    text: str, rng: np.random.Generator, faces: tuple[Face, ...], cfg: ZhRenderConfig, picture: bool = False
+) -> Image.Image:
+    """One image of ``text`` (``NO_TEXT``: background only, or a picture without text when ``picture``): random
+    face, size, colours, direction and artefacts."""
     face = faces[int(rng.integers(len(faces)))]
     side, big = cfg.image_size, cfg.image_size * 2  # drawn at 2x, then reduced: smoother strokes
     size = max(10, int(big * rng.uniform(*cfg.size_range)))
     bg, fg = _colours(rng, cfg.min_contrast)
     vertical = bool(rng.random() < cfg.vertical_fraction)
     canvas = _background(rng, bg, big, cfg)
-    if text != NO_TEXT:
+    if picture:
+        _paste_picture(canvas, rng, fg)
+    elif text != NO_TEXT:
         tile = _text_tile(text, ImageFont.truetype(face.path, size, index=face.index), fg, vertical)
         tile = tile.rotate(float(rng.uniform(-cfg.max_rotation, cfg.max_rotation)), expand=True, resample=Image.BICUBIC)
         scale = min(1.0, 0.94 * big / max(tile.size))  # long words shrink to fit
@@ -279,7 +339,8 @@ class RenderedChinese(SeededRendering):
         self.faces = split_faces(split, self.cfg.heldout_font)
 
     def render(self, text: str, rng: np.random.Generator) -> Image.Image:
-        return render_chinese(text, rng, self.faces, self.cfg)
+        picture = text == NO_TEXT and rng.random() < self.cfg.picture_fraction
+        return render_chinese(text, rng, self.faces, self.cfg, picture=picture)
 
     def _text(self, rng: np.random.Generator) -> str:
         """The item's text from the first draws of its generator (so caption() and __getitem__ agree)."""
