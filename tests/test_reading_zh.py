@@ -302,6 +302,8 @@ def test_read_eval_scores_every_split(reader_dir, capsys):
     test = res["splits"]["test"]
     assert test["n"] == 3 and test["exact_match"] == 0.0 and test["cer"] > 0  # untrained: reads nothing
     assert 0.5 <= test["translation_if_read_right"] <= 1.0 and test["translation"] == 0.0
+    no_text = res["no_text"]  # pictures without text: an untrained reader's readings fall under the 0.3 confidence
+    assert no_text["n"] == 3 and no_text["answered_no_text"] == 1.0 and no_text["invented"] == []
 
 
 @needs_fonts

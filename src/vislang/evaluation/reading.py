@@ -7,6 +7,9 @@ run and the Tesseract benchmark all see the same images:
   family), from :class:`vislang.data.rendered_zh.RenderedChinese`;
 * ``en``: ``test`` (held-out English words), from :class:`vislang.data.rendered_text.RenderedText`.
 
+Pictures without text (``no_text``): shapes scenes and OpenClipart drawings no training image used; a reader should
+answer "no text" for them (readers train on blank images and, for zh, on other drawings), not invent characters.
+
 Translation accuracy (zh ``test``): the English ``vislang translate`` shows for an image is one of CC-CEDICT's senses
 of the true word; ``translation_if_read_right`` is the same with the true text as the reading (the ceiling that
 segmentation and lookup leave).
@@ -18,9 +21,12 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from PIL import Image
+
 from ..data.cedict import load_dictionary
 from ..data.rendered_text import RenderedText
-from ..data.rendered_zh import RenderedChinese
+from ..data.rendered_zh import RenderedChinese, clipart_files
+from ..data.shapes import ShapesDataset
 from ..models.reading import MIN_CONFIDENCE, Reader, translate
 from .caption_metrics import reading_scores
 
@@ -37,6 +43,17 @@ def reading_split(lang: str, split: str, n: int):
     if lang not in LANG_SPLITS or split not in LANG_SPLITS[lang]:
         raise ValueError(f"no split {split!r} for language {lang!r}; choose from {LANG_SPLITS}")
     return RenderedChinese(split, n=n) if lang == "zh" else RenderedText(split, n=n)
+
+
+def no_text_images(n: int) -> list[Image.Image]:
+    """``n`` pictures without text: shapes scenes (``shapes`` test split) and, when OpenClipart is installed,
+    drawings from a slice of it the Chinese renderer never draws from (:func:`clipart_files` offset 5), half each."""
+    drawings = []
+    for p in clipart_files(5, n // 2):
+        with Image.open(p) as im:
+            drawings.append(im.convert("RGB"))
+    shapes = ShapesDataset("test", n=n - len(drawings))
+    return [shapes[i][0] for i in range(len(shapes))] + drawings
 
 
 def translation_correct(predicted: str, truth: str) -> bool:
@@ -65,6 +82,11 @@ def evaluate_reader(model_dir: str, lang: str = "zh", n: int = 500, splits: Sequ
             row["translation_if_read_right"] = sum(translation_correct(t, t) for t in truth) / len(ds)
         row["samples"] = [{"truth": t, "read": p} for p, t in list(zip(texts, truth))[:8]]
         out["splits"][split] = row
+    if splits is None:
+        readings = reader.read(no_text_images(n))
+        invented = [r.text for r in readings if r.has_text]
+        out["no_text"] = {"about": "pictures without text (shapes scenes, unseen clip art)", "n": len(readings),
+                          "answered_no_text": 1 - len(invented) / len(readings), "invented": invented[:8]}  # fmt: skip
     return out
 
 
@@ -75,4 +97,8 @@ def reading_table(result: dict[str, Any]) -> str:
         tr = f"{r['translation']:.1%} (read right: {r['translation_if_read_right']:.1%})" if "translation" in r else "-"
         lines.append(f"| {split}: {r['about']} | {r['n']} | {r['exact_match']:.1%} | {r['cer']:.2%} | {tr} | "
                      f"{r['images_per_s']:.0f} |")  # fmt: skip
+    if "no_text" in result:
+        r = result["no_text"]
+        said = f'answered "no text": {r["answered_no_text"]:.1%}'
+        lines.append(f"| no text: {r['about']} | {r['n']} | {said} | - | - | - |")
     return "\n".join(lines)
