@@ -134,6 +134,10 @@ class Dictionary:
                         break
         return out
 
+    def gloss(self, text: str) -> str:
+        """The English ``vislang translate`` shows for ``text``: each word's first sense, joined by "; "."""
+        return "; ".join(w["english"] for w in self.translate(text) if w["english"])
+
     def translate(self, text: str) -> list[dict]:
         """Segment ``text`` and look each word up: ``[{word, pinyin, english, senses, entries}]``.
 

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from torch.utils.data import Dataset
 
-from .cedict import hsk_words
+from .cedict import hsk_words, load_dictionary
 from .rendered_text import SeededRendering
 
 SPLITS = ("train", "val", "test", "test-font")
@@ -201,6 +201,9 @@ class ZhRenderConfig:
         picture_fraction: share of those no-text items that show a picture (an OpenClipart drawing or a few filled
             shapes) instead of a bare background: trained on bare backgrounds alone, a reader invents characters
             for any drawing.
+        caption: ``text`` (the characters: a reader) or ``gloss`` (CC-CEDICT's first sense of the word, what
+            ``vislang translate`` shows for it: the end-to-end image-to-English variant; words only, so
+            ``random_fraction`` must be 0).
         seed: base seed of the world.
     """
 
@@ -220,6 +223,7 @@ class ZhRenderConfig:
     random_fraction: float = 0.9
     blank_fraction: float = 0.05
     picture_fraction: float = 0.6
+    caption: str = "text"
     seed: int = 0
 
 
@@ -337,6 +341,23 @@ class RenderedChinese(SeededRendering):
         self.words = self.heldout if split == "test" else train
         self._heldout_set = frozenset(self.heldout)
         self.faces = split_faces(split, self.cfg.heldout_font)
+        if c.caption not in ("text", "gloss"):
+            raise ValueError(f"ZhRenderConfig.caption must be 'text' or 'gloss', got {c.caption!r}")
+        if c.caption == "gloss" and c.random_fraction > 0:
+            raise ValueError("caption='gloss' needs random_fraction=0: a random string of characters has no meaning")
+
+    def caption(self, index: int) -> str:
+        return self.label(super().caption(index))
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, str, int]:
+        img, text, i = super().__getitem__(index)
+        return img, self.label(text), i
+
+    def label(self, text: str) -> str:
+        """What an item is captioned: its text, or with ``caption="gloss"`` the English shown for it."""
+        if self.cfg.caption == "text" or text == NO_TEXT:
+            return text
+        return load_dictionary().gloss(text) or text
 
     def render(self, text: str, rng: np.random.Generator) -> Image.Image:
         picture = text == NO_TEXT and rng.random() < self.cfg.picture_fraction
