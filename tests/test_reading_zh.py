@@ -33,6 +33,8 @@ CEDICT_LINES = """# a comment
 長 长 [chang2] /long/
 長 长 [zhang3] /chief/to grow/
 長城 长城 [Chang2 cheng2] /the Great Wall/
+水 水 [Shui3] /surname Shui/
+水 水 [shui3] /water/river/
 """
 
 needs_fonts = pytest.mark.skipif(not Path("/usr/share/fonts/truetype/wqy").is_dir(), reason="CJK fonts missing")
@@ -78,6 +80,9 @@ def test_lookup_keeps_every_reading_and_sense_and_translate_shows_the_first(smal
         "long", "chief", "to grow"]  # fmt: skip
     assert small_dict.translate("X")[0]["english"] is None
     assert small_dict.gloss("长城出口X") == "the Great Wall; an exit"  # what `translate` shows: first senses
+    water = small_dict.translate("水")[0]  # the common word before the surname the file lists first
+    assert water["english"] == "water" and [e["pinyin"] for e in water["entries"]] == ["shuǐ", "Shuǐ"]
+    assert small_dict.lookup("水")[0].senses == ("surname Shui",)  # lookup keeps file order
 
 
 def test_the_packaged_cedict_and_hsk_lists():
