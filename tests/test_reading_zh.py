@@ -167,6 +167,15 @@ def test_gloss_captions_are_the_english_translate_shows_on_the_same_images(tmp_p
 
 
 @needs_fonts
+def test_random_string_lengths_follow_the_weights():
+    ds = RenderedChinese("train", n=300, cfg=ZhRenderConfig(length_weights=(0, 1, 0, 0), random_fraction=0.95))
+    lengths = [len(c) for c in ds.captions if c != NO_TEXT and c not in set(ds.words)]
+    assert len(lengths) > 200 and set(lengths) == {2}
+    with pytest.raises(ValueError, match="length_weights needs 4"):
+        RenderedChinese("train", n=4, cfg=ZhRenderConfig(length_weights=(1, 1)))
+
+
+@needs_fonts
 def test_no_held_out_word_reaches_training_and_every_character_does():
     train, test = RenderedChinese("train", n=3000), RenderedChinese("test", n=50)
     heldout = frozenset(test.words)

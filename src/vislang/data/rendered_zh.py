@@ -185,6 +185,8 @@ class ZhRenderConfig:
         image_size: side of the square images in pixels.
         hsk_levels: HSK 2.0 levels the words come from (1, 2: 299 words, ~350 characters; add 3 for ~600).
         max_chars: longest word kept (characters); also the longest random string.
+        length_weights: relative weights of random-string lengths 1..max_chars (empty: uniform). Held-out words are
+            mostly 2 characters (256 of 271), and a string of several characters is what teaches reading order.
         size_range: glyph size as a fraction of the image side (before fitting long words).
         vertical_fraction: share of items written top to bottom.
         max_rotation: rotation in degrees, uniform in ±max_rotation.
@@ -210,6 +212,7 @@ class ZhRenderConfig:
     image_size: int = 64
     hsk_levels: tuple[int, ...] = (1, 2)
     max_chars: int = 4
+    length_weights: tuple[float, ...] = ()
     size_range: tuple[float, float] = (0.3, 0.6)
     vertical_fraction: float = 0.2
     max_rotation: float = 6.0
@@ -341,6 +344,11 @@ class RenderedChinese(SeededRendering):
         self.words = self.heldout if split == "test" else train
         self._heldout_set = frozenset(self.heldout)
         self.faces = split_faces(split, self.cfg.heldout_font)
+        w = np.asarray(c.length_weights or [1.0] * c.max_chars, dtype=float)
+        if len(w) != c.max_chars or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"length_weights needs {c.max_chars} non-negative weights (lengths 1..max_chars), "
+                             f"got {c.length_weights}")  # fmt: skip
+        self._length_p = w / w.sum()
         if c.caption not in ("text", "gloss"):
             raise ValueError(f"ZhRenderConfig.caption must be 'text' or 'gloss', got {c.caption!r}")
         if c.caption == "gloss" and c.random_fraction > 0:
@@ -371,7 +379,7 @@ class RenderedChinese(SeededRendering):
                 return NO_TEXT
             if u < self.cfg.blank_fraction + self.cfg.random_fraction:
                 while True:  # a random string that happens to spell a held-out word is drawn again
-                    k = int(rng.integers(1, self.cfg.max_chars + 1))
+                    k = 1 + int(rng.choice(self.cfg.max_chars, p=self._length_p))
                     text = "".join(self.characters[int(i)] for i in rng.integers(len(self.characters), size=k))
                     if not contains_any(text, self._heldout_set, self.cfg.max_chars):
                         return text
