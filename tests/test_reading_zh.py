@@ -3,6 +3,7 @@ segmentation and lookup, the reader's answers (confidence, no text, truncation) 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -32,6 +33,8 @@ CEDICT_LINES = """# a comment
 長 长 [chang2] /long/
 長 长 [zhang3] /chief/to grow/
 長城 长城 [Chang2 cheng2] /the Great Wall/
+水 水 [Shui3] /surname Shui/
+水 水 [shui3] /water/river/
 """
 
 needs_fonts = pytest.mark.skipif(not Path("/usr/share/fonts/truetype/wqy").is_dir(), reason="CJK fonts missing")
@@ -76,6 +79,10 @@ def test_lookup_keeps_every_reading_and_sense_and_translate_shows_the_first(smal
     assert first["english"] == "long" and [s for e in first["entries"] for s in e["senses"]] == [
         "long", "chief", "to grow"]  # fmt: skip
     assert small_dict.translate("X")[0]["english"] is None
+    assert small_dict.gloss("长城出口X") == "the Great Wall; an exit"  # what `translate` shows: first senses
+    water = small_dict.translate("水")[0]  # the common word before the surname the file lists first
+    assert water["english"] == "water" and [e["pinyin"] for e in water["entries"]] == ["shuǐ", "Shuǐ"]
+    assert small_dict.lookup("水")[0].senses == ("surname Shui",)  # lookup keeps file order
 
 
 def test_the_packaged_cedict_and_hsk_lists():
@@ -120,6 +127,52 @@ def test_no_text_items_show_only_background():
     assert img.reshape(-1, 3).std(0).max() < 1.0  # one flat colour
     captions = RenderedChinese("train", n=400).captions
     assert 0 < captions.count(NO_TEXT) < 40
+
+
+@needs_fonts
+def test_some_no_text_items_show_a_picture_and_training_is_mostly_random_strings():
+    """A reader trained on bare backgrounds alone invents characters for any drawing: some ∅ items carry one."""
+    cfg = ZhRenderConfig(noise=0, clipart_fraction=0, jpeg_fraction=0, blur_fraction=0)
+    pic = np.asarray(render_chinese(NO_TEXT, np.random.default_rng(1), cjk_faces(), cfg, picture=True))
+    assert pic.reshape(-1, 3).std(0).max() > 10  # something is drawn on the flat background
+    ds = RenderedChinese("train", n=1500)
+    blank = [i for i in range(len(ds)) if ds.caption(i) == NO_TEXT]
+    spread = [np.asarray(ds[i][0].convert("L"), dtype=float).std() for i in blank]
+    drawn = sum(s > 20 for s in spread)  # noise alone (8 grey levels) stays far below 20
+    assert 0.3 * len(blank) < drawn < 0.9 * len(blank)  # picture_fraction 0.6 of the no-text items
+    known = set(ds.words)
+    words = sum(len(c) > 1 and c in known for c in ds.captions)  # 1-character strings are often words; longer, rarely
+    assert 0 < words < 0.06 * len(ds)  # random_fraction 0.4 gave 28% here: the decoder learnt the word list
+    none = ZhRenderConfig(picture_fraction=0.0, noise=0, clipart_fraction=0, jpeg_fraction=0, blur_fraction=0)
+    bare = RenderedChinese("train", n=1500, cfg=none)
+    assert all(np.asarray(bare[i][0]).reshape(-1, 3).std(0).max() < 1.0 for i in blank[:10])
+
+
+@needs_fonts
+def test_gloss_captions_are_the_english_translate_shows_on_the_same_images(tmp_path, capsys):
+    from vislang.cli.main import main
+
+    words = ZhRenderConfig(caption="text", random_fraction=0.0)
+    gloss = RenderedChinese("train", n=40, cfg=dataclasses.replace(words, caption="gloss"))
+    text = RenderedChinese("train", n=40, cfg=words)
+    for i in range(40):
+        (img_g, cap_g, _), (img_t, cap_t, _) = gloss[i], text[i]
+        assert np.array_equal(np.asarray(img_g), np.asarray(img_t))  # same picture, another caption
+        assert cap_g == (cap_t if cap_t == NO_TEXT else translate(cap_t)["english"]) == gloss.caption(i)
+    assert any(c.isascii() and c != cap for c, cap in zip(gloss.captions, text.captions))
+    with pytest.raises(ValueError, match="random_fraction=0"):
+        RenderedChinese("train", n=4, cfg=ZhRenderConfig(caption="gloss"))
+    assert main(["render-text", str(tmp_path / "x"), "--lang", "en", "--caption", "gloss", "--n", "2"]) == 2
+    assert "--caption gloss is for --lang zh" in capsys.readouterr().err
+
+
+@needs_fonts
+def test_random_string_lengths_follow_the_weights():
+    ds = RenderedChinese("train", n=300, cfg=ZhRenderConfig(length_weights=(0, 1, 0, 0), random_fraction=0.95))
+    lengths = [len(c) for c in ds.captions if c != NO_TEXT and c not in set(ds.words)]
+    assert len(lengths) > 200 and set(lengths) == {2}
+    with pytest.raises(ValueError, match="length_weights needs 4"):
+        RenderedChinese("train", n=4, cfg=ZhRenderConfig(length_weights=(1, 1)))
 
 
 @needs_fonts
@@ -276,6 +329,7 @@ def test_translation_is_right_only_with_one_of_the_words_senses():
 @needs_fonts
 def test_read_eval_scores_every_split(reader_dir, capsys):
     from vislang.cli.main import main
+    from vislang.evaluation.reading import evaluate_reader
 
     assert main(["read-eval", "--model", str(reader_dir), "--lang", "zh", "--n", "3", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
@@ -283,6 +337,10 @@ def test_read_eval_scores_every_split(reader_dir, capsys):
     test = res["splits"]["test"]
     assert test["n"] == 3 and test["exact_match"] == 0.0 and test["cer"] > 0  # untrained: reads nothing
     assert 0.5 <= test["translation_if_read_right"] <= 1.0 and test["translation"] == 0.0
+    gloss = evaluate_reader(str(reader_dir), "zh", n=3, splits=["test-font"], gloss=True)["splits"]["test-font"]
+    assert gloss["translation"] == 0.0 and gloss["samples"][0]["truth"].isascii()  # scored against English
+    no_text = res["no_text"]  # pictures without text: an untrained reader's readings fall under the 0.3 confidence
+    assert no_text["n"] == 3 and no_text["answered_no_text"] == 1.0 and no_text["invented"] == []
 
 
 @needs_fonts

@@ -62,8 +62,12 @@ def cmd_render_text(args: argparse.Namespace, extra: list[str]) -> int:
         print("error: --split test-font is for --lang zh (the English renderer holds out words, not fonts)",
               file=sys.stderr)  # fmt: skip
         return 2
+    if args.caption == "gloss" and args.lang != "zh":
+        print("error: --caption gloss is for --lang zh (English glosses of Chinese words)", file=sys.stderr)
+        return 2
+    gloss = {"caption": "gloss", "random_fraction": 0.0} if args.caption == "gloss" else {}  # words only
     zh = (
-        RenderedChinese(args.split, n=args.n, cfg=ZhRenderConfig(image_size=args.image_size))
+        RenderedChinese(args.split, n=args.n, cfg=ZhRenderConfig(image_size=args.image_size, **gloss))
         if args.lang != "en"
         else None
     )
@@ -145,6 +149,9 @@ def register(add) -> None:
         "reader that reads letters instead of recalling its word list; test stays real words; zh always mixes in "
         "random character strings)",
     )
+    sp.add_argument("--caption", default="text", choices=["text", "gloss"],
+                    help="zh: caption each image with its text (a reader) or with the word's English gloss from "
+                    "CC-CEDICT (words only: the end-to-end translator, config read-zh-gloss)")  # fmt: skip
     sp.add_argument("--no-progress", action="store_true", help="no progress bar")
     sp.epilog = textwrap.dedent("""
         Writes OUT/000000.png + 000000.txt, ...: a folder any command reads (train, caption-eval, index build).

@@ -21,6 +21,7 @@ EVAL_EXAMPLES = """
     Examples:
       vislang read-eval --model runs/read-zh/model --lang zh              # held-out words, held-out font
       vislang read-eval --model runs/read-en/model --lang en --n 1000
+      vislang read-eval --model runs/read-zh-gloss/model --gloss        # image to English, end to end
     Rendered test images are the same in every run; benchmarks/read_vs_tesseract.py scores Tesseract on them."""
 
 
@@ -77,7 +78,8 @@ def cmd_translate(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_read_eval(args: argparse.Namespace, extra: list[str]) -> int:
     from ..evaluation.reading import evaluate_reader, reading_table  # lazy: `vislang --help` starts without torch
 
-    res = evaluate_reader(args.model, args.lang, args.n, device=args.device, min_confidence=args.min_confidence)
+    res = evaluate_reader(args.model, args.lang, args.n, device=args.device, min_confidence=args.min_confidence,
+                          gloss=args.gloss)  # fmt: skip
     print(json.dumps(res, ensure_ascii=False, indent=2) if args.json else reading_table(res))
     return 0
 
@@ -124,4 +126,6 @@ def register(add) -> None:
     sp.add_argument("--min-confidence", type=_probability, default=0.3,
                     help="as `read`: weaker readings count as 'no text' (0: score every reading)")  # fmt: skip
     sp.add_argument("--device", default="cpu")
+    sp.add_argument("--gloss", action="store_true",
+                    help="the model writes English (read-zh-gloss): score it against CC-CEDICT's senses")  # fmt: skip
     sp.add_argument("--json", action="store_true", help="print JSON (with sample readings)")

@@ -134,15 +134,20 @@ class Dictionary:
                         break
         return out
 
+    def gloss(self, text: str) -> str:
+        """The English ``vislang translate`` shows for ``text``: each word's first sense, joined by "; "."""
+        return "; ".join(w["english"] for w in self.translate(text) if w["english"])
+
     def translate(self, text: str) -> list[dict]:
         """Segment ``text`` and look each word up: ``[{word, pinyin, english, senses, entries}]``.
 
         ``english`` is the first sense of the first entry (``None`` for a word the dictionary lacks); ``entries``
-        keeps every reading with all its senses.
+        keeps every reading with all its senses. Common-word readings come before proper-noun ones (a capitalised
+        reading): the file lists 水 "surname Shui" before "water", and a sign saying 水 means water.
         """
         words = []
         for w in self.segment(text):
-            entries = self.lookup(w)
+            entries = sorted(self.lookup(w), key=lambda e: e.pinyin[:1].isupper())  # stable: file order otherwise
             words.append(
                 {
                     "word": w,

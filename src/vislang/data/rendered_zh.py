@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from torch.utils.data import Dataset
 
-from .cedict import hsk_words
+from .cedict import hsk_words, load_dictionary
 from .rendered_text import SeededRendering
 
 SPLITS = ("train", "val", "test", "test-font")
@@ -132,14 +132,38 @@ def contains_any(text: str, words: frozenset[str], longest: int) -> bool:
 
 
 @functools.lru_cache(maxsize=1)
+def _small_clipart() -> tuple[Path, ...]:
+    root = Path(CLIPART_DIR)
+    return tuple(sorted(p for p in root.rglob("*.png") if p.stat().st_size < 60_000)) if root.is_dir() else ()
+
+
+def clipart_files(offset: int, limit: int = 64) -> tuple[Path, ...]:
+    """Every 7th small OpenClipart PNG from ``offset`` (spread over topics): offset 0 gives the background textures,
+    1 the no-text drawings of training, 5 the drawings a no-text check may use (never seen in training)."""
+    return _small_clipart()[offset::7][:limit]
+
+
+@functools.lru_cache(maxsize=1)
+def clipart_drawings(limit: int = 64, side: int = 96) -> tuple[Image.Image, ...]:
+    """RGBA OpenClipart drawings (at most side x side) for the no-text pictures; empty when none are installed."""
+    out = []
+    for p in clipart_files(1, limit):
+        try:
+            with Image.open(p) as im:
+                im.draft("RGBA", (side, side))
+                d = im.convert("RGBA")
+                d.thumbnail((side, side))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            continue
+        out.append(d)
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=1)
 def clipart_textures(limit: int = 64, side: int = 128) -> tuple[np.ndarray, ...]:
     """Grey textures (side x side, in [-1, 1]) from small OpenClipart PNGs; empty when none are installed."""
-    root = Path(CLIPART_DIR)
-    if not root.is_dir():
-        return ()
-    small = sorted(p for p in root.rglob("*.png") if p.stat().st_size < 60_000)[::7][:limit]  # spread over topics
     out = []
-    for p in small:
+    for p in clipart_files(0, limit):
         try:
             with Image.open(p) as im:
                 im.draft("L", (side, side))
@@ -161,6 +185,8 @@ class ZhRenderConfig:
         image_size: side of the square images in pixels.
         hsk_levels: HSK 2.0 levels the words come from (1, 2: 299 words, ~350 characters; add 3 for ~600).
         max_chars: longest word kept (characters); also the longest random string.
+        length_weights: relative weights of random-string lengths 1..max_chars (empty: uniform). Held-out words are
+            mostly 2 characters (256 of 271), and a string of several characters is what teaches reading order.
         size_range: glyph size as a fraction of the image side (before fitting long words).
         vertical_fraction: share of items written top to bottom.
         max_rotation: rotation in degrees, uniform in ±max_rotation.
@@ -171,14 +197,22 @@ class ZhRenderConfig:
         jpeg_fraction: share of items saved through JPEG at quality 25-90.
         heldout_levels: HSK levels the held-out ``test`` words come from (those built of training characters).
         heldout_font: the font family only ``test-font`` uses.
-        random_fraction: share of ``train``/``val`` items that are random strings of training characters.
+        random_fraction: share of ``train``/``val`` items that are random strings of training characters (0.4 read
+            14% of held-out words: the decoder completed training words; 0.9 leaves it no word list to recall).
         blank_fraction: share of ``train``/``val`` items with no text at all (captioned ``NO_TEXT``).
+        picture_fraction: share of those no-text items that show a picture (an OpenClipart drawing or a few filled
+            shapes) instead of a bare background: trained on bare backgrounds alone, a reader invents characters
+            for any drawing.
+        caption: ``text`` (the characters: a reader) or ``gloss`` (CC-CEDICT's first sense of the word, what
+            ``vislang translate`` shows for it: the end-to-end image-to-English variant; words only, so
+            ``random_fraction`` must be 0).
         seed: base seed of the world.
     """
 
     image_size: int = 64
     hsk_levels: tuple[int, ...] = (1, 2)
     max_chars: int = 4
+    length_weights: tuple[float, ...] = ()
     size_range: tuple[float, float] = (0.3, 0.6)
     vertical_fraction: float = 0.2
     max_rotation: float = 6.0
@@ -189,8 +223,10 @@ class ZhRenderConfig:
     jpeg_fraction: float = 0.2
     heldout_levels: tuple[int, ...] = (3, 4, 5, 6)
     heldout_font: str = "WenQuanYi Micro Hei"
-    random_fraction: float = 0.4
-    blank_fraction: float = 0.03
+    random_fraction: float = 0.9
+    blank_fraction: float = 0.05
+    picture_fraction: float = 0.6
+    caption: str = "text"
     seed: int = 0
 
 
@@ -230,15 +266,46 @@ def _background(rng: np.random.Generator, bg: tuple[int, ...], big: int, cfg: Zh
     return Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
 
 
-def render_chinese(text: str, rng: np.random.Generator, faces: tuple[Face, ...], cfg: ZhRenderConfig) -> Image.Image:
-    """One image of ``text`` (``NO_TEXT``: background only): random face, size, colours, direction and artefacts."""
+def _paste_picture(canvas: Image.Image, rng: np.random.Generator, fg: tuple[int, ...]) -> None:
+    """A picture without text on ``canvas``: an OpenClipart drawing (half the time, when installed) or 1-4 filled
+    ellipses, rectangles and polygons. Filled, never outlined or thin: an outlined square is 口, a bar is 一."""
+    big = canvas.width
+    drawings = clipart_drawings()
+    if drawings and rng.random() < 0.5:
+        d = drawings[int(rng.integers(len(drawings)))]
+        scale = big * rng.uniform(0.4, 1.0) / max(d.size)
+        d = d.resize((max(1, int(d.width * scale)), max(1, int(d.height * scale))), Image.LANCZOS)
+        canvas.paste(d, (int(rng.integers(0, big - d.width + 1)), int(rng.integers(0, big - d.height + 1))), d)
+        return
+    draw = ImageDraw.Draw(canvas)
+    for _ in range(int(rng.integers(1, 5))):
+        colour = fg if rng.random() < 0.5 else tuple(int(v) for v in rng.integers(0, 256, 3))
+        x, y = (int(v) for v in rng.integers(0, big * 3 // 4, 2))
+        w, h = (int(v) for v in rng.integers(big // 6, big // 2, 2))
+        kind = int(rng.integers(3))
+        if kind == 0:
+            draw.ellipse([x, y, x + w, y + h], fill=colour)
+        elif kind == 1:
+            draw.rectangle([x, y, x + w, y + h], fill=colour)
+        else:
+            points = [(int(a), int(b)) for a, b in rng.integers(0, big, (int(rng.integers(3, 7)), 2))]
+            draw.polygon(points, fill=colour)
+
+
+def render_chinese(
+    text: str, rng: np.random.Generator, faces: tuple[Face, ...], cfg: ZhRenderConfig, picture: bool = False
+) -> Image.Image:
+    """One image of ``text`` (``NO_TEXT``: background only, or a picture without text when ``picture``): random
+    face, size, colours, direction and artefacts."""
     face = faces[int(rng.integers(len(faces)))]
     side, big = cfg.image_size, cfg.image_size * 2  # drawn at 2x, then reduced: smoother strokes
     size = max(10, int(big * rng.uniform(*cfg.size_range)))
     bg, fg = _colours(rng, cfg.min_contrast)
     vertical = bool(rng.random() < cfg.vertical_fraction)
     canvas = _background(rng, bg, big, cfg)
-    if text != NO_TEXT:
+    if picture:
+        _paste_picture(canvas, rng, fg)
+    elif text != NO_TEXT:
         tile = _text_tile(text, ImageFont.truetype(face.path, size, index=face.index), fg, vertical)
         tile = tile.rotate(float(rng.uniform(-cfg.max_rotation, cfg.max_rotation)), expand=True, resample=Image.BICUBIC)
         scale = min(1.0, 0.94 * big / max(tile.size))  # long words shrink to fit
@@ -277,9 +344,32 @@ class RenderedChinese(SeededRendering):
         self.words = self.heldout if split == "test" else train
         self._heldout_set = frozenset(self.heldout)
         self.faces = split_faces(split, self.cfg.heldout_font)
+        w = np.asarray(c.length_weights or [1.0] * c.max_chars, dtype=float)
+        if len(w) != c.max_chars or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"length_weights needs {c.max_chars} non-negative weights (lengths 1..max_chars), "
+                             f"got {c.length_weights}")  # fmt: skip
+        self._length_p = w / w.sum()
+        if c.caption not in ("text", "gloss"):
+            raise ValueError(f"ZhRenderConfig.caption must be 'text' or 'gloss', got {c.caption!r}")
+        if c.caption == "gloss" and c.random_fraction > 0:
+            raise ValueError("caption='gloss' needs random_fraction=0: a random string of characters has no meaning")
+
+    def caption(self, index: int) -> str:
+        return self.label(super().caption(index))
+
+    def __getitem__(self, index: int) -> tuple[Image.Image, str, int]:
+        img, text, i = super().__getitem__(index)
+        return img, self.label(text), i
+
+    def label(self, text: str) -> str:
+        """What an item is captioned: its text, or with ``caption="gloss"`` the English shown for it."""
+        if self.cfg.caption == "text" or text == NO_TEXT:
+            return text
+        return load_dictionary().gloss(text) or text
 
     def render(self, text: str, rng: np.random.Generator) -> Image.Image:
-        return render_chinese(text, rng, self.faces, self.cfg)
+        picture = text == NO_TEXT and rng.random() < self.cfg.picture_fraction
+        return render_chinese(text, rng, self.faces, self.cfg, picture=picture)
 
     def _text(self, rng: np.random.Generator) -> str:
         """The item's text from the first draws of its generator (so caption() and __getitem__ agree)."""
@@ -289,7 +379,7 @@ class RenderedChinese(SeededRendering):
                 return NO_TEXT
             if u < self.cfg.blank_fraction + self.cfg.random_fraction:
                 while True:  # a random string that happens to spell a held-out word is drawn again
-                    k = int(rng.integers(1, self.cfg.max_chars + 1))
+                    k = 1 + int(rng.choice(self.cfg.max_chars, p=self._length_p))
                     text = "".join(self.characters[int(i)] for i in rng.integers(len(self.characters), size=k))
                     if not contains_any(text, self._heldout_set, self.cfg.max_chars):
                         return text

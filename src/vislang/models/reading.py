@@ -162,11 +162,11 @@ def tidy(text: str) -> str:
 
 def translate(text: str) -> dict[str, Any]:
     """A reading's translation through CC-CEDICT: pinyin and first sense per word, every sense kept in ``words``."""
-    words = load_dictionary().translate(text)
-    english = [w["english"] for w in words if w["english"]]
+    dictionary = load_dictionary()
+    words = dictionary.translate(text)
     return {
         "text": text,
         "pinyin": " ".join(w["pinyin"] for w in words if w["pinyin"]),
-        "english": "; ".join(english),
+        "english": dictionary.gloss(text),
         "words": words,
     }
