@@ -69,6 +69,28 @@ def test_auto_with_native_bf16_keeps_fp32_when_bf16_does_not_pay():
     assert choice.precision == "fp32" and choice.speedup < 1
 
 
+def test_a_losing_trial_is_tried_again_on_later_runs_and_the_best_is_kept():
+    """A trial slowed by other jobs must not keep a model in fp32 for ever: fp32 verdicts are retried (the best
+    speedup seen wins), up to TRIALS runs; a winning one is final."""
+    first = prec.choose("auto", CPU, "m", fake_step(0.02, 0.04, []), flags=WITH_BF16)  # a loaded machine: 0.5x
+    assert first.precision == "fp32"
+    calls: list[str] = []
+    second = prec.choose("auto", CPU, "m", fake_step(0.09, 0.03, calls), flags=WITH_BF16)  # quiet now: 3x
+    assert calls and second.precision == "bf16" and second.speedup > 1.5
+    final: list[str] = []
+    assert prec.choose("auto", CPU, "m", fake_step(0.02, 0.04, final), flags=WITH_BF16).precision == "bf16"
+    assert final == []  # bf16 won once: no more trials
+    for n in range(prec.TRIALS):  # a model where bf16 really loses stops being tried after TRIALS runs
+        calls = []
+        prec.choose("auto", CPU, "slow", fake_step(0.01, 0.02, calls), flags=WITH_BF16)
+        assert calls
+    calls = []
+    assert prec.choose("auto", CPU, "slow", fake_step(0.01, 0.02, calls), flags=WITH_BF16).precision == "fp32"
+    assert calls == []
+    prec.write_cache(f"trial | {prec.machine_key(CPU)} | old", 1.8)
+    assert prec.choose("auto", CPU, "old", None, flags=WITH_BF16).precision == "bf16"  # an older cache's bare number
+
+
 def test_explicit_precision_is_kept_and_unknown_is_a_clear_error(monkeypatch):
     assert prec.choose("bf16", CPU, flags=WITHOUT_BF16).precision == "bf16"
     monkeypatch.setenv("VISLANG_PRECISION", "fp32")
