@@ -80,7 +80,7 @@ def test_a_losing_trial_is_tried_again_on_later_runs_and_the_best_is_kept():
     final: list[str] = []
     assert prec.choose("auto", CPU, "m", fake_step(0.02, 0.04, final), flags=WITH_BF16).precision == "bf16"
     assert final == []  # bf16 won once: no more trials
-    for n in range(prec.TRIALS):  # a model where bf16 really loses stops being tried after TRIALS runs
+    for _ in range(prec.TRIALS):  # a model where bf16 really loses stops being tried after TRIALS runs
         calls = []
         prec.choose("auto", CPU, "slow", fake_step(0.01, 0.02, calls), flags=WITH_BF16)
         assert calls
