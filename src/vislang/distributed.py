@@ -6,7 +6,9 @@ and under ``torchrun`` (several processes, one per device). Nothing here starts 
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -261,9 +263,11 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         if x.dim() < 2:
             raise ValueError(f"GlobalBatchNorm expects at least 2-D input (N, C, ...), got {x.dim()}-D")
 
+    local = False  # True: this process's statistics alone (see ``local_statistics``)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
-        if not (self.training and is_dist() and world_size() > 1):
+        if self.local or not (self.training and is_dist() and world_size() > 1):
             return super().forward(x)
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
@@ -282,6 +286,22 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
         return y.to(x.dtype)
+
+
+@contextlib.contextmanager
+def local_statistics(module: nn.Module) -> Iterator[None]:
+    """Within the block, every :class:`GlobalBatchNorm` in ``module`` normalises by this process's batch alone.
+
+    Why: work that one rank does by itself in train mode (re-estimating BatchNorm statistics before the main process
+    evaluates) would otherwise wait in an all-reduce for ranks that never join it: a hang under torchrun."""
+    layers = [m for m in module.modules() if isinstance(m, GlobalBatchNorm)]
+    for m in layers:
+        m.local = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.local = False
 
 
 def global_batchnorm(module: nn.Module) -> nn.Module:

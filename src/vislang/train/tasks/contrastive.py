@@ -66,7 +66,7 @@ def precise_batchnorm(model: nn.Module, batches: Iterator[torch.Tensor]) -> int:
         m.reset_running_stats()
         m.momentum = None  # a cumulative average over the batches below
     model.visual.train()
-    with torch.no_grad():
+    with torch.no_grad(), dist.local_statistics(model.visual):  # the main process alone: no all-reduce to wait in
         for images in batches:
             model.visual(images)
     for m, momentum in zip(bns, momenta):
