@@ -125,7 +125,7 @@ def test_search_page_text_file_and_drop(world, browser):
         target = world["images"][4]
         page.set_input_files("#file", str(target))  # the drop zone's file chooser
         page.wait_for_function(
-            f"() => document.querySelector('#results .result').dataset.id == '{world['ids'][str(target.resolve())]}'"
+            f"() => document.querySelector('#results .result')?.dataset.id == '{world['ids'][str(target.resolve())]}'"
         )
         hits = results(page)
         assert hits[0]["score"] == pytest.approx(1.0, abs=1e-3)
@@ -141,7 +141,7 @@ def test_search_page_text_file_and_drop(world, browser):
         )
         page.dispatch_event("#drop", "drop", {"dataTransfer": dt})
         want = world["ids"][str(dropped.resolve())]
-        page.wait_for_function(f"() => document.querySelector('#results .result').dataset.id == '{want}'")
+        page.wait_for_function(f"() => document.querySelector('#results .result')?.dataset.id == '{want}'")
         wait_images_loaded(page, 1)
 
         page.set_input_files("#file", files=[{"name": "notes.png", "mimeType": "image/png", "buffer": b"not an image"}])

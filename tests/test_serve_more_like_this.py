@@ -26,19 +26,19 @@ def test_url_search_more_like_this_reload_and_back(world, browser):  # noqa: F81
 
         target = hits[2]["id"]
         page.click(f'#results .result[data-id="{target}"] .more')
-        page.wait_for_function(f"() => document.querySelector('#results .result').dataset.id == '{target}'")
+        page.wait_for_function(f"() => document.querySelector('#results .result')?.dataset.id == '{target}'")
         assert parse_qs(urlparse(page.url).query) == {"like": [str(target)], "k": ["4"]}
         hits = results(page)
         assert hits[0]["score"] == pytest.approx(1.0, abs=1e-3) and len(hits) == 4  # the image itself, then others
         like_ids = [h["id"] for h in hits]
 
         page.reload()  # the address alone reproduces the search
-        page.wait_for_function(f"() => document.querySelector('#results .result').dataset.id == '{target}'")
+        page.wait_for_function(f"() => document.querySelector('#results .result')?.dataset.id == '{target}'")
         assert [h["id"] for h in results(page)] == like_ids
 
         page.go_back()  # back to the text search
         page.wait_for_function("() => location.search.includes('q=')")
-        page.wait_for_function(f"() => document.querySelector('#results .result').dataset.id == '{text_ids[0]}'")
+        page.wait_for_function(f"() => document.querySelector('#results .result')?.dataset.id == '{text_ids[0]}'")
         assert [h["id"] for h in results(page)] == text_ids
 
         page.fill("#q", "a blue square")
