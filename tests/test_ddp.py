@@ -204,12 +204,19 @@ def _spawn(out_dir: Path, deadline_s: float = 90.0) -> None:
 
     ctx = mp.spawn(_worker, args=(WORLD, _free_port(), str(out_dir)), nprocs=WORLD, join=False)
     end = time.monotonic() + deadline_s
-    while not ctx.join(timeout=1.0):  # raises if a worker failed (and terminates the others)
-        if time.monotonic() > end:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            pytest.fail(f"DDP workers did not finish within {deadline_s:.0f} s")
+    try:
+        while not ctx.join(timeout=1.0):  # raises if a worker failed (and terminates the others)
+            if time.monotonic() > end:
+                for p in ctx.processes:
+                    if p.is_alive():
+                        p.terminate()
+                pytest.fail(f"DDP workers did not finish within {deadline_s:.0f} s")
+    except mp.ProcessExitedException as e:
+        # gloo's teardown now and then ends a rank with "terminate called without an active exception" (SIGABRT)
+        # after it has written its results (seen once in a clean-clone CI run); the results decide, so a rank that
+        # died before writing them still fails here
+        if e.signal_name != "SIGABRT" or not all((out_dir / f"rank{r}.pt").is_file() for r in range(WORLD)):
+            raise
 
 
 @pytest.fixture(scope="module")
