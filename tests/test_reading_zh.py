@@ -326,6 +326,14 @@ def test_translation_is_right_only_with_one_of_the_words_senses():
     assert not translation_correct("出", "出口") and not translation_correct("", "出口")
 
 
+def test_an_end_to_end_gloss_is_scored_up_to_case_and_bracket_spacing():
+    from vislang.evaluation.reading import gloss_correct
+
+    # what a lower-casing word tokenizer writes for 公司's first sense "(business) company", and 北京's "Peking"
+    assert gloss_correct("( business ) company", "公司") and gloss_correct("peking", "北京")
+    assert not gloss_correct("business company", "公司") and not gloss_correct("( business )", "公司")
+
+
 @needs_fonts
 def test_read_eval_scores_every_split(reader_dir, capsys):
     from vislang.cli.main import main

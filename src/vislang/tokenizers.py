@@ -8,6 +8,7 @@ truncated, with a warning that says how many texts were cut (never silently).
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -20,6 +21,19 @@ CHAR_ALPHABET = "abcdefghijklmnopqrstuvwxyz"  # always in a char vocabulary, so 
 VISLANG_TOKENIZER_FILE = "tokenizer.json"
 VISLANG_TOKENIZER_META = "vislang_tokenizer.json"
 HF_TOKENIZER_SUBDIR = "tokenizer"  # where a Hugging Face tokenizer is saved inside a model directory
+
+
+# A word-level tokenizer splits punctuation into words of its own, so its decoder writes "a cat , on a mat ." and
+# "( business ) company": no space before closing marks, none after opening ones (what Hugging Face's
+# clean_up_tokenization does for English).
+_SPACE_BEFORE = re.compile(r" +([,.;:!?%)\]}])")
+_SPACE_AFTER = re.compile(r"([(\[{]) +")
+
+
+def detokenize(text: str) -> str:
+    """Text as people write it from a word tokenizer's decoding: ``"( business ) company ,"`` →
+    ``"(business) company,"``. Pure; the char tokenizer's output already is (its spaces are tokens)."""
+    return _SPACE_AFTER.sub(r"\1", _SPACE_BEFORE.sub(r"\1", text))
 
 
 class TruncationWarning(UserWarning):
@@ -160,7 +174,13 @@ class Tokenizer:
         ids = [i for i in ids if i not in (self.pad_id, self.bos_id)]
         if self.eos_id in ids:
             ids = ids[: ids.index(self.eos_id)]
-        return self.backend.decode(ids)
+        text = self.backend.decode(ids)
+        return text if self.is_char else detokenize(text)
+
+    @property
+    def is_char(self) -> bool:
+        """One token per character (``kind="char"``): spaces are tokens there, so decoding keeps them as written."""
+        return type(self.backend.pre_tokenizer).__name__ == "Metaspace"
 
     def save(self, directory: str | Path) -> None:
         d = Path(directory)

@@ -28,6 +28,7 @@ from ..data.rendered_text import RenderedText
 from ..data.rendered_zh import RenderedChinese, clipart_files
 from ..data.shapes import ShapesDataset
 from ..models.reading import MIN_CONFIDENCE, Reader, translate
+from ..tokenizers import detokenize
 from .caption_metrics import reading_scores
 
 LANG_SPLITS = {"zh": ("test", "test-font"), "en": ("test",)}
@@ -56,9 +57,16 @@ def no_text_images(n: int) -> list[Image.Image]:
     return [shapes[i][0] for i in range(len(shapes))] + drawings
 
 
+def _sense_key(text: str) -> str:
+    """A sense as compared: lower case, spaces as written (a word tokenizer lower-cases and spaces brackets)."""
+    return " ".join(detokenize(text).lower().split())
+
+
 def gloss_correct(shown: str, truth: str) -> bool:
-    """Whether the English ``shown`` is one of CC-CEDICT's senses of the word ``truth``."""
-    return bool(shown) and shown in {s for e in load_dictionary().lookup(truth) for s in e.senses}
+    """Whether the English ``shown`` is one of CC-CEDICT's senses of the word ``truth``, up to case and the spaces
+    around punctuation (an end-to-end model that writes "(business) Company" in lower case wrote the sense)."""
+    senses = {_sense_key(s) for e in load_dictionary().lookup(truth) for s in e.senses}
+    return bool(shown) and _sense_key(shown) in senses
 
 
 def translation_correct(predicted: str, truth: str) -> bool:
