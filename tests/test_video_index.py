@@ -143,3 +143,32 @@ def test_a_csv_naming_videos_outside_its_folder_needs_allow_outside_root(world, 
     assert counts["videos"] == 1
     with open_index(tmp_path / "ok.index") as index:
         assert str(world["movies"][0].resolve().parent) in index.get_state("roots")
+
+
+def test_index_remove_takes_a_video_and_a_later_build_adds_it_again(world, tmp_path) -> None:
+    folder = tmp_path / "two"
+    folder.mkdir()
+    kept, dropped = (folder / m.name for m in world["movies"])
+    for src, dst in zip(world["movies"], (kept, dropped)):
+        dst.write_bytes(src.read_bytes())
+    index_dir = tmp_path / "two.index"
+    first = build_index(str(folder), index_dir, world["model"], progress=False, fps=2)
+    assert main(["index", "remove", str(dropped), "--index", str(index_dir)]) == 0
+    with open_index(index_dir) as index:
+        videos = {frame_fields(it["key"])["video"] for it in index.get(list(range(1, first["added"] + 1))) if it}
+        assert videos == {str(kept.resolve())} and 0 < len(index) < first["added"]
+    again = build_index(str(folder), index_dir, progress=False, fps=2)  # the removed video is no longer "done"
+    assert again["videos"] == 1 and again["already"] == 1 and again["size"] == first["added"]
+
+
+def test_a_frame_is_captioned_by_its_id(world, tmp_path) -> None:
+    from fastapi.testclient import TestClient
+
+    from test_serve_generative import make_tiny_captioner
+    from vislang.serve.app import create_app
+
+    client = TestClient(create_app(world["index"], caption_model=make_tiny_captioner(tmp_path)))
+    hit = client.post("/v1/search", json={"text": "a red circle", "k": 1}).json()["results"][0]
+    r = client.post("/v1/caption", json={"image_id": hit["id"]})
+    assert r.status_code == 200 and isinstance(r.json()["caption"], str)  # decoded from the video at its time
+    assert client.post("/v1/caption", json={"image_id": 10**9}).status_code == 404

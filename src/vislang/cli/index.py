@@ -187,7 +187,7 @@ def register(add) -> None:
             a.add_argument("--nprobe", type=int, default=16, help="IVF lists scanned per query (default 16)")
             a.add_argument("--nlist", type=int, help="IVF lists (default round(4*sqrt(N)), retrained as N grows)")
     a = actions.add_parser("remove", help="remove items by id, image file or folder", **each)
-    a.add_argument("targets", nargs="+", help="ids, image files, folders, or a CSV/JSONL/shards of what to remove")
+    a.add_argument("targets", nargs="+", help="ids, image files, folders, videos (all frames), or a CSV/JSONL/shards")
     a.add_argument("--index", required=True, help="index directory")
     a = actions.add_parser(
         "duplicates", help="groups of exact (same bytes) and near-duplicate (similar) images", **each

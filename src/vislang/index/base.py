@@ -145,6 +145,11 @@ class Index(ABC):
         """{key: id} for the keys already indexed (what a resumed build skips)."""
 
     @abstractmethod
+    def ids_for_paths(self, paths: Sequence[str]) -> list[int]:
+        """Ids of every item read from one of ``paths`` (all the frames of a video: their keys differ, the path
+        is the video's)."""
+
+    @abstractmethod
     def get_state(self, name: str, default: Any = None) -> Any:
         """A small JSON value stored with the index (build progress, options)."""
 

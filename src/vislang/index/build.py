@@ -38,9 +38,10 @@ from ..evaluation.embed import embed_images, inference_precision
 from ..factory import get_model_config, load_embedding_model
 from ..inference import IMAGE_EXTS, list_images, open_image
 from ..models.onnx_runtime import is_onnx_dir
+from ..video.reader import list_videos
 from .base import HEADER, Index, create_index, open_index
 from .files import ROOTS_STATE, confine, track_roots
-from .video import build_video_index, is_video_source
+from .video import build_video_index, forget_videos, is_video_source
 
 IMG_COLUMNS = ("filepath", "path", "image", "file", "filename", "img")  # tried in order when img_key is not given
 CAPTION_COLUMNS = ("caption", "text", "title", "label")
@@ -478,11 +479,17 @@ def remove_from_index(index_dir: str | os.PathLike, targets: Sequence[str]) -> i
     """Remove items named by id, by image file, or by every image under a folder (or in a CSV/JSONL/shards)."""
     ids: list[int] = []
     keys: list[str] = []
+    videos: list[str] = []
     for t in targets:
         if t.isdigit():
             ids.append(int(t))
+        elif is_video_source(t):  # a video's frames share its path, not a key; a later build adds it again
+            videos.extend(str(p.resolve()) for p in list_videos([t]))
         else:
             keys.extend(it.key for it in open_source(t, allow_outside_root=True))  # naming what to drop is harmless
     with open_index(index_dir) as index:
         ids.extend(index.ids_for_keys(keys).values())
+        if videos:
+            ids.extend(index.ids_for_paths(videos))
+            forget_videos(index, videos)
         return index.remove(ids)

@@ -420,6 +420,14 @@ class FaissIndex(Index):
                 out.update((k, i) for k, i in self.db.execute(f"SELECT key, id FROM items WHERE key IN ({q})", part))
         return out
 
+    def ids_for_paths(self, paths: Sequence[str]) -> list[int]:
+        out: list[int] = []
+        with self._lock:
+            for part in chunks(list(paths)):
+                q = ",".join("?" * len(part))
+                out.extend(i for (i,) in self.db.execute(f"SELECT id FROM items WHERE path IN ({q})", part))
+        return out
+
     def all_ids(self) -> np.ndarray:
         """Every id, ascending."""
         with self._lock:

@@ -274,6 +274,11 @@ class PgVectorIndex(Index):
             rows = self.conn.execute(f"SELECT key, id FROM {self.table} WHERE key = ANY(%s)", (list(keys),)).fetchall()
         return dict(rows)
 
+    def ids_for_paths(self, paths: Sequence[str]) -> list[int]:
+        with self._lock:
+            rows = self.conn.execute(f"SELECT id FROM {self.table} WHERE path = ANY(%s)", (list(paths),)).fetchall()
+        return [r[0] for r in rows]
+
     def all_ids(self) -> np.ndarray:
         """Every id, ascending (as the FAISS back end's ``all_ids``)."""
         with self._lock:

@@ -156,6 +156,15 @@ def build_video_index(
     return counts
 
 
+def forget_videos(index: Any, videos: Sequence[str]) -> None:
+    """Drop ``videos`` from the finished list of an index's video state, so that a later ``index build`` over them
+    embeds them again instead of skipping them as done (``index remove`` of a video)."""
+    state = index.get_state(STATE)
+    if state and state.get("done"):
+        gone = set(videos)
+        index.set_state(STATE, {**state, "done": [v for v in state["done"] if v not in gone]})
+
+
 def video_step(index: Any) -> float | None:
     """Seconds between indexed frames of a video index; None for an index of images."""
     state = index.get_state(STATE)

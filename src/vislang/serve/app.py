@@ -38,12 +38,13 @@ from ..evaluation.zero_shot import logit_scale_of, zero_shot_classifier
 from ..index.build import read_item_image, recorded_roots
 from ..index.files import served_bytes, strip_metadata
 from ..index.search import Searcher
-from ..index.video import video_step
+from ..index.video import frame_fields, video_step
+from ..video.reader import frame_at
 from .batching import Overloaded, SearchBatcher
 from .generative import Captioner, ImageGenerator, QuestionAnswerer
 from .guard import BODY_TIMEOUT, RETRY_AFTER, SEARCH_TIMEOUT, ApiError, Guard, Limiter, answered, error
 from .reading import ReadingModel, add_reading_routes
-from .video import add_video_routes, moments_field, video_hit_fields
+from .video import FRAME_SIDE, add_video_routes, moments_field, video_hit_fields
 
 DOCS_ASSETS = "/docs-assets"  # Swagger UI's own files, served locally so /docs works offline
 MAX_TEXTS = 256  # texts per /v1/embed request
@@ -214,7 +215,10 @@ class Service:
         item = self.searcher.index.get([check_id(image_id)])[0]
         if item is None:
             raise ApiError(404, f"no image with id {image_id} in the index")
+        frame = frame_fields(item["key"])  # a video frame: decoded from its video at its time
         try:
+            if frame is not None:
+                return Image.fromarray(frame_at(frame["video"], frame["t"], FRAME_SIDE))
             return read_item_image(item["path"], item["offset"], item["size"])
         except (OSError, ValueError):
             raise ApiError(404, f"the file of image {image_id} is no longer readable on disk") from None

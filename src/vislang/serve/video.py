@@ -18,6 +18,7 @@ from ..index.files import servable_path
 from ..index.video import frame_fields, moments_of
 from ..video.reader import VIDEO_EXTS, frame_at
 
+FRAME_SIDE = 480  # longer side of a frame decoded for the page or for a caption / VQA request about it
 MEDIA = {".mp4": "video/mp4", ".m4v": "video/mp4", ".webm": "video/webm", ".mkv": "video/x-matroska",
          ".mov": "video/quicktime", ".avi": "video/x-msvideo"}  # fmt: skip
 
@@ -70,7 +71,7 @@ def add_video_routes(app: FastAPI, searcher: Any, error: type[HTTPException]) ->
     async def frame_image(item_id: str) -> Response:
         _, f = await run_in_threadpool(frame_item, item_id)  # index reads stay off the event loop
         try:
-            rgb = await run_in_threadpool(frame_at, f["video"], f["t"], 480)
+            rgb = await run_in_threadpool(frame_at, f["video"], f["t"], FRAME_SIDE)
         except ValueError:
             raise error(404, f"the video of frame {item_id} can no longer be decoded") from None
         buf = io.BytesIO()
