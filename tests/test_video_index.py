@@ -172,3 +172,37 @@ def test_a_frame_is_captioned_by_its_id(world, tmp_path) -> None:
     r = client.post("/v1/caption", json={"image_id": hit["id"]})
     assert r.status_code == 200 and isinstance(r.json()["caption"], str)  # decoded from the video at its time
     assert client.post("/v1/caption", json={"image_id": 10**9}).status_code == 404
+
+
+def test_under_an_api_key_video_urls_are_signed_for_the_video_element(world) -> None:
+    """A <video> element sends no X-API-Key header: its URL carries an expiring HMAC of that path instead."""
+    from fastapi.testclient import TestClient
+
+    from vislang.serve.app import create_app
+    from vislang.serve.guard import SIGNED_TTL, sign_url, signature_valid
+
+    client = TestClient(create_app(world["index"], api_key="s3cret"))
+    key = {"X-API-Key": "s3cret"}
+    body = client.post("/v1/search", json={"text": "a blue square", "k": 5}, headers=key).json()
+    hit, moment = body["results"][0], body["moments"][0]
+    for url in (hit["video_url"], moment["video_url"]):
+        path, _, rest = url.partition("?")
+        assert path.startswith("/v1/videos/") and "sig=" in rest and "#t=" in rest
+        playable = url.partition("#")[0]
+        r = client.get(playable, headers={"Range": "bytes=0-9"})  # no key: the signature lets it through
+        assert r.status_code == 206 and len(r.content) == 10
+    bare = hit["video_url"].partition("?")[0]
+    assert client.get(bare).status_code == 401
+    tampered = hit["video_url"].partition("#")[0][:-1] + ("0" if hit["video_url"].partition("#")[0][-1] != "0" else "1")
+    assert client.get(tampered).status_code == 401
+    other = moment["video_url"].partition("?")[0] if moment["id"] != hit["id"] else "/v1/videos/999999"
+    assert client.get(other + "?" + hit["video_url"].partition("?")[2].partition("#")[0]).status_code == 401
+    frame_with_sig = f"/v1/frames/{hit['id']}?" + hit["video_url"].partition("?")[2].partition("#")[0]
+    assert client.get(frame_with_sig).status_code == 401  # only video files take signatures
+    signed = sign_url("s3cret", "/v1/videos/7", now=1000.0)
+    path, _, query = signed.partition("?")
+    assert signature_valid("s3cret", path, query, now=1000.0 + SIGNED_TTL - 1)
+    assert not signature_valid("s3cret", path, query, now=1000.0 + SIGNED_TTL + 1)  # expired
+    assert not signature_valid("other", path, query, now=1000.0)
+    plain = TestClient(create_app(world["index"])).post("/v1/search", json={"text": "a blue square", "k": 1}).json()
+    assert "sig=" not in plain["results"][0]["video_url"]  # no key, nothing to sign

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import io
 import json
 import os
@@ -42,7 +43,17 @@ from ..index.video import frame_fields, video_step
 from ..video.reader import frame_at
 from .batching import Overloaded, SearchBatcher
 from .generative import Captioner, ImageGenerator, QuestionAnswerer
-from .guard import BODY_TIMEOUT, RETRY_AFTER, SEARCH_TIMEOUT, ApiError, Guard, Limiter, answered, error
+from .guard import (
+    BODY_TIMEOUT,
+    RETRY_AFTER,
+    SEARCH_TIMEOUT,
+    ApiError,
+    Guard,
+    Limiter,
+    answered,
+    error,
+    sign_url,
+)
 from .reading import ReadingModel, add_reading_routes
 from .video import FRAME_SIDE, add_video_routes, moments_field, video_hit_fields
 
@@ -132,8 +143,16 @@ def local_swagger_ui() -> str | None:
 class Service:
     """The state behind the endpoints: the searcher, limits, a cache of zero-shot classifiers."""
 
-    def __init__(self, searcher: Searcher, max_k: int, max_pixels: int, models: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        searcher: Searcher,
+        max_k: int,
+        max_pixels: int,
+        models: dict[str, Any] | None = None,
+        api_key: str | None = None,
+    ) -> None:
         self.searcher, self.max_k, self.max_pixels = searcher, max_k, max_pixels
+        self.sign = functools.partial(sign_url, api_key) if api_key else (lambda url: url)  # video URLs
         self.models = models or {}  # "caption" -> Captioner, "vqa" -> QuestionAnswerer, "generate" -> ImageGenerator
         self._classifiers: OrderedDict[tuple, Any] = OrderedDict()
         self._lock = threading.Lock()
@@ -286,8 +305,7 @@ class Service:
         self.refresh()
         return self.format_hits(self.searcher.search_vectors(vectors, k)[0])
 
-    @staticmethod
-    def format_hits(hits: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def format_hits(self, hits: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The JSON of search results: id, score, caption, file name and the URL of the image."""
         return [
             {
@@ -296,7 +314,7 @@ class Service:
                 "caption": h["caption"],
                 "name": os.path.basename(h["key"].rpartition("#")[2] or h["key"]),
                 "url": f"/v1/images/{h['id']}",
-                **video_hit_fields(h),  # a video frame: its video, time, shot and URLs
+                **video_hit_fields(h, self.sign),  # a video frame: its video, time, shot and URLs
             }
             for h in hits
         ]
@@ -312,7 +330,7 @@ class Service:
             "k": k,
             "results": self.format_hits(hits),
             "search_ms": round(1e3 * (time.perf_counter() - t0), 3),
-            **moments_field(self.video_step, hits),
+            **moments_field(self.video_step, hits, self.sign),
         }
         return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
 
@@ -492,7 +510,7 @@ def create_app(
         models["generate"] = ImageGenerator(generate_model, device)
     if read_model is not None:
         models["read"] = ReadingModel(read_model, device)
-    svc = Service(searcher, max_k, max_pixels, models)
+    svc = Service(searcher, max_k, max_pixels, models, api_key)
     batcher = SearchBatcher(searcher.embed_texts, searcher.search_vectors, before_batch=svc.refresh,
                             max_queue=max_queue, timeout=SEARCH_TIMEOUT)  # fmt: skip
     max_body = int(max_upload_mb * 2**20)

@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import hmac
+import time
 from typing import Any
+from urllib.parse import parse_qs
 
 from fastapi import HTTPException
 from fastapi.responses import JSONResponse
@@ -18,6 +21,8 @@ HTML_PATHS = ("/", "/docs", "/openapi.json")  # a browser asking for these gets 
 SEARCH_TIMEOUT = 30.0  # seconds a search may wait for the batcher before it is answered 503
 BODY_TIMEOUT = 30.0  # seconds a client may take to send its request body (slow-loris senders get 408)
 RETRY_AFTER = "1"  # seconds, in the 503 answers of a full queue
+SIGNED_PREFIX = "/v1/videos/"  # a <video> element cannot send the key: these URLs carry a signature instead
+SIGNED_TTL = 3600  # seconds a signed URL stays good (a search result page is watched for a while, then redone)
 
 
 class ApiError(HTTPException):
@@ -42,6 +47,32 @@ def key_matches(headers: dict[str, str], api_key: str) -> bool:
         except ValueError:
             given = ""
     return hmac.compare_digest(given.encode(), want)
+
+
+def _signature(api_key: str, path: str, expires: int) -> str:
+    return hmac.new(api_key.encode(), f"{path}|{expires}".encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def sign_url(api_key: str, url: str, now: float | None = None) -> str:
+    """``url`` (a path under ``SIGNED_PREFIX``, maybe with a ``#t=`` fragment) with ``?exp=...&sig=...`` added: an
+    HMAC of the path and the expiry under the API key, good for ``SIGNED_TTL`` seconds and for that path only.
+
+    Why: the search page sends the key in a header with ``fetch``, but a ``<video>`` element fetches its own ranges
+    and sends no header; fetching the whole file into a blob instead would load an hour-long film to play a shot."""
+    path, hash_, fragment = url.partition("#")
+    expires = int(time.time() if now is None else now) + SIGNED_TTL
+    return f"{path}?exp={expires}&sig={_signature(api_key, path, expires)}{hash_}{fragment}"
+
+
+def signature_valid(api_key: str, path: str, query: str, now: float | None = None) -> bool:
+    """Whether ``path?query`` is a URL ``sign_url`` made with this key that has not expired."""
+    if not path.startswith(SIGNED_PREFIX):
+        return False
+    q = parse_qs(query)
+    exp, sig = q.get("exp", [""])[0], q.get("sig", [""])[0]
+    if not exp.isdigit() or int(exp) < (time.time() if now is None else now):
+        return False
+    return hmac.compare_digest(sig.encode(), _signature(api_key, path, int(exp)).encode())
 
 
 class Guard:
@@ -89,7 +120,15 @@ class Guard:
         refused = self.refusal(scope, headers)
         if refused is not None:
             return await refused(scope, receive, send)
-        if self.api_key and path not in OPEN_PATHS and not key_matches(headers, self.api_key):
+        if (
+            self.api_key
+            and path not in OPEN_PATHS
+            and not key_matches(headers, self.api_key)
+            and not (
+                scope["method"] in ("GET", "HEAD")
+                and signature_valid(self.api_key, path, scope.get("query_string", b"").decode("latin-1"))
+            )
+        ):
             scheme = "Basic" if path in HTML_PATHS and scope["method"] == "GET" else "Bearer"
             message = "missing or wrong API key: send it as 'Authorization: Bearer KEY' or 'X-API-Key: KEY'"
             return await error(401, message, {"WWW-Authenticate": f'{scheme} realm="vislang"'})(scope, receive, send)

@@ -5,6 +5,7 @@ moment fields added to search results. Kept apart from app.py, which only calls 
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,19 +24,26 @@ MEDIA = {".mp4": "video/mp4", ".m4v": "video/mp4", ".webm": "video/webm", ".mkv"
          ".mov": "video/quicktime", ".avi": "video/x-msvideo"}  # fmt: skip
 
 
-def video_hit_fields(hit: dict[str, Any]) -> dict[str, Any]:
+def _unsigned(url: str) -> str:
+    return url
+
+
+def video_hit_fields(hit: dict[str, Any], sign: Callable[[str], str] = _unsigned) -> dict[str, Any]:
     """Extra JSON fields of a search hit that is a video frame (none for an image): the video's name, the frame's time
-    and shot, and URLs of the frame and of the video playing from the frame's shot."""
+    and shot, and URLs of the frame and of the video playing from the frame's shot (``sign``: the server's
+    ``guard.sign_url`` under an API key, so a ``<video>`` element may fetch it without the key)."""
     f = frame_fields(hit["key"])
     if f is None:
         return {}
     name, i = Path(f["video"]).name, hit["id"]
     return {"name": name, "video": name, "t": f["t"], "shot": f["shot"], "shot_start": f["shot_start"],
             "shot_end": f["shot_end"], "url": f"/v1/frames/{i}",
-            "video_url": f"/v1/videos/{i}#t={f['shot_start']:.2f},{f['shot_end']:.2f}"}  # fmt: skip
+            "video_url": sign(f"/v1/videos/{i}#t={f['shot_start']:.2f},{f['shot_end']:.2f}")}  # fmt: skip
 
 
-def moments_field(step: float | None, hits: list[dict[str, Any]]) -> dict[str, Any]:
+def moments_field(
+    step: float | None, hits: list[dict[str, Any]], sign: Callable[[str], str] = _unsigned
+) -> dict[str, Any]:
     """``{"moments": [...]}`` for the raw hits (with ``key``) of a video index whose frames are ``step`` seconds
     apart (``index.video.video_step``; adjacent frames merged); ``{}`` for an image index (``step`` None)."""
     if step is None:
@@ -43,7 +51,8 @@ def moments_field(step: float | None, hits: list[dict[str, Any]]) -> dict[str, A
     moments = moments_of(hits, step)
     for m in moments:
         m["video"] = Path(m["video"]).name
-        m["url"], m["video_url"] = f"/v1/frames/{m['id']}", f"/v1/videos/{m['id']}#t={m['start']:.2f},{m['end']:.2f}"
+        m["url"] = f"/v1/frames/{m['id']}"
+        m["video_url"] = sign(f"/v1/videos/{m['id']}#t={m['start']:.2f},{m['end']:.2f}")
     return {"moments": moments}
 
 
