@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -157,6 +158,15 @@ class SeededRendering(Dataset):
     splits: tuple[str, ...] = SPLITS
     salt = 7  # keeps the renderers' random streams apart
 
+    def setup(self, name: str, split: str, n: int | None, cfg: Any, seed: int) -> None:
+        """What every renderer's ``__init__`` starts with: the split checked, the seeds, the item count (20,000 for
+        ``train``, else 1,000, unless ``n``) and the image shape from ``cfg``."""
+        if split not in self.splits:
+            raise ValueError(f"{name} split must be one of {list(self.splits)}, got {split!r}")
+        self.split, self.seed, self.cfg = split, seed, cfg
+        self.n = (20_000 if split == "train" else 1_000) if n is None else int(n)
+        self.image_size, self.channels = cfg.image_size, 3
+
     def __len__(self) -> int:
         return self.n
 
@@ -188,12 +198,7 @@ class RenderedText(SeededRendering):
     """Rendered words and phrases as ``(PIL RGB image, text, index)``; item ``i`` depends only on its seed."""
 
     def __init__(self, split: str = "train", n: int | None = None, cfg: RenderConfig | None = None, seed: int = 0):
-        if split not in SPLITS:
-            raise ValueError(f"rendered-text split must be one of {list(SPLITS)}, got {split!r}")
-        self.split, self.seed = split, seed
-        self.cfg = cfg or RenderConfig()
-        self.n = (20_000 if split == "train" else 1_000) if n is None else int(n)
-        self.image_size, self.channels = self.cfg.image_size, 3
+        self.setup("rendered-text", split, n, cfg or RenderConfig(), seed)
         self.words = split_vocabulary(tuple(self.cfg.vocabulary), split, self.cfg.heldout_fraction)
 
     def render(self, text: str, rng: np.random.Generator) -> Image.Image:

@@ -333,12 +333,7 @@ class RenderedChinese(SeededRendering):
     salt = 11
 
     def __init__(self, split: str = "train", n: int | None = None, cfg: ZhRenderConfig | None = None, seed: int = 0):
-        if split not in SPLITS:
-            raise ValueError(f"rendered-zh split must be one of {list(SPLITS)}, got {split!r}")
-        self.split, self.seed = split, seed
-        self.cfg = cfg or ZhRenderConfig()
-        self.n = (20_000 if split == "train" else 1_000) if n is None else int(n)
-        self.image_size, self.channels = self.cfg.image_size, 3
+        self.setup("rendered-zh", split, n, cfg or ZhRenderConfig(), seed)
         c = self.cfg
         train, self.heldout, self.characters = word_splits(tuple(c.hsk_levels), tuple(c.heldout_levels), c.max_chars)
         self.words = self.heldout if split == "test" else train
