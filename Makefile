@@ -37,9 +37,9 @@ openclipart:  ## install the OpenClipart Debian packages (as root), or say how
 	elif [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q openclipart-png openclipart-svg; \
 	else echo "OpenClipart is missing. Run: sudo apt-get install openclipart-png openclipart-svg"; exit 1; fi
 
-TEXT_DEBS := tesseract-ocr tesseract-ocr-chi-sim tesseract-ocr-eng fonts-noto-cjk fonts-wqy-zenhei fonts-wqy-microhei
+TEXT_DEBS := tesseract-ocr tesseract-ocr-chi-sim tesseract-ocr-chi-sim-vert tesseract-ocr-eng fonts-noto-cjk fonts-wqy-zenhei fonts-wqy-microhei
 text-assets:  ## install CJK fonts and Tesseract (Chinese + English) for reading text in images (as root), or say how
-	@if command -v tesseract >/dev/null 2>&1 && fc-list :lang=zh | grep -q .; then :; \
+	@if command -v tesseract >/dev/null 2>&1 && fc-list :lang=zh | grep -q . && tesseract --list-langs 2>/dev/null | grep -q chi_sim_vert; then :; \
 	elif [ "$$(id -u)" = 0 ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(TEXT_DEBS); \
 	else echo "CJK fonts or Tesseract are missing. Run: sudo apt-get install $(TEXT_DEBS)"; exit 1; fi
 
