@@ -1,13 +1,16 @@
 """Choose a LiT recipe on a validation split carved from the training pairs, never on the test split.
 
 Each named config is ``vislang train --config lit`` plus its overrides, with ``--lit.val_fraction`` of the training
-pairs held back (seeded; the same pairs for every config) and ``--data.val_split=train``, which leaves the test
-split out of the run entirely (no test features are even read). The score is text→image R@10 on the held-back pairs
-at the run's best epoch (the epoch the run itself would keep), image→text R@10 beside it; the table also gives the
-last epoch's R@10 (what a fixed schedule would keep) and the seconds the run trained.
+pairs held back (seeded; the same pairs for every config; ``lit.val_by`` says whether random pairs or whole captions)
+and ``--data.val_split=train``, which leaves the test split out of the run entirely (no test features are even
+read). The score is text→image R@10 on the held-back pairs at the run's best epoch (the epoch the run itself would
+keep), image→text R@10 beside it; the table also gives the last epoch's R@10 (what a fixed schedule would keep) and
+the seconds the run trained.
 
     python benchmarks/lit_sweep.py --list                     # the configs and their overrides
     python benchmarks/lit_sweep.py                            # all of them (about a minute each, on cached features)
+    python benchmarks/lit_sweep.py --only base,r3-none,r3-mem0.2,r3-mem0.4,r3-mem0.5,r3-mem-t0.01,r3-mem-t0.05
+    python benchmarks/lit_sweep.py --only base,r3-none,r3-mem-t0.01 --seeds 1,2   # round 3, then its top two
     python benchmarks/lit_sweep.py --only base,positive -- --lit.cache_dir=/work/cache-lit
     python benchmarks/lit_sweep.py --smoke                    # 2 configs, 64 pairs at 64 px: checks that it runs
 
@@ -27,15 +30,20 @@ from pathlib import Path
 from vislang.cli.main import main as vislang_main
 
 SIGLIP = ["--loss=siglip", "--model.init_logit_bias=-10", f"--model.init_logit_scale={math.log(10):.4f}"]
-D5 = ["--lit.feature_dropout=0.5"]  # round 1 varied one setting of the previous recipe (feature dropout 0.5)
-D3 = ["--lit.feature_dropout=0.3"]  # round 2 around round 1's best
+# Rounds 1-2 scored configs on random held-back pairs, without the caption memory (lit.yaml before round 3):
+OLD = ["--model.memory=null", "--model.embed_dim=512", "--lit.val_by=pair"]
+D5 = [*OLD, "--lit.feature_dropout=0.5"]  # round 1 varied one setting of the previous recipe (feature dropout 0.5)
+D3 = [*OLD, "--lit.feature_dropout=0.3"]  # round 2 around round 1's best
+# Round 3 holds back whole captions (lit.val_by=caption: none occurs in the kept pairs, like most test captions)
+# and varies the caption memory (model.memory) around lit.yaml's; "r3-none" is round 2's recipe on these pairs.
+NOMEM = ["--model.memory=null", "--model.embed_dim=512"]
 CONFIGS: dict[str, list[str]] = {
-    "base": [],  # lit.yaml as packaged now (the recipe these rounds chose: dropout 0.3)
+    "base": [],  # lit.yaml as packaged now (the recipe round 3 chose: caption memory, weight 0.3, temperature 0.02)
     "dropout0.5": D5,
     "positive": [*D5, "--lit.same_caption=positive"],
     "siglip": [*D5, *SIGLIP],
     "dropout0.3": D3,
-    "dropout0.7": ["--lit.feature_dropout=0.7"],
+    "dropout0.7": [*OLD, "--lit.feature_dropout=0.7"],
     "lr1e-3": [*D5, "--optim.lr=0.001"],
     "lr4e-3": [*D5, "--optim.lr=0.004"],
     "embed256": [*D5, "--model.embed_dim=256"],
@@ -44,14 +52,20 @@ CONFIGS: dict[str, list[str]] = {
     "epochs80": [*D5, "--epochs=80"],
     "wd0.5": [*D5, "--optim.weight_decay=0.5"],
     "batch512": [*D5, "--batch_size=512"],
-    "dropout0.1": ["--lit.feature_dropout=0.1"],
-    "dropout0.2": ["--lit.feature_dropout=0.2"],
+    "dropout0.1": [*OLD, "--lit.feature_dropout=0.1"],
+    "dropout0.2": [*OLD, "--lit.feature_dropout=0.2"],
     "d0.3-positive": [*D3, "--lit.same_caption=positive"],
     "d0.3-siglip": [*D3, *SIGLIP],
     "d0.3-epochs80": [*D3, "--epochs=80"],
     "d0.3-embed1024": [*D3, "--model.embed_dim=1024"],
     "d0.3-lr1e-3": [*D3, "--optim.lr=0.001"],
     "d0.3-pad": [*D3, "--lit.fit=pad"],  # whole drawings letterboxed on white instead of centre-cropped
+    "r3-none": NOMEM,
+    "r3-mem0.2": ["--model.memory.weight=0.2"],
+    "r3-mem0.4": ["--model.memory.weight=0.4"],
+    "r3-mem0.5": ["--model.memory.weight=0.5"],
+    "r3-mem-t0.01": ["--model.memory.temperature=0.01"],
+    "r3-mem-t0.05": ["--model.memory.temperature=0.05"],
 }
 SMOKE = ["--data.max_train=64", "--model.vision.image_size=64", "--epochs=2", "--batch_size=16", "--lit.workers=0"]
 

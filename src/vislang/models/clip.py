@@ -48,6 +48,26 @@ class ITMConfig:
 
 
 @dataclass(frozen=True)
+class MemoryConfig:
+    """A caption memory (LiT, ``task: lit``): an image is also described by the captions of its nearest training images.
+
+    The memory holds ``size`` training pairs' tower outputs (pooled image features and text-tower features, both
+    L2-normalised). An image's second view is the softmax-weighted mean (cosine of pooled image features over
+    ``temperature``) of the stored pairs' text features: a point in the text tower's own space; a caption's second
+    view is its text feature. Why: trained projections fit the captions they saw, while an unseen caption (most of a
+    held-out split's) still lands near the captions of similar drawings in the pretrained text space, and this view
+    needs no training to say so. The views join the trained embedding as its last ``text.width`` dimensions, scaled
+    so that a dot product is ``(1 - weight)`` x the trained cosine + ``weight`` x the memory cosine: an index, a
+    search and ``serve`` use it with no code of their own. ``size`` is set when ``task: lit`` fills the memory from
+    its training pairs (the held-back ones stay out, so they still measure unseen captions).
+    """
+
+    weight: float = 0.3  # share of a score from the memory view
+    temperature: float = 0.02  # softmax temperature over the stored pairs' image cosines (sharp: a few neighbours)
+    size: int = 0  # stored training pairs; filled by task lit (CLIP.fill_memory), 0 until then
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     embed_dim: int = 128  # size of the shared image–text space
     vision: VisionConfig = field(default_factory=VisionConfig)
@@ -59,6 +79,8 @@ class ModelConfig:
     lock_text: bool = False  # freeze the text tower
     decoder: DecoderConfig | None = None  # a caption decoder makes the model a CoCa (models/captioner.py)
     itm: ITMConfig | None = None  # an image–text matching head makes the model an ITM model (models/itm.py)
+    memory: MemoryConfig | None = None  # a caption memory (task lit): its view takes the last text.width dims of
+    # embed_dim, the trained projections the rest
 
 
 def dual_encoder_outputs(model, images: torch.Tensor | None, text: torch.Tensor | None) -> dict[str, torch.Tensor]:
@@ -80,8 +102,20 @@ class CLIP(nn.Module):
         self.cfg = cfg
         self.visual = build_vision_tower(cfg.vision)
         self.text = build_text_tower(cfg.text)
-        self.image_proj = nn.Linear(self.visual.width, cfg.embed_dim, bias=False)
-        self.text_proj = nn.Linear(self.text.width, cfg.embed_dim, bias=False)
+        proj_dim = cfg.embed_dim
+        if cfg.memory is not None:
+            proj_dim -= self.text.width
+            if proj_dim < 1 or not 0.0 <= cfg.memory.weight <= 1.0 or cfg.memory.temperature <= 0:
+                raise ValueError(
+                    f"model.memory takes the last text.width={self.text.width} dims of embed_dim={cfg.embed_dim}, "
+                    f"with weight in [0, 1] (got {cfg.memory.weight}) and temperature > 0 (got "
+                    f"{cfg.memory.temperature}): set --model.embed_dim above {self.text.width} (e.g. "
+                    f"{self.text.width + 512}) or drop model.memory"
+                )
+            self.register_buffer("memory_image", torch.zeros(cfg.memory.size, self.visual.width))
+            self.register_buffer("memory_text", torch.zeros(cfg.memory.size, self.text.width))
+        self.image_proj = nn.Linear(self.visual.width, proj_dim, bias=False)
+        self.text_proj = nn.Linear(self.text.width, proj_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.logit_bias = nn.Parameter(torch.tensor(float(cfg.init_logit_bias))) if cfg.init_logit_bias else None
         if cfg.lock_image:
@@ -113,12 +147,56 @@ class CLIP(nn.Module):
 
     # --- encoders -----------------------------------------------------------------------------------------------
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        x = self.image_proj(self.visual(images))  # (B, E)
-        return F.normalize(x, dim=-1) if normalize else x
+        return self.project_image(self.visual(images), normalize)  # (B, E)
 
     def encode_text(self, ids: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        x = self.text_proj(self.text(ids))  # (B, E)
-        return F.normalize(x, dim=-1) if normalize else x
+        return self.project_text(self.text(ids), normalize)  # (B, E)
+
+    def project_image(self, feats: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Pooled image-tower features (B, D_image) → embeddings (B, E): the one place that maps them (LiT trains
+        and evaluates on cached features through it, so its numbers are the saved model's)."""
+        x = self.image_proj(feats)
+        if self.cfg.memory is None:
+            return F.normalize(x, dim=-1) if normalize else x
+        keys, values = self.memory_keys()
+        weights = torch.softmax(F.normalize(feats, dim=-1) @ keys.T / self.cfg.memory.temperature, dim=-1)  # (B, M)
+        return self._join(x, weights @ values)
+
+    def project_text(self, feats: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Pooled text-tower features (B, D_text) → embeddings (B, E)."""
+        x = self.text_proj(feats)
+        if self.cfg.memory is None:
+            return F.normalize(x, dim=-1) if normalize else x
+        return self._join(x, feats)
+
+    def _join(self, trained: torch.Tensor, recalled: torch.Tensor) -> torch.Tensor:
+        """Both views, unit length each, scaled so a dot product mixes their cosines by ``memory.weight``; the
+        result is unit length whatever ``normalize`` asked (the memory view has no unnormalised form)."""
+        w = self.cfg.memory.weight
+        trained, recalled = F.normalize(trained, dim=-1), F.normalize(recalled.to(trained.dtype), dim=-1)
+        return torch.cat([math.sqrt(1.0 - w) * trained, math.sqrt(w) * recalled], dim=-1)
+
+    def memory_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(stored image features (M, D_image), stored text features (M, D_text)), both unit length."""
+        if self.memory_image.shape[0] == 0:
+            raise ValueError(
+                "this model's caption memory (model.memory) is empty: task lit fills it from its training pairs "
+                "(vislang train --config lit); drop model.memory to train it with another task"
+            )
+        return self.memory_image, self.memory_text
+
+    @torch.no_grad()
+    def fill_memory(self, image_feats: torch.Tensor, text_feats: torch.Tensor) -> None:
+        """Store training pairs' pooled tower outputs (N, D_image) and (N, D_text) as the caption memory (replacing
+        what it held); the config's ``memory.size`` follows, so the saved model rebuilds the same buffers."""
+        if self.cfg.memory is None:
+            raise ValueError("the model has no caption memory: set model.memory (e.g. --model.memory.weight=0.3)")
+        if len(image_feats) != len(text_feats) or len(image_feats) == 0:
+            raise ValueError(f"the caption memory needs pairs: got {len(image_feats)} images, {len(text_feats)} texts")
+        dev = self.image_proj.weight.device
+        self.memory_image = F.normalize(image_feats.float(), dim=-1).to(dev)
+        self.memory_text = F.normalize(text_feats.float(), dim=-1).to(dev)
+        self.cfg = dataclasses.replace(self.cfg, memory=dataclasses.replace(self.cfg.memory, size=len(image_feats)))
 
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """Token-level image features (B, N, D) for fusion and decoders."""

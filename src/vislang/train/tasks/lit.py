@@ -20,6 +20,7 @@ learn at ``lit.unlock_lr_scale`` times the heads' rate; they are saved into the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,6 +66,9 @@ class Heads(nn.Module):
         self.image_proj, self.text_proj = model.image_proj, model.text_proj
         self.logit_scale, self.logit_bias = model.logit_scale, model.logit_bias
         self.max_logit_scale = model.cfg.max_logit_scale
+        # The saved model's own maps from pooled features to embeddings (bound methods, not submodules: the
+        # checkpoint keeps the heads only): evaluation goes through them, so it scores what the model serves.
+        self.embed_image, self.embed_text = model.project_image, model.project_text
 
     def train(self, mode: bool = True) -> Heads:
         """The unlocked blocks always run as in eval mode (pretrained BatchNorm statistics, no drop-path): what they
@@ -144,7 +148,10 @@ def feature_retrieval(heads: Heads, feats: Features) -> dict[str, float]:
     heads.eval()
     chunks = [torch.from_numpy(np.array(feats.image[i : i + 256])) for i in range(0, len(feats), 256)]
     image = torch.cat([heads.pooled_image(c) for c in chunks])  # (N, D_image): the unlocked blocks in slices
-    out = heads.project(image, torch.from_numpy(np.array(feats.text)))
+    out = {
+        "image_features": heads.embed_image(image),
+        "text_features": heads.embed_text(torch.from_numpy(np.array(feats.text))),
+    }
     heads.train(was)
     texts, text_to_images = dedupe_captions(feats.captions)
     first: dict[str, int] = {}
@@ -153,13 +160,25 @@ def feature_retrieval(heads: Heads, feats: Features) -> dict[str, float]:
     return retrieval_metrics(out["image_features"], out["text_features"][[first[t] for t in texts]], text_to_images, KS)
 
 
-def split_rows(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(fit rows, held-back rows): a seeded random ``fraction`` held back, none when too few pairs to spare."""
+def split_rows(n: int, fraction: float, seed: int, groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(fit rows, held-back rows): a seeded random ``fraction`` held back, none when too few pairs to spare.
+
+    With ``groups`` (a group id per row, e.g. its caption's), whole groups are held back, in seeded random order
+    until ``fraction`` of the rows are: no held-back group has a row among the kept ones."""
     n_val = int(round(fraction * n))
     if fraction <= 0 or n_val < 2 or n - n_val < 2:
         return np.arange(n), np.zeros(0, np.int64)
-    perm = np.random.default_rng(seed).permutation(n)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        perm = rng.permutation(n)
+        return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    ids, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    order = rng.permutation(len(ids))
+    taken = order[: int(np.searchsorted(np.cumsum(counts[order]), n_val)) + 1]  # groups until n_val rows are held
+    held = np.isin(inverse.reshape(-1), taken)
+    if held.all() or held.sum() < 2:
+        return np.arange(n), np.zeros(0, np.int64)
+    return np.flatnonzero(~held), np.flatnonzero(held)
 
 
 class LiTTask(Task):
@@ -182,6 +201,18 @@ class LiTTask(Task):
             raise ValueError(f"lit.fit must be 'crop' or 'pad', got {lit.fit!r}")
         if lit.same_caption not in ("negative", "positive"):
             raise ValueError(f"lit.same_caption must be 'negative' or 'positive', got {lit.same_caption!r}")
+        if mcfg.vision.fit != "crop" and lit.fit != mcfg.vision.fit:
+            raise ValueError(
+                f"{cfg.model_name} letterboxes (vision.fit={mcfg.vision.fit!r}) but lit.fit is {lit.fit!r}: the lit "
+                f"task extracts and saves with lit.fit, so pass --lit.fit={mcfg.vision.fit}"
+            )
+        if lit.val_by not in ("pair", "caption"):
+            raise ValueError(f"lit.val_by must be 'pair' or 'caption', got {lit.val_by!r}")
+        if getattr(mcfg, "memory", None) is not None and lit.unlock_last_image:
+            raise ValueError(
+                "model.memory stores pooled image features, which --unlock-last changes as it trains: drop one of "
+                "model.memory and lit.unlock_last_image"
+            )
         if lit.unlock_last_image < 0 or lit.unlock_lr_scale <= 0:
             raise ValueError(
                 f"lit.unlock_last_image must be >= 0 (got {lit.unlock_last_image}) and lit.unlock_lr_scale > 0 "
@@ -194,9 +225,17 @@ class LiTTask(Task):
         mcfg = get_model_config(cfg.model_name, cfg.model)
         self.tokenizer = get_tokenizer(cfg.pretrained) if cfg.pretrained else build_tokenizer(mcfg)
         torch.manual_seed(cfg.seed)  # the heads' initial weights (and random towers) depend on the seed alone
+        if self.lit.fit != mcfg.vision.fit:  # the saved model's preprocess does what the cache was extracted with
+            mcfg = dataclasses.replace(mcfg, vision=dataclasses.replace(mcfg.vision, fit=self.lit.fit))
         model = build_model(mcfg)
-        if cfg.pretrained:
-            model.load_state_dict(from_pretrained(cfg.pretrained).state_dict())
+        if cfg.pretrained:  # a stored caption memory is not carried over: this run fills its own
+            state = {
+                k: v for k, v in from_pretrained(cfg.pretrained).state_dict().items() if not k.startswith("memory_")
+            }
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            if [k for k in missing if not k.startswith("memory_")] or unexpected:
+                raise ValueError(f"{cfg.pretrained} does not match model {cfg.model_name}: missing {missing[:5]}, "
+                                 f"unexpected {unexpected[:5]}")  # fmt: skip
         self.core = model.eval()
         self.image_trunk, self.image_tail, self.image_row = self.unlock(self.lit.unlock_last_image)
         if run.main:  # rank 0 extracts; under torchrun the others wait, then read the finished cache
@@ -207,8 +246,11 @@ class LiTTask(Task):
         # Extraction draws from torch's generator (each DataLoader takes a seed) and reading the cache does not: reseed,
         # so the training draws (feature dropout) are the same whether the cache was there or not.
         torch.manual_seed(cfg.seed + run.rank)
-        fit_rows, val_rows = split_rows(len(train), self.lit.val_fraction, cfg.seed)
+        groups = np.unique(train.captions, return_inverse=True)[1] if self.lit.val_by == "caption" else None
+        fit_rows, val_rows = split_rows(len(train), self.lit.val_fraction, cfg.seed, groups)
         self.fit_feats = train.subset(fit_rows)
+        if mcfg.memory is not None:  # the kept pairs only: the held-back ones must stay unseen captions
+            model.fill_memory(torch.from_numpy(self.fit_feats.image), torch.from_numpy(self.fit_feats.text))
         self.caption_ids = np.unique(self.fit_feats.captions, return_inverse=True)[1].astype(np.int64)  # (N_fit,)
         self.val_feats = train.subset(val_rows) if len(val_rows) else None
         self.test_feats = test
