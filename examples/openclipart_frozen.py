@@ -4,10 +4,12 @@ The recipe is the library's: ``vislang train --config lit`` (``src/vislang/confi
 EfficientNet-Lite0 and all-MiniLM-L6-v2 towers of ``effnet-lite0-minilm``, computes their outputs once into the
 feature cache (``.cache/vislang/features``, keyed by weights, preprocessing and data), trains ``image_proj``,
 ``text_proj`` and the temperature on it in the one training loop, keeps the epoch that scores best on 10% of the
-training pairs held back, and measures the OpenClipart test split once, at the end. This script runs that config
+training pairs held back (whole captions, none of them among the kept pairs), adds a caption memory (an image is
+also described by the captions of its nearest kept training images), and measures the OpenClipart test split once,
+at the end. This script runs that config
 twice, with the pretrained towers and with random ones (``vision.pretrained=null``, ``text.hf_load_weights=false``,
 same seed: how much comes from pretraining rather than from the trained projections), prints one table, and checks
-that the saved model's ``encode_image``/``encode_text`` equal the heads applied to the cached features.
+that the saved model's ``encode_image``/``encode_text`` equal its projections of the cached features.
 
 Usage::
 
@@ -30,7 +32,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import vislang  # noqa: E402
 from vislang.config import PACKAGED_CONFIGS  # noqa: E402
@@ -65,8 +66,8 @@ def check_saved_model(model_dir: Path, cache_dir: Path, n: int = 3) -> float:
     with torch.inference_mode():
         full = torch.cat([model.encode_image(images), model.encode_text(tokenizer([feats.captions[r] for r in rows]))])
         path = torch.cat([
-            F.normalize(model.image_proj(torch.from_numpy(np.asarray(feats.image[rows]))), dim=-1),
-            F.normalize(model.text_proj(torch.from_numpy(np.asarray(feats.text[rows]))), dim=-1),
+            model.project_image(torch.from_numpy(np.asarray(feats.image[rows]))),  # heads (+ the caption memory)
+            model.project_text(torch.from_numpy(np.asarray(feats.text[rows]))),
         ])  # fmt: skip
     err = float((full - path).abs().max())
     assert err < 2e-4, f"the saved model differs from the feature path by {err:.2e}"
