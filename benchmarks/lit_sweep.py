@@ -13,6 +13,7 @@ the seconds the run trained.
     python benchmarks/lit_sweep.py --only base,r3-none,r3-mem-t0.01 --seeds 1,2   # round 3, then its top two
     python benchmarks/lit_sweep.py --only base,positive -- --lit.cache_dir=/work/cache-lit
     python benchmarks/lit_sweep.py --smoke                    # 2 configs, 64 pairs at 64 px: checks that it runs
+    python benchmarks/lit_sweep.py --split-stats              # why whole captions: how each split shares captions
 
 Arguments after ``--`` go to every run (a cache folder, a shorter schedule). Results also go to ``--json``.
 """
@@ -96,6 +97,34 @@ def run_one(name: str, overrides: list[str], extra: list[str], out: Path, val_fr
     }
 
 
+def split_stats(seed: int = 0, fraction: float = 0.1) -> dict[str, float]:
+    """How much the OpenClipart test split and each kind of held-back pairs share with the pairs trained on: the share
+    of pairs whose caption occurs among them, and the share of training images with a same-named twin (one drawing
+    filed in two folders: the test split, made by file name, never separates twins; random pairs can). Captions and
+    file names only: no features, no scores."""
+    import os
+
+    import numpy as np
+
+    from vislang.data.openclipart import OpenClipart
+    from vislang.train.tasks.lit import split_rows
+
+    train, test = OpenClipart(split="train"), OpenClipart(split="test")
+    caps = [c for _, c, _ in train.items]
+    seen = lambda rows, kept: float(np.mean([caps[i] in kept for i in rows]))  # noqa: E731
+    names = [os.path.basename(p) for p, _, _ in train.items]
+    counts: dict[str, int] = {}
+    for n in names:
+        counts[n] = counts.get(n, 0) + 1
+    out = {"test pairs with a training caption": float(np.mean([c in set(caps) for _, c, _ in test.items]))}
+    for by in ("pair", "caption"):
+        groups = np.unique(caps, return_inverse=True)[1] if by == "caption" else None
+        fit, val = split_rows(len(caps), fraction, seed, groups)
+        out[f"held-back pairs ({by}) with a kept caption"] = seen(val, {caps[i] for i in fit})
+    out["training images with a same-named twin"] = sum(counts[n] > 1 for n in names) / len(names)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
@@ -108,7 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="run folders (default: a temporary folder)")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--smoke", action="store_true", help="2 configs on 64 pairs at 64 px: checks that it runs")
+    p.add_argument("--split-stats", action="store_true", help="how the test split and held-back pairs share captions")
     args = p.parse_args(argv)
+    if args.split_stats:
+        for name, share in split_stats(int(args.seeds.split(",")[0]), args.val_fraction).items():
+            print(f"{name:45s} {100 * share:5.1f}%")
+        return 0
     if args.list:
         for name, ov in CONFIGS.items():
             print(f"{name:14s} {' '.join(ov) or '(lit.yaml as packaged)'}")

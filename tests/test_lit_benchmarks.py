@@ -66,3 +66,15 @@ def test_lit_sweep_smoke_never_reads_the_test_split(tmp_path: Path) -> None:
     assert "held-back text→image R@10" in out
     cached = [p.name for p in (tmp_path / ".cache" / "vislang" / "features").iterdir()]
     assert cached and all(name.startswith("openclipart-train") for name in cached)  # no test features were made
+
+
+@needs_openclipart
+def test_lit_sweep_split_stats(tmp_path: Path) -> None:
+    """The numbers behind lit.val_by: caption: whole-caption held-back pairs share no caption with the kept ones,
+    random ones do, as the test split does."""
+    out = run("lit_sweep.py", "--split-stats", cwd=tmp_path)
+    shares = {line[:45].strip(): float(line[45:].strip().rstrip("%")) for line in out.strip().splitlines()}
+    assert shares["held-back pairs (caption) with a kept caption"] == 0.0
+    assert 10 < shares["held-back pairs (pair) with a kept caption"] < 90
+    assert 10 < shares["test pairs with a training caption"] < 90
+    assert 0 < shares["training images with a same-named twin"] < 100
