@@ -127,3 +127,19 @@ def test_lit_run_fills_the_memory_with_kept_pairs_and_the_saved_model_matches(tm
     kept = json.loads((run / "eval" / "retrieval.json").read_text())["val_text_to_image_R@10"]
     assert r["text_to_image_R@10"] == pytest.approx(kept, abs=1e-6)  # the saved model scores what the run kept
     assert math.isfinite(kept)
+
+
+def test_saliency_explains_a_model_with_a_memory() -> None:
+    """``vislang explain`` scores image against text with the model's own embedding (the memory's dimensions too)."""
+    from PIL import Image
+
+    from vislang.evaluation.explain import clip_saliency
+    from vislang.tokenizers import Tokenizer
+
+    tok = Tokenizer.train(CAPTIONS, vocab_size=50, context_length=8)
+    torch.manual_seed(0)
+    model = CLIP(small_config(MemoryConfig())).eval()
+    model.fill_memory(torch.randn(6, model.visual.width), torch.randn(6, 16))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 20, 3), dtype=np.uint8))
+    cam = clip_saliency(model, tok, image, "a red circle")
+    assert cam.shape == (16, 16) and np.isfinite(cam).all() and cam.min() >= 0 and cam.max() <= 1
