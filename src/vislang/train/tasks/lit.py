@@ -11,6 +11,13 @@ thousand pairs within a few epochs), so a test split is touched once, at the end
 chance, go to ``eval/retrieval.json``. The saved model is the whole dual encoder (towers + trained heads): it loads
 with ``vislang.load`` and serves, indexes and evaluates like any other.
 
+``lit.val_by: caption`` holds back whole captions (none of them among the kept pairs), as a held-out split's captions
+are mostly new; random pairs share captions and duplicate drawings with the kept ones and score far above such a
+split. ``model.memory`` (``models.clip.MemoryConfig``) is filled here with the kept pairs' features: the model then
+also describes an image by the captions of its nearest kept images, which needs no training and reaches captions
+the projections never saw; evaluation goes through the model's own ``project_image``/``project_text``, so every
+number is the saved model's.
+
 ``lit.unlock_last_image: N`` (CLI ``--unlock-last N``) trains the image tower's last N blocks too: the cache then
 holds the input of the first unlocked block (the trunk's output, ``VisionTower.split_last``; the cut point is part of
 the cache key), and each step runs those blocks, the layers after them and the pooling, then the projection. The
