@@ -67,6 +67,7 @@ CONFIGS: dict[str, list[str]] = {
     "r3-mem0.5": ["--model.memory.weight=0.5"],
     "r3-mem-t0.01": ["--model.memory.temperature=0.01"],
     "r3-mem-t0.05": ["--model.memory.temperature=0.05"],
+    "r3-mem-d0.5": ["--lit.feature_dropout=0.5"],  # dropout 0.5 with the memory (round 3b)
 }
 SMOKE = ["--data.max_train=64", "--model.vision.image_size=64", "--epochs=2", "--batch_size=16", "--lit.workers=0"]
 
