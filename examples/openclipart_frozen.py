@@ -5,7 +5,8 @@ EfficientNet-Lite0 and all-MiniLM-L6-v2 towers of ``effnet-lite0-minilm``, compu
 feature cache (``.cache/vislang/features``, keyed by weights, preprocessing and data), trains ``image_proj``,
 ``text_proj`` and the temperature on it in the one training loop, keeps the epoch that scores best on 10% of the
 training pairs held back (whole captions, none of them among the kept pairs), adds a caption memory (an image is
-also described by the captions of its nearest kept training images), and measures the OpenClipart test split once,
+also described by the captions of its nearest training images: the kept ones while training, every pair once the
+best epoch is chosen, ``lit.memory_all``), and measures the OpenClipart test split once,
 at the end. This script runs that config
 twice, with the pretrained towers and with random ones (``vision.pretrained=null``, ``text.hf_load_weights=false``,
 same seed: how much comes from pretraining rather than from the trained projections), prints one table, and checks

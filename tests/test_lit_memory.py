@@ -81,9 +81,12 @@ def test_memory_settings_fail_with_the_fix() -> None:
 CAPTIONS = [f"a {c} {s}" for c in ("red", "green", "blue", "yellow", "black", "white") for s in ("circle", "square")]
 
 
-def test_lit_run_fills_the_memory_with_kept_pairs_and_the_saved_model_matches(tmp_path: Path) -> None:
-    """A LiT run on random towers: the memory holds the kept pairs (not the held-back ones) and the saved model's
-    embeddings of the cached features are what the run scored (its R@10 on the held-back pairs is recomputed)."""
+@pytest.mark.parametrize("memory_all", [False, True])
+def test_lit_run_fills_the_memory_and_the_saved_model_matches(tmp_path: Path, memory_all: bool) -> None:
+    """A LiT run on random towers. While training, the memory holds the kept pairs only: the saved model's embeddings
+    of the cached features, with the memory it would have had then, score what the run kept on the held-back pairs.
+    With ``lit.memory_all`` (lit.yaml's default) the saved memory is every usable training pair, held-back ones too;
+    without it, the kept pairs only."""
     import vislang
     from vislang.cli.main import main
     from vislang.data.features import load_features
@@ -107,16 +110,22 @@ def test_lit_run_fills_the_memory_with_kept_pairs_and_the_saved_model_matches(tm
     args = ["train", "--config", "lit", f"--model_name={base}", f"--pretrained={base}", "--model.embed_dim=24",
             "--model.lock_image=true", "--model.lock_text=true", "--model.memory.weight=0.5", f"--data.train={folder}",
             "--lit.val_fraction=0.25", "--batch_size=8", "--epochs=2", "--optim.warmup_steps=1", f"--out_dir={run}",
-            f"--lit.cache_dir={cache}", "--lit.workers=0", "--progress=false", "--threads=1"]  # fmt: skip
+            f"--lit.cache_dir={cache}", "--lit.workers=0", "--progress=false", "--threads=1",
+            f"--lit.memory_all={str(memory_all).lower()}"]  # fmt: skip
     assert main(args) == 0
     meta = json.loads((run / "model" / "config.json").read_text())
     assert meta["model"]["memory"]["weight"] == 0.5
     feats = load_features(next(p for p in cache.iterdir() if p.is_dir()))
     groups = np.unique(feats.captions, return_inverse=True)[1]
     fit, val = split_rows(len(feats), 0.25, 0, groups)  # lit.yaml holds back whole captions; seed 0
+    assert 0 < len(val) < len(feats)  # something was held back, so the two settings differ
     model = vislang.load(run / "model")
-    assert model.cfg.memory.size == len(fit) == model.memory_image.shape[0]
-    torch.testing.assert_close(model.memory_text, F.normalize(torch.from_numpy(feats.text[fit]), dim=-1))
+    stored = np.arange(len(feats)) if memory_all else fit
+    assert model.cfg.memory.size == len(stored) == model.memory_image.shape[0]
+    assert json.loads((run / "eval" / "retrieval.json").read_text())["memory_size"] == len(stored)
+    torch.testing.assert_close(model.memory_text, F.normalize(torch.from_numpy(feats.text[stored]), dim=-1))
+    torch.testing.assert_close(model.memory_image, F.normalize(torch.from_numpy(feats.image[stored]), dim=-1))
+    model.fill_memory(torch.from_numpy(feats.image[fit]), torch.from_numpy(feats.text[fit]))  # as while training
     with torch.no_grad():
         img = model.project_image(torch.from_numpy(np.asarray(feats.image[val])))
         txt = model.project_text(torch.from_numpy(np.asarray(feats.text[val])))

@@ -59,7 +59,8 @@ class MemoryConfig:
     needs no training to say so. The views join the trained embedding as its last ``text.width`` dimensions, scaled
     so that a dot product is ``(1 - weight)`` x the trained cosine + ``weight`` x the memory cosine: an index, a
     search and ``serve`` use it with no code of their own. ``size`` is set when ``task: lit`` fills the memory from
-    its training pairs (the held-back ones stay out, so they still measure unseen captions).
+    its training pairs: the kept ones while training (the held-back ones stay out, so they still measure unseen
+    captions), then, with ``lit.memory_all``, every pair once the best epoch is chosen (what the model saves).
     """
 
     weight: float = 0.3  # share of a score from the memory view

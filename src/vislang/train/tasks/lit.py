@@ -16,7 +16,11 @@ are mostly new; random pairs share captions and duplicate drawings with the kept
 split. ``model.memory`` (``models.clip.MemoryConfig``) is filled here with the kept pairs' features: the model then
 also describes an image by the captions of its nearest kept images, which needs no training and reaches captions
 the projections never saw; evaluation goes through the model's own ``project_image``/``project_text``, so every
-number is the saved model's.
+number is the saved model's. Once the best epoch is chosen, ``lit.memory_all`` (on by default) refills the memory with
+every training pair, the held-back ones too, before the test split is scored and the model saved: the refit on all
+the data that usually follows a fixed recipe, here without retraining (the memory is not trained), so the held-back
+captions become captions the served model can recall. Its effect cannot be measured on the held-back pairs, which it
+contains; the test split measures it.
 
 ``lit.unlock_last_image: N`` (CLI ``--unlock-last N``) trains the image tower's last N blocks too: the cache then
 holds the input of the first unlocked block (the trunk's output, ``VisionTower.split_last``; the cut point is part of
@@ -256,6 +260,7 @@ class LiTTask(Task):
         groups = np.unique(train.captions, return_inverse=True)[1] if self.lit.val_by == "caption" else None
         fit_rows, val_rows = split_rows(len(train), self.lit.val_fraction, cfg.seed, groups)
         self.fit_feats = train.subset(fit_rows)
+        self.train_feats = train  # every usable pair: the memory's final contents with lit.memory_all
         if mcfg.memory is not None:  # the kept pairs only: the held-back ones must stay unseen captions
             model.fill_memory(torch.from_numpy(self.fit_feats.image), torch.from_numpy(self.fit_feats.text))
         self.caption_ids = np.unique(self.fit_feats.captions, return_inverse=True)[1].astype(np.int64)  # (N_fit,)
@@ -387,10 +392,19 @@ class LiTTask(Task):
             torch.set_num_threads(self.threads)
 
     def finish(self) -> Path | None:
-        """Restore the best heads, evaluate on the test split, save the whole model."""
+        """Restore the best heads, refill the memory with every pair (``lit.memory_all``), evaluate on the test
+        split, save the whole model."""
         if self.best["state"] is not None:
             self.heads.load_state_dict(self.best["state"])
         result = {"best_step": self.best["step"], "val_text_to_image_R@10": self.best["score"]}
+        memory = self.core.cfg.memory
+        if memory is not None:
+            if self.lit.memory_all and len(self.train_feats) > len(self.fit_feats):
+                # The epoch is chosen; the held-back captions have done their job (scoring unseen captions) and
+                # now join the memory, as a refit on all the data would: the test split and the saved model use it.
+                self.core.fill_memory(torch.from_numpy(np.array(self.train_feats.image)),
+                                      torch.from_numpy(np.array(self.train_feats.text)))  # fmt: skip
+            result["memory_size"] = self.core.cfg.memory.size
         if self.test_feats is not None:
             result["test"] = feature_retrieval(self.heads, self.test_feats)
         self.result = result
