@@ -14,6 +14,7 @@ the seconds the run trained.
     python benchmarks/lit_sweep.py --only base,positive -- --lit.cache_dir=/work/cache-lit
     python benchmarks/lit_sweep.py --smoke                    # 2 configs, 64 pairs at 64 px: checks that it runs
     python benchmarks/lit_sweep.py --split-stats              # why whole captions: how each split shares captions
+    python benchmarks/lit_sweep.py --memory-growth --seeds 0,1,2   # lit.memory_all: do added pairs help unseen ones?
 
 Arguments after ``--`` go to every run (a cache folder, a shorter schedule). Results also go to ``--json``.
 """
@@ -126,6 +127,67 @@ def split_stats(seed: int = 0, fraction: float = 0.1) -> dict[str, float]:
     return out
 
 
+def memory_growth(seed: int, extra: list[str], out: Path, val_fraction: float = 0.2) -> dict:
+    """Does a bigger caption memory help captions it does not hold? The held-back-pairs evidence for
+    ``lit.memory_all``, whose own effect the held-back pairs cannot show (it puts them in the memory).
+
+    One lit.yaml run holds back ``val_fraction`` of the pairs (whole captions) and keeps its memory to the kept pairs
+    (``--lit.memory_all=false``); the held-back pairs are then split in two by caption (seeded): half B is scored
+    with the memory as trained (kept pairs) and with half A's pairs added, so B's captions are unseen either way and
+    the only difference is A in the memory, as the held-back pairs join it for the test split. The epoch was chosen
+    on A and B together, the same for both scores."""
+    import numpy as np
+    import torch
+
+    import vislang
+    from vislang.data.features import load_features, tensors_hash
+    from vislang.train.tasks.lit import split_rows
+
+    run_dir = out / f"growth@{seed}"
+    args = ["train", "--config", "lit", "--data.val_split=train", f"--lit.val_fraction={val_fraction}",
+            "--lit.memory_all=false", f"--seed={seed}", "--progress=false", f"--out_dir={run_dir}", *extra]  # fmt: skip
+    if vislang_main(args) != 0:
+        raise SystemExit(f"memory growth run failed: vislang {' '.join(args)}")
+    model = vislang.load(run_dir / "model").eval()
+    given = [a.split("=", 1)[1] for a in extra if a.startswith("--lit.cache_dir=")]
+    cache = Path(given[-1] if given else ".cache/vislang/features")
+    tower, stored = tensors_hash(model.visual), model.memory_image
+    for entry in sorted(p for p in cache.iterdir() if (p / "meta.json").is_file()):
+        meta = json.loads((entry / "meta.json").read_text())
+        if meta["key"]["image_tower"] != tower or not meta["key"]["name"].endswith("-train"):
+            continue
+        feats = load_features(entry)
+        groups = np.unique(feats.captions, return_inverse=True)[1]
+        fit, val = split_rows(len(feats), val_fraction, seed, groups)
+        image = torch.nn.functional.normalize(torch.from_numpy(np.array(feats.image[fit])), dim=-1)
+        if image.shape == stored.shape and torch.allclose(image, stored, atol=1e-6):
+            break  # the run's own training features: its memory is their kept rows
+    else:
+        raise SystemExit(f"no cache entry under {cache} holds this run's training features")
+    a_rel, b_rel = split_rows(len(val), 0.5, seed, groups[val])  # (added to the memory, scored): whole captions
+    a, b = val[a_rel], val[b_rel]
+    assert not set(groups[b]) & set(groups[np.concatenate([fit, a])]), "B's captions must be unseen"
+
+    def score() -> dict[str, float]:
+        from vislang.evaluation.retrieval import dedupe_captions, retrieval_metrics
+
+        with torch.no_grad():
+            img = model.project_image(torch.from_numpy(np.array(feats.image[b])))
+            txt = model.project_text(torch.from_numpy(np.array(feats.text[b])))
+        caps = [feats.captions[i] for i in b]
+        texts, t2i = dedupe_captions(caps)
+        first = {c: caps.index(c) for c in texts}
+        return retrieval_metrics(img, txt[[first[t] for t in texts]], t2i, (10,))
+
+    before = score()
+    rows = np.concatenate([fit, a])
+    model.fill_memory(torch.from_numpy(np.array(feats.image[rows])), torch.from_numpy(np.array(feats.text[rows])))
+    after = score()
+    return {"seed": seed, "kept": len(fit), "added": len(a), "scored": len(b),
+            "t2i_kept": before["text_to_image_R@10"], "t2i_added": after["text_to_image_R@10"],
+            "i2t_kept": before["image_to_text_R@10"], "i2t_added": after["image_to_text_R@10"]}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1 :] if "--" in argv else []
@@ -139,7 +201,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", help="write the results here")
     p.add_argument("--smoke", action="store_true", help="2 configs on 64 pairs at 64 px: checks that it runs")
     p.add_argument("--split-stats", action="store_true", help="how the test split and held-back pairs share captions")
+    p.add_argument("--memory-growth", action="store_true", help="held-back evidence for lit.memory_all (0.2 held)")
     args = p.parse_args(argv)
+    if args.memory_growth:
+        with tempfile.TemporaryDirectory() as tmp:
+            rs = [memory_growth(int(s), [*SMOKE, *extra] if args.smoke else extra, Path(args.out or tmp),
+                                0.5 if args.smoke else 0.2) for s in args.seeds.split(",")]  # fmt: skip
+        for r in rs:
+            print(f"[growth] seed {r['seed']}: {r['scored']} held-back pairs scored, text→image R@10 "
+                  f"{100 * r['t2i_kept']:.1f}% with the {r['kept']} kept pairs in the memory, "
+                  f"{100 * r['t2i_added']:.1f}% with {r['added']} other held-back pairs added; image→text "
+                  f"{100 * r['i2t_kept']:.1f}% → {100 * r['i2t_added']:.1f}%", flush=True)  # fmt: skip
+        if args.json:
+            Path(args.json).write_text(json.dumps(rs, indent=2))
+        return 0
     if args.split_stats:
         for name, share in split_stats(int(args.seeds.split(",")[0]), args.val_fraction).items():
             print(f"{name:45s} {100 * share:5.1f}%")
