@@ -39,8 +39,9 @@ D3 = [*OLD, "--lit.feature_dropout=0.3"]  # round 2 around round 1's best
 # Round 3 holds back whole captions (lit.val_by=caption: none occurs in the kept pairs, like most test captions)
 # and varies the caption memory (model.memory) around lit.yaml's; "r3-none" is round 2's recipe on these pairs.
 NOMEM = ["--model.memory=null", "--model.embed_dim=512"]
+R3 = ["--model.memory.class_weight=0", "--model.embed_dim=896"]  # lit.yaml of round 3: the memory, no class view
 CONFIGS: dict[str, list[str]] = {
-    "base": [],  # lit.yaml as packaged now (the recipe round 3 chose: caption memory, weight 0.3, temperature 0.02)
+    "base": [],  # lit.yaml as packaged now (round 4's: caption memory 0.3 at temperature 0.02, class view 0.1)
     "dropout0.5": D5,
     "positive": [*D5, "--lit.same_caption=positive"],
     "siglip": [*D5, *SIGLIP],
@@ -63,12 +64,16 @@ CONFIGS: dict[str, list[str]] = {
     "d0.3-lr1e-3": [*D3, "--optim.lr=0.001"],
     "d0.3-pad": [*D3, "--lit.fit=pad"],  # whole drawings letterboxed on white instead of centre-cropped
     "r3-none": NOMEM,
-    "r3-mem0.2": ["--model.memory.weight=0.2"],
-    "r3-mem0.4": ["--model.memory.weight=0.4"],
-    "r3-mem0.5": ["--model.memory.weight=0.5"],
-    "r3-mem-t0.01": ["--model.memory.temperature=0.01"],
-    "r3-mem-t0.05": ["--model.memory.temperature=0.05"],
-    "r3-mem-d0.5": ["--lit.feature_dropout=0.5"],  # dropout 0.5 with the memory (round 3b)
+    "r3-mem": R3,  # round 3's chosen recipe (lit.yaml's "base" then): memory 0.3 at temperature 0.02
+    "r3-mem0.2": [*R3, "--model.memory.weight=0.2"],
+    "r3-mem0.4": [*R3, "--model.memory.weight=0.4"],
+    "r3-mem0.5": [*R3, "--model.memory.weight=0.5"],
+    "r3-mem-t0.01": [*R3, "--model.memory.temperature=0.01"],
+    "r3-mem-t0.05": [*R3, "--model.memory.temperature=0.05"],
+    "r3-mem-d0.5": [*R3, "--lit.feature_dropout=0.5"],  # dropout 0.5 with the memory (round 3b)
+    # Round 4: an ImageNet-class view beside the memory (model.memory.class_weight; 384 more dims); 0.1 is lit.yaml's
+    "r4-class0.1": ["--model.memory.class_weight=0.1", "--model.embed_dim=1280"],
+    "r4-class0.2": ["--model.memory.class_weight=0.2", "--model.embed_dim=1280"],
 }
 SMOKE = ["--data.max_train=64", "--model.vision.image_size=64", "--epochs=2", "--batch_size=16", "--lit.workers=0"]
 

@@ -40,7 +40,9 @@ from vislang.data.features import load_features, tensors_hash  # noqa: E402
 from vislang.data.sources import open_dataset  # noqa: E402
 from vislang.train import load_train_config, train  # noqa: E402
 
-RANDOM_TOWERS = ["model.vision.pretrained=null", "model.text.hf_load_weights=false"]
+# Random towers have no classifier either: lit.yaml's class view off, and 512 trained dims as lit.yaml's.
+RANDOM_TOWERS = ["model.vision.pretrained=null", "model.text.hf_load_weights=false", "model.memory.class_weight=0",
+                 "model.embed_dim=896"]  # fmt: skip
 SMOKE = ["data.max_train=24", "data.max_val=12", "epochs=2", "batch_size=8", "model.vision.image_size=64",
          "lit.workers=0", "progress=false"]  # fmt: skip
 KS = (1, 5, 10)

@@ -118,7 +118,8 @@ def test_saved_model_computes_what_was_cached(lit_run):
     torch.testing.assert_close(full_img, path_img, atol=2e-4, rtol=1e-3)
     torch.testing.assert_close(full_txt, path_txt, atol=2e-4, rtol=1e-3)
     assert model.cfg.memory.size == 24 and full_img.shape[1] == model.cfg.embed_dim  # lit.yaml's caption memory
-    w = model.cfg.memory.weight
+    assert model.cfg.memory.classes == 1000  # lit.yaml's ImageNet-class view, filled from the tower's classifier
+    w = model.cfg.memory.weight + model.cfg.memory.class_weight
     torch.testing.assert_close(full_img[:, : trained.shape[1]], (1 - w) ** 0.5 * trained, atol=2e-4, rtol=1e-3)
 
 
@@ -142,7 +143,8 @@ def test_cache_is_reused_and_invalidated_by_data_and_weights(lit_run):
     assert len([p for p in cache.iterdir() if p.is_dir()]) == 2
     (folder / "p000.txt").write_text("a red circle")
 
-    assert again("random", "--model.vision.pretrained=null") == 0  # other weights
+    assert again("random", "--model.vision.pretrained=null", "--model.memory.class_weight=0") == 0  # other weights
+    # (random towers have no classifier for lit.yaml's class view)
     assert len([p for p in cache.iterdir() if p.is_dir()]) == 3
 
 

@@ -108,7 +108,8 @@ def test_lit_run_fills_the_memory_and_the_saved_model_matches(tmp_path: Path, me
         (folder / f"p{i:02d}.txt").write_text(CAPTIONS[i % len(CAPTIONS)])
     run, cache = tmp_path / "run", tmp_path / "cache"
     args = ["train", "--config", "lit", f"--model_name={base}", f"--pretrained={base}", "--model.embed_dim=24",
-            "--model.lock_image=true", "--model.lock_text=true", "--model.memory.weight=0.5", f"--data.train={folder}",
+            "--model.lock_image=true", "--model.lock_text=true", "--model.memory.weight=0.5",
+            "--model.memory.class_weight=0", f"--data.train={folder}",
             "--lit.val_fraction=0.25", "--batch_size=8", "--epochs=2", "--optim.warmup_steps=1", f"--out_dir={run}",
             f"--lit.cache_dir={cache}", "--lit.workers=0", "--progress=false", "--threads=1",
             f"--lit.memory_all={str(memory_all).lower()}"]  # fmt: skip
@@ -152,3 +153,54 @@ def test_saliency_explains_a_model_with_a_memory() -> None:
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 20, 3), dtype=np.uint8))
     cam = clip_saliency(model, tok, image, "a red circle")
     assert cam.shape == (16, 16) and np.isfinite(cam).all() and cam.min() >= 0 and cam.max() <= 1
+
+
+def test_class_view_adds_the_classifier_s_words_to_the_score(tmp_path: Path) -> None:
+    """``memory.class_weight``: another unit block whose image side is the stored classifier's probabilities over the
+    class names' text vectors, so a dot product is (1 - w - cw) x trained + w x memory + cw x class cosine; the
+    config's ``classes`` follows the fill, so a saved model reloads it; empty or mismatched views fail with the fix."""
+    from vislang.factory import save_pretrained
+    from vislang.pretrained import read_classifier
+    from vislang.tokenizers import Tokenizer
+
+    torch.manual_seed(0)
+    w, cw = 0.3, 0.2
+    cfg = small_config(MemoryConfig(weight=w, class_weight=cw), embed_dim=40)
+    model = CLIP(cfg).eval()
+    assert model.image_proj.out_features == 40 - 2 * 16  # two views of text.width each
+    model.fill_memory(torch.randn(4, model.visual.width), torch.randn(4, 16))
+    with pytest.raises(ValueError, match="ImageNet-class view .* is empty"):
+        model.encode_image(torch.rand(1, 3, 16, 16))
+    cls_w, cls_b, names = torch.randn(5, model.visual.width), torch.randn(5), torch.randn(5, 16)
+    with pytest.raises(ValueError, match="does not match"):
+        model.fill_classes(cls_w, cls_b[:4], names)
+    model.fill_classes(cls_w, cls_b, names)
+    assert model.cfg.memory.classes == 5
+    images, ids = torch.rand(3, 3, 16, 16), torch.randint(1, 50, (4, 8))
+    with torch.no_grad():
+        img, txt = model.encode_image(images), model.encode_text(ids)
+        fi, ft = model.visual(images), model.text(ids)
+        trained = F.normalize(model.image_proj(fi), dim=-1) @ F.normalize(model.text_proj(ft), dim=-1).T
+        keys, values = model.memory_image, model.memory_text
+        near = torch.softmax(F.normalize(fi, dim=-1) @ keys.T / 0.02, dim=-1)
+        memory = F.normalize(near @ values, dim=-1) @ F.normalize(ft, dim=-1).T
+        said = torch.softmax(fi @ cls_w.T + cls_b, dim=-1) @ F.normalize(names, dim=-1)
+        classes = F.normalize(said, dim=-1) @ F.normalize(ft, dim=-1).T
+    assert img.shape == (3, 40) and txt.shape == (4, 40)
+    torch.testing.assert_close(img.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(img @ txt.T, (1 - w - cw) * trained + w * memory + cw * classes, atol=1e-5, rtol=1e-4)
+    tok = Tokenizer.train(CAPTIONS, vocab_size=50, context_length=8)
+    save_pretrained(model, tmp_path / "m", tok)
+    import vislang
+
+    again = vislang.load(tmp_path / "m")
+    with torch.no_grad():
+        torch.testing.assert_close(again.encode_image(images), img)
+    with pytest.raises(ValueError, match="weight \\+ class_weight"):
+        CLIP(small_config(MemoryConfig(weight=0.6, class_weight=0.5), embed_dim=40))
+    torch.save({"features.0.weight": torch.randn(2, 2)}, tmp_path / "no_head.pt")
+    with pytest.raises(ValueError, match="holds no classifier"):
+        read_classifier(str(tmp_path / "no_head.pt"))
+    torch.save({"_fc.weight": cls_w, "_fc.bias": cls_b}, tmp_path / "head.pt")
+    got_w, got_b = read_classifier(str(tmp_path / "head.pt"))
+    assert torch.equal(got_w, cls_w) and torch.equal(got_b, cls_b)

@@ -66,6 +66,10 @@ class MemoryConfig:
     weight: float = 0.3  # share of a score from the memory view
     temperature: float = 0.02  # softmax temperature over the stored pairs' image cosines (sharp: a few neighbours)
     size: int = 0  # stored training pairs; filled by task lit (CLIP.fill_memory), 0 until then
+    class_weight: float = 0.0  # share of a score from an ImageNet-class view (0: none): the image tower's own
+    # classifier's probabilities averaged over text-tower vectors of the class names, against the caption's vector;
+    # it takes another text.width dims of embed_dim
+    classes: int = 0  # classes stored for that view; filled by task lit (CLIP.fill_classes), 0 until then
 
 
 @dataclass(frozen=True)
@@ -105,16 +109,23 @@ class CLIP(nn.Module):
         self.text = build_text_tower(cfg.text)
         proj_dim = cfg.embed_dim
         if cfg.memory is not None:
-            proj_dim -= self.text.width
-            if proj_dim < 1 or not 0.0 <= cfg.memory.weight <= 1.0 or cfg.memory.temperature <= 0:
+            m = cfg.memory
+            views = 2 if m.class_weight > 0 else 1  # the memory's, and the ImageNet-class view's
+            proj_dim -= views * self.text.width
+            if (proj_dim < 1 or not 0.0 <= m.weight <= 1.0 or m.class_weight < 0 or m.weight + m.class_weight > 1
+                    or m.temperature <= 0):  # fmt: skip
                 raise ValueError(
-                    f"model.memory takes the last text.width={self.text.width} dims of embed_dim={cfg.embed_dim}, "
-                    f"with weight in [0, 1] (got {cfg.memory.weight}) and temperature > 0 (got "
-                    f"{cfg.memory.temperature}): set --model.embed_dim above {self.text.width} (e.g. "
-                    f"{self.text.width + 512}) or drop model.memory"
+                    f"model.memory takes the last {views} x text.width={self.text.width} dims of embed_dim="
+                    f"{cfg.embed_dim}, with weight + class_weight in [0, 1] (got {m.weight} + {m.class_weight}) and "
+                    f"temperature > 0 (got {m.temperature}): set --model.embed_dim above {views * self.text.width} "
+                    f"(e.g. {views * self.text.width + 512}) or drop model.memory"
                 )
-            self.register_buffer("memory_image", torch.zeros(cfg.memory.size, self.visual.width))
-            self.register_buffer("memory_text", torch.zeros(cfg.memory.size, self.text.width))
+            self.register_buffer("memory_image", torch.zeros(m.size, self.visual.width))
+            self.register_buffer("memory_text", torch.zeros(m.size, self.text.width))
+            if m.class_weight > 0:  # "memory_" names: a run from a pretrained model fills its own (task lit)
+                self.register_buffer("memory_class_weight", torch.zeros(m.classes, self.visual.width))
+                self.register_buffer("memory_class_bias", torch.zeros(m.classes))
+                self.register_buffer("memory_class_text", torch.zeros(m.classes, self.text.width))
         self.image_proj = nn.Linear(self.visual.width, proj_dim, bias=False)
         self.text_proj = nn.Linear(self.text.width, proj_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
@@ -161,21 +172,54 @@ class CLIP(nn.Module):
             return F.normalize(x, dim=-1) if normalize else x
         keys, values = self.memory_keys()
         weights = torch.softmax(F.normalize(feats, dim=-1) @ keys.T / self.cfg.memory.temperature, dim=-1)  # (B, M)
-        return self._join(x, weights @ values)
+        views = [weights @ values]
+        if self.cfg.memory.class_weight > 0:
+            views.append(self.class_view(feats))
+        return self._join(x, views)
 
     def project_text(self, feats: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Pooled text-tower features (B, D_text) → embeddings (B, E)."""
         x = self.text_proj(feats)
         if self.cfg.memory is None:
             return F.normalize(x, dim=-1) if normalize else x
-        return self._join(x, feats)
+        return self._join(x, [feats, feats] if self.cfg.memory.class_weight > 0 else [feats])
 
-    def _join(self, trained: torch.Tensor, recalled: torch.Tensor) -> torch.Tensor:
-        """Both views, unit length each, scaled so a dot product mixes their cosines by ``memory.weight``; the
-        result is unit length whatever ``normalize`` asked (the memory view has no unnormalised form)."""
-        w = self.cfg.memory.weight
-        trained, recalled = F.normalize(trained, dim=-1), F.normalize(recalled.to(trained.dtype), dim=-1)
-        return torch.cat([math.sqrt(1.0 - w) * trained, math.sqrt(w) * recalled], dim=-1)
+    def class_view(self, feats: torch.Tensor) -> torch.Tensor:
+        """Pooled image features (B, D_image) → the image tower's own class probabilities averaged over the stored
+        class names' text features (B, D_text): what the pretrained classifier says the image shows, in words."""
+        if self.memory_class_weight.shape[0] == 0:
+            raise ValueError(
+                "this model's ImageNet-class view (model.memory.class_weight) is empty: task lit fills it from the "
+                "image tower's classifier; set --model.memory.class_weight=0 to train it with another task"
+            )
+        probs = torch.softmax(feats.float() @ self.memory_class_weight.T + self.memory_class_bias, dim=-1)  # (B, C)
+        return probs @ self.memory_class_text
+
+    def _join(self, trained: torch.Tensor, recalled: list[torch.Tensor]) -> torch.Tensor:
+        """The views, unit length each, scaled so a dot product mixes their cosines by ``memory.weight`` (and
+        ``memory.class_weight``); the result is unit length whatever ``normalize`` asked (the memory views have no
+        unnormalised form)."""
+        m = self.cfg.memory
+        shares = [m.weight, m.class_weight][: len(recalled)]
+        parts = [math.sqrt(1.0 - sum(shares)) * F.normalize(trained, dim=-1)]
+        parts += [math.sqrt(w) * F.normalize(r.to(trained.dtype), dim=-1) for w, r in zip(shares, recalled)]
+        return torch.cat(parts, dim=-1)
+
+    @torch.no_grad()
+    def fill_classes(self, weight: torch.Tensor, bias: torch.Tensor, names: torch.Tensor) -> None:
+        """Store an image classifier over the pooled features (C, D_image), (C,) and its class names' text-tower
+        features (C, D_text) for the ImageNet-class view; ``memory.classes`` follows, as ``fill_memory``'s size."""
+        m = self.cfg.memory
+        if m is None or m.class_weight <= 0:
+            raise ValueError("the model has no class view: set model.memory.class_weight (e.g. 0.1)")
+        if weight.shape != (len(names), self.visual.width) or bias.shape != (len(names),):
+            raise ValueError(f"classifier {tuple(weight.shape)} + bias {tuple(bias.shape)} does not match "
+                             f"{len(names)} class names over {self.visual.width} image features")  # fmt: skip
+        dev = self.image_proj.weight.device
+        self.memory_class_weight = weight.float().to(dev)
+        self.memory_class_bias = bias.float().to(dev)
+        self.memory_class_text = F.normalize(names.float(), dim=-1).to(dev)
+        self.cfg = dataclasses.replace(self.cfg, memory=dataclasses.replace(m, classes=len(names)))
 
     def memory_keys(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(stored image features (M, D_image), stored text features (M, D_text)), both unit length."""

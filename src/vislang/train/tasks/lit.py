@@ -136,6 +136,29 @@ def tower_functions(model: nn.Module, tokenizer: Any, image_trunk: Any = None) -
     return image_fn, text_fn
 
 
+def imagenet_class_view(model: nn.Module, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(classifier weight (1000, D_image), bias (1000,), text-tower features of "a picture of a {class}" (1000,
+    D_text)) for ``model.memory.class_weight``: the image tower's packaged ImageNet classifier and the ImageNet class
+    names (torchvision's list, the standard order), through the model's own text tower."""
+    from torchvision.models import ResNet50_Weights
+
+    from ...pretrained import read_classifier
+
+    if not model.cfg.vision.pretrained:
+        raise ValueError("model.memory.class_weight needs a pretrained image tower with a classifier "
+                         "(vision.pretrained); set --model.memory.class_weight=0")  # fmt: skip
+    weight, bias = read_classifier(model.cfg.vision.pretrained)
+    names = ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
+    if weight.shape[0] != len(names):
+        raise ValueError(f"{model.cfg.vision.pretrained}'s classifier has {weight.shape[0]} classes, not ImageNet's "
+                         f"{len(names)}: set --model.memory.class_weight=0")  # fmt: skip
+    _, text_fn = tower_functions(model, tokenizer)
+    prompts = [f"a picture of a {c}" for c in names]
+    with torch.no_grad():
+        text = torch.cat([text_fn(prompts[i : i + 100]) for i in range(0, len(prompts), 100)])
+    return weight, bias, text
+
+
 def feature_key(model: nn.Module, tokenizer: Any, name: str, image_cut: int = 0) -> dict[str, Any]:
     """Everything besides the data that the cached features depend on (``image_cut``: how many of the image tower's
     last blocks are left out, i.e. where its cached output is taken; 0, the pooled output, keeps older keys)."""
@@ -263,6 +286,8 @@ class LiTTask(Task):
         self.train_feats = train  # every usable pair: the memory's final contents with lit.memory_all
         if mcfg.memory is not None:  # the kept pairs only: the held-back ones must stay unseen captions
             model.fill_memory(torch.from_numpy(self.fit_feats.image), torch.from_numpy(self.fit_feats.text))
+            if mcfg.memory.class_weight > 0:
+                model.fill_classes(*imagenet_class_view(model, self.tokenizer))
         self.caption_ids = np.unique(self.fit_feats.captions, return_inverse=True)[1].astype(np.int64)  # (N_fit,)
         self.val_feats = train.subset(val_rows) if len(val_rows) else None
         self.test_feats = test
