@@ -3,7 +3,7 @@ MiniLM, features cached once), `vislang index build` with the trained model, and
 
 Also the feature cache itself: keyed by weights, preprocessing and data (a changed caption or tower makes a new
 entry), resumable after a crash mid-extraction (only the missing chunks are extracted again), and what it caches is
-what the saved model computes (``encode_image`` = projection of the cached feature)."""
+what the saved model computes (``encode_image`` = projection of the cached feature, caption memory included)."""
 
 from __future__ import annotations
 
@@ -112,10 +112,15 @@ def test_saved_model_computes_what_was_cached(lit_run):
     with torch.inference_mode():
         full_img = model.encode_image(images)
         full_txt = model.encode_text(tokenizer([feats.captions[r] for r in rows]))
-        path_img = F.normalize(model.image_proj(torch.from_numpy(np.asarray(feats.image[rows]))), dim=-1)
-        path_txt = F.normalize(model.text_proj(torch.from_numpy(np.asarray(feats.text[rows]))), dim=-1)
+        path_img = model.project_image(torch.from_numpy(np.asarray(feats.image[rows])))  # heads + caption memory
+        path_txt = model.project_text(torch.from_numpy(np.asarray(feats.text[rows])))
+        trained = F.normalize(model.image_proj(torch.from_numpy(np.asarray(feats.image[rows]))), dim=-1)
     torch.testing.assert_close(full_img, path_img, atol=2e-4, rtol=1e-3)
     torch.testing.assert_close(full_txt, path_txt, atol=2e-4, rtol=1e-3)
+    assert model.cfg.memory.size == 24 and full_img.shape[1] == model.cfg.embed_dim  # lit.yaml's caption memory
+    assert model.cfg.memory.classes == 1000  # lit.yaml's ImageNet-class view, filled from the tower's classifier
+    w = model.cfg.memory.weight + model.cfg.memory.class_weight
+    torch.testing.assert_close(full_img[:, : trained.shape[1]], (1 - w) ** 0.5 * trained, atol=2e-4, rtol=1e-3)
 
 
 def test_cache_is_reused_and_invalidated_by_data_and_weights(lit_run):
@@ -138,7 +143,8 @@ def test_cache_is_reused_and_invalidated_by_data_and_weights(lit_run):
     assert len([p for p in cache.iterdir() if p.is_dir()]) == 2
     (folder / "p000.txt").write_text("a red circle")
 
-    assert again("random", "--model.vision.pretrained=null") == 0  # other weights
+    assert again("random", "--model.vision.pretrained=null", "--model.memory.class_weight=0") == 0  # other weights
+    # (random towers have no classifier for lit.yaml's class view)
     assert len([p for p in cache.iterdir() if p.is_dir()]) == 3
 
 

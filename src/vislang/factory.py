@@ -112,8 +112,8 @@ def image_transforms(cfg: ModelConfig):
 
     v = cfg.vision
     return (
-        ImageTransform(v.image_size, v.channels, v.mean, v.std, train=True),
-        ImageTransform(v.image_size, v.channels, v.mean, v.std, train=False),
+        ImageTransform(v.image_size, v.channels, v.mean, v.std, train=True, fit=v.fit),
+        ImageTransform(v.image_size, v.channels, v.mean, v.std, train=False, fit=v.fit),
     )
 
 

@@ -90,6 +90,17 @@ def load_by_position(module: nn.Module, state: dict[str, torch.Tensor]) -> int:
     return len(new)
 
 
+def read_classifier(spec: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The classification layer (weight (C, D), bias (C,)) of local image-tower weights: what ``load_vision_weights``
+    leaves out, for views that use the tower's own class predictions (``model.memory.class_weight``)."""
+    state = read_state_dict(resolve_local_path(spec, what="image tower weights (vision.pretrained)"))
+    for prefix in ("_fc.", "classifier.", "fc.", "head."):
+        if f"{prefix}weight" in state and f"{prefix}bias" in state:
+            return state[f"{prefix}weight"], state[f"{prefix}bias"]
+    raise ValueError(f"{spec} holds no classifier (_fc/classifier/fc/head weight and bias): the class view needs one; "
+                     "set --model.memory.class_weight=0")  # fmt: skip
+
+
 def load_vision_weights(tower: nn.Module, spec: str) -> None:
     """Load local image-tower weights: by name when the keys match timm's, else by position (EfficientNet-Lite0)."""
     path = resolve_local_path(spec, what="image tower weights (vision.pretrained)")

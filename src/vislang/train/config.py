@@ -86,6 +86,12 @@ class LiTConfig:
     workers: int = 2  # DataLoader processes decoding images during extraction
     fit: str = "crop"  # how a photo becomes a square: "crop" (shorter side, centre crop) or "pad" (white letterbox)
     val_fraction: float = 0.1  # share of the training pairs held back to pick the best epoch; 0 = keep the last
+    val_by: str = "pair"  # what is held back: "pair" (random pairs) or "caption" (whole captions: none of them occurs
+    # in the kept pairs, as in a held-out split where most captions are new; random pairs share captions and
+    # near-identical drawings with the kept ones and score far above such a split)
+    memory_all: bool = True  # with model.memory: once the best epoch is chosen on the held-back pairs, refill the
+    # memory with every training pair (held-back ones too) before the test split and saving: refit on everything
+    # once the recipe is fixed; the held-back captions become captions the served model can recall
     train_threads: int | None = 1  # torch threads while training the small heads (None: leave as is)
     feature_dropout: float = 0.0  # dropout on the cached features while training (regularises; the model has none)
     same_caption: str = "negative"  # pairs of a batch sharing a caption: "negative" (CLIP: only the own pair

@@ -11,6 +11,17 @@ thousand pairs within a few epochs), so a test split is touched once, at the end
 chance, go to ``eval/retrieval.json``. The saved model is the whole dual encoder (towers + trained heads): it loads
 with ``vislang.load`` and serves, indexes and evaluates like any other.
 
+``lit.val_by: caption`` holds back whole captions (none of them among the kept pairs), as a held-out split's captions
+are mostly new; random pairs share captions and duplicate drawings with the kept ones and score far above such a
+split. ``model.memory`` (``models.clip.MemoryConfig``) is filled here with the kept pairs' features: the model then
+also describes an image by the captions of its nearest kept images, which needs no training and reaches captions
+the projections never saw; evaluation goes through the model's own ``project_image``/``project_text``, so every
+number is the saved model's. Once the best epoch is chosen, ``lit.memory_all`` (on by default) refills the memory with
+every training pair, the held-back ones too, before the test split is scored and the model saved: the refit on all
+the data that usually follows a fixed recipe, here without retraining (the memory is not trained), so the held-back
+captions become captions the served model can recall. Its effect cannot be measured on the held-back pairs, which it
+contains; the test split measures it.
+
 ``lit.unlock_last_image: N`` (CLI ``--unlock-last N``) trains the image tower's last N blocks too: the cache then
 holds the input of the first unlocked block (the trunk's output, ``VisionTower.split_last``; the cut point is part of
 the cache key), and each step runs those blocks, the layers after them and the pooling, then the projection. The
@@ -20,6 +31,7 @@ learn at ``lit.unlock_lr_scale`` times the heads' rate; they are saved into the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,6 +77,9 @@ class Heads(nn.Module):
         self.image_proj, self.text_proj = model.image_proj, model.text_proj
         self.logit_scale, self.logit_bias = model.logit_scale, model.logit_bias
         self.max_logit_scale = model.cfg.max_logit_scale
+        # The saved model's own maps from pooled features to embeddings (bound methods, not submodules: the
+        # checkpoint keeps the heads only): evaluation goes through them, so it scores what the model serves.
+        self.embed_image, self.embed_text = model.project_image, model.project_text
 
     def train(self, mode: bool = True) -> Heads:
         """The unlocked blocks always run as in eval mode (pretrained BatchNorm statistics, no drop-path): what they
@@ -121,6 +136,29 @@ def tower_functions(model: nn.Module, tokenizer: Any, image_trunk: Any = None) -
     return image_fn, text_fn
 
 
+def imagenet_class_view(model: nn.Module, tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(classifier weight (1000, D_image), bias (1000,), text-tower features of "a picture of a {class}" (1000,
+    D_text)) for ``model.memory.class_weight``: the image tower's packaged ImageNet classifier and the ImageNet class
+    names (torchvision's list, the standard order), through the model's own text tower."""
+    from torchvision.models import ResNet50_Weights
+
+    from ...pretrained import read_classifier
+
+    if not model.cfg.vision.pretrained:
+        raise ValueError("model.memory.class_weight needs a pretrained image tower with a classifier "
+                         "(vision.pretrained); set --model.memory.class_weight=0")  # fmt: skip
+    weight, bias = read_classifier(model.cfg.vision.pretrained)
+    names = ResNet50_Weights.IMAGENET1K_V1.meta["categories"]
+    if weight.shape[0] != len(names):
+        raise ValueError(f"{model.cfg.vision.pretrained}'s classifier has {weight.shape[0]} classes, not ImageNet's "
+                         f"{len(names)}: set --model.memory.class_weight=0")  # fmt: skip
+    _, text_fn = tower_functions(model, tokenizer)
+    prompts = [f"a picture of a {c}" for c in names]
+    with torch.no_grad():
+        text = torch.cat([text_fn(prompts[i : i + 100]) for i in range(0, len(prompts), 100)])
+    return weight, bias, text
+
+
 def feature_key(model: nn.Module, tokenizer: Any, name: str, image_cut: int = 0) -> dict[str, Any]:
     """Everything besides the data that the cached features depend on (``image_cut``: how many of the image tower's
     last blocks are left out, i.e. where its cached output is taken; 0, the pooled output, keeps older keys)."""
@@ -144,7 +182,10 @@ def feature_retrieval(heads: Heads, feats: Features) -> dict[str, float]:
     heads.eval()
     chunks = [torch.from_numpy(np.array(feats.image[i : i + 256])) for i in range(0, len(feats), 256)]
     image = torch.cat([heads.pooled_image(c) for c in chunks])  # (N, D_image): the unlocked blocks in slices
-    out = heads.project(image, torch.from_numpy(np.array(feats.text)))
+    out = {
+        "image_features": heads.embed_image(image),
+        "text_features": heads.embed_text(torch.from_numpy(np.array(feats.text))),
+    }
     heads.train(was)
     texts, text_to_images = dedupe_captions(feats.captions)
     first: dict[str, int] = {}
@@ -153,13 +194,25 @@ def feature_retrieval(heads: Heads, feats: Features) -> dict[str, float]:
     return retrieval_metrics(out["image_features"], out["text_features"][[first[t] for t in texts]], text_to_images, KS)
 
 
-def split_rows(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(fit rows, held-back rows): a seeded random ``fraction`` held back, none when too few pairs to spare."""
+def split_rows(n: int, fraction: float, seed: int, groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(fit rows, held-back rows): a seeded random ``fraction`` held back, none when too few pairs to spare.
+
+    With ``groups`` (a group id per row, e.g. its caption's), whole groups are held back, in seeded random order
+    until ``fraction`` of the rows are: no held-back group has a row among the kept ones."""
     n_val = int(round(fraction * n))
     if fraction <= 0 or n_val < 2 or n - n_val < 2:
         return np.arange(n), np.zeros(0, np.int64)
-    perm = np.random.default_rng(seed).permutation(n)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        perm = rng.permutation(n)
+        return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+    ids, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    order = rng.permutation(len(ids))
+    taken = order[: int(np.searchsorted(np.cumsum(counts[order]), n_val)) + 1]  # groups until n_val rows are held
+    held = np.isin(inverse.reshape(-1), taken)
+    if held.all() or held.sum() < 2:
+        return np.arange(n), np.zeros(0, np.int64)
+    return np.flatnonzero(~held), np.flatnonzero(held)
 
 
 class LiTTask(Task):
@@ -182,6 +235,18 @@ class LiTTask(Task):
             raise ValueError(f"lit.fit must be 'crop' or 'pad', got {lit.fit!r}")
         if lit.same_caption not in ("negative", "positive"):
             raise ValueError(f"lit.same_caption must be 'negative' or 'positive', got {lit.same_caption!r}")
+        if mcfg.vision.fit != "crop" and lit.fit != mcfg.vision.fit:
+            raise ValueError(
+                f"{cfg.model_name} letterboxes (vision.fit={mcfg.vision.fit!r}) but lit.fit is {lit.fit!r}: the lit "
+                f"task extracts and saves with lit.fit, so pass --lit.fit={mcfg.vision.fit}"
+            )
+        if lit.val_by not in ("pair", "caption"):
+            raise ValueError(f"lit.val_by must be 'pair' or 'caption', got {lit.val_by!r}")
+        if getattr(mcfg, "memory", None) is not None and lit.unlock_last_image:
+            raise ValueError(
+                "model.memory stores pooled image features, which --unlock-last changes as it trains: drop one of "
+                "model.memory and lit.unlock_last_image"
+            )
         if lit.unlock_last_image < 0 or lit.unlock_lr_scale <= 0:
             raise ValueError(
                 f"lit.unlock_last_image must be >= 0 (got {lit.unlock_last_image}) and lit.unlock_lr_scale > 0 "
@@ -194,9 +259,17 @@ class LiTTask(Task):
         mcfg = get_model_config(cfg.model_name, cfg.model)
         self.tokenizer = get_tokenizer(cfg.pretrained) if cfg.pretrained else build_tokenizer(mcfg)
         torch.manual_seed(cfg.seed)  # the heads' initial weights (and random towers) depend on the seed alone
+        if self.lit.fit != mcfg.vision.fit:  # the saved model's preprocess does what the cache was extracted with
+            mcfg = dataclasses.replace(mcfg, vision=dataclasses.replace(mcfg.vision, fit=self.lit.fit))
         model = build_model(mcfg)
-        if cfg.pretrained:
-            model.load_state_dict(from_pretrained(cfg.pretrained).state_dict())
+        if cfg.pretrained:  # a stored caption memory is not carried over: this run fills its own
+            state = {
+                k: v for k, v in from_pretrained(cfg.pretrained).state_dict().items() if not k.startswith("memory_")
+            }
+            missing, unexpected = model.load_state_dict(state, strict=False)
+            if [k for k in missing if not k.startswith("memory_")] or unexpected:
+                raise ValueError(f"{cfg.pretrained} does not match model {cfg.model_name}: missing {missing[:5]}, "
+                                 f"unexpected {unexpected[:5]}")  # fmt: skip
         self.core = model.eval()
         self.image_trunk, self.image_tail, self.image_row = self.unlock(self.lit.unlock_last_image)
         if run.main:  # rank 0 extracts; under torchrun the others wait, then read the finished cache
@@ -207,8 +280,14 @@ class LiTTask(Task):
         # Extraction draws from torch's generator (each DataLoader takes a seed) and reading the cache does not: reseed,
         # so the training draws (feature dropout) are the same whether the cache was there or not.
         torch.manual_seed(cfg.seed + run.rank)
-        fit_rows, val_rows = split_rows(len(train), self.lit.val_fraction, cfg.seed)
+        groups = np.unique(train.captions, return_inverse=True)[1] if self.lit.val_by == "caption" else None
+        fit_rows, val_rows = split_rows(len(train), self.lit.val_fraction, cfg.seed, groups)
         self.fit_feats = train.subset(fit_rows)
+        self.train_feats = train  # every usable pair: the memory's final contents with lit.memory_all
+        if mcfg.memory is not None:  # the kept pairs only: the held-back ones must stay unseen captions
+            model.fill_memory(torch.from_numpy(self.fit_feats.image), torch.from_numpy(self.fit_feats.text))
+            if mcfg.memory.class_weight > 0:
+                model.fill_classes(*imagenet_class_view(model, self.tokenizer))
         self.caption_ids = np.unique(self.fit_feats.captions, return_inverse=True)[1].astype(np.int64)  # (N_fit,)
         self.val_feats = train.subset(val_rows) if len(val_rows) else None
         self.test_feats = test
@@ -338,10 +417,19 @@ class LiTTask(Task):
             torch.set_num_threads(self.threads)
 
     def finish(self) -> Path | None:
-        """Restore the best heads, evaluate on the test split, save the whole model."""
+        """Restore the best heads, refill the memory with every pair (``lit.memory_all``), evaluate on the test
+        split, save the whole model."""
         if self.best["state"] is not None:
             self.heads.load_state_dict(self.best["state"])
         result = {"best_step": self.best["step"], "val_text_to_image_R@10": self.best["score"]}
+        memory = self.core.cfg.memory
+        if memory is not None:
+            if self.lit.memory_all and len(self.train_feats) > len(self.fit_feats):
+                # The epoch is chosen; the held-back captions have done their job (scoring unseen captions) and
+                # now join the memory, as a refit on all the data would: the test split and the saved model use it.
+                self.core.fill_memory(torch.from_numpy(np.array(self.train_feats.image)),
+                                      torch.from_numpy(np.array(self.train_feats.text)))  # fmt: skip
+            result["memory_size"] = self.core.cfg.memory.size
         if self.test_feats is not None:
             result["test"] = feature_retrieval(self.heads, self.test_feats)
         self.result = result
