@@ -146,7 +146,7 @@ def memory_growth(seed: int, extra: list[str], out: Path, val_fraction: float = 
 
     import vislang
     from vislang.data.features import load_features, tensors_hash
-    from vislang.train.tasks.lit import split_rows
+    from vislang.train.tasks.lit import pair_retrieval, split_rows
 
     run_dir = out / f"growth@{seed}"
     args = ["train", "--config", "lit", "--data.val_split=train", f"--lit.val_fraction={val_fraction}",
@@ -174,15 +174,10 @@ def memory_growth(seed: int, extra: list[str], out: Path, val_fraction: float = 
     assert not set(groups[b]) & set(groups[np.concatenate([fit, a])]), "B's captions must be unseen"
 
     def score() -> dict[str, float]:
-        from vislang.evaluation.retrieval import dedupe_captions, retrieval_metrics
-
         with torch.no_grad():
             img = model.project_image(torch.from_numpy(np.array(feats.image[b])))
             txt = model.project_text(torch.from_numpy(np.array(feats.text[b])))
-        caps = [feats.captions[i] for i in b]
-        texts, t2i = dedupe_captions(caps)
-        first = {c: caps.index(c) for c in texts}
-        return retrieval_metrics(img, txt[[first[t] for t in texts]], t2i, (10,))
+        return pair_retrieval(img, txt, [feats.captions[i] for i in b], (10,))
 
     before = score()
     rows = np.concatenate([fit, a])

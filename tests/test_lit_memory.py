@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from vislang.models import CLIP, ModelConfig, TextConfig, VisionConfig
 from vislang.models.clip import MemoryConfig
-from vislang.train.tasks.lit import split_rows
+from vislang.train.tasks.lit import pair_retrieval, split_rows
 
 
 def test_caption_split_holds_back_whole_captions() -> None:
@@ -90,7 +90,6 @@ def test_lit_run_fills_the_memory_and_the_saved_model_matches(tmp_path: Path, me
     import vislang
     from vislang.cli.main import main
     from vislang.data.features import load_features
-    from vislang.evaluation.retrieval import dedupe_captions, retrieval_metrics
     from vislang.factory import fit_config_to_tokenizer, save_pretrained
     from vislang.tokenizers import Tokenizer
 
@@ -130,10 +129,7 @@ def test_lit_run_fills_the_memory_and_the_saved_model_matches(tmp_path: Path, me
     with torch.no_grad():
         img = model.project_image(torch.from_numpy(np.asarray(feats.image[val])))
         txt = model.project_text(torch.from_numpy(np.asarray(feats.text[val])))
-    caps = [feats.captions[i] for i in val]
-    texts, t2i = dedupe_captions(caps)
-    first = {c: caps.index(c) for c in texts}
-    r = retrieval_metrics(img, txt[[first[t] for t in texts]], t2i, (10,))
+    r = pair_retrieval(img, txt, [feats.captions[i] for i in val], (10,))
     kept = json.loads((run / "eval" / "retrieval.json").read_text())["val_text_to_image_R@10"]
     assert r["text_to_image_R@10"] == pytest.approx(kept, abs=1e-6)  # the saved model scores what the run kept
     assert math.isfinite(kept)

@@ -82,3 +82,23 @@ def test_render_text_cli_refuses_a_bad_fraction(tmp_path, capsys):
     assert "--random-fraction must be in [0, 1)" in capsys.readouterr().err
     assert main(["render-text", str(tmp_path / "y"), "--n", "3", "--random-fraction", "0.5", "--no-progress"]) == 0
     assert len(list((tmp_path / "y").glob("*.png"))) == 3
+
+
+def test_blank_fraction_adds_pictures_without_text_to_training_only(tmp_path, capsys):
+    from vislang.cli.main import main
+    from vislang.data.rendered_text import NO_TEXT
+
+    cfg = RenderConfig(random_fraction=0.3, blank_fraction=0.2)
+    train = RenderedText("train", n=200, cfg=cfg)
+    blanks = [i for i, t in enumerate(train.captions) if t == NO_TEXT]
+    assert 0.1 < len(blanks) / 200 < 0.3
+    pixels = [np.asarray(train[i][0]) for i in blanks[:12]]
+    assert all(p.shape == (64, 64, 3) for p in pixels) and train[blanks[0]][1] == NO_TEXT
+    assert len({p.std().round(1) for p in pixels}) > 3  # backgrounds and pictures, not one blank image
+    assert NO_TEXT not in RenderedText("test", n=100, cfg=cfg).captions  # the benchmark stays real words
+    off = RenderedText("train", n=50, cfg=RenderConfig(random_fraction=0.3))
+    assert (
+        off.captions == RenderedText("train", n=50, cfg=RenderConfig(random_fraction=0.3, blank_fraction=0.0)).captions
+    )
+    assert main(["render-text", str(tmp_path / "x"), "--n", "2", "--blank-fraction", "1"]) == 2
+    assert "--blank-fraction must be in [0, 1)" in capsys.readouterr().err

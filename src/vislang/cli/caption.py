@@ -58,6 +58,9 @@ def cmd_render_text(args: argparse.Namespace, extra: list[str]) -> int:
     if not 0.0 <= args.random_fraction < 1.0:
         print(f"error: --random-fraction must be in [0, 1), got {args.random_fraction}", file=sys.stderr)
         return 2
+    if not 0.0 <= args.blank_fraction < 1.0:
+        print(f"error: --blank-fraction must be in [0, 1), got {args.blank_fraction}", file=sys.stderr)
+        return 2
     if args.lang == "en" and args.split == "test-font":
         print("error: --split test-font is for --lang zh (the English renderer holds out words, not fonts)",
               file=sys.stderr)  # fmt: skip
@@ -74,7 +77,8 @@ def cmd_render_text(args: argparse.Namespace, extra: list[str]) -> int:
     if args.lang == "zh":
         ds = zh
     else:
-        cfg = RenderConfig(image_size=args.image_size, random_fraction=args.random_fraction)
+        cfg = RenderConfig(image_size=args.image_size, random_fraction=args.random_fraction,
+                           blank_fraction=args.blank_fraction)  # fmt: skip
         en_split = "test" if args.split == "test-font" else args.split
         ds = RenderedText(en_split, n=args.n, cfg=cfg)
         ds = Interleaved(zh, ds) if zh is not None else ds
@@ -149,6 +153,9 @@ def register(add) -> None:
         "reader that reads letters instead of recalling its word list; test stays real words; zh always mixes in "
         "random character strings)",
     )
+    sp.add_argument("--blank-fraction", type=float, default=0.05,
+                    help="share of English train/val items without text (a bare background or a picture, captioned "
+                         "'∅'), so the reader learns to say 'no text' (zh always mixes in 5%%)")  # fmt: skip
     sp.add_argument("--caption", default="text", choices=["text", "gloss"],
                     help="zh: caption each image with its text (a reader) or with the word's English gloss from "
                     "CC-CEDICT (words only: the end-to-end translator, config read-zh-gloss)")  # fmt: skip

@@ -95,6 +95,11 @@ class RenderConfig:
             word. Attention readers lean on the lexicon they were trained on and misread words outside it (Wan et
             al. 2020, "On Vocabulary Reliance in Scene Text Recognition"); letters in no particular order make them
             read each one. The ``test`` split stays held-out real words.
+        blank_fraction: share of ``train``/``val`` items without text (captioned ``NO_TEXT``, "∅"): a bare
+            background, or a picture (``picture_fraction`` of them: an OpenClipart drawing or filled shapes, drawn as
+            the Chinese renderer draws them). A reader never shown one writes a word for every picture (the English
+            reader trained without them answered "no text" for 39% of 1,000 pictures).
+        picture_fraction: share of the no-text items that show a picture rather than a bare background.
         seed: base seed of the world.
     """
 
@@ -108,6 +113,8 @@ class RenderConfig:
     vocabulary: tuple[str, ...] = dataclasses.field(default_factory=english_words)
     heldout_fraction: float = 0.1
     random_fraction: float = 0.0
+    blank_fraction: float = 0.0
+    picture_fraction: float = 0.6
     seed: int = 0
 
 
@@ -145,6 +152,9 @@ def render_text(text: str, rng: np.random.Generator, cfg: RenderConfig) -> Image
     img = np.asarray(canvas.reduce(2), dtype=np.float32)
     img += rng.normal(0.0, cfg.noise, img.shape).astype(np.float32)
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+NO_TEXT = "\u2205"  # ∅: the caption of an image without text; readers report it as "no text", never as a word
 
 
 class SeededRendering(Dataset):
@@ -202,10 +212,19 @@ class RenderedText(SeededRendering):
         self.words = split_vocabulary(tuple(self.cfg.vocabulary), split, self.cfg.heldout_fraction)
 
     def render(self, text: str, rng: np.random.Generator) -> Image.Image:
+        if text == NO_TEXT:
+            from .rendered_zh import ZhRenderConfig, render_chinese  # lazy: rendered_zh builds on this module
+
+            c = self.cfg
+            picture = bool(rng.random() < c.picture_fraction)
+            zcfg = ZhRenderConfig(image_size=c.image_size, noise=c.noise, min_contrast=c.min_contrast)
+            return render_chinese(NO_TEXT, rng, (), zcfg, picture=picture)
         return render_text(text, rng, self.cfg)
 
     def _text(self, rng: np.random.Generator) -> str:
         """Draw the item's words from ``rng`` (first draws of the item, so caption() and __getitem__ agree)."""
+        if self.cfg.blank_fraction > 0 and self.split != "test" and rng.random() < self.cfg.blank_fraction:
+            return NO_TEXT
         words = self.words
         k = int(rng.integers(1, self.cfg.max_words + 1))
         if self.split != "test" and self.cfg.random_fraction > 0 and rng.random() < self.cfg.random_fraction:

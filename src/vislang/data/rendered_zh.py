@@ -34,10 +34,9 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from torch.utils.data import Dataset
 
 from .cedict import hsk_words, load_dictionary
-from .rendered_text import SeededRendering
+from .rendered_text import NO_TEXT, SeededRendering
 
 SPLITS = ("train", "val", "test", "test-font")
-NO_TEXT = "\u2205"  # ∅: the caption of an image without text; readers report it as "no text", never as a word
 FONT_DIRS = ("/usr/share/fonts/opentype/noto", "/usr/share/fonts/truetype/wqy", "/usr/share/fonts/truetype")
 INSTALL_FONTS = "apt-get install fonts-noto-cjk fonts-wqy-zenhei fonts-wqy-microhei"
 CLIPART_DIR = "/usr/share/openclipart/png"
@@ -296,8 +295,11 @@ def render_chinese(
     text: str, rng: np.random.Generator, faces: tuple[Face, ...], cfg: ZhRenderConfig, picture: bool = False
 ) -> Image.Image:
     """One image of ``text`` (``NO_TEXT``: background only, or a picture without text when ``picture``): random
-    face, size, colours, direction and artefacts."""
-    face = faces[int(rng.integers(len(faces)))]
+    face, size, colours, direction and artefacts. ``faces`` may be empty for ``NO_TEXT`` (the English renderer's
+    no-text items)."""
+    if not faces and text != NO_TEXT:
+        raise ValueError(f"no font to draw {text!r} with: install some ({INSTALL_FONTS})")
+    face = faces[int(rng.integers(len(faces)))] if faces else None
     side, big = cfg.image_size, cfg.image_size * 2  # drawn at 2x, then reduced: smoother strokes
     size = max(10, int(big * rng.uniform(*cfg.size_range)))
     bg, fg = _colours(rng, cfg.min_contrast)

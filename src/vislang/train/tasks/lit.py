@@ -187,11 +187,19 @@ def feature_retrieval(heads: Heads, feats: Features) -> dict[str, float]:
         "text_features": heads.embed_text(torch.from_numpy(np.array(feats.text))),
     }
     heads.train(was)
-    texts, text_to_images = dedupe_captions(feats.captions)
+    return pair_retrieval(out["image_features"], out["text_features"], feats.captions)
+
+
+def pair_retrieval(
+    image: torch.Tensor, text: torch.Tensor, captions: list[str], ks: tuple[int, ...] = KS
+) -> dict[str, float]:
+    """R@k both ways of embedded pairs (row i: image i, caption i), each distinct caption one query (its first
+    pair's embedding) that finds every image it describes, as ``vislang eval`` counts them."""
+    texts, text_to_images = dedupe_captions(captions)
     first: dict[str, int] = {}
-    for i, c in enumerate(feats.captions):
+    for i, c in enumerate(captions):
         first.setdefault(c, i)
-    return retrieval_metrics(out["image_features"], out["text_features"][[first[t] for t in texts]], text_to_images, KS)
+    return retrieval_metrics(image, text[[first[t] for t in texts]], text_to_images, ks)
 
 
 def split_rows(n: int, fraction: float, seed: int, groups: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
