@@ -59,6 +59,7 @@ from ...factory import (
 )
 from ...losses import ClipLoss, SigLipLoss
 from ...models.towers import check_split
+from ...pretrained import read_classifier
 from ..config import LiTConfig
 from ..loop import Task
 from ..optim import build_optimizer
@@ -140,9 +141,7 @@ def imagenet_class_view(model: nn.Module, tokenizer: Any) -> tuple[torch.Tensor,
     """(classifier weight (1000, D_image), bias (1000,), text-tower features of "a picture of a {class}" (1000,
     D_text)) for ``model.memory.class_weight``: the image tower's packaged ImageNet classifier and the ImageNet class
     names (torchvision's list, the standard order), through the model's own text tower."""
-    from torchvision.models import ResNet50_Weights
-
-    from ...pretrained import read_classifier
+    from torchvision.models import ResNet50_Weights  # lazy: the class names' only home; most runs never need it
 
     if not model.cfg.vision.pretrained:
         raise ValueError("model.memory.class_weight needs a pretrained image tower with a classifier "
