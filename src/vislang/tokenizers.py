@@ -80,6 +80,9 @@ class Tokenizer:
         self.bos_id = backend.token_to_id("[BOS]")
         self.eos_id = backend.token_to_id("[EOS]")
         self.unk_id = backend.token_to_id("[UNK]")
+        # One token per character (kind="char"): spaces are tokens there, so decoding keeps them as written. Read
+        # once here, not on every decode (the backend builds a new pre-tokenizer object on each access).
+        self.is_char = type(backend.pre_tokenizer).__name__ == "Metaspace"
 
     @property
     def vocab_size(self) -> int:
@@ -176,11 +179,6 @@ class Tokenizer:
             ids = ids[: ids.index(self.eos_id)]
         text = self.backend.decode(ids)
         return text if self.is_char else detokenize(text)
-
-    @property
-    def is_char(self) -> bool:
-        """One token per character (``kind="char"``): spaces are tokens there, so decoding keeps them as written."""
-        return type(self.backend.pre_tokenizer).__name__ == "Metaspace"
 
     def save(self, directory: str | Path) -> None:
         d = Path(directory)
